@@ -1,0 +1,158 @@
+//! The embedded default blob store: a content-addressed directory.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use async_trait::async_trait;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt, BufReader};
+
+use super::{BlobInfo, BlobReader, BlobStore, VerifyingReader};
+use crate::error::{Error, Result};
+use crate::hash::{Hash, Hasher};
+
+/// Chunk size for streaming writes and reads.
+const CHUNK: usize = 256 * 1024;
+
+/// A content-addressed directory: blob `h` lives at `<root>/h[0..2]/h[2..4]/h`.
+///
+/// Writes go to `<root>/tmp/`, hashed as they stream, then are fsynced and renamed
+/// into place, and the directory holding them is fsynced: once [`BlobStore::put`]
+/// returns, the blob survives a crash. Only validated [`Hash`]es ever form a path.
+#[derive(Debug, Clone)]
+pub struct DirStore {
+    root: PathBuf,
+}
+
+static TMP_COUNTER: AtomicU64 = AtomicU64::new(0);
+
+/// Removes a temporary file when dropped, unless disarmed.
+struct TempGuard(Option<PathBuf>);
+
+impl Drop for TempGuard {
+    fn drop(&mut self) {
+        if let Some(p) = self.0.take() {
+            let _ = std::fs::remove_file(p);
+        }
+    }
+}
+
+impl DirStore {
+    /// Opens (creating if needed) a store rooted at `root`.
+    pub async fn open(root: impl Into<PathBuf>) -> Result<DirStore> {
+        let root = root.into();
+        let tmp = root.join("tmp");
+        tokio::fs::create_dir_all(&tmp)
+            .await
+            .map_err(|e| Error::io("create blob directory", &tmp, e))?;
+        Ok(DirStore { root })
+    }
+
+    /// The directory the store lives in.
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    /// The path blob `hash` lives at (whether or not it exists).
+    pub fn path_of(&self, hash: &Hash) -> PathBuf {
+        let hex = hash.to_hex();
+        self.root.join(&hex[0..2]).join(&hex[2..4]).join(hex)
+    }
+
+    fn temp_path(&self) -> PathBuf {
+        let n = TMP_COUNTER.fetch_add(1, Ordering::Relaxed);
+        self.root.join("tmp").join(format!(
+            "{}-{}-{:016x}.part",
+            std::process::id(),
+            n,
+            fastrand::u64(..)
+        ))
+    }
+}
+
+async fn sync_dir(dir: &Path) -> Result<()> {
+    let d = dir.to_path_buf();
+    tokio::task::spawn_blocking(move || std::fs::File::open(&d).and_then(|f| f.sync_all()))
+        .await
+        .map_err(|e| Error::Task(e.to_string()))?
+        .map_err(|e| Error::io("fsync directory", dir, e))
+}
+
+#[async_trait]
+impl BlobStore for DirStore {
+    async fn put(&self, reader: &mut (dyn AsyncRead + Send + Unpin)) -> Result<BlobInfo> {
+        let tmp = self.temp_path();
+        let mut guard = TempGuard(Some(tmp.clone()));
+        let mut file = tokio::fs::File::create(&tmp)
+            .await
+            .map_err(|e| Error::io("create", &tmp, e))?;
+        let mut hasher = Hasher::new();
+        let mut buf = vec![0u8; CHUNK];
+        loop {
+            let n = reader.read(&mut buf).await.map_err(|e| Error::Stream {
+                what: "read blob input".into(),
+                source: e,
+            })?;
+            if n == 0 {
+                break;
+            }
+            hasher.update(&buf[..n]);
+            file.write_all(&buf[..n])
+                .await
+                .map_err(|e| Error::io("write", &tmp, e))?;
+        }
+        file.flush().await.map_err(|e| Error::io("write", &tmp, e))?;
+        file.sync_all()
+            .await
+            .map_err(|e| Error::io("fsync", &tmp, e))?;
+        drop(file);
+        let size = hasher.len();
+        let hash = hasher.finish();
+        let dest = self.path_of(&hash);
+        if tokio::fs::try_exists(&dest).await.unwrap_or(false) {
+            // Identical content is already durable; the guard removes our copy.
+            return Ok(BlobInfo { hash, size });
+        }
+        let parent = dest.parent().unwrap_or(&self.root).to_path_buf();
+        tokio::fs::create_dir_all(&parent)
+            .await
+            .map_err(|e| Error::io("create directory", &parent, e))?;
+        tokio::fs::rename(&tmp, &dest)
+            .await
+            .map_err(|e| Error::io("rename into place", &dest, e))?;
+        guard.0 = None;
+        sync_dir(&parent).await?;
+        Ok(BlobInfo { hash, size })
+    }
+
+    async fn get(&self, hash: &Hash) -> Result<BlobReader> {
+        let path = self.path_of(hash);
+        match tokio::fs::File::open(&path).await {
+            Ok(f) => Ok(Box::pin(VerifyingReader::new(
+                BufReader::with_capacity(CHUNK, f),
+                *hash,
+            ))),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Err(Error::BlobNotFound(*hash)),
+            Err(e) => Err(Error::io("open", &path, e)),
+        }
+    }
+
+    async fn contains(&self, hash: &Hash) -> Result<bool> {
+        let path = self.path_of(hash);
+        tokio::fs::try_exists(&path)
+            .await
+            .map_err(|e| Error::io("stat", &path, e))
+    }
+
+    async fn delete(&self, hash: &Hash) -> Result<bool> {
+        let path = self.path_of(hash);
+        match tokio::fs::remove_file(&path).await {
+            Ok(()) => Ok(true),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(false),
+            Err(e) => Err(Error::io("remove", &path, e)),
+        }
+    }
+
+    fn location(&self) -> String {
+        self.root.display().to_string()
+    }
+}

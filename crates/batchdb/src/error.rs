@@ -1,0 +1,122 @@
+//! Typed errors of the batchdb library.
+//!
+//! Every variant names what failed and on what (a path, a hash, a URL), so that the
+//! CLI can report any error on one line.
+
+use std::path::PathBuf;
+
+use crate::hash::Hash;
+
+/// Every error the batchdb library returns.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A string that should be a hash is not 64 lowercase hex characters.
+    #[error("invalid hash {input:?}: expected 64 lowercase hex characters")]
+    InvalidHash {
+        /// The rejected input (truncated to 100 characters).
+        input: String,
+    },
+    /// No blob is stored under this hash.
+    #[error("blob {0} not found")]
+    BlobNotFound(Hash),
+    /// A stored blob's bytes do not hash to its name: the store is corrupt.
+    #[error("blob {hash} is corrupt: its content hashes to {actual}")]
+    BlobCorrupt {
+        /// The name the blob is stored under.
+        hash: Hash,
+        /// What its bytes actually hash to.
+        actual: Hash,
+    },
+    /// No job is stored under this key.
+    #[error("job {0} not found")]
+    JobNotFound(Hash),
+    /// No instance matches a selector.
+    #[error("no instance matches {0}")]
+    InstanceNotFound(String),
+    /// An I/O operation on a path failed.
+    #[error("{op} {path}: {source}")]
+    Io {
+        /// What was being done ("create", "read", "rename", ...).
+        op: &'static str,
+        /// The path it was done on.
+        path: PathBuf,
+        /// The underlying error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// Reading an input stream (a payload, a runner's output) failed.
+    #[error("{what}: {source}")]
+    Stream {
+        /// Which stream failed.
+        what: String,
+        /// The underlying error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The SQLite database failed.
+    #[error("sqlite database {path}: {source}")]
+    Sqlite {
+        /// The database file.
+        path: PathBuf,
+        /// The underlying error.
+        #[source]
+        source: rusqlite::Error,
+    },
+    /// The database was written by a newer batchdb whose schema this build does not know.
+    #[error(
+        "database {location} has schema version {found}, newer than this batchdb supports ({supported}); upgrade batchdb"
+    )]
+    SchemaTooNew {
+        /// The database location.
+        location: String,
+        /// The schema version found in the database.
+        found: i64,
+        /// The newest schema version this build knows.
+        supported: i64,
+    },
+    /// An attempt's lease was taken over by another worker (or the instance was ended),
+    /// so this worker may no longer record anything for it.
+    #[error("instance {instance} attempt {token}: lease lost (fenced off)")]
+    Fenced {
+        /// The instance id.
+        instance: i64,
+        /// The stale fencing token.
+        token: i64,
+    },
+    /// The runner could not be started.
+    #[error("runner {command:?}: {source}")]
+    Spawn {
+        /// The runner's command line.
+        command: String,
+        /// The underlying error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A configuration value is not usable.
+    #[error("invalid {what} {value:?}: {why}")]
+    Config {
+        /// Which setting.
+        what: &'static str,
+        /// The rejected value.
+        value: String,
+        /// Why it was rejected.
+        why: String,
+    },
+    /// A background task panicked or was cancelled.
+    #[error("internal task failed: {0}")]
+    Task(String),
+}
+
+/// The result type of the batchdb library.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+impl Error {
+    /// Wraps an I/O error with the operation and path it happened on.
+    pub fn io(op: &'static str, path: impl Into<PathBuf>, source: std::io::Error) -> Self {
+        Error::Io {
+            op,
+            path: path.into(),
+            source,
+        }
+    }
+}

@@ -1,0 +1,253 @@
+//! batchdb queues batch jobs and streams their results into a content-addressed blob
+//! store.
+//!
+//! A **job** is a payload (usually a shell script) keyed by the sha256 of its bytes.
+//! **Pushing** a job puts an *instance* of it on the pending queue; a **worker**
+//! claims instances, streams each payload into a [`runner`] and streams the runner's
+//! stdout (the **result**, named by its sha256) and stderr into the [`blob`] store,
+//! recording a result or a failure row in the [`queue`]. Everything is listable and
+//! observable as events, from any process.
+//!
+//! [`BatchDb`] is the facade; [`queue::Queue`] and [`blob::BlobStore`] are the backend
+//! traits (SQLite and a directory are the embedded defaults).
+//!
+//! ```no_run
+//! # async fn demo() -> batchdb::Result<()> {
+//! use batchdb::{BatchDb, Config};
+//! let db = BatchDb::open(&Config::in_dir("/tmp/compute")).await?;
+//! let inst = db.add(&b"sleep 1; date"[..], &Default::default()).await?;
+//! println!("pushed {} {}", inst.job, inst.created);
+//! # Ok(()) }
+//! ```
+
+#![warn(missing_docs)]
+
+pub mod blob;
+mod config;
+mod error;
+mod hash;
+pub mod queue;
+pub mod runner;
+pub mod worker;
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures_util::Stream;
+use tokio::io::AsyncRead;
+
+pub use config::{BlobLocation, Config, DbLocation};
+pub use error::{Error, Result};
+pub use hash::{Hash, Hasher};
+
+use blob::{BlobInfo, BlobReader, BlobStore, DirStore};
+use queue::{
+    Counts, Event, InstanceDetail, Instance, ListKind, ListRow, PushOptions, Queue, Selector,
+    SqliteQueue,
+};
+use runner::Runner;
+use worker::{Worker, WorkerOptions};
+
+/// Rows fetched per round trip by the streaming listers.
+const PAGE: usize = 1000;
+
+/// A batchdb database: a queue plus a blob store. Cheap to clone.
+#[derive(Debug, Clone)]
+pub struct BatchDb {
+    queue: Arc<dyn Queue>,
+    blobs: Arc<dyn BlobStore>,
+    live_dir: Option<PathBuf>,
+}
+
+impl BatchDb {
+    /// Opens the queue and blob store `config` names, creating them on first use.
+    pub async fn open(config: &Config) -> Result<BatchDb> {
+        let queue: Arc<dyn Queue> = match &config.db {
+            DbLocation::Sqlite(p) => Arc::new(SqliteQueue::open(p).await?),
+        };
+        let blobs: Arc<dyn BlobStore> = match &config.blobs {
+            BlobLocation::Dir(p) => Arc::new(DirStore::open(p).await?),
+        };
+        if let Some(d) = &config.live_dir {
+            tokio::fs::create_dir_all(d)
+                .await
+                .map_err(|e| Error::io("create live output directory", d, e))?;
+        }
+        Ok(BatchDb {
+            queue,
+            blobs,
+            live_dir: config.live_dir.clone(),
+        })
+    }
+
+    /// A database over any queue and blob store backends.
+    pub fn new(queue: Arc<dyn Queue>, blobs: Arc<dyn BlobStore>) -> BatchDb {
+        BatchDb {
+            queue,
+            blobs,
+            live_dir: None,
+        }
+    }
+
+    /// The queue backend.
+    pub fn queue(&self) -> &Arc<dyn Queue> {
+        &self.queue
+    }
+
+    /// The blob store backend.
+    pub fn blobs(&self) -> &Arc<dyn BlobStore> {
+        &self.blobs
+    }
+
+    /// Where running jobs mirror their output for live readers, if anywhere.
+    pub fn live_dir(&self) -> Option<&PathBuf> {
+        self.live_dir.as_ref()
+    }
+
+    /// Stores a payload (streamed, durable before the row commits) and records the job.
+    /// Returns the job key and whether the job was new.
+    pub async fn create(&self, mut payload: impl AsyncRead + Send + Unpin) -> Result<(Hash, bool)> {
+        let info = self.blobs.put(&mut payload).await?;
+        let new = self.queue.create(&info).await?;
+        Ok((info.hash, new))
+    }
+
+    /// Pushes an instance of an existing job; [`Error::JobNotFound`] if there is none.
+    pub async fn push(&self, job: &Hash, opts: &PushOptions) -> Result<Instance> {
+        self.queue.push(job, opts).await
+    }
+
+    /// Stores a payload and pushes an instance of it; the job row and the instance row
+    /// commit together, after the payload blob is durable.
+    pub async fn add(&self, mut payload: impl AsyncRead + Send + Unpin, opts: &PushOptions) -> Result<Instance> {
+        let info = self.blobs.put(&mut payload).await?;
+        self.queue.add(&info, opts).await
+    }
+
+    /// Pushes an instance of a job whose payload blob is already stored.
+    pub async fn add_stored(&self, info: &BlobInfo, opts: &PushOptions) -> Result<Instance> {
+        self.queue.add(info, opts).await
+    }
+
+    /// Streams every row of `kind`, in push order, a page at a time (memory stays flat
+    /// however long the queue is).
+    pub fn list(&self, kind: ListKind) -> impl Stream<Item = Result<ListRow>> + Send + 'static {
+        let queue = self.queue.clone();
+        paged(move |after| {
+            let queue = queue.clone();
+            async move {
+                let rows = queue.list_page(kind, after, PAGE).await?;
+                let next = rows.last().map(ListRow::cursor);
+                Ok((rows, next))
+            }
+        })
+    }
+
+    /// Opens a blob (payload or output) for streaming; bytes are checked against the
+    /// hash as they pass.
+    pub async fn get(&self, hash: &Hash) -> Result<BlobReader> {
+        self.blobs.get(hash).await
+    }
+
+    /// Streams the event log after event `after`; with `follow`, keeps waiting for new
+    /// events (from any process) instead of ending.
+    pub fn events(&self, after: i64, follow: bool) -> impl Stream<Item = Result<Event>> + Send + 'static {
+        let queue = self.queue.clone();
+        futures_util::stream::unfold(
+            (after, Vec::<Event>::new().into_iter(), false),
+            move |(mut after, mut buf, done)| {
+                let queue = queue.clone();
+                async move {
+                    loop {
+                        if let Some(ev) = buf.next() {
+                            after = ev.id;
+                            return Some((Ok(ev), (after, buf, false)));
+                        }
+                        if done {
+                            return None;
+                        }
+                        let seen = queue.change_seq();
+                        match queue.events(after, PAGE).await {
+                            Ok(evs) if !evs.is_empty() => buf = evs.into_iter(),
+                            Ok(_) if follow => queue.wait_change(seen, Duration::from_secs(1)).await,
+                            Ok(_) => return None,
+                            Err(e) => return Some((Err(e), (after, buf, true))),
+                        }
+                    }
+                }
+            },
+        )
+    }
+
+    /// Follows events from now on, from this process and any other, like the seed's
+    /// `compute.on(...)`.
+    pub async fn subscribe(&self) -> Result<impl Stream<Item = Result<Event>> + Send + 'static> {
+        let last = self.queue.last_event_id().await?;
+        Ok(self.events(last, true))
+    }
+
+    /// Cancels what `sel` names (pending: at once; running: killed by its worker).
+    pub async fn cancel(&self, sel: &Selector) -> Result<Vec<Instance>> {
+        self.queue.cancel(sel).await
+    }
+
+    /// Pushes failed or cancelled instances again.
+    pub async fn retry(&self, sel: &Selector) -> Result<Vec<Instance>> {
+        self.queue.retry(sel).await
+    }
+
+    /// Everything about one instance.
+    pub async fn instance(&self, id: i64) -> Result<InstanceDetail> {
+        self.queue.instance(id).await
+    }
+
+    /// The instance ids `sel` names, in push order; [`Error::InstanceNotFound`] if none.
+    pub async fn select(&self, sel: &Selector) -> Result<Vec<i64>> {
+        let ids = self.queue.select(sel).await?;
+        if ids.is_empty() {
+            return Err(Error::InstanceNotFound(sel.to_string()));
+        }
+        Ok(ids)
+    }
+
+    /// How many instances are in each state.
+    pub async fn counts(&self) -> Result<Counts> {
+        self.queue.counts().await
+    }
+
+    /// A worker over this database; start it with [`Worker::run`].
+    pub fn worker(&self, runner: Arc<dyn Runner>, mut opts: WorkerOptions) -> Worker {
+        if opts.live_dir.is_none() {
+            opts.live_dir = self.live_dir.clone();
+        }
+        Worker::new(self.queue.clone(), self.blobs.clone(), runner, opts)
+    }
+}
+
+/// Turns a page fetcher `(cursor) -> (rows, next cursor)` into a stream of rows.
+fn paged<T, F, Fut>(fetch: F) -> impl Stream<Item = Result<T>> + Send + 'static
+where
+    T: Send + 'static,
+    F: Fn(i64) -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = Result<(Vec<T>, Option<i64>)>> + Send,
+{
+    futures_util::stream::unfold(
+        (Some(0i64), Vec::<T>::new().into_iter(), fetch),
+        |(mut cursor, mut buf, fetch)| async move {
+            loop {
+                if let Some(row) = buf.next() {
+                    return Some((Ok(row), (cursor, buf, fetch)));
+                }
+                let after = cursor?;
+                match fetch(after).await {
+                    Ok((rows, next)) => {
+                        cursor = next;
+                        buf = rows.into_iter();
+                    }
+                    Err(e) => return Some((Err(e), (None, buf, fetch))),
+                }
+            }
+        },
+    )
+}

@@ -1,0 +1,112 @@
+//! The queue: job metadata, instance state, leases, fencing and the event log.
+//!
+//! Backends implement [`Queue`]; the SQLite backend ([`SqliteQueue`]) is the embedded
+//! default. Every state transition is one transaction together with its event-log row,
+//! so a crash never leaves a transition half done or an event missing.
+//!
+//! An instance moves `pending → running → result | fail | cancelled`. A failed
+//! attempt with retries left goes back to `pending` with a later `run_at`. A running
+//! instance whose lease expired (its worker died) is claimed again by any worker; the
+//! new attempt gets a new fencing token and the old worker can no longer record
+//! anything for it.
+
+mod sqlite;
+mod types;
+
+use std::fmt;
+use std::time::Duration;
+
+use async_trait::async_trait;
+
+pub use sqlite::SqliteQueue;
+pub use types::*;
+
+use crate::blob::BlobInfo;
+use crate::error::Result;
+use crate::hash::Hash;
+
+/// Metadata and queue state for batchdb, shared by any number of processes.
+///
+/// Guarantees every backend must give (held by the conformance suite):
+/// - `create`, `push` and `add` are atomic; `add` writes both rows or neither.
+/// - Instances are unique by `id` and by `(job, created)`, even when pushes land in
+///   the same millisecond or from several processes.
+/// - [`claim`](Queue::claim) hands an instance to one worker at a time: an instance is
+///   claimed again only once the lease of its current attempt has expired.
+/// - [`heartbeat`](Queue::heartbeat) and [`finish`](Queue::finish) succeed only for
+///   the current attempt (fencing token); a stale token gets [`crate::Error::Fenced`].
+/// - Every transition appends its event to the log in the same transaction; event ids
+///   increase in commit order.
+#[async_trait]
+pub trait Queue: Send + Sync + fmt::Debug {
+    /// Records a job whose payload blob is already durable. Idempotent: returns
+    /// whether the job was new.
+    async fn create(&self, job: &BlobInfo) -> Result<bool>;
+
+    /// Puts an instance of an existing job on the pending queue;
+    /// [`crate::Error::JobNotFound`] if the job was never created.
+    async fn push(&self, job: &Hash, opts: &PushOptions) -> Result<Instance>;
+
+    /// Creates the job (if new) and pushes an instance of it, in one transaction.
+    async fn add(&self, job: &BlobInfo, opts: &PushOptions) -> Result<Instance>;
+
+    /// Claims up to `req.limit` instances for `req.worker`: first running instances
+    /// whose lease expired (their worker died), then due pending instances, highest
+    /// priority first, then in `req.order`. Each claim starts a new attempt with its
+    /// own fencing token and a lease of `req.lease`.
+    async fn claim(&self, req: &ClaimRequest) -> Result<Vec<Claim>>;
+
+    /// Extends the lease of a running attempt by `lease` from now. Fails with
+    /// [`crate::Error::Fenced`] if the attempt is no longer current. Reports whether
+    /// cancellation of the instance was requested.
+    async fn heartbeat(&self, claim: &ClaimToken, lease: Duration) -> Result<Heartbeat>;
+
+    /// Reads, without writing, whether a running attempt is still current and whether
+    /// its cancellation was requested; [`crate::Error::Fenced`] if it is not current.
+    async fn status(&self, claim: &ClaimToken) -> Result<Heartbeat>;
+
+    /// Ends the current attempt with `outcome`: a result, a failure (retried later if
+    /// retries are left), a cancellation, or a release back to pending. Fails with
+    /// [`crate::Error::Fenced`] if the attempt is no longer current.
+    async fn finish(&self, claim: &ClaimToken, outcome: &Outcome) -> Result<Finished>;
+
+    /// Cancels the instances `sel` names: pending ones end as `cancelled` at once,
+    /// running ones are flagged so their worker kills them at its next heartbeat.
+    async fn cancel(&self, sel: &Selector) -> Result<Vec<Instance>>;
+
+    /// Pushes a new instance for each failed or cancelled instance `sel` names.
+    async fn retry(&self, sel: &Selector) -> Result<Vec<Instance>>;
+
+    /// Up to `limit` rows of `kind` with a cursor greater than `after`, in cursor order.
+    async fn list_page(&self, kind: ListKind, after: i64, limit: usize) -> Result<Vec<ListRow>>;
+
+    /// Everything known about one instance, its attempts included.
+    async fn instance(&self, id: i64) -> Result<InstanceDetail>;
+
+    /// The instances a selector names (ids, in push order).
+    async fn select(&self, sel: &Selector) -> Result<Vec<i64>>;
+
+    /// Whether a job with this key exists.
+    async fn job_exists(&self, job: &Hash) -> Result<bool>;
+
+    /// How many instances are in each state.
+    async fn counts(&self) -> Result<Counts>;
+
+    /// Up to `limit` events with an id greater than `after`, in id order.
+    async fn events(&self, after: i64, limit: usize) -> Result<Vec<Event>>;
+
+    /// The id of the newest event in the log (0 if empty).
+    async fn last_event_id(&self) -> Result<i64>;
+
+    /// A counter that grows whenever the queue may have changed, in this process or in
+    /// any other. Read it before a query, then pass it to
+    /// [`wait_change`](Queue::wait_change) to sleep until something new happens.
+    fn change_seq(&self) -> u64;
+
+    /// Waits until [`change_seq`](Queue::change_seq) moves past `seen` or `timeout`
+    /// passes, whichever is first, without busy-waiting.
+    async fn wait_change(&self, seen: u64, timeout: Duration);
+
+    /// Where the queue lives (a path or URL), for messages.
+    fn location(&self) -> String;
+}

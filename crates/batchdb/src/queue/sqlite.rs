@@ -1,0 +1,1105 @@
+//! The embedded default queue: one SQLite file in WAL mode, shared by any number of
+//! processes on the machine.
+//!
+//! Every write is a `BEGIN IMMEDIATE` transaction committed with `synchronous=FULL`,
+//! so what a call reported as done survives a crash. Other processes' commits are
+//! noticed by polling `PRAGMA data_version` (a shared-memory read, no I/O) every
+//! [`POLL`], and this process's own commits wake its waiters at once.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, Weak};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use rusqlite::{Connection, OpenFlags, OptionalExtension, Transaction, TransactionBehavior, params};
+use tokio::sync::watch;
+
+use super::types::*;
+use super::Queue;
+use crate::blob::BlobInfo;
+use crate::error::{Error, Result};
+use crate::hash::Hash;
+
+/// The schema version this build writes and understands.
+pub const SCHEMA_VERSION: i64 = 1;
+const SCHEMA: &str = include_str!("schema.sql");
+
+/// How often other processes' commits are looked for while someone waits.
+pub const POLL: Duration = Duration::from_millis(20);
+
+/// How long a statement waits for another process's write lock before failing.
+const BUSY_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// The SQLite queue backend. Cheap to clone; clones share one connection.
+#[derive(Debug, Clone)]
+pub struct SqliteQueue {
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    path: PathBuf,
+    conn: Mutex<Connection>,
+    changes: watch::Sender<u64>,
+    poller: AtomicBool,
+}
+
+/// Errors inside a transaction: SQLite's own, or a domain error to pass through.
+enum TxError {
+    Sql(rusqlite::Error),
+    Domain(Error),
+}
+
+impl From<rusqlite::Error> for TxError {
+    fn from(e: rusqlite::Error) -> Self {
+        TxError::Sql(e)
+    }
+}
+
+impl From<Error> for TxError {
+    fn from(e: Error) -> Self {
+        TxError::Domain(e)
+    }
+}
+
+type TxResult<T> = std::result::Result<T, TxError>;
+
+fn open_conn(path: &Path) -> rusqlite::Result<Connection> {
+    let conn = Connection::open_with_flags(
+        path,
+        OpenFlags::SQLITE_OPEN_READ_WRITE
+            | OpenFlags::SQLITE_OPEN_CREATE
+            | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+    )?;
+    conn.busy_timeout(BUSY_TIMEOUT)?;
+    // journal_mode needs a lock the first time; busy_timeout covers it.
+    conn.query_row("PRAGMA journal_mode=WAL", [], |_| Ok(()))?;
+    conn.execute_batch("PRAGMA synchronous=FULL; PRAGMA foreign_keys=OFF;")?;
+    Ok(conn)
+}
+
+fn migrate(conn: &mut Connection, location: &str) -> TxResult<()> {
+    let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+    let version: i64 = tx.query_row("PRAGMA user_version", [], |r| r.get(0))?;
+    if version > SCHEMA_VERSION {
+        return Err(Error::SchemaTooNew {
+            location: location.to_string(),
+            found: version,
+            supported: SCHEMA_VERSION,
+        }
+        .into());
+    }
+    if version < 1 {
+        tx.execute_batch(SCHEMA)?;
+        tx.execute_batch(&format!("PRAGMA user_version={SCHEMA_VERSION}"))?;
+    }
+    tx.commit()?;
+    Ok(())
+}
+
+impl SqliteQueue {
+    /// Opens (creating and migrating if needed) the database at `path`. Several
+    /// processes may open and migrate the same file at once. A file whose schema is
+    /// newer than this build is refused with [`Error::SchemaTooNew`].
+    pub async fn open(path: impl Into<PathBuf>) -> Result<SqliteQueue> {
+        let path = path.into();
+        if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
+            tokio::fs::create_dir_all(parent)
+                .await
+                .map_err(|e| Error::io("create database directory", parent, e))?;
+        }
+        let p = path.clone();
+        let conn = tokio::task::spawn_blocking(move || -> Result<Connection> {
+            let sql = |e| Error::Sqlite {
+                path: p.clone(),
+                source: e,
+            };
+            let mut conn = open_conn(&p).map_err(sql)?;
+            migrate(&mut conn, &p.display().to_string()).map_err(|e| match e {
+                TxError::Sql(e) => sql(e),
+                TxError::Domain(e) => e,
+            })?;
+            Ok(conn)
+        })
+        .await
+        .map_err(|e| Error::Task(e.to_string()))??;
+        let (changes, _) = watch::channel(0);
+        Ok(SqliteQueue {
+            inner: Arc::new(Inner {
+                path,
+                conn: Mutex::new(conn),
+                changes,
+                poller: AtomicBool::new(false),
+            }),
+        })
+    }
+
+    /// The database file.
+    pub fn path(&self) -> &Path {
+        &self.inner.path
+    }
+
+    /// Runs `f` on the connection on a blocking thread.
+    async fn with_conn<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&mut Connection) -> TxResult<T> + Send + 'static,
+    ) -> Result<T> {
+        let inner = self.inner.clone();
+        tokio::task::spawn_blocking(move || {
+            let mut conn = inner
+                .conn
+                .lock()
+                .map_err(|_| Error::Task("sqlite connection lock poisoned".into()))?;
+            f(&mut conn).map_err(|e| match e {
+                TxError::Sql(source) => Error::Sqlite {
+                    path: inner.path.clone(),
+                    source,
+                },
+                TxError::Domain(e) => e,
+            })
+        })
+        .await
+        .map_err(|e| Error::Task(e.to_string()))?
+    }
+
+    /// Runs `f` in an immediate (write) transaction, commits, and wakes local waiters.
+    async fn write<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&Transaction<'_>) -> TxResult<T> + Send + 'static,
+    ) -> Result<T> {
+        let out = self
+            .with_conn(move |conn| {
+                let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+                let out = f(&tx)?;
+                tx.commit()?;
+                Ok(out)
+            })
+            .await?;
+        self.inner.changes.send_modify(|v| *v += 1);
+        Ok(out)
+    }
+
+    fn start_poller(&self) {
+        if self.inner.poller.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let weak: Weak<Inner> = Arc::downgrade(&self.inner);
+        let path = self.inner.path.clone();
+        tokio::spawn(async move {
+            let conn = match open_conn(&path) {
+                Ok(c) => c,
+                Err(e) => {
+                    tracing::warn!("change poller for {}: {e}", path.display());
+                    return;
+                }
+            };
+            let mut last: Option<i64> = None;
+            let mut tick = tokio::time::interval(POLL);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tick.tick().await;
+                let Some(inner) = weak.upgrade() else { return };
+                match conn.query_row("PRAGMA data_version", [], |r| r.get::<_, i64>(0)) {
+                    Ok(v) => {
+                        if last.is_some_and(|l| l != v) {
+                            inner.changes.send_modify(|c| *c += 1);
+                        }
+                        last = Some(v);
+                    }
+                    Err(e) => tracing::warn!("change poller for {}: {e}", path.display()),
+                }
+            }
+        });
+    }
+}
+
+fn event(
+    tx: &Transaction<'_>,
+    now: i64,
+    kind: EventKind,
+    job: &Hash,
+    inst: Option<(i64, i64)>,
+    data: serde_json::Value,
+) -> rusqlite::Result<()> {
+    let data = if data.is_null() {
+        None
+    } else {
+        Some(data.to_string())
+    };
+    tx.prepare_cached(
+        "INSERT INTO events(time, kind, job, created, instance, data) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+    )?
+    .execute(params![
+        now,
+        kind.as_str(),
+        job.to_hex(),
+        inst.map(|i| i.1),
+        inst.map(|i| i.0),
+        data
+    ])?;
+    Ok(())
+}
+
+fn insert_job(tx: &Transaction<'_>, job: &BlobInfo, now: i64) -> rusqlite::Result<bool> {
+    let n = tx
+        .prepare_cached("INSERT OR IGNORE INTO jobs(key, size, created) VALUES (?1, ?2, ?3)")?
+        .execute(params![job.hash.to_hex(), job.size as i64, now])?;
+    if n == 1 {
+        event(
+            tx,
+            now,
+            EventKind::Create,
+            &job.hash,
+            None,
+            serde_json::json!({"size": job.size}),
+        )?;
+    }
+    Ok(n == 1)
+}
+
+fn insert_instance(
+    tx: &Transaction<'_>,
+    job: &Hash,
+    opts: &PushOptions,
+    now: i64,
+) -> rusqlite::Result<Instance> {
+    let key = job.to_hex();
+    let last: Option<i64> = tx
+        .prepare_cached("SELECT MAX(created) FROM instances WHERE job = ?1")?
+        .query_row([&key], |r| r.get(0))?;
+    let created = last.map_or(now, |l| now.max(l + 1));
+    tx.prepare_cached(
+        "INSERT INTO instances(job, created, state, priority, run_at, timeout_ms, retries, cached)
+         VALUES (?1, ?2, 'pending', ?3, ?4, ?5, ?6, ?7)",
+    )?
+    .execute(params![
+        key,
+        created,
+        opts.priority,
+        opts.run_at.unwrap_or(now),
+        opts.timeout.map(|t| t.as_millis() as i64),
+        opts.retries,
+        opts.cached
+    ])?;
+    let id = tx.last_insert_rowid();
+    let data = match opts.run_at {
+        Some(t) if t > now => serde_json::json!({"run_at": t}),
+        _ => serde_json::Value::Null,
+    };
+    event(tx, now, EventKind::Push, job, Some((id, created)), data)?;
+    Ok(Instance {
+        id,
+        job: *job,
+        created,
+    })
+}
+
+fn job_exists(tx: &Connection, job: &Hash) -> rusqlite::Result<bool> {
+    tx.prepare_cached("SELECT 1 FROM jobs WHERE key = ?1")?
+        .query_row([job.to_hex()], |_| Ok(()))
+        .optional()
+        .map(|r| r.is_some())
+}
+
+fn parse_hash(s: String) -> rusqlite::Result<Hash> {
+    s.parse()
+        .map_err(|e| rusqlite::Error::FromSqlConversionFailure(0, rusqlite::types::Type::Text, Box::new(e)))
+}
+
+fn opt_hash(s: Option<String>) -> rusqlite::Result<Option<Hash>> {
+    s.map(parse_hash).transpose()
+}
+
+fn blob(hash: Option<String>, size: Option<i64>) -> rusqlite::Result<Option<BlobInfo>> {
+    Ok(opt_hash(hash)?.map(|hash| BlobInfo {
+        hash,
+        size: size.unwrap_or(0) as u64,
+    }))
+}
+
+/// The columns of `instances` a claim needs, in this order.
+const CLAIM_COLS: &str = "id, job, created, failures, timeout_ms, retries, cached, attempts";
+
+struct Candidate {
+    id: i64,
+    job: Hash,
+    created: i64,
+    failures: u32,
+    timeout: Option<Duration>,
+    retries: Option<u32>,
+    cached: bool,
+    attempts: i64,
+}
+
+fn candidate(r: &rusqlite::Row<'_>) -> rusqlite::Result<Candidate> {
+    Ok(Candidate {
+        id: r.get(0)?,
+        job: parse_hash(r.get(1)?)?,
+        created: r.get(2)?,
+        failures: r.get(3)?,
+        timeout: r.get::<_, Option<i64>>(4)?.map(|t| Duration::from_millis(t as u64)),
+        retries: r.get(5)?,
+        cached: r.get(6)?,
+        attempts: r.get(7)?,
+    })
+}
+
+fn start_attempt(
+    tx: &Transaction<'_>,
+    c: &Candidate,
+    req: &ClaimRequest,
+    now: i64,
+    cache_key: Option<Hash>,
+) -> rusqlite::Result<ClaimToken> {
+    let token = c.attempts + 1;
+    tx.prepare_cached(
+        "UPDATE instances SET state = 'running', attempts = ?2, lease_until = ?3, cache_key = ?4
+         WHERE id = ?1",
+    )?
+    .execute(params![
+        c.id,
+        token,
+        now + req.lease.as_millis() as i64,
+        cache_key.map(|k| k.to_hex())
+    ])?;
+    tx.prepare_cached("INSERT INTO attempts(instance, attempt, worker, start) VALUES (?1, ?2, ?3, ?4)")?
+        .execute(params![c.id, token, req.worker, now])?;
+    event(
+        tx,
+        now,
+        EventKind::Start,
+        &c.job,
+        Some((c.id, c.created)),
+        serde_json::json!({"attempt": token, "worker": req.worker}),
+    )?;
+    Ok(ClaimToken { id: c.id, token })
+}
+
+fn cache_lookup(tx: &Transaction<'_>, key: &Hash) -> rusqlite::Result<Option<AttemptReport>> {
+    tx.prepare_cached(
+        "SELECT a.exit_code, a.stdout, a.stdout_size, a.stderr, a.stderr_size
+         FROM cache c JOIN attempts a ON a.instance = c.instance AND a.attempt = c.attempt
+         WHERE c.key = ?1 AND a.outcome = 'result'",
+    )?
+    .query_row([key.to_hex()], |r| {
+        Ok(AttemptReport {
+            exit_code: r.get(0)?,
+            stdout: blob(r.get(1)?, r.get(2)?)?,
+            stderr: blob(r.get(3)?, r.get(4)?)?,
+            cached: true,
+            ..AttemptReport::default()
+        })
+    })
+    .optional()
+}
+
+fn record_attempt(
+    tx: &Transaction<'_>,
+    t: &ClaimToken,
+    outcome: &str,
+    r: &AttemptReport,
+) -> rusqlite::Result<()> {
+    tx.prepare_cached(
+        "UPDATE attempts SET end = ?3, outcome = ?4, exit_code = ?5, signal = ?6, stdout = ?7,
+           stdout_size = ?8, stderr = ?9, stderr_size = ?10, message = ?11, cached = ?12
+         WHERE instance = ?1 AND attempt = ?2",
+    )?
+    .execute(params![
+        t.id,
+        t.token,
+        r.end,
+        outcome,
+        r.exit_code,
+        r.signal,
+        r.stdout.map(|b| b.hash.to_hex()),
+        r.stdout.map(|b| b.size as i64),
+        r.stderr.map(|b| b.hash.to_hex()),
+        r.stderr.map(|b| b.size as i64),
+        r.message,
+        r.cached
+    ])?;
+    Ok(())
+}
+
+/// Ends the current attempt; the caller has checked the fencing token.
+fn finish_tx(
+    tx: &Transaction<'_>,
+    t: &ClaimToken,
+    job: &Hash,
+    created: i64,
+    outcome: &Outcome,
+    now: i64,
+) -> rusqlite::Result<Finished> {
+    let inst = Some((t.id, created));
+    let base = |r: &AttemptReport| {
+        serde_json::json!({
+            "attempt": t.token,
+            "stdout": r.stdout.map(|b| b.hash),
+            "stderr": r.stderr.map(|b| b.hash),
+            "exit_code": r.exit_code,
+            "message": r.message,
+        })
+    };
+    match outcome {
+        Outcome::Success(r) => {
+            record_attempt(tx, t, "result", r)?;
+            tx.prepare_cached(
+                "UPDATE instances SET state = 'result', ended = ?2, lease_until = NULL WHERE id = ?1",
+            )?
+            .execute(params![t.id, now])?;
+            if let Some(k) = r.cache_key.filter(|_| !r.cached) {
+                tx.prepare_cached("INSERT OR REPLACE INTO cache(key, instance, attempt) VALUES (?1, ?2, ?3)")?
+                    .execute(params![k.to_hex(), t.id, t.token])?;
+            }
+            let mut data = base(r);
+            data["hash"] = serde_json::json!(r.stdout.map(|b| b.hash));
+            data["cached"] = serde_json::json!(r.cached);
+            event(tx, now, EventKind::Result, job, inst, data)?;
+            Ok(Finished::Result)
+        }
+        Outcome::Failure {
+            report: r,
+            retry_at: Some(at),
+        } => {
+            record_attempt(tx, t, "retry", r)?;
+            tx.prepare_cached(
+                "UPDATE instances SET state = 'pending', run_at = ?2, failures = failures + 1,
+                   lease_until = NULL, cache_key = NULL WHERE id = ?1",
+            )?
+            .execute(params![t.id, at])?;
+            let mut data = base(r);
+            data["run_at"] = serde_json::json!(at);
+            event(tx, now, EventKind::Retry, job, inst, data)?;
+            Ok(Finished::Retry(*at))
+        }
+        Outcome::Failure {
+            report: r,
+            retry_at: None,
+        } => {
+            record_attempt(tx, t, "fail", r)?;
+            tx.prepare_cached(
+                "UPDATE instances SET state = 'fail', ended = ?2, failures = failures + 1,
+                   lease_until = NULL WHERE id = ?1",
+            )?
+            .execute(params![t.id, now])?;
+            event(tx, now, EventKind::Fail, job, inst, base(r))?;
+            Ok(Finished::Fail)
+        }
+        Outcome::Cancelled(r) => {
+            record_attempt(tx, t, "cancelled", r)?;
+            tx.prepare_cached(
+                "UPDATE instances SET state = 'cancelled', ended = ?2, lease_until = NULL WHERE id = ?1",
+            )?
+            .execute(params![t.id, now])?;
+            event(tx, now, EventKind::Cancel, job, inst, base(r))?;
+            Ok(Finished::Cancelled)
+        }
+        Outcome::Released(r) => {
+            record_attempt(tx, t, "released", r)?;
+            tx.prepare_cached(
+                "UPDATE instances SET state = 'pending', lease_until = NULL, cache_key = NULL WHERE id = ?1",
+            )?
+            .execute(params![t.id])?;
+            let mut data = base(r);
+            data["released"] = serde_json::json!(true);
+            event(tx, now, EventKind::Retry, job, inst, data)?;
+            Ok(Finished::Released)
+        }
+    }
+}
+
+fn select_ids(conn: &Connection, sel: &Selector) -> rusqlite::Result<Vec<i64>> {
+    let (sql, arg): (&str, rusqlite::types::Value) = match sel {
+        Selector::Id(id) => ("SELECT id FROM instances WHERE id = ?1", (*id).into()),
+        Selector::Created(c) => (
+            "SELECT id FROM instances WHERE created = ?1 ORDER BY id",
+            (*c).into(),
+        ),
+        Selector::Hash(h) => (
+            "SELECT id FROM instances WHERE job = ?1
+             UNION SELECT instance FROM attempts WHERE stdout = ?1 AND outcome = 'result'
+             ORDER BY 1",
+            h.to_hex().into(),
+        ),
+        Selector::AllFailed => (
+            "SELECT id FROM instances WHERE state = 'fail' AND ?1 ORDER BY id",
+            1i64.into(),
+        ),
+    };
+    let mut stmt = conn.prepare_cached(sql)?;
+    let rows = stmt.query_map([arg], |r| r.get(0))?;
+    rows.collect()
+}
+
+struct InstRow {
+    job: Hash,
+    created: i64,
+    state: String,
+    attempts: i64,
+}
+
+fn inst_row(conn: &Connection, id: i64) -> rusqlite::Result<Option<InstRow>> {
+    conn.prepare_cached("SELECT job, created, state, attempts FROM instances WHERE id = ?1")?
+        .query_row([id], |r| {
+            Ok(InstRow {
+                job: parse_hash(r.get(0)?)?,
+                created: r.get(1)?,
+                state: r.get(2)?,
+                attempts: r.get(3)?,
+            })
+        })
+        .optional()
+}
+
+#[async_trait]
+impl Queue for SqliteQueue {
+    async fn create(&self, job: &BlobInfo) -> Result<bool> {
+        let job = *job;
+        self.write(move |tx| Ok(insert_job(tx, &job, now_ms())?)).await
+    }
+
+    async fn push(&self, job: &Hash, opts: &PushOptions) -> Result<Instance> {
+        let (job, opts) = (*job, opts.clone());
+        self.write(move |tx| {
+            if !job_exists(tx, &job)? {
+                return Err(Error::JobNotFound(job).into());
+            }
+            Ok(insert_instance(tx, &job, &opts, now_ms())?)
+        })
+        .await
+    }
+
+    async fn add(&self, job: &BlobInfo, opts: &PushOptions) -> Result<Instance> {
+        let (job, opts) = (*job, opts.clone());
+        self.write(move |tx| {
+            let now = now_ms();
+            insert_job(tx, &job, now)?;
+            Ok(insert_instance(tx, &job.hash, &opts, now)?)
+        })
+        .await
+    }
+
+    async fn claim(&self, req: &ClaimRequest) -> Result<Vec<Claim>> {
+        let req = req.clone();
+        if req.limit == 0 {
+            return Ok(Vec::new());
+        }
+        self.write(move |tx| {
+            let now = now_ms();
+            let mut out = Vec::new();
+            // 1. Take over attempts whose worker stopped renewing its lease.
+            let expired: Vec<(Candidate, bool)> = {
+                let mut stmt = tx.prepare_cached(&format!(
+                    "SELECT {CLAIM_COLS}, cancel_requested FROM instances
+                     WHERE state = 'running' AND lease_until < ?1 ORDER BY lease_until LIMIT ?2"
+                ))?;
+                let rows = stmt.query_map(params![now, req.limit as i64], |r| {
+                    Ok((candidate(r)?, r.get::<_, bool>(8)?))
+                })?;
+                rows.collect::<rusqlite::Result<_>>()?
+            };
+            for (c, cancel) in expired {
+                let old = ClaimToken {
+                    id: c.id,
+                    token: c.attempts,
+                };
+                let lost = AttemptReport {
+                    end: now,
+                    message: Some("lease expired: worker lost".into()),
+                    ..AttemptReport::default()
+                };
+                if cancel {
+                    finish_tx(tx, &old, &c.job, c.created, &Outcome::Cancelled(lost), now)?;
+                    continue;
+                }
+                record_attempt(tx, &old, "lost", &lost)?;
+                let token = start_attempt(tx, &c, &req, now, None)?;
+                out.push(Claim {
+                    token,
+                    job: c.job,
+                    created: c.created,
+                    start: now,
+                    failures: c.failures,
+                    timeout: c.timeout,
+                    retries: c.retries,
+                    takeover: true,
+                    cache_hit: None,
+                });
+            }
+            // 2. Due pending instances, by priority then order.
+            let remaining = req.limit.saturating_sub(out.len());
+            if remaining == 0 {
+                return Ok(out);
+            }
+            let order = match req.order {
+                Order::Newest => "priority DESC, created DESC",
+                Order::Oldest => "priority DESC, created ASC",
+            };
+            let window = remaining * 4 + 16;
+            let candidates: Vec<Candidate> = {
+                let mut stmt = tx.prepare_cached(&format!(
+                    "SELECT {CLAIM_COLS} FROM instances
+                     WHERE state = 'pending' AND run_at <= ?1 ORDER BY {order} LIMIT ?2"
+                ))?;
+                let rows = stmt.query_map(params![now, window as i64], candidate)?;
+                rows.collect::<rusqlite::Result<_>>()?
+            };
+            let mut claimed = 0;
+            let mut in_batch: Vec<Hash> = Vec::new();
+            for c in candidates {
+                if claimed == remaining {
+                    break;
+                }
+                let key = match &req.cache {
+                    Some(spec) if c.cached || req.cache_all => Some(cache_key(
+                        &c.job,
+                        &spec.runner,
+                        c.timeout.or(spec.default_timeout),
+                    )),
+                    _ => None,
+                };
+                if let Some(k) = key {
+                    if let Some(mut hit) = cache_lookup(tx, &k)? {
+                        let token = start_attempt(tx, &c, &req, now, None)?;
+                        hit.start = now;
+                        hit.end = now;
+                        finish_tx(tx, &token, &c.job, c.created, &Outcome::Success(hit.clone()), now)?;
+                        out.push(Claim {
+                            token,
+                            job: c.job,
+                            created: c.created,
+                            start: now,
+                            failures: c.failures,
+                            timeout: c.timeout,
+                            retries: c.retries,
+                            takeover: false,
+                            cache_hit: Some(hit),
+                        });
+                        continue;
+                    }
+                    let in_flight = in_batch.contains(&k)
+                        || tx
+                            .prepare_cached(
+                                "SELECT 1 FROM instances WHERE state = 'running' AND cache_key = ?1",
+                            )?
+                            .query_row([k.to_hex()], |_| Ok(()))
+                            .optional()?
+                            .is_some();
+                    if in_flight {
+                        // An identical run is in flight: wait for its result.
+                        continue;
+                    }
+                    in_batch.push(k);
+                }
+                let token = start_attempt(tx, &c, &req, now, key)?;
+                claimed += 1;
+                out.push(Claim {
+                    token,
+                    job: c.job,
+                    created: c.created,
+                    start: now,
+                    failures: c.failures,
+                    timeout: c.timeout,
+                    retries: c.retries,
+                    takeover: false,
+                    cache_hit: None,
+                });
+            }
+            Ok(out)
+        })
+        .await
+    }
+
+    async fn heartbeat(&self, claim: &ClaimToken, lease: Duration) -> Result<Heartbeat> {
+        let t = *claim;
+        self.with_conn(move |conn| {
+            let until = now_ms() + lease.as_millis() as i64;
+            let row: Option<bool> = conn
+                .prepare_cached(
+                    "UPDATE instances SET lease_until = ?3
+                     WHERE id = ?1 AND state = 'running' AND attempts = ?2
+                     RETURNING cancel_requested",
+                )?
+                .query_row(params![t.id, t.token, until], |r| r.get(0))
+                .optional()?;
+            match row {
+                Some(cancel_requested) => Ok(Heartbeat { cancel_requested }),
+                None => Err(Error::Fenced {
+                    instance: t.id,
+                    token: t.token,
+                }
+                .into()),
+            }
+        })
+        .await
+    }
+
+    async fn status(&self, claim: &ClaimToken) -> Result<Heartbeat> {
+        let t = *claim;
+        self.with_conn(move |conn| {
+            let row: Option<bool> = conn
+                .prepare_cached(
+                    "SELECT cancel_requested FROM instances
+                     WHERE id = ?1 AND state = 'running' AND attempts = ?2",
+                )?
+                .query_row(params![t.id, t.token], |r| r.get(0))
+                .optional()?;
+            row.map(|cancel_requested| Heartbeat { cancel_requested })
+                .ok_or_else(|| {
+                    Error::Fenced {
+                        instance: t.id,
+                        token: t.token,
+                    }
+                    .into()
+                })
+        })
+        .await
+    }
+
+    async fn finish(&self, claim: &ClaimToken, outcome: &Outcome) -> Result<Finished> {
+        let (t, outcome) = (*claim, outcome.clone());
+        self.write(move |tx| {
+            let row = inst_row(tx, t.id)?;
+            let Some(row) = row.filter(|r| r.state == "running" && r.attempts == t.token) else {
+                return Err(Error::Fenced {
+                    instance: t.id,
+                    token: t.token,
+                }
+                .into());
+            };
+            Ok(finish_tx(tx, &t, &row.job, row.created, &outcome, now_ms())?)
+        })
+        .await
+    }
+
+    async fn cancel(&self, sel: &Selector) -> Result<Vec<Instance>> {
+        let sel = sel.clone();
+        self.write(move |tx| {
+            let now = now_ms();
+            let mut out = Vec::new();
+            for id in select_ids(tx, &sel)? {
+                let Some(row) = inst_row(tx, id)? else { continue };
+                let inst = Instance {
+                    id,
+                    job: row.job,
+                    created: row.created,
+                };
+                match row.state.as_str() {
+                    "pending" => {
+                        tx.prepare_cached(
+                            "UPDATE instances SET state = 'cancelled', ended = ?2 WHERE id = ?1",
+                        )?
+                        .execute(params![id, now])?;
+                        event(tx, now, EventKind::Cancel, &row.job, Some((id, row.created)), serde_json::Value::Null)?;
+                        out.push(inst);
+                    }
+                    "running" => {
+                        tx.prepare_cached("UPDATE instances SET cancel_requested = 1 WHERE id = ?1")?
+                            .execute([id])?;
+                        out.push(inst);
+                    }
+                    _ => {}
+                }
+            }
+            Ok(out)
+        })
+        .await
+    }
+
+    async fn retry(&self, sel: &Selector) -> Result<Vec<Instance>> {
+        let sel = sel.clone();
+        self.write(move |tx| {
+            let now = now_ms();
+            let mut out = Vec::new();
+            for id in select_ids(tx, &sel)? {
+                let opts: Option<(String, PushOptions)> = tx
+                    .prepare_cached(
+                        "SELECT job, priority, timeout_ms, retries, cached FROM instances
+                         WHERE id = ?1 AND state IN ('fail', 'cancelled')",
+                    )?
+                    .query_row([id], |r| {
+                        Ok((
+                            r.get(0)?,
+                            PushOptions {
+                                priority: r.get(1)?,
+                                run_at: None,
+                                timeout: r.get::<_, Option<i64>>(2)?.map(|t| Duration::from_millis(t as u64)),
+                                retries: r.get(3)?,
+                                cached: r.get(4)?,
+                            },
+                        ))
+                    })
+                    .optional()?;
+                let Some((job, opts)) = opts else { continue };
+                let job = parse_hash(job)?;
+                let inst = insert_instance(tx, &job, &opts, now)?;
+                event(
+                    tx,
+                    now,
+                    EventKind::Retry,
+                    &job,
+                    Some((inst.id, inst.created)),
+                    serde_json::json!({"from": id}),
+                )?;
+                out.push(inst);
+            }
+            Ok(out)
+        })
+        .await
+    }
+
+    async fn list_page(&self, kind: ListKind, after: i64, limit: usize) -> Result<Vec<ListRow>> {
+        self.with_conn(move |conn| Ok(list_page(conn, kind, after, limit as i64)?))
+            .await
+    }
+
+    async fn instance(&self, id: i64) -> Result<InstanceDetail> {
+        self.with_conn(move |conn| {
+            instance_detail(conn, id)?.ok_or_else(|| Error::InstanceNotFound(format!("id:{id}")).into())
+        })
+        .await
+    }
+
+    async fn select(&self, sel: &Selector) -> Result<Vec<i64>> {
+        let sel = sel.clone();
+        self.with_conn(move |conn| Ok(select_ids(conn, &sel)?)).await
+    }
+
+    async fn job_exists(&self, job: &Hash) -> Result<bool> {
+        let job = *job;
+        self.with_conn(move |conn| Ok(job_exists(conn, &job)?)).await
+    }
+
+    async fn counts(&self) -> Result<Counts> {
+        self.with_conn(|conn| {
+            let mut c = Counts::default();
+            let mut stmt = conn.prepare_cached("SELECT state, COUNT(*) FROM instances GROUP BY state")?;
+            let rows = stmt.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?)))?;
+            for row in rows {
+                let (state, n) = row?;
+                let n = n as u64;
+                match state.as_str() {
+                    "pending" => c.pending = n,
+                    "running" => c.running = n,
+                    "result" => c.result = n,
+                    "fail" => c.fail = n,
+                    "cancelled" => c.cancelled = n,
+                    _ => {}
+                }
+            }
+            Ok(c)
+        })
+        .await
+    }
+
+    async fn events(&self, after: i64, limit: usize) -> Result<Vec<Event>> {
+        self.with_conn(move |conn| {
+            let mut stmt = conn.prepare_cached(
+                "SELECT id, time, kind, job, created, instance, data FROM events
+                 WHERE id > ?1 ORDER BY id LIMIT ?2",
+            )?;
+            let rows = stmt.query_map(params![after, limit as i64], |r| {
+                let kind: String = r.get(2)?;
+                let data: Option<String> = r.get(6)?;
+                Ok(Event {
+                    id: r.get(0)?,
+                    time: r.get(1)?,
+                    event: kind.parse().map_err(|e| {
+                        rusqlite::Error::FromSqlConversionFailure(2, rusqlite::types::Type::Text, Box::new(e))
+                    })?,
+                    job: parse_hash(r.get(3)?)?,
+                    created: r.get(4)?,
+                    instance: r.get(5)?,
+                    data: data
+                        .and_then(|d| serde_json::from_str(&d).ok())
+                        .unwrap_or(serde_json::Value::Null),
+                })
+            })?;
+            Ok(rows.collect::<rusqlite::Result<_>>()?)
+        })
+        .await
+    }
+
+    async fn last_event_id(&self) -> Result<i64> {
+        self.with_conn(|conn| {
+            Ok(conn.query_row("SELECT COALESCE(MAX(id), 0) FROM events", [], |r| r.get(0))?)
+        })
+        .await
+    }
+
+    fn change_seq(&self) -> u64 {
+        *self.inner.changes.borrow()
+    }
+
+    async fn wait_change(&self, seen: u64, timeout: Duration) {
+        self.start_poller();
+        let mut rx = self.inner.changes.subscribe();
+        let _ = tokio::time::timeout(timeout, rx.wait_for(|v| *v != seen)).await;
+    }
+
+    fn location(&self) -> String {
+        self.inner.path.display().to_string()
+    }
+}
+
+fn list_page(conn: &Connection, kind: ListKind, after: i64, limit: i64) -> rusqlite::Result<Vec<ListRow>> {
+    match kind {
+        ListKind::Job => {
+            let mut stmt = conn.prepare_cached(
+                "SELECT j.id, j.key, j.size, j.created,
+                   (SELECT group_concat(i.created) FROM instances i
+                    WHERE i.job = j.key AND i.state = 'running')
+                 FROM jobs j WHERE j.id > ?1 ORDER BY j.id LIMIT ?2",
+            )?;
+            let rows = stmt.query_map(params![after, limit], |r| {
+                let running: Option<String> = r.get(4)?;
+                let mut running: Vec<i64> = running
+                    .unwrap_or_default()
+                    .split(',')
+                    .filter_map(|s| s.parse().ok())
+                    .collect();
+                running.sort_unstable();
+                Ok(ListRow::Job(JobRow {
+                    cursor: r.get(0)?,
+                    key: parse_hash(r.get(1)?)?,
+                    size: r.get::<_, i64>(2)? as u64,
+                    created: r.get(3)?,
+                    running,
+                }))
+            })?;
+            rows.collect()
+        }
+        ListKind::Pending => {
+            let mut stmt = conn.prepare_cached(
+                "SELECT id, job, created, state, priority, run_at, attempts FROM instances
+                 WHERE id > ?1 AND state IN ('pending', 'running') ORDER BY id LIMIT ?2",
+            )?;
+            let rows = stmt.query_map(params![after, limit], |r| {
+                Ok(ListRow::Pending(PendingRow {
+                    id: r.get(0)?,
+                    job: parse_hash(r.get(1)?)?,
+                    created: r.get(2)?,
+                    running: r.get::<_, String>(3)? == "running",
+                    priority: r.get(4)?,
+                    run_at: r.get(5)?,
+                    attempts: r.get(6)?,
+                }))
+            })?;
+            rows.collect()
+        }
+        ListKind::Result => {
+            let mut stmt = conn.prepare_cached(
+                "SELECT i.id, i.job, i.created, a.start, a.end, a.stdout, a.stdout_size, a.stderr,
+                   a.exit_code, i.attempts, a.cached
+                 FROM instances i JOIN attempts a ON a.instance = i.id AND a.attempt = i.attempts
+                 WHERE i.state = 'result' AND i.id > ?1 ORDER BY i.id LIMIT ?2",
+            )?;
+            let rows = stmt.query_map(params![after, limit], |r| {
+                let job = parse_hash(r.get(1)?)?;
+                let created = r.get(2)?;
+                Ok(ListRow::Result(ResultRow {
+                    key: (job, created),
+                    value: ResultValue {
+                        id: r.get(0)?,
+                        created,
+                        start: r.get(3)?,
+                        end: r.get::<_, Option<i64>>(4)?.unwrap_or(0),
+                        hash: parse_hash(r.get::<_, Option<String>>(5)?.unwrap_or_default())?,
+                        size: r.get::<_, Option<i64>>(6)?.unwrap_or(0) as u64,
+                        stderr: opt_hash(r.get(7)?)?,
+                        exit_code: r.get(8)?,
+                        attempts: r.get(9)?,
+                        cached: r.get(10)?,
+                    },
+                }))
+            })?;
+            rows.collect()
+        }
+        ListKind::Fail | ListKind::Cancelled => {
+            let state = if kind == ListKind::Fail { "fail" } else { "cancelled" };
+            let mut stmt = conn.prepare_cached(
+                "SELECT i.id, i.job, i.created, a.start, a.end, a.stdout, a.stderr, a.exit_code,
+                   a.signal, a.message, i.attempts
+                 FROM instances i LEFT JOIN attempts a ON a.instance = i.id AND a.attempt = i.attempts
+                 WHERE i.state = ?3 AND i.id > ?1 ORDER BY i.id LIMIT ?2",
+            )?;
+            let rows = stmt.query_map(params![after, limit, state], |r| {
+                let job = parse_hash(r.get(1)?)?;
+                let created = r.get(2)?;
+                Ok(ListRow::Fail(FailRow {
+                    key: (job, created),
+                    value: FailValue {
+                        id: r.get(0)?,
+                        created,
+                        start: r.get(3)?,
+                        end: r.get(4)?,
+                        stdout: opt_hash(r.get(5)?)?,
+                        stderr: opt_hash(r.get(6)?)?,
+                        exit_code: r.get(7)?,
+                        signal: r.get(8)?,
+                        message: r
+                            .get::<_, Option<String>>(9)?
+                            .unwrap_or_else(|| "cancelled before it ran".into()),
+                        attempts: r.get(10)?,
+                    },
+                }))
+            })?;
+            rows.collect()
+        }
+    }
+}
+
+fn instance_detail(conn: &Connection, id: i64) -> rusqlite::Result<Option<InstanceDetail>> {
+    let head = conn
+        .prepare_cached(
+            "SELECT job, created, state, priority, run_at, timeout_ms, retries, cached
+             FROM instances WHERE id = ?1",
+        )?
+        .query_row([id], |r| {
+            let state: String = r.get(2)?;
+            Ok(InstanceDetail {
+                id,
+                job: parse_hash(r.get(0)?)?,
+                created: r.get(1)?,
+                state: state.parse().map_err(|e| {
+                    rusqlite::Error::FromSqlConversionFailure(2, rusqlite::types::Type::Text, Box::new(e))
+                })?,
+                priority: r.get(3)?,
+                run_at: r.get(4)?,
+                timeout_ms: r.get::<_, Option<i64>>(5)?.map(|t| t as u64),
+                retries: r.get(6)?,
+                cached: r.get(7)?,
+                attempts: Vec::new(),
+            })
+        })
+        .optional()?;
+    let Some(mut detail) = head else {
+        return Ok(None);
+    };
+    let mut stmt = conn.prepare_cached(
+        "SELECT attempt, worker, outcome, start, end, exit_code, signal, stdout, stdout_size,
+           stderr, stderr_size, message, cached
+         FROM attempts WHERE instance = ?1 ORDER BY attempt",
+    )?;
+    let rows = stmt.query_map([id], |r| {
+        Ok(AttemptRow {
+            attempt: r.get(0)?,
+            worker: r.get(1)?,
+            outcome: r.get(2)?,
+            report: AttemptReport {
+                start: r.get(3)?,
+                end: r.get::<_, Option<i64>>(4)?.unwrap_or(0),
+                exit_code: r.get(5)?,
+                signal: r.get(6)?,
+                stdout: blob(r.get(7)?, r.get(8)?)?,
+                stderr: blob(r.get(9)?, r.get(10)?)?,
+                message: r.get(11)?,
+                cached: r.get(12)?,
+                cache_key: None,
+            },
+        })
+    })?;
+    detail.attempts = rows.collect::<rusqlite::Result<_>>()?;
+    Ok(Some(detail))
+}

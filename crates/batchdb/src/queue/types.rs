@@ -1,0 +1,606 @@
+//! The rows, requests and outcomes the [`Queue`](super::Queue) trait speaks in.
+
+use std::fmt;
+use std::str::FromStr;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use crate::blob::BlobInfo;
+use crate::error::Error;
+use crate::hash::Hash;
+
+/// Milliseconds since the Unix epoch, the time unit of every row.
+pub fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+/// Options of one push.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PushOptions {
+    /// Higher runs first; default 0.
+    pub priority: i64,
+    /// Not before this time (epoch ms); `None` means now.
+    pub run_at: Option<i64>,
+    /// Kill the attempt after this long; `None` leaves it to the worker's default.
+    pub timeout: Option<Duration>,
+    /// Automatic retries after a failed attempt; `None` leaves it to the worker's default.
+    pub retries: Option<u32>,
+    /// Serve the result from the result cache when possible.
+    pub cached: bool,
+}
+
+/// One instance of a job on the queue, identified by `id` and by `(job, created)`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct Instance {
+    /// Unique integer id, increasing in push order.
+    pub id: i64,
+    /// The job's key.
+    pub job: Hash,
+    /// Push time in epoch ms, unique among the instances of one job.
+    pub created: i64,
+}
+
+/// Which end of the pending queue a worker takes first (within one priority).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Order {
+    /// Most recently pushed first, as the seed documents.
+    #[default]
+    Newest,
+    /// First pushed first.
+    Oldest,
+}
+
+impl FromStr for Order {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Order, Error> {
+        match s {
+            "newest" => Ok(Order::Newest),
+            "oldest" => Ok(Order::Oldest),
+            _ => Err(Error::Config {
+                what: "order",
+                value: s.into(),
+                why: "expected newest or oldest".into(),
+            }),
+        }
+    }
+}
+
+/// A worker's request for work.
+#[derive(Debug, Clone)]
+pub struct ClaimRequest {
+    /// Who claims (shown in attempts; any unique string).
+    pub worker: String,
+    /// At most this many instances.
+    pub limit: usize,
+    /// Lease length of each claim.
+    pub lease: Duration,
+    /// Order within a priority.
+    pub order: Order,
+    /// The runner spec and timeout that make up the cache key of cached instances
+    /// (see [`cache_key`]); `None` disables the cache for this claim.
+    pub cache: Option<CacheSpec>,
+    /// Treat every instance as `cached`, not only those pushed with `cached`.
+    pub cache_all: bool,
+}
+
+/// What, besides the payload, decides a job's outcome for the result cache.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CacheSpec {
+    /// The runner's command line (or a library runner's name).
+    pub runner: String,
+    /// The worker's default timeout, used when the instance has none.
+    pub default_timeout: Option<Duration>,
+}
+
+/// The cache key of a job run by a runner with a timeout:
+/// sha256 of `"batchdb-cache-v1\0" job-hex "\0" runner "\0" timeout-ms-or-"none"`.
+pub fn cache_key(job: &Hash, runner: &str, timeout: Option<Duration>) -> Hash {
+    let t = timeout.map_or_else(|| "none".to_string(), |d| d.as_millis().to_string());
+    Hash::of(format!("batchdb-cache-v1\0{job}\0{runner}\0{t}").as_bytes())
+}
+
+/// Names one attempt: the instance id and its fencing token.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct ClaimToken {
+    /// The instance id.
+    pub id: i64,
+    /// The attempt number, which is the fencing token: it grows with every claim of
+    /// the instance, so a stale worker's token never matches again.
+    pub token: i64,
+}
+
+/// An instance handed to a worker.
+#[derive(Debug, Clone)]
+pub struct Claim {
+    /// The attempt's id and fencing token.
+    pub token: ClaimToken,
+    /// The job to run.
+    pub job: Hash,
+    /// The instance's push time.
+    pub created: i64,
+    /// When this attempt started (epoch ms).
+    pub start: i64,
+    /// Failed attempts so far.
+    pub failures: u32,
+    /// The instance's own timeout, if it has one.
+    pub timeout: Option<Duration>,
+    /// The instance's own retry budget, if it has one.
+    pub retries: Option<u32>,
+    /// Whether an earlier attempt's lease expired (its worker died) and this claim
+    /// took the instance over.
+    pub takeover: bool,
+    /// If the result cache already held a result, the instance was finished from it
+    /// inside the claim and nothing must run: this is that result.
+    pub cache_hit: Option<AttemptReport>,
+}
+
+/// What a heartbeat learned.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Heartbeat {
+    /// Someone asked to cancel this instance: kill it and finish it as cancelled.
+    pub cancel_requested: bool,
+}
+
+/// What one attempt produced.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct AttemptReport {
+    /// Start time (epoch ms).
+    pub start: i64,
+    /// End time (epoch ms).
+    pub end: i64,
+    /// The runner's exit code, if it exited.
+    pub exit_code: Option<i32>,
+    /// The signal that ended the runner, if one did.
+    pub signal: Option<i32>,
+    /// The stdout blob, if any output was stored.
+    pub stdout: Option<BlobInfo>,
+    /// The stderr blob, if any was stored.
+    pub stderr: Option<BlobInfo>,
+    /// Why it failed (or how it ended), for humans.
+    pub message: Option<String>,
+    /// Whether this result was served from the result cache.
+    pub cached: bool,
+    /// The cache key this attempt fills on success.
+    pub cache_key: Option<Hash>,
+}
+
+/// How an attempt ends.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    /// The run succeeded: the instance becomes a result.
+    Success(AttemptReport),
+    /// The run failed: retried at `retry_at` (epoch ms) if given, else a fail row.
+    Failure {
+        /// What the attempt produced.
+        report: AttemptReport,
+        /// When to try again, if retries are left.
+        retry_at: Option<i64>,
+    },
+    /// The run was cancelled on request.
+    Cancelled(AttemptReport),
+    /// The worker gave the instance back unfinished (forced shutdown): it is pending
+    /// again at once and the attempt does not count as a failure.
+    Released(AttemptReport),
+}
+
+/// What [`Queue::finish`](super::Queue::finish) did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Finished {
+    /// A result row now exists.
+    Result,
+    /// A fail row now exists.
+    Fail,
+    /// The instance is pending again, due at this time (epoch ms).
+    Retry(i64),
+    /// The instance ended as cancelled.
+    Cancelled,
+    /// The instance is pending again.
+    Released,
+}
+
+/// The state of an instance.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum State {
+    /// Waiting to be claimed.
+    Pending,
+    /// Claimed by a worker holding a lease.
+    Running,
+    /// Ended well.
+    Result,
+    /// Ended badly, retries exhausted.
+    Fail,
+    /// Cancelled on request.
+    Cancelled,
+}
+
+impl State {
+    /// The name stored in the database and shown to users.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            State::Pending => "pending",
+            State::Running => "running",
+            State::Result => "result",
+            State::Fail => "fail",
+            State::Cancelled => "cancelled",
+        }
+    }
+}
+
+impl FromStr for State {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<State, Error> {
+        Ok(match s {
+            "pending" => State::Pending,
+            "running" => State::Running,
+            "result" => State::Result,
+            "fail" => State::Fail,
+            "cancelled" => State::Cancelled,
+            _ => {
+                return Err(Error::Config {
+                    what: "state",
+                    value: s.into(),
+                    why: "unknown instance state".into(),
+                });
+            }
+        })
+    }
+}
+
+/// Names a set of instances, as the CLI's `<created|jobkey|resultid>` arguments do.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Selector {
+    /// The instance with this id.
+    Id(i64),
+    /// The instances pushed at this `created` time.
+    Created(i64),
+    /// The instances of this job, or the instances whose result has this id.
+    Hash(Hash),
+    /// Every failed instance.
+    AllFailed,
+}
+
+impl FromStr for Selector {
+    type Err = Error;
+    /// `id:N` is an instance id, digits are a `created` time, 64 hex is a job key or
+    /// result id.
+    fn from_str(s: &str) -> Result<Selector, Error> {
+        if let Some(id) = s.strip_prefix("id:") {
+            return id.parse().map(Selector::Id).map_err(|_| Error::Config {
+                what: "instance id",
+                value: s.into(),
+                why: "expected id:<integer>".into(),
+            });
+        }
+        if !s.is_empty() && s.len() < 20 && s.bytes().all(|b| b.is_ascii_digit()) {
+            return s.parse().map(Selector::Created).map_err(|_| Error::Config {
+                what: "created time",
+                value: s.into(),
+                why: "out of range".into(),
+            });
+        }
+        s.parse().map(Selector::Hash)
+    }
+}
+
+impl fmt::Display for Selector {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Selector::Id(id) => write!(f, "id:{id}"),
+            Selector::Created(c) => write!(f, "created {c}"),
+            Selector::Hash(h) => write!(f, "{h}"),
+            Selector::AllFailed => f.write_str("all failed instances"),
+        }
+    }
+}
+
+/// The kinds of rows `list` streams.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ListKind {
+    /// Jobs: `{"key","running":[created...]}`.
+    Job,
+    /// Pending and running instances: `{"job","created","running"}`.
+    Pending,
+    /// Results: `{"key":[job,created],"value":{"hash","start","end","created",...}}`.
+    Result,
+    /// Failures: `{"key":[job,created],"value":{"message",...}}`.
+    Fail,
+    /// Cancelled instances, shaped like failures.
+    Cancelled,
+}
+
+impl FromStr for ListKind {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<ListKind, Error> {
+        Ok(match s {
+            "job" => ListKind::Job,
+            "pending" => ListKind::Pending,
+            "result" => ListKind::Result,
+            "fail" => ListKind::Fail,
+            "cancelled" => ListKind::Cancelled,
+            _ => {
+                return Err(Error::Config {
+                    what: "list type",
+                    value: s.into(),
+                    why: "expected job, pending, result, fail or cancelled".into(),
+                });
+            }
+        })
+    }
+}
+
+/// A `job` row.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct JobRow {
+    /// The job key.
+    pub key: Hash,
+    /// `created` of each running instance.
+    pub running: Vec<i64>,
+    /// When the job was first created (epoch ms).
+    pub created: i64,
+    /// Payload size in bytes.
+    pub size: u64,
+    /// Paging cursor.
+    #[serde(skip)]
+    pub cursor: i64,
+}
+
+/// A `pending` row (pending or running instance).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct PendingRow {
+    /// The job key.
+    pub job: Hash,
+    /// Push time.
+    pub created: i64,
+    /// Whether a worker is running it now.
+    pub running: bool,
+    /// Instance id.
+    pub id: i64,
+    /// Priority.
+    pub priority: i64,
+    /// Not before (epoch ms).
+    pub run_at: i64,
+    /// Attempts started so far.
+    pub attempts: i64,
+}
+
+/// The value of a `result` row.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct ResultValue {
+    /// The result id: sha256 of stdout.
+    pub hash: Hash,
+    /// Run start (epoch ms).
+    pub start: i64,
+    /// Run end (epoch ms).
+    pub end: i64,
+    /// The instance's push time.
+    pub created: i64,
+    /// Instance id.
+    pub id: i64,
+    /// Stdout size in bytes.
+    pub size: u64,
+    /// The stderr blob.
+    pub stderr: Option<Hash>,
+    /// The runner's exit code.
+    pub exit_code: Option<i32>,
+    /// Attempts it took.
+    pub attempts: i64,
+    /// Served from the result cache.
+    pub cached: bool,
+}
+
+/// A `result` row.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct ResultRow {
+    /// `[job, created]`.
+    pub key: (Hash, i64),
+    /// The result.
+    pub value: ResultValue,
+}
+
+/// The value of a `fail` (or `cancelled`) row.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct FailValue {
+    /// What went wrong.
+    pub message: String,
+    /// Last attempt start (epoch ms).
+    pub start: Option<i64>,
+    /// Last attempt end (epoch ms).
+    pub end: Option<i64>,
+    /// The instance's push time.
+    pub created: i64,
+    /// Instance id.
+    pub id: i64,
+    /// The output produced before it failed.
+    pub stdout: Option<Hash>,
+    /// The error output.
+    pub stderr: Option<Hash>,
+    /// The runner's exit code, if it exited.
+    pub exit_code: Option<i32>,
+    /// The signal that ended it, if any.
+    pub signal: Option<i32>,
+    /// Attempts made.
+    pub attempts: i64,
+}
+
+/// A `fail` or `cancelled` row.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct FailRow {
+    /// `[job, created]`.
+    pub key: (Hash, i64),
+    /// The failure.
+    pub value: FailValue,
+}
+
+/// One row of any list kind.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(untagged)]
+pub enum ListRow {
+    /// A job.
+    Job(JobRow),
+    /// A pending or running instance.
+    Pending(PendingRow),
+    /// A result.
+    Result(ResultRow),
+    /// A failure or cancellation.
+    Fail(FailRow),
+}
+
+impl ListRow {
+    /// The paging cursor: pass the last row's to the next
+    /// [`list_page`](super::Queue::list_page) call.
+    pub fn cursor(&self) -> i64 {
+        match self {
+            ListRow::Job(r) => r.cursor,
+            ListRow::Pending(r) => r.id,
+            ListRow::Result(r) => r.value.id,
+            ListRow::Fail(r) => r.value.id,
+        }
+    }
+}
+
+/// One attempt of an instance, as `show` prints it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct AttemptRow {
+    /// Attempt number (= fencing token).
+    pub attempt: i64,
+    /// The worker that ran it.
+    pub worker: String,
+    /// How it ended: `result`, `fail`, `retry`, `cancelled`, `released`, `lost`, or
+    /// `None` while it runs.
+    pub outcome: Option<String>,
+    /// What it produced.
+    #[serde(flatten)]
+    pub report: AttemptReport,
+}
+
+/// Everything about one instance.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct InstanceDetail {
+    /// Instance id.
+    pub id: i64,
+    /// The job key.
+    pub job: Hash,
+    /// Push time.
+    pub created: i64,
+    /// Current state.
+    pub state: State,
+    /// Priority.
+    pub priority: i64,
+    /// Not before (epoch ms).
+    pub run_at: i64,
+    /// Its own timeout in ms, if any.
+    pub timeout_ms: Option<u64>,
+    /// Its own retry budget, if any.
+    pub retries: Option<u32>,
+    /// Whether it may be served from the result cache.
+    pub cached: bool,
+    /// Every attempt, oldest first.
+    pub attempts: Vec<AttemptRow>,
+}
+
+impl InstanceDetail {
+    /// The newest attempt, if any ran.
+    pub fn last_attempt(&self) -> Option<&AttemptRow> {
+        self.attempts.last()
+    }
+}
+
+/// How many instances are in each state.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct Counts {
+    /// Pending (including delayed and retry-waiting).
+    pub pending: u64,
+    /// Running.
+    pub running: u64,
+    /// Results.
+    pub result: u64,
+    /// Failures.
+    pub fail: u64,
+    /// Cancelled.
+    pub cancelled: u64,
+}
+
+/// The kinds of events in the log.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum EventKind {
+    /// A new job was stored.
+    Create,
+    /// An instance was pushed.
+    Push,
+    /// An attempt started.
+    Start,
+    /// An instance ended with a result.
+    Result,
+    /// An instance ended as a failure.
+    Fail,
+    /// An instance was cancelled.
+    Cancel,
+    /// A failed attempt was sent back to pending, or a failed instance pushed again.
+    Retry,
+}
+
+impl EventKind {
+    /// The name stored in the log.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            EventKind::Create => "create",
+            EventKind::Push => "push",
+            EventKind::Start => "start",
+            EventKind::Result => "result",
+            EventKind::Fail => "fail",
+            EventKind::Cancel => "cancel",
+            EventKind::Retry => "retry",
+        }
+    }
+}
+
+impl FromStr for EventKind {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<EventKind, Error> {
+        Ok(match s {
+            "create" => EventKind::Create,
+            "push" => EventKind::Push,
+            "start" => EventKind::Start,
+            "result" => EventKind::Result,
+            "fail" => EventKind::Fail,
+            "cancel" => EventKind::Cancel,
+            "retry" => EventKind::Retry,
+            _ => {
+                return Err(Error::Config {
+                    what: "event kind",
+                    value: s.into(),
+                    why: "unknown event kind".into(),
+                });
+            }
+        })
+    }
+}
+
+/// One entry of the persisted event log.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Event {
+    /// Log position; grows in commit order.
+    pub id: i64,
+    /// When it happened (epoch ms).
+    pub time: i64,
+    /// What happened.
+    pub event: EventKind,
+    /// The job it concerns.
+    pub job: Hash,
+    /// The instance's push time, for instance events.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub created: Option<i64>,
+    /// The instance id, for instance events.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub instance: Option<i64>,
+    /// Details: the result id, a failure message, an attempt number...
+    #[serde(skip_serializing_if = "serde_json::Value::is_null")]
+    pub data: serde_json::Value,
+}

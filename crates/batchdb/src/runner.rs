@@ -1,0 +1,277 @@
+//! Runners: how one attempt of a job is executed.
+//!
+//! A [`Runner`] turns a job into an [`Execution`]: a writer the payload is streamed
+//! into, readers for stdout and stderr, a future that resolves to the exit status and
+//! a [`Killer`] that stops it. The default is [`ShellRunner`] (a shell reading the
+//! payload on stdin, in its own process group); [`FnRunner`] builds one from any async
+//! reader/writer pair, as the seed's `opts.run` did.
+
+use std::fmt;
+use std::future::Future;
+use std::io;
+use std::os::unix::process::ExitStatusExt;
+use std::pin::Pin;
+use std::process::Stdio;
+use std::sync::Arc;
+
+use serde::Serialize;
+use tokio::io::{AsyncRead, AsyncWrite};
+
+use crate::error::{Error, Result};
+use crate::hash::Hash;
+
+/// What a runner knows about the attempt it runs (also exported to a shell runner's
+/// environment as `BATCHDB_JOB`, `BATCHDB_INSTANCE`, `BATCHDB_CREATED` and
+/// `BATCHDB_ATTEMPT`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RunContext {
+    /// The job key.
+    pub job: Hash,
+    /// The instance id.
+    pub instance: i64,
+    /// The instance's push time.
+    pub created: i64,
+    /// The attempt number.
+    pub attempt: i64,
+}
+
+/// How an execution ended.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct ExitStatus {
+    /// The exit code, if it exited.
+    pub code: Option<i32>,
+    /// The signal that ended it, if one did.
+    pub signal: Option<i32>,
+}
+
+impl ExitStatus {
+    /// Exit code 0.
+    pub fn success(&self) -> bool {
+        self.code == Some(0)
+    }
+}
+
+impl fmt::Display for ExitStatus {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match (self.code, self.signal) {
+            (Some(c), _) => write!(f, "exit code {c}"),
+            (None, Some(s)) => write!(f, "killed by signal {s}"),
+            (None, None) => f.write_str("unknown exit status"),
+        }
+    }
+}
+
+/// How hard to stop an execution.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stop {
+    /// Ask politely (SIGTERM to the whole process group).
+    Terminate,
+    /// Force (SIGKILL to the whole process group).
+    Kill,
+}
+
+/// Stops an execution; safe to call any number of times, also after it ended.
+pub trait Killer: Send + Sync {
+    /// Sends the stop request.
+    fn stop(&self, how: Stop);
+}
+
+/// A boxed async writer.
+pub type Writer = Pin<Box<dyn AsyncWrite + Send>>;
+/// A boxed async reader.
+pub type Reader = Pin<Box<dyn AsyncRead + Send>>;
+/// A boxed future of an exit status.
+pub type WaitFuture = Pin<Box<dyn Future<Output = io::Result<ExitStatus>> + Send>>;
+
+/// One running execution.
+pub struct Execution {
+    /// Where the payload goes; `None` if the runner takes no input.
+    pub stdin: Option<Writer>,
+    /// The output that becomes the result blob.
+    pub stdout: Reader,
+    /// The error output, stored as its own blob; `None` if the runner has none.
+    pub stderr: Option<Reader>,
+    /// Resolves when the execution ends.
+    pub wait: WaitFuture,
+    /// Stops the execution.
+    pub killer: Arc<dyn Killer>,
+}
+
+/// Starts executions of jobs.
+pub trait Runner: Send + Sync + fmt::Debug {
+    /// Starts one execution.
+    fn spawn(&self, ctx: &RunContext) -> Result<Execution>;
+
+    /// A string that identifies what this runner does, part of the result-cache key:
+    /// two runners with the same spec must produce the same outcome for a payload.
+    fn spec(&self) -> String;
+}
+
+/// Runs each job as `COMMAND` (default `sh`) with the payload on stdin, stdout and
+/// stderr captured, in a process group of its own so that a stop reaches every
+/// child and grandchild.
+#[derive(Debug, Clone)]
+pub struct ShellRunner {
+    argv: Vec<String>,
+}
+
+impl Default for ShellRunner {
+    fn default() -> Self {
+        ShellRunner {
+            argv: vec!["sh".into()],
+        }
+    }
+}
+
+impl ShellRunner {
+    /// A runner for `command`, split on whitespace (e.g. `"bash -e"`).
+    pub fn new(command: &str) -> Result<ShellRunner> {
+        let argv: Vec<String> = command.split_whitespace().map(String::from).collect();
+        if argv.is_empty() {
+            return Err(Error::Config {
+                what: "shell",
+                value: command.into(),
+                why: "empty command".into(),
+            });
+        }
+        Ok(ShellRunner { argv })
+    }
+}
+
+struct GroupKiller {
+    pgid: i32,
+}
+
+impl Killer for GroupKiller {
+    fn stop(&self, how: Stop) {
+        let sig = match how {
+            Stop::Terminate => libc::SIGTERM,
+            Stop::Kill => libc::SIGKILL,
+        };
+        if self.pgid > 0 {
+            // SAFETY: kill(2) has no memory-safety preconditions; a negative pid
+            // addresses the process group we created for this execution.
+            unsafe {
+                libc::kill(-self.pgid, sig);
+            }
+        }
+    }
+}
+
+impl Runner for ShellRunner {
+    fn spawn(&self, ctx: &RunContext) -> Result<Execution> {
+        let mut cmd = tokio::process::Command::new(&self.argv[0]);
+        cmd.args(&self.argv[1..])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .env("BATCHDB_JOB", ctx.job.to_hex())
+            .env("BATCHDB_INSTANCE", ctx.instance.to_string())
+            .env("BATCHDB_CREATED", ctx.created.to_string())
+            .env("BATCHDB_ATTEMPT", ctx.attempt.to_string())
+            .process_group(0)
+            .kill_on_drop(false);
+        let spawn_err = |e| Error::Spawn {
+            command: self.argv.join(" "),
+            source: e,
+        };
+        let mut child = cmd.spawn().map_err(spawn_err)?;
+        let pgid = child.id().map_or(0, |p| p as i32);
+        let missing = || spawn_err(io::Error::other("child pipe missing"));
+        let stdin = child.stdin.take().ok_or_else(missing)?;
+        let stdout = child.stdout.take().ok_or_else(missing)?;
+        let stderr = child.stderr.take().ok_or_else(missing)?;
+        Ok(Execution {
+            stdin: Some(Box::pin(stdin)),
+            stdout: Box::pin(stdout),
+            stderr: Some(Box::pin(stderr)),
+            wait: Box::pin(async move {
+                let st = child.wait().await?;
+                Ok(ExitStatus {
+                    code: st.code(),
+                    signal: st.signal(),
+                })
+            }),
+            killer: Arc::new(GroupKiller { pgid }),
+        })
+    }
+
+    fn spec(&self) -> String {
+        format!("shell:{}", self.argv.join(" "))
+    }
+}
+
+/// The streams a [`FnRunner`] closure returns: where the payload is written, and
+/// where the output is read from.
+pub type Duplex = (Writer, Reader);
+
+/// A runner built from a closure returning a writer/reader pair, like the seed's
+/// `opts.run` returning a duplex stream. The execution succeeds (exit code 0) when
+/// the reader reaches its end without error; it has no stderr.
+///
+/// ```
+/// use batchdb::runner::FnRunner;
+/// use tokio::io::AsyncWriteExt;
+/// // A fake runner whose output is always "ok\n".
+/// let runner = FnRunner::new("fake", |_ctx| {
+///     let (mut tx, rx) = tokio::io::duplex(64);
+///     tokio::spawn(async move { let _ = tx.write_all(b"ok\n").await; });
+///     Ok((Box::pin(tokio::io::sink()), Box::pin(rx)))
+/// });
+/// ```
+pub struct FnRunner<F> {
+    name: String,
+    f: F,
+}
+
+impl<F> FnRunner<F>
+where
+    F: Fn(&RunContext) -> io::Result<Duplex> + Send + Sync + 'static,
+{
+    /// A runner named `name` (its cache spec) that calls `f` for every execution.
+    pub fn new(name: impl Into<String>, f: F) -> Self {
+        FnRunner {
+            name: name.into(),
+            f,
+        }
+    }
+}
+
+impl<F> fmt::Debug for FnRunner<F> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("FnRunner").field("name", &self.name).finish()
+    }
+}
+
+struct NoKiller;
+impl Killer for NoKiller {
+    fn stop(&self, _how: Stop) {}
+}
+
+impl<F> Runner for FnRunner<F>
+where
+    F: Fn(&RunContext) -> io::Result<Duplex> + Send + Sync + 'static,
+{
+    fn spawn(&self, ctx: &RunContext) -> Result<Execution> {
+        let (stdin, stdout) = (self.f)(ctx).map_err(|e| Error::Spawn {
+            command: self.name.clone(),
+            source: e,
+        })?;
+        Ok(Execution {
+            stdin: Some(stdin),
+            stdout,
+            stderr: None,
+            wait: Box::pin(async {
+                Ok(ExitStatus {
+                    code: Some(0),
+                    signal: None,
+                })
+            }),
+            killer: Arc::new(NoKiller),
+        })
+    }
+
+    fn spec(&self) -> String {
+        format!("fn:{}", self.name)
+    }
+}

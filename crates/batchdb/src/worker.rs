@@ -1,0 +1,557 @@
+//! The worker loop: claim → run → finish, with leases, timeouts, retries,
+//! cancellation, live output and graceful or forced shutdown.
+
+use std::io;
+use std::path::PathBuf;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use tokio::io::{AsyncRead, AsyncWriteExt, ReadBuf};
+use tokio::sync::{mpsc, watch};
+use tokio::task::JoinSet;
+use tokio::time::Instant;
+
+use crate::blob::BlobStore;
+use crate::error::{Error, Result};
+use crate::hash::Hash;
+use crate::queue::{
+    AttemptReport, CacheSpec, Claim, ClaimRequest, ClaimToken, Finished, Order, Outcome, Queue,
+    cache_key, now_ms,
+};
+use crate::runner::{ExitStatus, Runner, RunContext, Stop};
+
+/// The least time between two looks for a cancel request of one running job.
+const CHECK_EVERY: Duration = Duration::from_millis(100);
+
+/// How a worker behaves.
+#[derive(Debug, Clone)]
+pub struct WorkerOptions {
+    /// Jobs run at once (at least 1).
+    pub concurrency: usize,
+    /// Order within a priority.
+    pub order: Order,
+    /// Lease of each claim; renewed every third of it while the job runs. If the
+    /// worker dies, another worker takes the instance over once the lease expires.
+    pub lease: Duration,
+    /// Timeout for instances pushed without one.
+    pub timeout: Option<Duration>,
+    /// Time between SIGTERM and SIGKILL when a job is stopped.
+    pub kill_grace: Duration,
+    /// Retries for instances pushed without a retry budget.
+    pub retries: u32,
+    /// First retry delay; doubles each failure (capped at [`WorkerOptions::backoff_max`]),
+    /// with ±50 % jitter.
+    pub backoff: Duration,
+    /// Longest retry delay.
+    pub backoff_max: Duration,
+    /// Serve every instance from the result cache when possible, not only those pushed
+    /// with `cached`.
+    pub cache_all: bool,
+    /// Exit once nothing is pending or running anywhere.
+    pub until_empty: bool,
+    /// The worker's name in attempts (default `host:pid:random`).
+    pub name: String,
+    /// Where running jobs' output is mirrored for live readers (`logs -f`).
+    pub live_dir: Option<PathBuf>,
+}
+
+impl Default for WorkerOptions {
+    fn default() -> Self {
+        WorkerOptions {
+            concurrency: 1,
+            order: Order::Newest,
+            lease: Duration::from_secs(30),
+            timeout: None,
+            kill_grace: Duration::from_secs(5),
+            retries: 0,
+            backoff: Duration::from_secs(1),
+            backoff_max: Duration::from_secs(300),
+            cache_all: false,
+            until_empty: false,
+            name: default_worker_name(),
+            live_dir: None,
+        }
+    }
+}
+
+/// `host:pid:random`, unique enough to tell workers apart in attempt rows.
+pub fn default_worker_name() -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_string())
+        .unwrap_or_else(|_| "localhost".into());
+    format!("{host}:{}:{:04x}", std::process::id(), fastrand::u16(..))
+}
+
+/// What a worker reports as each attempt ends.
+#[derive(Debug, Clone)]
+pub struct Report {
+    /// The job key.
+    pub job: Hash,
+    /// The instance id.
+    pub instance: i64,
+    /// The instance's push time.
+    pub created: i64,
+    /// The attempt number.
+    pub attempt: i64,
+    /// What the attempt produced.
+    pub report: AttemptReport,
+    /// What became of the instance; `None` if this worker lost its lease and recorded
+    /// nothing.
+    pub finished: Option<Finished>,
+}
+
+/// Asks a running worker to stop: [`Shutdown::graceful`] stops claiming and lets
+/// running jobs finish; [`Shutdown::force`] also kills them and returns them to
+/// pending.
+#[derive(Debug, Clone)]
+pub struct Shutdown(Arc<watch::Sender<u8>>);
+
+impl Shutdown {
+    /// A new handle (not yet signalled).
+    pub fn new() -> Shutdown {
+        Shutdown(Arc::new(watch::channel(0).0))
+    }
+    /// Stop claiming; let running jobs finish.
+    pub fn graceful(&self) {
+        self.0.send_if_modified(|v| {
+            let old = *v;
+            *v = (*v).max(1);
+            old != *v
+        });
+    }
+    /// Kill running jobs and return them to pending.
+    pub fn force(&self) {
+        self.0.send_replace(2);
+    }
+    /// Escalates: the first call is graceful, later calls force.
+    pub fn escalate(&self) {
+        if *self.0.borrow() == 0 {
+            self.graceful()
+        } else {
+            self.force()
+        }
+    }
+    fn level(&self) -> u8 {
+        *self.0.borrow()
+    }
+    async fn wait_level(&self, level: u8) {
+        let mut rx = self.0.subscribe();
+        let _ = rx.wait_for(|v| *v >= level).await;
+    }
+}
+
+impl Default for Shutdown {
+    fn default() -> Self {
+        Shutdown::new()
+    }
+}
+
+/// A worker over one queue and one blob store.
+pub struct Worker {
+    queue: Arc<dyn Queue>,
+    blobs: Arc<dyn BlobStore>,
+    runner: Arc<dyn Runner>,
+    opts: WorkerOptions,
+    shutdown: Shutdown,
+}
+
+impl Worker {
+    /// A worker; call [`Worker::run`] to start it.
+    pub fn new(
+        queue: Arc<dyn Queue>,
+        blobs: Arc<dyn BlobStore>,
+        runner: Arc<dyn Runner>,
+        opts: WorkerOptions,
+    ) -> Worker {
+        Worker {
+            queue,
+            blobs,
+            runner,
+            opts,
+            shutdown: Shutdown::new(),
+        }
+    }
+
+    /// The handle that stops this worker.
+    pub fn shutdown_handle(&self) -> Shutdown {
+        self.shutdown.clone()
+    }
+
+    /// Runs until shut down (or, with `until_empty`, until nothing is pending or
+    /// running). Each ended attempt is sent to `reports` (if given) after its row is
+    /// committed. Returns an error only if the queue keeps failing.
+    pub async fn run(self, reports: Option<mpsc::UnboundedSender<Report>>) -> Result<()> {
+        let this = Arc::new(self);
+        let slots = this.opts.concurrency.max(1);
+        let mut tasks: JoinSet<()> = JoinSet::new();
+        let mut db_errors = 0u32;
+        let req = ClaimRequest {
+            worker: this.opts.name.clone(),
+            limit: slots,
+            lease: this.opts.lease,
+            order: this.opts.order,
+            cache: Some(CacheSpec {
+                runner: this.runner.spec(),
+                default_timeout: this.opts.timeout,
+            }),
+            cache_all: this.opts.cache_all,
+        };
+        loop {
+            while tasks.try_join_next().is_some() {}
+            if this.shutdown.level() >= 1 {
+                break;
+            }
+            let seen = this.queue.change_seq();
+            let free = slots - tasks.len();
+            let mut claimed_any = false;
+            if free > 0 {
+                let req = ClaimRequest {
+                    limit: free,
+                    ..req.clone()
+                };
+                match this.queue.claim(&req).await {
+                    Ok(claims) => {
+                        db_errors = 0;
+                        for claim in claims {
+                            claimed_any = true;
+                            if let Some(hit) = claim.cache_hit.clone() {
+                                send(&reports, &claim, hit, Some(Finished::Result));
+                                continue;
+                            }
+                            let (w, r) = (this.clone(), reports.clone());
+                            tasks.spawn(async move { w.run_one(claim, r).await });
+                        }
+                    }
+                    Err(e) => {
+                        db_errors += 1;
+                        let wait = backoff(Duration::from_millis(100), Duration::from_secs(10), db_errors);
+                        tracing::warn!("claim failed ({e}); retrying in {wait:?}");
+                        tokio::time::sleep(wait).await;
+                        continue;
+                    }
+                }
+            }
+            if claimed_any && tasks.len() < slots {
+                continue;
+            }
+            if this.opts.until_empty && tasks.is_empty() && !claimed_any {
+                match this.queue.counts().await {
+                    Ok(c) if c.pending == 0 && c.running == 0 => break,
+                    Ok(_) => {}
+                    Err(e) => tracing::warn!("counting instances failed: {e}"),
+                }
+            }
+            // Sleep until the queue changes, a slot frees up, or a delayed job may be due.
+            tokio::select! {
+                _ = this.queue.wait_change(seen, Duration::from_secs(1)) => {}
+                Some(_) = tasks.join_next(), if !tasks.is_empty() => {}
+                _ = this.shutdown.wait_level(1) => {}
+            }
+        }
+        while tasks.join_next().await.is_some() {}
+        Ok(())
+    }
+
+    async fn run_one(self: Arc<Self>, claim: Claim, reports: Option<mpsc::UnboundedSender<Report>>) {
+        let t = claim.token;
+        let (report, outcome) = self.execute(&claim).await;
+        let finished = match outcome {
+            None => None,
+            Some(outcome) => self.finish_with_retry(&t, &outcome).await,
+        };
+        send(&reports, &claim, report, finished);
+    }
+
+    /// Records the outcome, retrying while the queue is unreachable. Gives up when
+    /// fenced (another worker owns the instance now) or when the lease has surely
+    /// expired (the instance will be taken over and run again).
+    async fn finish_with_retry(&self, t: &ClaimToken, outcome: &Outcome) -> Option<Finished> {
+        let give_up = Instant::now() + self.opts.lease;
+        let mut n = 0;
+        loop {
+            match self.queue.finish(t, outcome).await {
+                Ok(f) => return Some(f),
+                Err(e @ Error::Fenced { .. }) => {
+                    tracing::warn!("{e}: result discarded");
+                    return None;
+                }
+                Err(e) if Instant::now() < give_up => {
+                    n += 1;
+                    let wait = backoff(Duration::from_millis(100), Duration::from_secs(5), n);
+                    tracing::warn!("recording instance {} failed ({e}); retrying in {wait:?}", t.id);
+                    tokio::time::sleep(wait).await;
+                }
+                Err(e) => {
+                    tracing::error!("recording instance {} failed ({e}); giving up, its lease will expire", t.id);
+                    return None;
+                }
+            }
+        }
+    }
+
+    /// Runs one attempt and decides its outcome (`None`: lease lost, record nothing).
+    async fn execute(&self, claim: &Claim) -> (AttemptReport, Option<Outcome>) {
+        let timeout = claim.timeout.or(self.opts.timeout);
+        let mut report = AttemptReport {
+            start: claim.start,
+            ..AttemptReport::default()
+        };
+        let fail = |mut report: AttemptReport, msg: String, claim: &Claim| {
+            report.end = now_ms();
+            report.message = Some(msg);
+            let outcome = self.failure(claim, report.clone());
+            (report, Some(outcome))
+        };
+        let ctx = RunContext {
+            job: claim.job,
+            instance: claim.token.id,
+            created: claim.created,
+            attempt: claim.token.token,
+        };
+        let payload = match self.blobs.get(&claim.job).await {
+            Ok(p) => p,
+            Err(e) => return fail(report, format!("payload: {e}"), claim),
+        };
+        let exec = match self.runner.spawn(&ctx) {
+            Ok(x) => x,
+            Err(e) => return fail(report, e.to_string(), claim),
+        };
+        let killer = exec.killer.clone();
+        let live = self.opts.live_dir.as_ref().map(|d| {
+            let (id, n) = (claim.token.id, claim.token.token);
+            (d.join(format!("{id}.{n}.stdout")), d.join(format!("{id}.{n}.stderr")))
+        });
+        let (live_out, live_err) = match &live {
+            Some((o, e)) => (open_live(o), open_live(e)),
+            None => (None, None),
+        };
+        let blobs = self.blobs.clone();
+        let mut stdout = Tee::new(exec.stdout, live_out);
+        let stderr = exec.stderr.map(|e| Tee::new(e, live_err));
+        let feed = async move {
+            let Some(mut stdin) = exec.stdin else { return Ok(()) };
+            let mut payload = payload;
+            let r = tokio::io::copy(&mut payload, &mut stdin).await;
+            let _ = stdin.shutdown().await;
+            match r {
+                Ok(_) => Ok(()),
+                // The runner may exit without reading all of its input.
+                Err(e) if e.kind() == io::ErrorKind::BrokenPipe => Ok(()),
+                Err(e) => Err(e),
+            }
+        };
+        let out_store = blobs.clone();
+        let outputs = async move { out_store.put(&mut stdout).await };
+        let err_store = blobs.clone();
+        let errors = async move {
+            match stderr {
+                Some(mut s) => Some(err_store.put(&mut s).await),
+                None => None,
+            }
+        };
+        let group = killer.clone();
+        let grace = self.opts.kill_grace;
+        let waiting = async move {
+            let st = exec.wait.await;
+            // The job is its process group: once the leader exits, stragglers that
+            // still hold its output open are stopped too.
+            group.stop(Stop::Terminate);
+            let g = group.clone();
+            tokio::spawn(async move {
+                tokio::time::sleep(grace).await;
+                g.stop(Stop::Kill);
+            });
+            st
+        };
+        let work = async { tokio::join!(feed, outputs, errors, waiting) };
+        tokio::pin!(work);
+
+        #[derive(PartialEq)]
+        enum Stopped {
+            Timeout,
+            Cancel,
+            Lost,
+            Shutdown,
+        }
+        let mut stopped: Option<Stopped> = None;
+        let deadline = timeout.map(|t| Instant::now() + t);
+        let mut force_at: Option<Instant> = None;
+        let hb_every = (self.opts.lease / 3).max(Duration::from_millis(50));
+        let mut next_hb = Instant::now() + hb_every;
+        let mut last_check = Instant::now();
+        let far = Instant::now() + Duration::from_secs(86400 * 365);
+        let results = loop {
+            let seen = self.queue.change_seq();
+            let mut stop_now: Option<Stopped> = None;
+            tokio::select! {
+                res = &mut work => break res,
+                _ = tokio::time::sleep_until(deadline.unwrap_or(far)), if deadline.is_some() && stopped.is_none() => {
+                    stop_now = Some(Stopped::Timeout);
+                }
+                _ = tokio::time::sleep_until(force_at.unwrap_or(far)), if force_at.is_some() => {
+                    killer.stop(Stop::Kill);
+                    force_at = None;
+                }
+                _ = tokio::time::sleep_until(next_hb) => {
+                    next_hb = Instant::now() + hb_every;
+                    match self.queue.heartbeat(&claim.token, self.opts.lease).await {
+                        Ok(hb) if hb.cancel_requested => stop_now = Some(Stopped::Cancel),
+                        Ok(_) => {}
+                        Err(Error::Fenced { .. }) => stop_now = Some(Stopped::Lost),
+                        Err(e) => tracing::warn!("heartbeat for instance {} failed: {e}", claim.token.id),
+                    }
+                }
+                _ = async {
+                    // At most one look every CHECK_EVERY, however busy the queue is.
+                    tokio::time::sleep_until(last_check + CHECK_EVERY).await;
+                    self.queue.wait_change(seen, hb_every).await
+                }, if stopped.is_none() => {
+                    // Something changed: look for a cancel request (or a lost lease)
+                    // without waiting for the next heartbeat.
+                    last_check = Instant::now();
+                    match self.queue.status(&claim.token).await {
+                        Ok(hb) if hb.cancel_requested => stop_now = Some(Stopped::Cancel),
+                        Ok(_) => {}
+                        Err(Error::Fenced { .. }) => stop_now = Some(Stopped::Lost),
+                        Err(_) => {}
+                    }
+                }
+                _ = self.shutdown.wait_level(2), if stopped.is_none() => {
+                    stop_now = Some(Stopped::Shutdown);
+                }
+            }
+            if let Some(s) = stop_now {
+                if stopped.is_none() {
+                    stopped = Some(s);
+                    killer.stop(Stop::Terminate);
+                    force_at = Some(Instant::now() + self.opts.kill_grace);
+                }
+            }
+        };
+        if let Some((o, e)) = &live {
+            let _ = std::fs::remove_file(o);
+            let _ = std::fs::remove_file(e);
+        }
+        let (fed, out, err, status) = results;
+        report.end = now_ms();
+        let status = match status {
+            Ok(s) => s,
+            Err(e) => {
+                report.message = Some(format!("waiting for runner: {e}"));
+                ExitStatus::default()
+            }
+        };
+        report.exit_code = status.code;
+        report.signal = status.signal;
+        let mut problems: Vec<String> = Vec::new();
+        match out {
+            Ok(b) => report.stdout = Some(b),
+            Err(e) => problems.push(format!("storing stdout: {e}")),
+        }
+        match err {
+            Some(Ok(b)) => report.stderr = Some(b),
+            Some(Err(e)) => problems.push(format!("storing stderr: {e}")),
+            None => {}
+        }
+        if let Err(e) = fed {
+            problems.push(format!("feeding payload: {e}"));
+        }
+        match stopped {
+            Some(Stopped::Lost) => {
+                report.message = Some("lease lost to another worker; attempt abandoned".into());
+                return (report, None);
+            }
+            Some(Stopped::Shutdown) => {
+                report.message = Some("worker shut down; returned to pending".into());
+                return (report.clone(), Some(Outcome::Released(report)));
+            }
+            Some(Stopped::Cancel) => {
+                report.message = Some("cancelled".into());
+                return (report.clone(), Some(Outcome::Cancelled(report)));
+            }
+            Some(Stopped::Timeout) => {
+                let secs = timeout.map_or(0.0, |t| t.as_secs_f64());
+                let msg = format!("timed out after {secs}s ({status})");
+                return fail(report, msg, claim);
+            }
+            None => {}
+        }
+        if !status.success() {
+            problems.insert(0, status.to_string());
+        }
+        if let Some(m) = report.message.take() {
+            problems.insert(0, m);
+        }
+        if problems.is_empty() {
+            report.cache_key = Some(cache_key(&claim.job, &self.runner.spec(), timeout));
+            (report.clone(), Some(Outcome::Success(report)))
+        } else {
+            fail(report, problems.join("; "), claim)
+        }
+    }
+
+    fn failure(&self, claim: &Claim, report: AttemptReport) -> Outcome {
+        let failures = claim.failures + 1;
+        let budget = claim.retries.unwrap_or(self.opts.retries);
+        let retry_at = (failures <= budget).then(|| {
+            let wait = backoff(self.opts.backoff, self.opts.backoff_max, failures);
+            now_ms() + wait.as_millis() as i64
+        });
+        Outcome::Failure { report, retry_at }
+    }
+}
+
+/// `base · 2^(n-1)`, capped at `max`, times a random factor in [0.5, 1.5).
+pub fn backoff(base: Duration, max: Duration, n: u32) -> Duration {
+    let exp = base.saturating_mul(1u32 << (n.saturating_sub(1)).min(20));
+    exp.min(max).mul_f64(0.5 + fastrand::f64())
+}
+
+fn send(reports: &Option<mpsc::UnboundedSender<Report>>, claim: &Claim, report: AttemptReport, finished: Option<Finished>) {
+    if let Some(tx) = reports {
+        let _ = tx.send(Report {
+            job: claim.job,
+            instance: claim.token.id,
+            created: claim.created,
+            attempt: claim.token.token,
+            report,
+            finished,
+        });
+    }
+}
+
+fn open_live(path: &PathBuf) -> Option<std::fs::File> {
+    std::fs::File::create(path)
+        .map_err(|e| tracing::warn!("live output {}: {e}", path.display()))
+        .ok()
+}
+
+/// Passes a reader through, mirroring every byte into a local file for live readers.
+/// A failure to mirror never fails the job: the mirror is dropped instead.
+struct Tee<R> {
+    inner: R,
+    copy: Option<std::fs::File>,
+}
+
+impl<R> Tee<R> {
+    fn new(inner: R, copy: Option<std::fs::File>) -> Self {
+        Tee { inner, copy }
+    }
+}
+
+impl<R: AsyncRead + Unpin> AsyncRead for Tee<R> {
+    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        let before = buf.filled().len();
+        let this = &mut *self;
+        let r = Pin::new(&mut this.inner).poll_read(cx, buf);
+        if let (Poll::Ready(Ok(())), Some(f)) = (&r, this.copy.as_mut()) {
+            use std::io::Write;
+            if f.write_all(&buf.filled()[before..]).is_err() {
+                this.copy = None;
+            }
+        }
+        r
+    }
+}
