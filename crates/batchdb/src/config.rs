@@ -29,14 +29,19 @@ impl DbLocation {
                 why: "empty path".into(),
             });
         }
-        if let Some(p) = s.strip_prefix("sqlite://").or_else(|| s.strip_prefix("sqlite:")) {
+        if let Some(p) = s
+            .strip_prefix("sqlite://")
+            .or_else(|| s.strip_prefix("sqlite:"))
+        {
             return Ok(DbLocation::Sqlite(PathBuf::from(p)));
         }
         if let Some((scheme, _)) = s.split_once("://") {
             return Err(Error::Config {
                 what: "database",
                 value: s.into(),
-                why: format!("the {scheme}:// backend is not available in this build (only SQLite files)"),
+                why: format!(
+                    "the {scheme}:// backend is not available in this build (only SQLite files)"
+                ),
             });
         }
         Ok(DbLocation::Sqlite(PathBuf::from(s)))
@@ -61,7 +66,9 @@ impl BlobLocation {
             return Err(Error::Config {
                 what: "blob store",
                 value: s.into(),
-                why: format!("the {scheme}:// backend is not available in this build (only directories)"),
+                why: format!(
+                    "the {scheme}:// backend is not available in this build (only directories)"
+                ),
             });
         }
         Ok(BlobLocation::Dir(PathBuf::from(s)))

@@ -144,7 +144,10 @@ mod tests {
             &format!("{}/", &good[..63]),
             &format!("{}é", &good[..62]),
         ] {
-            assert!(matches!(bad.parse::<Hash>(), Err(Error::InvalidHash { .. })), "{bad:?}");
+            assert!(
+                matches!(bad.parse::<Hash>(), Err(Error::InvalidHash { .. })),
+                "{bad:?}"
+            );
         }
     }
 }

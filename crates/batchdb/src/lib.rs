@@ -43,7 +43,7 @@ pub use hash::{Hash, Hasher};
 
 use blob::{BlobInfo, BlobReader, BlobStore, DirStore};
 use queue::{
-    Counts, Event, InstanceDetail, Instance, ListKind, ListRow, PushOptions, Queue, Selector,
+    Counts, Event, Instance, InstanceDetail, ListKind, ListRow, PushOptions, Queue, Selector,
     SqliteQueue,
 };
 use runner::Runner;
@@ -120,7 +120,11 @@ impl BatchDb {
 
     /// Stores a payload and pushes an instance of it; the job row and the instance row
     /// commit together, after the payload blob is durable.
-    pub async fn add(&self, mut payload: impl AsyncRead + Send + Unpin, opts: &PushOptions) -> Result<Instance> {
+    pub async fn add(
+        &self,
+        mut payload: impl AsyncRead + Send + Unpin,
+        opts: &PushOptions,
+    ) -> Result<Instance> {
         let info = self.blobs.put(&mut payload).await?;
         self.queue.add(&info, opts).await
     }
@@ -152,7 +156,11 @@ impl BatchDb {
 
     /// Streams the event log after event `after`; with `follow`, keeps waiting for new
     /// events (from any process) instead of ending.
-    pub fn events(&self, after: i64, follow: bool) -> impl Stream<Item = Result<Event>> + Send + 'static {
+    pub fn events(
+        &self,
+        after: i64,
+        follow: bool,
+    ) -> impl Stream<Item = Result<Event>> + Send + 'static {
         let queue = self.queue.clone();
         futures_util::stream::unfold(
             (after, Vec::<Event>::new().into_iter(), false),
@@ -170,7 +178,9 @@ impl BatchDb {
                         let seen = queue.change_seq();
                         match queue.events(after, PAGE).await {
                             Ok(evs) if !evs.is_empty() => buf = evs.into_iter(),
-                            Ok(_) if follow => queue.wait_change(seen, Duration::from_secs(1)).await,
+                            Ok(_) if follow => {
+                                queue.wait_change(seen, Duration::from_secs(1)).await
+                            }
                             Ok(_) => return None,
                             Err(e) => return Some((Err(e), (after, buf, true))),
                         }

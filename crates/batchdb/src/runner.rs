@@ -239,7 +239,9 @@ where
 
 impl<F> fmt::Debug for FnRunner<F> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("FnRunner").field("name", &self.name).finish()
+        f.debug_struct("FnRunner")
+            .field("name", &self.name)
+            .finish()
     }
 }
 

@@ -20,7 +20,7 @@ use crate::queue::{
     AttemptReport, CacheSpec, Claim, ClaimRequest, ClaimToken, Finished, Order, Outcome, Queue,
     cache_key, now_ms,
 };
-use crate::runner::{ExitStatus, Runner, RunContext, Stop};
+use crate::runner::{ExitStatus, RunContext, Runner, Stop};
 
 /// The least time between two looks for a cancel request of one running job.
 const CHECK_EVERY: Duration = Duration::from_millis(100);
@@ -226,7 +226,11 @@ impl Worker {
                     }
                     Err(e) => {
                         db_errors += 1;
-                        let wait = backoff(Duration::from_millis(100), Duration::from_secs(10), db_errors);
+                        let wait = backoff(
+                            Duration::from_millis(100),
+                            Duration::from_secs(10),
+                            db_errors,
+                        );
                         tracing::warn!("claim failed ({e}); retrying in {wait:?}");
                         tokio::time::sleep(wait).await;
                         continue;
@@ -254,7 +258,11 @@ impl Worker {
         Ok(())
     }
 
-    async fn run_one(self: Arc<Self>, claim: Claim, reports: Option<mpsc::UnboundedSender<Report>>) {
+    async fn run_one(
+        self: Arc<Self>,
+        claim: Claim,
+        reports: Option<mpsc::UnboundedSender<Report>>,
+    ) {
         let t = claim.token;
         let (report, outcome) = self.execute(&claim).await;
         let finished = match outcome {
@@ -280,11 +288,17 @@ impl Worker {
                 Err(e) if Instant::now() < give_up => {
                     n += 1;
                     let wait = backoff(Duration::from_millis(100), Duration::from_secs(5), n);
-                    tracing::warn!("recording instance {} failed ({e}); retrying in {wait:?}", t.id);
+                    tracing::warn!(
+                        "recording instance {} failed ({e}); retrying in {wait:?}",
+                        t.id
+                    );
                     tokio::time::sleep(wait).await;
                 }
                 Err(e) => {
-                    tracing::error!("recording instance {} failed ({e}); giving up, its lease will expire", t.id);
+                    tracing::error!(
+                        "recording instance {} failed ({e}); giving up, its lease will expire",
+                        t.id
+                    );
                     return None;
                 }
             }
@@ -321,7 +335,10 @@ impl Worker {
         let killer = exec.killer.clone();
         let live = self.opts.live_dir.as_ref().map(|d| {
             let (id, n) = (claim.token.id, claim.token.token);
-            (d.join(format!("{id}.{n}.stdout")), d.join(format!("{id}.{n}.stderr")))
+            (
+                d.join(format!("{id}.{n}.stdout")),
+                d.join(format!("{id}.{n}.stderr")),
+            )
         });
         let (live_out, live_err) = match &live {
             Some((o, e)) => (open_live(o), open_live(e)),
@@ -331,7 +348,9 @@ impl Worker {
         let mut stdout = Tee::new(exec.stdout, live_out);
         let stderr = exec.stderr.map(|e| Tee::new(e, live_err));
         let feed = async move {
-            let Some(mut stdin) = exec.stdin else { return Ok(()) };
+            let Some(mut stdin) = exec.stdin else {
+                return Ok(());
+            };
             let mut payload = payload;
             let r = tokio::io::copy(&mut payload, &mut stdin).await;
             let _ = stdin.shutdown().await;
@@ -509,7 +528,12 @@ pub fn backoff(base: Duration, max: Duration, n: u32) -> Duration {
     exp.min(max).mul_f64(0.5 + fastrand::f64())
 }
 
-fn send(reports: &Option<mpsc::UnboundedSender<Report>>, claim: &Claim, report: AttemptReport, finished: Option<Finished>) {
+fn send(
+    reports: &Option<mpsc::UnboundedSender<Report>>,
+    claim: &Claim,
+    report: AttemptReport,
+    finished: Option<Finished>,
+) {
     if let Some(tx) = reports {
         let _ = tx.send(Report {
             job: claim.job,
@@ -542,7 +566,11 @@ impl<R> Tee<R> {
 }
 
 impl<R: AsyncRead + Unpin> AsyncRead for Tee<R> {
-    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
         let before = buf.filled().len();
         let this = &mut *self;
         let r = Pin::new(&mut this.inner).poll_read(cx, buf);

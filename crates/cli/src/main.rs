@@ -1,1 +1,55 @@
-fn main(){}
+//! `batchdb`: the command-line interface to a batchdb database.
+//!
+//! Every error is reported on one line (`batchdb: <what failed and on what>`) with a
+//! non-zero exit status.
+
+mod args;
+mod commands;
+mod time;
+
+use std::process::ExitCode;
+
+use clap::Parser;
+
+fn main() -> ExitCode {
+    let cli = args::Cli::parse();
+    init_logging(cli.verbose);
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("batchdb: starting the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match rt.block_on(commands::dispatch(cli)) {
+        Ok(code) => code,
+        // A closed stdout (`batchdb events | head`) is how pipelines end, not a failure.
+        Err(batchdb::Error::Stream { source, .. })
+            if source.kind() == std::io::ErrorKind::BrokenPipe =>
+        {
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            let msg = e.to_string().replace('\n', " ");
+            eprintln!("batchdb: {msg}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_logging(verbose: u8) {
+    let level = match verbose {
+        0 => tracing::Level::WARN,
+        1 => tracing::Level::INFO,
+        _ => tracing::Level::DEBUG,
+    };
+    tracing_subscriber::fmt()
+        .with_max_level(level)
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .init();
+}

@@ -100,7 +100,9 @@ impl BlobStore for DirStore {
                 .await
                 .map_err(|e| Error::io("write", &tmp, e))?;
         }
-        file.flush().await.map_err(|e| Error::io("write", &tmp, e))?;
+        file.flush()
+            .await
+            .map_err(|e| Error::io("write", &tmp, e))?;
         file.sync_all()
             .await
             .map_err(|e| Error::io("fsync", &tmp, e))?;

@@ -12,11 +12,13 @@ use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use rusqlite::{Connection, OpenFlags, OptionalExtension, Transaction, TransactionBehavior, params};
+use rusqlite::{
+    Connection, OpenFlags, OptionalExtension, Transaction, TransactionBehavior, params,
+};
 use tokio::sync::watch;
 
-use super::types::*;
 use super::Queue;
+use super::types::*;
 use crate::blob::BlobInfo;
 use crate::error::{Error, Result};
 use crate::hash::Hash;
@@ -303,8 +305,9 @@ fn job_exists(tx: &Connection, job: &Hash) -> rusqlite::Result<bool> {
 }
 
 fn parse_hash(s: String) -> rusqlite::Result<Hash> {
-    s.parse()
-        .map_err(|e| rusqlite::Error::FromSqlConversionFailure(0, rusqlite::types::Type::Text, Box::new(e)))
+    s.parse().map_err(|e| {
+        rusqlite::Error::FromSqlConversionFailure(0, rusqlite::types::Type::Text, Box::new(e))
+    })
 }
 
 fn opt_hash(s: Option<String>) -> rusqlite::Result<Option<Hash>> {
@@ -338,7 +341,9 @@ fn candidate(r: &rusqlite::Row<'_>) -> rusqlite::Result<Candidate> {
         job: parse_hash(r.get(1)?)?,
         created: r.get(2)?,
         failures: r.get(3)?,
-        timeout: r.get::<_, Option<i64>>(4)?.map(|t| Duration::from_millis(t as u64)),
+        timeout: r
+            .get::<_, Option<i64>>(4)?
+            .map(|t| Duration::from_millis(t as u64)),
         retries: r.get(5)?,
         cached: r.get(6)?,
         attempts: r.get(7)?,
@@ -363,8 +368,10 @@ fn start_attempt(
         now + req.lease.as_millis() as i64,
         cache_key.map(|k| k.to_hex())
     ])?;
-    tx.prepare_cached("INSERT INTO attempts(instance, attempt, worker, start) VALUES (?1, ?2, ?3, ?4)")?
-        .execute(params![c.id, token, req.worker, now])?;
+    tx.prepare_cached(
+        "INSERT INTO attempts(instance, attempt, worker, start) VALUES (?1, ?2, ?3, ?4)",
+    )?
+    .execute(params![c.id, token, req.worker, now])?;
     event(
         tx,
         now,
@@ -449,8 +456,10 @@ fn finish_tx(
             )?
             .execute(params![t.id, now])?;
             if let Some(k) = r.cache_key.filter(|_| !r.cached) {
-                tx.prepare_cached("INSERT OR REPLACE INTO cache(key, instance, attempt) VALUES (?1, ?2, ?3)")?
-                    .execute(params![k.to_hex(), t.id, t.token])?;
+                tx.prepare_cached(
+                    "INSERT OR REPLACE INTO cache(key, instance, attempt) VALUES (?1, ?2, ?3)",
+                )?
+                .execute(params![k.to_hex(), t.id, t.token])?;
             }
             let mut data = base(r);
             data["hash"] = serde_json::json!(r.stdout.map(|b| b.hash));
@@ -556,7 +565,8 @@ fn inst_row(conn: &Connection, id: i64) -> rusqlite::Result<Option<InstRow>> {
 impl Queue for SqliteQueue {
     async fn create(&self, job: &BlobInfo) -> Result<bool> {
         let job = *job;
-        self.write(move |tx| Ok(insert_job(tx, &job, now_ms())?)).await
+        self.write(move |tx| Ok(insert_job(tx, &job, now_ms())?))
+            .await
     }
 
     async fn push(&self, job: &Hash, opts: &PushOptions) -> Result<Instance> {
@@ -768,7 +778,14 @@ impl Queue for SqliteQueue {
                 }
                 .into());
             };
-            Ok(finish_tx(tx, &t, &row.job, row.created, &outcome, now_ms())?)
+            Ok(finish_tx(
+                tx,
+                &t,
+                &row.job,
+                row.created,
+                &outcome,
+                now_ms(),
+            )?)
         })
         .await
     }
@@ -779,7 +796,9 @@ impl Queue for SqliteQueue {
             let now = now_ms();
             let mut out = Vec::new();
             for id in select_ids(tx, &sel)? {
-                let Some(row) = inst_row(tx, id)? else { continue };
+                let Some(row) = inst_row(tx, id)? else {
+                    continue;
+                };
                 let inst = Instance {
                     id,
                     job: row.job,
@@ -791,12 +810,21 @@ impl Queue for SqliteQueue {
                             "UPDATE instances SET state = 'cancelled', ended = ?2 WHERE id = ?1",
                         )?
                         .execute(params![id, now])?;
-                        event(tx, now, EventKind::Cancel, &row.job, Some((id, row.created)), serde_json::Value::Null)?;
+                        event(
+                            tx,
+                            now,
+                            EventKind::Cancel,
+                            &row.job,
+                            Some((id, row.created)),
+                            serde_json::Value::Null,
+                        )?;
                         out.push(inst);
                     }
                     "running" => {
-                        tx.prepare_cached("UPDATE instances SET cancel_requested = 1 WHERE id = ?1")?
-                            .execute([id])?;
+                        tx.prepare_cached(
+                            "UPDATE instances SET cancel_requested = 1 WHERE id = ?1",
+                        )?
+                        .execute([id])?;
                         out.push(inst);
                     }
                     _ => {}
@@ -824,7 +852,9 @@ impl Queue for SqliteQueue {
                             PushOptions {
                                 priority: r.get(1)?,
                                 run_at: None,
-                                timeout: r.get::<_, Option<i64>>(2)?.map(|t| Duration::from_millis(t as u64)),
+                                timeout: r
+                                    .get::<_, Option<i64>>(2)?
+                                    .map(|t| Duration::from_millis(t as u64)),
                                 retries: r.get(3)?,
                                 cached: r.get(4)?,
                             },
@@ -856,25 +886,29 @@ impl Queue for SqliteQueue {
 
     async fn instance(&self, id: i64) -> Result<InstanceDetail> {
         self.with_conn(move |conn| {
-            instance_detail(conn, id)?.ok_or_else(|| Error::InstanceNotFound(format!("id:{id}")).into())
+            instance_detail(conn, id)?
+                .ok_or_else(|| Error::InstanceNotFound(format!("id:{id}")).into())
         })
         .await
     }
 
     async fn select(&self, sel: &Selector) -> Result<Vec<i64>> {
         let sel = sel.clone();
-        self.with_conn(move |conn| Ok(select_ids(conn, &sel)?)).await
+        self.with_conn(move |conn| Ok(select_ids(conn, &sel)?))
+            .await
     }
 
     async fn job_exists(&self, job: &Hash) -> Result<bool> {
         let job = *job;
-        self.with_conn(move |conn| Ok(job_exists(conn, &job)?)).await
+        self.with_conn(move |conn| Ok(job_exists(conn, &job)?))
+            .await
     }
 
     async fn counts(&self) -> Result<Counts> {
         self.with_conn(|conn| {
             let mut c = Counts::default();
-            let mut stmt = conn.prepare_cached("SELECT state, COUNT(*) FROM instances GROUP BY state")?;
+            let mut stmt =
+                conn.prepare_cached("SELECT state, COUNT(*) FROM instances GROUP BY state")?;
             let rows = stmt.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?)))?;
             for row in rows {
                 let (state, n) = row?;
@@ -906,7 +940,11 @@ impl Queue for SqliteQueue {
                     id: r.get(0)?,
                     time: r.get(1)?,
                     event: kind.parse().map_err(|e| {
-                        rusqlite::Error::FromSqlConversionFailure(2, rusqlite::types::Type::Text, Box::new(e))
+                        rusqlite::Error::FromSqlConversionFailure(
+                            2,
+                            rusqlite::types::Type::Text,
+                            Box::new(e),
+                        )
                     })?,
                     job: parse_hash(r.get(3)?)?,
                     created: r.get(4)?,
@@ -943,7 +981,12 @@ impl Queue for SqliteQueue {
     }
 }
 
-fn list_page(conn: &Connection, kind: ListKind, after: i64, limit: i64) -> rusqlite::Result<Vec<ListRow>> {
+fn list_page(
+    conn: &Connection,
+    kind: ListKind,
+    after: i64,
+    limit: i64,
+) -> rusqlite::Result<Vec<ListRow>> {
     match kind {
         ListKind::Job => {
             let mut stmt = conn.prepare_cached(
@@ -1017,7 +1060,11 @@ fn list_page(conn: &Connection, kind: ListKind, after: i64, limit: i64) -> rusql
             rows.collect()
         }
         ListKind::Fail | ListKind::Cancelled => {
-            let state = if kind == ListKind::Fail { "fail" } else { "cancelled" };
+            let state = if kind == ListKind::Fail {
+                "fail"
+            } else {
+                "cancelled"
+            };
             let mut stmt = conn.prepare_cached(
                 "SELECT i.id, i.job, i.created, a.start, a.end, a.stdout, a.stderr, a.exit_code,
                    a.signal, a.message, i.attempts
@@ -1063,7 +1110,11 @@ fn instance_detail(conn: &Connection, id: i64) -> rusqlite::Result<Option<Instan
                 job: parse_hash(r.get(0)?)?,
                 created: r.get(1)?,
                 state: state.parse().map_err(|e| {
-                    rusqlite::Error::FromSqlConversionFailure(2, rusqlite::types::Type::Text, Box::new(e))
+                    rusqlite::Error::FromSqlConversionFailure(
+                        2,
+                        rusqlite::types::Type::Text,
+                        Box::new(e),
+                    )
                 })?,
                 priority: r.get(3)?,
                 run_at: r.get(4)?,

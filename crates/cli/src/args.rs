@@ -1,0 +1,184 @@
+//! Command-line arguments.
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+
+/// Queue batch jobs and stream their results into a content-addressed blob store.
+#[derive(Debug, Parser)]
+#[command(name = "batchdb", version, about)]
+pub struct Cli {
+    /// Directory holding the SQLite database, the blob directory and live output
+    /// [default: $XDG_DATA_HOME/batchdb or ~/.local/share/batchdb]
+    #[arg(long, env = "BATCHDB_DIR", global = true)]
+    pub dir: Option<PathBuf>,
+    /// Queue database: a SQLite file path [default: DIR/batchdb.sqlite]
+    #[arg(long, env = "BATCHDB_DB", global = true)]
+    pub db: Option<String>,
+    /// Blob store: a directory path [default: DIR/blobs]
+    #[arg(long, env = "BATCHDB_BLOBS", global = true)]
+    pub blobs: Option<String>,
+    /// More log output on stderr (-v info, -vv debug)
+    #[arg(short, long, action = clap::ArgAction::Count, global = true)]
+    pub verbose: u8,
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// The subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Create a job and push it onto the pending queue in one step.
+    Add(AddArgs),
+    /// Store a job's payload without queueing it.
+    Create(PayloadArgs),
+    /// Push an instance of an existing job onto the pending queue.
+    Push(PushArgs),
+    /// Print rows of one type as JSON lines: job, pending, result, fail, cancelled.
+    List {
+        /// job | pending | result | fail | cancelled
+        kind: String,
+    },
+    /// Run pending jobs.
+    Run(RunArgs),
+    /// Write a blob (payload or result) to stdout.
+    Get {
+        /// The blob's hash (64 lowercase hex).
+        hash: String,
+    },
+    /// Print an instance's stdout (and stderr to stderr) and exit with its exit code.
+    Show {
+        /// created time, job key, result id, or id:N
+        selector: String,
+        /// Print the instance and all its attempts as JSON instead.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Print a job's output, following it live while it runs with -f.
+    Logs {
+        /// created time, job key, result id, or id:N
+        selector: String,
+        /// Follow the output until the instance ends.
+        #[arg(short, long)]
+        follow: bool,
+    },
+    /// Print the event log as JSON lines.
+    Events {
+        /// Keep following new events.
+        #[arg(short, long)]
+        follow: bool,
+        /// Start after this event id.
+        #[arg(long, default_value_t = 0)]
+        after: i64,
+    },
+    /// Cancel pending instances or kill running ones.
+    Cancel {
+        /// created time, job key, result id, or id:N
+        #[arg(required = true)]
+        selectors: Vec<String>,
+    },
+    /// Push failed or cancelled instances again.
+    Retry {
+        /// created time, job key, result id, or id:N
+        #[arg(required_unless_present = "all_failed")]
+        selectors: Vec<String>,
+        /// Every failed instance.
+        #[arg(long, conflicts_with = "selectors")]
+        all_failed: bool,
+    },
+    /// Print how many instances are in each state, as JSON.
+    Status,
+}
+
+/// Where a payload comes from.
+#[derive(Debug, Args)]
+pub struct PayloadArgs {
+    /// Read the payload from FILE.
+    #[arg(short, long, conflicts_with = "payload")]
+    pub file: Option<PathBuf>,
+    /// The payload: these words joined by single spaces (stdin if neither is given).
+    pub payload: Vec<String>,
+}
+
+/// How an instance is queued.
+#[derive(Debug, Args)]
+pub struct QueueArgs {
+    /// Higher runs first.
+    #[arg(long, default_value_t = 0, allow_hyphen_values = true)]
+    pub priority: i64,
+    /// Run no sooner than SECS from now.
+    #[arg(long, conflicts_with = "at")]
+    pub delay: Option<f64>,
+    /// Run no sooner than TIME (epoch seconds, or YYYY-MM-DDTHH:MM:SS[Z] in UTC).
+    #[arg(long)]
+    pub at: Option<String>,
+    /// Kill the run (its whole process group) after SECS.
+    #[arg(long)]
+    pub timeout: Option<f64>,
+    /// Retry a failed run up to N times, with exponential backoff.
+    #[arg(long)]
+    pub retries: Option<u32>,
+    /// Serve the result from the result cache when this payload already ran well.
+    #[arg(long)]
+    pub cached: bool,
+}
+
+/// `batchdb add`.
+#[derive(Debug, Args)]
+pub struct AddArgs {
+    /// Print only the job key.
+    #[arg(short, long)]
+    pub quiet: bool,
+    #[command(flatten)]
+    pub payload: PayloadArgs,
+    #[command(flatten)]
+    pub queue: QueueArgs,
+}
+
+/// `batchdb push`.
+#[derive(Debug, Args)]
+pub struct PushArgs {
+    /// The job key.
+    pub jobkey: String,
+    #[command(flatten)]
+    pub queue: QueueArgs,
+}
+
+/// `batchdb run`.
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    /// Run up to N jobs at once.
+    #[arg(short = 'j', long = "jobs", default_value_t = 1)]
+    pub jobs: usize,
+    /// The runner command; the payload goes to its stdin.
+    #[arg(long, env = "BATCHDB_SHELL", default_value = "sh")]
+    pub shell: String,
+    /// Which pending jobs first: newest or oldest.
+    #[arg(long, default_value = "newest")]
+    pub order: String,
+    /// Exit once nothing is pending or running.
+    #[arg(long)]
+    pub until_empty: bool,
+    /// Also write each result's bytes after its RESULT line.
+    #[arg(long)]
+    pub print: bool,
+    /// Lease of each claim in seconds; renewed every third of it.
+    #[arg(long, default_value_t = 30.0)]
+    pub lease: f64,
+    /// Default timeout in seconds for jobs added without one.
+    #[arg(long)]
+    pub timeout: Option<f64>,
+    /// Default retries for jobs added without --retries.
+    #[arg(long, default_value_t = 0)]
+    pub retries: u32,
+    /// First retry delay in seconds (doubles each failure, ±50 % jitter).
+    #[arg(long, default_value_t = 1.0)]
+    pub backoff: f64,
+    /// Seconds between SIGTERM and SIGKILL when stopping a job.
+    #[arg(long, default_value_t = 5.0)]
+    pub kill_grace: f64,
+    /// Serve every job from the result cache when possible.
+    #[arg(long)]
+    pub cached: bool,
+}
