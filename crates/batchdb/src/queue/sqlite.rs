@@ -643,8 +643,8 @@ impl Queue for SqliteQueue {
                 return Ok(out);
             }
             let order = match req.order {
-                Order::Newest => "priority DESC, created DESC",
-                Order::Oldest => "priority DESC, created ASC",
+                Order::Newest => "priority DESC, created DESC, id DESC",
+                Order::Oldest => "priority DESC, created ASC, id ASC",
             };
             let window = remaining * 4 + 16;
             let candidates: Vec<Candidate> = {

@@ -1,0 +1,53 @@
+//! Tests of the directory blob store that need its files.
+
+use batchdb::blob::{BlobStore, DirStore};
+use batchdb::{Error, Hash};
+use tokio::io::AsyncReadExt;
+
+#[tokio::test]
+async fn layout_and_no_leftover_temp_files() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = DirStore::open(dir.path()).await.unwrap();
+    let info = store.put(&mut &b"sleep 5; date"[..]).await.unwrap();
+    let hex = info.hash.to_hex();
+    assert_eq!(
+        hex,
+        "ce6cc4e7fcb4a902f7c836cb93a32ae02cb47679c86e3d99c811233bf6f258c0"
+    );
+    let path = dir.path().join("ce").join("6c").join(&hex);
+    assert_eq!(std::fs::read(&path).unwrap(), b"sleep 5; date");
+    store.put(&mut &b"sleep 5; date"[..]).await.unwrap();
+    assert_eq!(
+        std::fs::read_dir(dir.path().join("tmp")).unwrap().count(),
+        0
+    );
+}
+
+#[tokio::test]
+async fn corrupt_blob_is_an_error_naming_the_hash() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = DirStore::open(dir.path()).await.unwrap();
+    let info = store.put(&mut &b"good bytes"[..]).await.unwrap();
+    std::fs::write(store.path_of(&info.hash), b"evil bytes").unwrap();
+    let mut r = store.get(&info.hash).await.unwrap();
+    let mut v = Vec::new();
+    let err = r.read_to_end(&mut v).await.unwrap_err();
+    assert_eq!(err.kind(), std::io::ErrorKind::InvalidData);
+    let inner = err.into_inner().unwrap().downcast::<Error>().unwrap();
+    assert!(matches!(*inner, Error::BlobCorrupt { hash, .. } if hash == info.hash));
+    assert!(inner.to_string().contains(&info.hash.to_hex()));
+}
+
+#[tokio::test]
+async fn hash_paths_never_leave_the_store() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = DirStore::open(dir.path().join("s")).await.unwrap();
+    for bad in [
+        "../../etc/passwd",
+        "ce6cc4e7fcb4a902f7c836cb93a32ae02cb47679c86e3d99c811233bf6f258C0",
+    ] {
+        assert!(bad.parse::<Hash>().is_err());
+    }
+    let h = Hash::of(b"x");
+    assert!(store.path_of(&h).starts_with(dir.path().join("s")));
+}

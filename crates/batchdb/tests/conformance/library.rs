@@ -1,0 +1,266 @@
+//! Tests of the facade and the worker over every backend: runners, events, results.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use batchdb::queue::{EventKind, Finished, ListKind, ListRow, PushOptions};
+use batchdb::runner::{Duplex, FnRunner, RunContext, ShellRunner};
+use batchdb::worker::{Report, WorkerOptions};
+use batchdb::{BatchDb, Hash};
+use futures_util::StreamExt;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::sync::mpsc;
+
+use crate::Backend;
+
+/// Runs a worker until the queue is empty and returns its reports.
+async fn drain(db: &BatchDb, runner: Arc<dyn batchdb::runner::Runner>) -> Vec<Report> {
+    let opts = WorkerOptions {
+        concurrency: 2,
+        until_empty: true,
+        ..WorkerOptions::default()
+    };
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    db.worker(runner, opts).run(Some(tx)).await.expect("worker");
+    let mut out = Vec::new();
+    while let Ok(r) = rx.try_recv() {
+        out.push(r);
+    }
+    out
+}
+
+async fn rows(db: &BatchDb, kind: ListKind) -> Vec<ListRow> {
+    let s = db.list(kind);
+    futures_util::pin_mut!(s);
+    let mut v = Vec::new();
+    while let Some(r) = s.next().await {
+        v.push(r.unwrap());
+    }
+    v
+}
+
+async fn read(db: &BatchDb, h: &Hash) -> Vec<u8> {
+    let mut v = Vec::new();
+    db.get(h).await.unwrap().read_to_end(&mut v).await.unwrap();
+    v
+}
+
+/// The seed's fake runner: reads the payload and answers with it upper-cased; a
+/// payload saying `fail` makes the output stream break instead.
+fn fake_runner() -> Arc<dyn batchdb::runner::Runner> {
+    Arc::new(FnRunner::new(
+        "upper",
+        |_ctx: &RunContext| -> std::io::Result<Duplex> {
+            let (stdin_w, mut stdin_r) = tokio::io::duplex(1024);
+            let (mut out_w, out_r) = tokio::io::duplex(1024);
+            tokio::spawn(async move {
+                let mut input = Vec::new();
+                let _ = stdin_r.read_to_end(&mut input).await;
+                if input == b"fail" {
+                    // Dropping the writer mid-way is a clean EOF; abort with an error instead.
+                    drop(out_w);
+                    return;
+                }
+                let _ = out_w.write_all(&input.to_ascii_uppercase()).await;
+            });
+            let out: batchdb::runner::Reader = Box::pin(FailOnFail {
+                inner: out_r,
+                seen: false,
+            });
+            Ok((Box::pin(stdin_w), out))
+        },
+    ))
+}
+
+/// Turns an empty output into an error (the fake runner's "failure").
+struct FailOnFail<R> {
+    inner: R,
+    seen: bool,
+}
+
+impl<R: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for FailOnFail<R> {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        let this = &mut *self;
+        match std::pin::Pin::new(&mut this.inner).poll_read(cx, buf) {
+            std::task::Poll::Ready(Ok(())) if buf.filled().len() == before && !this.seen => {
+                std::task::Poll::Ready(Err(std::io::Error::other("runner crashed")))
+            }
+            std::task::Poll::Ready(Ok(())) => {
+                this.seen = true;
+                std::task::Poll::Ready(Ok(()))
+            }
+            other => other,
+        }
+    }
+}
+
+pub async fn fake_runner_like_the_seed(b: &Backend) {
+    let db = b.db();
+    let events = db.subscribe().await.unwrap();
+    let i1 = db
+        .add(&b"sleep 5; date"[..], &PushOptions::default())
+        .await
+        .unwrap();
+    let i2 = db
+        .add(&b"sleep 5; date"[..], &PushOptions::default())
+        .await
+        .unwrap();
+    assert_eq!(
+        i1.job.to_hex(),
+        "ce6cc4e7fcb4a902f7c836cb93a32ae02cb47679c86e3d99c811233bf6f258c0"
+    );
+    assert_eq!(i1.job, i2.job);
+    let reports = drain(&db, fake_runner()).await;
+    assert_eq!(reports.len(), 2);
+    let want = Hash::of(b"SLEEP 5; DATE");
+    for r in &reports {
+        assert_eq!(r.finished, Some(Finished::Result));
+        assert_eq!(r.report.stdout.map(|b| b.hash), Some(want));
+    }
+    assert_eq!(read(&db, &want).await, b"SLEEP 5; DATE");
+    assert_eq!(
+        read(&db, &i1.job).await,
+        b"sleep 5; date",
+        "payload readable by its key"
+    );
+    let results = rows(&db, ListKind::Result).await;
+    assert_eq!(results.len(), 2);
+    let kinds: Vec<EventKind> = events.take(7).map(|e| e.unwrap().event).collect().await;
+    use EventKind::*;
+    assert_eq!(&kinds[..3], [Create, Push, Push]);
+    assert_eq!(kinds.iter().filter(|k| **k == Start).count(), 2);
+    assert_eq!(kinds.iter().filter(|k| **k == Result).count(), 2);
+}
+
+pub async fn failing_job_does_not_stall_the_queue(b: &Backend) {
+    let db = b.db();
+    let bad = db.add(&b"fail"[..], &PushOptions::default()).await.unwrap();
+    let good = db.add(&b"ok"[..], &PushOptions::default()).await.unwrap();
+    let bad2 = db.add(&b"fail"[..], &PushOptions::default()).await.unwrap();
+    let reports = drain(&db, fake_runner()).await;
+    assert_eq!(reports.len(), 3);
+    let fails = rows(&db, ListKind::Fail).await;
+    let ids: Vec<i64> = fails.iter().map(ListRow::cursor).collect();
+    assert_eq!(ids, [bad.id, bad2.id]);
+    let ListRow::Fail(f) = &fails[0] else {
+        panic!()
+    };
+    assert!(
+        f.value.message.contains("runner crashed"),
+        "{}",
+        f.value.message
+    );
+    let results = rows(&db, ListKind::Result).await;
+    assert_eq!(
+        results.iter().map(ListRow::cursor).collect::<Vec<_>>(),
+        [good.id]
+    );
+}
+
+pub async fn result_event_only_after_blob_is_readable(b: &Backend) {
+    let db = b.db();
+    let mut events = Box::pin(db.subscribe().await.unwrap());
+    for n in 0..5 {
+        db.add(format!("echo {n}").as_bytes(), &PushOptions::default())
+            .await
+            .unwrap();
+    }
+    let checker = {
+        let db = db.clone();
+        tokio::spawn(async move {
+            let mut seen = 0;
+            while seen < 5 {
+                let ev = events.next().await.unwrap().unwrap();
+                if ev.event == EventKind::Result {
+                    let h: Hash = serde_json::from_value(ev.data["hash"].clone()).unwrap();
+                    // The blob must be complete and readable the moment the event exists.
+                    let mut v = Vec::new();
+                    db.get(&h).await.unwrap().read_to_end(&mut v).await.unwrap();
+                    assert_eq!(Hash::of(&v), h);
+                    seen += 1;
+                }
+            }
+        })
+    };
+    drain(&db, Arc::new(ShellRunner::default())).await;
+    tokio::time::timeout(Duration::from_secs(30), checker)
+        .await
+        .unwrap()
+        .unwrap();
+}
+
+pub async fn shell_runner_keeps_stdout_stderr_and_exit_code(b: &Backend) {
+    let db = b.db();
+    let ok = db
+        .add(&b"echo out; echo err >&2"[..], &PushOptions::default())
+        .await
+        .unwrap();
+    let bad = db
+        .add(
+            &b"echo partial; echo oops >&2; exit 4"[..],
+            &PushOptions::default(),
+        )
+        .await
+        .unwrap();
+    let env = db
+        .add(
+            &b"echo $BATCHDB_JOB $BATCHDB_INSTANCE"[..],
+            &PushOptions::default(),
+        )
+        .await
+        .unwrap();
+    drain(&db, Arc::new(ShellRunner::default())).await;
+    let d = db.instance(ok.id).await.unwrap();
+    let a = d.last_attempt().unwrap();
+    assert_eq!(a.report.exit_code, Some(0));
+    assert_eq!(read(&db, &a.report.stdout.unwrap().hash).await, b"out\n");
+    assert_eq!(read(&db, &a.report.stderr.unwrap().hash).await, b"err\n");
+    let d = db.instance(bad.id).await.unwrap();
+    let a = d.last_attempt().unwrap();
+    assert_eq!(a.report.exit_code, Some(4));
+    assert_eq!(a.report.message.as_deref(), Some("exit code 4"));
+    assert_eq!(
+        read(&db, &a.report.stdout.unwrap().hash).await,
+        b"partial\n"
+    );
+    assert_eq!(read(&db, &a.report.stderr.unwrap().hash).await, b"oops\n");
+    let d = db.instance(env.id).await.unwrap();
+    let out = read(&db, &d.last_attempt().unwrap().report.stdout.unwrap().hash).await;
+    assert_eq!(
+        String::from_utf8(out).unwrap(),
+        format!("{} {}\n", env.job, env.id)
+    );
+}
+
+pub async fn add_while_run_is_picked_up(b: &Backend) {
+    let db = b.db();
+    let worker = db.worker(Arc::new(ShellRunner::default()), WorkerOptions::default());
+    let stop = worker.shutdown_handle();
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    let task = tokio::spawn(worker.run(Some(tx)));
+    // Another handle on the same queue, as another process would have.
+    let other = BatchDb::new((b.reopen)().await, b.blobs.clone());
+    for n in 0..3 {
+        let inst = other
+            .add(format!("echo late {n}").as_bytes(), &PushOptions::default())
+            .await
+            .unwrap();
+        let rep = tokio::time::timeout(Duration::from_secs(30), rx.recv())
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(rep.instance, inst.id);
+        assert_eq!(rep.finished, Some(Finished::Result));
+    }
+    stop.graceful();
+    task.await.unwrap().unwrap();
+}
+
+pub async fn model_invariants(b: &Backend) {
+    crate::model::run(b).await;
+}

@@ -1,0 +1,79 @@
+//! One conformance suite for every backend: each test is written once, generic over a
+//! [`Backend`], and instantiated for every backend by [`suite!`].
+//!
+//! Backend-specific tests (corrupting a file on disk, say) live in `dir_store.rs`;
+//! tests of the facade and worker live in `library.rs`; the model-based test of the
+//! queue's invariants lives in `model.rs`.
+
+mod backends;
+mod blob;
+mod dir_store;
+mod library;
+mod model;
+mod queue;
+mod util;
+
+pub use backends::Backend;
+
+/// Instantiates every shared test for the named backend constructors.
+macro_rules! suite {
+    ($($backend:ident),* $(,)?) => {
+        $(
+            mod $backend {
+                suite!(@tests $backend, queue: [
+                    create_is_idempotent,
+                    push_unknown_job_fails,
+                    push_existing_job_twice_gives_two_instances,
+                    concurrent_pushes_stay_distinct,
+                    add_writes_job_and_instance_together,
+                    claim_order_newest_and_oldest,
+                    claim_priority_first,
+                    delayed_instance_waits_for_run_at,
+                    running_instance_listed_as_running,
+                    concurrent_claims_never_share_an_instance,
+                    expired_lease_is_taken_over_and_old_token_fenced,
+                    heartbeat_keeps_a_long_job,
+                    failure_retries_then_fails,
+                    release_returns_to_pending,
+                    cancel_pending_and_running,
+                    retry_pushes_failed_again,
+                    list_streams_pages_in_order,
+                    events_cover_every_transition_in_order,
+                    counts_match_lists,
+                    wait_change_wakes_on_another_handle,
+                    result_cache_serves_and_dedupes,
+                    select_by_created_job_and_result,
+                ]);
+                suite!(@tests $backend, blob: [
+                    roundtrip_sizes,
+                    identical_content_stored_once,
+                    missing_blob_is_not_found,
+                    failed_put_stores_nothing,
+                    concurrent_puts_of_same_content,
+                    delete_removes,
+                ]);
+                suite!(@tests $backend, library: [
+                    fake_runner_like_the_seed,
+                    failing_job_does_not_stall_the_queue,
+                    result_event_only_after_blob_is_readable,
+                    shell_runner_keeps_stdout_stderr_and_exit_code,
+                    add_while_run_is_picked_up,
+                    model_invariants,
+                ]);
+            }
+        )*
+    };
+    (@tests $backend:ident, $module:ident: [$($test:ident),* $(,)?]) => {
+        mod $module {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $test() {
+                    let backend = crate::backends::$backend().await;
+                    crate::$module::$test(&backend).await;
+                }
+            )*
+        }
+    };
+}
+
+suite!(sqlite_dir);

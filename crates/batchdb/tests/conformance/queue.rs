@@ -1,0 +1,622 @@
+//! Queue conformance tests: every backend must pass each of these.
+
+use std::collections::HashSet;
+use std::time::Duration;
+
+use batchdb::queue::{
+    AttemptReport, CacheSpec, ClaimRequest, EventKind, Finished, ListKind, ListRow, Order, Outcome,
+    PushOptions, Selector, State, now_ms,
+};
+use batchdb::{Error, Hash};
+use futures_util::StreamExt;
+
+use crate::Backend;
+use crate::util::{job, opts, req};
+
+const LONG: Duration = Duration::from_secs(60);
+
+fn success(stdout: u64) -> Outcome {
+    Outcome::Success(AttemptReport {
+        start: now_ms(),
+        end: now_ms(),
+        exit_code: Some(0),
+        stdout: Some(job(1000 + stdout)),
+        ..AttemptReport::default()
+    })
+}
+
+fn failure(retry_at: Option<i64>) -> Outcome {
+    Outcome::Failure {
+        report: AttemptReport {
+            end: now_ms(),
+            exit_code: Some(1),
+            message: Some("exit code 1".into()),
+            ..AttemptReport::default()
+        },
+        retry_at,
+    }
+}
+
+async fn rows(b: &Backend, kind: ListKind) -> Vec<ListRow> {
+    let db = b.db();
+    let s = db.list(kind);
+    futures_util::pin_mut!(s);
+    let mut out = Vec::new();
+    while let Some(r) = s.next().await {
+        out.push(r.expect("list row"));
+    }
+    out
+}
+
+async fn state(b: &Backend, id: i64) -> State {
+    b.queue.instance(id).await.expect("instance").state
+}
+
+pub async fn create_is_idempotent(b: &Backend) {
+    assert!(b.queue.create(&job(1)).await.unwrap());
+    assert!(!b.queue.create(&job(1)).await.unwrap());
+    assert!(b.queue.job_exists(&job(1).hash).await.unwrap());
+    assert!(!b.queue.job_exists(&job(2).hash).await.unwrap());
+    let creates = b.queue.events(0, 100).await.unwrap();
+    assert_eq!(
+        creates
+            .iter()
+            .filter(|e| e.event == EventKind::Create)
+            .count(),
+        1
+    );
+    assert!(
+        rows(b, ListKind::Pending).await.is_empty(),
+        "create must not push"
+    );
+}
+
+pub async fn push_unknown_job_fails(b: &Backend) {
+    let err = b.queue.push(&job(9).hash, &opts()).await.unwrap_err();
+    assert!(
+        matches!(err, Error::JobNotFound(h) if h == job(9).hash),
+        "{err}"
+    );
+    assert!(rows(b, ListKind::Pending).await.is_empty());
+}
+
+pub async fn push_existing_job_twice_gives_two_instances(b: &Backend) {
+    b.queue.create(&job(1)).await.unwrap();
+    let a = b.queue.push(&job(1).hash, &opts()).await.unwrap();
+    let c = b.queue.push(&job(1).hash, &opts()).await.unwrap();
+    assert_ne!(a.id, c.id);
+    assert_ne!(a.created, c.created);
+    assert_eq!(rows(b, ListKind::Pending).await.len(), 2);
+}
+
+pub async fn concurrent_pushes_stay_distinct(b: &Backend) {
+    b.queue.create(&job(1)).await.unwrap();
+    let mut tasks = Vec::new();
+    for i in 0..40 {
+        // Half through this handle, half through other handles (as other processes).
+        let q = if i % 2 == 0 {
+            b.queue.clone()
+        } else {
+            (b.reopen)().await
+        };
+        tasks.push(tokio::spawn(async move {
+            q.push(&job(1).hash, &PushOptions::default()).await
+        }));
+    }
+    let mut ids = HashSet::new();
+    let mut created = HashSet::new();
+    for t in tasks {
+        let inst = t.await.unwrap().unwrap();
+        assert!(ids.insert(inst.id));
+        assert!(
+            created.insert(inst.created),
+            "duplicate created {}",
+            inst.created
+        );
+    }
+    assert_eq!(rows(b, ListKind::Pending).await.len(), 40);
+}
+
+pub async fn add_writes_job_and_instance_together(b: &Backend) {
+    let i1 = b.queue.add(&job(1), &opts()).await.unwrap();
+    let i2 = b.queue.add(&job(1), &opts()).await.unwrap();
+    assert_eq!(i1.job, i2.job);
+    let jobs = rows(b, ListKind::Job).await;
+    assert_eq!(jobs.len(), 1);
+    let evs = b.queue.events(0, 100).await.unwrap();
+    let kinds: Vec<EventKind> = evs.iter().map(|e| e.event).collect();
+    assert_eq!(kinds, [EventKind::Create, EventKind::Push, EventKind::Push]);
+    assert_eq!(evs[1].instance, Some(i1.id));
+    assert_eq!(evs[2].created, Some(i2.created));
+}
+
+pub async fn claim_order_newest_and_oldest(b: &Backend) {
+    let mut ids = Vec::new();
+    for n in 0..4 {
+        ids.push(b.queue.add(&job(n), &opts()).await.unwrap().id);
+    }
+    let newest = ClaimRequest {
+        order: Order::Newest,
+        ..req("w", 1, LONG)
+    };
+    let c = b.queue.claim(&newest).await.unwrap();
+    assert_eq!(c[0].token.id, ids[3]);
+    let c = b.queue.claim(&req("w", 1, LONG)).await.unwrap();
+    assert_eq!(c[0].token.id, ids[0], "oldest first");
+    let c = b.queue.claim(&newest).await.unwrap();
+    assert_eq!(c[0].token.id, ids[2]);
+}
+
+pub async fn claim_priority_first(b: &Backend) {
+    let low = b.queue.add(&job(1), &opts()).await.unwrap();
+    let high = b
+        .queue
+        .add(
+            &job(2),
+            &PushOptions {
+                priority: 5,
+                ..opts()
+            },
+        )
+        .await
+        .unwrap();
+    let neg = b
+        .queue
+        .add(
+            &job(3),
+            &PushOptions {
+                priority: -1,
+                ..opts()
+            },
+        )
+        .await
+        .unwrap();
+    let got: Vec<i64> = b
+        .queue
+        .claim(&req("w", 3, LONG))
+        .await
+        .unwrap()
+        .iter()
+        .map(|c| c.token.id)
+        .collect();
+    assert_eq!(got, [high.id, low.id, neg.id]);
+}
+
+pub async fn delayed_instance_waits_for_run_at(b: &Backend) {
+    let later = b
+        .queue
+        .add(
+            &job(1),
+            &PushOptions {
+                run_at: Some(now_ms() + 300),
+                ..opts()
+            },
+        )
+        .await
+        .unwrap();
+    assert!(b.queue.claim(&req("w", 1, LONG)).await.unwrap().is_empty());
+    tokio::time::sleep(Duration::from_millis(350)).await;
+    let c = b.queue.claim(&req("w", 1, LONG)).await.unwrap();
+    assert_eq!(c[0].token.id, later.id);
+}
+
+pub async fn running_instance_listed_as_running(b: &Backend) {
+    b.queue.add(&job(1), &opts()).await.unwrap();
+    b.queue.add(&job(2), &opts()).await.unwrap();
+    let c = b.queue.claim(&req("w", 1, LONG)).await.unwrap();
+    let pend = rows(b, ListKind::Pending).await;
+    assert_eq!(pend.len(), 2, "running instances stay in the pending list");
+    for r in pend {
+        let ListRow::Pending(p) = r else {
+            panic!("not a pending row")
+        };
+        assert_eq!(p.running, p.id == c[0].token.id);
+    }
+    let jobs = rows(b, ListKind::Job).await;
+    let ListRow::Job(j) = &jobs[0] else {
+        panic!("not a job row")
+    };
+    assert_eq!(j.running, vec![c[0].created]);
+}
+
+pub async fn concurrent_claims_never_share_an_instance(b: &Backend) {
+    for n in 0..60 {
+        b.queue.add(&job(n), &opts()).await.unwrap();
+    }
+    let mut tasks = Vec::new();
+    for w in 0..6 {
+        let q = (b.reopen)().await;
+        tasks.push(tokio::spawn(async move {
+            let mut mine = Vec::new();
+            loop {
+                let got = q.claim(&req(&format!("w{w}"), 3, LONG)).await.unwrap();
+                if got.is_empty() {
+                    return mine;
+                }
+                mine.extend(got.into_iter().map(|c| c.token.id));
+            }
+        }));
+    }
+    let mut all = HashSet::new();
+    for t in tasks {
+        for id in t.await.unwrap() {
+            assert!(all.insert(id), "instance {id} claimed twice");
+        }
+    }
+    assert_eq!(all.len(), 60);
+}
+
+pub async fn expired_lease_is_taken_over_and_old_token_fenced(b: &Backend) {
+    let inst = b.queue.add(&job(1), &opts()).await.unwrap();
+    let first = b
+        .queue
+        .claim(&req("dead", 1, Duration::from_millis(100)))
+        .await
+        .unwrap();
+    assert!(
+        b.queue
+            .claim(&req("other", 1, LONG))
+            .await
+            .unwrap()
+            .is_empty(),
+        "lease still valid"
+    );
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    let second = b.queue.claim(&req("other", 1, LONG)).await.unwrap();
+    assert_eq!(second.len(), 1);
+    assert!(second[0].takeover);
+    assert_eq!(second[0].token.id, inst.id);
+    assert!(second[0].token.token > first[0].token.token);
+    // The stale worker can neither renew nor record anything.
+    let e = b.queue.heartbeat(&first[0].token, LONG).await.unwrap_err();
+    assert!(matches!(e, Error::Fenced { .. }), "{e}");
+    let e = b
+        .queue
+        .finish(&first[0].token, &success(1))
+        .await
+        .unwrap_err();
+    assert!(matches!(e, Error::Fenced { .. }), "{e}");
+    assert_eq!(
+        b.queue.finish(&second[0].token, &success(2)).await.unwrap(),
+        Finished::Result
+    );
+    let d = b.queue.instance(inst.id).await.unwrap();
+    let outcomes: Vec<_> = d
+        .attempts
+        .iter()
+        .map(|a| a.outcome.clone().unwrap_or_default())
+        .collect();
+    assert_eq!(outcomes, ["lost", "result"]);
+    assert_eq!(rows(b, ListKind::Result).await.len(), 1);
+}
+
+pub async fn heartbeat_keeps_a_long_job(b: &Backend) {
+    b.queue.add(&job(1), &opts()).await.unwrap();
+    let lease = Duration::from_millis(200);
+    let c = b.queue.claim(&req("w", 1, lease)).await.unwrap();
+    for _ in 0..6 {
+        tokio::time::sleep(Duration::from_millis(70)).await;
+        let hb = b.queue.heartbeat(&c[0].token, lease).await.unwrap();
+        assert!(!hb.cancel_requested);
+        assert!(
+            b.queue
+                .claim(&req("thief", 1, lease))
+                .await
+                .unwrap()
+                .is_empty()
+        );
+    }
+    assert_eq!(
+        b.queue.finish(&c[0].token, &success(1)).await.unwrap(),
+        Finished::Result
+    );
+}
+
+pub async fn failure_retries_then_fails(b: &Backend) {
+    let inst = b.queue.add(&job(1), &opts()).await.unwrap();
+    let c = b.queue.claim(&req("w", 1, LONG)).await.unwrap();
+    let at = now_ms() + 100;
+    assert_eq!(
+        b.queue
+            .finish(&c[0].token, &failure(Some(at)))
+            .await
+            .unwrap(),
+        Finished::Retry(at)
+    );
+    assert_eq!(state(b, inst.id).await, State::Pending);
+    assert!(
+        b.queue.claim(&req("w", 1, LONG)).await.unwrap().is_empty(),
+        "backoff respected"
+    );
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    let c2 = b.queue.claim(&req("w", 1, LONG)).await.unwrap();
+    assert_eq!(c2[0].failures, 1);
+    assert_eq!(
+        b.queue.finish(&c2[0].token, &failure(None)).await.unwrap(),
+        Finished::Fail
+    );
+    assert_eq!(state(b, inst.id).await, State::Fail);
+    let fails = rows(b, ListKind::Fail).await;
+    let ListRow::Fail(f) = &fails[0] else {
+        panic!("not a fail row")
+    };
+    assert_eq!(f.key, (inst.job, inst.created));
+    assert_eq!(f.value.message, "exit code 1");
+    assert_eq!(f.value.attempts, 2);
+    let d = b.queue.instance(inst.id).await.unwrap();
+    assert_eq!(d.attempts.len(), 2);
+    assert_eq!(d.attempts[0].outcome.as_deref(), Some("retry"));
+    assert_eq!(d.attempts[1].report.exit_code, Some(1));
+}
+
+pub async fn release_returns_to_pending(b: &Backend) {
+    let inst = b.queue.add(&job(1), &opts()).await.unwrap();
+    let c = b.queue.claim(&req("w", 1, LONG)).await.unwrap();
+    let r = Outcome::Released(AttemptReport::default());
+    assert_eq!(
+        b.queue.finish(&c[0].token, &r).await.unwrap(),
+        Finished::Released
+    );
+    assert_eq!(state(b, inst.id).await, State::Pending);
+    let c2 = b.queue.claim(&req("w", 1, LONG)).await.unwrap();
+    assert_eq!(c2[0].failures, 0, "a release is not a failure");
+}
+
+pub async fn cancel_pending_and_running(b: &Backend) {
+    let p = b.queue.add(&job(1), &opts()).await.unwrap();
+    let r = b.queue.add(&job(2), &opts()).await.unwrap();
+    let c = b
+        .queue
+        .claim(&ClaimRequest {
+            order: Order::Newest,
+            ..req("w", 1, LONG)
+        })
+        .await
+        .unwrap();
+    assert_eq!(c[0].token.id, r.id);
+    let done = b.queue.cancel(&Selector::Created(p.created)).await.unwrap();
+    assert_eq!(done.iter().map(|i| i.id).collect::<Vec<_>>(), [p.id]);
+    assert_eq!(state(b, p.id).await, State::Cancelled);
+    b.queue.cancel(&Selector::Hash(r.job)).await.unwrap();
+    assert!(b.queue.status(&c[0].token).await.unwrap().cancel_requested);
+    assert!(
+        b.queue
+            .heartbeat(&c[0].token, LONG)
+            .await
+            .unwrap()
+            .cancel_requested
+    );
+    let out = Outcome::Cancelled(AttemptReport::default());
+    assert_eq!(
+        b.queue.finish(&c[0].token, &out).await.unwrap(),
+        Finished::Cancelled
+    );
+    assert_eq!(rows(b, ListKind::Cancelled).await.len(), 2);
+    assert!(b.queue.claim(&req("w", 5, LONG)).await.unwrap().is_empty());
+    // A cancel request on an instance whose worker died ends it instead of rerunning it.
+    let d = b.queue.add(&job(3), &opts()).await.unwrap();
+    b.queue
+        .claim(&req("dead", 1, Duration::from_millis(50)))
+        .await
+        .unwrap();
+    b.queue.cancel(&Selector::Id(d.id)).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(80)).await;
+    assert!(b.queue.claim(&req("w", 1, LONG)).await.unwrap().is_empty());
+    assert_eq!(state(b, d.id).await, State::Cancelled);
+}
+
+pub async fn retry_pushes_failed_again(b: &Backend) {
+    let inst = b
+        .queue
+        .add(
+            &job(1),
+            &PushOptions {
+                priority: 3,
+                ..opts()
+            },
+        )
+        .await
+        .unwrap();
+    let c = b.queue.claim(&req("w", 1, LONG)).await.unwrap();
+    b.queue.finish(&c[0].token, &failure(None)).await.unwrap();
+    assert!(
+        b.queue
+            .retry(&Selector::Created(inst.created + 1_000_000))
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    let again = b.queue.retry(&Selector::AllFailed).await.unwrap();
+    assert_eq!(again.len(), 1);
+    assert_eq!(again[0].job, inst.job);
+    assert_ne!(again[0].id, inst.id);
+    assert_eq!(b.queue.instance(again[0].id).await.unwrap().priority, 3);
+    assert_eq!(state(b, inst.id).await, State::Fail, "the failed row stays");
+    let evs = b.queue.events(0, 100).await.unwrap();
+    assert!(
+        evs.iter()
+            .any(|e| e.event == EventKind::Retry && e.instance == Some(again[0].id))
+    );
+}
+
+pub async fn list_streams_pages_in_order(b: &Backend) {
+    for n in 0..2500 {
+        b.queue.add(&job(n % 7), &opts()).await.unwrap();
+    }
+    let pend = rows(b, ListKind::Pending).await;
+    assert_eq!(pend.len(), 2500);
+    let ids: Vec<i64> = pend.iter().map(ListRow::cursor).collect();
+    assert!(ids.windows(2).all(|w| w[0] < w[1]));
+    assert_eq!(rows(b, ListKind::Job).await.len(), 7);
+}
+
+pub async fn events_cover_every_transition_in_order(b: &Backend) {
+    let a = b.queue.add(&job(1), &opts()).await.unwrap();
+    let c = b.queue.claim(&req("w", 1, LONG)).await.unwrap();
+    b.queue.finish(&c[0].token, &success(1)).await.unwrap();
+    b.queue.add(&job(2), &opts()).await.unwrap();
+    let c = b.queue.claim(&req("w", 1, LONG)).await.unwrap();
+    b.queue.finish(&c[0].token, &failure(None)).await.unwrap();
+    let evs = b.queue.events(0, 100).await.unwrap();
+    let kinds: Vec<&str> = evs.iter().map(|e| e.event.as_str()).collect();
+    assert_eq!(
+        kinds,
+        [
+            "create", "push", "start", "result", "create", "push", "start", "fail"
+        ]
+    );
+    assert!(evs.windows(2).all(|w| w[0].id < w[1].id));
+    assert_eq!(evs[3].data["hash"], serde_json::json!(job(1001).hash));
+    assert_eq!(evs[3].created, Some(a.created));
+    assert_eq!(b.queue.last_event_id().await.unwrap(), evs[7].id);
+    // Paging.
+    let tail = b.queue.events(evs[5].id, 100).await.unwrap();
+    assert_eq!(tail.len(), 2);
+}
+
+pub async fn counts_match_lists(b: &Backend) {
+    for n in 0..5 {
+        b.queue.add(&job(n), &opts()).await.unwrap();
+    }
+    let c = b.queue.claim(&req("w", 3, LONG)).await.unwrap();
+    b.queue.finish(&c[0].token, &success(1)).await.unwrap();
+    b.queue.finish(&c[1].token, &failure(None)).await.unwrap();
+    b.queue.cancel(&Selector::Id(5)).await.unwrap();
+    let counts = b.queue.counts().await.unwrap();
+    assert_eq!(
+        (
+            counts.pending,
+            counts.running,
+            counts.result,
+            counts.fail,
+            counts.cancelled
+        ),
+        (1, 1, 1, 1, 1)
+    );
+    assert_eq!(
+        rows(b, ListKind::Pending).await.len() as u64,
+        counts.pending + counts.running
+    );
+    assert_eq!(rows(b, ListKind::Result).await.len() as u64, counts.result);
+    assert_eq!(rows(b, ListKind::Fail).await.len() as u64, counts.fail);
+}
+
+pub async fn wait_change_wakes_on_another_handle(b: &Backend) {
+    let other = (b.reopen)().await;
+    let seen = b.queue.change_seq();
+    let q = b.queue.clone();
+    let waiter = tokio::spawn(async move {
+        q.wait_change(seen, Duration::from_secs(30)).await;
+        q.change_seq()
+    });
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    other.add(&job(1), &opts()).await.unwrap();
+    let after = tokio::time::timeout(Duration::from_secs(20), waiter)
+        .await
+        .expect("a commit by another handle must wake the waiter")
+        .unwrap();
+    assert_ne!(after, seen);
+}
+
+pub async fn result_cache_serves_and_dedupes(b: &Backend) {
+    let spec = CacheSpec {
+        runner: "shell:sh".into(),
+        default_timeout: None,
+    };
+    let cached = PushOptions {
+        cached: true,
+        ..opts()
+    };
+    let creq = ClaimRequest {
+        cache: Some(spec.clone()),
+        ..req("w", 4, LONG)
+    };
+    let a = b.queue.add(&job(1), &cached).await.unwrap();
+    let dup = b.queue.add(&job(1), &cached).await.unwrap();
+    let uncached = b.queue.add(&job(1), &opts()).await.unwrap();
+    // Identical cached instances: only one runs at a time; the uncached one runs too.
+    let c = b.queue.claim(&creq).await.unwrap();
+    let ids: HashSet<i64> = c.iter().map(|c| c.token.id).collect();
+    assert_eq!(ids.len(), 2, "{ids:?}");
+    assert!(ids.contains(&uncached.id));
+    let first = c.iter().find(|c| c.token.id != uncached.id).unwrap();
+    let waiting = if first.token.id == a.id { dup.id } else { a.id };
+    assert!(
+        b.queue.claim(&creq).await.unwrap().is_empty(),
+        "duplicate waits for the first"
+    );
+    let key = batchdb::queue::cache_key(&job(1).hash, &spec.runner, None);
+    let mut ok = success(7);
+    if let Outcome::Success(r) = &mut ok {
+        r.cache_key = Some(key);
+    }
+    b.queue.finish(&first.token, &ok).await.unwrap();
+    let hit = b.queue.claim(&creq).await.unwrap();
+    assert_eq!(hit.len(), 1);
+    assert_eq!(hit[0].token.id, waiting);
+    let served = hit[0].cache_hit.as_ref().expect("served from cache");
+    assert!(served.cached);
+    assert_eq!(served.stdout, Some(job(1007)));
+    assert_eq!(state(b, waiting).await, State::Result);
+    let res = rows(b, ListKind::Result).await;
+    let ListRow::Result(r) = res.iter().find(|r| r.cursor() == waiting).unwrap() else {
+        panic!()
+    };
+    assert!(r.value.cached);
+    assert_eq!(r.value.hash, job(1007).hash);
+    // A different runner spec misses; failures never fill the cache.
+    b.queue.add(&job(1), &cached).await.unwrap();
+    let other = ClaimRequest {
+        cache: Some(CacheSpec {
+            runner: "shell:bash".into(),
+            default_timeout: None,
+        }),
+        ..req("w", 4, LONG)
+    };
+    let miss = b.queue.claim(&other).await.unwrap();
+    assert!(miss[0].cache_hit.is_none());
+    let mut bad = failure(None);
+    if let Outcome::Failure { report, .. } = &mut bad {
+        report.cache_key = Some(batchdb::queue::cache_key(&job(1).hash, "shell:bash", None));
+    }
+    b.queue.finish(&miss[0].token, &bad).await.unwrap();
+    b.queue.add(&job(1), &cached).await.unwrap();
+    let again = b.queue.claim(&other).await.unwrap();
+    assert!(
+        again[0].cache_hit.is_none(),
+        "a failure is never served from the cache"
+    );
+}
+
+pub async fn select_by_created_job_and_result(b: &Backend) {
+    let a = b.queue.add(&job(1), &opts()).await.unwrap();
+    let a2 = b.queue.add(&job(1), &opts()).await.unwrap();
+    let c = b.queue.claim(&req("w", 1, LONG)).await.unwrap();
+    b.queue.finish(&c[0].token, &success(5)).await.unwrap();
+    assert_eq!(
+        b.queue.select(&Selector::Hash(a.job)).await.unwrap(),
+        [a.id, a2.id]
+    );
+    assert_eq!(
+        b.queue
+            .select(&Selector::Created(a2.created))
+            .await
+            .unwrap(),
+        [a2.id]
+    );
+    assert_eq!(
+        b.queue
+            .select(&Selector::Hash(job(1005).hash))
+            .await
+            .unwrap(),
+        [a.id]
+    );
+    assert!(
+        b.queue
+            .select(&Selector::Hash(Hash::of(b"nothing")))
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    assert_eq!(b.queue.select(&Selector::Id(a2.id)).await.unwrap(), [a2.id]);
+}
