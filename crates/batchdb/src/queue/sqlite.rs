@@ -3,8 +3,10 @@
 //!
 //! Every write is a `BEGIN IMMEDIATE` transaction committed with `synchronous=FULL`,
 //! so what a call reported as done survives a crash. Other processes' commits are
-//! noticed by polling `PRAGMA data_version` (a shared-memory read, no I/O) every
-//! [`POLL`], and this process's own commits wake its waiters at once.
+//! noticed through inotify on the database's directory (every commit writes the WAL
+//! file), backed by a `PRAGMA data_version` check every [`FALLBACK_POLL`] (every
+//! [`POLL`] where inotify is unavailable); this process's own commits wake its
+//! waiters at once.
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -15,7 +17,6 @@ use async_trait::async_trait;
 use rusqlite::{
     Connection, OpenFlags, OptionalExtension, Transaction, TransactionBehavior, params,
 };
-use tokio::sync::watch;
 
 use super::Queue;
 use super::types::*;
@@ -27,8 +28,12 @@ use crate::hash::Hash;
 pub const SCHEMA_VERSION: i64 = 1;
 const SCHEMA: &str = include_str!("schema.sql");
 
-/// How often other processes' commits are looked for while someone waits.
+/// How often other processes' commits are looked for while someone waits, where the
+/// kernel cannot tell us (no inotify).
 pub const POLL: Duration = Duration::from_millis(20);
+
+/// How often they are looked for anyway, as a backstop, when inotify works.
+pub const FALLBACK_POLL: Duration = Duration::from_millis(500);
 
 /// How long a statement waits for another process's write lock before failing.
 const BUSY_TIMEOUT: Duration = Duration::from_secs(30);
@@ -170,15 +175,19 @@ impl SqliteQueue {
         &self,
         f: impl FnOnce(&Transaction<'_>) -> TxResult<T> + Send + 'static,
     ) -> Result<T> {
-        let out = self
+        let (out, changed) = self
             .with_conn(move |conn| {
+                let before = conn.total_changes();
                 let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
                 let out = f(&tx)?;
                 tx.commit()?;
-                Ok(out)
+                Ok((out, conn.total_changes() != before))
             })
             .await?;
-        self.inner.changes.send_modify(|v| *v += 1);
+        // Only a transaction that wrote something is news (an empty claim is not).
+        if changed {
+            self.inner.changes.send_modify(|v| *v += 1);
+        }
         Ok(out)
     }
 
@@ -192,16 +201,55 @@ impl SqliteQueue {
             let conn = match open_conn(&path) {
                 Ok(c) => c,
                 Err(e) => {
-                    tracing::warn!("change poller for {}: {e}", path.display());
+                    tracing::warn!("change watcher for {}: {e}", path.display());
                     return;
                 }
             };
+            let dir = path
+                .parent()
+                .filter(|p| !p.as_os_str().is_empty())
+                .unwrap_or(Path::new("."));
+            let notify = match watch::DirWatch::new(dir) {
+                Ok(w) => Some(w),
+                Err(e) => {
+                    tracing::info!(
+                        "no inotify on {} ({e}); polling every {POLL:?}",
+                        dir.display()
+                    );
+                    None
+                }
+            };
+            let every = if notify.is_some() {
+                FALLBACK_POLL
+            } else {
+                POLL
+            };
             let mut last: Option<i64> = None;
-            let mut tick = tokio::time::interval(POLL);
-            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
-                tick.tick().await;
+                let woke = match &notify {
+                    Some(w) => {
+                        tokio::select! {
+                            r = w.wait() => r.is_ok(),
+                            _ = tokio::time::sleep(every) => false,
+                        }
+                    }
+                    None => {
+                        tokio::time::sleep(every).await;
+                        false
+                    }
+                };
                 let Some(inner) = weak.upgrade() else { return };
+                if woke {
+                    // A write to the WAL file is seen before the writer publishes the
+                    // commit in shared memory: wake waiters now, and once more shortly
+                    // after, so that a reader that looked too early looks again.
+                    inner.changes.send_modify(|c| *c += 1);
+                    drop(inner);
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                    let Some(inner) = weak.upgrade() else { return };
+                    inner.changes.send_modify(|c| *c += 1);
+                    continue;
+                }
                 match conn.query_row("PRAGMA data_version", [], |r| r.get::<_, i64>(0)) {
                     Ok(v) => {
                         if last.is_some_and(|l| l != v) {
@@ -209,10 +257,83 @@ impl SqliteQueue {
                         }
                         last = Some(v);
                     }
-                    Err(e) => tracing::warn!("change poller for {}: {e}", path.display()),
+                    Err(e) => tracing::warn!("change watcher for {}: {e}", path.display()),
                 }
             }
         });
+    }
+}
+
+/// Wake-ups from the kernel when any file in the database's directory is written
+/// (the WAL file is, on every commit by any process), so that an idle waiter costs
+/// no CPU and learns of a commit at once.
+mod watch {
+    use std::ffi::CString;
+    use std::io;
+    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+    use std::os::unix::ffi::OsStrExt;
+    use std::path::Path;
+
+    use tokio::io::unix::AsyncFd;
+
+    pub use tokio::sync::watch::*;
+
+    /// An inotify watch on one directory.
+    pub struct DirWatch(AsyncFd<OwnedFd>);
+
+    impl DirWatch {
+        /// Watches `dir` for files being modified, created or renamed into it.
+        pub fn new(dir: &Path) -> io::Result<DirWatch> {
+            // SAFETY: plain syscalls; the returned descriptor is owned right away.
+            let fd = unsafe { libc::inotify_init1(libc::IN_NONBLOCK | libc::IN_CLOEXEC) };
+            if fd < 0 {
+                return Err(io::Error::last_os_error());
+            }
+            // SAFETY: `fd` is a fresh descriptor that nothing else owns.
+            let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+            let c = CString::new(dir.as_os_str().as_bytes()).map_err(io::Error::other)?;
+            let mask = libc::IN_MODIFY | libc::IN_CREATE | libc::IN_MOVED_TO;
+            // SAFETY: `c` is a valid NUL-terminated path; `fd` is an inotify descriptor.
+            if unsafe { libc::inotify_add_watch(fd.as_raw_fd(), c.as_ptr(), mask) } < 0 {
+                return Err(io::Error::last_os_error());
+            }
+            // SAFETY: `fd` is an open descriptor owned by the OwnedFd, which the AsyncFd
+            // keeps (and never changes) for its whole life.
+            let afd = unsafe { AsyncFd::register_with_interest(fd, tokio::io::Interest::READABLE) }
+                .map_err(io::Error::from)?;
+            Ok(DirWatch(afd))
+        }
+
+        /// Waits for at least one event, then drains all pending ones.
+        pub async fn wait(&self) -> io::Result<()> {
+            let mut buf = [0u8; 4096];
+            loop {
+                let mut guard = self.0.readable().await?;
+                let mut got = false;
+                loop {
+                    // SAFETY: reading into a local buffer of the given length.
+                    let n = unsafe {
+                        libc::read(self.0.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len())
+                    };
+                    if n > 0 {
+                        got = true;
+                        continue;
+                    }
+                    let err = io::Error::last_os_error();
+                    if n < 0 && err.kind() == io::ErrorKind::WouldBlock {
+                        guard.clear_ready();
+                        break;
+                    }
+                    if n < 0 && err.kind() == io::ErrorKind::Interrupted {
+                        continue;
+                    }
+                    return Err(err);
+                }
+                if got {
+                    return Ok(());
+                }
+            }
+        }
     }
 }
 
