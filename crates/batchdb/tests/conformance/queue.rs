@@ -195,7 +195,7 @@ pub async fn delayed_instance_waits_for_run_at(b: &Backend) {
         .await
         .unwrap();
     assert!(b.queue.claim(&req("w", 1, LONG)).await.unwrap().is_empty());
-    tokio::time::sleep(Duration::from_millis(350)).await;
+    tokio::time::sleep(Duration::from_millis(650)).await;
     let c = b.queue.claim(&req("w", 1, LONG)).await.unwrap();
     assert_eq!(c[0].token.id, later.id);
 }
@@ -292,10 +292,12 @@ pub async fn expired_lease_is_taken_over_and_old_token_fenced(b: &Backend) {
 
 pub async fn heartbeat_keeps_a_long_job(b: &Backend) {
     b.queue.add(&job(1), &opts()).await.unwrap();
-    let lease = Duration::from_millis(200);
+    // The lease is 1 s and renewed every 350 ms: over 1.4 s the job outlives its first
+    // lease several times over and is never taken.
+    let lease = Duration::from_secs(1);
     let c = b.queue.claim(&req("w", 1, lease)).await.unwrap();
-    for _ in 0..6 {
-        tokio::time::sleep(Duration::from_millis(70)).await;
+    for _ in 0..4 {
+        tokio::time::sleep(Duration::from_millis(350)).await;
         let hb = b.queue.heartbeat(&c[0].token, lease).await.unwrap();
         assert!(!hb.cancel_requested);
         assert!(
@@ -315,7 +317,7 @@ pub async fn heartbeat_keeps_a_long_job(b: &Backend) {
 pub async fn failure_retries_then_fails(b: &Backend) {
     let inst = b.queue.add(&job(1), &opts()).await.unwrap();
     let c = b.queue.claim(&req("w", 1, LONG)).await.unwrap();
-    let at = now_ms() + 100;
+    let at = now_ms() + 600;
     assert_eq!(
         b.queue
             .finish(&c[0].token, &failure(Some(at)))
@@ -328,7 +330,7 @@ pub async fn failure_retries_then_fails(b: &Backend) {
         b.queue.claim(&req("w", 1, LONG)).await.unwrap().is_empty(),
         "backoff respected"
     );
-    tokio::time::sleep(Duration::from_millis(150)).await;
+    tokio::time::sleep(Duration::from_millis(650)).await;
     let c2 = b.queue.claim(&req("w", 1, LONG)).await.unwrap();
     assert_eq!(c2[0].failures, 1);
     assert_eq!(
@@ -374,7 +376,9 @@ pub async fn cancel_pending_and_running(b: &Backend) {
         .await
         .unwrap();
     assert_eq!(c[0].token.id, r.id);
-    let done = b.queue.cancel(&Selector::Created(p.created)).await.unwrap();
+    // (Selector::Created could also match an instance of another job pushed in the
+    // same millisecond: `created` is unique per job.)
+    let done = b.queue.cancel(&Selector::Id(p.id)).await.unwrap();
     assert_eq!(done.iter().map(|i| i.id).collect::<Vec<_>>(), [p.id]);
     assert_eq!(state(b, p.id).await, State::Cancelled);
     b.queue.cancel(&Selector::Hash(r.job)).await.unwrap();
