@@ -188,7 +188,7 @@ pub async fn delayed_instance_waits_for_run_at(b: &Backend) {
         .add(
             &job(1),
             &PushOptions {
-                run_at: Some(now_ms() + 300),
+                run_at: Some(now_ms() + 600),
                 ..opts()
             },
         )
