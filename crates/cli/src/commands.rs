@@ -293,21 +293,26 @@ async fn pick(db: &BatchDb, selector: &str) -> Result<i64> {
 async fn show(db: &BatchDb, selector: &str, json: bool) -> Result<ExitCode> {
     let sel: Selector = selector.parse()?;
     let ids = db.select(&sel).await?;
-    // A result id names the instances that produced it; a job key, its instances.
-    let mut detail = db.instance(*ids.last().unwrap_or(&0)).await?;
-    if let Selector::Hash(h) = sel {
-        for id in ids.iter().rev() {
-            let d = db.instance(*id).await?;
-            let produced = d
-                .last_attempt()
-                .and_then(|a| a.report.stdout)
-                .is_some_and(|b| b.hash == h);
-            if produced || d.job == h {
-                detail = d;
-                break;
+    // The newest instance that has ended, else the newest one. A result id names the
+    // instances that produced it (or, if it is also a job key, that job's instances).
+    let mut detail = None;
+    for id in ids.iter().rev() {
+        let d = db.instance(*id).await?;
+        if let Selector::Hash(h) = sel {
+            let produced = d.last_attempt().and_then(|a| a.report.stdout).is_some_and(|b| b.hash == h);
+            if !produced && d.job != h {
+                continue;
             }
         }
+        let ended = matches!(d.state, State::Result | State::Fail | State::Cancelled);
+        if ended || detail.is_none() {
+            detail = Some(d);
+        }
+        if ended {
+            break;
+        }
     }
+    let detail = detail.ok_or_else(|| Error::InstanceNotFound(sel.to_string()))?;
     if json {
         let s = serde_json::to_string(&detail).map_err(|e| stdout_err(e.into()))?;
         line(format_args!("{s}"))?;
