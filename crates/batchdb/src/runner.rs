@@ -74,6 +74,12 @@ pub enum Stop {
 pub trait Killer: Send + Sync {
     /// Sends the stop request.
     fn stop(&self, how: Stop);
+
+    /// Whether anything of the execution (say, a process its main process left behind)
+    /// is still running.
+    fn alive(&self) -> bool {
+        false
+    }
 }
 
 /// A boxed async writer.
@@ -143,6 +149,11 @@ struct GroupKiller {
 }
 
 impl Killer for GroupKiller {
+    fn alive(&self) -> bool {
+        // SAFETY: signal 0 only checks that the process group exists.
+        self.pgid > 0 && unsafe { libc::kill(-self.pgid, 0) } == 0
+    }
+
     fn stop(&self, how: Stop) {
         let sig = match how {
             Stop::Terminate => libc::SIGTERM,

@@ -374,14 +374,12 @@ impl Worker {
         let grace = self.opts.kill_grace;
         let waiting = async move {
             let st = exec.wait.await;
-            // The job is its process group: once the leader exits, stragglers that
-            // still hold its output open are stopped too.
-            group.stop(Stop::Terminate);
-            let g = group.clone();
-            tokio::spawn(async move {
-                tokio::time::sleep(grace).await;
-                g.stop(Stop::Kill);
-            });
+            // The job is its process group: once the leader exits, stragglers (which
+            // may still hold its output open) are stopped too.
+            if group.alive() {
+                group.stop(Stop::Terminate);
+                tokio::spawn(reap_group(group, grace));
+            }
             st
         };
         let work = async { tokio::join!(feed, outputs, errors, waiting) };
@@ -410,7 +408,9 @@ impl Worker {
                     stop_now = Some(Stopped::Timeout);
                 }
                 _ = tokio::time::sleep_until(force_at.unwrap_or(far)), if force_at.is_some() => {
-                    killer.stop(Stop::Kill);
+                    if killer.alive() {
+                        killer.stop(Stop::Kill);
+                    }
                     force_at = None;
                 }
                 _ = tokio::time::sleep_until(next_hb) => {
@@ -520,6 +520,20 @@ impl Worker {
         });
         Outcome::Failure { report, retry_at }
     }
+}
+
+/// Waits up to `grace` for a process group to empty, then kills what is left. It
+/// looks every 50 ms, so that it never signals a group id the kernel may have
+/// handed to a new process after the group emptied.
+async fn reap_group(group: Arc<dyn crate::runner::Killer>, grace: Duration) {
+    let until = Instant::now() + grace;
+    while Instant::now() < until {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        if !group.alive() {
+            return;
+        }
+    }
+    group.stop(Stop::Kill);
 }
 
 /// `base · 2^(n-1)`, capped at `max`, times a random factor in [0.5, 1.5).
