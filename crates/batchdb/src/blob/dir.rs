@@ -80,25 +80,51 @@ async fn sync_dir(dir: &Path) -> Result<()> {
 #[async_trait]
 impl BlobStore for DirStore {
     async fn put(&self, reader: &mut (dyn AsyncRead + Send + Unpin)) -> Result<BlobInfo> {
+        let read_err = |e| Error::Stream {
+            what: "read blob input".into(),
+            source: e,
+        };
+        // Read up to one chunk first: a small blob that is already stored (an empty
+        // stderr, a payload added again) then costs no disk write and no fsync.
+        let mut buf = vec![0u8; CHUNK];
+        let mut filled = 0;
+        let mut eof = false;
+        while filled < CHUNK {
+            let n = reader.read(&mut buf[filled..]).await.map_err(read_err)?;
+            if n == 0 {
+                eof = true;
+                break;
+            }
+            filled += n;
+        }
+        if eof {
+            let hash = Hash::of(&buf[..filled]);
+            if self.contains(&hash).await? {
+                return Ok(BlobInfo {
+                    hash,
+                    size: filled as u64,
+                });
+            }
+        }
         let tmp = self.temp_path();
         let mut guard = TempGuard(Some(tmp.clone()));
         let mut file = tokio::fs::File::create(&tmp)
             .await
             .map_err(|e| Error::io("create", &tmp, e))?;
         let mut hasher = Hasher::new();
-        let mut buf = vec![0u8; CHUNK];
+        let mut n = filled;
         loop {
-            let n = reader.read(&mut buf).await.map_err(|e| Error::Stream {
-                what: "read blob input".into(),
-                source: e,
-            })?;
-            if n == 0 {
+            if n > 0 {
+                hasher.update(&buf[..n]);
+                file.write_all(&buf[..n])
+                    .await
+                    .map_err(|e| Error::io("write", &tmp, e))?;
+            }
+            if eof {
                 break;
             }
-            hasher.update(&buf[..n]);
-            file.write_all(&buf[..n])
-                .await
-                .map_err(|e| Error::io("write", &tmp, e))?;
+            n = reader.read(&mut buf).await.map_err(read_err)?;
+            eof = n == 0;
         }
         file.flush()
             .await
