@@ -26,6 +26,7 @@ pub mod blob;
 mod config;
 mod error;
 mod hash;
+mod io;
 pub mod queue;
 pub mod runner;
 pub mod worker;

@@ -3,12 +3,10 @@
 
 use std::io;
 use std::path::PathBuf;
-use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context, Poll};
 use std::time::Duration;
 
-use tokio::io::{AsyncRead, AsyncWriteExt, ReadBuf};
+use tokio::io::AsyncWriteExt;
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinSet;
 use tokio::time::Instant;
@@ -16,6 +14,7 @@ use tokio::time::Instant;
 use crate::blob::BlobStore;
 use crate::error::{Error, Result};
 use crate::hash::Hash;
+use crate::io::{Inspect, Inspector};
 use crate::queue::{
     AttemptReport, CacheSpec, Claim, ClaimRequest, ClaimToken, Finished, Order, Outcome, Queue,
     cache_key, now_ms,
@@ -345,8 +344,8 @@ impl Worker {
             None => (None, None),
         };
         let blobs = self.blobs.clone();
-        let mut stdout = Tee::new(exec.stdout, live_out);
-        let stderr = exec.stderr.map(|e| Tee::new(e, live_err));
+        let mut stdout = Inspect::new(exec.stdout, Mirror(live_out));
+        let stderr = exec.stderr.map(|e| Inspect::new(e, Mirror(live_err)));
         let feed = async move {
             let Some(mut stdin) = exec.stdin else {
                 return Ok(());
@@ -566,34 +565,17 @@ fn open_live(path: &PathBuf) -> Option<std::fs::File> {
         .ok()
 }
 
-/// Passes a reader through, mirroring every byte into a local file for live readers.
-/// A failure to mirror never fails the job: the mirror is dropped instead.
-struct Tee<R> {
-    inner: R,
-    copy: Option<std::fs::File>,
-}
+/// Mirrors every byte of a job's output into a local file for live readers. A
+/// failure to mirror never fails the job: the mirror is dropped instead.
+struct Mirror(Option<std::fs::File>);
 
-impl<R> Tee<R> {
-    fn new(inner: R, copy: Option<std::fs::File>) -> Self {
-        Tee { inner, copy }
-    }
-}
-
-impl<R: AsyncRead + Unpin> AsyncRead for Tee<R> {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        let before = buf.filled().len();
-        let this = &mut *self;
-        let r = Pin::new(&mut this.inner).poll_read(cx, buf);
-        if let (Poll::Ready(Ok(())), Some(f)) = (&r, this.copy.as_mut()) {
-            use std::io::Write;
-            if f.write_all(&buf.filled()[before..]).is_err() {
-                this.copy = None;
+impl Inspector for Mirror {
+    fn chunk(&mut self, bytes: &[u8]) {
+        use std::io::Write;
+        if let Some(f) = self.0.as_mut() {
+            if f.write_all(bytes).is_err() {
+                self.0 = None;
             }
         }
-        r
     }
 }

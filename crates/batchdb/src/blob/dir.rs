@@ -6,7 +6,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use async_trait::async_trait;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt, BufReader};
 
-use super::{BlobInfo, BlobReader, BlobStore, VerifyingReader};
+use super::{BlobInfo, BlobReader, BlobStore, verifying};
 use crate::error::{Error, Result};
 use crate::hash::{Hash, Hasher};
 
@@ -155,7 +155,7 @@ impl BlobStore for DirStore {
     async fn get(&self, hash: &Hash) -> Result<BlobReader> {
         let path = self.path_of(hash);
         match tokio::fs::File::open(&path).await {
-            Ok(f) => Ok(Box::pin(VerifyingReader::new(
+            Ok(f) => Ok(Box::pin(verifying(
                 BufReader::with_capacity(CHUNK, f),
                 *hash,
             ))),

@@ -15,7 +15,7 @@ use serde::Serialize;
 use tokio::io::AsyncRead;
 
 pub use dir::DirStore;
-pub use verify::VerifyingReader;
+pub(crate) use verify::verifying;
 
 use crate::error::Result;
 use crate::hash::Hash;

@@ -471,6 +471,28 @@ fn candidate(r: &rusqlite::Row<'_>) -> rusqlite::Result<Candidate> {
     })
 }
 
+impl Candidate {
+    fn claim(
+        &self,
+        token: ClaimToken,
+        start: i64,
+        takeover: bool,
+        cache_hit: Option<AttemptReport>,
+    ) -> Claim {
+        Claim {
+            token,
+            job: self.job,
+            created: self.created,
+            start,
+            failures: self.failures,
+            timeout: self.timeout,
+            retries: self.retries,
+            takeover,
+            cache_hit,
+        }
+    }
+}
+
 fn start_attempt(
     tx: &Transaction<'_>,
     c: &Candidate,
@@ -746,17 +768,7 @@ impl Queue for SqliteQueue {
                 }
                 record_attempt(tx, &old, "lost", &lost)?;
                 let token = start_attempt(tx, &c, &req, now, None)?;
-                out.push(Claim {
-                    token,
-                    job: c.job,
-                    created: c.created,
-                    start: now,
-                    failures: c.failures,
-                    timeout: c.timeout,
-                    retries: c.retries,
-                    takeover: true,
-                    cache_hit: None,
-                });
+                out.push(c.claim(token, now, true, None));
             }
             // 2. Due pending instances, by priority then order.
             let remaining = req.limit.saturating_sub(out.len());
@@ -796,17 +808,7 @@ impl Queue for SqliteQueue {
                         hit.start = now;
                         hit.end = now;
                         finish_tx(tx, &token, &c.job, c.created, &Outcome::Success(hit.clone()), now)?;
-                        out.push(Claim {
-                            token,
-                            job: c.job,
-                            created: c.created,
-                            start: now,
-                            failures: c.failures,
-                            timeout: c.timeout,
-                            retries: c.retries,
-                            takeover: false,
-                            cache_hit: Some(hit),
-                        });
+                        out.push(c.claim(token, now, false, Some(hit)));
                         continue;
                     }
                     let in_flight = in_batch.contains(&k)
@@ -825,17 +827,7 @@ impl Queue for SqliteQueue {
                 }
                 let token = start_attempt(tx, &c, &req, now, key)?;
                 claimed += 1;
-                out.push(Claim {
-                    token,
-                    job: c.job,
-                    created: c.created,
-                    start: now,
-                    failures: c.failures,
-                    timeout: c.timeout,
-                    retries: c.retries,
-                    takeover: false,
-                    cache_hit: None,
-                });
+                out.push(c.claim(token, now, false, None));
             }
             Ok(out)
         })
