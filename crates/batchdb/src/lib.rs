@@ -26,6 +26,7 @@ pub mod blob;
 mod config;
 mod error;
 mod hash;
+pub mod integrity;
 mod io;
 pub mod queue;
 pub mod runner;

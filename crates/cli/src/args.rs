@@ -89,6 +89,17 @@ pub enum Command {
     },
     /// Print how many instances are in each state, as JSON.
     Status,
+    /// Re-hash every blob and check every row's references; problems as JSON lines.
+    Verify,
+    /// Remove blobs that no row names.
+    Gc {
+        /// Only print what would be removed.
+        #[arg(long)]
+        dry_run: bool,
+        /// Leave blobs younger than SECS alone (they may be about to be named).
+        #[arg(long, default_value_t = 3600.0)]
+        grace: f64,
+    },
 }
 
 /// Where a payload comes from.

@@ -6,6 +6,7 @@ use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
 
+use batchdb::integrity::GcOptions;
 use batchdb::queue::{Finished, ListKind, Order, PushOptions, Selector, State, now_ms};
 use batchdb::runner::ShellRunner;
 use batchdb::worker::{Report, WorkerOptions};
@@ -101,6 +102,40 @@ pub async fn dispatch(cli: Cli) -> Result<ExitCode> {
                     line(format_args!("pushed {} {}", i.job, i.created))?;
                 }
             }
+        }
+        Command::Verify => {
+            let mut out = Vec::new();
+            let sum = db
+                .verify(|p| out.push(serde_json::to_string(&p).unwrap_or_default()))
+                .await?;
+            for p in &out {
+                line(format_args!("{p}"))?;
+            }
+            eprintln!(
+                "batchdb: verified {} blobs ({} bytes) and {} references: {} problems",
+                sum.blobs, sum.bytes, sum.references, sum.problems
+            );
+            if sum.problems > 0 {
+                return Ok(ExitCode::FAILURE);
+            }
+        }
+        Command::Gc { dry_run, grace } => {
+            let opts = GcOptions {
+                grace: secs("grace", grace)?,
+                dry_run,
+            };
+            let verb = if dry_run { "would remove" } else { "removed" };
+            let mut out = Vec::new();
+            let sum = db
+                .gc(opts, |e| out.push(format!("{verb} {} {}", e.hash, e.size)))
+                .await?;
+            for l in &out {
+                line(format_args!("{l}"))?;
+            }
+            eprintln!(
+                "batchdb: examined {} blobs; {verb} {} ({} bytes)",
+                sum.blobs, sum.removed, sum.bytes
+            );
         }
         Command::Status => {
             let c = db.counts().await?;
@@ -299,7 +334,10 @@ async fn show(db: &BatchDb, selector: &str, json: bool) -> Result<ExitCode> {
     for id in ids.iter().rev() {
         let d = db.instance(*id).await?;
         if let Selector::Hash(h) = sel {
-            let produced = d.last_attempt().and_then(|a| a.report.stdout).is_some_and(|b| b.hash == h);
+            let produced = d
+                .last_attempt()
+                .and_then(|a| a.report.stdout)
+                .is_some_and(|b| b.hash == h);
             if !produced && d.job != h {
                 continue;
             }

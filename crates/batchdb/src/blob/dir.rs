@@ -6,7 +6,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use async_trait::async_trait;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt, BufReader};
 
-use super::{BlobInfo, BlobReader, BlobStore, verifying};
+use futures_util::stream::BoxStream;
+
+use super::{BlobEntry, BlobInfo, BlobReader, BlobStore, verifying};
 use crate::error::{Error, Result};
 use crate::hash::{Hash, Hasher};
 
@@ -99,7 +101,7 @@ impl BlobStore for DirStore {
         }
         if eof {
             let hash = Hash::of(&buf[..filled]);
-            if self.contains(&hash).await? {
+            if self.contains(&hash).await? && self.touch(&hash).await.is_ok() {
                 return Ok(BlobInfo {
                     hash,
                     size: filled as u64,
@@ -136,7 +138,7 @@ impl BlobStore for DirStore {
         let size = hasher.len();
         let hash = hasher.finish();
         let dest = self.path_of(&hash);
-        if tokio::fs::try_exists(&dest).await.unwrap_or(false) {
+        if tokio::fs::try_exists(&dest).await.unwrap_or(false) && self.touch(&hash).await.is_ok() {
             // Identical content is already durable; the guard removes our copy.
             return Ok(BlobInfo { hash, size });
         }
@@ -180,7 +182,76 @@ impl BlobStore for DirStore {
         }
     }
 
+    fn list(&self) -> BoxStream<'static, Result<BlobEntry>> {
+        let (tx, rx) = tokio::sync::mpsc::channel::<Result<BlobEntry>>(256);
+        let root = self.root.clone();
+        tokio::task::spawn_blocking(move || walk(&root, &tx));
+        Box::pin(futures_util::stream::unfold(rx, |mut rx| async move {
+            rx.recv().await.map(|item| (item, rx))
+        }))
+    }
+
+    async fn touch(&self, hash: &Hash) -> Result<()> {
+        let path = self.path_of(hash);
+        let p = path.clone();
+        tokio::task::spawn_blocking(move || {
+            std::fs::File::options()
+                .write(true)
+                .open(&p)
+                .and_then(|f| f.set_modified(std::time::SystemTime::now()))
+        })
+        .await
+        .map_err(|e| Error::Task(e.to_string()))?
+        .map_err(|e| Error::io("touch", &path, e))
+    }
+
     fn location(&self) -> String {
         self.root.display().to_string()
+    }
+}
+
+/// Sends every blob under `root` (`xx/yy/<hash>` whose name matches its place) to `tx`.
+fn walk(root: &Path, tx: &tokio::sync::mpsc::Sender<Result<BlobEntry>>) {
+    let is_fan = |name: &str| {
+        name.len() == 2 && name.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
+    };
+    let read = |dir: &Path| match std::fs::read_dir(dir) {
+        Ok(rd) => rd.filter_map(|e| e.ok()).collect::<Vec<_>>(),
+        Err(e) => {
+            let _ = tx.blocking_send(Err(Error::io("read directory", dir, e)));
+            Vec::new()
+        }
+    };
+    for a in read(root) {
+        let an = a.file_name().to_string_lossy().into_owned();
+        if !is_fan(&an) {
+            continue;
+        }
+        for b in read(&a.path()) {
+            let bn = b.file_name().to_string_lossy().into_owned();
+            if !is_fan(&bn) {
+                continue;
+            }
+            for f in read(&b.path()) {
+                let name = f.file_name().to_string_lossy().into_owned();
+                let Ok(hash) = name.parse::<Hash>() else {
+                    continue;
+                };
+                if !name.starts_with(&format!("{an}{bn}")) {
+                    continue;
+                }
+                let item = f
+                    .metadata()
+                    .map(|m| BlobEntry {
+                        hash,
+                        size: m.len(),
+                        modified: m.modified().ok(),
+                    })
+                    .map_err(|e| Error::io("stat", f.path(), e));
+                if tx.blocking_send(item).is_err() {
+                    return;
+                }
+            }
+        }
     }
 }

@@ -9,8 +9,10 @@ mod verify;
 
 use std::fmt;
 use std::pin::Pin;
+use std::time::SystemTime;
 
 use async_trait::async_trait;
+use futures_util::stream::BoxStream;
 use serde::Serialize;
 use tokio::io::AsyncRead;
 
@@ -59,6 +61,25 @@ pub trait BlobStore: Send + Sync + fmt::Debug {
     /// Removes the blob named `hash`; returns whether it existed.
     async fn delete(&self, hash: &Hash) -> Result<bool>;
 
+    /// Streams every complete blob in the store, in no particular order (blobs being
+    /// written are not listed).
+    fn list(&self) -> BoxStream<'static, Result<BlobEntry>>;
+
+    /// Marks an existing blob as just stored again, so that a garbage collector that
+    /// honours a grace period leaves it alone while the row that names it commits.
+    async fn touch(&self, hash: &Hash) -> Result<()>;
+
     /// Where the store lives (a path or URL), for messages.
     fn location(&self) -> String;
+}
+
+/// One stored blob, as [`BlobStore::list`] reports it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BlobEntry {
+    /// Its name.
+    pub hash: Hash,
+    /// Its length in bytes.
+    pub size: u64,
+    /// When it was last stored (or touched), if the store knows.
+    pub modified: Option<SystemTime>,
 }

@@ -98,6 +98,18 @@ pub trait Queue: Send + Sync + fmt::Debug {
     /// The id of the newest event in the log (0 if empty).
     async fn last_event_id(&self) -> Result<i64>;
 
+    /// Whether any row names blob `hash` (as a job's payload or an attempt's output).
+    async fn is_referenced(&self, hash: &Hash) -> Result<bool>;
+
+    /// The blob references of the jobs and instances whose ids are in
+    /// `(after, after + span]`, and the next `after` to ask for (`None` when no job or
+    /// instance has a greater id).
+    async fn references_page(
+        &self,
+        after: i64,
+        span: i64,
+    ) -> Result<(Vec<BlobReference>, Option<i64>)>;
+
     /// A counter that grows whenever the queue may have changed, in this process or in
     /// any other. Read it before a query, then pass it to
     /// [`wait_change`](Queue::wait_change) to sleep until something new happens.

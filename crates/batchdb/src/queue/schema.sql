@@ -46,7 +46,8 @@ CREATE TABLE attempts(
   cached INTEGER NOT NULL DEFAULT 0,
   PRIMARY KEY(instance, attempt)
 ) WITHOUT ROWID;
-CREATE INDEX attempts_result ON attempts(stdout) WHERE outcome = 'result';
+CREATE INDEX attempts_stdout ON attempts(stdout);
+CREATE INDEX attempts_stderr ON attempts(stderr);
 CREATE TABLE cache(
   key TEXT PRIMARY KEY,
   instance INTEGER NOT NULL,

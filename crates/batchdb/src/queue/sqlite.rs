@@ -1079,6 +1079,64 @@ impl Queue for SqliteQueue {
         .await
     }
 
+    async fn is_referenced(&self, hash: &Hash) -> Result<bool> {
+        let h = hash.to_hex();
+        self.with_conn(move |conn| {
+            Ok(conn
+                .prepare_cached(
+                    "SELECT EXISTS(SELECT 1 FROM jobs WHERE key = ?1)
+                        OR EXISTS(SELECT 1 FROM attempts WHERE stdout = ?1)
+                        OR EXISTS(SELECT 1 FROM attempts WHERE stderr = ?1)",
+                )?
+                .query_row([h], |r| r.get(0))?)
+        })
+        .await
+    }
+
+    async fn references_page(
+        &self,
+        after: i64,
+        span: i64,
+    ) -> Result<(Vec<BlobReference>, Option<i64>)> {
+        self.with_conn(move |conn| {
+            let end = after.saturating_add(span.max(1));
+            let mut out = Vec::new();
+            let mut stmt = conn.prepare_cached("SELECT key FROM jobs WHERE id > ?1 AND id <= ?2 ORDER BY id")?;
+            for key in stmt.query_map(params![after, end], |r| r.get::<_, String>(0))? {
+                let key = key?;
+                out.push(BlobReference {
+                    hash: parse_hash(key.clone())?,
+                    owner: format!("job {key}"),
+                });
+            }
+            let mut stmt = conn.prepare_cached(
+                "SELECT instance, attempt, stdout, stderr FROM attempts
+                 WHERE instance > ?1 AND instance <= ?2 ORDER BY instance, attempt",
+            )?;
+            let rows = stmt.query_map(params![after, end], |r| {
+                Ok((r.get::<_, i64>(0)?, r.get::<_, i64>(1)?, r.get::<_, Option<String>>(2)?, r.get::<_, Option<String>>(3)?))
+            })?;
+            for row in rows {
+                let (id, n, stdout, stderr) = row?;
+                for (h, which) in [(stdout, "stdout"), (stderr, "stderr")] {
+                    if let Some(h) = h {
+                        out.push(BlobReference {
+                            hash: parse_hash(h)?,
+                            owner: format!("instance {id} attempt {n} {which}"),
+                        });
+                    }
+                }
+            }
+            let more: bool = conn.query_row(
+                "SELECT EXISTS(SELECT 1 FROM jobs WHERE id > ?1) OR EXISTS(SELECT 1 FROM instances WHERE id > ?1)",
+                [end],
+                |r| r.get(0),
+            )?;
+            Ok((out, more.then_some(end)))
+        })
+        .await
+    }
+
     fn change_seq(&self) -> u64 {
         *self.inner.changes.borrow()
     }

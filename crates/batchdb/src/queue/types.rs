@@ -604,3 +604,13 @@ pub struct Event {
     #[serde(skip_serializing_if = "serde_json::Value::is_null")]
     pub data: serde_json::Value,
 }
+
+/// A row's reference to a blob, as [`Queue::references_page`](super::Queue::references_page)
+/// lists them.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct BlobReference {
+    /// The blob named.
+    pub hash: Hash,
+    /// Who names it: `job <key>`, or `instance <id> attempt <n> stdout|stderr`.
+    pub owner: String,
+}

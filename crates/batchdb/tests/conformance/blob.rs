@@ -97,3 +97,14 @@ pub async fn delete_removes(b: &Backend) {
     assert!(!b.blobs.contains(&a.hash).await.unwrap());
     assert!(!b.blobs.delete(&a.hash).await.unwrap());
 }
+
+pub async fn list_reports_every_blob(b: &Backend) {
+    let mut want = std::collections::HashSet::new();
+    for n in 0..50u32 {
+        want.insert(b.blobs.put(&mut &n.to_le_bytes()[..]).await.unwrap().hash);
+    }
+    let listed: Vec<_> = futures_util::StreamExt::collect::<Vec<_>>(b.blobs.list()).await;
+    let got: std::collections::HashSet<Hash> =
+        listed.into_iter().map(|e| e.unwrap().hash).collect();
+    assert_eq!(got, want);
+}

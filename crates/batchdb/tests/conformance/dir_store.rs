@@ -51,3 +51,27 @@ async fn hash_paths_never_leave_the_store() {
     let h = Hash::of(b"x");
     assert!(store.path_of(&h).starts_with(dir.path().join("s")));
 }
+
+#[tokio::test]
+async fn verify_reports_a_corrupt_blob() {
+    use std::sync::Arc;
+    let dir = tempfile::tempdir().unwrap();
+    let queue = Arc::new(
+        batchdb::queue::SqliteQueue::open(dir.path().join("q"))
+            .await
+            .unwrap(),
+    );
+    let store = DirStore::open(dir.path().join("b")).await.unwrap();
+    let db = batchdb::BatchDb::new(queue, Arc::new(store.clone()));
+    let inst = db.add(&b"echo x"[..], &Default::default()).await.unwrap();
+    std::fs::write(store.path_of(&inst.job), b"echo y").unwrap();
+    let mut problems = Vec::new();
+    db.verify(|p| problems.push(p)).await.unwrap();
+    assert_eq!(
+        problems,
+        [batchdb::integrity::Problem::Corrupt {
+            hash: inst.job,
+            actual: Hash::of(b"echo y")
+        }]
+    );
+}

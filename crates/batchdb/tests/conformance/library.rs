@@ -264,3 +264,72 @@ pub async fn add_while_run_is_picked_up(b: &Backend) {
 pub async fn model_invariants(b: &Backend) {
     crate::model::run(b).await;
 }
+
+pub async fn verify_reports_missing_blobs(b: &Backend) {
+    let db = b.db();
+    db.add(&b"echo fine"[..], &PushOptions::default())
+        .await
+        .unwrap();
+    let gone = db
+        .add(&b"echo gone"[..], &PushOptions::default())
+        .await
+        .unwrap();
+    drain(&db, Arc::new(ShellRunner::default())).await;
+    let mut problems = Vec::new();
+    let sum = db.verify(|p| problems.push(p)).await.unwrap();
+    assert_eq!(sum.problems, 0, "{problems:?}");
+    assert!(
+        sum.references >= 6,
+        "2 payloads, 2 stdout, 2 stderr: {sum:?}"
+    );
+    assert!(b.blobs.delete(&gone.job).await.unwrap());
+    let sum = db.verify(|p| problems.push(p)).await.unwrap();
+    assert_eq!(sum.problems, 1);
+    assert_eq!(
+        problems,
+        [batchdb::integrity::Problem::Missing {
+            hash: gone.job,
+            owner: format!("job {}", gone.job)
+        }]
+    );
+}
+
+pub async fn gc_removes_only_old_unreferenced_blobs(b: &Backend) {
+    use batchdb::integrity::GcOptions;
+    let db = b.db();
+    let kept = db
+        .add(&b"echo kept"[..], &PushOptions::default())
+        .await
+        .unwrap();
+    let orphan = b.blobs.put(&mut &b"nobody names me"[..]).await.unwrap();
+    // Young blobs are left alone, named or not.
+    let young = GcOptions {
+        grace: Duration::from_secs(3600),
+        dry_run: false,
+    };
+    assert_eq!(db.gc(young, |_| {}).await.unwrap().removed, 0);
+    let now = GcOptions {
+        grace: Duration::ZERO,
+        dry_run: true,
+    };
+    let mut seen = Vec::new();
+    let sum = db.gc(now, |e| seen.push(e.hash)).await.unwrap();
+    assert_eq!((sum.removed, seen.clone()), (1, vec![orphan.hash]));
+    assert!(
+        b.blobs.contains(&orphan.hash).await.unwrap(),
+        "dry run removes nothing"
+    );
+    let sum = db
+        .gc(
+            GcOptions {
+                dry_run: false,
+                ..now
+            },
+            |_| {},
+        )
+        .await
+        .unwrap();
+    assert_eq!((sum.removed, sum.bytes), (1, orphan.size));
+    assert!(!b.blobs.contains(&orphan.hash).await.unwrap());
+    assert!(b.blobs.contains(&kept.job).await.unwrap());
+}

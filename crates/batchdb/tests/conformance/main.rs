@@ -51,6 +51,7 @@ macro_rules! suite {
                     failed_put_stores_nothing,
                     concurrent_puts_of_same_content,
                     delete_removes,
+                    list_reports_every_blob,
                 ]);
                 suite!(@tests $backend, library: [
                     fake_runner_like_the_seed,
@@ -59,6 +60,8 @@ macro_rules! suite {
                     shell_runner_keeps_stdout_stderr_and_exit_code,
                     add_while_run_is_picked_up,
                     model_invariants,
+                    verify_reports_missing_blobs,
+                    gc_removes_only_old_unreferenced_blobs,
                 ]);
             }
         )*
