@@ -111,6 +111,11 @@ pub trait Runner: Send + Sync + fmt::Debug {
     /// A string that identifies what this runner does, part of the result-cache key:
     /// two runners with the same spec must produce the same outcome for a payload.
     fn spec(&self) -> String;
+
+    /// Stops whatever an earlier attempt of an instance left running on this machine
+    /// (its worker died, so nobody else will). Called before a takeover runs the
+    /// instance again, so that one instance never runs twice at once here.
+    fn stop_lost(&self, _instance: i64, _attempt: i64) {}
 }
 
 /// Runs each job as `COMMAND` (default `sh`) with the payload on stdin, stdout and
@@ -182,6 +187,19 @@ impl Runner for ShellRunner {
             .env("BATCHDB_ATTEMPT", ctx.attempt.to_string())
             .process_group(0)
             .kill_on_drop(false);
+        let parent = std::process::id() as i32;
+        // SAFETY: the closure runs in the forked child before exec and only makes
+        // async-signal-safe calls (prctl, getppid, _exit).
+        unsafe {
+            cmd.pre_exec(move || {
+                // If this worker dies (even by SIGKILL), the job's shell dies with it.
+                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+                if libc::getppid() != parent {
+                    libc::_exit(137);
+                }
+                Ok(())
+            });
+        }
         let spawn_err = |e| Error::Spawn {
             command: self.argv.join(" "),
             source: e,
@@ -209,6 +227,46 @@ impl Runner for ShellRunner {
 
     fn spec(&self) -> String {
         format!("shell:{}", self.argv.join(" "))
+    }
+
+    /// Kills (SIGKILL) every process on this machine whose environment says it belongs
+    /// to that attempt (`BATCHDB_INSTANCE` and `BATCHDB_ATTEMPT`, inherited by every
+    /// child and grandchild), identified through `/proc`, so a recycled pid is never
+    /// hit.
+    fn stop_lost(&self, instance: i64, attempt: i64) {
+        let want_i = format!("BATCHDB_INSTANCE={instance}");
+        let want_a = format!("BATCHDB_ATTEMPT={attempt}");
+        for _round in 0..50 {
+            let mut found = false;
+            let Ok(procs) = std::fs::read_dir("/proc") else {
+                return;
+            };
+            for p in procs.flatten() {
+                let Some(pid) = p.file_name().to_str().and_then(|n| n.parse::<i32>().ok()) else {
+                    continue;
+                };
+                let Ok(env) = std::fs::read(p.path().join("environ")) else {
+                    continue;
+                };
+                let mut vars = env.split(|b| *b == 0);
+                let (mut i, mut a) = (false, false);
+                for v in &mut vars {
+                    i |= v == want_i.as_bytes();
+                    a |= v == want_a.as_bytes();
+                }
+                if i && a {
+                    found = true;
+                    // SAFETY: kill(2) has no memory-safety preconditions.
+                    unsafe {
+                        libc::kill(pid, libc::SIGKILL);
+                    }
+                }
+            }
+            if !found {
+                return;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
     }
 }
 

@@ -219,6 +219,15 @@ impl Worker {
                                 send(&reports, &claim, hit, Some(Finished::Result));
                                 continue;
                             }
+                            if claim.takeover {
+                                // Whatever the lost attempt left running here must stop
+                                // before the instance runs again.
+                                let (runner, id, old) =
+                                    (this.runner.clone(), claim.token.id, claim.token.token - 1);
+                                let _ =
+                                    tokio::task::spawn_blocking(move || runner.stop_lost(id, old))
+                                        .await;
+                            }
                             let (w, r) = (this.clone(), reports.clone());
                             tasks.spawn(async move { w.run_one(claim, r).await });
                         }
