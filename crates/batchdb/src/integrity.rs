@@ -29,6 +29,11 @@ pub enum Problem {
         /// What its bytes hash to.
         actual: Hash,
     },
+    /// The database's own consistency check failed.
+    Database {
+        /// What the check said.
+        message: String,
+    },
     /// A blob could not be read.
     Unreadable {
         /// The blob's name.
@@ -74,7 +79,8 @@ pub struct GcSummary {
 }
 
 impl BatchDb {
-    /// Re-hashes every blob and checks that every blob a row names exists, calling
+    /// Checks the database's consistency, re-hashes every blob and checks that every
+    /// blob a row names exists, calling
     /// `problem` for each thing found wrong.
     pub async fn verify(&self, mut problem: impl FnMut(Problem)) -> Result<VerifySummary> {
         let mut sum = VerifySummary::default();
@@ -82,6 +88,9 @@ impl BatchDb {
             sum.problems += 1;
             problem(p);
         };
+        for message in self.queue().check().await? {
+            report(Problem::Database { message }, &mut sum);
+        }
         let mut blobs = self.blobs().list();
         while let Some(entry) = blobs.next().await {
             let entry = entry?;

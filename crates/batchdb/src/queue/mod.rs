@@ -98,6 +98,10 @@ pub trait Queue: Send + Sync + fmt::Debug {
     /// The id of the newest event in the log (0 if empty).
     async fn last_event_id(&self) -> Result<i64>;
 
+    /// Checks the database's own consistency (SQLite: `PRAGMA integrity_check`);
+    /// returns the problems found, none if it is sound.
+    async fn check(&self) -> Result<Vec<String>>;
+
     /// Whether any row names blob `hash` (as a job's payload or an attempt's output).
     async fn is_referenced(&self, hash: &Hash) -> Result<bool>;
 

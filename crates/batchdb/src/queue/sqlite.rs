@@ -1079,6 +1079,16 @@ impl Queue for SqliteQueue {
         .await
     }
 
+    async fn check(&self) -> Result<Vec<String>> {
+        self.with_conn(|conn| {
+            let mut stmt = conn.prepare("PRAGMA integrity_check")?;
+            let rows = stmt.query_map([], |r| r.get::<_, String>(0))?;
+            let out: Vec<String> = rows.collect::<rusqlite::Result<_>>()?;
+            Ok(out.into_iter().filter(|l| l != "ok").collect())
+        })
+        .await
+    }
+
     async fn is_referenced(&self, hash: &Hash) -> Result<bool> {
         let h = hash.to_hex();
         self.with_conn(move |conn| {
