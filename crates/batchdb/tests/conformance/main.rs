@@ -11,6 +11,7 @@ mod dir_store;
 mod library;
 mod model;
 mod queue;
+mod sqlite;
 mod util;
 
 pub use backends::Backend;

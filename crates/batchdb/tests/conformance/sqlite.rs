@@ -1,0 +1,65 @@
+//! Tests of the SQLite queue that need its file.
+
+use batchdb::Error;
+use batchdb::queue::{Queue, SqliteQueue};
+
+#[tokio::test]
+async fn newer_schema_is_refused_with_a_clear_message() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("q.sqlite");
+    SqliteQueue::open(&path).await.unwrap();
+    rusqlite::Connection::open(&path)
+        .unwrap()
+        .execute_batch("PRAGMA user_version = 99")
+        .unwrap();
+    let err = SqliteQueue::open(&path).await.unwrap_err();
+    assert!(
+        matches!(
+            err,
+            Error::SchemaTooNew {
+                found: 99,
+                supported: 1,
+                ..
+            }
+        ),
+        "{err}"
+    );
+    let msg = err.to_string();
+    assert!(
+        msg.contains("schema version 99") && msg.contains(&path.display().to_string()),
+        "{msg}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn many_openers_migrate_a_new_file_at_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("sub").join("q.sqlite");
+    let mut tasks = Vec::new();
+    for _ in 0..8 {
+        let p = path.clone();
+        tasks.push(tokio::spawn(async move { SqliteQueue::open(&p).await }));
+    }
+    for t in tasks {
+        let q = t.await.unwrap().expect("every concurrent opener succeeds");
+        assert!(q.check().await.unwrap().is_empty());
+    }
+    let v: i64 = rusqlite::Connection::open(&path)
+        .unwrap()
+        .query_row("PRAGMA user_version", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(v, 1);
+}
+
+#[tokio::test]
+async fn a_file_that_is_not_a_database_is_a_clear_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("q.sqlite");
+    std::fs::write(&path, vec![7u8; 4096]).unwrap();
+    let err = SqliteQueue::open(&path).await.unwrap_err();
+    assert!(matches!(err, Error::Sqlite { .. }), "{err}");
+    assert!(
+        err.to_string().contains(&path.display().to_string()),
+        "{err}"
+    );
+}
