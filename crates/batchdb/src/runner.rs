@@ -21,9 +21,9 @@ use crate::error::{Error, Result};
 use crate::hash::Hash;
 
 /// What a runner knows about the attempt it runs (also exported to a shell runner's
-/// environment as `BATCHDB_JOB`, `BATCHDB_INSTANCE`, `BATCHDB_CREATED` and
-/// `BATCHDB_ATTEMPT`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// environment as `BATCHDB_JOB`, `BATCHDB_INSTANCE`, `BATCHDB_CREATED`,
+/// `BATCHDB_ATTEMPT` and `BATCHDB_WORKER`).
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RunContext {
     /// The job key.
     pub job: Hash,
@@ -33,6 +33,8 @@ pub struct RunContext {
     pub created: i64,
     /// The attempt number.
     pub attempt: i64,
+    /// The name of the worker running it (unique to that worker process).
+    pub worker: String,
 }
 
 /// How an execution ended.
@@ -112,10 +114,10 @@ pub trait Runner: Send + Sync + fmt::Debug {
     /// two runners with the same spec must produce the same outcome for a payload.
     fn spec(&self) -> String;
 
-    /// Stops whatever an earlier attempt of an instance left running on this machine
-    /// (its worker died, so nobody else will). Called before a takeover runs the
-    /// instance again, so that one instance never runs twice at once here.
-    fn stop_lost(&self, _instance: i64, _attempt: i64) {}
+    /// Stops whatever attempt `attempt` of instance `instance`, run by the (dead)
+    /// worker named `worker`, left running on this machine. Called before a takeover
+    /// runs the instance again, so that one instance never runs twice at once here.
+    fn stop_lost(&self, _worker: &str, _instance: i64, _attempt: i64) {}
 }
 
 /// Runs each job as `COMMAND` (default `sh`) with the payload on stdin, stdout and
@@ -185,6 +187,7 @@ impl Runner for ShellRunner {
             .env("BATCHDB_INSTANCE", ctx.instance.to_string())
             .env("BATCHDB_CREATED", ctx.created.to_string())
             .env("BATCHDB_ATTEMPT", ctx.attempt.to_string())
+            .env("BATCHDB_WORKER", &ctx.worker)
             .process_group(0)
             .kill_on_drop(false);
         let parent = std::process::id() as i32;
@@ -230,12 +233,15 @@ impl Runner for ShellRunner {
     }
 
     /// Kills (SIGKILL) every process on this machine whose environment says it belongs
-    /// to that attempt (`BATCHDB_INSTANCE` and `BATCHDB_ATTEMPT`, inherited by every
-    /// child and grandchild), identified through `/proc`, so a recycled pid is never
-    /// hit.
-    fn stop_lost(&self, instance: i64, attempt: i64) {
-        let want_i = format!("BATCHDB_INSTANCE={instance}");
-        let want_a = format!("BATCHDB_ATTEMPT={attempt}");
+    /// to that attempt of that worker (`BATCHDB_WORKER`, `BATCHDB_INSTANCE` and
+    /// `BATCHDB_ATTEMPT`, inherited by every child and grandchild), found through
+    /// `/proc`: a recycled pid, or a job of another worker or database, is never hit.
+    fn stop_lost(&self, worker: &str, instance: i64, attempt: i64) {
+        let want = [
+            format!("BATCHDB_WORKER={worker}"),
+            format!("BATCHDB_INSTANCE={instance}"),
+            format!("BATCHDB_ATTEMPT={attempt}"),
+        ];
         for _round in 0..50 {
             let mut found = false;
             let Ok(procs) = std::fs::read_dir("/proc") else {
@@ -248,13 +254,13 @@ impl Runner for ShellRunner {
                 let Ok(env) = std::fs::read(p.path().join("environ")) else {
                     continue;
                 };
-                let mut vars = env.split(|b| *b == 0);
-                let (mut i, mut a) = (false, false);
-                for v in &mut vars {
-                    i |= v == want_i.as_bytes();
-                    a |= v == want_a.as_bytes();
+                let mut hits = [false; 3];
+                for v in env.split(|b| *b == 0) {
+                    for (hit, w) in hits.iter_mut().zip(&want) {
+                        *hit |= v == w.as_bytes();
+                    }
                 }
-                if i && a {
+                if hits == [true; 3] {
                     found = true;
                     // SAFETY: kill(2) has no memory-safety preconditions.
                     unsafe {

@@ -219,14 +219,15 @@ impl Worker {
                                 send(&reports, &claim, hit, Some(Finished::Result));
                                 continue;
                             }
-                            if claim.takeover {
+                            if let Some(lost) = claim.lost_worker.clone() {
                                 // Whatever the lost attempt left running here must stop
                                 // before the instance runs again.
                                 let (runner, id, old) =
                                     (this.runner.clone(), claim.token.id, claim.token.token - 1);
-                                let _ =
-                                    tokio::task::spawn_blocking(move || runner.stop_lost(id, old))
-                                        .await;
+                                let _ = tokio::task::spawn_blocking(move || {
+                                    runner.stop_lost(&lost, id, old)
+                                })
+                                .await;
                             }
                             let (w, r) = (this.clone(), reports.clone());
                             tasks.spawn(async move { w.run_one(claim, r).await });
@@ -331,6 +332,7 @@ impl Worker {
             instance: claim.token.id,
             created: claim.created,
             attempt: claim.token.token,
+            worker: self.opts.name.clone(),
         };
         let payload = match self.blobs.get(&claim.job).await {
             Ok(p) => p,

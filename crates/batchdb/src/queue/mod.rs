@@ -29,8 +29,9 @@ use crate::hash::Hash;
 ///
 /// Guarantees every backend must give (held by the conformance suite):
 /// - `create`, `push` and `add` are atomic; `add` writes both rows or neither.
-/// - Instances are unique by `id` and by `(job, created)`, even when pushes land in
-///   the same millisecond or from several processes.
+/// - Instances are unique by `id` and by `created` (push time in epoch ms, moved to
+///   the next free millisecond when taken), even when pushes land in the same
+///   millisecond or come from several processes.
 /// - [`claim`](Queue::claim) hands an instance to one worker at a time: an instance is
 ///   claimed again only once the lease of its current attempt has expired.
 /// - [`heartbeat`](Queue::heartbeat) and [`finish`](Queue::finish) succeed only for
@@ -74,7 +75,8 @@ pub trait Queue: Send + Sync + fmt::Debug {
     /// running ones are flagged so their worker kills them at its next heartbeat.
     async fn cancel(&self, sel: &Selector) -> Result<Vec<Instance>>;
 
-    /// Pushes a new instance for each failed or cancelled instance `sel` names.
+    /// Pushes a new instance for each failed or cancelled instance `sel` names that
+    /// was not retried before (so retrying twice queues nothing twice).
     async fn retry(&self, sel: &Selector) -> Result<Vec<Instance>>;
 
     /// Up to `limit` rows of `kind` with a cursor greater than `after`, in cursor order.

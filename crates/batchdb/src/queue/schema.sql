@@ -21,6 +21,7 @@ CREATE TABLE instances(
   cancel_requested INTEGER NOT NULL DEFAULT 0,
   cache_key TEXT,
   ended INTEGER,
+  retried_by INTEGER,
   UNIQUE(job, created)
 );
 CREATE INDEX instances_pending_newest ON instances(priority, created) WHERE state = 'pending';
@@ -28,7 +29,7 @@ CREATE INDEX instances_pending_oldest ON instances(priority DESC, created ASC) W
 CREATE INDEX instances_lease ON instances(lease_until) WHERE state = 'running';
 CREATE INDEX instances_cache ON instances(cache_key) WHERE state = 'running';
 CREATE INDEX instances_state ON instances(state, id);
-CREATE INDEX instances_created ON instances(created);
+CREATE UNIQUE INDEX instances_created ON instances(created);
 CREATE TABLE attempts(
   instance INTEGER NOT NULL,
   attempt INTEGER NOT NULL,

@@ -388,9 +388,12 @@ fn insert_instance(
     now: i64,
 ) -> rusqlite::Result<Instance> {
     let key = job.to_hex();
+    // `created` is unique across all instances: a push landing in a millisecond
+    // already taken gets the next free one (the write lock makes this race-free
+    // across processes).
     let last: Option<i64> = tx
-        .prepare_cached("SELECT MAX(created) FROM instances WHERE job = ?1")?
-        .query_row([&key], |r| r.get(0))?;
+        .prepare_cached("SELECT MAX(created) FROM instances")?
+        .query_row([], |r| r.get(0))?;
     let created = last.map_or(now, |l| now.max(l + 1));
     tx.prepare_cached(
         "INSERT INTO instances(job, created, state, priority, run_at, timeout_ms, retries, cached)
@@ -488,6 +491,7 @@ impl Candidate {
             timeout: self.timeout,
             retries: self.retries,
             takeover,
+            lost_worker: None,
             cache_hit,
         }
     }
@@ -675,7 +679,7 @@ fn select_ids(conn: &Connection, sel: &Selector) -> rusqlite::Result<Vec<i64>> {
             h.to_hex().into(),
         ),
         Selector::AllFailed => (
-            "SELECT id FROM instances WHERE state = 'fail' AND ?1 ORDER BY id",
+            "SELECT id FROM instances WHERE state = 'fail' AND retried_by IS NULL AND ?1 ORDER BY id",
             1i64.into(),
         ),
     };
@@ -766,9 +770,14 @@ impl Queue for SqliteQueue {
                     finish_tx(tx, &old, &c.job, c.created, &Outcome::Cancelled(lost), now)?;
                     continue;
                 }
+                let lost_worker: String = tx
+                    .prepare_cached("SELECT worker FROM attempts WHERE instance = ?1 AND attempt = ?2")?
+                    .query_row(params![old.id, old.token], |r| r.get(0))?;
                 record_attempt(tx, &old, "lost", &lost)?;
                 let token = start_attempt(tx, &c, &req, now, None)?;
-                out.push(c.claim(token, now, true, None));
+                let mut claim = c.claim(token, now, true, None);
+                claim.lost_worker = Some(lost_worker);
+                out.push(claim);
             }
             // 2. Due pending instances, by priority then order.
             let remaining = req.limit.saturating_sub(out.len());
@@ -957,7 +966,7 @@ impl Queue for SqliteQueue {
                 let opts: Option<(String, PushOptions)> = tx
                     .prepare_cached(
                         "SELECT job, priority, timeout_ms, retries, cached FROM instances
-                         WHERE id = ?1 AND state IN ('fail', 'cancelled')",
+                         WHERE id = ?1 AND state IN ('fail', 'cancelled') AND retried_by IS NULL",
                     )?
                     .query_row([id], |r| {
                         Ok((
@@ -977,6 +986,8 @@ impl Queue for SqliteQueue {
                 let Some((job, opts)) = opts else { continue };
                 let job = parse_hash(job)?;
                 let inst = insert_instance(tx, &job, &opts, now)?;
+                tx.prepare_cached("UPDATE instances SET retried_by = ?2 WHERE id = ?1")?
+                    .execute(params![id, inst.id])?;
                 event(
                     tx,
                     now,

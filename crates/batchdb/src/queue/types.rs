@@ -40,7 +40,8 @@ pub struct Instance {
     pub id: i64,
     /// The job's key.
     pub job: Hash,
-    /// Push time in epoch ms, unique among the instances of one job.
+    /// Push time in epoch ms, unique among all instances (a push landing in a
+    /// millisecond already taken gets the next free one).
     pub created: i64,
 }
 
@@ -134,6 +135,8 @@ pub struct Claim {
     /// Whether an earlier attempt's lease expired (its worker died) and this claim
     /// took the instance over.
     pub takeover: bool,
+    /// For a takeover: the name of the worker whose attempt was lost.
+    pub lost_worker: Option<String>,
     /// If the result cache already held a result, the instance was finished from it
     /// inside the claim and nothing must run: this is that result.
     pub cache_hit: Option<AttemptReport>,
@@ -257,7 +260,7 @@ impl FromStr for State {
 pub enum Selector {
     /// The instance with this id.
     Id(i64),
-    /// The instances pushed at this `created` time.
+    /// The instance pushed at this `created` time.
     Created(i64),
     /// The instances of this job, or the instances whose result has this id.
     Hash(Hash),

@@ -117,6 +117,25 @@ pub async fn concurrent_pushes_stay_distinct(b: &Backend) {
     assert_eq!(rows(b, ListKind::Pending).await.len(), 40);
 }
 
+pub async fn created_is_unique_across_jobs(b: &Backend) {
+    let mut seen = HashSet::new();
+    for n in 0..50 {
+        let inst = b.queue.add(&job(n), &opts()).await.unwrap();
+        assert!(
+            seen.insert(inst.created),
+            "created {} taken twice",
+            inst.created
+        );
+        assert_eq!(
+            b.queue
+                .select(&Selector::Created(inst.created))
+                .await
+                .unwrap(),
+            [inst.id]
+        );
+    }
+}
+
 pub async fn add_writes_job_and_instance_together(b: &Backend) {
     let i1 = b.queue.add(&job(1), &opts()).await.unwrap();
     let i2 = b.queue.add(&job(1), &opts()).await.unwrap();
@@ -376,8 +395,6 @@ pub async fn cancel_pending_and_running(b: &Backend) {
         .await
         .unwrap();
     assert_eq!(c[0].token.id, r.id);
-    // (Selector::Created could also match an instance of another job pushed in the
-    // same millisecond: `created` is unique per job.)
     let done = b.queue.cancel(&Selector::Id(p.id)).await.unwrap();
     assert_eq!(done.iter().map(|i| i.id).collect::<Vec<_>>(), [p.id]);
     assert_eq!(state(b, p.id).await, State::Cancelled);
@@ -432,6 +449,22 @@ pub async fn retry_pushes_failed_again(b: &Backend) {
     );
     let again = b.queue.retry(&Selector::AllFailed).await.unwrap();
     assert_eq!(again.len(), 1);
+    assert!(
+        b.queue
+            .retry(&Selector::AllFailed)
+            .await
+            .unwrap()
+            .is_empty(),
+        "retried once only"
+    );
+    assert!(
+        b.queue
+            .retry(&Selector::Id(inst.id))
+            .await
+            .unwrap()
+            .is_empty(),
+        "retried once only"
+    );
     assert_eq!(again[0].job, inst.job);
     assert_ne!(again[0].id, inst.id);
     assert_eq!(b.queue.instance(again[0].id).await.unwrap().priority, 3);
