@@ -7,6 +7,7 @@
 //! - `worker`: parallelism, several workers, kill -9 takeover, timeouts, signals (issue 3)
 //! - `control`: retries, retry, cancel, priorities, delay (issue 3)
 //! - `output`: show, logs -f, events, the result cache (issue 3)
+//! - `faults`: the bad-input and fault matrix (issue 7)
 
 mod util;
 
@@ -14,5 +15,6 @@ mod bad_input;
 mod contract;
 mod control;
 mod defects;
+mod faults;
 mod output;
 mod worker;

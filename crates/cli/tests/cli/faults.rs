@@ -1,0 +1,268 @@
+//! The bad-input and fault matrix (issue 7): odd payloads, huge streams, read-only
+//! stores, a full disk, a newer schema, concurrent migration. Every error path must
+//! give a one-line message and a non-zero exit, and leave the database and the blob
+//! store consistent (`batchdb verify` passes, no partial blob, no row naming one).
+
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::process::CommandExt;
+use std::process::{Command, Stdio};
+
+use crate::util::{BIN, Env, sha256};
+
+/// Asserts a failed command: non-zero exit, one `batchdb: ` line on stderr, nothing
+/// on stdout; returns the message.
+fn one_line_error(out: &std::process::Output) -> String {
+    let err = String::from_utf8_lossy(&out.stderr).to_string();
+    assert!(
+        !out.status.success(),
+        "expected failure, got success; stderr: {err}"
+    );
+    assert_eq!(err.lines().count(), 1, "one line expected: {err:?}");
+    assert!(err.starts_with("batchdb: "), "{err:?}");
+    assert!(
+        out.stdout.is_empty(),
+        "nothing on stdout: {:?}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    err
+}
+
+fn assert_consistent(env: &Env) {
+    let out = env.cmd(&["verify"]);
+    assert!(
+        out.status.success(),
+        "verify: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let tmp = env.db_dir().join("blobs").join("tmp");
+    let leftovers: Vec<_> = std::fs::read_dir(&tmp)
+        .map(|d| d.flatten().map(|e| e.path()).collect())
+        .unwrap_or_default();
+    assert!(
+        leftovers.is_empty(),
+        "partial blobs left behind: {leftovers:?}"
+    );
+}
+
+#[test]
+fn empty_payload() {
+    let env = Env::new();
+    let (key, _) = env.add("");
+    assert_eq!(key, sha256(b""));
+    let out = env.cmd_stdin(&["add", "-q"], b"");
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), sha256(b""));
+    let run = env.run_until_empty(&[]);
+    assert_eq!(
+        run.matches(&format!("RESULT {key} {}", sha256(b"")))
+            .count(),
+        2,
+        "{run}"
+    );
+    assert!(env.get(&key).is_empty());
+    assert_consistent(&env);
+}
+
+#[test]
+fn binary_payload_with_nul_bytes() {
+    let env = Env::new();
+    let payload: Vec<u8> = (0..=255u8).chain([0, 0, b'\n', 0xff]).collect();
+    std::fs::write(env.file("bin"), &payload).unwrap();
+    let key = String::from_utf8_lossy(&env.cmd(&["add", "-q", "-f", "bin"]).stdout)
+        .trim()
+        .to_string();
+    assert_eq!(key, sha256(&payload));
+    let again = env.cmd_stdin(&["add", "-q"], &payload);
+    assert_eq!(String::from_utf8_lossy(&again.stdout).trim(), key);
+    assert_eq!(env.get(&key), payload);
+    assert_consistent(&env);
+}
+
+/// Runs `producer | batchdb ARGS` and returns batchdb's peak RSS in KiB.
+fn peak_rss_of_piped(
+    env: &Env,
+    producer: &str,
+    args: &[&str],
+) -> (std::process::ExitStatus, i64, String) {
+    let mut src = Command::new("sh")
+        .args(["-c", producer])
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("spawn producer");
+    let child = env
+        .command(args)
+        .stdin(Stdio::from(src.stdout.take().expect("producer stdout")))
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("spawn batchdb");
+    let pid = child.id() as i32;
+    let mut status = 0;
+    // SAFETY: an all-zero rusage is a valid value for wait4 to fill in.
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: waits for our own child, with valid out-pointers.
+    let r = unsafe { libc::wait4(pid, &mut status, 0, &mut usage) };
+    assert_eq!(r, pid, "wait4");
+    let _ = src.wait();
+    let mut out = String::new();
+    if let Some(mut so) = child.stdout {
+        use std::io::Read;
+        let _ = so.read_to_string(&mut out);
+    }
+    (
+        std::os::unix::process::ExitStatusExt::from_raw(status),
+        usage.ru_maxrss,
+        out,
+    )
+}
+
+#[test]
+fn five_gib_payload_from_a_pipe_in_flat_memory() {
+    let env = Env::new();
+    env.ok(&["status"]);
+    let size: u64 = 5 << 30;
+    let (status, rss_kib, out) =
+        peak_rss_of_piped(&env, &format!("head -c {size} /dev/zero"), &["add", "-q"]);
+    assert!(status.success(), "add of 5 GiB failed");
+    assert!(
+        rss_kib < 64 * 1024,
+        "peak RSS {rss_kib} KiB for a 5 GiB payload: not streamed"
+    );
+    let key = out.trim().to_string();
+    let jobs = env.list("job");
+    assert_eq!(jobs.len(), 1);
+    assert_eq!(jobs[0]["key"], key.as_str());
+    assert_eq!(jobs[0]["size"], size);
+    let blob = env
+        .db_dir()
+        .join("blobs")
+        .join(&key[0..2])
+        .join(&key[2..4])
+        .join(&key);
+    assert_eq!(std::fs::metadata(blob).unwrap().len(), size);
+}
+
+#[test]
+fn disk_full_during_a_blob_write_leaves_nothing() {
+    let env = Env::new();
+    env.ok(&["status"]);
+    std::fs::write(env.file("big"), vec![b'x'; 4 << 20]).unwrap();
+    // A file-size limit of 1 MiB (ulimit counts 512-byte blocks) makes the blob write
+    // fail with EFBIG, as a full disk would fail it with ENOSPC.
+    let script = format!(
+        "trap '' XFSZ; ulimit -f 2048; exec '{BIN}' --dir '{}' add -f big",
+        env.db_dir().display()
+    );
+    let out = env.output_within(
+        {
+            let mut c = Command::new("sh");
+            c.args(["-c", &script])
+                .current_dir(env.root())
+                .stdin(Stdio::null());
+            c
+        },
+        None,
+        crate::util::DEADLINE,
+    );
+    let msg = one_line_error(&out);
+    assert!(msg.contains("write"), "{msg}");
+    assert!(env.list("job").is_empty(), "no row may name a partial blob");
+    assert!(env.list("pending").is_empty());
+    assert_consistent(&env);
+}
+
+/// A command running as an unprivileged user (root ignores file permissions).
+fn as_nobody(env: &Env, args: &[&str]) -> std::process::Output {
+    let mut c = env.command(args);
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } == 0 {
+        c.uid(65534).gid(65534);
+    }
+    env.output_within(c, None, crate::util::DEADLINE)
+}
+
+fn chmod(path: &std::path::Path, mode: u32) {
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).unwrap();
+}
+
+fn chown_tree_to_nobody(path: &std::path::Path) {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        return;
+    }
+    let st = Command::new("chown")
+        .args(["-R", "65534:65534"])
+        .arg(path)
+        .status()
+        .unwrap();
+    assert!(st.success());
+}
+
+#[test]
+fn read_only_blob_directory_is_a_clear_error() {
+    let env = Env::new();
+    env.add("echo before");
+    chmod(env.root(), 0o755);
+    chown_tree_to_nobody(&env.db_dir());
+    let blobs = env.db_dir().join("blobs");
+    chmod(&blobs.join("tmp"), 0o555);
+    let out = as_nobody(&env, &["add", "echo after"]);
+    let msg = one_line_error(&out);
+    assert!(
+        msg.contains("ermission denied") && msg.contains("tmp"),
+        "{msg}"
+    );
+    chmod(&blobs.join("tmp"), 0o755);
+    assert_eq!(env.list("job").len(), 1, "the failed add wrote no row");
+    assert_consistent(&env);
+}
+
+#[test]
+fn read_only_database_is_a_clear_error() {
+    let env = Env::new();
+    env.add("echo before");
+    chmod(env.root(), 0o755);
+    chown_tree_to_nobody(&env.db_dir());
+    let db = env.db_dir().join("batchdb.sqlite");
+    chmod(&db, 0o444);
+    chmod(&env.db_dir(), 0o555);
+    let out = as_nobody(&env, &["add", "echo after"]);
+    let msg = one_line_error(&out);
+    assert!(msg.contains("batchdb.sqlite"), "{msg}");
+    chmod(&env.db_dir(), 0o755);
+    chmod(&db, 0o644);
+    assert_eq!(env.list("pending").len(), 1);
+    assert_consistent(&env);
+}
+
+#[test]
+fn newer_schema_is_refused_in_one_line() {
+    let env = Env::new();
+    env.add("echo hi");
+    let db = env.db_dir().join("batchdb.sqlite");
+    let st = Command::new("sqlite3")
+        .arg(&db)
+        .arg("PRAGMA user_version = 7")
+        .status()
+        .expect("sqlite3");
+    assert!(st.success());
+    for args in [&["status"][..], &["add", "echo x"], &["list", "job"]] {
+        let msg = one_line_error(&env.cmd(args));
+        assert!(
+            msg.contains("schema version 7") && msg.contains("upgrade batchdb"),
+            "{msg}"
+        );
+    }
+}
+
+#[test]
+fn processes_migrating_a_new_database_at_once() {
+    let env = Env::new();
+    let procs: Vec<_> = (0..6)
+        .map(|i| env.spawn(&["add", &format!("echo {i}")]))
+        .collect();
+    for mut p in procs {
+        assert!(p.wait().success(), "{}", p.stderr());
+    }
+    assert_eq!(env.list("pending").len(), 6);
+    assert_consistent(&env);
+}
