@@ -1,0 +1,392 @@
+//! The benchmark suite: each scenario measures batchdb and, right beside it in the
+//! same run on the same machine, a baseline of what the machine allows, and reports
+//! the ratio. Absolute numbers drift on a shared machine; ratios much less.
+//!
+//! `cargo bench -p batchdb --bench scenarios` (add `-- quick` for a smaller run).
+//! The table it prints is kept in `docs/performance.md`.
+
+use std::path::Path;
+use std::process::Command;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use batchdb::blob::DirStore;
+use batchdb::queue::{
+    AttemptReport, ClaimRequest, EventKind, ListKind, Order, Outcome, PushOptions, Queue,
+    SqliteQueue, now_ms,
+};
+use batchdb::runner::ShellRunner;
+use batchdb::worker::WorkerOptions;
+use batchdb::{BatchDb, Hash};
+use futures_util::StreamExt;
+
+struct Row {
+    scenario: String,
+    ours: String,
+    base: String,
+    ratio: f64,
+    rss_mib: f64,
+}
+
+/// Resets the peak-RSS counter of this process (Linux: `clear_refs` 5).
+fn reset_peak() {
+    let _ = std::fs::write("/proc/self/clear_refs", "5");
+}
+
+/// Peak RSS since the last reset, in MiB.
+fn peak_mib() -> f64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
+        .map_or(0.0, |k| k / 1024.0)
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    v[v.len() / 2]
+}
+
+async fn open(dir: &Path) -> BatchDb {
+    let q = Arc::new(
+        SqliteQueue::open(dir.join("q.sqlite"))
+            .await
+            .expect("open queue"),
+    );
+    let b = Arc::new(DirStore::open(dir.join("blobs")).await.expect("open blobs"));
+    BatchDb::new(q, b)
+}
+
+fn sh(script: &str) -> Duration {
+    let t = Instant::now();
+    let st = Command::new("sh")
+        .args(["-c", script])
+        .status()
+        .expect("sh");
+    assert!(st.success(), "baseline failed: {script}");
+    t.elapsed()
+}
+
+/// Library `add` of `n` distinct small payloads, each durable on return, against the
+/// same rows inserted straight into SQLite one transaction each (synchronous=FULL).
+async fn enqueue_one(n: usize, reps: usize) -> Row {
+    let mut ours = Vec::new();
+    let mut base = Vec::new();
+    for r in 0..reps {
+        let dir = tempfile::tempdir().unwrap();
+        let db = open(dir.path()).await;
+        reset_peak();
+        let t = Instant::now();
+        for i in 0..n {
+            db.add(format!("echo {r} {i}").as_bytes(), &PushOptions::default())
+                .await
+                .unwrap();
+        }
+        ours.push(n as f64 / t.elapsed().as_secs_f64());
+        let conn = rusqlite::Connection::open(dir.path().join("raw.sqlite")).unwrap();
+        conn.execute_batch(
+            "PRAGMA journal_mode=WAL; PRAGMA synchronous=FULL;
+             CREATE TABLE jobs(id INTEGER PRIMARY KEY, key TEXT UNIQUE, size INTEGER, created INTEGER);
+             CREATE TABLE instances(id INTEGER PRIMARY KEY, job TEXT, created INTEGER, state TEXT);",
+        )
+        .unwrap();
+        let t = Instant::now();
+        for i in 0..n {
+            let key = Hash::of(format!("raw {r} {i}").as_bytes()).to_hex();
+            conn.execute_batch("BEGIN").unwrap();
+            conn.execute(
+                "INSERT INTO jobs(key, size, created) VALUES (?1, 10, 0)",
+                [&key],
+            )
+            .unwrap();
+            conn.execute(
+                "INSERT INTO instances(job, created, state) VALUES (?1, 0, 'pending')",
+                [&key],
+            )
+            .unwrap();
+            conn.execute_batch("COMMIT").unwrap();
+        }
+        base.push(n as f64 / t.elapsed().as_secs_f64());
+    }
+    let (o, b) = (median(ours), median(base));
+    Row {
+        scenario: format!("enqueue one at a time ({n} adds, durable)"),
+        ours: format!("{o:.0} jobs/s"),
+        base: format!("{b:.0} jobs/s (raw SQLite, 1 txn each)"),
+        ratio: o / b,
+        rss_mib: peak_mib(),
+    }
+}
+
+/// `run -j 2 --until-empty` (the library worker, shell runner) over `n` pending
+/// `echo i` jobs, against `xargs -P 2` running the same payloads through `sh`.
+async fn drain(n: usize, reps: usize) -> Row {
+    let mut ours = Vec::new();
+    let mut base = Vec::new();
+    for r in 0..reps {
+        let dir = tempfile::tempdir().unwrap();
+        let db = open(dir.path()).await;
+        for i in 0..n {
+            db.add(format!("echo {r} {i}").as_bytes(), &PushOptions::default())
+                .await
+                .unwrap();
+        }
+        reset_peak();
+        let opts = WorkerOptions {
+            concurrency: 2,
+            until_empty: true,
+            order: Order::Oldest,
+            ..WorkerOptions::default()
+        };
+        let t = Instant::now();
+        db.worker(Arc::new(ShellRunner::default()), opts)
+            .run(None)
+            .await
+            .unwrap();
+        ours.push(n as f64 / t.elapsed().as_secs_f64());
+        assert_eq!(db.counts().await.unwrap().result, n as u64);
+        let took = sh(&format!(
+            "seq 1 {n} | xargs -P 2 -I{{}} sh -c 'echo {r} {{}}' > /dev/null"
+        ));
+        base.push(n as f64 / took.as_secs_f64());
+    }
+    let (o, b) = (median(ours), median(base));
+    Row {
+        scenario: format!("drain {n} trivial shell jobs, 2 at a time"),
+        ours: format!("{o:.0} jobs/s"),
+        base: format!("{b:.0} jobs/s (xargs -P 2 sh -c)"),
+        ratio: o / b,
+        rss_mib: peak_mib(),
+    }
+}
+
+/// One job writing `mib` MiB to stdout, against hashing the same bytes with openssl
+/// and against writing them plainly to the same disk (with a final fsync).
+async fn big_output(mib: u64, reps: usize) -> Row {
+    let bytes = mib << 20;
+    let mut ours = Vec::new();
+    let mut hash = Vec::new();
+    let mut write = Vec::new();
+    for _ in 0..reps {
+        let dir = tempfile::tempdir().unwrap();
+        let db = open(dir.path()).await;
+        db.add(
+            format!("head -c {bytes} /dev/zero").as_bytes(),
+            &PushOptions::default(),
+        )
+        .await
+        .unwrap();
+        reset_peak();
+        let opts = WorkerOptions {
+            until_empty: true,
+            ..WorkerOptions::default()
+        };
+        let t = Instant::now();
+        db.worker(Arc::new(ShellRunner::default()), opts)
+            .run(None)
+            .await
+            .unwrap();
+        ours.push(mib as f64 / t.elapsed().as_secs_f64());
+        let h = sh(&format!(
+            "head -c {bytes} /dev/zero | openssl dgst -sha256 > /dev/null"
+        ));
+        hash.push(mib as f64 / h.as_secs_f64());
+        let out = dir.path().join("plain");
+        let w = sh(&format!(
+            "head -c {bytes} /dev/zero > '{0}' && sync '{0}'",
+            out.display()
+        ));
+        write.push(mib as f64 / w.as_secs_f64());
+    }
+    let (o, h, w) = (median(ours), median(hash), median(write));
+    let slower = h.min(w);
+    Row {
+        scenario: format!("one job writing {mib} MiB to stdout"),
+        ours: format!("{o:.0} MiB/s"),
+        base: format!("{h:.0} MiB/s sha256 (openssl), {w:.0} MiB/s plain write+fsync"),
+        ratio: o / slower,
+        rss_mib: peak_mib(),
+    }
+}
+
+/// Fills a queue with `n` pending instances straight through SQL (fast set-up).
+fn fill(path: &Path, n: usize) {
+    let conn = rusqlite::Connection::open(path).unwrap();
+    conn.execute_batch("BEGIN").unwrap();
+    {
+        let mut job = conn
+            .prepare("INSERT INTO jobs(key, size, created) VALUES (?1, 8, ?2)")
+            .unwrap();
+        let mut inst = conn
+            .prepare(
+                "INSERT INTO instances(job, created, state, priority, run_at, cached)
+                 VALUES (?1, ?2, 'pending', 0, 0, 0)",
+            )
+            .unwrap();
+        for i in 0..n {
+            let key = Hash::of(format!("fill {i}").as_bytes()).to_hex();
+            job.execute(rusqlite::params![key, i as i64]).unwrap();
+            inst.execute(rusqlite::params![key, i as i64 + 1]).unwrap();
+        }
+    }
+    conn.execute_batch("COMMIT").unwrap();
+}
+
+/// `list pending` of `n` rows (streamed, serialised as JSON lines to a sink), against
+/// a raw SQLite scan of the same rows.
+async fn list(n: usize, reps: usize) -> Row {
+    let dir = tempfile::tempdir().unwrap();
+    let db = open(dir.path()).await;
+    fill(&dir.path().join("q.sqlite"), n);
+    let mut ours = Vec::new();
+    let mut base = Vec::new();
+    reset_peak();
+    for _ in 0..reps {
+        let t = Instant::now();
+        let rows = db.list(ListKind::Pending);
+        futures_util::pin_mut!(rows);
+        let mut sink = std::io::sink();
+        let mut count = 0;
+        while let Some(r) = rows.next().await {
+            serde_json::to_writer(&mut sink, &r.unwrap()).unwrap();
+            count += 1;
+        }
+        assert_eq!(count, n);
+        ours.push(n as f64 / t.elapsed().as_secs_f64());
+        let conn = rusqlite::Connection::open(dir.path().join("q.sqlite")).unwrap();
+        let t = Instant::now();
+        let mut stmt = conn
+            .prepare("SELECT id, job, created, state, priority, run_at, attempts FROM instances WHERE state IN ('pending','running')")
+            .unwrap();
+        let mut rows = stmt.query([]).unwrap();
+        let mut count = 0;
+        while let Some(r) = rows.next().unwrap() {
+            let _: (i64, String) = (r.get(0).unwrap(), r.get(1).unwrap());
+            count += 1;
+        }
+        assert_eq!(count, n);
+        base.push(n as f64 / t.elapsed().as_secs_f64());
+    }
+    let (o, b) = (median(ours), median(base));
+    Row {
+        scenario: format!("list pending, {n} rows"),
+        ours: format!("{:.0} k rows/s", o / 1000.0),
+        base: format!("{:.0} k rows/s (raw SQLite scan)", b / 1000.0),
+        ratio: o / b,
+        rss_mib: peak_mib(),
+    }
+}
+
+/// Mean time of one claim + finish with `n` pending.
+async fn claim_finish_cost(n: usize, ops: usize) -> f64 {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("q.sqlite");
+    let q = SqliteQueue::open(&path).await.unwrap();
+    fill(&path, n);
+    let req = ClaimRequest {
+        worker: "bench".into(),
+        limit: 1,
+        lease: Duration::from_secs(60),
+        order: Order::Newest,
+        cache: None,
+        cache_all: false,
+    };
+    let t = Instant::now();
+    for _ in 0..ops {
+        let c = q.claim(&req).await.unwrap();
+        let r = AttemptReport {
+            end: now_ms(),
+            ..AttemptReport::default()
+        };
+        q.finish(&c[0].token, &Outcome::Success(r)).await.unwrap();
+    }
+    t.elapsed().as_secs_f64() / ops as f64
+}
+
+async fn scale(big: usize, ops: usize) -> Row {
+    reset_peak();
+    let small = claim_finish_cost(1000, ops).await;
+    let large = claim_finish_cost(big, ops).await;
+    Row {
+        scenario: format!("claim + finish with {big} pending vs 1000 pending"),
+        ours: format!("{:.2} ms", large * 1000.0),
+        base: format!("{:.2} ms (1000 pending)", small * 1000.0),
+        // Here lower is better: report growth, target ≤ 1.5.
+        ratio: large / small,
+        rss_mib: peak_mib(),
+    }
+}
+
+/// Push (through another handle, as another process) → start of the job, median.
+async fn wakeup(n: usize) -> Row {
+    let dir = tempfile::tempdir().unwrap();
+    let db = open(dir.path()).await;
+    let other = BatchDb::new(
+        Arc::new(
+            SqliteQueue::open(dir.path().join("q.sqlite"))
+                .await
+                .unwrap(),
+        ),
+        db.blobs().clone(),
+    );
+    reset_peak();
+    let worker = db.worker(Arc::new(ShellRunner::default()), WorkerOptions::default());
+    let stop = worker.shutdown_handle();
+    let task = tokio::spawn(worker.run(None));
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let mut lat = Vec::new();
+    for i in 0..n {
+        let inst = other
+            .add(format!("echo wake {i}").as_bytes(), &PushOptions::default())
+            .await
+            .unwrap();
+        let events = other.events(0, true);
+        futures_util::pin_mut!(events);
+        while let Some(e) = events.next().await {
+            let e = e.unwrap();
+            if e.event == EventKind::Start && e.instance == Some(inst.id) {
+                break;
+            }
+        }
+        // Push and start are both stamped by their rows; the follow loop above only
+        // waits for the start to exist.
+        let start_ms = other.instance(inst.id).await.unwrap().attempts[0]
+            .report
+            .start;
+        lat.push((start_ms - inst.created) as f64);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    stop.graceful();
+    task.await.unwrap().unwrap();
+    let m = median(lat);
+    Row {
+        scenario: format!("wake-up: add in another handle → job start ({n} samples)"),
+        ours: format!("{m:.1} ms median"),
+        base: "target < 50 ms".into(),
+        ratio: m / 50.0,
+        rss_mib: peak_mib(),
+    }
+}
+
+#[tokio::main]
+async fn main() {
+    let quick = std::env::args().any(|a| a == "quick");
+    let k = if quick { 1 } else { 5 };
+    let reps = if quick { 1 } else { 3 };
+    let mut rows = Vec::new();
+    rows.push(enqueue_one(400 * k, reps).await);
+    rows.push(drain(200 * k, reps).await);
+    rows.push(big_output(if quick { 256 } else { 1024 }, reps).await);
+    rows.push(list(if quick { 100_000 } else { 1_000_000 }, reps).await);
+    rows.push(scale(if quick { 100_000 } else { 1_000_000 }, 200).await);
+    rows.push(wakeup(if quick { 10 } else { 30 }).await);
+    println!("| scenario | batchdb | baseline (same run) | ratio | peak RSS |");
+    println!("|---|---|---|---|---|");
+    for r in rows {
+        println!(
+            "| {} | {} | {} | {:.2} | {:.0} MiB |",
+            r.scenario, r.ours, r.base, r.ratio, r.rss_mib
+        );
+    }
+}
