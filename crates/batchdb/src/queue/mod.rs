@@ -67,8 +67,10 @@ pub trait Queue: Send + Sync + fmt::Debug {
     async fn status(&self, claim: &ClaimToken) -> Result<Heartbeat>;
 
     /// Ends the current attempt with `outcome`: a result, a failure (retried later if
-    /// retries are left), a cancellation, or a release back to pending. Fails with
-    /// [`crate::Error::Fenced`] if the attempt is no longer current.
+    /// retries are left), a cancellation, or a release back to pending. If the
+    /// instance's cancellation was requested, a retry or a release ends it as
+    /// cancelled instead. Fails with [`crate::Error::Fenced`] if the attempt is no
+    /// longer current.
     async fn finish(&self, claim: &ClaimToken, outcome: &Outcome) -> Result<Finished>;
 
     /// Cancels the instances `sel` names: pending ones end as `cancelled` at once,

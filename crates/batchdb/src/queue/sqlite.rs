@@ -693,19 +693,23 @@ struct InstRow {
     created: i64,
     state: String,
     attempts: i64,
+    cancel_requested: bool,
 }
 
 fn inst_row(conn: &Connection, id: i64) -> rusqlite::Result<Option<InstRow>> {
-    conn.prepare_cached("SELECT job, created, state, attempts FROM instances WHERE id = ?1")?
-        .query_row([id], |r| {
-            Ok(InstRow {
-                job: parse_hash(r.get(0)?)?,
-                created: r.get(1)?,
-                state: r.get(2)?,
-                attempts: r.get(3)?,
-            })
+    conn.prepare_cached(
+        "SELECT job, created, state, attempts, cancel_requested FROM instances WHERE id = ?1",
+    )?
+    .query_row([id], |r| {
+        Ok(InstRow {
+            job: parse_hash(r.get(0)?)?,
+            created: r.get(1)?,
+            state: r.get(2)?,
+            attempts: r.get(3)?,
+            cancel_requested: r.get(4)?,
         })
-        .optional()
+    })
+    .optional()
 }
 
 #[async_trait]
@@ -902,6 +906,20 @@ impl Queue for SqliteQueue {
                     token: t.token,
                 }
                 .into());
+            };
+            // A cancel requested while the attempt ran wins over a retry or a release:
+            // the instance must not run again.
+            let outcome = match outcome {
+                Outcome::Failure {
+                    report,
+                    retry_at: Some(_),
+                }
+                | Outcome::Released(report)
+                    if row.cancel_requested =>
+                {
+                    Outcome::Cancelled(report)
+                }
+                other => other,
             };
             Ok(finish_tx(
                 tx,

@@ -38,6 +38,7 @@ macro_rules! suite {
                     failure_retries_then_fails,
                     release_returns_to_pending,
                     cancel_pending_and_running,
+                    cancel_wins_over_a_retry_or_release,
                     retry_pushes_failed_again,
                     list_streams_pages_in_order,
                     events_cover_every_transition_in_order,

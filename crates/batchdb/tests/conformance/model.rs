@@ -194,10 +194,17 @@ async fn step_once(
             let current = matches!(m.expect.get(&t.id), Some(Expect::Running { token, .. }) if *token == t.token);
             match (&r, current) {
                 (Ok(f), true) => {
+                    // A requested cancel turns a retry or a release into a cancellation.
+                    let cancelled = m.cancel_requested.get(&t.id) == Some(&true);
+                    let expect = match expect {
+                        Expect::Pending if cancelled => Expect::Terminal(State::Cancelled),
+                        e => e,
+                    };
                     let ok = matches!(
                         (f, expect),
                         (Finished::Result, Expect::Terminal(State::Result))
                             | (Finished::Fail, Expect::Terminal(State::Fail))
+                            | (Finished::Cancelled, Expect::Terminal(State::Cancelled))
                             | (Finished::Retry(_) | Finished::Released, Expect::Pending)
                     );
                     if !ok {

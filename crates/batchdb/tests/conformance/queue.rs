@@ -657,3 +657,27 @@ pub async fn select_by_created_job_and_result(b: &Backend) {
     );
     assert_eq!(b.queue.select(&Selector::Id(a2.id)).await.unwrap(), [a2.id]);
 }
+
+pub async fn cancel_wins_over_a_retry_or_release(b: &Backend) {
+    for outcome in [
+        failure(Some(now_ms())),
+        Outcome::Released(AttemptReport::default()),
+    ] {
+        let inst = b.queue.add(&job(1), &opts()).await.unwrap();
+        let c = b.queue.claim(&req("w", 1, LONG)).await.unwrap();
+        b.queue.cancel(&Selector::Id(inst.id)).await.unwrap();
+        assert_eq!(
+            b.queue.finish(&c[0].token, &outcome).await.unwrap(),
+            Finished::Cancelled
+        );
+        assert_eq!(state(b, inst.id).await, State::Cancelled);
+    }
+    // A result that came in before the kill is still recorded.
+    let inst = b.queue.add(&job(2), &opts()).await.unwrap();
+    let c = b.queue.claim(&req("w", 1, LONG)).await.unwrap();
+    b.queue.cancel(&Selector::Id(inst.id)).await.unwrap();
+    assert_eq!(
+        b.queue.finish(&c[0].token, &success(1)).await.unwrap(),
+        Finished::Result
+    );
+}

@@ -79,7 +79,10 @@ fn binary_payload_with_nul_bytes() {
 }
 
 /// Runs `producer | batchdb ARGS` and returns batchdb's peak RSS in KiB.
-#[expect(clippy::zombie_processes, reason = "the child is reaped by wait4, to read its rusage")]
+#[expect(
+    clippy::zombie_processes,
+    reason = "the child is reaped by wait4, to read its rusage"
+)]
 fn peak_rss_of_piped(
     env: &Env,
     producer: &str,
