@@ -52,6 +52,23 @@ struct Inner {
     poller: AtomicBool,
 }
 
+/// How a write transaction commits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Sync {
+    /// Fsynced before the call returns.
+    Full,
+    /// Safe against a process crash, not against a power failure (unless the
+    /// transaction asks for it).
+    Lazy,
+}
+
+/// The WAL file of a database file.
+fn wal_path(db: &Path) -> PathBuf {
+    let mut p = db.as_os_str().to_owned();
+    p.push("-wal");
+    PathBuf::from(p)
+}
+
 /// Errors inside a transaction: SQLite's own, or a domain error to pass through.
 enum TxError {
     Sql(rusqlite::Error),
@@ -170,17 +187,48 @@ impl SqliteQueue {
         .map_err(|e| Error::Task(e.to_string()))?
     }
 
-    /// Runs `f` in an immediate (write) transaction, commits, and wakes local waiters.
+    /// Runs `f` in an immediate (write) transaction, commits durably
+    /// (`synchronous=FULL`: the WAL is fsynced), and wakes local waiters.
     async fn write<T: Send + 'static>(
         &self,
         f: impl FnOnce(&Transaction<'_>) -> TxResult<T> + Send + 'static,
     ) -> Result<T> {
+        self.write_with(Sync::Full, move |tx| Ok((f(tx)?, false)))
+            .await
+    }
+
+    /// Like [`write`](Self::write), but with `Sync::Lazy` the commit is not fsynced
+    /// unless `f` says so: a process crash still loses nothing (the WAL is in the page
+    /// cache), but a power failure may roll the transaction back. Claims and
+    /// heartbeats use it: losing one only means the instance runs again.
+    async fn write_with<T: Send + 'static>(
+        &self,
+        sync: Sync,
+        f: impl FnOnce(&Transaction<'_>) -> TxResult<(T, bool)> + Send + 'static,
+    ) -> Result<T> {
+        let wal = wal_path(&self.inner.path);
         let (out, changed) = self
             .with_conn(move |conn| {
                 let before = conn.total_changes();
-                let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-                let out = f(&tx)?;
-                tx.commit()?;
+                if sync == Sync::Lazy {
+                    conn.execute_batch("PRAGMA synchronous=NORMAL")?;
+                }
+                let result = (|| -> TxResult<(T, bool)> {
+                    let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+                    let (out, must_sync) = f(&tx)?;
+                    tx.commit()?;
+                    Ok((out, must_sync))
+                })();
+                if sync == Sync::Lazy {
+                    conn.execute_batch("PRAGMA synchronous=FULL")?;
+                }
+                let (out, must_sync) = result?;
+                if sync == Sync::Lazy && must_sync {
+                    // What FULL would have done at commit: fsync the WAL.
+                    std::fs::File::open(&wal)
+                        .and_then(|f| f.sync_all())
+                        .map_err(|e| TxError::Domain(Error::io("fsync", &wal, e)))?;
+                }
                 Ok((out, conn.total_changes() != before))
             })
             .await?;
@@ -746,7 +794,7 @@ impl Queue for SqliteQueue {
         if req.limit == 0 {
             return Ok(Vec::new());
         }
-        self.write(move |tx| {
+        self.write_with(Sync::Lazy, move |tx| {
             let now = now_ms();
             let mut out = Vec::new();
             // 1. Take over attempts whose worker stopped renewing its lease.
@@ -786,7 +834,7 @@ impl Queue for SqliteQueue {
             // 2. Due pending instances, by priority then order.
             let remaining = req.limit.saturating_sub(out.len());
             if remaining == 0 {
-                return Ok(out);
+                return Ok((out, false));
             }
             // INDEXED BY: without statistics SQLite would rather filter on the state
             // index and sort every pending row; the partial index reads only the
@@ -845,16 +893,19 @@ impl Queue for SqliteQueue {
                 claimed += 1;
                 out.push(c.claim(token, now, false, None));
             }
-            Ok(out)
+            // A result served from the cache must be as durable as any other.
+            let served = out.iter().any(|c| c.cache_hit.is_some());
+            Ok((out, served))
         })
         .await
     }
 
     async fn heartbeat(&self, claim: &ClaimToken, lease: Duration) -> Result<Heartbeat> {
         let t = *claim;
-        self.with_conn(move |conn| {
+        // Lazy: a renewal lost to a power failure only shortens the lease.
+        self.write_with(Sync::Lazy, move |tx| {
             let until = now_ms() + lease.as_millis() as i64;
-            let row: Option<bool> = conn
+            let row: Option<bool> = tx
                 .prepare_cached(
                     "UPDATE instances SET lease_until = ?3
                      WHERE id = ?1 AND state = 'running' AND attempts = ?2
@@ -863,7 +914,7 @@ impl Queue for SqliteQueue {
                 .query_row(params![t.id, t.token, until], |r| r.get(0))
                 .optional()?;
             match row {
-                Some(cancel_requested) => Ok(Heartbeat { cancel_requested }),
+                Some(cancel_requested) => Ok((Heartbeat { cancel_requested }, false)),
                 None => Err(Error::Fenced {
                     instance: t.id,
                     token: t.token,
