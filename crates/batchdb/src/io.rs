@@ -56,3 +56,77 @@ impl<R: AsyncRead + Unpin, I: Inspector + Unpin> AsyncRead for Inspect<R, I> {
         }
     }
 }
+
+/// A switch that ends streams early: once thrown, every [`CutReader`] made from it
+/// reports the end of its stream, and [`Cut::wait`] returns.
+#[derive(Clone, Default)]
+pub(crate) struct Cut(std::sync::Arc<CutInner>);
+
+#[derive(Default)]
+struct CutInner {
+    cut: std::sync::atomic::AtomicBool,
+    wakers: std::sync::Mutex<Vec<std::task::Waker>>,
+    notify: tokio::sync::Notify,
+}
+
+impl Cut {
+    /// Throws the switch (idempotent).
+    pub(crate) fn cut(&self) {
+        self.0.cut.store(true, std::sync::atomic::Ordering::SeqCst);
+        if let Ok(mut w) = self.0.wakers.lock() {
+            for waker in w.drain(..) {
+                waker.wake();
+            }
+        }
+        self.0.notify.notify_waiters();
+    }
+
+    fn is_cut(&self) -> bool {
+        self.0.cut.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// Returns once the switch is thrown.
+    pub(crate) async fn wait(&self) {
+        loop {
+            let notified = self.0.notify.notified();
+            if self.is_cut() {
+                return;
+            }
+            notified.await;
+        }
+    }
+
+    fn register(&self, waker: &std::task::Waker) {
+        if let Ok(mut w) = self.0.wakers.lock() {
+            w.retain(|x| !x.will_wake(waker));
+            w.push(waker.clone());
+        }
+    }
+}
+
+/// Passes `inner` through until its [`Cut`] is thrown, then reports end of stream.
+pub(crate) struct CutReader<R> {
+    inner: R,
+    cut: Cut,
+}
+
+impl<R> CutReader<R> {
+    pub(crate) fn new(inner: R, cut: Cut) -> Self {
+        CutReader { inner, cut }
+    }
+}
+
+impl<R: AsyncRead + Unpin> AsyncRead for CutReader<R> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = &mut *self;
+        this.cut.register(cx.waker());
+        if this.cut.is_cut() {
+            return Poll::Ready(Ok(()));
+        }
+        Pin::new(&mut this.inner).poll_read(cx, buf)
+    }
+}

@@ -14,12 +14,15 @@ use tokio::time::Instant;
 use crate::blob::BlobStore;
 use crate::error::{Error, Result};
 use crate::hash::Hash;
-use crate::io::{Inspect, Inspector};
+use crate::io::{Cut, CutReader, Inspect, Inspector};
 use crate::queue::{
     AttemptReport, CacheSpec, Claim, ClaimRequest, ClaimToken, Finished, Order, Outcome, Queue,
     cache_key, now_ms,
 };
-use crate::runner::{ExitStatus, RunContext, Runner, Stop};
+use crate::runner::{ExitStatus, Reader, RunContext, Runner, Stop};
+
+/// Payloads up to this size are verified before their job starts.
+const PREFETCH: u64 = 8 << 20;
 
 /// The least time between two looks for a cancel request of one running job.
 const CHECK_EVERY: Duration = Duration::from_millis(100);
@@ -154,6 +157,8 @@ pub struct Worker {
     runner: Arc<dyn Runner>,
     opts: WorkerOptions,
     shutdown: Shutdown,
+    /// Set when the worker cannot go on (its runner cannot start).
+    fatal: std::sync::Mutex<Option<Error>>,
 }
 
 impl Worker {
@@ -170,6 +175,7 @@ impl Worker {
             runner,
             opts,
             shutdown: Shutdown::new(),
+            fatal: std::sync::Mutex::new(None),
         }
     }
 
@@ -180,7 +186,9 @@ impl Worker {
 
     /// Runs until shut down (or, with `until_empty`, until nothing is pending or
     /// running). Each ended attempt is sent to `reports` (if given) after its row is
-    /// committed. Returns an error only if the queue keeps failing.
+    /// committed. While the queue is unreachable it retries with backoff (logging
+    /// each failure), forever. Returns an error if the runner cannot start a job: the
+    /// instance is given back to pending and the worker stops.
     pub async fn run(self, reports: Option<mpsc::UnboundedSender<Report>>) -> Result<()> {
         let this = Arc::new(self);
         let slots = this.opts.concurrency.max(1);
@@ -264,7 +272,10 @@ impl Worker {
             }
         }
         while tasks.join_next().await.is_some() {}
-        Ok(())
+        match this.fatal.lock().ok().and_then(|mut f| f.take()) {
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
     }
 
     async fn run_one(
@@ -334,13 +345,26 @@ impl Worker {
             attempt: claim.token.token,
             worker: self.opts.name.clone(),
         };
-        let payload = match self.blobs.get(&claim.job).await {
+        // A payload up to PREFETCH bytes is read and verified against its hash before
+        // anything runs, so a corrupt payload never reaches the runner; a larger one
+        // streams, and a corruption found at its end kills the run.
+        let payload: Reader = match self.prefetch(&claim.job).await {
             Ok(p) => p,
             Err(e) => return fail(report, format!("payload: {e}"), claim),
         };
         let exec = match self.runner.spawn(&ctx) {
             Ok(x) => x,
-            Err(e) => return fail(report, e.to_string(), claim),
+            Err(e) => {
+                // The runner cannot start: the worker's fault, not the job's. Give the
+                // instance back and stop this worker.
+                report.end = now_ms();
+                report.message = Some(e.to_string());
+                if let Ok(mut f) = self.fatal.lock() {
+                    f.get_or_insert(e);
+                }
+                self.shutdown.graceful();
+                return (report.clone(), Some(Outcome::Released(report)));
+            }
         };
         let killer = exec.killer.clone();
         let live = self.opts.live_dir.as_ref().map(|d| {
@@ -355,21 +379,34 @@ impl Worker {
             None => (None, None),
         };
         let blobs = self.blobs.clone();
-        let mut stdout = Inspect::new(exec.stdout, Mirror(live_out));
-        let stderr = exec.stderr.map(|e| Inspect::new(e, Mirror(live_err)));
+        // Thrown when the job is over but something still holds its pipes open.
+        let cut = Cut::default();
+        let mut stdout = CutReader::new(Inspect::new(exec.stdout, Mirror(live_out)), cut.clone());
+        let stderr = exec
+            .stderr
+            .map(|e| CutReader::new(Inspect::new(e, Mirror(live_err)), cut.clone()));
+        let (feed_cut, feed_killer) = (cut.clone(), killer.clone());
         let feed = async move {
             let Some(mut stdin) = exec.stdin else {
                 return Ok(());
             };
             let mut payload = payload;
-            let r = tokio::io::copy(&mut payload, &mut stdin).await;
-            let _ = stdin.shutdown().await;
+            let r = tokio::select! {
+                r = tokio::io::copy(&mut payload, &mut stdin) => r,
+                _ = feed_cut.wait() => Ok(0),
+            };
             match r {
-                Ok(_) => Ok(()),
                 // The runner may exit without reading all of its input.
-                Err(e) if e.kind() == io::ErrorKind::BrokenPipe => Ok(()),
-                Err(e) => Err(e),
+                Ok(_) => {}
+                Err(e) if e.kind() == io::ErrorKind::BrokenPipe => {}
+                Err(e) => {
+                    // Never let the runner see the end of a payload that failed.
+                    feed_killer.stop(Stop::Kill);
+                    return Err(e);
+                }
             }
+            let _ = stdin.shutdown().await;
+            Ok(())
         };
         let out_store = blobs.clone();
         let outputs = async move { out_store.put(&mut stdout).await };
@@ -382,14 +419,21 @@ impl Worker {
         };
         let group = killer.clone();
         let grace = self.opts.kill_grace;
+        let straggler_stop = self.straggler_stop(&ctx, cut.clone());
         let waiting = async move {
             let st = exec.wait.await;
             // The job is its process group: once the leader exits, stragglers (which
-            // may still hold its output open) are stopped too.
+            // may still hold its output open) are stopped too; whatever still holds
+            // the output after the grace period (even outside the group) is killed
+            // and the output cut there.
             if group.alive() {
                 group.stop(Stop::Terminate);
                 tokio::spawn(reap_group(group, grace));
             }
+            tokio::spawn(async move {
+                tokio::time::sleep(grace).await;
+                straggler_stop.await;
+            });
             st
         };
         let work = async { tokio::join!(feed, outputs, errors, waiting) };
@@ -405,6 +449,12 @@ impl Worker {
         let mut stopped: Option<Stopped> = None;
         let deadline = timeout.map(|t| Instant::now() + t);
         let mut force_at: Option<Instant> = None;
+        let mut cut_at: Option<Instant> = None;
+        // The lease as this worker knows it: if renewals keep failing until it runs
+        // out, the job is stopped here before another worker may take it over.
+        let lease_ms = self.opts.lease.as_millis() as i64;
+        let mut lease_end = Instant::now()
+            + Duration::from_millis((claim.start + lease_ms - now_ms()).max(0) as u64);
         let hb_every = (self.opts.lease / 3).max(Duration::from_millis(50));
         let mut next_hb = Instant::now() + hb_every;
         let mut last_check = Instant::now();
@@ -422,12 +472,26 @@ impl Worker {
                         killer.stop(Stop::Kill);
                     }
                     force_at = None;
+                    cut_at = Some(Instant::now() + self.opts.kill_grace);
+                }
+                _ = tokio::time::sleep_until(cut_at.unwrap_or(far)), if cut_at.is_some() => {
+                    // Killed, yet something still holds the output open.
+                    cut_at = None;
+                    self.straggler_stop(&ctx, cut.clone()).await;
+                }
+                _ = tokio::time::sleep_until(lease_end), if stopped.is_none() => {
+                    tracing::warn!("instance {}: lease ran out without renewal; stopping it", claim.token.id);
+                    stop_now = Some(Stopped::Lost);
                 }
                 _ = tokio::time::sleep_until(next_hb) => {
                     next_hb = Instant::now() + hb_every;
+                    let before = Instant::now();
                     match self.queue.heartbeat(&claim.token, self.opts.lease).await {
-                        Ok(hb) if hb.cancel_requested => stop_now = Some(Stopped::Cancel),
-                        Ok(_) => {}
+                        Ok(hb) if hb.cancel_requested => {
+                            lease_end = before + self.opts.lease;
+                            stop_now = Some(Stopped::Cancel);
+                        }
+                        Ok(_) => lease_end = before + self.opts.lease,
                         Err(Error::Fenced { .. }) => stop_now = Some(Stopped::Lost),
                         Err(e) => tracing::warn!("heartbeat for instance {} failed: {e}", claim.token.id),
                     }
@@ -453,9 +517,15 @@ impl Worker {
             }
             if let Some(s) = stop_now {
                 if stopped.is_none() {
+                    if s == Stopped::Lost {
+                        // Another worker may own the instance now: stop at once.
+                        killer.stop(Stop::Kill);
+                        force_at = Some(Instant::now());
+                    } else {
+                        killer.stop(Stop::Terminate);
+                        force_at = Some(Instant::now() + self.opts.kill_grace);
+                    }
                     stopped = Some(s);
-                    killer.stop(Stop::Terminate);
-                    force_at = Some(Instant::now() + self.opts.kill_grace);
                 }
             }
         };
@@ -519,6 +589,43 @@ impl Worker {
         } else {
             fail(report, problems.join("; "), claim)
         }
+    }
+
+    /// Kills every process left of this attempt (found by its environment, so also
+    /// those that left the process group) and cuts its output streams.
+    fn straggler_stop(
+        &self,
+        ctx: &RunContext,
+        cut: Cut,
+    ) -> impl std::future::Future<Output = ()> + Send + 'static {
+        let runner = self.runner.clone();
+        let (worker, id, attempt) = (ctx.worker.clone(), ctx.instance, ctx.attempt);
+        async move {
+            let _ =
+                tokio::task::spawn_blocking(move || runner.stop_lost(&worker, id, attempt)).await;
+            cut.cut();
+        }
+    }
+
+    /// Opens a job's payload: up to [`PREFETCH`] bytes are read (and so verified)
+    /// before this returns; a larger payload streams.
+    async fn prefetch(&self, job: &Hash) -> Result<Reader> {
+        use tokio::io::AsyncReadExt;
+        let r = self.blobs.get(job).await?;
+        let mut head = Vec::new();
+        let mut limited = r.take(PREFETCH + 1);
+        limited
+            .read_to_end(&mut head)
+            .await
+            .map_err(|e| Error::Stream {
+                what: format!("payload {job}"),
+                source: e,
+            })?;
+        let rest = limited.into_inner();
+        if head.len() as u64 <= PREFETCH {
+            return Ok(Box::pin(std::io::Cursor::new(head)));
+        }
+        Ok(Box::pin(std::io::Cursor::new(head).chain(rest)))
     }
 
     fn failure(&self, claim: &Claim, report: AttemptReport) -> Outcome {

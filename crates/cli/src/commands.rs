@@ -104,12 +104,17 @@ pub async fn dispatch(cli: Cli) -> Result<ExitCode> {
             }
         }
         Command::Verify => {
-            let mut out = Vec::new();
+            let mut out_err = None;
             let sum = db
-                .verify(|p| out.push(serde_json::to_string(&p).unwrap_or_default()))
+                .verify(|p| {
+                    let json = serde_json::to_string(&p).unwrap_or_default();
+                    if let Err(e) = line(format_args!("{json}")) {
+                        out_err.get_or_insert(e);
+                    }
+                })
                 .await?;
-            for p in &out {
-                line(format_args!("{p}"))?;
+            if let Some(e) = out_err {
+                return Err(e);
             }
             eprintln!(
                 "batchdb: verified {} blobs ({} bytes) and {} references: {} problems",
@@ -125,13 +130,12 @@ pub async fn dispatch(cli: Cli) -> Result<ExitCode> {
                 dry_run,
             };
             let verb = if dry_run { "would remove" } else { "removed" };
-            let mut out = Vec::new();
+            // Each removal is printed as it happens (a later failure loses no line).
             let sum = db
-                .gc(opts, |e| out.push(format!("{verb} {} {}", e.hash, e.size)))
+                .gc(opts, |e| {
+                    let _ = line(format_args!("{verb} {} {}", e.hash, e.size));
+                })
                 .await?;
-            for l in &out {
-                line(format_args!("{l}"))?;
-            }
             eprintln!(
                 "batchdb: examined {} blobs; {verb} {} ({} bytes)",
                 sum.blobs, sum.removed, sum.bytes
@@ -255,6 +259,7 @@ async fn run(db: &BatchDb, r: RunArgs) -> Result<ExitCode> {
     };
     let worker = db.worker(runner, opts);
     let shutdown = worker.shutdown_handle();
+    let stop = shutdown.clone();
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<Report>();
     let signals = tokio::spawn(async move {
         use tokio::signal::unix::{SignalKind, signal};
@@ -273,12 +278,24 @@ async fn run(db: &BatchDb, r: RunArgs) -> Result<ExitCode> {
         }
     });
     let work = tokio::spawn(worker.run(Some(tx)));
+    let mut print_error = None;
     while let Some(rep) = rx.recv().await {
-        print_report(db, &rep, r.print).await?;
+        if print_error.is_none() {
+            if let Err(e) = print_report(db, &rep, r.print).await {
+                // Nowhere to report to: give running jobs back and stop, but keep
+                // recording what still finishes.
+                stop.force();
+                print_error = Some(e);
+            }
+        }
     }
     signals.abort();
-    work.await.map_err(|e| Error::Task(e.to_string()))??;
-    Ok(ExitCode::SUCCESS)
+    work.await
+        .map_err(|e| Error::Task(format!("worker: {e}")))??;
+    match print_error {
+        Some(e) => Err(e),
+        None => Ok(ExitCode::SUCCESS),
+    }
 }
 
 async fn print_report(db: &BatchDb, rep: &Report, print: bool) -> Result<()> {
@@ -397,12 +414,18 @@ async fn tail_file(path: &std::path::Path, offset: &mut u64, to_stderr: bool) ->
     f.seek(std::io::SeekFrom::Start(*offset))
         .await
         .map_err(|e| Error::io("seek", path, e))?;
-    let mut buf = Vec::new();
-    f.read_to_end(&mut buf)
-        .await
-        .map_err(|e| Error::io("read", path, e))?;
-    *offset += buf.len() as u64;
-    write_out(&buf, to_stderr).await
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        let n = f
+            .read(&mut buf)
+            .await
+            .map_err(|e| Error::io("read", path, e))?;
+        if n == 0 {
+            return Ok(());
+        }
+        *offset += n as u64;
+        write_out(&buf[..n], to_stderr).await?;
+    }
 }
 
 async fn write_out(buf: &[u8], to_stderr: bool) -> Result<()> {

@@ -2,14 +2,22 @@
 
 use std::time::Duration;
 
-/// Seconds (fractions allowed) as a duration; rejects negatives and non-finite values.
+/// Seconds (fractions allowed) as a duration, at most [`MAX_SECS`] (ten years);
+/// rejects negatives and non-finite values.
 pub fn secs(what: &'static str, v: f64) -> Result<Duration, batchdb::Error> {
-    Duration::try_from_secs_f64(v).map_err(|_| batchdb::Error::Config {
+    let bad = || batchdb::Error::Config {
         what,
         value: v.to_string(),
-        why: "expected a non-negative number of seconds".into(),
-    })
+        why: format!("expected a number of seconds from 0 to {MAX_SECS}"),
+    };
+    if !(0.0..=MAX_SECS).contains(&v) {
+        return Err(bad());
+    }
+    Duration::try_from_secs_f64(v).map_err(|_| bad())
 }
+
+/// The longest duration any option takes: ten years.
+pub const MAX_SECS: f64 = 315_360_000.0;
 
 /// Parses `--at`: epoch seconds, or `YYYY-MM-DDTHH:MM:SS` (optionally with `Z`, a
 /// space instead of `T`, or no time part), in UTC. Returns epoch milliseconds.
@@ -20,7 +28,8 @@ pub fn parse_at(s: &str) -> Result<i64, batchdb::Error> {
         why: "expected epoch seconds or YYYY-MM-DDTHH:MM:SS[Z] (UTC)".into(),
     };
     if let Ok(secs) = s.parse::<f64>() {
-        if secs.is_finite() {
+        // Years 0 to 9999 only.
+        if secs.is_finite() && (0.0..=253_402_300_799.0).contains(&secs) {
             return Ok((secs * 1000.0) as i64);
         }
         return Err(bad());
@@ -41,7 +50,8 @@ pub fn parse_at(s: &str) -> Result<i64, batchdb::Error> {
     let (&[y, m, day], &[hh, mm, ss]) = (d.as_slice(), t.as_slice()) else {
         return Err(bad());
     };
-    if !(1..=12).contains(&m)
+    if !(0..=9999).contains(&y)
+        || !(1..=12).contains(&m)
         || !(1..=31).contains(&day)
         || hh > 23
         || mm > 59

@@ -18,7 +18,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 
-pub use sqlite::SqliteQueue;
+pub use sqlite::{MAX_LOST, SqliteQueue};
 pub use types::*;
 
 use crate::blob::BlobInfo;
@@ -54,7 +54,10 @@ pub trait Queue: Send + Sync + fmt::Debug {
     /// Claims up to `req.limit` instances for `req.worker`: first running instances
     /// whose lease expired (their worker died), then due pending instances, highest
     /// priority first, then in `req.order`. Each claim starts a new attempt with its
-    /// own fencing token and a lease of `req.lease`.
+    /// own fencing token and a lease of `req.lease`. Instances served from the result
+    /// cache are finished inside the claim and returned too (with `cache_hit`), beyond
+    /// `req.limit`. A taken-over instance whose worker was lost [`MAX_LOST`] times
+    /// fails instead.
     async fn claim(&self, req: &ClaimRequest) -> Result<Vec<Claim>>;
 
     /// Extends the lease of a running attempt by `lease` from now. Fails with

@@ -35,6 +35,10 @@ pub const POLL: Duration = Duration::from_millis(20);
 /// How often they are looked for anyway, as a backstop, when inotify works.
 pub const FALLBACK_POLL: Duration = Duration::from_millis(500);
 
+/// A running instance whose worker was lost this many times fails instead of
+/// running again.
+pub const MAX_LOST: i64 = 3;
+
 /// How long a statement waits for another process's write lock before failing.
 const BUSY_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -210,9 +214,10 @@ impl SqliteQueue {
         let (out, changed) = self
             .with_conn(move |conn| {
                 let before = conn.total_changes();
-                if sync == Sync::Lazy {
-                    conn.execute_batch("PRAGMA synchronous=NORMAL")?;
-                }
+                conn.execute_batch(match sync {
+                    Sync::Lazy => "PRAGMA synchronous=NORMAL",
+                    Sync::Full => "PRAGMA synchronous=FULL",
+                })?;
                 let result = (|| -> TxResult<(T, bool)> {
                     let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
                     let (out, must_sync) = f(&tx)?;
@@ -797,6 +802,8 @@ impl Queue for SqliteQueue {
         self.write_with(Sync::Lazy, move |tx| {
             let now = now_ms();
             let mut out = Vec::new();
+            // Whether this claim ended an instance (which must be durable).
+            let mut terminal = false;
             // 1. Take over attempts whose worker stopped renewing its lease.
             let expired: Vec<(Candidate, bool)> = {
                 let mut stmt = tx.prepare_cached(&format!(
@@ -820,6 +827,22 @@ impl Queue for SqliteQueue {
                 };
                 if cancel {
                     finish_tx(tx, &old, &c.job, c.created, &Outcome::Cancelled(lost), now)?;
+                    terminal = true;
+                    continue;
+                }
+                let lost_before: i64 = tx
+                    .prepare_cached("SELECT COUNT(*) FROM attempts WHERE instance = ?1 AND outcome = 'lost'")?
+                    .query_row([c.id], |r| r.get(0))?;
+                if lost_before + 1 >= MAX_LOST {
+                    // Its worker died every time it ran it: the job itself is the likely
+                    // cause (it kills or exhausts its worker). Stop running it.
+                    let report = AttemptReport {
+                        message: Some(format!("worker lost {MAX_LOST} times while running it; giving up")),
+                        ..lost
+                    };
+                    let failed = Outcome::Failure { report, retry_at: None };
+                    finish_tx(tx, &old, &c.job, c.created, &failed, now)?;
+                    terminal = true;
                     continue;
                 }
                 let lost_worker: String = tx
@@ -834,7 +857,7 @@ impl Queue for SqliteQueue {
             // 2. Due pending instances, by priority then order.
             let remaining = req.limit.saturating_sub(out.len());
             if remaining == 0 {
-                return Ok((out, false));
+                return Ok((out, terminal));
             }
             // INDEXED BY: without statistics SQLite would rather filter on the state
             // index and sort every pending row; the partial index reads only the
@@ -843,59 +866,69 @@ impl Queue for SqliteQueue {
                 Order::Newest => ("instances_pending_newest", "priority DESC, created DESC, id DESC"),
                 Order::Oldest => ("instances_pending_oldest", "priority DESC, created ASC, id ASC"),
             };
+            // Candidates come a window at a time; identical cached runs in flight are
+            // skipped (they stay pending, so the next window starts past them).
             let window = remaining * 4 + 16;
-            let candidates: Vec<Candidate> = {
-                let mut stmt = tx.prepare_cached(&format!(
-                    "SELECT {CLAIM_COLS} FROM instances INDEXED BY {index}
-                     WHERE state = 'pending' AND run_at <= ?1 ORDER BY {order} LIMIT ?2"
-                ))?;
-                let rows = stmt.query_map(params![now, window as i64], candidate)?;
-                rows.collect::<rusqlite::Result<_>>()?
-            };
             let mut claimed = 0;
+            let mut skipped = 0usize;
             let mut in_batch: Vec<Hash> = Vec::new();
-            for c in candidates {
-                if claimed == remaining {
+            loop {
+                let candidates: Vec<Candidate> = {
+                    let mut stmt = tx.prepare_cached(&format!(
+                        "SELECT {CLAIM_COLS} FROM instances INDEXED BY {index}
+                         WHERE state = 'pending' AND run_at <= ?1 ORDER BY {order} LIMIT ?2 OFFSET ?3"
+                    ))?;
+                    let rows = stmt.query_map(params![now, window as i64, skipped as i64], candidate)?;
+                    rows.collect::<rusqlite::Result<_>>()?
+                };
+                let last_window = candidates.len() < window;
+                for c in candidates {
+                    if claimed == remaining {
+                        break;
+                    }
+                    let key = match &req.cache {
+                        Some(spec) if c.cached || req.cache_all => Some(cache_key(
+                            &c.job,
+                            &spec.runner,
+                            c.timeout.or(spec.default_timeout),
+                        )),
+                        _ => None,
+                    };
+                    if let Some(k) = key {
+                        if let Some(mut hit) = cache_lookup(tx, &k)? {
+                            let token = start_attempt(tx, &c, &req, now, None)?;
+                            hit.start = now;
+                            hit.end = now;
+                            finish_tx(tx, &token, &c.job, c.created, &Outcome::Success(hit.clone()), now)?;
+                            out.push(c.claim(token, now, false, Some(hit)));
+                            continue;
+                        }
+                        let in_flight = in_batch.contains(&k)
+                            || tx
+                                .prepare_cached(
+                                    "SELECT 1 FROM instances WHERE state = 'running' AND cache_key = ?1",
+                                )?
+                                .query_row([k.to_hex()], |_| Ok(()))
+                                .optional()?
+                                .is_some();
+                        if in_flight {
+                            // An identical run is in flight: wait for its result.
+                            skipped += 1;
+                            continue;
+                        }
+                        in_batch.push(k);
+                    }
+                    let token = start_attempt(tx, &c, &req, now, key)?;
+                    claimed += 1;
+                    out.push(c.claim(token, now, false, None));
+                }
+                if claimed == remaining || last_window {
                     break;
                 }
-                let key = match &req.cache {
-                    Some(spec) if c.cached || req.cache_all => Some(cache_key(
-                        &c.job,
-                        &spec.runner,
-                        c.timeout.or(spec.default_timeout),
-                    )),
-                    _ => None,
-                };
-                if let Some(k) = key {
-                    if let Some(mut hit) = cache_lookup(tx, &k)? {
-                        let token = start_attempt(tx, &c, &req, now, None)?;
-                        hit.start = now;
-                        hit.end = now;
-                        finish_tx(tx, &token, &c.job, c.created, &Outcome::Success(hit.clone()), now)?;
-                        out.push(c.claim(token, now, false, Some(hit)));
-                        continue;
-                    }
-                    let in_flight = in_batch.contains(&k)
-                        || tx
-                            .prepare_cached(
-                                "SELECT 1 FROM instances WHERE state = 'running' AND cache_key = ?1",
-                            )?
-                            .query_row([k.to_hex()], |_| Ok(()))
-                            .optional()?
-                            .is_some();
-                    if in_flight {
-                        // An identical run is in flight: wait for its result.
-                        continue;
-                    }
-                    in_batch.push(k);
-                }
-                let token = start_attempt(tx, &c, &req, now, key)?;
-                claimed += 1;
-                out.push(c.claim(token, now, false, None));
             }
             // A result served from the cache must be as durable as any other.
             let served = out.iter().any(|c| c.cache_hit.is_some());
-            Ok((out, served))
+            Ok((out, served || terminal))
         })
         .await
     }

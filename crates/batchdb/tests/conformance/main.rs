@@ -45,6 +45,8 @@ macro_rules! suite {
                     counts_match_lists,
                     wait_change_wakes_on_another_handle,
                     result_cache_serves_and_dedupes,
+                    cached_duplicates_do_not_block_the_queue,
+                    a_job_whose_worker_keeps_dying_fails,
                     select_by_created_job_and_result,
                 ]);
                 suite!(@tests $backend, blob: [

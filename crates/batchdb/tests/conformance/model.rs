@@ -126,13 +126,30 @@ async fn step_once(
                 );
                 m.held.push(c.token);
             }
-            // A cancel-requested instance whose lease expired ends as cancelled in a claim.
+            // A claim ends an expired instance instead of taking it over when its
+            // cancel was requested (cancelled) or its worker was lost MAX_LOST times
+            // (fail).
             for (id, e) in m.expect.iter_mut() {
                 if let Expect::Running { valid_until, .. } = *e {
-                    if after >= valid_until && m.cancel_requested.get(id) == Some(&true) {
-                        let s = b.queue.instance(*id).await.unwrap().state;
-                        if s == State::Cancelled {
+                    if after >= valid_until {
+                        let d = b.queue.instance(*id).await.unwrap();
+                        let lost = d
+                            .attempts
+                            .iter()
+                            .filter(|a| a.outcome.as_deref() == Some("lost"))
+                            .count();
+                        let gave_up = d
+                            .last_attempt()
+                            .and_then(|a| a.report.message.clone())
+                            .unwrap_or_default();
+                        if d.state == State::Cancelled && m.cancel_requested.get(id) == Some(&true)
+                        {
                             *e = Expect::Terminal(State::Cancelled);
+                        } else if d.state == State::Fail
+                            && lost as i64 + 1 >= batchdb::queue::MAX_LOST
+                            && gave_up.contains("worker lost")
+                        {
+                            *e = Expect::Terminal(State::Fail);
                         }
                     }
                 }

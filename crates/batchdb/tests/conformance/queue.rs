@@ -681,3 +681,52 @@ pub async fn cancel_wins_over_a_retry_or_release(b: &Backend) {
         Finished::Result
     );
 }
+
+pub async fn cached_duplicates_do_not_block_the_queue(b: &Backend) {
+    let creq = ClaimRequest {
+        cache: Some(CacheSpec {
+            runner: "shell:sh".into(),
+            default_timeout: None,
+        }),
+        ..req("w", 1, LONG)
+    };
+    let cached = PushOptions {
+        cached: true,
+        ..opts()
+    };
+    for _ in 0..40 {
+        b.queue.add(&job(1), &cached).await.unwrap();
+    }
+    let other = b.queue.add(&job(2), &opts()).await.unwrap();
+    let first = b.queue.claim(&creq).await.unwrap();
+    assert_eq!(first[0].job, job(1).hash);
+    // 39 identical runs wait for the first; the job behind them is not held up.
+    let next = b.queue.claim(&creq).await.unwrap();
+    assert_eq!(
+        next.iter().map(|c| c.token.id).collect::<Vec<_>>(),
+        [other.id]
+    );
+}
+
+pub async fn a_job_whose_worker_keeps_dying_fails(b: &Backend) {
+    let inst = b.queue.add(&job(1), &opts()).await.unwrap();
+    let short = Duration::from_millis(30);
+    for _ in 0..batchdb::queue::MAX_LOST {
+        assert_eq!(
+            b.queue.claim(&req("doomed", 1, short)).await.unwrap().len(),
+            1
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(b.queue.claim(&req("w", 1, LONG)).await.unwrap().is_empty());
+    assert_eq!(state(b, inst.id).await, State::Fail);
+    let d = b.queue.instance(inst.id).await.unwrap();
+    let msg = d
+        .last_attempt()
+        .unwrap()
+        .report
+        .message
+        .clone()
+        .unwrap_or_default();
+    assert!(msg.contains("worker lost"), "{msg}");
+}
