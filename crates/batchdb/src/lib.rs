@@ -131,7 +131,9 @@ impl BatchDb {
         self.queue.add(&info, opts).await
     }
 
-    /// Pushes an instance of a job whose payload blob is already stored.
+    /// Records the job (if new) and pushes an instance of it, for a payload blob the
+    /// caller has already stored durably in this database's blob store (`info` as
+    /// [`BlobStore::put`] returned it). Nothing checks that the blob exists.
     pub async fn add_stored(&self, info: &BlobInfo, opts: &PushOptions) -> Result<Instance> {
         self.queue.add(info, opts).await
     }

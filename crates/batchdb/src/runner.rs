@@ -72,7 +72,9 @@ pub enum Stop {
     Kill,
 }
 
-/// Stops an execution; safe to call any number of times, also after it ended.
+/// Stops an execution; safe to call any number of times. Once the execution has
+/// ended and been reaped, its process group id may be reused by the system: callers
+/// check [`Killer::alive`] first and do not hold a killer long after the end.
 pub trait Killer: Send + Sync {
     /// Sends the stop request.
     fn stop(&self, how: Stop);
