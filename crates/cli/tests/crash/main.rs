@@ -152,11 +152,13 @@ done"##,
         overlap = overlap.display(),
         accepted = accepted_file.display(),
     );
-    let worker = |n: usize| Actor {
-        name: "worker",
-        cmd: [
+    // `batchdb --dir DB run` as every worker of the trial runs it, plus `extra`.
+    let run = |extra: &[&str]| -> Vec<String> {
+        let db = db.to_string_lossy();
+        [
+            BIN,
             "--dir",
-            &db.to_string_lossy(),
+            &db,
             "run",
             "-j",
             "2",
@@ -164,17 +166,15 @@ done"##,
             "1",
             "--backoff",
             "0.05",
-            "--kill-grace",
-            "0.2",
         ]
         .iter()
+        .chain(extra)
         .map(|s| s.to_string())
-        .collect::<Vec<_>>()
-        .into_iter()
-        .fold(vec![BIN.to_string()], |mut v, a| {
-            v.push(a);
-            v
-        }),
+        .collect()
+    };
+    let worker = |n: usize| Actor {
+        name: "worker",
+        cmd: run(&["--kill-grace", "0.2"]),
         out: tmp.path().join(format!("worker{n}.log")),
         child: None,
     };
@@ -215,19 +215,9 @@ done"##,
     for a in &mut actors {
         a.kill(true);
     }
-    let mut drain = Command::new(BIN)
-        .args([
-            "--dir",
-            &db.to_string_lossy(),
-            "run",
-            "-j",
-            "2",
-            "--lease",
-            "1",
-            "--backoff",
-            "0.05",
-            "--until-empty",
-        ])
+    let drain_cmd = run(&["--until-empty"]);
+    let mut drain = Command::new(&drain_cmd[0])
+        .args(&drain_cmd[1..])
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::null())
