@@ -143,9 +143,16 @@ impl BlobStore for DirStore {
             return Ok(BlobInfo { hash, size });
         }
         let parent = dest.parent().unwrap_or(&self.root).to_path_buf();
-        tokio::fs::create_dir_all(&parent)
-            .await
-            .map_err(|e| Error::io("create directory", &parent, e))?;
+        if !tokio::fs::try_exists(&parent).await.unwrap_or(false) {
+            tokio::fs::create_dir_all(&parent)
+                .await
+                .map_err(|e| Error::io("create directory", &parent, e))?;
+            // New fan-out directories must survive a power loss too: sync the
+            // directories that now name them.
+            let fan = parent.parent().unwrap_or(&self.root).to_path_buf();
+            sync_dir(&fan).await?;
+            sync_dir(&self.root).await?;
+        }
         tokio::fs::rename(&tmp, &dest)
             .await
             .map_err(|e| Error::io("rename into place", &dest, e))?;
