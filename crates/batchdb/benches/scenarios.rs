@@ -28,6 +28,27 @@ struct Row {
     rss_mib: f64,
 }
 
+impl Row {
+    /// A row comparing two series of rates (higher is better) by their medians, shown
+    /// divided by `scale` in `unit`.
+    fn rates(
+        scenario: String,
+        (ours, base): (Vec<f64>, Vec<f64>),
+        scale: f64,
+        unit: &str,
+        baseline: &str,
+    ) -> Row {
+        let (o, b) = (median(ours), median(base));
+        Row {
+            scenario,
+            ours: format!("{:.0} {unit}", o / scale),
+            base: format!("{:.0} {unit} ({baseline})", b / scale),
+            ratio: o / b,
+            rss_mib: peak_mib(),
+        }
+    }
+}
+
 /// Resets the peak-RSS counter of this process (Linux: `clear_refs` 5).
 fn reset_peak() {
     let _ = std::fs::write("/proc/self/clear_refs", "5");
@@ -109,14 +130,13 @@ async fn enqueue_one(n: usize, reps: usize) -> Row {
         }
         base.push(n as f64 / t.elapsed().as_secs_f64());
     }
-    let (o, b) = (median(ours), median(base));
-    Row {
-        scenario: format!("enqueue one at a time ({n} adds, durable)"),
-        ours: format!("{o:.0} jobs/s"),
-        base: format!("{b:.0} jobs/s (raw SQLite, 1 txn each)"),
-        ratio: o / b,
-        rss_mib: peak_mib(),
-    }
+    Row::rates(
+        format!("enqueue one at a time ({n} adds, durable)"),
+        (ours, base),
+        1.0,
+        "jobs/s",
+        "raw SQLite, 1 txn each",
+    )
 }
 
 /// `run -j 2 --until-empty` (the library worker, shell runner) over `n` pending
@@ -151,14 +171,13 @@ async fn drain(n: usize, reps: usize) -> Row {
         ));
         base.push(n as f64 / took.as_secs_f64());
     }
-    let (o, b) = (median(ours), median(base));
-    Row {
-        scenario: format!("drain {n} trivial shell jobs, 2 at a time"),
-        ours: format!("{o:.0} jobs/s"),
-        base: format!("{b:.0} jobs/s (xargs -P 2 sh -c)"),
-        ratio: o / b,
-        rss_mib: peak_mib(),
-    }
+    Row::rates(
+        format!("drain {n} trivial shell jobs, 2 at a time"),
+        (ours, base),
+        1.0,
+        "jobs/s",
+        "xargs -P 2 sh -c",
+    )
 }
 
 /// One job writing `mib` MiB to stdout, against hashing the same bytes with openssl
@@ -268,14 +287,13 @@ async fn list(n: usize, reps: usize) -> Row {
         assert_eq!(count, n);
         base.push(n as f64 / t.elapsed().as_secs_f64());
     }
-    let (o, b) = (median(ours), median(base));
-    Row {
-        scenario: format!("list pending, {n} rows"),
-        ours: format!("{:.0} k rows/s", o / 1000.0),
-        base: format!("{:.0} k rows/s (raw SQLite scan)", b / 1000.0),
-        ratio: o / b,
-        rss_mib: peak_mib(),
-    }
+    Row::rates(
+        format!("list pending, {n} rows"),
+        (ours, base),
+        1000.0,
+        "k rows/s",
+        "raw SQLite scan",
+    )
 }
 
 /// Mean time of one claim + finish with `n` pending.
