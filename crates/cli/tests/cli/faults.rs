@@ -174,9 +174,24 @@ fn disk_full_during_a_blob_write_leaves_nothing() {
     assert_consistent(&env);
 }
 
-/// A command running as an unprivileged user (root ignores file permissions).
+/// A command running as an unprivileged user (root ignores file permissions). The
+/// binary is copied into the test's directory first: the checkout it was built in
+/// may not be reachable by that user.
 fn as_nobody(env: &Env, args: &[&str]) -> std::process::Output {
-    let mut c = env.command(args);
+    let bin = env.file("batchdb-copy");
+    std::fs::copy(BIN, &bin).expect("copy the binary");
+    chmod(&bin, 0o755);
+    let mut c = Command::new(&bin);
+    c.arg("--dir").arg(env.db_dir()).args(args);
+    c.current_dir(env.root()).stdin(Stdio::null());
+    for k in [
+        "BATCHDB_DIR",
+        "BATCHDB_DB",
+        "BATCHDB_BLOBS",
+        "BATCHDB_SHELL",
+    ] {
+        c.env_remove(k);
+    }
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } == 0 {
         c.uid(65534).gid(65534);
