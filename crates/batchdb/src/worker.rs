@@ -302,6 +302,13 @@ impl Worker {
             match self.queue.finish(t, outcome).await {
                 Ok(f) => return Some(f),
                 Err(e @ Error::Fenced { .. }) => {
+                    if n > 0 {
+                        // An earlier try may have committed with its reply lost (the
+                        // connection dropped): then the outcome is already recorded.
+                        if let Some(done) = self.recorded(t).await {
+                            return Some(done);
+                        }
+                    }
                     tracing::warn!("{e}: result discarded");
                     return None;
                 }
@@ -322,6 +329,21 @@ impl Worker {
                     return None;
                 }
             }
+        }
+    }
+
+    /// What attempt `t` recorded, if it has ended (for a finish whose reply was lost).
+    async fn recorded(&self, t: &ClaimToken) -> Option<Finished> {
+        let detail = self.queue.instance(t.id).await.ok()?;
+        let attempt = detail.attempts.iter().find(|a| a.attempt == t.token)?;
+        let latest = detail.attempts.last().map(|a| a.attempt) == Some(t.token);
+        match attempt.outcome.as_deref()? {
+            "result" => Some(Finished::Result),
+            "fail" => Some(Finished::Fail),
+            "cancelled" => Some(Finished::Cancelled),
+            "retry" if latest => Some(Finished::Retry(detail.run_at)),
+            "released" if latest => Some(Finished::Released),
+            _ => None,
         }
     }
 

@@ -10,6 +10,8 @@
 //! new attempt gets a new fencing token and the old worker can no longer record
 //! anything for it.
 
+#[cfg(feature = "postgres")]
+mod postgres;
 mod sqlite;
 mod types;
 
@@ -18,6 +20,8 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 
+#[cfg(feature = "postgres")]
+pub use postgres::{PG_SCHEMA_VERSION, PgQueue};
 pub use sqlite::{MAX_LOST, SqliteQueue};
 pub use types::*;
 

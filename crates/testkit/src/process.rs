@@ -1,0 +1,58 @@
+//! Server processes that die with the test binary.
+
+use std::net::TcpListener;
+use std::process::{Child, Command};
+use std::sync::mpsc;
+use std::thread;
+
+/// A TCP port on 127.0.0.1 that was free a moment ago.
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("bind 127.0.0.1:0 to find a free port")
+}
+
+/// Spawns `cmd` from a thread that lives as long as the test binary, with
+/// `PR_SET_PDEATHSIG` = SIGKILL set after any credential change, so the server dies
+/// with the test binary however that ends. (The parent-death signal is tied to the
+/// spawning *thread*; test threads end early, this one never does.)
+pub fn spawn_tied(mut cmd: Command) -> std::io::Result<Child> {
+    use std::os::unix::process::CommandExt;
+    static SPAWNER: std::sync::OnceLock<
+        std::sync::Mutex<mpsc::Sender<(Command, mpsc::Sender<std::io::Result<Child>>)>>,
+    > = std::sync::OnceLock::new();
+    let tx = SPAWNER.get_or_init(|| {
+        let (tx, rx) = mpsc::channel::<(Command, mpsc::Sender<std::io::Result<Child>>)>();
+        thread::Builder::new()
+            .name("testkit-spawner".into())
+            .spawn(move || {
+                for (mut cmd, reply) in rx {
+                    // SAFETY: prctl is async-signal-safe; nothing else runs in pre_exec.
+                    unsafe {
+                        cmd.pre_exec(|| {
+                            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                                return Err(std::io::Error::last_os_error());
+                            }
+                            Ok(())
+                        });
+                    }
+                    let _ = reply.send(cmd.spawn());
+                }
+                // Keep the thread (the children's parent) alive for the whole run.
+                loop {
+                    thread::park();
+                }
+            })
+            .expect("spawn testkit spawner thread");
+        std::sync::Mutex::new(tx)
+    });
+    let (reply_tx, reply_rx) = mpsc::channel();
+    tx.lock()
+        .map_err(|_| std::io::Error::other("spawner lock poisoned"))?
+        .send((std::mem::replace(&mut cmd, Command::new("true")), reply_tx))
+        .map_err(|_| std::io::Error::other("spawner thread gone"))?;
+    reply_rx
+        .recv()
+        .map_err(|_| std::io::Error::other("spawner thread gone"))?
+}
