@@ -1,0 +1,530 @@
+//! The old batchdb-web-api routes (`POST /create`, `GET /list/{type}`) and the JSON
+//! API under `/api/`.
+
+use std::time::Duration;
+
+use axum::Json;
+use axum::body::{Body, Bytes};
+use axum::extract::rejection::{JsonRejection, QueryRejection};
+use axum::extract::{Path, Query, State};
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use batchdb::queue::{EventKind, Instance, ListKind, ListRow, PushOptions, Selector, now_ms};
+use batchdb::{Error, Hash};
+use futures_util::{Stream, TryStreamExt};
+use serde::Deserialize;
+use serde::de::IgnoredAny;
+use tokio_util::io::StreamReader;
+
+use crate::AppState;
+use crate::error::ApiError;
+
+/// Rows fetched per query while streaming or filtering.
+const PAGE: usize = 1000;
+/// The largest `limit` one page may ask for.
+pub(crate) const MAX_LIMIT: usize = 10_000;
+/// At most this many rows are examined for one filtered page; the page then ends
+/// early (with a `next` cursor) rather than scan a million rows for one request.
+const SCAN_BUDGET: usize = 100_000;
+/// The longest delay, timeout or backoff accepted: ten years, in seconds.
+const MAX_SECS: f64 = 10.0 * 365.0 * 86400.0;
+
+/// How an instance is queued: the CLI's queue options, as query parameters of
+/// `POST /create` or fields of `POST /api/push`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct QueueParams {
+    /// Higher runs first.
+    priority: Option<i64>,
+    /// Not before this many seconds from now.
+    delay: Option<f64>,
+    /// Not before this time (epoch milliseconds).
+    run_at: Option<i64>,
+    /// Kill the run after this many seconds.
+    timeout: Option<f64>,
+    /// Retry a failed run up to this many times.
+    retries: Option<u32>,
+    /// Serve from the result cache when possible.
+    cached: Option<bool>,
+}
+
+fn secs(what: &str, v: f64) -> Result<Duration, ApiError> {
+    if !v.is_finite() || !(0.0..=MAX_SECS).contains(&v) {
+        return Err(ApiError::bad_request(format!(
+            "invalid {what} {v}: expected seconds between 0 and {MAX_SECS}"
+        )));
+    }
+    Ok(Duration::from_secs_f64(v))
+}
+
+impl QueueParams {
+    fn options(&self) -> Result<PushOptions, ApiError> {
+        if self.delay.is_some() && self.run_at.is_some() {
+            return Err(ApiError::bad_request("give delay or run_at, not both"));
+        }
+        let run_at = match (self.run_at, self.delay) {
+            (Some(t), _) if t < 0 => {
+                return Err(ApiError::bad_request(format!("invalid run_at {t}")));
+            }
+            (Some(t), _) => Some(t),
+            (None, Some(d)) => Some(now_ms() + secs("delay", d)?.as_millis() as i64),
+            (None, None) => None,
+        };
+        Ok(PushOptions {
+            priority: self.priority.unwrap_or(0),
+            run_at,
+            timeout: self.timeout.map(|t| secs("timeout", t)).transpose()?,
+            retries: self.retries,
+            cached: self.cached.unwrap_or(false),
+        })
+    }
+}
+
+fn query<T>(q: Result<Query<T>, QueryRejection>) -> Result<T, ApiError> {
+    q.map(|Query(t)| t)
+        .map_err(|e| ApiError::bad_request(e.body_text()))
+}
+
+fn json_body<T>(b: Result<Json<T>, JsonRejection>) -> Result<T, ApiError> {
+    b.map(|Json(t)| t)
+        .map_err(|e| ApiError::new(e.status(), e.body_text()))
+}
+
+/// `POST /create`: the body (streamed to the blob store, never held whole) is a
+/// payload; the job is created and pushed. Answers the job key and a newline, with
+/// the instance in `X-Batchdb-Instance` and `X-Batchdb-Created`. A body that breaks
+/// off (the client went away) stores nothing and queues nothing.
+pub(crate) async fn create(
+    State(app): State<AppState>,
+    q: Result<Query<QueueParams>, QueryRejection>,
+    body: Body,
+) -> Result<Response, ApiError> {
+    let opts = query(q)?.options()?;
+    let stream = body
+        .into_data_stream()
+        .map_err(|e| std::io::Error::other(format!("reading the request body: {e}")));
+    let mut reader = StreamReader::new(stream);
+    // `add` stores the blob first; if the body fails, `put` removes its temporary
+    // file and returns the error before any row is written.
+    let inst = app.db.add(&mut reader, &opts).await?;
+    let mut r = (
+        [(header::CONTENT_TYPE, "text/plain; charset=utf-8")],
+        format!("{}\n", inst.job),
+    )
+        .into_response();
+    let h = r.headers_mut();
+    h.insert("x-batchdb-instance", HeaderValue::from(inst.id));
+    h.insert("x-batchdb-created", HeaderValue::from(inst.created));
+    Ok(r)
+}
+
+/// Filters and paging of the list routes.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct ListParams {
+    /// Only rows after this cursor (the `next` of the previous page).
+    after: Option<i64>,
+    /// At most this many rows (1..=10000).
+    limit: Option<usize>,
+    /// Only rows of this job.
+    job: Option<String>,
+    /// `pending` only: only running (true) or only waiting (false) instances.
+    running: Option<bool>,
+    #[serde(rename = "access_token")]
+    _access_token: Option<IgnoredAny>,
+}
+
+/// A parsed row filter.
+#[derive(Debug, Clone, Copy, Default)]
+struct Filter {
+    job: Option<Hash>,
+    running: Option<bool>,
+}
+
+impl Filter {
+    fn is_empty(&self) -> bool {
+        self.job.is_none() && self.running.is_none()
+    }
+
+    fn matches(&self, row: &ListRow) -> bool {
+        let job = match row {
+            ListRow::Job(r) => r.key,
+            ListRow::Pending(r) => r.job,
+            ListRow::Result(r) => r.key.0,
+            ListRow::Fail(r) => r.key.0,
+        };
+        if self.job.is_some_and(|j| j != job) {
+            return false;
+        }
+        match (self.running, row) {
+            (Some(want), ListRow::Pending(r)) => r.running == want,
+            _ => true,
+        }
+    }
+}
+
+/// `job | pending | result | fail | cancelled`; anything else is a 404.
+fn list_kind(s: &str) -> Result<ListKind, ApiError> {
+    match s {
+        "job" | "pending" | "result" | "fail" | "cancelled" => s.parse().map_err(ApiError::from),
+        _ => Err(ApiError::not_found(format!(
+            "unknown list type {:?}: expected job, pending, result, fail or cancelled",
+            s.chars().take(100).collect::<String>()
+        ))),
+    }
+}
+
+struct ListQuery {
+    kind: ListKind,
+    after: i64,
+    limit: Option<usize>,
+    filter: Filter,
+}
+
+fn list_query(kind: &str, p: ListParams) -> Result<ListQuery, ApiError> {
+    let kind = list_kind(kind)?;
+    let after = p.after.unwrap_or(0);
+    if after < 0 {
+        return Err(ApiError::bad_request(format!("invalid after {after}")));
+    }
+    if let Some(l) = p.limit {
+        if l == 0 || l > MAX_LIMIT {
+            return Err(ApiError::bad_request(format!(
+                "invalid limit {l}: expected 1 to {MAX_LIMIT}"
+            )));
+        }
+    }
+    if p.running.is_some() && kind != ListKind::Pending {
+        return Err(ApiError::bad_request(
+            "the running filter applies to the pending list only",
+        ));
+    }
+    let job = p.job.as_deref().map(str::parse::<Hash>).transpose()?;
+    Ok(ListQuery {
+        kind,
+        after,
+        limit: p.limit,
+        filter: Filter {
+            job,
+            running: p.running,
+        },
+    })
+}
+
+/// One page: up to `limit` matching rows after `after`, and the cursor to continue
+/// from (`None` once the end was reached).
+async fn page(
+    app: &AppState,
+    q: &ListQuery,
+    limit: usize,
+) -> Result<(Vec<ListRow>, Option<i64>), Error> {
+    let mut rows = Vec::new();
+    let mut cursor = q.after;
+    let mut scanned = 0;
+    loop {
+        let want = if q.filter.is_empty() {
+            limit - rows.len()
+        } else {
+            PAGE
+        };
+        let batch = app.db.queue().list_page(q.kind, cursor, want).await?;
+        let n = batch.len();
+        for row in batch {
+            cursor = row.cursor();
+            if q.filter.matches(&row) {
+                rows.push(row);
+                if rows.len() == limit {
+                    return Ok((rows, Some(cursor)));
+                }
+            }
+        }
+        scanned += n;
+        if n < want {
+            return Ok((rows, None));
+        }
+        if scanned >= SCAN_BUDGET {
+            return Ok((rows, Some(cursor)));
+        }
+    }
+}
+
+/// Every matching row after `after`, a page at a time, as JSON lines.
+fn line_stream(
+    app: AppState,
+    q: ListQuery,
+) -> impl Stream<Item = Result<Bytes, std::io::Error>> + Send + 'static {
+    futures_util::stream::unfold(Some(q.after), move |cursor| {
+        let app = app.clone();
+        let filter = q.filter;
+        let kind = q.kind;
+        async move {
+            let after = cursor?;
+            match app.db.queue().list_page(kind, after, PAGE).await {
+                Ok(rows) => {
+                    let next = (rows.len() == PAGE).then(|| rows.last().map(ListRow::cursor));
+                    let mut buf = Vec::new();
+                    for row in rows.iter().filter(|r| filter.matches(r)) {
+                        if let Err(e) = serde_json::to_writer(&mut buf, row) {
+                            return Some((Err(std::io::Error::other(e)), None));
+                        }
+                        buf.push(b'\n');
+                    }
+                    Some((Ok(Bytes::from(buf)), next.flatten()))
+                }
+                Err(e) => {
+                    tracing::error!("list: {e}");
+                    Some((Err(std::io::Error::other(e.to_string())), None))
+                }
+            }
+        }
+    })
+    .try_filter(|b| futures_util::future::ready(!b.is_empty()))
+}
+
+const NDJSON: &str = "application/x-ndjson";
+
+/// `GET /list/{type}`: rows as JSON lines in the CLI's shapes, in push order. Without
+/// `limit` every row after `after` streams (memory stays flat however many there
+/// are); with `limit`, one page, whose continuation cursor is in `X-Next-After` (and
+/// a `Link: rel="next"`) unless the end was reached.
+pub(crate) async fn list_lines(
+    State(app): State<AppState>,
+    Path(kind): Path<String>,
+    p: Result<Query<ListParams>, QueryRejection>,
+) -> Result<Response, ApiError> {
+    let q = list_query(&kind, query(p)?)?;
+    let Some(limit) = q.limit else {
+        let body = Body::from_stream(line_stream(app, q));
+        return Ok(([(header::CONTENT_TYPE, NDJSON)], body).into_response());
+    };
+    let (rows, next) = page(&app, &q, limit).await?;
+    let mut buf = Vec::new();
+    for row in &rows {
+        serde_json::to_writer(&mut buf, row)
+            .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
+        buf.push(b'\n');
+    }
+    let mut r = ([(header::CONTENT_TYPE, NDJSON)], buf).into_response();
+    if let Some(n) = next {
+        let h = r.headers_mut();
+        h.insert("x-next-after", HeaderValue::from(n));
+        let link = format!(
+            "<{}/list/{kind}?after={n}&limit={limit}{}>; rel=\"next\"",
+            app.prefix,
+            filter_query(&q.filter)
+        );
+        if let Ok(v) = HeaderValue::from_str(&link) {
+            h.insert(header::LINK, v);
+        }
+    }
+    Ok(r)
+}
+
+fn filter_query(f: &Filter) -> String {
+    let mut s = String::new();
+    if let Some(j) = f.job {
+        s.push_str(&format!("&job={j}"));
+    }
+    if let Some(r) = f.running {
+        s.push_str(&format!("&running={r}"));
+    }
+    s
+}
+
+/// `GET /api/list/{type}`: one page as `{"rows": [...], "next": cursor | null}`
+/// (`limit` defaults to 100). Pass `next` as `after` for the following page; a
+/// filtered page may hold fewer rows than `limit` while `next` is not null.
+pub(crate) async fn list_json(
+    State(app): State<AppState>,
+    Path(kind): Path<String>,
+    p: Result<Query<ListParams>, QueryRejection>,
+) -> Result<Response, ApiError> {
+    let q = list_query(&kind, query(p)?)?;
+    let (rows, next) = page(&app, &q, q.limit.unwrap_or(100)).await?;
+    Ok(Json(serde_json::json!({ "rows": rows, "next": next })).into_response())
+}
+
+/// Parameters of `GET /api/recent/{type}`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RecentParams {
+    /// At most this many rows (1..=500, default 50).
+    limit: Option<usize>,
+    #[serde(rename = "access_token")]
+    _access_token: Option<IgnoredAny>,
+}
+
+/// Event-log windows examined per recent request, 1000 events each.
+const RECENT_WINDOWS: i64 = 100;
+
+/// `GET /api/recent/{result|fail|cancelled}`: the newest terminal rows, newest first,
+/// as `{"rows": [...]}` in the list shapes. Found by reading the event log backwards
+/// (at most the last 100 000 events), so it costs the same on a queue of any length.
+pub(crate) async fn recent(
+    State(app): State<AppState>,
+    Path(kind): Path<String>,
+    p: Result<Query<RecentParams>, QueryRejection>,
+) -> Result<Response, ApiError> {
+    let (list, ev) = match kind.as_str() {
+        "result" => (ListKind::Result, EventKind::Result),
+        "fail" => (ListKind::Fail, EventKind::Fail),
+        "cancelled" => (ListKind::Cancelled, EventKind::Cancel),
+        _ => {
+            return Err(ApiError::not_found(
+                "unknown recent type: expected result, fail or cancelled",
+            ));
+        }
+    };
+    let limit = query(p)?.limit.unwrap_or(50);
+    if limit == 0 || limit > 500 {
+        return Err(ApiError::bad_request(format!(
+            "invalid limit {limit}: expected 1 to 500"
+        )));
+    }
+    let q = app.db.queue();
+    let mut hi = q.last_event_id().await?;
+    let mut ids = Vec::new();
+    let mut windows = 0;
+    while hi > 0 && ids.len() < limit && windows < RECENT_WINDOWS {
+        let lo = (hi - PAGE as i64).max(0);
+        let evs = q.events(lo, PAGE).await?;
+        for e in evs.iter().rev().filter(|e| e.id <= hi && e.event == ev) {
+            if let Some(id) = e.instance {
+                if !ids.contains(&id) {
+                    ids.push(id);
+                    if ids.len() == limit {
+                        break;
+                    }
+                }
+            }
+        }
+        hi = lo;
+        windows += 1;
+    }
+    let mut rows = Vec::with_capacity(ids.len());
+    for id in ids {
+        if let Some(row) = q.list_page(list, id - 1, 1).await?.pop() {
+            if row.cursor() == id {
+                rows.push(row);
+            }
+        }
+    }
+    Ok(Json(serde_json::json!({ "rows": rows })).into_response())
+}
+
+/// An instance id in a path: `N` or `id:N`.
+pub(crate) fn instance_id(s: &str) -> Result<i64, ApiError> {
+    let digits = s.strip_prefix("id:").unwrap_or(s);
+    match digits.parse::<i64>() {
+        Ok(id) if id > 0 && digits.bytes().all(|b| b.is_ascii_digit()) => Ok(id),
+        _ => Err(ApiError::bad_request(format!(
+            "invalid instance id {:?}: expected a positive integer",
+            s.chars().take(100).collect::<String>()
+        ))),
+    }
+}
+
+/// `GET /api/instance/{id}`: everything about one instance, as `show --json` prints
+/// it: state, options and every attempt (exit code, signal, times, stdout and
+/// stderr blob ids and sizes, outcome).
+pub(crate) async fn instance(
+    State(app): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
+    let id = instance_id(&id)?;
+    Ok(Json(app.db.instance(id).await?).into_response())
+}
+
+/// The body of `POST /api/push`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct PushBody {
+    /// The job key.
+    job: String,
+    priority: Option<i64>,
+    delay: Option<f64>,
+    run_at: Option<i64>,
+    timeout: Option<f64>,
+    retries: Option<u32>,
+    cached: Option<bool>,
+}
+
+/// `POST /api/push` with `{"job": key, "priority"?, "delay"?, "run_at"?,
+/// "timeout"?, "retries"?, "cached"?}`: pushes another instance of a stored job;
+/// answers `{"id", "job", "created"}`.
+pub(crate) async fn push(
+    State(app): State<AppState>,
+    b: Result<Json<PushBody>, JsonRejection>,
+) -> Result<Response, ApiError> {
+    let b = json_body(b)?;
+    let job: Hash = b.job.parse()?;
+    let q = QueueParams {
+        priority: b.priority,
+        delay: b.delay,
+        run_at: b.run_at,
+        timeout: b.timeout,
+        retries: b.retries,
+        cached: b.cached,
+    };
+    let inst = app.db.push(&job, &q.options()?).await?;
+    Ok(Json(inst).into_response())
+}
+
+fn selector(s: &str, all_failed: bool) -> Result<Selector, ApiError> {
+    if all_failed && s == "failed" {
+        return Ok(Selector::AllFailed);
+    }
+    Ok(s.parse()?)
+}
+
+fn instances(done: Vec<Instance>, what: &str, sel: &Selector) -> Result<Response, ApiError> {
+    if done.is_empty() && *sel != Selector::AllFailed {
+        return Err(ApiError::not_found(format!(
+            "no {what} instance matches {sel}"
+        )));
+    }
+    Ok(Json(done).into_response())
+}
+
+/// `POST /api/cancel/{selector}` (`id:N`, a created time, a job key or result id):
+/// cancels the pending or running instances it names; answers them as
+/// `[{"id", "job", "created"}]`, 404 if none.
+pub(crate) async fn cancel(
+    State(app): State<AppState>,
+    Path(sel): Path<String>,
+) -> Result<Response, ApiError> {
+    let sel = selector(&sel, false)?;
+    let done = app.db.cancel(&sel).await?;
+    instances(done, "pending or running", &sel)
+}
+
+/// `POST /api/retry/{selector}` (or `failed` for every failed instance): pushes the
+/// failed or cancelled instances it names again; answers the new instances.
+pub(crate) async fn retry(
+    State(app): State<AppState>,
+    Path(sel): Path<String>,
+) -> Result<Response, ApiError> {
+    let sel = selector(&sel, true)?;
+    let done = app.db.retry(&sel).await?;
+    instances(done, "failed or cancelled (not yet retried)", &sel)
+}
+
+/// `GET /api/counts`: instances by state, as `batchdb status` prints them.
+pub(crate) async fn counts(State(app): State<AppState>) -> Result<Response, ApiError> {
+    Ok(Json(app.db.counts().await?).into_response())
+}
+
+/// `GET /api/last-event`: `{"id": N}`, the newest event's id (0 if none): load a
+/// view, then follow `/events?after=N` to miss nothing.
+pub(crate) async fn last_event(State(app): State<AppState>) -> Result<Response, ApiError> {
+    let id = app.db.queue().last_event_id().await?;
+    Ok(Json(serde_json::json!({ "id": id })).into_response())
+}
+
+/// `GET /healthz`: `ok` once the database answers, 503 with the error otherwise.
+pub(crate) async fn healthz(State(app): State<AppState>) -> Response {
+    match app.db.queue().last_event_id().await {
+        Ok(_) => ([(header::CONTENT_TYPE, "text/plain")], "ok\n").into_response(),
+        Err(e) => ApiError::new(StatusCode::SERVICE_UNAVAILABLE, e.to_string()).into_response(),
+    }
+}

@@ -1,0 +1,85 @@
+//! Typed HTTP errors: a status and one clear message, sent as `{"error": "..."}`.
+
+use axum::Json;
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use batchdb::Error;
+
+/// An error response: an HTTP status and a one-line message.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ApiError {
+    /// The status sent.
+    pub status: StatusCode,
+    /// The message sent in the body as `{"error": message}`.
+    pub message: String,
+}
+
+impl ApiError {
+    /// An error with this status and message.
+    pub fn new(status: StatusCode, message: impl Into<String>) -> ApiError {
+        ApiError {
+            status,
+            message: message.into(),
+        }
+    }
+
+    /// 400 Bad Request.
+    pub fn bad_request(message: impl Into<String>) -> ApiError {
+        ApiError::new(StatusCode::BAD_REQUEST, message)
+    }
+
+    /// 404 Not Found.
+    pub fn not_found(message: impl Into<String>) -> ApiError {
+        ApiError::new(StatusCode::NOT_FOUND, message)
+    }
+}
+
+impl From<Error> for ApiError {
+    /// Client mistakes (a bad hash, selector or option, a broken upload) are 4xx;
+    /// what is missing is 404; anything else is a 500, logged here.
+    fn from(e: Error) -> ApiError {
+        let status = match &e {
+            Error::InvalidHash { .. } | Error::Config { .. } | Error::Stream { .. } => {
+                StatusCode::BAD_REQUEST
+            }
+            Error::BlobNotFound(_) | Error::JobNotFound(_) | Error::InstanceNotFound(_) => {
+                StatusCode::NOT_FOUND
+            }
+            Error::Fenced { .. } => StatusCode::CONFLICT,
+            _ => {
+                tracing::error!("{e}");
+                StatusCode::INTERNAL_SERVER_ERROR
+            }
+        };
+        ApiError::new(status, e.to_string().replace('\n', " "))
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let mut r = (
+            self.status,
+            Json(serde_json::json!({ "error": self.message })),
+        )
+            .into_response();
+        if self.status == StatusCode::UNAUTHORIZED {
+            r.headers_mut()
+                .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+        }
+        r
+    }
+}
+
+/// The fallback for paths no route serves.
+pub(crate) async fn not_found(uri: axum::http::Uri) -> ApiError {
+    ApiError::not_found(format!("no route for {}", uri.path()))
+}
+
+/// The fallback for a known path asked with a method it does not take (axum adds
+/// the `Allow` header).
+pub(crate) async fn method_not_allowed(method: axum::http::Method) -> ApiError {
+    ApiError::new(
+        StatusCode::METHOD_NOT_ALLOWED,
+        format!("method {method} is not allowed here"),
+    )
+}

@@ -1,0 +1,179 @@
+//! The batchdb HTTP API and live dashboard, as `batchdb serve` runs them.
+//!
+//! [`router`] builds an [`axum::Router`] over a [`BatchDb`]; [`serve`] runs it on a
+//! listener until a shutdown signal. Every route is listed in the crate's README
+//! section "HTTP API and dashboard":
+//!
+//! - the old batchdb-web-api routes: `POST /create`, `GET /list/{type}`,
+//!   `GET /blob/{id}` (with `Range`, `ETag` and immutable caching);
+//! - a JSON API under `/api/` (push, cancel, retry, instance, counts, paged lists,
+//!   recent results, live output);
+//! - `GET /events`, the persisted event log as Server-Sent Events;
+//! - `GET /metrics` (Prometheus text) and `GET /healthz`;
+//! - the dashboard at `/`.
+//!
+//! Every route is mounted under [`ServeOptions::prefix`].
+
+#![warn(missing_docs)]
+
+mod api;
+mod auth;
+mod blob;
+mod dashboard;
+mod error;
+mod events;
+mod metrics;
+
+use std::future::Future;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use axum::Router;
+use axum::routing::{get, post};
+use batchdb::{BatchDb, Error};
+
+pub use error::ApiError;
+
+/// How the server behaves; everything but the database.
+#[derive(Debug, Clone, Default)]
+pub struct ServeOptions {
+    /// Mount every route under this path (`/batch`); empty for the root. Only
+    /// `[A-Za-z0-9._~-]` segments separated by `/` are accepted.
+    pub prefix: String,
+    /// With a token, every mutating request (and the dashboard's actions) needs
+    /// `Authorization: Bearer <token>`.
+    pub token: Option<String>,
+    /// Require the token on reads too (lists, blobs, events, metrics). `GET` requests
+    /// may also pass it as `?access_token=` (a browser's `EventSource` cannot set
+    /// headers).
+    pub auth_reads: bool,
+    /// The blob store's directory, when it is a directory: blob sizes are read from
+    /// it, for `Content-Length` and `Range` requests. Without it, blobs are sent whole
+    /// with chunked encoding and `Accept-Ranges: none`.
+    pub blob_dir: Option<PathBuf>,
+    /// Refuse requests whose `Host` is not a loopback name (`localhost`, `127.x.y.z`,
+    /// `[::1]`): set it when listening on a loopback address, so that a web page in
+    /// the user's browser cannot reach the server through DNS rebinding.
+    pub local_hosts_only: bool,
+}
+
+impl ServeOptions {
+    /// The prefix in its canonical form: empty, or `/a/b` without a trailing slash.
+    pub fn normalized_prefix(&self) -> Result<String, Error> {
+        let p = self.prefix.trim_end_matches('/');
+        if p.is_empty() {
+            return Ok(String::new());
+        }
+        let bad = |why: &str| Error::Config {
+            what: "prefix",
+            value: self.prefix.clone(),
+            why: why.into(),
+        };
+        let Some(rest) = p.strip_prefix('/') else {
+            return Err(bad("it must start with /"));
+        };
+        for seg in rest.split('/') {
+            if seg.is_empty() || seg == "." || seg == ".." {
+                return Err(bad("empty, . or .. path segment"));
+            }
+            if !seg
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"._~-".contains(&b))
+            {
+                return Err(bad("only letters, digits and ._~- are allowed in segments"));
+            }
+        }
+        Ok(p.to_string())
+    }
+}
+
+/// What every handler shares.
+#[derive(Debug)]
+pub(crate) struct App {
+    pub db: BatchDb,
+    pub opts: ServeOptions,
+    pub prefix: String,
+    pub metrics: metrics::Metrics,
+    pub blob_dir: tokio::sync::OnceCell<Option<batchdb::blob::DirStore>>,
+}
+
+/// The shared state handlers receive.
+pub(crate) type AppState = Arc<App>;
+
+/// Builds the router serving the HTTP API and the dashboard over `db`.
+///
+/// Inside a tokio runtime this also starts the task that follows the event log
+/// (from its first event) for `/metrics`; it ends when the router is dropped.
+/// Outside one, the task starts with the first `/metrics` request.
+pub fn router(db: BatchDb, opts: ServeOptions) -> Result<Router, Error> {
+    let prefix = opts.normalized_prefix()?;
+    let app = Arc::new(App {
+        metrics: metrics::Metrics::new(db.clone()),
+        db,
+        opts,
+        prefix: prefix.clone(),
+        blob_dir: tokio::sync::OnceCell::new(),
+    });
+    app.metrics.start();
+    let p = |path: &str| format!("{prefix}{path}");
+    let mut r = Router::new()
+        .route(&p("/"), get(dashboard::index))
+        .route(&p("/assets/app.js"), get(dashboard::script))
+        .route(&p("/assets/app.css"), get(dashboard::style))
+        .route(&p("/create"), post(api::create))
+        .route(&p("/list/{kind}"), get(api::list_lines))
+        .route(&p("/blob/{id}"), get(blob::get_blob))
+        .route(&p("/events"), get(events::sse))
+        .route(&p("/metrics"), get(metrics::scrape))
+        .route(&p("/healthz"), get(api::healthz))
+        .route(&p("/api/counts"), get(api::counts))
+        .route(&p("/api/last-event"), get(api::last_event))
+        .route(&p("/api/list/{kind}"), get(api::list_json))
+        .route(&p("/api/recent/{kind}"), get(api::recent))
+        .route(&p("/api/instance/{id}"), get(api::instance))
+        .route(&p("/api/output/{id}"), get(events::output))
+        .route(&p("/api/push"), post(api::push))
+        .route(&p("/api/cancel/{selector}"), post(api::cancel))
+        .route(&p("/api/retry/{selector}"), post(api::retry));
+    if !prefix.is_empty() {
+        r = r.route(&prefix, get(dashboard::to_index));
+    }
+    Ok(r.fallback(error::not_found)
+        .method_not_allowed_fallback(error::method_not_allowed)
+        .layer(axum::middleware::from_fn_with_state(
+            app.clone(),
+            auth::guard,
+        ))
+        .with_state(app))
+}
+
+/// Serves `router(db, opts)` on `listener` until `shutdown` completes; then stops
+/// accepting, gives open requests a moment to end, and returns.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    db: BatchDb,
+    opts: ServeOptions,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), Error> {
+    let addr = listener
+        .local_addr()
+        .map_err(|e| Error::io("read the address of", "listener", e))?;
+    let app = router(db, opts)?;
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let server = axum::serve(listener, app).with_graceful_shutdown(async move {
+        shutdown.await;
+        let _ = stop_tx.send(true);
+    });
+    let mut stopped = stop_rx.clone();
+    tokio::select! {
+        r = server => r.map_err(|e| Error::io("serve HTTP on", addr.to_string(), e)),
+        // Event streams never end by themselves: once asked to stop, give other
+        // requests a short grace period, then return.
+        _ = async {
+            if stopped.wait_for(|s| *s).await.is_err() {
+                std::future::pending::<()>().await;
+            }
+            tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+        } => Ok(()),
+    }
+}

@@ -1,0 +1,329 @@
+//! `GET /metrics`: Prometheus text, from instance counts and from following the
+//! event log in this process from its first event.
+
+use std::collections::HashMap;
+use std::fmt::Write as _;
+use std::sync::{Mutex, OnceLock};
+use std::time::Duration;
+
+use axum::extract::State;
+use axum::http::header;
+use axum::response::{IntoResponse, Response};
+use batchdb::BatchDb;
+use batchdb::queue::{Event, EventKind};
+use futures_util::StreamExt;
+
+use crate::AppState;
+use crate::error::ApiError;
+
+/// Histogram bucket bounds, in seconds.
+const BUCKETS: [f64; 16] = [
+    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 900.0, 3600.0,
+];
+
+/// Instances remembered between their push (or start) and their start (or end);
+/// beyond this many the oldest observations are skipped rather than grow memory.
+const MAX_TRACKED: usize = 1_000_000;
+
+/// How long a scrape waits for the follower to reach the log's end.
+const CATCH_UP: Duration = Duration::from_secs(5);
+
+#[derive(Debug, Default, Clone)]
+struct Histogram {
+    counts: [u64; BUCKETS.len()],
+    count: u64,
+    sum: f64,
+}
+
+impl Histogram {
+    fn observe(&mut self, secs: f64) {
+        let secs = secs.max(0.0);
+        for (i, b) in BUCKETS.iter().enumerate() {
+            if secs <= *b {
+                self.counts[i] += 1;
+            }
+        }
+        self.count += 1;
+        self.sum += secs;
+    }
+
+    fn render(&self, out: &mut String, name: &str, help: &str) {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} histogram");
+        for (i, b) in BUCKETS.iter().enumerate() {
+            let _ = writeln!(out, "{name}_bucket{{le=\"{b}\"}} {}", self.counts[i]);
+        }
+        let _ = writeln!(out, "{name}_bucket{{le=\"+Inf\"}} {}", self.count);
+        let _ = writeln!(out, "{name}_sum {}", self.sum);
+        let _ = writeln!(out, "{name}_count {}", self.count);
+    }
+}
+
+/// What the event log has shown so far.
+#[derive(Debug, Default)]
+struct Tally {
+    last: i64,
+    creates: u64,
+    pushes: u64,
+    runs: u64,
+    results: u64,
+    cached: u64,
+    failures: u64,
+    attempt_failures: u64,
+    retries: u64,
+    cancels: u64,
+    run_duration: Histogram,
+    queue_wait: Histogram,
+    /// instance -> when it became due (epoch ms), until it starts.
+    due: HashMap<i64, i64>,
+    /// instance -> when its current attempt started (epoch ms), until it ends.
+    started: HashMap<i64, i64>,
+}
+
+fn ms_to_secs(ms: i64) -> f64 {
+    ms as f64 / 1000.0
+}
+
+impl Tally {
+    fn apply(&mut self, ev: &Event) {
+        self.last = ev.id;
+        let Some(inst) = ev.instance else {
+            if ev.event == EventKind::Create {
+                self.creates += 1;
+            }
+            return;
+        };
+        let num = |k: &str| ev.data.get(k).and_then(|v| v.as_i64());
+        match ev.event {
+            EventKind::Create => self.creates += 1,
+            EventKind::Push => {
+                self.pushes += 1;
+                let due = num("run_at").or(ev.created).unwrap_or(ev.time);
+                if self.due.len() < MAX_TRACKED {
+                    self.due.insert(inst, due);
+                }
+            }
+            EventKind::Start => {
+                self.runs += 1;
+                if let Some(due) = self.due.remove(&inst) {
+                    self.queue_wait.observe(ms_to_secs(ev.time - due));
+                }
+                if self.started.len() < MAX_TRACKED {
+                    self.started.insert(inst, ev.time);
+                }
+            }
+            EventKind::Result => {
+                self.results += 1;
+                if ev.data.get("cached").and_then(|v| v.as_bool()) == Some(true) {
+                    self.cached += 1;
+                }
+                self.ended(inst, ev.time, true);
+            }
+            EventKind::Fail => {
+                self.failures += 1;
+                self.attempt_failures += 1;
+                self.ended(inst, ev.time, true);
+            }
+            EventKind::Cancel => {
+                self.cancels += 1;
+                self.ended(inst, ev.time, false);
+            }
+            EventKind::Retry => {
+                if ev.data.get("from").is_some() {
+                    // A failed instance pushed again: its push event came first.
+                    self.retries += 1;
+                    return;
+                }
+                let released = ev.data.get("released").is_some();
+                if !released {
+                    self.retries += 1;
+                    self.attempt_failures += 1;
+                }
+                self.ended(inst, ev.time, !released);
+                let due = num("run_at").unwrap_or(ev.time);
+                if self.due.len() < MAX_TRACKED {
+                    self.due.insert(inst, due);
+                }
+            }
+        }
+    }
+
+    fn ended(&mut self, inst: i64, time: i64, observe: bool) {
+        self.due.remove(&inst);
+        if let Some(start) = self.started.remove(&inst) {
+            if observe {
+                self.run_duration.observe(ms_to_secs(time - start));
+            }
+        }
+    }
+}
+
+/// The metrics of one server: a follower task over the event log and its tally.
+#[derive(Debug)]
+pub(crate) struct Metrics {
+    db: BatchDb,
+    tally: std::sync::Arc<Mutex<Tally>>,
+    progress: tokio::sync::watch::Sender<i64>,
+    task: OnceLock<AbortOnDrop>,
+}
+
+#[derive(Debug)]
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+impl Metrics {
+    pub(crate) fn new(db: BatchDb) -> Metrics {
+        Metrics {
+            db,
+            tally: Default::default(),
+            progress: tokio::sync::watch::channel(0).0,
+            task: OnceLock::new(),
+        }
+    }
+
+    /// Starts following the event log, if a runtime is there to run it and it has
+    /// not started yet.
+    pub(crate) fn start(&self) {
+        let Ok(rt) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        self.task.get_or_init(|| {
+            let db = self.db.clone();
+            let tally = self.tally.clone();
+            let progress = self.progress.clone();
+            AbortOnDrop(rt.spawn(follow(db, tally, progress)))
+        });
+    }
+}
+
+async fn follow(
+    db: BatchDb,
+    tally: std::sync::Arc<Mutex<Tally>>,
+    progress: tokio::sync::watch::Sender<i64>,
+) {
+    let mut after = 0;
+    loop {
+        let events = db.events(after, true);
+        futures_util::pin_mut!(events);
+        while let Some(ev) = events.next().await {
+            match ev {
+                Ok(ev) => {
+                    after = ev.id;
+                    if let Ok(mut t) = tally.lock() {
+                        t.apply(&ev);
+                    }
+                    progress.send_replace(ev.id);
+                }
+                Err(e) => {
+                    tracing::warn!("metrics: reading the event log: {e}");
+                    break;
+                }
+            }
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+}
+
+/// `GET /metrics`: Prometheus text format (0.0.4).
+///
+/// - `batchdb_instances{state}`: instances by state now (gauge);
+/// - `batchdb_runs_total`, `batchdb_results_total`, `batchdb_failures_total`
+///   (instances that ended as failures), `batchdb_attempt_failures_total`,
+///   `batchdb_retries_total`, `batchdb_cancelled_total`, `batchdb_cache_hits_total`,
+///   `batchdb_jobs_created_total`, `batchdb_pushes_total`: counters over the whole
+///   event log;
+/// - `batchdb_run_duration_seconds` (start to result or failure of an attempt) and
+///   `batchdb_queue_wait_seconds` (due to start): histograms;
+/// - `batchdb_events_seen`: the newest event id counted.
+///
+/// A scrape first waits (up to 5 s) until the follower has read the log as far as it
+/// reached when the scrape began, so the counters include every event before it.
+pub(crate) async fn scrape(State(app): State<AppState>) -> Result<Response, ApiError> {
+    let m = &app.metrics;
+    m.start();
+    let last = app.db.queue().last_event_id().await?;
+    let mut rx = m.progress.subscribe();
+    let _ = tokio::time::timeout(CATCH_UP, rx.wait_for(|seen| *seen >= last)).await;
+    let counts = app.db.counts().await?;
+    let mut out = String::new();
+    out.push_str("# HELP batchdb_instances Instances by state.\n# TYPE batchdb_instances gauge\n");
+    for (state, n) in [
+        ("pending", counts.pending),
+        ("running", counts.running),
+        ("result", counts.result),
+        ("fail", counts.fail),
+        ("cancelled", counts.cancelled),
+    ] {
+        let _ = writeln!(out, "batchdb_instances{{state=\"{state}\"}} {n}");
+    }
+    let t = m.tally.lock().map_err(|_| {
+        ApiError::new(
+            axum::http::StatusCode::INTERNAL_SERVER_ERROR,
+            "metrics lock poisoned",
+        )
+    })?;
+    let counters = [
+        ("batchdb_runs_total", "Attempts started.", t.runs),
+        (
+            "batchdb_results_total",
+            "Instances that ended with a result.",
+            t.results,
+        ),
+        (
+            "batchdb_failures_total",
+            "Instances that ended as failures.",
+            t.failures,
+        ),
+        (
+            "batchdb_attempt_failures_total",
+            "Failed attempts, retried or not.",
+            t.attempt_failures,
+        ),
+        (
+            "batchdb_retries_total",
+            "Instances sent back to pending after a failure, or pushed again.",
+            t.retries,
+        ),
+        ("batchdb_cancelled_total", "Instances cancelled.", t.cancels),
+        (
+            "batchdb_cache_hits_total",
+            "Results served from the result cache.",
+            t.cached,
+        ),
+        ("batchdb_jobs_created_total", "Jobs stored.", t.creates),
+        ("batchdb_pushes_total", "Instances pushed.", t.pushes),
+    ];
+    for (name, help, v) in counters {
+        let _ = writeln!(
+            out,
+            "# HELP {name} {help}\n# TYPE {name} counter\n{name} {v}"
+        );
+    }
+    t.run_duration.render(
+        &mut out,
+        "batchdb_run_duration_seconds",
+        "Attempt run time, from its start to its result or failure.",
+    );
+    t.queue_wait.render(
+        &mut out,
+        "batchdb_queue_wait_seconds",
+        "Time from an instance being due (pushed, or its retry time) to its attempt starting.",
+    );
+    let _ = writeln!(
+        out,
+        "# HELP batchdb_events_seen The newest event-log id counted.\n# TYPE batchdb_events_seen gauge\nbatchdb_events_seen {}",
+        t.last
+    );
+    Ok((
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        out,
+    )
+        .into_response())
+}

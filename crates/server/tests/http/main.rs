@@ -1,0 +1,25 @@
+//! Integration tests of the batchdb HTTP API over real HTTP: each test starts the
+//! server in-process on an ephemeral loopback port, over its own temporary database,
+//! and talks to it with an HTTP client (or raw TCP, for what clients will not send).
+//!
+//! The tests that need the `batchdb` binary itself (a 1 GiB upload measured on a real
+//! `batchdb serve` process, an event made by a separate CLI process, the headless
+//! Chromium dashboard test) live in `crates/cli/tests/cli/serve.rs`.
+//!
+//! - `routes`: the old routes, the JSON API, paging, filters, prefix, dashboard files
+//! - `bad_input`: 400 / 404 / 405 and the error body
+//! - `blobs`: Range, ETag, If-None-Match, HEAD
+//! - `events`: SSE from the event log, Last-Event-ID, live output
+//! - `auth`: token, reads with a token, cross-origin and Host checks
+//! - `upload`: streamed bodies, clients that go away mid-upload
+//! - `metrics`: Prometheus text derived from the event log
+
+mod util;
+
+mod auth;
+mod bad_input;
+mod blobs;
+mod events;
+mod metrics;
+mod routes;
+mod upload;
