@@ -108,3 +108,135 @@ pub async fn list_reports_every_blob(b: &Backend) {
         listed.into_iter().map(|e| e.unwrap().hash).collect();
     assert_eq!(got, want);
 }
+
+/// `len` bytes of a fixed pseudo-random pattern (no run of it repeats at a part size).
+fn pattern(len: usize) -> Vec<u8> {
+    let mut x = 0x9e37_79b9_7f4a_7c15u64;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
+
+pub async fn get_range_reads_parts_clamped(b: &Backend) {
+    let data = pattern(100_000);
+    let info = b.blobs.put(&mut &data[..]).await.unwrap();
+    for (range, want) in [
+        (0..10, &data[0..10]),
+        (40_000..40_123, &data[40_000..40_123]),
+        (99_990..100_000, &data[99_990..]),
+        (99_990..1_000_000, &data[99_990..]),
+        (0..u64::MAX, &data[..]),
+        (5..5, &data[0..0]),
+        (100_000..100_010, &data[0..0]),
+        (200_000..300_000, &data[0..0]),
+    ] {
+        let mut r = b.blobs.get_range(&info.hash, range.clone()).await.unwrap();
+        let mut got = Vec::new();
+        r.read_to_end(&mut got).await.unwrap();
+        assert!(got == want, "range {range:?}: {} bytes", got.len());
+    }
+    let missing = Hash::of(b"never stored");
+    match b.blobs.get_range(&missing, 0..10).await {
+        Err(Error::BlobNotFound(h)) => assert_eq!(h, missing),
+        Err(e) => panic!("wrong error {e}"),
+        Ok(_) => panic!("missing blob opened"),
+    }
+}
+
+async fn modified_of(b: &Backend, h: &Hash) -> std::time::SystemTime {
+    let listed: Vec<_> = futures_util::StreamExt::collect::<Vec<_>>(b.blobs.list()).await;
+    listed
+        .into_iter()
+        .map(|e| e.unwrap())
+        .find(|e| e.hash == *h)
+        .expect("blob listed")
+        .modified
+        .expect("store reports modification times")
+}
+
+/// `touch`, and storing the same content again, make `list`'s `modified` fresh, which
+/// `gc`'s grace period relies on. (S3 times have 1 s resolution: wait longer.)
+pub async fn touch_and_store_again_refresh_modified(b: &Backend) {
+    let info = b.blobs.put(&mut &b"touch me"[..]).await.unwrap();
+    let first = modified_of(b, &info.hash).await;
+    tokio::time::sleep(std::time::Duration::from_millis(1500)).await;
+    b.blobs.touch(&info.hash).await.unwrap();
+    let touched = modified_of(b, &info.hash).await;
+    assert!(touched > first, "{touched:?} > {first:?}");
+    tokio::time::sleep(std::time::Duration::from_millis(1500)).await;
+    assert_eq!(b.blobs.put(&mut &b"touch me"[..]).await.unwrap(), info);
+    let again = modified_of(b, &info.hash).await;
+    assert!(again > touched, "{again:?} > {touched:?}");
+    assert_eq!(read_all(b, &info.hash).await, b"touch me");
+    let missing = Hash::of(b"never stored");
+    assert!(b.blobs.touch(&missing).await.is_err());
+}
+
+/// Larger than any backend's single-request or in-memory threshold (S3: 8 MiB parts).
+const LARGE: usize = 20 * 1024 * 1024 + 12_345;
+
+pub async fn large_blob_roundtrips(b: &Backend) {
+    let data = pattern(LARGE);
+    let info = b.blobs.put(&mut &data[..]).await.unwrap();
+    assert_eq!(info.hash, Hash::of(&data));
+    assert_eq!(info.size, LARGE as u64);
+    assert!(b.blobs.contains(&info.hash).await.unwrap());
+    assert!(read_all(b, &info.hash).await == data, "content differs");
+    // Stored again: same answer, still one blob.
+    assert_eq!(b.blobs.put(&mut &data[..]).await.unwrap(), info);
+    let listed: Vec<_> = futures_util::StreamExt::collect::<Vec<_>>(b.blobs.list()).await;
+    let listed: Vec<_> = listed.into_iter().map(|e| e.unwrap()).collect();
+    assert_eq!(listed.len(), 1, "{listed:?}");
+    assert_eq!((listed[0].hash, listed[0].size), (info.hash, info.size));
+}
+
+pub async fn failed_large_put_leaves_nothing_listed(b: &Backend) {
+    let err = b.blobs.put(&mut Broken(LARGE)).await.unwrap_err();
+    assert!(err.to_string().contains("gone"), "{err}");
+    let listed: Vec<_> = futures_util::StreamExt::collect::<Vec<_>>(b.blobs.list()).await;
+    assert!(listed.is_empty(), "{listed:?}");
+    assert!(
+        !b.blobs
+            .contains(&Hash::of(&vec![b'x'; LARGE]))
+            .await
+            .unwrap()
+    );
+}
+
+/// Yields `n` bytes, then never ends: a producer that hangs.
+struct Stalled(usize);
+
+impl AsyncRead for Stalled {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        _: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        if self.0 == 0 {
+            return Poll::Pending;
+        }
+        let n = self.0.min(buf.remaining()).min(64 * 1024);
+        buf.put_slice(&vec![b'y'; n]);
+        self.0 -= n;
+        Poll::Ready(Ok(()))
+    }
+}
+
+pub async fn dropped_put_leaves_nothing_listed(b: &Backend) {
+    for n in [1000, LARGE] {
+        let blobs = b.blobs.clone();
+        let task = tokio::spawn(async move { blobs.put(&mut Stalled(n)).await });
+        tokio::time::sleep(std::time::Duration::from_millis(1500)).await;
+        task.abort();
+        assert!(task.await.unwrap_err().is_cancelled());
+    }
+    // Give a backend's background cleanup a moment; nothing may become visible.
+    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    let listed: Vec<_> = futures_util::StreamExt::collect::<Vec<_>>(b.blobs.list()).await;
+    assert!(listed.is_empty(), "{listed:?}");
+}

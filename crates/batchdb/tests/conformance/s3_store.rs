@@ -1,0 +1,380 @@
+//! Tests of the S3 blob store that need its objects or its server: the layout, a
+//! corrupt object, an unreachable endpoint, configuration from the environment, and
+//! the server stopped and started in the middle of a put or a get.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use batchdb::blob::object_store::path::Path;
+use batchdb::blob::object_store::{ObjectStore, ObjectStoreExt, PutPayload};
+use batchdb::blob::{BlobStore, S3Store};
+use batchdb::{Error, Hash};
+use batchdb_testkit::garage::{Garage, garage};
+use futures_util::StreamExt;
+use tokio::io::AsyncReadExt;
+
+use crate::backends::{s3_options, s3_store};
+
+/// Every raw object key in `store`'s bucket under its prefix.
+async fn raw_keys(store: &S3Store, prefix: &str) -> Vec<String> {
+    let raw = store.object_store();
+    let prefix = Path::from(prefix);
+    let mut keys: Vec<String> = raw
+        .list(Some(&prefix))
+        .map(|m| m.expect("list").location.to_string())
+        .collect()
+        .await;
+    keys.sort();
+    keys
+}
+
+fn prefix_of(store: &S3Store) -> String {
+    let loc = store.location();
+    let rest = loc.strip_prefix("s3://").expect("s3 url");
+    rest.split_once('/').expect("a prefix").1.to_string()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn layout_and_no_leftover_temporary_objects() {
+    let store = s3_store().await;
+    let prefix = prefix_of(&store);
+    let small = store.put(&mut &b"sleep 5; date"[..]).await.unwrap();
+    let hex = small.hash.to_hex();
+    assert_eq!(
+        hex,
+        "ce6cc4e7fcb4a902f7c836cb93a32ae02cb47679c86e3d99c811233bf6f258c0"
+    );
+    assert_eq!(store.key_of(&small.hash), format!("{prefix}/ce/{hex}"));
+    let big: Vec<u8> = (0..(batchdb::blob::PART_SIZE * 2 + 1))
+        .map(|i| (i % 251) as u8)
+        .collect();
+    let large = store.put(&mut &big[..]).await.unwrap();
+    let mut want = vec![store.key_of(&small.hash), store.key_of(&large.hash)];
+    want.sort();
+    assert_eq!(raw_keys(&store, &prefix).await, want);
+    assert_eq!(
+        store.location(),
+        format!("s3://{}/{prefix}", garage().bucket)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn list_skips_what_is_not_a_blob_at_its_place() {
+    let store = s3_store().await;
+    let prefix = prefix_of(&store);
+    let good = store.put(&mut &b"a blob"[..]).await.unwrap();
+    let other = Hash::of(b"other").to_hex();
+    let raw = store.object_store();
+    for junk in [
+        format!("{prefix}/tmp/123-0-00.part"),
+        format!("{prefix}/zz/{other}"),
+        format!("{prefix}/{}/{other}x", &other[..2]),
+        format!("{prefix}/{}", other),
+        format!("{prefix}/{}/{}/{other}", &other[..2], &other[2..4]),
+        format!("{prefix}/{}/{}", &other[..2], other.to_uppercase()),
+    ] {
+        raw.put(&Path::from(junk.as_str()), PutPayload::from("junk"))
+            .await
+            .unwrap();
+    }
+    let listed: Vec<_> = store.list().map(|e| e.unwrap().hash).collect().await;
+    assert_eq!(listed, vec![good.hash]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn corrupt_object_is_an_error_naming_the_hash() {
+    let store = s3_store().await;
+    for size in [10, batchdb::blob::PART_SIZE + 10] {
+        let good = vec![b'g'; size];
+        let info = store.put(&mut &good[..]).await.unwrap();
+        let evil = vec![b'e'; size];
+        store
+            .object_store()
+            .put(
+                &Path::from(store.key_of(&info.hash)),
+                PutPayload::from(evil),
+            )
+            .await
+            .unwrap();
+        let mut r = store.get(&info.hash).await.unwrap();
+        let mut v = Vec::new();
+        let err = r.read_to_end(&mut v).await.unwrap_err();
+        assert_eq!(err.kind(), std::io::ErrorKind::InvalidData);
+        let inner = err.into_inner().unwrap().downcast::<Error>().unwrap();
+        assert!(matches!(*inner, Error::BlobCorrupt { hash, .. } if hash == info.hash));
+        assert!(inner.to_string().contains(&info.hash.to_hex()));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unreachable_store_is_a_clear_error_with_the_url() {
+    let g = tokio::task::spawn_blocking(garage).await.unwrap();
+    let port = batchdb_testkit::free_port();
+    let mut opts = s3_options(g, Duration::from_secs(1));
+    opts.endpoint = Some(format!("http://127.0.0.1:{port}"));
+    let store = S3Store::with_options(&g.bucket, "nowhere", &opts).unwrap();
+    let h = Hash::of(b"x");
+    let key = format!("s3://{}/nowhere/{}/{h}", g.bucket, &h.to_hex()[..2]);
+    let start = std::time::Instant::now();
+    let err = store.contains(&h).await.unwrap_err();
+    let msg = err.to_string();
+    assert!(matches!(err, Error::ObjectStore { .. }), "{msg}");
+    assert!(msg.contains(&key), "{msg}");
+    assert!(msg.contains(&format!("127.0.0.1:{port}")), "{msg}");
+    assert!(start.elapsed() < Duration::from_secs(20), "retries bounded");
+    let err = store.put(&mut &b"x"[..]).await.unwrap_err();
+    assert!(err.to_string().contains(&key), "{err}");
+    let err = store.list().next().await.unwrap().unwrap_err();
+    assert!(err.to_string().contains("s3://"), "{err}");
+}
+
+/// A plain `http://` endpoint is refused unless allowed (AWS_ALLOW_HTTP).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn plain_http_needs_allow_http() {
+    let g = tokio::task::spawn_blocking(garage).await.unwrap();
+    let mut opts = s3_options(g, Duration::from_secs(1));
+    opts.allow_http = false;
+    let store = S3Store::with_options(&g.bucket, "p", &opts).unwrap();
+    let err = store.contains(&Hash::of(b"x")).await.unwrap_err();
+    assert!(err.to_string().contains("s3://"), "{err}");
+}
+
+#[tokio::test]
+async fn bad_prefixes_are_refused() {
+    let opts = batchdb::blob::S3Options::default();
+    for bad in ["a/../b", "a/./b", "sp ace", "q?x"] {
+        let err = S3Store::with_options("bucket", bad, &opts).unwrap_err();
+        assert!(matches!(err, Error::Config { .. }), "{bad}: {err}");
+    }
+    let ok = S3Store::with_options("bucket", "/a/b/", &opts).unwrap();
+    assert_eq!(ok.location(), "s3://bucket/a/b");
+    let root = S3Store::with_options("bucket", "", &opts).unwrap();
+    assert_eq!(root.location(), "s3://bucket");
+    assert_eq!(
+        root.key_of(&Hash::of(b"sleep 5; date")),
+        "ce/ce6cc4e7fcb4a902f7c836cb93a32ae02cb47679c86e3d99c811233bf6f258c0"
+    );
+}
+
+/// `S3Store::open` (what `--blobs s3://...` uses) reads the `AWS_*` environment. The
+/// environment of this process is not changed (other tests run beside): the test runs
+/// itself again as a child with [`Garage::env`] set, where
+/// [`open_from_env_child`] does the work.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn open_reads_the_aws_environment() {
+    let g = tokio::task::spawn_blocking(garage).await.unwrap();
+    let exe = std::env::current_exe().unwrap();
+    let out = tokio::process::Command::new(exe)
+        .args([
+            "--exact",
+            "s3_store::open_from_env_child",
+            "--ignored",
+            "--nocapture",
+            "--test-threads=1",
+        ])
+        .envs(g.env())
+        .env("BATCHDB_TEST_S3_BUCKET", &g.bucket)
+        .env("BATCHDB_TEST_S3_PREFIX", Garage::fresh_prefix())
+        .output()
+        .await
+        .unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "{text}");
+    assert!(text.contains("1 passed"), "{text}");
+}
+
+/// Run by [`open_reads_the_aws_environment`] only.
+#[tokio::test]
+#[ignore = "run as a child process by open_reads_the_aws_environment"]
+async fn open_from_env_child() {
+    let bucket = std::env::var("BATCHDB_TEST_S3_BUCKET").unwrap();
+    let prefix = std::env::var("BATCHDB_TEST_S3_PREFIX").unwrap();
+    let config = batchdb::Config {
+        blobs: batchdb::BlobLocation::parse(&format!("s3://{bucket}/{prefix}")).unwrap(),
+        ..batchdb::Config::in_dir(tempfile::tempdir().unwrap().keep())
+    };
+    let db = batchdb::BatchDb::open(&config).await.unwrap();
+    let store = S3Store::open(&bucket, &prefix).await.unwrap();
+    let info = store.put(&mut &b"from the environment"[..]).await.unwrap();
+    let mut r = db.get(&info.hash).await.unwrap();
+    let mut v = Vec::new();
+    r.read_to_end(&mut v).await.unwrap();
+    assert_eq!(v, b"from the environment");
+}
+
+/// A reader that yields `total` bytes slowly (`chunk` bytes every `every`).
+struct Slow {
+    left: usize,
+    chunk: usize,
+    sleep: Option<std::pin::Pin<Box<tokio::time::Sleep>>>,
+    every: Duration,
+}
+
+impl Slow {
+    fn new(total: usize, chunk: usize, every: Duration) -> Slow {
+        Slow {
+            left: total,
+            chunk,
+            sleep: None,
+            every,
+        }
+    }
+}
+
+impl tokio::io::AsyncRead for Slow {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        if self.left == 0 {
+            return std::task::Poll::Ready(Ok(()));
+        }
+        let every = self.every;
+        let sleep = self
+            .sleep
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep(every)));
+        std::task::ready!(sleep.as_mut().poll(cx));
+        self.sleep = None;
+        let n = self.left.min(self.chunk).min(buf.remaining());
+        buf.put_slice(&vec![b's'; n]);
+        self.left -= n;
+        std::task::Poll::Ready(Ok(()))
+    }
+}
+
+use std::future::Future as _;
+
+/// A restart of the server for a few seconds is ridden out: requests made while it is
+/// down are retried until it is back; a put or get that it interrupts either succeeds
+/// (retried) or fails cleanly, leaving nothing visible. Uses a private server.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn server_restart_during_put_and_get() {
+    let g = Arc::new(
+        tokio::task::spawn_blocking(Garage::start_new)
+            .await
+            .unwrap(),
+    );
+    let store = Arc::new(
+        S3Store::with_options(
+            &g.bucket,
+            "outage",
+            &s3_options(&g, Duration::from_secs(30)),
+        )
+        .unwrap(),
+    );
+    let restart = |g: Arc<Garage>, down: Duration| {
+        tokio::task::spawn_blocking(move || {
+            g.stop();
+            std::thread::sleep(down);
+            g.start();
+        })
+    };
+
+    // 1. Requests made while the server is down wait for it.
+    let stored = store.put(&mut &b"before"[..]).await.unwrap();
+    let g2 = g.clone();
+    tokio::task::spawn_blocking(move || g2.stop())
+        .await
+        .unwrap();
+    let during = {
+        let store = store.clone();
+        tokio::spawn(async move {
+            let small = store.put(&mut &b"while down"[..]).await?;
+            let mut v = Vec::new();
+            store
+                .get(&stored.hash)
+                .await?
+                .read_to_end(&mut v)
+                .await
+                .map_err(|e| Error::Stream {
+                    what: "read".into(),
+                    source: e,
+                })?;
+            assert_eq!(v, b"before");
+            Ok::<_, Error>(small)
+        })
+    };
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let g2 = g.clone();
+    tokio::task::spawn_blocking(move || g2.start())
+        .await
+        .unwrap();
+    let small = during
+        .await
+        .unwrap()
+        .expect("retried until the server was back");
+    assert!(store.contains(&small.hash).await.unwrap());
+
+    // 2. A large put (~40 MiB, streamed slowly) with the server restarted midway.
+    let total = 40 * 1024 * 1024;
+    let put = {
+        let store = store.clone();
+        tokio::spawn(async move {
+            let mut r = Slow::new(total, 1024 * 1024, Duration::from_millis(100));
+            store.put(&mut r).await
+        })
+    };
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    restart(g.clone(), Duration::from_secs(2)).await.unwrap();
+    let want = Hash::of(&vec![b's'; total]);
+    match put.await.unwrap() {
+        Ok(info) => {
+            assert_eq!(info.hash, want);
+            let mut v = Vec::new();
+            store
+                .get(&info.hash)
+                .await
+                .unwrap()
+                .read_to_end(&mut v)
+                .await
+                .unwrap();
+            assert_eq!(v.len(), total);
+        }
+        Err(e) => {
+            eprintln!("put interrupted by the restart failed cleanly: {e}");
+            assert!(!store.contains(&want).await.unwrap());
+        }
+    }
+    let listed: Vec<Hash> = store.list().map(|e| e.unwrap().hash).collect().await;
+    assert!(
+        listed
+            .iter()
+            .all(|h| [stored.hash, small.hash, want].contains(h)),
+        "{listed:?}"
+    );
+
+    // 3. A get read slowly with the server restarted midway: the right bytes or an
+    //    error, never wrong bytes.
+    let data: Vec<u8> = (0..(24 * 1024 * 1024)).map(|i| (i % 241) as u8).collect();
+    let info = store.put(&mut &data[..]).await.unwrap();
+    let mut r = store.get(&info.hash).await.unwrap();
+    let mut got = vec![0u8; 1024 * 1024];
+    r.read_exact(&mut got).await.unwrap();
+    restart(g.clone(), Duration::from_secs(2)).await.unwrap();
+    let mut rest = Vec::new();
+    match r.read_to_end(&mut rest).await {
+        Ok(_) => {
+            got.extend_from_slice(&rest);
+            assert!(
+                got == data,
+                "a get that survived the restart read the right bytes"
+            );
+        }
+        Err(e) => eprintln!("get interrupted by the restart failed cleanly: {e}"),
+    }
+    // And the store works after it.
+    let mut v = Vec::new();
+    store
+        .get(&info.hash)
+        .await
+        .unwrap()
+        .read_to_end(&mut v)
+        .await
+        .unwrap();
+    assert!(v == data);
+}
