@@ -156,18 +156,16 @@ async fn bad_prefixes_are_refused() {
     );
 }
 
-/// `S3Store::open` (what `--blobs s3://...` uses) reads the `AWS_*` environment. The
-/// environment of this process is not changed (other tests run beside): the test runs
-/// itself again as a child with [`Garage::env`] set, where
-/// [`open_from_env_child`] does the work.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn open_reads_the_aws_environment() {
+/// Runs test `name` of this binary (an ignored one) as a child process with the shared
+/// server's [`Garage::env`], a bucket and a fresh prefix in its environment: for tests
+/// that need the process environment or the process's memory to themselves.
+async fn run_child(name: &str) {
     let g = tokio::task::spawn_blocking(garage).await.unwrap();
     let exe = std::env::current_exe().unwrap();
     let out = tokio::process::Command::new(exe)
         .args([
             "--exact",
-            "s3_store::open_from_env_child",
+            name,
             "--ignored",
             "--nocapture",
             "--test-threads=1",
@@ -183,8 +181,17 @@ async fn open_reads_the_aws_environment() {
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );
+    eprintln!("{text}");
     assert!(out.status.success(), "{text}");
     assert!(text.contains("1 passed"), "{text}");
+}
+
+/// `S3Store::open` (what `--blobs s3://...` uses) reads the `AWS_*` environment. The
+/// environment of this process is not changed (other tests run beside): the work is
+/// done by [`open_from_env_child`] in a child process.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn open_reads_the_aws_environment() {
+    run_child("s3_store::open_from_env_child").await;
 }
 
 /// Run by [`open_reads_the_aws_environment`] only.
@@ -377,4 +384,133 @@ async fn server_restart_during_put_and_get() {
         .await
         .unwrap();
     assert!(v == data);
+}
+
+/// Memory stays bounded whatever the blob's size: a 160 MiB blob streamed in and out
+/// leaves the process's peak resident memory far below its size. Measured in a child
+/// process ([`bounded_memory_child`]) so that no other test's memory counts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn put_and_get_memory_is_bounded() {
+    run_child("s3_store::bounded_memory_child").await;
+}
+
+/// Yields `left` bytes of a repeating pattern without holding them.
+struct Generated {
+    left: u64,
+    at: u64,
+}
+
+impl tokio::io::AsyncRead for Generated {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        let n = (buf.remaining() as u64).min(self.left).min(64 * 1024) as usize;
+        let at = self.at;
+        let chunk: Vec<u8> = (0..n as u64).map(|i| ((at + i) % 253) as u8).collect();
+        buf.put_slice(&chunk);
+        self.left -= n as u64;
+        self.at += n as u64;
+        std::task::Poll::Ready(Ok(()))
+    }
+}
+
+/// Peak resident memory of this process (`VmHWM`), in bytes.
+fn peak_rss() -> u64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap();
+    let line = status.lines().find(|l| l.starts_with("VmHWM:")).unwrap();
+    let kb: u64 = line.split_whitespace().nth(1).unwrap().parse().unwrap();
+    kb * 1024
+}
+
+/// Run by [`put_and_get_memory_is_bounded`] only.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "run as a child process by put_and_get_memory_is_bounded"]
+async fn bounded_memory_child() {
+    const SIZE: u64 = 160 * 1024 * 1024;
+    let bucket = std::env::var("BATCHDB_TEST_S3_BUCKET").unwrap();
+    let prefix = std::env::var("BATCHDB_TEST_S3_PREFIX").unwrap();
+    let store = S3Store::open(&bucket, &prefix).await.unwrap();
+    let before = peak_rss();
+    let info = store
+        .put(&mut Generated { left: SIZE, at: 0 })
+        .await
+        .unwrap();
+    assert_eq!(info.size, SIZE);
+    let mut r = store.get(&info.hash).await.unwrap();
+    let mut buf = vec![0u8; 256 * 1024];
+    let mut total = 0u64;
+    loop {
+        let n = r.read(&mut buf).await.unwrap();
+        if n == 0 {
+            break;
+        }
+        total += n as u64;
+    }
+    assert_eq!(total, SIZE, "read back whole and verified");
+    let grew = peak_rss().saturating_sub(before);
+    eprintln!("peak resident memory grew by {} MiB", grew >> 20);
+    assert!(grew < 96 * 1024 * 1024, "peak grew by {grew} bytes");
+}
+
+/// `touch` is the copy AWS S3 allows onto the same key: `x-amz-copy-source` naming the
+/// object itself and `x-amz-metadata-directive: REPLACE`, signed. (Garage refreshes the
+/// time without the directive too, so this is checked on the wire.)
+#[tokio::test]
+async fn touch_is_a_signed_self_copy_replacing_metadata() {
+    use tokio::io::AsyncWriteExt;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let server = tokio::spawn(async move {
+        let (mut sock, _) = listener.accept().await.unwrap();
+        let mut req = Vec::new();
+        let mut buf = [0u8; 4096];
+        while !req.windows(4).any(|w| w == b"\r\n\r\n") {
+            let n = sock.read(&mut buf).await.unwrap();
+            if n == 0 {
+                break;
+            }
+            req.extend_from_slice(&buf[..n]);
+        }
+        let body = "<CopyObjectResult><LastModified>2026-01-01T00:00:00.000Z</LastModified>\
+                    <ETag>\"e\"</ETag></CopyObjectResult>";
+        let resp = format!(
+            "HTTP/1.1 200 OK\r\ncontent-type: application/xml\r\ncontent-length: {}\r\n\r\n{body}",
+            body.len()
+        );
+        sock.write_all(resp.as_bytes()).await.unwrap();
+        String::from_utf8_lossy(&req).to_lowercase()
+    });
+    let opts = batchdb::blob::S3Options {
+        endpoint: Some(format!("http://127.0.0.1:{port}")),
+        region: "garage".into(),
+        access_key_id: "GK0123".into(),
+        secret_access_key: "secret".into(),
+        allow_http: true,
+        retry_for: Duration::from_secs(1),
+        ..Default::default()
+    };
+    let store = S3Store::with_options("bucket", "p", &opts).unwrap();
+    let h = Hash::of(b"x");
+    store.touch(&h).await.unwrap();
+    let req = server.await.unwrap();
+    let key = store.key_of(&h);
+    assert!(
+        req.starts_with(&format!("put /bucket/{key} http/1.1\r\n")),
+        "{req}"
+    );
+    assert!(
+        req.contains(&format!("x-amz-copy-source: bucket/{key}\r\n")),
+        "{req}"
+    );
+    assert!(
+        req.contains("x-amz-metadata-directive: replace\r\n"),
+        "{req}"
+    );
+    let auth = req
+        .lines()
+        .find(|l| l.starts_with("authorization:"))
+        .expect("signed");
+    assert!(auth.contains("x-amz-metadata-directive"), "{auth}");
 }
