@@ -387,8 +387,111 @@ async fn wakeup(n: usize) -> Row {
     }
 }
 
+/// A fresh PostgreSQL + S3 database on the bench's servers (a PostgreSQL cluster
+/// with fsync on, and a Garage node, both started for this run).
+async fn open_distributed(
+    pg: &batchdb_testkit::postgres::Postgres,
+    g: &batchdb_testkit::garage::Garage,
+) -> (String, BatchDb) {
+    let url = pg.create_database();
+    (url.clone(), open_url(&url, g).await)
+}
+
+/// Another handle (its own connection pool and S3 client, as another machine's
+/// worker would have) on the PostgreSQL + S3 database at `url`.
+async fn open_url(url: &str, g: &batchdb_testkit::garage::Garage) -> BatchDb {
+    let q = Arc::new(batchdb::queue::PgQueue::open(url).await.expect("open pg"));
+    let opts = batchdb::blob::S3Options {
+        endpoint: Some(g.endpoint.clone()),
+        region: g.region.clone(),
+        access_key_id: g.access_key_id.clone(),
+        secret_access_key: g.secret_access_key.clone(),
+        allow_http: true,
+        virtual_hosted_style: false,
+        retry_for: batchdb::blob::DEFAULT_RETRY_FOR,
+    };
+    let b = Arc::new(
+        batchdb::blob::S3Store::with_options(&g.bucket, "bench", &opts).expect("open s3"),
+    );
+    BatchDb::new(q, b)
+}
+
+/// `w` workers (each with its own handles, 2 slots) on PostgreSQL + S3 draining `n`
+/// pending `echo i` jobs, against `xargs -P 2w` running the same payloads.
+async fn drain_distributed(
+    pg: &batchdb_testkit::postgres::Postgres,
+    g: &batchdb_testkit::garage::Garage,
+    workers: usize,
+    n: usize,
+    reps: usize,
+) -> Row {
+    let mut ours = Vec::new();
+    let mut base = Vec::new();
+    for r in 0..reps {
+        let (url, db) = open_distributed(pg, g).await;
+        for i in 0..n {
+            db.add(format!("echo {r} {i}").as_bytes(), &PushOptions::default())
+                .await
+                .unwrap();
+        }
+        let mut handles = Vec::new();
+        for _ in 0..workers {
+            handles.push(open_url(&url, g).await);
+        }
+        reset_peak();
+        let t = Instant::now();
+        let mut tasks = Vec::new();
+        for (k, h) in handles.into_iter().enumerate() {
+            let opts = WorkerOptions {
+                concurrency: 2,
+                until_empty: true,
+                order: Order::Oldest,
+                name: format!("bench-{k}"),
+                ..WorkerOptions::default()
+            };
+            tasks.push(tokio::spawn(
+                h.worker(Arc::new(ShellRunner::default()), opts).run(None),
+            ));
+        }
+        for t in tasks {
+            t.await.unwrap().unwrap();
+        }
+        ours.push(n as f64 / t.elapsed().as_secs_f64());
+        assert_eq!(db.counts().await.unwrap().result, n as u64);
+        let took = sh(&format!(
+            "seq 1 {n} | xargs -P {} -I{{}} sh -c 'echo {r} {{}}' > /dev/null",
+            2 * workers
+        ));
+        base.push(n as f64 / took.as_secs_f64());
+    }
+    Row::rates(
+        format!("PostgreSQL + S3: drain {n} trivial jobs, {workers} worker(s) × 2 slots"),
+        (ours, base),
+        1.0,
+        "jobs/s",
+        &format!("xargs -P {} sh -c", 2 * workers),
+    )
+}
+
 #[tokio::main]
 async fn main() {
+    if std::env::args().any(|a| a == "distributed") {
+        // Only the PostgreSQL + S3 rows (they start their own servers).
+        let quick = std::env::args().any(|a| a == "quick");
+        let (n, reps) = if quick { (200, 1) } else { (600, 3) };
+        let pg = tokio::task::spawn_blocking(|| batchdb_testkit::postgres::Postgres::start_new(true))
+            .await
+            .unwrap();
+        let g = tokio::task::spawn_blocking(batchdb_testkit::garage::garage)
+            .await
+            .unwrap();
+        let mut rows = Vec::new();
+        for w in [1, 2, 4] {
+            rows.push(drain_distributed(&pg, g, w, n, reps).await);
+        }
+        print_rows(rows);
+        return;
+    }
     let quick = std::env::args().any(|a| a == "quick");
     let k = if quick { 1 } else { 5 };
     let reps = if quick { 1 } else { 3 };
@@ -399,6 +502,10 @@ async fn main() {
     rows.push(list(if quick { 100_000 } else { 1_000_000 }, reps).await);
     rows.push(scale(if quick { 100_000 } else { 1_000_000 }, 200).await);
     rows.push(wakeup(if quick { 10 } else { 30 }).await);
+    print_rows(rows);
+}
+
+fn print_rows(rows: Vec<Row>) {
     println!("| scenario | batchdb | baseline (same run) | ratio | peak RSS |");
     println!("|---|---|---|---|---|");
     for r in rows {

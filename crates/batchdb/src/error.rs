@@ -62,6 +62,25 @@ pub enum Error {
         #[source]
         source: rusqlite::Error,
     },
+    /// A PostgreSQL statement or connection failed.
+    #[cfg(feature = "postgres")]
+    #[error("postgres database {location}: {source}")]
+    Postgres {
+        /// The database URL (password masked).
+        location: String,
+        /// The underlying error.
+        #[source]
+        source: tokio_postgres::Error,
+    },
+    /// No PostgreSQL connection could be had from the pool in time.
+    #[cfg(feature = "postgres")]
+    #[error("postgres database {location}: {message}")]
+    PostgresPool {
+        /// The database URL (password masked).
+        location: String,
+        /// What went wrong.
+        message: String,
+    },
     /// The database was written by a newer batchdb whose schema this build does not know.
     #[error(
         "database {location} has schema version {found}, newer than this batchdb supports ({supported}); upgrade batchdb"
@@ -101,6 +120,19 @@ pub enum Error {
         value: String,
         /// Why it was rejected.
         why: String,
+    },
+    /// A request to an S3-compatible object store failed (after the retries the store's
+    /// client makes for transient failures).
+    #[cfg(feature = "s3")]
+    #[error("{op} {location}: {source}")]
+    ObjectStore {
+        /// What was being done ("put", "get", "copy", "list", ...).
+        op: &'static str,
+        /// The object it was done on, as an `s3://bucket/key` URL.
+        location: String,
+        /// The underlying error (it names the endpoint and the HTTP status, if any).
+        #[source]
+        source: object_store::Error,
     },
     /// A background task panicked or was cancelled.
     #[error("internal task failed: {0}")]

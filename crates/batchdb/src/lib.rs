@@ -67,9 +67,25 @@ impl BatchDb {
     pub async fn open(config: &Config) -> Result<BatchDb> {
         let queue: Arc<dyn Queue> = match &config.db {
             DbLocation::Sqlite(p) => Arc::new(SqliteQueue::open(p).await?),
+            #[cfg(feature = "postgres")]
+            DbLocation::Postgres(url) => Arc::new(queue::PgQueue::open(url).await?),
+            #[cfg(not(feature = "postgres"))]
+            DbLocation::Postgres(url) => return Err(missing_feature("database", url, "postgres")),
         };
         let blobs: Arc<dyn BlobStore> = match &config.blobs {
             BlobLocation::Dir(p) => Arc::new(DirStore::open(p).await?),
+            #[cfg(feature = "s3")]
+            BlobLocation::S3 { bucket, prefix } => {
+                Arc::new(blob::S3Store::open(bucket, prefix).await?)
+            }
+            #[cfg(not(feature = "s3"))]
+            BlobLocation::S3 { bucket, prefix } => {
+                return Err(missing_feature(
+                    "blob store",
+                    &format!("s3://{bucket}/{prefix}"),
+                    "s3",
+                ));
+            }
         };
         if let Some(d) = &config.live_dir {
             tokio::fs::create_dir_all(d)
@@ -236,6 +252,16 @@ impl BatchDb {
             opts.live_dir = self.live_dir.clone();
         }
         Worker::new(self.queue.clone(), self.blobs.clone(), runner, opts)
+    }
+}
+
+/// The error for a backend this build was compiled without.
+#[cfg(any(not(feature = "postgres"), not(feature = "s3")))]
+fn missing_feature(what: &'static str, value: &str, feature: &str) -> Error {
+    Error::Config {
+        what,
+        value: value.to_string(),
+        why: format!("this batchdb was built without the `{feature}` feature"),
     }
 }
 

@@ -567,13 +567,20 @@ impl Worker {
         report.exit_code = status.code;
         report.signal = status.signal;
         let mut problems: Vec<String> = Vec::new();
+        let mut store_failed = false;
         match out {
             Ok(b) => report.stdout = Some(b),
-            Err(e) => problems.push(format!("storing stdout: {e}")),
+            Err(e) => {
+                store_failed = true;
+                problems.push(format!("storing stdout: {e}"));
+            }
         }
         match err {
             Some(Ok(b)) => report.stderr = Some(b),
-            Some(Err(e)) => problems.push(format!("storing stderr: {e}")),
+            Some(Err(e)) => {
+                store_failed = true;
+                problems.push(format!("storing stderr: {e}"));
+            }
             None => {}
         }
         if let Err(e) = fed {
@@ -598,6 +605,19 @@ impl Worker {
                 return fail(report, msg, claim);
             }
             None => {}
+        }
+        if store_failed && claim.failures < STORE_RETRIES {
+            // The blob store failed, not the job: its output is lost, so it runs again
+            // (after a backoff, whatever its own retry budget), up to STORE_RETRIES times.
+            let wait = backoff(Duration::from_secs(1), Duration::from_secs(60), claim.failures + 1);
+            let msg = format!("{}; output not stored, running it again", problems.join("; "));
+            tracing::warn!("instance {}: {msg}", claim.token.id);
+            report.message = Some(msg);
+            let retry_at = Some(now_ms() + wait.as_millis() as i64);
+            return (
+                report.clone(),
+                Some(Outcome::Failure { report, retry_at }),
+            );
         }
         if !status.success() {
             problems.insert(0, status.to_string());
@@ -660,6 +680,10 @@ impl Worker {
         Outcome::Failure { report, retry_at }
     }
 }
+
+/// How many times an attempt whose output could not be stored (the blob store was
+/// unreachable) is run again before it counts as an ordinary failure.
+pub const STORE_RETRIES: u32 = 10;
 
 /// Waits up to `grace` for a process group to empty, then kills what is left. It
 /// looks every 50 ms, so that it never signals a group id the kernel may have

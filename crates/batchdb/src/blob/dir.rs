@@ -4,7 +4,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use async_trait::async_trait;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncSeekExt, AsyncWriteExt, BufReader};
 
 use futures_util::stream::BoxStream;
 
@@ -171,6 +171,22 @@ impl BlobStore for DirStore {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Err(Error::BlobNotFound(*hash)),
             Err(e) => Err(Error::io("open", &path, e)),
         }
+    }
+
+    async fn get_range(&self, hash: &Hash, range: std::ops::Range<u64>) -> Result<BlobReader> {
+        let path = self.path_of(hash);
+        let mut f = match tokio::fs::File::open(&path).await {
+            Ok(f) => f,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                return Err(Error::BlobNotFound(*hash));
+            }
+            Err(e) => return Err(Error::io("open", &path, e)),
+        };
+        f.seek(std::io::SeekFrom::Start(range.start))
+            .await
+            .map_err(|e| Error::io("seek", &path, e))?;
+        let len = range.end.saturating_sub(range.start);
+        Ok(Box::pin(BufReader::with_capacity(CHUNK, f).take(len)))
     }
 
     async fn contains(&self, hash: &Hash) -> Result<bool> {

@@ -2,9 +2,12 @@
 //!
 //! A [`BlobStore`] keeps byte streams under the sha256 of their content. Backends sit
 //! behind this one trait and are exercised by one shared conformance suite
-//! (`tests/conformance`). The directory backend ([`DirStore`]) is the embedded default.
+//! (`tests/conformance`). The directory backend ([`DirStore`]) is the embedded default;
+//! with the `s3` feature, [`S3Store`] keeps blobs in an S3-compatible bucket.
 
 mod dir;
+#[cfg(feature = "s3")]
+mod s3;
 mod verify;
 
 use std::fmt;
@@ -17,6 +20,12 @@ use serde::Serialize;
 use tokio::io::AsyncRead;
 
 pub use dir::DirStore;
+/// The `object_store` crate [`S3Store`] is built on, for callers that need its types
+/// (e.g. [`S3Store::object_store`]).
+#[cfg(feature = "s3")]
+pub use object_store;
+#[cfg(feature = "s3")]
+pub use s3::{DEFAULT_RETRY_FOR, PART_SIZE, S3Options, S3Store};
 pub(crate) use verify::verifying;
 
 use crate::error::Result;
@@ -54,6 +63,11 @@ pub trait BlobStore: Send + Sync + fmt::Debug {
     /// Opens the blob named `hash` for streaming; [`crate::Error::BlobNotFound`] if it is
     /// absent.
     async fn get(&self, hash: &Hash) -> Result<BlobReader>;
+
+    /// Opens bytes `range` of the blob named `hash` (clamped to its size) for streaming,
+    /// for HTTP `Range` requests. A part of a blob cannot be checked against its hash,
+    /// so these bytes are not verified; [`crate::Error::BlobNotFound`] if it is absent.
+    async fn get_range(&self, hash: &Hash, range: std::ops::Range<u64>) -> Result<BlobReader>;
 
     /// Whether a complete blob named `hash` is stored.
     async fn contains(&self, hash: &Hash) -> Result<bool>;

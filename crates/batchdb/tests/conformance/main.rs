@@ -10,7 +10,11 @@ mod blob;
 mod dir_store;
 mod library;
 mod model;
+#[cfg(feature = "postgres")]
+mod postgres;
 mod queue;
+#[cfg(feature = "s3")]
+mod s3_store;
 mod sqlite;
 mod util;
 
@@ -57,6 +61,11 @@ macro_rules! suite {
                     concurrent_puts_of_same_content,
                     delete_removes,
                     list_reports_every_blob,
+                    get_range_reads_parts_clamped,
+                    touch_and_store_again_refresh_modified,
+                    large_blob_roundtrips,
+                    failed_large_put_leaves_nothing_listed,
+                    dropped_put_leaves_nothing_listed,
                 ]);
                 suite!(@tests $backend, library: [
                     fake_runner_like_the_seed,
@@ -85,3 +94,9 @@ macro_rules! suite {
 }
 
 suite!(sqlite_dir);
+#[cfg(feature = "s3")]
+suite!(sqlite_s3);
+#[cfg(feature = "postgres")]
+suite!(postgres_dir);
+#[cfg(all(feature = "postgres", feature = "s3"))]
+suite!(postgres_s3);

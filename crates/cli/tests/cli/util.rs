@@ -34,6 +34,9 @@ const CLI_ENV: [&str; 4] = [
 /// directory of every process and holds the marker files jobs use.
 pub struct Env {
     root: PathBuf,
+    /// `--db` and `--blobs` URLs and the environment (AWS_*) that reach them, for a
+    /// test of the distributed backends; `None` for the embedded default.
+    remote: Option<(String, String, Vec<(String, String)>)>,
     // Dropped after `Drop::drop` has killed the processes working in it.
     _tmp: TempDir,
     spawned: AtomicU64,
@@ -49,9 +52,19 @@ impl Env {
         let root = tmp.path().canonicalize().expect("canonicalize temp dir");
         Env {
             root,
+            remote: None,
             _tmp: tmp,
             spawned: AtomicU64::new(0),
         }
+    }
+
+    /// Like [`Env::new`], but every command uses the queue at `db` and the blob store
+    /// at `blobs` (URLs), with `vars` in its environment; `--dir` still holds the
+    /// machine-local live output.
+    pub fn distributed(db: String, blobs: String, vars: Vec<(String, String)>) -> Env {
+        let mut env = Env::new();
+        env.remote = Some((db, blobs, vars));
+        env
     }
 
     /// The working directory of every process (marker files live here).
@@ -112,7 +125,12 @@ impl Env {
     /// `batchdb --dir <db> ARGS...`.
     pub fn command(&self, args: &[&str]) -> Command {
         let mut c = self.bare_command();
-        c.arg("--dir").arg(self.db_dir()).args(args);
+        c.arg("--dir").arg(self.db_dir());
+        if let Some((db, blobs, vars)) = &self.remote {
+            c.args(["--db", db, "--blobs", blobs]);
+            c.envs(vars.iter().map(|(k, v)| (k, v)));
+        }
+        c.args(args);
         c
     }
 

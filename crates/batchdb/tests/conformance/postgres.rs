@@ -1,0 +1,125 @@
+//! Tests of the PostgreSQL queue that need its server: migrations, URLs, reconnects.
+
+use std::time::Duration;
+
+use batchdb::Error;
+use batchdb::queue::{PG_SCHEMA_VERSION, PgQueue, PushOptions, Queue};
+use batchdb_testkit::postgres::{Postgres, shared};
+
+async fn fresh_url() -> String {
+    tokio::task::spawn_blocking(|| shared().create_database())
+        .await
+        .expect("start postgres")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn many_processes_may_migrate_a_fresh_database_at_once() {
+    let url = fresh_url().await;
+    let opens: Vec<_> = (0..6)
+        .map(|_| {
+            let url = url.clone();
+            tokio::spawn(async move { PgQueue::open(&url).await })
+        })
+        .collect();
+    for o in opens {
+        o.await.expect("join").expect("open while others migrate");
+    }
+    let q = PgQueue::open(&url).await.unwrap();
+    assert!(q.check().await.unwrap().is_empty());
+    let db = url.rsplit('/').next().unwrap().to_string();
+    let versions = tokio::task::spawn_blocking(move || {
+        shared().sql(&db, "SELECT count(*) FROM batchdb.schema_migrations")
+    })
+    .await
+    .unwrap();
+    assert!(versions.contains(&PG_SCHEMA_VERSION.to_string()), "{versions}");
+}
+
+#[tokio::test]
+async fn newer_schema_is_refused_with_a_clear_message() {
+    let url = fresh_url().await;
+    PgQueue::open(&url).await.unwrap();
+    let db = url.rsplit('/').next().unwrap().to_string();
+    tokio::task::spawn_blocking(move || {
+        shared().sql(
+            &db,
+            "INSERT INTO batchdb.schema_migrations(version) VALUES (99)",
+        )
+    })
+    .await
+    .unwrap();
+    let err = PgQueue::open(&url).await.unwrap_err();
+    assert!(
+        matches!(err, Error::SchemaTooNew { found: 99, .. }),
+        "{err}"
+    );
+    assert!(err.to_string().contains("schema version 99"), "{err}");
+}
+
+#[tokio::test]
+async fn passwords_never_appear_in_errors() {
+    let port = batchdb_testkit::free_port();
+    let err = PgQueue::open(&format!(
+        "postgres://u:hunter2@127.0.0.1:{port}/db?connect_timeout=2"
+    ))
+    .await
+    .unwrap_err();
+    let msg = err.to_string();
+    assert!(!msg.contains("hunter2"), "{msg}");
+    assert!(msg.contains(&format!("127.0.0.1:{port}")), "{msg}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_handle_recovers_after_the_server_restarts() {
+    let pg = tokio::task::spawn_blocking(|| Postgres::start_new(false))
+        .await
+        .unwrap();
+    let q = PgQueue::open(&pg.url("postgres")).await.unwrap();
+    let job = batchdb::blob::BlobInfo {
+        hash: batchdb::Hash::of(b"x"),
+        size: 1,
+    };
+    q.add(&job, &PushOptions::default()).await.unwrap();
+    // A waiter listening for changes before the restart...
+    let seen = q.change_seq();
+    let pg = tokio::task::spawn_blocking(move || {
+        pg.stop();
+        pg
+    })
+    .await
+    .unwrap();
+    assert!(q.counts().await.is_err(), "the server is down");
+    let pg = tokio::task::spawn_blocking(move || {
+        pg.start();
+        pg
+    })
+    .await
+    .unwrap();
+    // ...and the pool hands out new connections once it is back.
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let counts = loop {
+        match q.counts().await {
+            Ok(c) => break c,
+            Err(e) if std::time::Instant::now() < deadline => {
+                let _ = e;
+                tokio::time::sleep(Duration::from_millis(100)).await
+            }
+            Err(e) => panic!("no recovery: {e}"),
+        }
+    };
+    assert_eq!(counts.pending, 1);
+    // A change made by another handle wakes this one (the listener re-listened).
+    let other = PgQueue::open(&pg.url("postgres")).await.unwrap();
+    let seen2 = q.change_seq();
+    let waiter = {
+        let q = q.clone();
+        tokio::spawn(async move { q.wait_change(seen2, Duration::from_secs(20)).await })
+    };
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    other.add(&job, &PushOptions::default()).await.unwrap();
+    let t = std::time::Instant::now();
+    waiter.await.unwrap();
+    assert!(q.change_seq() != seen, "woken");
+    assert!(t.elapsed() < Duration::from_secs(10), "woken by the notification");
+    drop(pg);
+}

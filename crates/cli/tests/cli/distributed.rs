@@ -1,0 +1,237 @@
+//! Issue 4, the distributed mode: worker processes sharing one PostgreSQL database and
+//! one S3 bucket (real servers: a throwaway PostgreSQL cluster and a Garage node),
+//! standing in for many machines; and workers riding out an outage of either server.
+
+use std::collections::HashMap;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use batchdb_testkit::garage::{Garage, garage};
+use batchdb_testkit::postgres::{Postgres, shared};
+use serde_json::Value;
+
+use crate::util::*;
+
+/// An `Env` whose commands use `db` and a fresh prefix of Garage server `g`.
+fn env_on(db: String, g: &Garage) -> Env {
+    let vars = g
+        .env()
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v))
+        .collect();
+    Env::distributed(db, g.url(&Garage::fresh_prefix()), vars)
+}
+
+/// `sh -c SCRIPT` in the env's working directory, with `$BATCHDB` naming the binary
+/// and the env's backends in `BATCHDB_*`/`AWS_*`, so the script's `"$BATCHDB" add`
+/// reaches the same database.
+fn shell(env: &Env, script: &str) -> Command {
+    let probe = env.command(&[]);
+    let mut c = Command::new("sh");
+    c.arg("-c").arg(script).current_dir(env.root());
+    c.env("BATCHDB", BIN);
+    let args: Vec<String> = probe
+        .get_args()
+        .map(|a| a.to_string_lossy().into_owned())
+        .collect();
+    for pair in args.chunks(2) {
+        if let [flag, value] = pair {
+            let var = match flag.as_str() {
+                "--dir" => "BATCHDB_DIR",
+                "--db" => "BATCHDB_DB",
+                "--blobs" => "BATCHDB_BLOBS",
+                _ => continue,
+            };
+            c.env(var, value);
+        }
+    }
+    for (k, v) in probe.get_envs() {
+        if let Some(v) = v {
+            c.env(k, v);
+        }
+    }
+    c
+}
+
+/// Adds `echo job-I` for I in `from..=to`, one `batchdb add` process each.
+fn adder(env: &Env, from: u32, to: u32) -> Proc {
+    env.start(
+        shell(
+            env,
+            &format!(
+                "for i in $(seq {from} {to}); do \
+                   \"$BATCHDB\" add -- \"echo job-$i\" > /dev/null || exit 1; \
+                 done"
+            ),
+        ),
+        None,
+    )
+}
+
+fn counts(env: &Env) -> HashMap<String, u64> {
+    let out = env.ok(&["status"]);
+    let v: Value = serde_json::from_str(out.trim()).unwrap_or_else(|e| panic!("{e}: {out}"));
+    v.as_object()
+        .expect("status --json is an object")
+        .iter()
+        .filter_map(|(k, v)| Some((k.clone(), v.as_u64()?)))
+        .collect()
+}
+
+/// Waits up to `limit` for `f` to hold (a bound for a broken build, not a speed test).
+fn wait_for(limit: Duration, what: &str, mut f: impl FnMut() -> bool) {
+    let deadline = Instant::now() + limit;
+    while !f() {
+        assert!(Instant::now() < deadline, "gave up after {limit:?} waiting for {what}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Waits (up to `limit`) until every instance has ended and there are `total`.
+fn wait_drained(env: &Env, total: u64, limit: Duration) -> HashMap<String, u64> {
+    let deadline = Instant::now() + limit;
+    loop {
+        let c = counts(env);
+        let ended = c.get("result").copied().unwrap_or(0)
+            + c.get("fail").copied().unwrap_or(0)
+            + c.get("cancelled").copied().unwrap_or(0);
+        if ended == total && c.get("pending") == Some(&0) && c.get("running") == Some(&0) {
+            return c;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "not drained after {limit:?}: {c:?}"
+        );
+        std::thread::sleep(Duration::from_millis(250));
+    }
+}
+
+/// Every instance ended in exactly one terminal event and one result row; every blob
+/// any row names is readable and intact; and a sample of results, read back as a user
+/// would, is what `expect` says the payload prints.
+fn assert_each_ran_once(env: &Env, total: usize, expect: impl Fn(&str) -> Vec<u8>) {
+    let results = env.list("result");
+    assert_eq!(results.len(), total, "one result row per instance");
+    assert!(env.list("fail").is_empty(), "no failures");
+    let mut terminal: HashMap<i64, usize> = HashMap::new();
+    for ev in json_lines(&env.ok(&["events"])) {
+        if matches!(ev["event"].as_str(), Some("result" | "fail" | "cancel")) {
+            *terminal
+                .entry(ev["instance"].as_i64().expect("instance id"))
+                .or_default() += 1;
+        }
+    }
+    assert_eq!(terminal.len(), total, "a terminal event for every instance");
+    let twice: Vec<_> = terminal.iter().filter(|(_, n)| **n != 1).collect();
+    assert!(twice.is_empty(), "instances ended more than once: {twice:?}");
+    // `verify` streams every blob any row names and checks its hash.
+    let out = env.cmd(&["verify"]);
+    assert_success(&out, &["verify"]);
+    for r in results.iter().step_by(97) {
+        let payload = text(&env.get(r["key"][0].as_str().expect("job key")));
+        let got = env.get(r["value"]["hash"].as_str().expect("result id"));
+        let want = expect(&payload);
+        // Compare digests: outputs may be megabytes.
+        assert_eq!(
+            (got.len(), sha256(&got)),
+            (want.len(), sha256(&want)),
+            "the output of {payload:.60}"
+        );
+    }
+}
+
+/// What `echo job-N` (after anything before a `;`) prints.
+fn echoed(payload: &str) -> Vec<u8> {
+    let word = payload.rsplit("echo ").next().unwrap_or_default();
+    format!("{word}\n").into_bytes()
+}
+
+#[test]
+fn four_workers_on_postgres_and_s3_drain_2000_jobs_while_another_process_adds() {
+    let env = env_on(shared().create_database(), garage());
+    // The first 1000 jobs, added by four processes at once.
+    let mut first: Vec<Proc> = (0..4).map(|k| adder(&env, k * 250 + 1, k * 250 + 250)).collect();
+    for p in &mut first {
+        p.wait_ok_within(Duration::from_secs(300));
+    }
+    // Four workers ("machines"), four slots each; a fifth process keeps adding.
+    let mut workers: Vec<Proc> = (0..4)
+        .map(|_| env.spawn(&["run", "-j", "4", "--lease", "3"]))
+        .collect();
+    let mut more = adder(&env, 1001, 2000);
+    // Kill one worker with -9 mid-run: its claimed jobs are taken over.
+    wait_for(Duration::from_secs(300), "a few hundred results", || {
+        counts(&env).get("result").copied().unwrap_or(0) >= 300
+    });
+    workers[0].signal("KILL");
+    workers[0].wait();
+    more.wait_ok_within(Duration::from_secs(300));
+    let c = wait_drained(&env, 2000, Duration::from_secs(300));
+    assert_eq!(c.get("result"), Some(&2000), "{c:?}");
+    for w in &mut workers[1..] {
+        assert!(w.running(), "a surviving worker exited: {}", w.stderr());
+        w.signal("TERM");
+        w.wait_within(Duration::from_secs(30));
+    }
+    assert_each_ran_once(&env, 2000, echoed);
+}
+
+#[test]
+fn a_worker_rides_out_a_postgres_restart_mid_run() {
+    let pg = Postgres::start_new(false);
+    let env = env_on(pg.url("postgres"), garage());
+    for i in 0..30 {
+        env.ok(&["add", "--", &format!("sleep 0.2; echo job-{i}")]);
+    }
+    let mut worker = env.spawn(&["run", "-j", "2", "--lease", "10"]);
+    wait_for(Duration::from_secs(120), "the first results", || {
+        counts(&env).get("result").copied().unwrap_or(0) >= 4
+    });
+    // Cut every connection mid-run: jobs are running, claims and finishes in flight.
+    pg.stop();
+    std::thread::sleep(Duration::from_secs(3));
+    pg.start();
+    let c = wait_drained(&env, 30, Duration::from_secs(120));
+    assert_eq!(c.get("result"), Some(&30), "{c:?}");
+    assert!(worker.running(), "the worker exited: {}", worker.stderr());
+    worker.signal("TERM");
+    worker.wait_within(Duration::from_secs(30));
+    let log = worker.stderr();
+    assert!(
+        log.contains("retrying") || log.contains("reconnecting"),
+        "the worker says it lost the database: {log}"
+    );
+    assert_each_ran_once(&env, 30, echoed);
+}
+
+#[test]
+fn a_worker_rides_out_an_s3_outage_mid_upload() {
+    let g = Garage::start_new();
+    let env = env_on(shared().create_database(), &g);
+    // Each job streams 24 MiB, slowly, so that the store goes away mid-upload.
+    let payload = "i=0; while [ $i -lt 24 ]; do head -c 1048576 /dev/zero; sleep 0.1; i=$((i+1)); done";
+    for k in 0..3 {
+        env.ok(&["add", "--", &format!("echo {k}; {payload}")]);
+    }
+    let mut worker = env.spawn(&["run", "-j", "3", "--lease", "10"]);
+    wait_for(Duration::from_secs(120), "the jobs to be running", || {
+        counts(&env).get("running").copied().unwrap_or(0) == 3
+    });
+    std::thread::sleep(Duration::from_millis(800));
+    g.stop();
+    std::thread::sleep(Duration::from_secs(3));
+    g.start();
+    let c = wait_drained(&env, 3, Duration::from_secs(180));
+    assert!(worker.running(), "the worker exited: {}", worker.stderr());
+    worker.signal("TERM");
+    worker.wait_within(Duration::from_secs(30));
+    // Each instance ended once; an attempt that could not store its output is not
+    // a failure of the job: it ran again, and every instance has its result.
+    assert_eq!(c.get("result"), Some(&3), "{c:?}: {}", worker.stderr());
+    assert_each_ran_once(&env, 3, |payload| {
+        let k = payload.split(';').next().unwrap_or_default().trim_start_matches("echo ");
+        let mut out = format!("{k}\n").into_bytes();
+        out.resize(out.len() + 24 * 1048576, 0);
+        out
+    });
+}
