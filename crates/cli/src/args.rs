@@ -91,6 +91,8 @@ pub enum Command {
     Status,
     /// Re-hash every blob and check every row's references; problems as JSON lines.
     Verify,
+    /// Serve the HTTP API and the live dashboard.
+    Serve(ServeArgs),
     /// Remove blobs that no row names.
     Gc {
         /// Only print what would be removed.
@@ -192,4 +194,21 @@ pub struct RunArgs {
     /// Serve every job from the result cache when possible.
     #[arg(long)]
     pub cached: bool,
+}
+
+/// `batchdb serve`.
+#[derive(Debug, Args)]
+pub struct ServeArgs {
+    /// Address to listen on, HOST:PORT (port 0 picks a free one).
+    #[arg(long, default_value = "127.0.0.1:5000")]
+    pub listen: String,
+    /// Mount every route under this path (e.g. /batchdb).
+    #[arg(long, default_value = "")]
+    pub prefix: String,
+    /// Require `Authorization: Bearer TOKEN` on every mutating request.
+    #[arg(long, env = "BATCHDB_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
+    /// Require the token on reads too (lists, blobs, events, metrics).
+    #[arg(long, requires = "token")]
+    pub auth_reads: bool,
 }

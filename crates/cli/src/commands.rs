@@ -14,12 +14,13 @@ use batchdb::{BatchDb, BlobLocation, Config, DbLocation, Error, Hash, Result};
 use futures_util::StreamExt;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 
-use crate::args::{Cli, Command, PayloadArgs, QueueArgs, RunArgs};
+use crate::args::{Cli, Command, PayloadArgs, QueueArgs, RunArgs, ServeArgs};
 use crate::time::{parse_at, secs};
 
 /// Runs the command `cli` names and returns the process's exit code.
 pub async fn dispatch(cli: Cli) -> Result<ExitCode> {
-    let db = BatchDb::open(&config(&cli)?).await?;
+    let cfg = config(&cli)?;
+    let db = BatchDb::open(&cfg).await?;
     match cli.command {
         Command::Add(a) => {
             let opts = push_options(&a.queue)?;
@@ -53,6 +54,7 @@ pub async fn dispatch(cli: Cli) -> Result<ExitCode> {
             out.flush().map_err(stdout_err)?;
         }
         Command::Run(r) => return run(&db, r).await,
+        Command::Serve(s) => return serve(db, &cfg, s).await,
         Command::Get { hash } => {
             let hash: Hash = hash.parse()?;
             copy_to(db.get(&hash).await?, tokio::io::stdout(), &hash).await?;
@@ -506,4 +508,57 @@ async fn logs(db: &BatchDb, selector: &str, follow: bool) -> Result<ExitCode> {
             .wait_change(seen, Duration::from_millis(50))
             .await;
     }
+}
+
+/// `batchdb serve`: the HTTP API and dashboard until SIGINT or SIGTERM.
+async fn serve(db: BatchDb, cfg: &Config, s: ServeArgs) -> Result<ExitCode> {
+    if s.token.as_deref().is_some_and(|t| t.trim().is_empty()) {
+        return Err(Error::Config {
+            what: "token",
+            value: String::new(),
+            why: "empty; give a token or none".into(),
+        });
+    }
+    let listener = tokio::net::TcpListener::bind(&s.listen)
+        .await
+        .map_err(|e| Error::io("listen on", &s.listen, e))?;
+    let addr = listener
+        .local_addr()
+        .map_err(|e| Error::io("read the address of", &s.listen, e))?;
+    let blob_dir = match &cfg.blobs {
+        BlobLocation::Dir(p) => Some(p.clone()),
+        #[allow(unreachable_patterns)]
+        _ => None,
+    };
+    let opts = batchdb_server::ServeOptions {
+        prefix: s.prefix,
+        token: s.token,
+        auth_reads: s.auth_reads,
+        blob_dir,
+        local_hosts_only: addr.ip().is_loopback(),
+    };
+    let prefix = opts.normalized_prefix()?;
+    if opts.token.is_none() && !addr.ip().is_loopback() {
+        eprintln!(
+            "batchdb: warning: listening on {addr} without --token: anyone who can reach it can queue shell commands"
+        );
+    }
+    line(format_args!("listening on http://{addr}{prefix}/"))?;
+    let shutdown = async {
+        use tokio::signal::unix::{SignalKind, signal};
+        match (
+            signal(SignalKind::interrupt()),
+            signal(SignalKind::terminate()),
+        ) {
+            (Ok(mut int), Ok(mut term)) => {
+                tokio::select! {
+                    _ = int.recv() => {}
+                    _ = term.recv() => {}
+                }
+            }
+            _ => std::future::pending::<()>().await,
+        }
+    };
+    batchdb_server::serve(listener, db, opts, shutdown).await?;
+    Ok(ExitCode::SUCCESS)
 }
