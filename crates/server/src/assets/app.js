@@ -129,7 +129,9 @@ function render(m) {
     cell(tr, m.message || "", "msg", m.message || "");
   }
   const act = cell(tr, "");
-  if (m.state !== "pending") button(act, "output", "output", () => openOutput(m.id));
+  if (m.state === "running" || (m.state !== "pending" && m.attempts > 0)) {
+    button(act, "output", "output", () => openOutput(m.id));
+  }
   if (m.state === "pending" || m.state === "running") {
     button(act, "cancel", "cancel", () => act_on("cancel", m.id));
   }
