@@ -9,7 +9,6 @@
 //! - `output`: show, logs -f, events, the result cache (issue 3)
 //! - `faults`: the bad-input and fault matrix (issue 7)
 //! - `serve`: `batchdb serve` as a process: flags, a 1 GiB upload, SSE, the dashboard in Chromium (issue 5)
-//! - `serve`: `batchdb serve` as a process: flags, a 1 GiB upload, SSE, the dashboard in Chromium (issue 5)
 //! - `distributed`: workers on PostgreSQL + S3, a kill -9, server outages (issue 4)
 
 mod util;
@@ -22,6 +21,5 @@ mod defects;
 mod distributed;
 mod faults;
 mod output;
-mod serve;
 mod serve;
 mod worker;
