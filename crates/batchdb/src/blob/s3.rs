@@ -165,7 +165,8 @@ fn retry_config(retry_for: Duration) -> RetryConfig {
             max_backoff: Duration::from_secs(2),
             base: 2.0,
         },
-        max_retries: usize::MAX,
+        // The time limit is what bounds the retries; this only caps their number.
+        max_retries: 1000,
         retry_timeout: retry_for,
     }
 }

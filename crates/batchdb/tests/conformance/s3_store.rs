@@ -118,6 +118,7 @@ async fn unreachable_store_is_a_clear_error_with_the_url() {
     let start = std::time::Instant::now();
     let err = store.contains(&h).await.unwrap_err();
     let msg = err.to_string();
+    eprintln!("{msg}");
     assert!(matches!(err, Error::ObjectStore { .. }), "{msg}");
     assert!(msg.contains(&key), "{msg}");
     assert!(msg.contains(&format!("127.0.0.1:{port}")), "{msg}");
