@@ -41,7 +41,7 @@ static TMP_COUNTER: AtomicU64 = AtomicU64::new(0);
 /// Blobs in an S3-compatible bucket (AWS S3, Garage, MinIO, ...), under a key prefix.
 ///
 /// # Layout
-/// Blob `h` is the object `<prefix>/h[0..2]/h`; only validated [`Hash`]es ever form a
+/// Blob `h` is the object `<prefix>/h[0..2]/h`; only validated [`Hash`](struct@Hash)es ever form a
 /// key. A blob larger than [`PART_SIZE`] is first uploaded (multipart, streamed) to a
 /// temporary object `<prefix>/tmp/<unique>`, since its hash is only known at its end,
 /// then copied server-side to its key, and the temporary object deleted. [`list`]
