@@ -308,6 +308,10 @@ async fn server_restart_during_put_and_get() {
         })
     };
     tokio::time::sleep(Duration::from_secs(3)).await;
+    assert!(
+        !during.is_finished(),
+        "still retrying while the server is down"
+    );
     let g2 = g.clone();
     tokio::task::spawn_blocking(move || g2.start())
         .await
