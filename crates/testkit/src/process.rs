@@ -13,17 +13,19 @@ pub fn free_port() -> u16 {
         .expect("bind 127.0.0.1:0 to find a free port")
 }
 
+/// A spawn request: the command, and where to send the spawned child.
+type SpawnRequest = (Command, mpsc::Sender<std::io::Result<Child>>);
+
 /// Spawns `cmd` from a thread that lives as long as the test binary, with
 /// `PR_SET_PDEATHSIG` = SIGKILL set after any credential change, so the server dies
 /// with the test binary however that ends. (The parent-death signal is tied to the
 /// spawning *thread*; test threads end early, this one never does.)
 pub fn spawn_tied(mut cmd: Command) -> std::io::Result<Child> {
     use std::os::unix::process::CommandExt;
-    static SPAWNER: std::sync::OnceLock<
-        std::sync::Mutex<mpsc::Sender<(Command, mpsc::Sender<std::io::Result<Child>>)>>,
-    > = std::sync::OnceLock::new();
+    static SPAWNER: std::sync::OnceLock<std::sync::Mutex<mpsc::Sender<SpawnRequest>>> =
+        std::sync::OnceLock::new();
     let tx = SPAWNER.get_or_init(|| {
-        let (tx, rx) = mpsc::channel::<(Command, mpsc::Sender<std::io::Result<Child>>)>();
+        let (tx, rx) = mpsc::channel::<SpawnRequest>();
         thread::Builder::new()
             .name("testkit-spawner".into())
             .spawn(move || {

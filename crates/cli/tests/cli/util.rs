@@ -30,13 +30,16 @@ const CLI_ENV: [&str; 4] = [
     "BATCHDB_SHELL",
 ];
 
+/// `--db` and `--blobs` URLs, and the environment variables that reach them.
+type Remote = (String, String, Vec<(String, String)>);
+
 /// One test's batchdb: `<tmp>/db` is passed as `--dir`; `<tmp>` itself is the working
 /// directory of every process and holds the marker files jobs use.
 pub struct Env {
     root: PathBuf,
     /// `--db` and `--blobs` URLs and the environment (AWS_*) that reach them, for a
     /// test of the distributed backends; `None` for the embedded default.
-    remote: Option<(String, String, Vec<(String, String)>)>,
+    remote: Option<Remote>,
     // Dropped after `Drop::drop` has killed the processes working in it.
     _tmp: TempDir,
     spawned: AtomicU64,
