@@ -90,7 +90,7 @@ pub(crate) async fn get_blob(
             Ok(r)
         }
         Some(RangeSpec::Bytes(r)) => {
-            let reader = app.db.blobs().get_range(&hash, r.clone()).await?;
+            let reader = app.db.get_range(&hash, r.clone()).await?;
             common.insert(
                 header::CONTENT_RANGE,
                 header_value(&format!("bytes {}-{}/{size}", r.start, r.end - 1))?,
@@ -140,32 +140,10 @@ fn header_value(s: &str) -> Result<HeaderValue, ApiError> {
         .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))
 }
 
-/// The blob's size when the store can tell it cheaply (`None` if it cannot);
+/// The blob's size (inline in the queue or in the blob store);
 /// [`batchdb::Error::BlobNotFound`] if it is absent.
 async fn blob_size(app: &AppState, hash: &Hash) -> Result<Option<u64>, ApiError> {
-    let store = app
-        .blob_dir
-        .get_or_try_init(|| async {
-            match &app.opts.blob_dir {
-                Some(d) => batchdb::blob::DirStore::open(d).await.map(Some),
-                None => Ok(None),
-            }
-        })
-        .await?;
-    let Some(store) = store else {
-        if app.db.blobs().contains(hash).await? {
-            return Ok(None);
-        }
-        return Err(batchdb::Error::BlobNotFound(*hash).into());
-    };
-    let path = store.path_of(hash);
-    match tokio::fs::metadata(&path).await {
-        Ok(m) => Ok(Some(m.len())),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            Err(batchdb::Error::BlobNotFound(*hash).into())
-        }
-        Err(e) => Err(batchdb::Error::io("stat", path, e).into()),
-    }
+    Ok(Some(app.db.blob_size(hash).await?))
 }
 
 /// Whether an `If-None-Match` header names this blob (or is `*`).

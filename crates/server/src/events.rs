@@ -191,7 +191,7 @@ impl Follow {
                     let Some(b) = blob else { continue };
                     if self.off[i] < b.size {
                         let end = b.size.min(self.off[i] + CHUNK);
-                        let mut r = db.blobs().get_range(&b.hash, self.off[i]..end).await?;
+                        let mut r = db.get_range(&b.hash, self.off[i]..end).await?;
                         let mut buf = Vec::new();
                         r.read_to_end(&mut buf)
                             .await

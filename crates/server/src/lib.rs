@@ -25,7 +25,6 @@ mod events;
 mod metrics;
 
 use std::future::Future;
-use std::path::PathBuf;
 use std::sync::Arc;
 
 use axum::Router;
@@ -47,10 +46,6 @@ pub struct ServeOptions {
     /// may also pass it as `?access_token=` (a browser's `EventSource` cannot set
     /// headers).
     pub auth_reads: bool,
-    /// The blob store's directory, when it is a directory: blob sizes are read from
-    /// it, for `Content-Length` and `Range` requests. Without it, blobs are sent whole
-    /// with chunked encoding and `Accept-Ranges: none`.
-    pub blob_dir: Option<PathBuf>,
     /// Refuse requests whose `Host` is not a loopback name (`localhost`, `127.x.y.z`,
     /// `[::1]`): set it when listening on a loopback address, so that a web page in
     /// the user's browser cannot reach the server through DNS rebinding.
@@ -94,7 +89,6 @@ pub(crate) struct App {
     pub opts: ServeOptions,
     pub prefix: String,
     pub metrics: metrics::Metrics,
-    pub blob_dir: tokio::sync::OnceCell<Option<batchdb::blob::DirStore>>,
 }
 
 /// The shared state handlers receive.
@@ -112,7 +106,6 @@ pub fn router(db: BatchDb, opts: ServeOptions) -> Result<Router, Error> {
         db,
         opts,
         prefix: prefix.clone(),
-        blob_dir: tokio::sync::OnceCell::new(),
     });
     app.metrics.start();
     let p = |path: &str| format!("{prefix}{path}");

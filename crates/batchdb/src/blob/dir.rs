@@ -189,6 +189,15 @@ impl BlobStore for DirStore {
         Ok(Box::pin(BufReader::with_capacity(CHUNK, f).take(len)))
     }
 
+    async fn size(&self, hash: &Hash) -> Result<u64> {
+        let path = self.path_of(hash);
+        match tokio::fs::metadata(&path).await {
+            Ok(m) => Ok(m.len()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Err(Error::BlobNotFound(*hash)),
+            Err(e) => Err(Error::io("stat", &path, e)),
+        }
+    }
+
     async fn contains(&self, hash: &Hash) -> Result<bool> {
         let path = self.path_of(hash);
         tokio::fs::try_exists(&path)

@@ -69,6 +69,10 @@ pub trait BlobStore: Send + Sync + fmt::Debug {
     /// so these bytes are not verified; [`crate::Error::BlobNotFound`] if it is absent.
     async fn get_range(&self, hash: &Hash, range: std::ops::Range<u64>) -> Result<BlobReader>;
 
+    /// The size in bytes of the blob named `hash`; [`crate::Error::BlobNotFound`] if it
+    /// is absent.
+    async fn size(&self, hash: &Hash) -> Result<u64>;
+
     /// Whether a complete blob named `hash` is stored.
     async fn contains(&self, hash: &Hash) -> Result<bool>;
 

@@ -569,6 +569,12 @@ impl BlobStore for S3Store {
         }
     }
 
+    async fn size(&self, hash: &Hash) -> Result<u64> {
+        self.exists(&self.path_of(hash))
+            .await?
+            .ok_or(Error::BlobNotFound(*hash))
+    }
+
     async fn contains(&self, hash: &Hash) -> Result<bool> {
         Ok(self.exists(&self.path_of(hash)).await?.is_some())
     }

@@ -36,15 +36,14 @@ impl Server {
         Server::with(ServeOptions::default()).await
     }
 
-    /// A server with these options (its `blob_dir` is filled in).
-    pub async fn with(mut opts: ServeOptions) -> Server {
+    /// A server with these options.
+    pub async fn with(opts: ServeOptions) -> Server {
         let dir = tempfile::Builder::new()
             .prefix("batchdb-http-test-")
             .tempdir()
             .expect("temp dir");
         let cfg = Config::in_dir(dir.path());
         let db = BatchDb::open(&cfg).await.expect("open db");
-        opts.blob_dir = Some(dir.path().join("blobs"));
         let prefix = opts.normalized_prefix().expect("prefix");
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
