@@ -12,6 +12,7 @@ use std::process::ExitCode;
 use clap::Parser;
 
 fn main() -> ExitCode {
+    limit_malloc_arenas();
     let cli = args::Cli::parse();
     init_logging(cli.verbose);
     let rt = match tokio::runtime::Builder::new_multi_thread()
@@ -38,6 +39,18 @@ fn main() -> ExitCode {
             eprintln!("batchdb: {msg}");
             ExitCode::FAILURE
         }
+    }
+}
+
+/// Streams pass their buffers through tokio's blocking threads (file and stdin I/O);
+/// under load the pool starts many threads, and glibc gives each its own malloc arena,
+/// which keeps freed buffers. A 5 GiB `add` once peaked at 263 MiB in a loaded test
+/// run (14 MiB otherwise); capping the arenas bounds that growth.
+fn limit_malloc_arenas() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt only sets an allocator parameter; called before any thread starts.
+    unsafe {
+        libc::mallopt(libc::M_ARENA_MAX, 2);
     }
 }
 
