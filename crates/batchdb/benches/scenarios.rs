@@ -108,17 +108,18 @@ async fn enqueue_one(n: usize, reps: usize) -> Row {
         let conn = rusqlite::Connection::open(dir.path().join("raw.sqlite")).unwrap();
         conn.execute_batch(
             "PRAGMA journal_mode=WAL; PRAGMA synchronous=FULL;
-             CREATE TABLE jobs(id INTEGER PRIMARY KEY, key TEXT UNIQUE, size INTEGER, created INTEGER);
+             CREATE TABLE jobs(id INTEGER PRIMARY KEY, key TEXT UNIQUE, size INTEGER, created INTEGER, payload BLOB);
              CREATE TABLE instances(id INTEGER PRIMARY KEY, job TEXT, created INTEGER, state TEXT);",
         )
         .unwrap();
         let t = Instant::now();
         for i in 0..n {
-            let key = Hash::of(format!("raw {r} {i}").as_bytes()).to_hex();
+            let payload = format!("raw {r} {i}");
+            let key = Hash::of(payload.as_bytes()).to_hex();
             conn.execute_batch("BEGIN").unwrap();
             conn.execute(
-                "INSERT INTO jobs(key, size, created) VALUES (?1, 10, 0)",
-                [&key],
+                "INSERT INTO jobs(key, size, created, payload) VALUES (?1, 10, 0, ?2)",
+                (&key, payload.as_bytes()),
             )
             .unwrap();
             conn.execute(
@@ -136,6 +137,61 @@ async fn enqueue_one(n: usize, reps: usize) -> Row {
         1.0,
         "jobs/s",
         "raw SQLite, 1 txn each",
+    )
+}
+
+/// Library `add_many` of `n` distinct small payloads (durable on return), against the
+/// same rows inserted straight into SQLite in one big transaction.
+async fn enqueue_bulk(n: usize, reps: usize) -> Row {
+    let mut ours = Vec::new();
+    let mut base = Vec::new();
+    for r in 0..reps {
+        let dir = tempfile::tempdir().unwrap();
+        let db = open(dir.path()).await;
+        let payloads: Vec<Vec<u8>> = (0..n)
+            .map(|i| format!("echo bulk {r} {i}").into_bytes())
+            .collect();
+        reset_peak();
+        let t = Instant::now();
+        let added = db
+            .add_many(payloads, &PushOptions::default())
+            .await
+            .unwrap();
+        ours.push(n as f64 / t.elapsed().as_secs_f64());
+        assert_eq!(added.len(), n);
+        let mut conn = rusqlite::Connection::open(dir.path().join("raw.sqlite")).unwrap();
+        conn.execute_batch(
+            "PRAGMA journal_mode=WAL; PRAGMA synchronous=FULL;
+             CREATE TABLE jobs(id INTEGER PRIMARY KEY, key TEXT UNIQUE, size INTEGER, created INTEGER, payload BLOB);
+             CREATE TABLE instances(id INTEGER PRIMARY KEY, job TEXT, created INTEGER, state TEXT);",
+        )
+        .unwrap();
+        let t = Instant::now();
+        let tx = conn.transaction().unwrap();
+        {
+            let mut job = tx
+                .prepare("INSERT INTO jobs(key, size, created, payload) VALUES (?1, ?2, 0, ?3)")
+                .unwrap();
+            let mut inst = tx
+                .prepare("INSERT INTO instances(job, created, state) VALUES (?1, 0, 'pending')")
+                .unwrap();
+            for i in 0..n {
+                let payload = format!("echo raw {r} {i}");
+                let key = Hash::of(payload.as_bytes()).to_hex();
+                job.execute((&key, payload.len(), payload.as_bytes()))
+                    .unwrap();
+                inst.execute([&key]).unwrap();
+            }
+        }
+        tx.commit().unwrap();
+        base.push(n as f64 / t.elapsed().as_secs_f64());
+    }
+    Row::rates(
+        format!("enqueue bulk ({n} payloads, one add_many, durable)"),
+        (ours, base),
+        1.0,
+        "jobs/s",
+        "raw SQLite, 1 txn",
     )
 }
 
@@ -410,9 +466,8 @@ async fn open_url(url: &str, g: &batchdb_testkit::garage::Garage) -> BatchDb {
         virtual_hosted_style: false,
         retry_for: batchdb::blob::DEFAULT_RETRY_FOR,
     };
-    let b = Arc::new(
-        batchdb::blob::S3Store::with_options(&g.bucket, "bench", &opts).expect("open s3"),
-    );
+    let b =
+        Arc::new(batchdb::blob::S3Store::with_options(&g.bucket, "bench", &opts).expect("open s3"));
     BatchDb::new(q, b)
 }
 
@@ -479,9 +534,10 @@ async fn main() {
         // Only the PostgreSQL + S3 rows (they start their own servers).
         let quick = std::env::args().any(|a| a == "quick");
         let (n, reps) = if quick { (200, 1) } else { (600, 3) };
-        let pg = tokio::task::spawn_blocking(|| batchdb_testkit::postgres::Postgres::start_new(true))
-            .await
-            .unwrap();
+        let pg =
+            tokio::task::spawn_blocking(|| batchdb_testkit::postgres::Postgres::start_new(true))
+                .await
+                .unwrap();
         let g = tokio::task::spawn_blocking(batchdb_testkit::garage::garage)
             .await
             .unwrap();
@@ -497,6 +553,7 @@ async fn main() {
     let reps = if quick { 1 } else { 3 };
     let mut rows = Vec::new();
     rows.push(enqueue_one(400 * k, reps).await);
+    rows.push(enqueue_bulk(if quick { 20_000 } else { 100_000 }, reps).await);
     rows.push(drain(200 * k, reps).await);
     rows.push(big_output(if quick { 256 } else { 1024 }, reps).await);
     rows.push(list(if quick { 100_000 } else { 1_000_000 }, reps).await);

@@ -45,14 +45,21 @@ pub use hash::{Hash, Hasher};
 
 use blob::{BlobInfo, BlobReader, BlobStore, DirStore};
 use queue::{
-    Counts, Event, Instance, InstanceDetail, ListKind, ListRow, PushOptions, Queue, Selector,
-    SqliteQueue,
+    Counts, Event, Instance, InstanceDetail, ListKind, ListRow, NewJob, PushOptions, Queue,
+    Selector, SqliteQueue,
 };
 use runner::Runner;
 use worker::{Worker, WorkerOptions};
 
 /// Rows fetched per round trip by the streaming listers.
 const PAGE: usize = 1000;
+
+/// Payloads up to this size are kept inline in the queue (in the job's row) instead of
+/// the blob store: one durable commit instead of a blob file, its fsyncs and a row.
+pub const INLINE_MAX: usize = 16 * 1024;
+
+/// Jobs per transaction in [`BatchDb::add_many`].
+pub const BULK_CHUNK: usize = 10_000;
 
 /// A batchdb database: a queue plus a blob store. Cheap to clone.
 #[derive(Debug, Clone)]
@@ -123,12 +130,14 @@ impl BatchDb {
         self.live_dir.as_ref()
     }
 
-    /// Stores a payload (streamed, durable before the row commits) and records the job.
-    /// Returns the job key and whether the job was new.
-    pub async fn create(&self, mut payload: impl AsyncRead + Send + Unpin) -> Result<(Hash, bool)> {
-        let info = self.blobs.put(&mut payload).await?;
-        let new = self.queue.create(&info).await?;
-        Ok((info.hash, new))
+    /// Stores a payload and records the job: a payload of up to [`INLINE_MAX`] bytes is
+    /// kept inline in the job's row (one durable commit, no blob file); a larger one
+    /// streams into the blob store and is durable before the row commits. Returns the
+    /// job key and whether the job was new.
+    pub async fn create(&self, payload: impl AsyncRead + Send + Unpin) -> Result<(Hash, bool)> {
+        let job = self.stage(payload).await?;
+        let new = self.queue.create_many(std::slice::from_ref(&job)).await?;
+        Ok((job.info.hash, new.first().copied().unwrap_or(false)))
     }
 
     /// Pushes an instance of an existing job; [`Error::JobNotFound`] if there is none.
@@ -136,15 +145,61 @@ impl BatchDb {
         self.queue.push(job, opts).await
     }
 
-    /// Stores a payload and pushes an instance of it; the job row and the instance row
-    /// commit together, after the payload blob is durable.
+    /// Stores a payload (as [`create`](Self::create) does) and pushes an instance of
+    /// it; the job row and the instance row commit together.
     pub async fn add(
         &self,
-        mut payload: impl AsyncRead + Send + Unpin,
+        payload: impl AsyncRead + Send + Unpin,
         opts: &PushOptions,
     ) -> Result<Instance> {
-        let info = self.blobs.put(&mut payload).await?;
-        self.queue.add(&info, opts).await
+        let job = self.stage(payload).await?;
+        let mut added = self.queue.add_many(&[job], opts).await?;
+        added
+            .pop()
+            .ok_or_else(|| Error::Task("add_many returned nothing".into()))
+    }
+
+    /// Adds many small payloads at once (a bulk add): each is kept inline or stored as
+    /// [`create`](Self::create) says, then every job row and instance row commits in
+    /// one transaction per [`BULK_CHUNK`] payloads. Returns the instances in order.
+    pub async fn add_many(
+        &self,
+        payloads: Vec<Vec<u8>>,
+        opts: &PushOptions,
+    ) -> Result<Vec<Instance>> {
+        let mut out = Vec::with_capacity(payloads.len());
+        let mut chunk = Vec::new();
+        for p in payloads {
+            chunk.push(self.stage(&p[..]).await?);
+            if chunk.len() == BULK_CHUNK {
+                out.extend(self.queue.add_many(&chunk, opts).await?);
+                chunk.clear();
+            }
+        }
+        if !chunk.is_empty() {
+            out.extend(self.queue.add_many(&chunk, opts).await?);
+        }
+        Ok(out)
+    }
+
+    /// Reads a payload: up to [`INLINE_MAX`] bytes stay in memory to be kept inline;
+    /// a larger payload streams into the blob store (durable on return).
+    async fn stage(&self, mut payload: impl AsyncRead + Send + Unpin) -> Result<NewJob> {
+        use tokio::io::AsyncReadExt;
+        let mut head = Vec::new();
+        (&mut payload)
+            .take(INLINE_MAX as u64 + 1)
+            .read_to_end(&mut head)
+            .await
+            .map_err(|e| Error::Stream {
+                what: "read payload".into(),
+                source: e,
+            })?;
+        if head.len() <= INLINE_MAX {
+            return Ok(NewJob::inline(head));
+        }
+        let mut all = std::io::Cursor::new(head).chain(payload);
+        Ok(NewJob::stored(self.blobs.put(&mut all).await?))
     }
 
     /// Records the job (if new) and pushes an instance of it, for a payload blob the
@@ -168,10 +223,53 @@ impl BatchDb {
         })
     }
 
-    /// Opens a blob (payload or output) for streaming; bytes are checked against the
-    /// hash as they pass.
+    /// Opens a blob (payload or output, inline in the queue or in the blob store) for
+    /// streaming; bytes are checked against the hash as they pass.
     pub async fn get(&self, hash: &Hash) -> Result<BlobReader> {
-        self.blobs.get(hash).await
+        match self.inline(hash).await? {
+            Some(bytes) => Ok(Box::pin(std::io::Cursor::new(bytes))),
+            None => self.blobs.get(hash).await,
+        }
+    }
+
+    /// Opens bytes `range` of a blob (clamped to its size), unverified (see
+    /// [`BlobStore::get_range`]).
+    pub async fn get_range(&self, hash: &Hash, range: std::ops::Range<u64>) -> Result<BlobReader> {
+        match self.inline(hash).await? {
+            Some(bytes) => {
+                let len = bytes.len() as u64;
+                let (start, end) = (range.start.min(len), range.end.min(len));
+                let part = bytes[start as usize..end.max(start) as usize].to_vec();
+                Ok(Box::pin(std::io::Cursor::new(part)))
+            }
+            None => self.blobs.get_range(hash, range).await,
+        }
+    }
+
+    /// The size of a blob (inline in the queue or in the blob store);
+    /// [`Error::BlobNotFound`] if there is none.
+    pub async fn blob_size(&self, hash: &Hash) -> Result<u64> {
+        if let Some(bytes) = self.inline(hash).await? {
+            return Ok(bytes.len() as u64);
+        }
+        self.blobs.size(hash).await
+    }
+
+    /// A payload kept inline in the queue, checked against its hash.
+    async fn inline(&self, hash: &Hash) -> Result<Option<Vec<u8>>> {
+        match self.queue.inline_payload(hash).await? {
+            Some(bytes) => {
+                let actual = Hash::of(&bytes);
+                if actual != *hash {
+                    return Err(Error::BlobCorrupt {
+                        hash: *hash,
+                        actual,
+                    });
+                }
+                Ok(Some(bytes))
+            }
+            None => Ok(None),
+        }
     }
 
     /// Streams the event log after event `after`; with `follow`, keeps waiting for new

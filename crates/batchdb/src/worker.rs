@@ -571,14 +571,15 @@ impl Worker {
         match out {
             Ok(b) => report.stdout = Some(b),
             Err(e) => {
-                store_failed = true;
+                // A broken output stream is the job's failure; anything else is the store's.
+                store_failed |= !matches!(e, Error::Stream { .. });
                 problems.push(format!("storing stdout: {e}"));
             }
         }
         match err {
             Some(Ok(b)) => report.stderr = Some(b),
             Some(Err(e)) => {
-                store_failed = true;
+                store_failed |= !matches!(e, Error::Stream { .. });
                 problems.push(format!("storing stderr: {e}"));
             }
             None => {}
@@ -609,15 +610,19 @@ impl Worker {
         if store_failed && claim.failures < STORE_RETRIES {
             // The blob store failed, not the job: its output is lost, so it runs again
             // (after a backoff, whatever its own retry budget), up to STORE_RETRIES times.
-            let wait = backoff(Duration::from_secs(1), Duration::from_secs(60), claim.failures + 1);
-            let msg = format!("{}; output not stored, running it again", problems.join("; "));
+            let wait = backoff(
+                Duration::from_secs(1),
+                Duration::from_secs(60),
+                claim.failures + 1,
+            );
+            let msg = format!(
+                "{}; output not stored, running it again",
+                problems.join("; ")
+            );
             tracing::warn!("instance {}: {msg}", claim.token.id);
             report.message = Some(msg);
             let retry_at = Some(now_ms() + wait.as_millis() as i64);
-            return (
-                report.clone(),
-                Some(Outcome::Failure { report, retry_at }),
-            );
+            return (report.clone(), Some(Outcome::Failure { report, retry_at }));
         }
         if !status.success() {
             problems.insert(0, status.to_string());
@@ -653,6 +658,14 @@ impl Worker {
     /// before this returns; a larger payload streams.
     async fn prefetch(&self, job: &Hash) -> Result<Reader> {
         use tokio::io::AsyncReadExt;
+        if let Some(bytes) = self.queue.inline_payload(job).await? {
+            // Kept inline in the queue: check it like any blob before it runs.
+            let actual = Hash::of(&bytes);
+            if actual != *job {
+                return Err(Error::BlobCorrupt { hash: *job, actual });
+            }
+            return Ok(Box::pin(std::io::Cursor::new(bytes)));
+        }
         let r = self.blobs.get(job).await?;
         let mut head = Vec::new();
         let mut limited = r.take(PREFETCH + 1);

@@ -12,10 +12,10 @@ pub struct Cli {
     /// [default: $XDG_DATA_HOME/batchdb or ~/.local/share/batchdb]
     #[arg(long, env = "BATCHDB_DIR", global = true)]
     pub dir: Option<PathBuf>,
-    /// Queue database: a SQLite file path [default: DIR/batchdb.sqlite]
+    /// Queue database: a SQLite file path or a postgres:// URL [default: DIR/batchdb.sqlite]
     #[arg(long, env = "BATCHDB_DB", global = true)]
     pub db: Option<String>,
-    /// Blob store: a directory path [default: DIR/blobs]
+    /// Blob store: a directory path or an s3://bucket/prefix URL [default: DIR/blobs]
     #[arg(long, env = "BATCHDB_BLOBS", global = true)]
     pub blobs: Option<String>,
     /// More log output on stderr (-v info, -vv debug)
@@ -143,6 +143,10 @@ pub struct AddArgs {
     /// Print only the job key.
     #[arg(short, long)]
     pub quiet: bool,
+    /// Bulk add: every non-empty line of the input (stdin or --file) is one job's
+    /// payload; they are committed 10,000 to a transaction.
+    #[arg(long, conflicts_with = "payload")]
+    pub lines: bool,
     #[command(flatten)]
     pub payload: PayloadArgs,
     #[command(flatten)]

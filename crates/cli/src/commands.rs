@@ -22,6 +22,46 @@ pub async fn dispatch(cli: Cli) -> Result<ExitCode> {
     let cfg = config(&cli)?;
     let db = BatchDb::open(&cfg).await?;
     match cli.command {
+        Command::Add(a) if a.lines => {
+            use tokio::io::AsyncBufReadExt;
+            let opts = push_options(&a.queue)?;
+            let mut input = tokio::io::BufReader::new(payload(&a.payload).await?);
+            let mut out = std::io::BufWriter::new(std::io::stdout().lock());
+            let mut buf = Vec::new();
+            let mut chunk: Vec<Vec<u8>> = Vec::new();
+            loop {
+                buf.clear();
+                let n = input
+                    .read_until(b'\n', &mut buf)
+                    .await
+                    .map_err(|e| Error::Stream {
+                        what: "read payload lines".into(),
+                        source: e,
+                    })?;
+                let line = buf.strip_suffix(b"\n").unwrap_or(&buf);
+                if !line.is_empty() {
+                    chunk.push(line.to_vec());
+                }
+                if chunk.len() == batchdb::BULK_CHUNK || (n == 0 && !chunk.is_empty()) {
+                    for inst in db.add_many(std::mem::take(&mut chunk), &opts).await? {
+                        if a.quiet {
+                            writeln!(out, "{}", inst.job)
+                        } else {
+                            writeln!(
+                                out,
+                                "created {}\npushed {} {}",
+                                inst.job, inst.job, inst.created
+                            )
+                        }
+                        .map_err(stdout_err)?;
+                    }
+                    out.flush().map_err(stdout_err)?;
+                }
+                if n == 0 {
+                    break;
+                }
+            }
+        }
         Command::Add(a) => {
             let opts = push_options(&a.queue)?;
             let inst = db.add(payload(&a.payload).await?, &opts).await?;
@@ -54,7 +94,7 @@ pub async fn dispatch(cli: Cli) -> Result<ExitCode> {
             out.flush().map_err(stdout_err)?;
         }
         Command::Run(r) => return run(&db, r).await,
-        Command::Serve(s) => return serve(db, &cfg, s).await,
+        Command::Serve(s) => return serve(db, s).await,
         Command::Get { hash } => {
             let hash: Hash = hash.parse()?;
             copy_to(db.get(&hash).await?, tokio::io::stdout(), &hash).await?;
@@ -511,7 +551,7 @@ async fn logs(db: &BatchDb, selector: &str, follow: bool) -> Result<ExitCode> {
 }
 
 /// `batchdb serve`: the HTTP API and dashboard until SIGINT or SIGTERM.
-async fn serve(db: BatchDb, cfg: &Config, s: ServeArgs) -> Result<ExitCode> {
+async fn serve(db: BatchDb, s: ServeArgs) -> Result<ExitCode> {
     if s.token.as_deref().is_some_and(|t| t.trim().is_empty()) {
         return Err(Error::Config {
             what: "token",
@@ -525,16 +565,10 @@ async fn serve(db: BatchDb, cfg: &Config, s: ServeArgs) -> Result<ExitCode> {
     let addr = listener
         .local_addr()
         .map_err(|e| Error::io("read the address of", &s.listen, e))?;
-    let blob_dir = match &cfg.blobs {
-        BlobLocation::Dir(p) => Some(p.clone()),
-        #[allow(unreachable_patterns)]
-        _ => None,
-    };
     let opts = batchdb_server::ServeOptions {
         prefix: s.prefix,
         token: s.token,
         auth_reads: s.auth_reads,
-        blob_dir,
         local_hosts_only: addr.ip().is_loopback(),
     };
     let prefix = opts.normalized_prefix()?;

@@ -55,6 +55,18 @@ pub trait Queue: Send + Sync + fmt::Debug {
     /// Creates the job (if new) and pushes an instance of it, in one transaction.
     async fn add(&self, job: &BlobInfo, opts: &PushOptions) -> Result<Instance>;
 
+    /// Records each job (if new; a payload given inline is kept in the queue) and
+    /// returns, for each, whether it was new; all in one transaction.
+    async fn create_many(&self, jobs: &[NewJob]) -> Result<Vec<bool>>;
+
+    /// Records each job (if new) and pushes one instance of each, in order, all in one
+    /// transaction: all are queued or none is.
+    async fn add_many(&self, jobs: &[NewJob], opts: &PushOptions) -> Result<Vec<Instance>>;
+
+    /// The payload of job `job` if it is kept inline in the queue (`None` if the job
+    /// does not exist or its payload is in the blob store).
+    async fn inline_payload(&self, job: &Hash) -> Result<Option<Vec<u8>>>;
+
     /// Claims up to `req.limit` instances for `req.worker`: first running instances
     /// whose lease expired (their worker died), then due pending instances, highest
     /// priority first, then in `req.order`. Each claim starts a new attempt with its
@@ -109,14 +121,17 @@ pub trait Queue: Send + Sync + fmt::Debug {
     /// The id of the newest event in the log (0 if empty).
     async fn last_event_id(&self) -> Result<i64>;
 
-    /// Checks the database's own consistency (SQLite: `PRAGMA integrity_check`);
-    /// returns the problems found, none if it is sound.
+    /// Checks the database's own consistency (SQLite: `PRAGMA integrity_check`) and
+    /// that every inline payload hashes to its job key; returns the problems found,
+    /// none if it is sound.
     async fn check(&self) -> Result<Vec<String>>;
 
-    /// Whether any row names blob `hash` (as a job's payload or an attempt's output).
+    /// Whether any row names blob `hash` of the blob store (as a job's payload kept in
+    /// the store, or an attempt's output).
     async fn is_referenced(&self, hash: &Hash) -> Result<bool>;
 
-    /// The blob references of the jobs and instances whose ids are in
+    /// The blob-store references (inline payloads are not) of the jobs and instances
+    /// whose ids are in
     /// `(after, after + span]`, and the next `after` to ask for (`None` when no job or
     /// instance has a greater id).
     async fn references_page(

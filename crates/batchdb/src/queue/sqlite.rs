@@ -25,7 +25,7 @@ use crate::error::{Error, Result};
 use crate::hash::Hash;
 
 /// The schema version this build writes and understands.
-pub const SCHEMA_VERSION: i64 = 1;
+pub const SCHEMA_VERSION: i64 = 2;
 const SCHEMA: &str = include_str!("schema.sql");
 
 /// How often other processes' commits are looked for while someone waits, where the
@@ -120,6 +120,12 @@ fn migrate(conn: &mut Connection, location: &str) -> TxResult<()> {
     }
     if version < 1 {
         tx.execute_batch(SCHEMA)?;
+    }
+    if version < 2 {
+        // Version 2: small payloads kept inline in the job row.
+        tx.execute_batch("ALTER TABLE jobs ADD COLUMN payload BLOB")?;
+    }
+    if version < SCHEMA_VERSION {
         tx.execute_batch(&format!("PRAGMA user_version={SCHEMA_VERSION}"))?;
     }
     tx.commit()?;
@@ -417,18 +423,25 @@ fn event(
     Ok(())
 }
 
-fn insert_job(tx: &Transaction<'_>, job: &BlobInfo, now: i64) -> rusqlite::Result<bool> {
+fn insert_job(tx: &Transaction<'_>, job: &NewJob, now: i64) -> rusqlite::Result<bool> {
     let n = tx
-        .prepare_cached("INSERT OR IGNORE INTO jobs(key, size, created) VALUES (?1, ?2, ?3)")?
-        .execute(params![job.hash.to_hex(), job.size as i64, now])?;
+        .prepare_cached(
+            "INSERT OR IGNORE INTO jobs(key, size, created, payload) VALUES (?1, ?2, ?3, ?4)",
+        )?
+        .execute(params![
+            job.info.hash.to_hex(),
+            job.info.size as i64,
+            now,
+            job.inline
+        ])?;
     if n == 1 {
         event(
             tx,
             now,
             EventKind::Create,
-            &job.hash,
+            &job.info.hash,
             None,
-            serde_json::json!({"size": job.size}),
+            serde_json::json!({"size": job.info.size}),
         )?;
     }
     Ok(n == 1)
@@ -769,7 +782,7 @@ fn inst_row(conn: &Connection, id: i64) -> rusqlite::Result<Option<InstRow>> {
 impl Queue for SqliteQueue {
     async fn create(&self, job: &BlobInfo) -> Result<bool> {
         let job = *job;
-        self.write(move |tx| Ok(insert_job(tx, &job, now_ms())?))
+        self.write(move |tx| Ok(insert_job(tx, &NewJob::stored(job), now_ms())?))
             .await
     }
 
@@ -788,8 +801,46 @@ impl Queue for SqliteQueue {
         let (job, opts) = (*job, opts.clone());
         self.write(move |tx| {
             let now = now_ms();
-            insert_job(tx, &job, now)?;
+            insert_job(tx, &NewJob::stored(job), now)?;
             Ok(insert_instance(tx, &job.hash, &opts, now)?)
+        })
+        .await
+    }
+
+    async fn create_many(&self, jobs: &[NewJob]) -> Result<Vec<bool>> {
+        let jobs = jobs.to_vec();
+        self.write(move |tx| {
+            let now = now_ms();
+            Ok(jobs
+                .iter()
+                .map(|j| insert_job(tx, j, now))
+                .collect::<rusqlite::Result<_>>()?)
+        })
+        .await
+    }
+
+    async fn add_many(&self, jobs: &[NewJob], opts: &PushOptions) -> Result<Vec<Instance>> {
+        let (jobs, opts) = (jobs.to_vec(), opts.clone());
+        self.write(move |tx| {
+            let now = now_ms();
+            let mut out = Vec::with_capacity(jobs.len());
+            for j in &jobs {
+                insert_job(tx, j, now)?;
+                out.push(insert_instance(tx, &j.info.hash, &opts, now)?);
+            }
+            Ok(out)
+        })
+        .await
+    }
+
+    async fn inline_payload(&self, job: &Hash) -> Result<Option<Vec<u8>>> {
+        let key = job.to_hex();
+        self.with_conn(move |conn| {
+            Ok(conn
+                .prepare_cached("SELECT payload FROM jobs WHERE key = ?1")?
+                .query_row([key], |r| r.get::<_, Option<Vec<u8>>>(0))
+                .optional()?
+                .flatten())
         })
         .await
     }
@@ -1200,7 +1251,20 @@ impl Queue for SqliteQueue {
             let mut stmt = conn.prepare("PRAGMA integrity_check")?;
             let rows = stmt.query_map([], |r| r.get::<_, String>(0))?;
             let out: Vec<String> = rows.collect::<rusqlite::Result<_>>()?;
-            Ok(out.into_iter().filter(|l| l != "ok").collect())
+            let mut problems: Vec<String> = out.into_iter().filter(|l| l != "ok").collect();
+            let mut stmt =
+                conn.prepare("SELECT key, payload FROM jobs WHERE payload IS NOT NULL")?;
+            let rows = stmt.query_map([], |r| {
+                Ok((r.get::<_, String>(0)?, r.get::<_, Vec<u8>>(1)?))
+            })?;
+            for row in rows {
+                let (key, payload) = row?;
+                let actual = Hash::of(&payload);
+                if actual.to_hex() != key {
+                    problems.push(format!("job {key}: its inline payload hashes to {actual}"));
+                }
+            }
+            Ok(problems)
         })
         .await
     }
@@ -1210,7 +1274,7 @@ impl Queue for SqliteQueue {
         self.with_conn(move |conn| {
             Ok(conn
                 .prepare_cached(
-                    "SELECT EXISTS(SELECT 1 FROM jobs WHERE key = ?1)
+                    "SELECT EXISTS(SELECT 1 FROM jobs WHERE key = ?1 AND payload IS NULL)
                         OR EXISTS(SELECT 1 FROM attempts WHERE stdout = ?1)
                         OR EXISTS(SELECT 1 FROM attempts WHERE stderr = ?1)",
                 )?
@@ -1227,7 +1291,7 @@ impl Queue for SqliteQueue {
         self.with_conn(move |conn| {
             let end = after.saturating_add(span.max(1));
             let mut out = Vec::new();
-            let mut stmt = conn.prepare_cached("SELECT key FROM jobs WHERE id > ?1 AND id <= ?2 ORDER BY id")?;
+            let mut stmt = conn.prepare_cached("SELECT key FROM jobs WHERE id > ?1 AND id <= ?2 AND payload IS NULL ORDER BY id")?;
             for key in stmt.query_map(params![after, end], |r| r.get::<_, String>(0))? {
                 let key = key?;
                 out.push(BlobReference {

@@ -33,6 +33,35 @@ pub struct PushOptions {
     pub cached: bool,
 }
 
+/// A job to record: its payload's hash and size and, for a small payload kept in the
+/// queue itself rather than in the blob store, the payload's bytes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NewJob {
+    /// The payload's hash (the job key) and size.
+    pub info: BlobInfo,
+    /// The payload itself when it lives inline in the queue (`None`: it is in the blob
+    /// store, durable before the job's row commits). Must hash to `info.hash`.
+    pub inline: Option<Vec<u8>>,
+}
+
+impl NewJob {
+    /// A job whose payload is already durable in the blob store.
+    pub fn stored(info: BlobInfo) -> NewJob {
+        NewJob { info, inline: None }
+    }
+
+    /// A job whose (small) payload lives inline in the queue.
+    pub fn inline(data: Vec<u8>) -> NewJob {
+        NewJob {
+            info: BlobInfo {
+                hash: Hash::of(&data),
+                size: data.len() as u64,
+            },
+            inline: Some(data),
+        }
+    }
+}
+
 /// One instance of a job on the queue, identified by `id` and by `(job, created)`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 pub struct Instance {

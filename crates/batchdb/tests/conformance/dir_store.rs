@@ -63,7 +63,9 @@ async fn verify_reports_a_corrupt_blob() {
     );
     let store = DirStore::open(dir.path().join("b")).await.unwrap();
     let db = batchdb::BatchDb::new(queue, Arc::new(store.clone()));
-    let inst = db.add(&b"echo x"[..], &Default::default()).await.unwrap();
+    // Too large to be kept inline: a blob file.
+    let big = format!("echo x {}", "#".repeat(batchdb::INLINE_MAX));
+    let inst = db.add(big.as_bytes(), &Default::default()).await.unwrap();
     std::fs::write(store.path_of(&inst.job), b"echo y").unwrap();
     let mut problems = Vec::new();
     db.verify(|p| problems.push(p)).await.unwrap();

@@ -267,11 +267,19 @@ pub async fn model_invariants(b: &Backend) {
 
 pub async fn verify_reports_missing_blobs(b: &Backend) {
     let db = b.db();
-    db.add(&b"echo fine"[..], &PushOptions::default())
-        .await
-        .unwrap();
+    // Payloads too large to be kept inline: they are blobs in the store.
+    let pad = "#".repeat(batchdb::INLINE_MAX);
+    db.add(
+        format!("echo fine {pad}").as_bytes(),
+        &PushOptions::default(),
+    )
+    .await
+    .unwrap();
     let gone = db
-        .add(&b"echo gone"[..], &PushOptions::default())
+        .add(
+            format!("echo gone {pad}").as_bytes(),
+            &PushOptions::default(),
+        )
         .await
         .unwrap();
     drain(&db, Arc::new(ShellRunner::default())).await;
@@ -297,8 +305,12 @@ pub async fn verify_reports_missing_blobs(b: &Backend) {
 pub async fn gc_removes_only_old_unreferenced_blobs(b: &Backend) {
     use batchdb::integrity::GcOptions;
     let db = b.db();
+    let pad = "#".repeat(batchdb::INLINE_MAX);
     let kept = db
-        .add(&b"echo kept"[..], &PushOptions::default())
+        .add(
+            format!("echo kept {pad}").as_bytes(),
+            &PushOptions::default(),
+        )
         .await
         .unwrap();
     let orphan = b.blobs.put(&mut &b"nobody names me"[..]).await.unwrap();
@@ -332,4 +344,74 @@ pub async fn gc_removes_only_old_unreferenced_blobs(b: &Backend) {
     assert_eq!((sum.removed, sum.bytes), (1, orphan.size));
     assert!(!b.blobs.contains(&orphan.hash).await.unwrap());
     assert!(b.blobs.contains(&kept.job).await.unwrap());
+}
+
+pub async fn small_payloads_live_inline_and_large_ones_in_the_store(b: &Backend) {
+    let db = b.db();
+    let small = db
+        .add(&b"echo small"[..], &PushOptions::default())
+        .await
+        .unwrap();
+    let big_payload = format!("echo big {}", "#".repeat(batchdb::INLINE_MAX));
+    let big = db
+        .add(big_payload.as_bytes(), &PushOptions::default())
+        .await
+        .unwrap();
+    assert!(
+        !b.blobs.contains(&small.job).await.unwrap(),
+        "no blob for it"
+    );
+    assert_eq!(
+        b.queue.inline_payload(&small.job).await.unwrap().as_deref(),
+        Some(&b"echo small"[..])
+    );
+    assert!(b.blobs.contains(&big.job).await.unwrap());
+    assert_eq!(b.queue.inline_payload(&big.job).await.unwrap(), None);
+    assert_eq!(read(&db, &small.job).await, b"echo small");
+    assert_eq!(read(&db, &big.job).await, big_payload.as_bytes());
+    let mut part = Vec::new();
+    db.get_range(&small.job, 5..100)
+        .await
+        .unwrap()
+        .read_to_end(&mut part)
+        .await
+        .unwrap();
+    assert_eq!(part, b"small");
+    let (key, new) = db.create(&b"echo small"[..]).await.unwrap();
+    assert_eq!((key, new), (small.job, false));
+    let reports = drain(&db, Arc::new(ShellRunner::default())).await;
+    assert_eq!(reports.len(), 2);
+    for r in rows(&db, ListKind::Result).await {
+        let ListRow::Result(r) = r else { panic!() };
+        let out = read(&db, &r.value.hash).await;
+        assert!(out == b"small\n" || out == b"big\n", "{out:?}");
+    }
+    let mut problems = Vec::new();
+    db.verify(|p| problems.push(p)).await.unwrap();
+    assert!(problems.is_empty(), "{problems:?}");
+}
+
+pub async fn add_many_queues_every_payload_in_one_go(b: &Backend) {
+    let db = b.db();
+    let mut payloads: Vec<Vec<u8>> = (0..300).map(|i| format!("echo {i}").into_bytes()).collect();
+    payloads.push(format!("echo big {}", "#".repeat(batchdb::INLINE_MAX)).into_bytes());
+    payloads.push(b"echo 7".to_vec()); // a job added twice gets two instances
+    let added = db
+        .add_many(payloads.clone(), &PushOptions::default())
+        .await
+        .unwrap();
+    assert_eq!(added.len(), payloads.len());
+    for (inst, p) in added.iter().zip(&payloads) {
+        assert_eq!(inst.job, Hash::of(p));
+    }
+    assert!(
+        added
+            .windows(2)
+            .all(|w| w[0].id < w[1].id && w[0].created < w[1].created)
+    );
+    assert_eq!(db.counts().await.unwrap().pending, payloads.len() as u64);
+    assert_eq!(rows(&db, ListKind::Job).await.len(), payloads.len() - 1);
+    let reports = drain(&db, Arc::new(ShellRunner::default())).await;
+    assert_eq!(reports.len(), payloads.len());
+    assert_eq!(db.counts().await.unwrap().result, payloads.len() as u64);
 }

@@ -76,6 +76,8 @@ macro_rules! suite {
                     model_invariants,
                     verify_reports_missing_blobs,
                     gc_removes_only_old_unreferenced_blobs,
+                    small_payloads_live_inline_and_large_ones_in_the_store,
+                    add_many_queues_every_payload_in_one_go,
                 ]);
             }
         )*

@@ -32,7 +32,10 @@ async fn many_processes_may_migrate_a_fresh_database_at_once() {
     })
     .await
     .unwrap();
-    assert!(versions.contains(&PG_SCHEMA_VERSION.to_string()), "{versions}");
+    assert!(
+        versions.contains(&PG_SCHEMA_VERSION.to_string()),
+        "{versions}"
+    );
 }
 
 #[tokio::test]
@@ -120,6 +123,9 @@ async fn a_handle_recovers_after_the_server_restarts() {
     let t = std::time::Instant::now();
     waiter.await.unwrap();
     assert!(q.change_seq() != seen, "woken");
-    assert!(t.elapsed() < Duration::from_secs(10), "woken by the notification");
+    assert!(
+        t.elapsed() < Duration::from_secs(10),
+        "woken by the notification"
+    );
     drop(pg);
 }

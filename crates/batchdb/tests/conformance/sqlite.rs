@@ -18,7 +18,7 @@ async fn newer_schema_is_refused_with_a_clear_message() {
             err,
             Error::SchemaTooNew {
                 found: 99,
-                supported: 1,
+                supported: 2,
                 ..
             }
         ),
@@ -48,7 +48,7 @@ async fn many_openers_migrate_a_new_file_at_once() {
         .unwrap()
         .query_row("PRAGMA user_version", [], |r| r.get(0))
         .unwrap();
-    assert_eq!(v, 1);
+    assert_eq!(v, 2);
 }
 
 #[tokio::test]
@@ -61,5 +61,37 @@ async fn a_file_that_is_not_a_database_is_a_clear_error() {
     assert!(
         err.to_string().contains(&path.display().to_string()),
         "{err}"
+    );
+}
+
+#[tokio::test]
+async fn a_version_1_database_is_migrated_on_open() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("q.sqlite");
+    let q = SqliteQueue::open(&path).await.unwrap();
+    let job = batchdb::blob::BlobInfo {
+        hash: batchdb::Hash::of(b"old"),
+        size: 3,
+    };
+    q.add(&job, &Default::default()).await.unwrap();
+    drop(q);
+    // What a version-1 batchdb left behind: no inline payload column.
+    rusqlite::Connection::open(&path)
+        .unwrap()
+        .execute_batch("ALTER TABLE jobs DROP COLUMN payload; PRAGMA user_version = 1")
+        .unwrap();
+    let q = SqliteQueue::open(&path).await.unwrap();
+    let version: i64 = rusqlite::Connection::open(&path)
+        .unwrap()
+        .query_row("PRAGMA user_version", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(version, 2);
+    assert_eq!(q.counts().await.unwrap().pending, 1, "rows kept");
+    assert_eq!(q.inline_payload(&job.hash).await.unwrap(), None);
+    let inline = batchdb::queue::NewJob::inline(b"new".to_vec());
+    q.add_many(&[inline], &Default::default()).await.unwrap();
+    assert_eq!(
+        q.inline_payload(&batchdb::Hash::of(b"new")).await.unwrap(),
+        Some(b"new".to_vec())
     );
 }

@@ -101,7 +101,8 @@ fn selectors_and_options_that_name_nothing_are_errors() {
 #[test]
 fn get_of_a_corrupt_blob_fails() {
     let env = Env::new();
-    let (key, _) = env.add("echo original");
+    // Larger than what is kept inline in the database, so it is a blob file.
+    let (key, _) = env.add(&format!("echo original #{}", "x".repeat(20_000)));
     let path = env
         .db_dir()
         .join(format!("blobs/{}/{}/{key}", &key[..2], &key[2..4]));

@@ -291,7 +291,13 @@ fn db_and_blobs_options_and_batchdb_dir_env() {
     assert!(env.file("from-env/batchdb.sqlite").exists());
     // --db and --blobs override the two stores inside --dir separately.
     let split = ["--db", "meta/q.sqlite", "--blobs", "store"];
-    let key = env.ok(&[&split[..], &["add", "-q", "echo split"]].concat());
+    // Larger than what is kept inline in the database, so it is a blob file.
+    std::fs::write(
+        env.file("big"),
+        format!("echo split #{}", "x".repeat(20_000)),
+    )
+    .unwrap();
+    let key = env.ok(&[&split[..], &["add", "-q", "-f", "big"]].concat());
     let key = key.trim();
     assert!(env.file("meta/q.sqlite").exists());
     assert!(
@@ -301,4 +307,44 @@ fn db_and_blobs_options_and_batchdb_dir_env() {
     assert!(!env.db_dir().join("batchdb.sqlite").exists());
     let listed = env.ok(&[&split[..], &["list", "pending"]].concat());
     assert_eq!(json_lines(&listed)[0]["job"], key);
+}
+
+#[test]
+fn add_lines_adds_one_job_per_line_in_bulk() {
+    let env = Env::new();
+    let input: String = (0..2500).map(|i| format!("echo line {i}\n")).collect();
+    // Blank lines are skipped; a last line without a newline still counts.
+    let input = format!("{input}\n\necho last");
+    let out = env.cmd_stdin(&["add", "--lines"], input.as_bytes());
+    assert_success(&out, &["add", "--lines"]);
+    let lines: Vec<&str> = std::str::from_utf8(&out.stdout).unwrap().lines().collect();
+    assert_eq!(lines.len(), 2 * 2501, "created + pushed per job");
+    for (pair, i) in lines.chunks(2).zip(0..) {
+        let payload = if i < 2500 {
+            format!("echo line {i}")
+        } else {
+            "echo last".to_string()
+        };
+        let key = sha256(payload.as_bytes());
+        assert_eq!(pair[0], format!("created {key}"));
+        parse_pushed(pair[1], &key);
+    }
+    assert_eq!(env.list("pending").len(), 2501);
+    let out = env.run_until_empty(&["-j", "2"]);
+    assert_eq!(run_lines(&out).len(), 2501);
+    let key = sha256(b"echo line 1234");
+    assert_eq!(
+        text(&env.get(&key)),
+        "echo line 1234",
+        "the payload reads back"
+    );
+    let results = env.list("result");
+    let r = results
+        .iter()
+        .find(|r| r["key"][0] == key.as_str())
+        .expect("a result for line 1234");
+    assert_eq!(
+        text(&env.get(r["value"]["hash"].as_str().unwrap())),
+        "line 1234\n"
+    );
 }

@@ -82,7 +82,10 @@ fn counts(env: &Env) -> HashMap<String, u64> {
 fn wait_for(limit: Duration, what: &str, mut f: impl FnMut() -> bool) {
     let deadline = Instant::now() + limit;
     while !f() {
-        assert!(Instant::now() < deadline, "gave up after {limit:?} waiting for {what}");
+        assert!(
+            Instant::now() < deadline,
+            "gave up after {limit:?} waiting for {what}"
+        );
         std::thread::sleep(Duration::from_millis(100));
     }
 }
@@ -123,7 +126,10 @@ fn assert_each_ran_once(env: &Env, total: usize, expect: impl Fn(&str) -> Vec<u8
     }
     assert_eq!(terminal.len(), total, "a terminal event for every instance");
     let twice: Vec<_> = terminal.iter().filter(|(_, n)| **n != 1).collect();
-    assert!(twice.is_empty(), "instances ended more than once: {twice:?}");
+    assert!(
+        twice.is_empty(),
+        "instances ended more than once: {twice:?}"
+    );
     // `verify` streams every blob any row names and checks its hash.
     let out = env.cmd(&["verify"]);
     assert_success(&out, &["verify"]);
@@ -150,7 +156,9 @@ fn echoed(payload: &str) -> Vec<u8> {
 fn four_workers_on_postgres_and_s3_drain_2000_jobs_while_another_process_adds() {
     let env = env_on(shared().create_database(), garage());
     // The first 1000 jobs, added by four processes at once.
-    let mut first: Vec<Proc> = (0..4).map(|k| adder(&env, k * 250 + 1, k * 250 + 250)).collect();
+    let mut first: Vec<Proc> = (0..4)
+        .map(|k| adder(&env, k * 250 + 1, k * 250 + 250))
+        .collect();
     for p in &mut first {
         p.wait_ok_within(Duration::from_secs(300));
     }
@@ -209,7 +217,8 @@ fn a_worker_rides_out_an_s3_outage_mid_upload() {
     let g = Garage::start_new();
     let env = env_on(shared().create_database(), &g);
     // Each job streams 24 MiB, slowly, so that the store goes away mid-upload.
-    let payload = "i=0; while [ $i -lt 24 ]; do head -c 1048576 /dev/zero; sleep 0.1; i=$((i+1)); done";
+    let payload =
+        "i=0; while [ $i -lt 24 ]; do head -c 1048576 /dev/zero; sleep 0.1; i=$((i+1)); done";
     for k in 0..3 {
         env.ok(&["add", "--", &format!("echo {k}; {payload}")]);
     }
@@ -229,7 +238,11 @@ fn a_worker_rides_out_an_s3_outage_mid_upload() {
     // a failure of the job: it ran again, and every instance has its result.
     assert_eq!(c.get("result"), Some(&3), "{c:?}: {}", worker.stderr());
     assert_each_ran_once(&env, 3, |payload| {
-        let k = payload.split(';').next().unwrap_or_default().trim_start_matches("echo ");
+        let k = payload
+            .split(';')
+            .next()
+            .unwrap_or_default()
+            .trim_start_matches("echo ");
         let mut out = format!("{k}\n").into_bytes();
         out.resize(out.len() + 24 * 1048576, 0);
         out

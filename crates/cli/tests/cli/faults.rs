@@ -224,7 +224,9 @@ fn read_only_blob_directory_is_a_clear_error() {
     chown_tree_to_nobody(&env.db_dir());
     let blobs = env.db_dir().join("blobs");
     chmod(&blobs.join("tmp"), 0o555);
-    let out = as_nobody(&env, &["add", "echo after"]);
+    // Larger than what is kept inline in the database, so it needs a blob file.
+    let big = format!("echo after #{}", "x".repeat(20_000));
+    let out = as_nobody(&env, &["add", &big]);
     let msg = one_line_error(&out);
     assert!(
         msg.contains("ermission denied") && msg.contains("tmp"),
@@ -244,7 +246,9 @@ fn read_only_database_is_a_clear_error() {
     let db = env.db_dir().join("batchdb.sqlite");
     chmod(&db, 0o444);
     chmod(&env.db_dir(), 0o555);
-    let out = as_nobody(&env, &["add", "echo after"]);
+    // Larger than what is kept inline in the database, so it needs a blob file.
+    let big = format!("echo after #{}", "x".repeat(20_000));
+    let out = as_nobody(&env, &["add", &big]);
     let msg = one_line_error(&out);
     assert!(msg.contains("batchdb.sqlite"), "{msg}");
     chmod(&env.db_dir(), 0o755);

@@ -41,13 +41,17 @@ use crate::error::{Error, Result};
 use crate::hash::Hash;
 
 /// The schema version this build writes and understands.
-pub const PG_SCHEMA_VERSION: i64 = 1;
+pub const PG_SCHEMA_VERSION: i64 = 2;
 
 /// The PostgreSQL schema (namespace) batchdb's tables live in.
 const NAMESPACE: &str = "batchdb";
 
 /// The migrations, in order: migration `i` takes the schema to version `i + 1`.
-const MIGRATIONS: &[&str] = &[include_str!("schema_v1.sql")];
+const MIGRATIONS: &[&str] = &[
+    include_str!("schema_v1.sql"),
+    // Version 2: small payloads kept inline in the job row.
+    "ALTER TABLE jobs ADD COLUMN payload BYTEA;",
+];
 
 /// The notification channel every change is announced on.
 const CHANNEL: &str = "batchdb_changes";
@@ -223,7 +227,8 @@ macro_rules! in_tx {
                 let mut client = this.client().await?;
                 let raw = client.transaction().await?;
                 if $lazy {
-                    raw.batch_execute("SET LOCAL synchronous_commit = off").await?;
+                    raw.batch_execute("SET LOCAL synchronous_commit = off")
+                        .await?;
                 }
                 let now: i64 = raw
                     .query_one(
@@ -588,20 +593,26 @@ impl Candidate {
     }
 }
 
-async fn insert_job(tx: &mut Tx<'_>, job: &BlobInfo) -> TxResult<bool> {
+async fn insert_job(tx: &mut Tx<'_>, job: &NewJob) -> TxResult<bool> {
     let now = tx.now;
     let n = tx
         .execute(
-            "INSERT INTO jobs(key, size, created) VALUES ($1, $2, $3) ON CONFLICT (key) DO NOTHING",
-            &[&job.hash.to_hex(), &(job.size as i64), &now],
+            "INSERT INTO jobs(key, size, created, payload) VALUES ($1, $2, $3, $4)
+             ON CONFLICT (key) DO NOTHING",
+            &[
+                &job.info.hash.to_hex(),
+                &(job.info.size as i64),
+                &now,
+                &job.inline,
+            ],
         )
         .await?;
     if n == 1 {
         tx.event(
             EventKind::Create,
-            &job.hash,
+            &job.info.hash,
             None,
-            serde_json::json!({"size": job.size}),
+            serde_json::json!({"size": job.info.size}),
         );
     }
     Ok(n == 1)
@@ -828,7 +839,10 @@ async fn finish_tx(
 /// The query naming the instances a selector selects, and its parameters.
 fn select_query(sel: &Selector) -> (&'static str, Vec<Box<dyn ToSql + Sync + Send>>) {
     match sel {
-        Selector::Id(id) => ("SELECT id FROM instances WHERE id = $1", vec![Box::new(*id)]),
+        Selector::Id(id) => (
+            "SELECT id FROM instances WHERE id = $1",
+            vec![Box::new(*id)],
+        ),
         Selector::Created(c) => (
             "SELECT id FROM instances WHERE created = $1 ORDER BY id",
             vec![Box::new(*c)],
@@ -847,7 +861,9 @@ fn select_query(sel: &Selector) -> (&'static str, Vec<Box<dyn ToSql + Sync + Sen
 }
 
 fn params(p: &[Box<dyn ToSql + Sync + Send>]) -> Vec<&(dyn ToSql + Sync)> {
-    p.iter().map(|b| b.as_ref() as &(dyn ToSql + Sync)).collect()
+    p.iter()
+        .map(|b| b.as_ref() as &(dyn ToSql + Sync))
+        .collect()
 }
 
 fn ids(rows: &[Row]) -> TxResult<Vec<i64>> {
@@ -895,6 +911,7 @@ fn fenced(t: &ClaimToken) -> TxError {
 #[async_trait]
 impl Queue for PgQueue {
     async fn create(&self, job: &BlobInfo) -> Result<bool> {
+        let job = &NewJob::stored(*job);
         in_tx!(self, |tx| { insert_job(tx, job).await })
     }
 
@@ -912,10 +929,45 @@ impl Queue for PgQueue {
     }
 
     async fn add(&self, job: &BlobInfo, opts: &PushOptions) -> Result<Instance> {
+        let job = &NewJob::stored(*job);
         in_tx!(self, |tx| {
             insert_job(tx, job).await?;
-            insert_instance(tx, &job.hash, opts).await
+            insert_instance(tx, &job.info.hash, opts).await
         })
+    }
+
+    async fn create_many(&self, jobs: &[NewJob]) -> Result<Vec<bool>> {
+        in_tx!(self, |tx| {
+            let mut out = Vec::with_capacity(jobs.len());
+            for j in jobs {
+                out.push(insert_job(tx, j).await?);
+            }
+            Ok(out)
+        })
+    }
+
+    async fn add_many(&self, jobs: &[NewJob], opts: &PushOptions) -> Result<Vec<Instance>> {
+        in_tx!(self, |tx| {
+            let mut out = Vec::with_capacity(jobs.len());
+            for j in jobs {
+                insert_job(tx, j).await?;
+                out.push(insert_instance(tx, &j.info.hash, opts).await?);
+            }
+            Ok(out)
+        })
+    }
+
+    async fn inline_payload(&self, job: &Hash) -> Result<Option<Vec<u8>>> {
+        self.read(async |c| {
+            Ok(
+                c.query_opt("SELECT payload FROM jobs WHERE key = $1", &[&job.to_hex()])
+                    .await?
+                    .map(|r| r.try_get::<_, Option<Vec<u8>>>(0))
+                    .transpose()?
+                    .flatten(),
+            )
+        })
+        .await
     }
 
     async fn claim(&self, req: &ClaimRequest) -> Result<Vec<Claim>> {
@@ -1034,8 +1086,14 @@ impl Queue for PgQueue {
                             let token = start_attempt(tx, &c, req, None).await?;
                             hit.start = now;
                             hit.end = now;
-                            finish_tx(tx, &token, &c.job, c.created, &Outcome::Success(hit.clone()))
-                                .await?;
+                            finish_tx(
+                                tx,
+                                &token,
+                                &c.job,
+                                c.created,
+                                &Outcome::Success(hit.clone()),
+                            )
+                            .await?;
                             out.push(c.claim(token, now, false, Some(hit)));
                             continue;
                         }
@@ -1241,9 +1299,11 @@ impl Queue for PgQueue {
 
     async fn job_exists(&self, job: &Hash) -> Result<bool> {
         self.read(async |c| {
-            Ok(c.query_opt("SELECT 1 FROM jobs WHERE key = $1", &[&job.to_hex()])
-                .await?
-                .is_some())
+            Ok(
+                c.query_opt("SELECT 1 FROM jobs WHERE key = $1", &[&job.to_hex()])
+                    .await?
+                    .is_some(),
+            )
         })
         .await
     }
@@ -1303,9 +1363,11 @@ impl Queue for PgQueue {
 
     async fn last_event_id(&self) -> Result<i64> {
         self.read(async |c| {
-            Ok(c.query_one("SELECT COALESCE(MAX(id), 0)::BIGINT FROM events", &[])
-                .await?
-                .try_get(0)?)
+            Ok(
+                c.query_one("SELECT COALESCE(MAX(id), 0)::BIGINT FROM events", &[])
+                    .await?
+                    .try_get(0)?,
+            )
         })
         .await
     }
@@ -1339,6 +1401,16 @@ impl Queue for PgQueue {
                     problems.push(format!("{n} {what}"));
                 }
             }
+            for r in c
+                .query("SELECT key, payload FROM jobs WHERE payload IS NOT NULL", &[])
+                .await?
+            {
+                let key: String = r.try_get(0)?;
+                let actual = Hash::of(r.try_get::<_, &[u8]>(1)?);
+                if actual.to_hex() != key {
+                    problems.push(format!("job {key}: its inline payload hashes to {actual}"));
+                }
+            }
             Ok(problems)
         })
         .await
@@ -1347,7 +1419,7 @@ impl Queue for PgQueue {
     async fn is_referenced(&self, hash: &Hash) -> Result<bool> {
         self.read(async |c| {
             Ok(c.query_one(
-                "SELECT EXISTS(SELECT 1 FROM jobs WHERE key = $1)
+                "SELECT EXISTS(SELECT 1 FROM jobs WHERE key = $1 AND payload IS NULL)
                     OR EXISTS(SELECT 1 FROM attempts WHERE stdout = $1)
                     OR EXISTS(SELECT 1 FROM attempts WHERE stderr = $1)",
                 &[&hash.to_hex()],
@@ -1368,7 +1440,7 @@ impl Queue for PgQueue {
             let mut out = Vec::new();
             for r in c
                 .query(
-                    "SELECT key FROM jobs WHERE id > $1 AND id <= $2 ORDER BY id",
+                    "SELECT key FROM jobs WHERE id > $1 AND id <= $2 AND payload IS NULL ORDER BY id",
                     &[&after, &end],
                 )
                 .await?
@@ -1498,9 +1570,7 @@ async fn list_page(
                             created,
                             start: r.try_get(3)?,
                             end: r.try_get::<_, Option<i64>>(4)?.unwrap_or(0),
-                            hash: parse_hash(
-                                r.try_get::<_, Option<&str>>(5)?.unwrap_or_default(),
-                            )?,
+                            hash: parse_hash(r.try_get::<_, Option<&str>>(5)?.unwrap_or_default())?,
                             size: r.try_get::<_, Option<i64>>(6)?.unwrap_or(0) as u64,
                             stderr: opt_hash(r.try_get(7)?)?,
                             exit_code: r.try_get(8)?,
