@@ -332,6 +332,33 @@ impl Worker {
         }
     }
 
+    /// The outcome of an attempt that the database or the blob store (not the job)
+    /// made fail: it runs again after a backoff, whatever its own retry budget, up to
+    /// [`STORE_RETRIES`] times; after that it counts as an ordinary failure.
+    fn infra_retry(
+        &self,
+        claim: &Claim,
+        mut report: AttemptReport,
+        msg: String,
+    ) -> (AttemptReport, Option<Outcome>) {
+        report.end = now_ms();
+        if claim.failures >= STORE_RETRIES {
+            report.message = Some(msg);
+            let outcome = self.failure(claim, report.clone());
+            return (report, Some(outcome));
+        }
+        let msg = format!("{msg}; running it again");
+        tracing::warn!("instance {}: {msg}", claim.token.id);
+        report.message = Some(msg);
+        let wait = backoff(
+            Duration::from_secs(1),
+            Duration::from_secs(60),
+            claim.failures + 1,
+        );
+        let retry_at = Some(now_ms() + wait.as_millis() as i64);
+        (report.clone(), Some(Outcome::Failure { report, retry_at }))
+    }
+
     /// What attempt `t` recorded, if it has ended (for a finish whose reply was lost).
     async fn recorded(&self, t: &ClaimToken) -> Option<Finished> {
         let detail = self.queue.instance(t.id).await.ok()?;
@@ -372,7 +399,12 @@ impl Worker {
         // streams, and a corruption found at its end kills the run.
         let payload: Reader = match self.prefetch(&claim.job).await {
             Ok(p) => p,
-            Err(e) => return fail(report, format!("payload: {e}"), claim),
+            // A missing or corrupt payload is the job's failure...
+            Err(e @ (Error::BlobNotFound(_) | Error::BlobCorrupt { .. })) => {
+                return fail(report, format!("payload: {e}"), claim);
+            }
+            // ...an unreachable database or store is not: run it again later.
+            Err(e) => return self.infra_retry(claim, report, format!("payload: {e}")),
         };
         let exec = match self.runner.spawn(&ctx) {
             Ok(x) => x,
@@ -508,14 +540,18 @@ impl Worker {
                 _ = tokio::time::sleep_until(next_hb) => {
                     next_hb = Instant::now() + hb_every;
                     let before = Instant::now();
-                    match self.queue.heartbeat(&claim.token, self.opts.lease).await {
-                        Ok(hb) if hb.cancel_requested => {
+                    // Bounded: a call hanging on a dead connection must not keep this
+                    // loop from seeing the lease run out (and fencing itself).
+                    let left = lease_end.saturating_duration_since(before).max(Duration::from_millis(1));
+                    match tokio::time::timeout(left, self.queue.heartbeat(&claim.token, self.opts.lease)).await {
+                        Ok(Ok(hb)) if hb.cancel_requested => {
                             lease_end = before + self.opts.lease;
                             stop_now = Some(Stopped::Cancel);
                         }
-                        Ok(_) => lease_end = before + self.opts.lease,
-                        Err(Error::Fenced { .. }) => stop_now = Some(Stopped::Lost),
-                        Err(e) => tracing::warn!("heartbeat for instance {} failed: {e}", claim.token.id),
+                        Ok(Ok(_)) => lease_end = before + self.opts.lease,
+                        Ok(Err(Error::Fenced { .. })) => stop_now = Some(Stopped::Lost),
+                        Ok(Err(e)) => tracing::warn!("heartbeat for instance {} failed: {e}", claim.token.id),
+                        Err(_) => tracing::warn!("heartbeat for instance {} timed out", claim.token.id),
                     }
                 }
                 _ = async {
@@ -526,11 +562,12 @@ impl Worker {
                     // Something changed: look for a cancel request (or a lost lease)
                     // without waiting for the next heartbeat.
                     last_check = Instant::now();
-                    match self.queue.status(&claim.token).await {
-                        Ok(hb) if hb.cancel_requested => stop_now = Some(Stopped::Cancel),
-                        Ok(_) => {}
-                        Err(Error::Fenced { .. }) => stop_now = Some(Stopped::Lost),
-                        Err(_) => {}
+                    let left = lease_end.saturating_duration_since(last_check).max(Duration::from_millis(1));
+                    match tokio::time::timeout(left, self.queue.status(&claim.token)).await {
+                        Ok(Ok(hb)) if hb.cancel_requested => stop_now = Some(Stopped::Cancel),
+                        Ok(Ok(_)) => {}
+                        Ok(Err(Error::Fenced { .. })) => stop_now = Some(Stopped::Lost),
+                        Ok(Err(_)) | Err(_) => {}
                     }
                 }
                 _ = self.shutdown.wait_level(2), if stopped.is_none() => {
@@ -607,22 +644,9 @@ impl Worker {
             }
             None => {}
         }
-        if store_failed && claim.failures < STORE_RETRIES {
-            // The blob store failed, not the job: its output is lost, so it runs again
-            // (after a backoff, whatever its own retry budget), up to STORE_RETRIES times.
-            let wait = backoff(
-                Duration::from_secs(1),
-                Duration::from_secs(60),
-                claim.failures + 1,
-            );
-            let msg = format!(
-                "{}; output not stored, running it again",
-                problems.join("; ")
-            );
-            tracing::warn!("instance {}: {msg}", claim.token.id);
-            report.message = Some(msg);
-            let retry_at = Some(now_ms() + wait.as_millis() as i64);
-            return (report.clone(), Some(Outcome::Failure { report, retry_at }));
+        if store_failed {
+            let msg = format!("{}; output not stored", problems.join("; "));
+            return self.infra_retry(claim, report, msg);
         }
         if !status.success() {
             problems.insert(0, status.to_string());
@@ -694,8 +718,9 @@ impl Worker {
     }
 }
 
-/// How many times an attempt whose output could not be stored (the blob store was
-/// unreachable) is run again before it counts as an ordinary failure.
+/// How many times an attempt that failed because the database or the blob store was
+/// unreachable (payload unreadable, output not stored) is run again before it counts
+/// as an ordinary failure.
 pub const STORE_RETRIES: u32 = 10;
 
 /// Waits up to `grace` for a process group to empty, then kills what is left. It

@@ -39,6 +39,7 @@ pub async fn dispatch(cli: Cli) -> Result<ExitCode> {
                         source: e,
                     })?;
                 let line = buf.strip_suffix(b"\n").unwrap_or(&buf);
+                let line = line.strip_suffix(b"\r").unwrap_or(line);
                 if !line.is_empty() {
                     chunk.push(line.to_vec());
                 }

@@ -87,8 +87,9 @@ impl Postgres {
     /// false, the server skips fsyncs (fine for tests; benchmarks want it true).
     pub fn start_new(fsync: bool) -> Postgres {
         let bin = bin_dir();
+        sweep_stale_clusters();
         let dir = tempfile::Builder::new()
-            .prefix("batchdb-pg-")
+            .prefix(&format!("batchdb-pg-{}-", std::process::id()))
             .tempdir()
             .expect("create a temporary directory for PostgreSQL");
         let data = dir.path().join("data");
@@ -190,8 +191,12 @@ impl Postgres {
     }
 
     fn psql(&self, db: &str, sql: &str) -> std::io::Result<std::process::Output> {
+        // Through this cluster's own socket directory: never another server that may
+        // have taken the port while this one was stopped.
         Command::new(self.bin.join("psql"))
-            .args(["-X", "-q", "-v", "ON_ERROR_STOP=1", "-h", "127.0.0.1"])
+            .env("PGCONNECT_TIMEOUT", "5")
+            .args(["-X", "-q", "-v", "ON_ERROR_STOP=1", "-h"])
+            .arg(self._dir.path())
             .args(["-p", &self.port.to_string(), "-U", "postgres", "-d", db])
             .args(["-c", sql])
             .stdin(Stdio::null())
@@ -201,6 +206,19 @@ impl Postgres {
     fn wait_ready(&self) {
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
+            let exited = self
+                .child
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .as_mut()
+                .and_then(|c| c.try_wait().ok().flatten());
+            if let Some(status) = exited {
+                panic!(
+                    "PostgreSQL on port {} exited at start ({status}); log:\n{}",
+                    self.port,
+                    std::fs::read_to_string(&self.log).unwrap_or_default()
+                );
+            }
             match self.psql("postgres", "SELECT 1") {
                 Ok(o) if o.status.success() => return,
                 Ok(_) | Err(_) if Instant::now() < deadline => {
@@ -246,6 +264,28 @@ impl Postgres {
 impl Drop for Postgres {
     fn drop(&mut self) {
         self.stop();
+    }
+}
+
+/// Removes the clusters earlier test runs left behind (a static's cluster is killed
+/// with its test binary, never dropped): every `batchdb-pg-<pid>-*` directory whose
+/// process is gone.
+fn sweep_stale_clusters() {
+    let Ok(entries) = std::fs::read_dir(std::env::temp_dir()) else {
+        return;
+    };
+    for e in entries.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        let Some(pid) = name
+            .strip_prefix("batchdb-pg-")
+            .and_then(|r| r.split('-').next())
+            .and_then(|p| p.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        if !Path::new(&format!("/proc/{pid}")).exists() {
+            let _ = std::fs::remove_dir_all(e.path());
+        }
     }
 }
 

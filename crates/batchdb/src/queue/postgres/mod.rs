@@ -287,8 +287,26 @@ fn retryable(e: &tokio_postgres::Error) -> bool {
     )
 }
 
-/// `url` with any password replaced by `***`.
+/// `url` with any password (in the user info or a `password=` parameter) replaced by
+/// `***`.
 fn mask_password(url: &str) -> String {
+    let masked = mask_userinfo(url);
+    match masked.split_once('?') {
+        Some((base, query)) => {
+            let params: Vec<String> = query
+                .split('&')
+                .map(|p| match p.split_once('=') {
+                    Some((k, _)) if k.eq_ignore_ascii_case("password") => format!("{k}=***"),
+                    _ => p.to_string(),
+                })
+                .collect();
+            format!("{base}?{}", params.join("&"))
+        }
+        None => masked,
+    }
+}
+
+fn mask_userinfo(url: &str) -> String {
     let Some((scheme, rest)) = url.split_once("://") else {
         return url.to_string();
     };
@@ -329,8 +347,13 @@ impl PgQueue {
         if config.get_connect_timeout().is_none() {
             config.connect_timeout(Duration::from_secs(10));
         }
+        // A dead server or a half-open connection must surface as an error within
+        // seconds, not after the kernel's default 15 minutes of retransmissions.
         config.keepalives(true);
-        config.keepalives_idle(Duration::from_secs(30));
+        config.keepalives_idle(Duration::from_secs(10));
+        config.keepalives_interval(Duration::from_secs(5));
+        config.keepalives_retries(3);
+        config.tcp_user_timeout(Duration::from_secs(30));
         let mgr = Manager::from_config(
             config.clone(),
             NoTls,
@@ -456,7 +479,13 @@ impl PgQueue {
                     Some(inner) => inner.location.clone(),
                     None => return,
                 };
-                match listen_once(&config, &weak).await {
+                let began = std::time::Instant::now();
+                let r = listen_once(&config, &weak).await;
+                if began.elapsed() > Duration::from_secs(30) {
+                    // A session that lasted is a fresh start for the backoff.
+                    failures = 0;
+                }
+                match r {
                     Ok(()) => failures = 0,
                     Err(e) => {
                         failures += 1;
@@ -595,10 +624,14 @@ impl Candidate {
 
 async fn insert_job(tx: &mut Tx<'_>, job: &NewJob) -> TxResult<bool> {
     let now = tx.now;
-    let n = tx
-        .execute(
+    // A job whose payload was in the store gets it inline when added again with one
+    // (so a lost blob is repaired, as re-adding it to the store would).
+    let row = tx
+        .query_opt(
             "INSERT INTO jobs(key, size, created, payload) VALUES ($1, $2, $3, $4)
-             ON CONFLICT (key) DO NOTHING",
+             ON CONFLICT (key) DO UPDATE SET payload = EXCLUDED.payload
+               WHERE jobs.payload IS NULL AND EXCLUDED.payload IS NOT NULL
+             RETURNING (xmax = 0)",
             &[
                 &job.info.hash.to_hex(),
                 &(job.info.size as i64),
@@ -607,7 +640,10 @@ async fn insert_job(tx: &mut Tx<'_>, job: &NewJob) -> TxResult<bool> {
             ],
         )
         .await?;
-    if n == 1 {
+    let Some(row) = row else { return Ok(false) };
+    tx.changed = true;
+    let inserted: bool = row.try_get(0)?;
+    if inserted {
         tx.event(
             EventKind::Create,
             &job.info.hash,
@@ -615,7 +651,7 @@ async fn insert_job(tx: &mut Tx<'_>, job: &NewJob) -> TxResult<bool> {
             serde_json::json!({"size": job.info.size}),
         );
     }
-    Ok(n == 1)
+    Ok(inserted)
 }
 
 async fn insert_instance(tx: &mut Tx<'_>, job: &Hash, opts: &PushOptions) -> TxResult<Instance> {
@@ -1076,12 +1112,20 @@ impl Queue for PgQueue {
                     };
                     if let Some(k) = key {
                         // One claimer at a time per cache key, so identical runs are
-                        // started once even by workers claiming at the same moment.
-                        tx.query(
-                            "SELECT pg_advisory_xact_lock(hashtextextended($1, 0))",
-                            &[&k.to_hex()],
-                        )
-                        .await?;
+                        // started once even by workers claiming at the same moment. A
+                        // key another claimer holds is in flight: skip it (never wait,
+                        // so two claimers cannot deadlock on two keys).
+                        let mine: bool = tx
+                            .query_one(
+                                "SELECT pg_try_advisory_xact_lock(hashtextextended($1, 0))",
+                                &[&k.to_hex()],
+                            )
+                            .await?
+                            .try_get(0)?;
+                        if !mine {
+                            skipped += 1;
+                            continue;
+                        }
                         if let Some(mut hit) = cache_lookup(tx, &k).await? {
                             let token = start_attempt(tx, &c, req, None).await?;
                             hit.start = now;
@@ -1690,5 +1734,9 @@ mod tests {
         );
         assert_eq!(mask_password("postgres://u@h/db"), "postgres://u@h/db");
         assert_eq!(mask_password("postgres://h/db"), "postgres://h/db");
+        assert_eq!(
+            mask_password("postgres://u@h/db?sslmode=disable&password=s3cret"),
+            "postgres://u@h/db?sslmode=disable&password=***"
+        );
     }
 }
