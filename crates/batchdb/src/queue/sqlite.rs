@@ -457,20 +457,30 @@ fn insert_job(tx: &Transaction<'_>, job: &NewJob, now: i64) -> rusqlite::Result<
     Ok(n == 1)
 }
 
+/// The newest `created` in the transaction: read once, then kept by the pushes of the
+/// same transaction (a bulk add does not look it up again for every row).
+#[derive(Default)]
+struct LastCreated(Option<Option<i64>>);
+
 fn insert_instance(
     tx: &Transaction<'_>,
     job: &Hash,
     opts: &PushOptions,
     now: i64,
+    last: &mut LastCreated,
 ) -> rusqlite::Result<Instance> {
     let key = job.to_hex();
     // `created` is unique across all instances: a push landing in a millisecond
     // already taken gets the next free one (the write lock makes this race-free
     // across processes).
-    let last: Option<i64> = tx
-        .prepare_cached("SELECT MAX(created) FROM instances")?
-        .query_row([], |r| r.get(0))?;
-    let created = last.map_or(now, |l| now.max(l + 1));
+    let newest = match last.0 {
+        Some(v) => v,
+        None => tx
+            .prepare_cached("SELECT MAX(created) FROM instances")?
+            .query_row([], |r| r.get(0))?,
+    };
+    let created = newest.map_or(now, |l| now.max(l + 1));
+    last.0 = Some(Some(created));
     tx.prepare_cached(
         "INSERT INTO instances(job, created, state, priority, run_at, timeout_ms, retries, cached)
          VALUES (?1, ?2, 'pending', ?3, ?4, ?5, ?6, ?7)",
@@ -802,7 +812,13 @@ impl Queue for SqliteQueue {
             if !job_exists(tx, &job)? {
                 return Err(Error::JobNotFound(job).into());
             }
-            Ok(insert_instance(tx, &job, &opts, now_ms())?)
+            Ok(insert_instance(
+                tx,
+                &job,
+                &opts,
+                now_ms(),
+                &mut LastCreated::default(),
+            )?)
         })
         .await
     }
@@ -812,7 +828,13 @@ impl Queue for SqliteQueue {
         self.write(move |tx| {
             let now = now_ms();
             insert_job(tx, &NewJob::stored(job), now)?;
-            Ok(insert_instance(tx, &job.hash, &opts, now)?)
+            Ok(insert_instance(
+                tx,
+                &job.hash,
+                &opts,
+                now,
+                &mut LastCreated::default(),
+            )?)
         })
         .await
     }
@@ -834,9 +856,10 @@ impl Queue for SqliteQueue {
         self.write(move |tx| {
             let now = now_ms();
             let mut out = Vec::with_capacity(jobs.len());
+            let mut last = LastCreated::default();
             for j in &jobs {
                 insert_job(tx, j, now)?;
-                out.push(insert_instance(tx, &j.info.hash, &opts, now)?);
+                out.push(insert_instance(tx, &j.info.hash, &opts, now, &mut last)?);
             }
             Ok(out)
         })
@@ -1128,6 +1151,7 @@ impl Queue for SqliteQueue {
         self.write(move |tx| {
             let now = now_ms();
             let mut out = Vec::new();
+            let mut last = LastCreated::default();
             for id in select_ids(tx, &sel)? {
                 let opts: Option<(String, PushOptions)> = tx
                     .prepare_cached(
@@ -1151,7 +1175,7 @@ impl Queue for SqliteQueue {
                     .optional()?;
                 let Some((job, opts)) = opts else { continue };
                 let job = parse_hash(job)?;
-                let inst = insert_instance(tx, &job, &opts, now)?;
+                let inst = insert_instance(tx, &job, &opts, now, &mut last)?;
                 tx.prepare_cached("UPDATE instances SET retried_by = ?2 WHERE id = ?1")?
                     .execute(params![id, inst.id])?;
                 event(
