@@ -9,7 +9,6 @@
 //! - `output`: show, logs -f, events, the result cache (issue 3)
 //! - `faults`: the bad-input and fault matrix (issue 7)
 //! - `serve`: `batchdb serve` as a process: flags, a 1 GiB upload, SSE, the dashboard in Chromium (issue 5)
-//! - `distributed`: workers on PostgreSQL + S3, a kill -9, server outages (issue 4)
 
 mod util;
 
@@ -17,8 +16,6 @@ mod bad_input;
 mod contract;
 mod control;
 mod defects;
-#[cfg(all(feature = "postgres", feature = "s3"))]
-mod distributed;
 mod faults;
 mod output;
 mod serve;

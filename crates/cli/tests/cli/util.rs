@@ -64,6 +64,10 @@ impl Env {
     /// Like [`Env::new`], but every command uses the queue at `db` and the blob store
     /// at `blobs` (URLs), with `vars` in its environment; `--dir` still holds the
     /// machine-local live output.
+    #[allow(
+        dead_code,
+        reason = "used by the distributed test binary, which shares this file"
+    )]
     pub fn distributed(db: String, blobs: String, vars: Vec<(String, String)>) -> Env {
         let mut env = Env::new();
         env.remote = Some((db, blobs, vars));

@@ -41,21 +41,10 @@ const SLOW: Duration = Duration::from_secs(300);
 fn two_runs_with_j4_drain_2000_jobs_each_ending_exactly_once() {
     const N: usize = 2000;
     let env = Env::new();
-    // No bulk add yet: one pipeline of `batchdb add` processes, four at a time.
-    let script = format!(
-        "seq 0 {} | xargs -P 4 -I@ \"$0\" --dir \"$1\" add -q 'echo @' > /dev/null",
-        N - 1
-    );
-    let mut sh = std::process::Command::new("sh");
-    sh.args(["-c", &script, BIN])
-        .arg(env.db_dir())
-        .current_dir(env.root());
-    let added = env.output_within(sh, None, SLOW);
-    assert!(
-        added.status.success(),
-        "adding {N} jobs failed: {}",
-        text(&added.stderr)
-    );
+    // One bulk add of N payloads, `echo 0` .. `echo N-1`.
+    let lines: String = (0..N).map(|i| format!("echo {i}\n")).collect();
+    let added = env.cmd_stdin(&["add", "--lines", "-q"], lines.as_bytes());
+    assert_success(&added, &["add", "--lines"]);
     assert_eq!(env.list("pending").len(), N);
 
     let args = ["run", "-j", "4", "--order", "oldest", "--until-empty"];

@@ -1,6 +1,15 @@
 //! Issue 4, the distributed mode: worker processes sharing one PostgreSQL database and
 //! one S3 bucket (real servers: a throwaway PostgreSQL cluster and a Garage node),
 //! standing in for many machines; and workers riding out an outage of either server.
+//!
+//! A test binary of its own: its 16 worker slots and two servers load the machine, so
+//! it must not run beside the CLI suite's timing-sensitive tests (cargo runs test
+//! binaries one after another).
+#![cfg(all(feature = "postgres", feature = "s3"))]
+
+#[allow(dead_code)]
+#[path = "../cli/util.rs"]
+mod util;
 
 use std::collections::HashMap;
 use std::process::Command;
@@ -10,7 +19,7 @@ use batchdb_testkit::garage::{Garage, garage};
 use batchdb_testkit::postgres::{Postgres, shared};
 use serde_json::Value;
 
-use crate::util::*;
+use util::*;
 
 /// An `Env` whose commands use `db` and a fresh prefix of Garage server `g`.
 fn env_on(db: String, g: &Garage) -> Env {
