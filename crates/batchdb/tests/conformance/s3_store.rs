@@ -157,21 +157,22 @@ async fn bad_prefixes_are_refused() {
     );
 }
 
-/// Runs test `name` of this binary (an ignored one) as a child process with the shared
-/// server's [`Garage::env`], a bucket and a fresh prefix in its environment: for tests
-/// that need the process environment or the process's memory to themselves.
+/// Whether this process is the child [`run_child`] started to run test `name`.
+fn in_child(name: &str) -> bool {
+    std::env::var("BATCHDB_TEST_CHILD").as_deref() == Ok(name)
+}
+
+/// Runs test `name` of this binary again as a child process (where [`in_child`] is
+/// true) with the shared server's [`Garage::env`], a bucket and a fresh prefix in its
+/// environment, and fails unless it passes there: for tests that need the process
+/// environment or the process's memory to themselves.
 async fn run_child(name: &str) {
     let g = tokio::task::spawn_blocking(garage).await.unwrap();
     let exe = std::env::current_exe().unwrap();
     let out = tokio::process::Command::new(exe)
-        .args([
-            "--exact",
-            name,
-            "--ignored",
-            "--nocapture",
-            "--test-threads=1",
-        ])
+        .args(["--exact", name, "--nocapture", "--test-threads=1"])
         .envs(g.env())
+        .env("BATCHDB_TEST_CHILD", name)
         .env("BATCHDB_TEST_S3_BUCKET", &g.bucket)
         .env("BATCHDB_TEST_S3_PREFIX", Garage::fresh_prefix())
         .output()
@@ -188,17 +189,14 @@ async fn run_child(name: &str) {
 }
 
 /// `S3Store::open` (what `--blobs s3://...` uses) reads the `AWS_*` environment. The
-/// environment of this process is not changed (other tests run beside): the work is
-/// done by [`open_from_env_child`] in a child process.
+/// environment of this process is not changed (other tests run beside): the test runs
+/// itself again in a child process whose environment points at the server.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn open_reads_the_aws_environment() {
-    run_child("s3_store::open_from_env_child").await;
-}
-
-/// Run by [`open_reads_the_aws_environment`] only.
-#[tokio::test]
-#[ignore = "run as a child process by open_reads_the_aws_environment"]
-async fn open_from_env_child() {
+    const NAME: &str = "s3_store::open_reads_the_aws_environment";
+    if !in_child(NAME) {
+        return run_child(NAME).await;
+    }
     let bucket = std::env::var("BATCHDB_TEST_S3_BUCKET").unwrap();
     let prefix = std::env::var("BATCHDB_TEST_S3_PREFIX").unwrap();
     let config = batchdb::Config {
@@ -393,10 +391,37 @@ async fn server_restart_during_put_and_get() {
 
 /// Memory stays bounded whatever the blob's size: a 160 MiB blob streamed in and out
 /// leaves the process's peak resident memory far below its size. Measured in a child
-/// process ([`bounded_memory_child`]) so that no other test's memory counts.
+/// process (the test runs itself again) so that no other test's memory counts.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn put_and_get_memory_is_bounded() {
-    run_child("s3_store::bounded_memory_child").await;
+    const NAME: &str = "s3_store::put_and_get_memory_is_bounded";
+    if !in_child(NAME) {
+        return run_child(NAME).await;
+    }
+    const SIZE: u64 = 160 * 1024 * 1024;
+    let bucket = std::env::var("BATCHDB_TEST_S3_BUCKET").unwrap();
+    let prefix = std::env::var("BATCHDB_TEST_S3_PREFIX").unwrap();
+    let store = S3Store::open(&bucket, &prefix).await.unwrap();
+    let before = peak_rss();
+    let info = store
+        .put(&mut Generated { left: SIZE, at: 0 })
+        .await
+        .unwrap();
+    assert_eq!(info.size, SIZE);
+    let mut r = store.get(&info.hash).await.unwrap();
+    let mut buf = vec![0u8; 256 * 1024];
+    let mut total = 0u64;
+    loop {
+        let n = r.read(&mut buf).await.unwrap();
+        if n == 0 {
+            break;
+        }
+        total += n as u64;
+    }
+    assert_eq!(total, SIZE, "read back whole and verified");
+    let grew = peak_rss().saturating_sub(before);
+    eprintln!("peak resident memory grew by {} MiB", grew >> 20);
+    assert!(grew < 96 * 1024 * 1024, "peak grew by {grew} bytes");
 }
 
 /// Yields `left` bytes of a repeating pattern without holding them.
@@ -427,36 +452,6 @@ fn peak_rss() -> u64 {
     let line = status.lines().find(|l| l.starts_with("VmHWM:")).unwrap();
     let kb: u64 = line.split_whitespace().nth(1).unwrap().parse().unwrap();
     kb * 1024
-}
-
-/// Run by [`put_and_get_memory_is_bounded`] only.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "run as a child process by put_and_get_memory_is_bounded"]
-async fn bounded_memory_child() {
-    const SIZE: u64 = 160 * 1024 * 1024;
-    let bucket = std::env::var("BATCHDB_TEST_S3_BUCKET").unwrap();
-    let prefix = std::env::var("BATCHDB_TEST_S3_PREFIX").unwrap();
-    let store = S3Store::open(&bucket, &prefix).await.unwrap();
-    let before = peak_rss();
-    let info = store
-        .put(&mut Generated { left: SIZE, at: 0 })
-        .await
-        .unwrap();
-    assert_eq!(info.size, SIZE);
-    let mut r = store.get(&info.hash).await.unwrap();
-    let mut buf = vec![0u8; 256 * 1024];
-    let mut total = 0u64;
-    loop {
-        let n = r.read(&mut buf).await.unwrap();
-        if n == 0 {
-            break;
-        }
-        total += n as u64;
-    }
-    assert_eq!(total, SIZE, "read back whole and verified");
-    let grew = peak_rss().saturating_sub(before);
-    eprintln!("peak resident memory grew by {} MiB", grew >> 20);
-    assert!(grew < 96 * 1024 * 1024, "peak grew by {grew} bytes");
 }
 
 /// `touch` is the copy AWS S3 allows onto the same key: `x-amz-copy-source` naming the
