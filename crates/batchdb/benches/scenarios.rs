@@ -89,6 +89,19 @@ fn sh(script: &str) -> Duration {
     t.elapsed()
 }
 
+/// The baseline database of the enqueue scenarios: the same job and instance rows,
+/// WAL, `synchronous=FULL`, no indexes but the key's.
+fn raw_sqlite(dir: &Path) -> rusqlite::Connection {
+    let conn = rusqlite::Connection::open(dir.join("raw.sqlite")).unwrap();
+    conn.execute_batch(
+        "PRAGMA journal_mode=WAL; PRAGMA synchronous=FULL;
+         CREATE TABLE jobs(id INTEGER PRIMARY KEY, key TEXT UNIQUE, size INTEGER, created INTEGER, payload BLOB);
+         CREATE TABLE instances(id INTEGER PRIMARY KEY, job TEXT, created INTEGER, state TEXT);",
+    )
+    .unwrap();
+    conn
+}
+
 /// Library `add` of `n` distinct small payloads, each durable on return, against the
 /// same rows inserted straight into SQLite one transaction each (synchronous=FULL).
 async fn enqueue_one(n: usize, reps: usize) -> Row {
@@ -105,13 +118,7 @@ async fn enqueue_one(n: usize, reps: usize) -> Row {
                 .unwrap();
         }
         ours.push(n as f64 / t.elapsed().as_secs_f64());
-        let conn = rusqlite::Connection::open(dir.path().join("raw.sqlite")).unwrap();
-        conn.execute_batch(
-            "PRAGMA journal_mode=WAL; PRAGMA synchronous=FULL;
-             CREATE TABLE jobs(id INTEGER PRIMARY KEY, key TEXT UNIQUE, size INTEGER, created INTEGER, payload BLOB);
-             CREATE TABLE instances(id INTEGER PRIMARY KEY, job TEXT, created INTEGER, state TEXT);",
-        )
-        .unwrap();
+        let conn = raw_sqlite(dir.path());
         let t = Instant::now();
         for i in 0..n {
             let payload = format!("raw {r} {i}");
@@ -159,13 +166,7 @@ async fn enqueue_bulk(n: usize, reps: usize) -> Row {
             .unwrap();
         ours.push(n as f64 / t.elapsed().as_secs_f64());
         assert_eq!(added.len(), n);
-        let mut conn = rusqlite::Connection::open(dir.path().join("raw.sqlite")).unwrap();
-        conn.execute_batch(
-            "PRAGMA journal_mode=WAL; PRAGMA synchronous=FULL;
-             CREATE TABLE jobs(id INTEGER PRIMARY KEY, key TEXT UNIQUE, size INTEGER, created INTEGER, payload BLOB);
-             CREATE TABLE instances(id INTEGER PRIMARY KEY, job TEXT, created INTEGER, state TEXT);",
-        )
-        .unwrap();
+        let mut conn = raw_sqlite(dir.path());
         let t = Instant::now();
         let tx = conn.transaction().unwrap();
         {

@@ -257,19 +257,7 @@ impl BatchDb {
 
     /// A payload kept inline in the queue, checked against its hash.
     async fn inline(&self, hash: &Hash) -> Result<Option<Vec<u8>>> {
-        match self.queue.inline_payload(hash).await? {
-            Some(bytes) => {
-                let actual = Hash::of(&bytes);
-                if actual != *hash {
-                    return Err(Error::BlobCorrupt {
-                        hash: *hash,
-                        actual,
-                    });
-                }
-                Ok(Some(bytes))
-            }
-            None => Ok(None),
-        }
+        checked_inline(self.queue.as_ref(), hash).await
     }
 
     /// Streams the event log after event `after`; with `follow`, keeps waiting for new
@@ -350,6 +338,24 @@ impl BatchDb {
             opts.live_dir = self.live_dir.clone();
         }
         Worker::new(self.queue.clone(), self.blobs.clone(), runner, opts)
+    }
+}
+
+/// The payload of job `hash` if the queue keeps it inline, checked against the hash
+/// ([`Error::BlobCorrupt`] if it does not match).
+pub(crate) async fn checked_inline(queue: &dyn Queue, hash: &Hash) -> Result<Option<Vec<u8>>> {
+    match queue.inline_payload(hash).await? {
+        Some(bytes) => {
+            let actual = Hash::of(&bytes);
+            if actual != *hash {
+                return Err(Error::BlobCorrupt {
+                    hash: *hash,
+                    actual,
+                });
+            }
+            Ok(Some(bytes))
+        }
+        None => Ok(None),
     }
 }
 

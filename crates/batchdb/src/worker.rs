@@ -682,12 +682,7 @@ impl Worker {
     /// before this returns; a larger payload streams.
     async fn prefetch(&self, job: &Hash) -> Result<Reader> {
         use tokio::io::AsyncReadExt;
-        if let Some(bytes) = self.queue.inline_payload(job).await? {
-            // Kept inline in the queue: check it like any blob before it runs.
-            let actual = Hash::of(&bytes);
-            if actual != *job {
-                return Err(Error::BlobCorrupt { hash: *job, actual });
-            }
+        if let Some(bytes) = crate::checked_inline(self.queue.as_ref(), job).await? {
             return Ok(Box::pin(std::io::Cursor::new(bytes)));
         }
         let r = self.blobs.get(job).await?;

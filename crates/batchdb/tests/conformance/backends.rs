@@ -13,9 +13,50 @@ pub struct Backend {
     /// The blob store.
     pub blobs: Arc<dyn BlobStore>,
     /// Opens another handle on the same queue (as another process would).
-    pub reopen:
-        Box<dyn Fn() -> futures_util::future::BoxFuture<'static, Arc<dyn Queue>> + Send + Sync>,
+    pub reopen: Reopen,
     _dir: tempfile::TempDir,
+}
+
+/// Opens another handle on a queue.
+pub type Reopen =
+    Box<dyn Fn() -> futures_util::future::BoxFuture<'static, Arc<dyn Queue>> + Send + Sync>;
+
+impl Backend {
+    /// Puts a backend together; `dir` is a temporary directory it owns.
+    fn new(
+        (queue, reopen): (Arc<dyn Queue>, Reopen),
+        blobs: Arc<dyn BlobStore>,
+        dir: tempfile::TempDir,
+    ) -> Backend {
+        Backend {
+            queue,
+            blobs,
+            reopen,
+            _dir: dir,
+        }
+    }
+}
+
+/// A SQLite queue in `dir`, and a handle that reopens it.
+async fn sqlite_queue(dir: &tempfile::TempDir) -> (Arc<dyn Queue>, Reopen) {
+    let path = dir.path().join("q.sqlite");
+    let queue = Arc::new(SqliteQueue::open(&path).await.expect("open sqlite"));
+    let reopen: Reopen = Box::new(move || {
+        let path = path.clone();
+        Box::pin(async move {
+            Arc::new(SqliteQueue::open(&path).await.expect("reopen sqlite")) as Arc<dyn Queue>
+        })
+    });
+    (queue, reopen)
+}
+
+/// A directory blob store in `dir`.
+async fn dir_store(dir: &tempfile::TempDir) -> Arc<dyn BlobStore> {
+    Arc::new(
+        DirStore::open(dir.path().join("blobs"))
+            .await
+            .expect("open dir"),
+    )
 }
 
 impl Backend {
@@ -28,24 +69,7 @@ impl Backend {
 /// SQLite queue + directory blob store in a temporary directory.
 pub async fn sqlite_dir() -> Backend {
     let dir = tempfile::tempdir().expect("tempdir");
-    let path = dir.path().join("q.sqlite");
-    let queue = Arc::new(SqliteQueue::open(&path).await.expect("open sqlite"));
-    let blobs = Arc::new(
-        DirStore::open(dir.path().join("blobs"))
-            .await
-            .expect("open dir"),
-    );
-    Backend {
-        queue,
-        blobs,
-        reopen: Box::new(move || {
-            let path = path.clone();
-            Box::pin(async move {
-                Arc::new(SqliteQueue::open(&path).await.expect("reopen sqlite")) as Arc<dyn Queue>
-            })
-        }),
-        _dir: dir,
-    }
+    Backend::new(sqlite_queue(&dir).await, dir_store(&dir).await, dir)
 }
 
 /// Settings that reach Garage server `g` with its key, retrying for `retry_for`.
@@ -86,29 +110,13 @@ pub async fn s3_store() -> batchdb::blob::S3Store {
 #[cfg(feature = "s3")]
 pub async fn sqlite_s3() -> Backend {
     let dir = tempfile::tempdir().expect("tempdir");
-    let path = dir.path().join("q.sqlite");
-    let queue = Arc::new(SqliteQueue::open(&path).await.expect("open sqlite"));
-    let blobs = Arc::new(s3_store().await);
-    Backend {
-        queue,
-        blobs,
-        reopen: Box::new(move || {
-            let path = path.clone();
-            Box::pin(async move {
-                Arc::new(SqliteQueue::open(&path).await.expect("reopen sqlite")) as Arc<dyn Queue>
-            })
-        }),
-        _dir: dir,
-    }
+    Backend::new(sqlite_queue(&dir).await, Arc::new(s3_store().await), dir)
 }
 
 /// A PostgreSQL queue on a fresh database of the shared throwaway cluster (started on
 /// first use), and a handle that reopens it.
 #[cfg(feature = "postgres")]
-pub async fn postgres_queue() -> (
-    Arc<dyn Queue>,
-    Box<dyn Fn() -> futures_util::future::BoxFuture<'static, Arc<dyn Queue>> + Send + Sync>,
-) {
+pub async fn postgres_queue() -> (Arc<dyn Queue>, Reopen) {
     let url = tokio::task::spawn_blocking(|| batchdb_testkit::postgres::shared().create_database())
         .await
         .expect("start postgres");
@@ -117,7 +125,7 @@ pub async fn postgres_queue() -> (
             .await
             .expect("open postgres"),
     );
-    let reopen = Box::new(move || {
+    let reopen: Reopen = Box::new(move || {
         let url = url.clone();
         Box::pin(async move {
             Arc::new(
@@ -125,7 +133,7 @@ pub async fn postgres_queue() -> (
                     .await
                     .expect("reopen postgres"),
             ) as Arc<dyn Queue>
-        }) as futures_util::future::BoxFuture<'static, Arc<dyn Queue>>
+        })
     });
     (queue, reopen)
 }
@@ -134,30 +142,12 @@ pub async fn postgres_queue() -> (
 #[cfg(feature = "postgres")]
 pub async fn postgres_dir() -> Backend {
     let dir = tempfile::tempdir().expect("tempdir");
-    let (queue, reopen) = postgres_queue().await;
-    let blobs = Arc::new(
-        DirStore::open(dir.path().join("blobs"))
-            .await
-            .expect("open dir"),
-    );
-    Backend {
-        queue,
-        blobs,
-        reopen,
-        _dir: dir,
-    }
+    Backend::new(postgres_queue().await, dir_store(&dir).await, dir)
 }
 
 /// The distributed pair: PostgreSQL queue + S3 blob store.
 #[cfg(all(feature = "postgres", feature = "s3"))]
 pub async fn postgres_s3() -> Backend {
     let dir = tempfile::tempdir().expect("tempdir");
-    let (queue, reopen) = postgres_queue().await;
-    let blobs = Arc::new(s3_store().await);
-    Backend {
-        queue,
-        blobs,
-        reopen,
-        _dir: dir,
-    }
+    Backend::new(postgres_queue().await, Arc::new(s3_store().await), dir)
 }
