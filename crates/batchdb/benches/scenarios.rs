@@ -2,7 +2,8 @@
 //! same run on the same machine, a baseline of what the machine allows, and reports
 //! the ratio. Absolute numbers drift on a shared machine; ratios much less.
 //!
-//! `cargo bench -p batchdb --bench scenarios` (add `-- quick` for a smaller run).
+//! `cargo bench -p batchdb --bench scenarios` (add `-- quick` for a smaller run, `--
+//! only=list` for one scenario).
 //! The table it prints is kept in `docs/performance.md`.
 
 use std::path::Path;
@@ -337,8 +338,15 @@ async fn list(n: usize, reps: usize) -> Row {
             .unwrap();
         let mut rows = stmt.query([]).unwrap();
         let mut count = 0;
+        // Every selected column is read (as the list reads them), none decoded further.
         while let Some(r) = rows.next().unwrap() {
-            let _: (i64, String) = (r.get(0).unwrap(), r.get(1).unwrap());
+            let _: (i64, &str, i64, &str) = (
+                r.get(0).unwrap(),
+                r.get_ref(1).unwrap().as_str().unwrap(),
+                r.get(2).unwrap(),
+                r.get_ref(3).unwrap().as_str().unwrap(),
+            );
+            let _: (i64, i64, i64) = (r.get(4).unwrap(), r.get(5).unwrap(), r.get(6).unwrap());
             count += 1;
         }
         assert_eq!(count, n);
@@ -562,15 +570,33 @@ async fn main() {
     let quick = std::env::args().any(|a| a == "quick");
     let k = if quick { 1 } else { 5 };
     let reps = if quick { 1 } else { 3 };
+    // `only=NAME` (enqueue, drain, output, list, scale, wakeup, bulk) runs one scenario.
+    let only: Option<String> =
+        std::env::args().find_map(|a| a.strip_prefix("only=").map(String::from));
+    let want = |name: &str| only.as_deref().is_none_or(|o| o == name);
     let mut rows = Vec::new();
-    rows.push(enqueue_one(400 * k, reps).await);
-    rows.push(drain(200 * k, reps).await);
-    rows.push(big_output(if quick { 256 } else { 1024 }, reps).await);
-    rows.push(list(if quick { 100_000 } else { 1_000_000 }, reps).await);
-    rows.push(scale(if quick { 100_000 } else { 1_000_000 }, 200).await);
-    rows.push(wakeup(if quick { 10 } else { 30 }).await);
+    if want("enqueue") {
+        rows.push(enqueue_one(400 * k, reps).await);
+    }
+    if want("drain") {
+        rows.push(drain(200 * k, reps).await);
+    }
+    if want("output") {
+        rows.push(big_output(if quick { 256 } else { 1024 }, reps).await);
+    }
+    if want("list") {
+        rows.push(list(if quick { 100_000 } else { 1_000_000 }, reps).await);
+    }
+    if want("scale") {
+        rows.push(scale(if quick { 100_000 } else { 1_000_000 }, 200).await);
+    }
+    if want("wakeup") {
+        rows.push(wakeup(if quick { 10 } else { 30 }).await);
+    }
     // Last: its 100,000 payloads in memory would inflate the peak RSS of the others.
-    rows.push(enqueue_bulk(if quick { 20_000 } else { 100_000 }, reps).await);
+    if want("bulk") {
+        rows.push(enqueue_bulk(if quick { 20_000 } else { 100_000 }, reps).await);
+    }
     print_rows(rows);
 }
 

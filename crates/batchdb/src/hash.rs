@@ -38,21 +38,47 @@ impl Hash {
     }
 }
 
+/// The value of each lowercase hex digit; 0xff for every other byte.
+const HEX_VALUE: [u8; 256] = {
+    let mut t = [0xffu8; 256];
+    let mut i = 0;
+    while i < 10 {
+        t[b'0' as usize + i] = i as u8;
+        i += 1;
+    }
+    let mut i = 0;
+    while i < 6 {
+        t[b'a' as usize + i] = 10 + i as u8;
+        i += 1;
+    }
+    t
+};
+
 impl FromStr for Hash {
     type Err = Error;
 
     /// Accepts exactly 64 characters from `[0-9a-f]`; anything else (uppercase, a
     /// path, a wrong length) is [`Error::InvalidHash`].
     fn from_str(s: &str) -> Result<Hash, Error> {
-        let ok = s.len() == 64 && s.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'));
         let invalid = || Error::InvalidHash {
             input: s.chars().take(100).collect(),
         };
-        if !ok {
+        let digits = s.as_bytes();
+        if digits.len() != 64 {
             return Err(invalid());
         }
+        // One pass, one table lookup per digit (listing a million rows parses a
+        // million hashes); any byte outside [0-9a-f] maps to 0xff and fails.
         let mut out = [0u8; 32];
-        hex::decode_to_slice(s, &mut out).map_err(|_| invalid())?;
+        let mut bad = 0u8;
+        for (o, pair) in out.iter_mut().zip(digits.chunks_exact(2)) {
+            let (hi, lo) = (HEX_VALUE[pair[0] as usize], HEX_VALUE[pair[1] as usize]);
+            bad |= hi | lo;
+            *o = (hi << 4) | (lo & 0x0f);
+        }
+        if bad & 0xf0 != 0 {
+            return Err(invalid());
+        }
         Ok(Hash(out))
     }
 }
@@ -71,7 +97,11 @@ impl fmt::Debug for Hash {
 
 impl Serialize for Hash {
     fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        s.serialize_str(&self.to_hex())
+        let mut buf = [0u8; 64];
+        // Cannot fail: the buffer is exactly twice the digest's length.
+        let _ = hex::encode_to_slice(self.0, &mut buf);
+        // Hex digits are ASCII, so this is always valid UTF-8.
+        s.serialize_str(std::str::from_utf8(&buf).unwrap_or_default())
     }
 }
 
@@ -127,6 +157,26 @@ mod tests {
             Hash::of(b"sleep 5; date").to_hex(),
             "ce6cc4e7fcb4a902f7c836cb93a32ae02cb47679c86e3d99c811233bf6f258c0"
         );
+    }
+
+    #[test]
+    fn parse_accepts_exactly_lowercase_hex_at_every_position() {
+        let good = Hash::of(b"x").to_hex();
+        for pos in [0, 1, 31, 62, 63] {
+            for b in 0..=255u8 {
+                let mut bytes = good.clone().into_bytes();
+                bytes[pos] = b;
+                let Ok(text) = String::from_utf8(bytes) else {
+                    continue;
+                };
+                let parsed = text.parse::<Hash>();
+                if b.is_ascii_digit() || (b'a'..=b'f').contains(&b) {
+                    assert_eq!(parsed.unwrap().to_hex(), text);
+                } else {
+                    assert!(parsed.is_err(), "{text:?}");
+                }
+            }
+        }
     }
 
     #[test]

@@ -52,7 +52,7 @@ use runner::Runner;
 use worker::{Worker, WorkerOptions};
 
 /// Rows fetched per round trip by the streaming listers.
-const PAGE: usize = 1000;
+const PAGE: usize = 4096;
 
 /// Payloads up to this size are kept inline in the queue (in the job's row) instead of
 /// the blob store: one durable commit instead of a blob file, its fsyncs and a row.
@@ -369,27 +369,45 @@ fn missing_feature(what: &'static str, value: &str, feature: &str) -> Error {
     }
 }
 
-/// Turns a page fetcher `(cursor) -> (rows, next cursor)` into a stream of rows.
+/// Turns a page fetcher `(cursor) -> (rows, next cursor)` into a stream of rows. The
+/// next page is fetched (on another task) while the caller consumes the current one.
 fn paged<T, F, Fut>(fetch: F) -> impl Stream<Item = Result<T>> + Send + 'static
 where
     T: Send + 'static,
     F: Fn(i64) -> Fut + Send + 'static,
-    Fut: std::future::Future<Output = Result<(Vec<T>, Option<i64>)>> + Send,
+    Fut: std::future::Future<Output = Result<(Vec<T>, Option<i64>)>> + Send + 'static,
 {
+    type Page<T> = tokio::task::JoinHandle<Result<(Vec<T>, Option<i64>)>>;
     futures_util::stream::unfold(
-        (Some(0i64), Vec::<T>::new().into_iter(), fetch),
-        |(mut cursor, mut buf, fetch)| async move {
+        (
+            None::<Page<T>>,
+            Some(0i64),
+            Vec::<T>::new().into_iter(),
+            fetch,
+        ),
+        |(mut next, mut cursor, mut buf, fetch)| async move {
             loop {
                 if let Some(row) = buf.next() {
-                    return Some((Ok(row), (cursor, buf, fetch)));
+                    return Some((Ok(row), (next, cursor, buf, fetch)));
                 }
-                let after = cursor?;
-                match fetch(after).await {
-                    Ok((rows, next)) => {
-                        cursor = next;
+                let page = match next.take() {
+                    Some(page) => page,
+                    None => tokio::spawn(fetch(cursor.take()?)),
+                };
+                let fetched = page
+                    .await
+                    .unwrap_or_else(|e| Err(Error::Task(e.to_string())));
+                match fetched {
+                    Ok((rows, after)) => {
+                        if rows.is_empty() {
+                            return None;
+                        }
+                        if let Some(after) = after {
+                            next = Some(tokio::spawn(fetch(after)));
+                        }
                         buf = rows.into_iter();
                     }
-                    Err(e) => return Some((Err(e), (None, buf, fetch))),
+                    Err(e) => return Some((Err(e), (None, None, buf, fetch))),
                 }
             }
         },

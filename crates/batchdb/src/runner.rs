@@ -178,11 +178,70 @@ impl Killer for GroupKiller {
     }
 }
 
+/// `setpriv` (util-linux ≥ 2.33), if it is on `PATH` and knows `--pdeathsig`; checked
+/// once per process.
+fn setpriv() -> Option<&'static std::path::Path> {
+    static SETPRIV: std::sync::OnceLock<Option<std::path::PathBuf>> = std::sync::OnceLock::new();
+    SETPRIV
+        .get_or_init(|| {
+            let path = std::env::var_os("PATH")?;
+            let exe = std::env::split_paths(&path)
+                .map(|d| d.join("setpriv"))
+                .find(|p| p.is_file())?;
+            let works = std::process::Command::new(&exe)
+                .args(["--pdeathsig", "KILL", "--", "true"])
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .status()
+                .is_ok_and(|s| s.success());
+            works.then_some(exe)
+        })
+        .as_deref()
+}
+
+/// Whether `program` names an executable file (directly if it has a `/`, else on
+/// `PATH`), as `execvp` would find it.
+fn executable(program: &str) -> bool {
+    use std::os::unix::fs::PermissionsExt;
+    let runnable = |p: &std::path::Path| {
+        std::fs::metadata(p).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+    };
+    if program.contains('/') {
+        return runnable(std::path::Path::new(program));
+    }
+    std::env::var_os("PATH")
+        .is_some_and(|path| std::env::split_paths(&path).any(|d| runnable(&d.join(program))))
+}
+
 impl Runner for ShellRunner {
+    /// Starts the command in a process group of its own that dies with this worker
+    /// (`PR_SET_PDEATHSIG` = SIGKILL), even if the worker is killed by SIGKILL.
+    ///
+    /// Forking a large, multi-threaded worker for every job costs more than most
+    /// trivial jobs do (page-table copies, copy-on-write faults, tearing the copy down
+    /// at exec). So where util-linux's `setpriv` is available the command is started
+    /// through `setpriv --pdeathsig KILL --`, which lets the standard library use
+    /// `posix_spawn` (a `vfork`: nothing copied); `setpriv` sets the signal and execs
+    /// the command in place, so the process (and group) id stay the same. Otherwise
+    /// the signal is set between fork and exec.
     fn spawn(&self, ctx: &RunContext) -> Result<Execution> {
-        let mut cmd = tokio::process::Command::new(&self.argv[0]);
-        cmd.args(&self.argv[1..])
-            .stdin(Stdio::piped())
+        // A command that cannot start must fail the spawn itself (the worker's fault,
+        // not the job's), which only a direct exec reports.
+        let shim = setpriv().filter(|_| executable(&self.argv[0]));
+        let mut cmd = match shim {
+            Some(exe) => {
+                let mut c = tokio::process::Command::new(exe);
+                c.args(["--pdeathsig", "KILL", "--"]).args(&self.argv);
+                c
+            }
+            None => {
+                let mut c = tokio::process::Command::new(&self.argv[0]);
+                c.args(&self.argv[1..]);
+                c
+            }
+        };
+        cmd.stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .env("BATCHDB_JOB", ctx.job.to_hex())
@@ -195,15 +254,17 @@ impl Runner for ShellRunner {
         let parent = std::process::id() as i32;
         // SAFETY: the closure runs in the forked child before exec and only makes
         // async-signal-safe calls (prctl, getppid, _exit).
-        unsafe {
-            cmd.pre_exec(move || {
-                // If this worker dies (even by SIGKILL), the job's shell dies with it.
-                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
-                if libc::getppid() != parent {
-                    libc::_exit(137);
-                }
-                Ok(())
-            });
+        if shim.is_none() {
+            unsafe {
+                cmd.pre_exec(move || {
+                    // If this worker dies (even by SIGKILL), the job's shell dies with it.
+                    libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+                    if libc::getppid() != parent {
+                        libc::_exit(137);
+                    }
+                    Ok(())
+                });
+            }
         }
         let spawn_err = |e| Error::Spawn {
             command: self.argv.join(" "),

@@ -15,6 +15,9 @@ use crate::hash::{Hash, Hasher};
 /// Chunk size for streaming writes and reads.
 const CHUNK: usize = 256 * 1024;
 
+/// Bytes read before a put decides whether the blob is small and already stored.
+const HEAD: usize = 16 * 1024;
+
 /// A content-addressed directory: blob `h` lives at `<root>/h[0..2]/h[2..4]/h`.
 ///
 /// Writes go to `<root>/tmp/`, hashed as they stream, then are fsynced and renamed
@@ -86,12 +89,13 @@ impl BlobStore for DirStore {
             what: "read blob input".into(),
             source: e,
         };
-        // Read up to one chunk first: a small blob that is already stored (an empty
-        // stderr, a payload added again) then costs no disk write and no fsync.
-        let mut buf = vec![0u8; CHUNK];
+        // Read a small head first: a small blob that is already stored (an empty
+        // stderr, a payload added again) then costs no disk write and no fsync, and
+        // no large buffer is allocated (and zeroed) for the many tiny outputs.
+        let mut buf = vec![0u8; HEAD];
         let mut filled = 0;
         let mut eof = false;
-        while filled < CHUNK {
+        while filled < HEAD {
             let n = reader.read(&mut buf[filled..]).await.map_err(read_err)?;
             if n == 0 {
                 eof = true;
@@ -124,6 +128,9 @@ impl BlobStore for DirStore {
             }
             if eof {
                 break;
+            }
+            if buf.len() < CHUNK {
+                buf.resize(CHUNK, 0);
             }
             n = reader.read(&mut buf).await.map_err(read_err)?;
             eof = n == 0;

@@ -224,10 +224,12 @@ impl SqliteQueue {
         let (out, changed) = self
             .with_conn(move |conn| {
                 let before = conn.total_changes();
-                conn.execute_batch(match sync {
-                    Sync::Lazy => "PRAGMA synchronous=NORMAL",
-                    Sync::Full => "PRAGMA synchronous=FULL",
-                })?;
+                // The connection is always left at FULL; only a lazy commit switches
+                // (with cached statements: no parse per write).
+                if sync == Sync::Lazy {
+                    conn.prepare_cached("PRAGMA synchronous=NORMAL")?
+                        .execute([])?;
+                }
                 let result = (|| -> TxResult<(T, bool)> {
                     let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
                     let (out, must_sync) = f(&tx)?;
@@ -235,7 +237,8 @@ impl SqliteQueue {
                     Ok((out, must_sync))
                 })();
                 if sync == Sync::Lazy {
-                    conn.execute_batch("PRAGMA synchronous=FULL")?;
+                    conn.prepare_cached("PRAGMA synchronous=FULL")?
+                        .execute([])?;
                 }
                 let (out, must_sync) = result?;
                 if sync == Sync::Lazy && must_sync {
@@ -514,6 +517,15 @@ fn job_exists(tx: &Connection, job: &Hash) -> rusqlite::Result<bool> {
         .map(|r| r.is_some())
 }
 
+/// Reads a hash column without allocating (and validates it, as every parse does).
+impl rusqlite::types::FromSql for Hash {
+    fn column_result(v: rusqlite::types::ValueRef<'_>) -> rusqlite::types::FromSqlResult<Self> {
+        v.as_str()?
+            .parse()
+            .map_err(|e| rusqlite::types::FromSqlError::Other(Box::new(e)))
+    }
+}
+
 fn parse_hash(s: String) -> rusqlite::Result<Hash> {
     s.parse().map_err(|e| {
         rusqlite::Error::FromSqlConversionFailure(0, rusqlite::types::Type::Text, Box::new(e))
@@ -548,7 +560,7 @@ struct Candidate {
 fn candidate(r: &rusqlite::Row<'_>) -> rusqlite::Result<Candidate> {
     Ok(Candidate {
         id: r.get(0)?,
-        job: parse_hash(r.get(1)?)?,
+        job: r.get(1)?,
         created: r.get(2)?,
         failures: r.get(3)?,
         timeout: r
@@ -788,7 +800,7 @@ fn inst_row(conn: &Connection, id: i64) -> rusqlite::Result<Option<InstRow>> {
     )?
     .query_row([id], |r| {
         Ok(InstRow {
-            job: parse_hash(r.get(0)?)?,
+            job: r.get(0)?,
             created: r.get(1)?,
             state: r.get(2)?,
             attempts: r.get(3)?,
@@ -1260,7 +1272,7 @@ impl Queue for SqliteQueue {
                             Box::new(e),
                         )
                     })?,
-                    job: parse_hash(r.get(3)?)?,
+                    job: r.get(3)?,
                     created: r.get(4)?,
                     instance: r.get(5)?,
                     data: data
@@ -1376,6 +1388,22 @@ impl Queue for SqliteQueue {
     }
 }
 
+/// Runs `stmt` and maps every row into a presized Vec with a plain loop (a million rows
+/// are a million moves of the large [`ListRow`] fewer than through `query_map`'s adapters).
+fn rows_into<T>(
+    stmt: &mut rusqlite::Statement<'_>,
+    params: impl rusqlite::Params,
+    limit: i64,
+    mut f: impl FnMut(&rusqlite::Row<'_>) -> rusqlite::Result<T>,
+) -> rusqlite::Result<Vec<T>> {
+    let mut out = Vec::with_capacity(limit.clamp(0, 1 << 16) as usize);
+    let mut rows = stmt.query(params)?;
+    while let Some(r) = rows.next()? {
+        out.push(f(r)?);
+    }
+    Ok(out)
+}
+
 fn list_page(
     conn: &Connection,
     kind: ListKind,
@@ -1390,7 +1418,7 @@ fn list_page(
                     WHERE i.job = j.key AND i.state = 'running')
                  FROM jobs j WHERE j.id > ?1 ORDER BY j.id LIMIT ?2",
             )?;
-            let rows = stmt.query_map(params![after, limit], |r| {
+            rows_into(&mut stmt, params![after, limit], limit, |r| {
                 let running: Option<String> = r.get(4)?;
                 let mut running: Vec<i64> = running
                     .unwrap_or_default()
@@ -1400,13 +1428,12 @@ fn list_page(
                 running.sort_unstable();
                 Ok(ListRow::Job(JobRow {
                     cursor: r.get(0)?,
-                    key: parse_hash(r.get(1)?)?,
+                    key: r.get(1)?,
                     size: r.get::<_, i64>(2)? as u64,
                     created: r.get(3)?,
                     running,
                 }))
-            })?;
-            rows.collect()
+            })
         }
         ListKind::Pending => {
             let mut stmt = conn.prepare_cached(
@@ -1415,18 +1442,17 @@ fn list_page(
                 "SELECT id, job, created, state, priority, run_at, attempts FROM instances NOT INDEXED
                  WHERE id > ?1 AND state IN ('pending', 'running') ORDER BY id LIMIT ?2",
             )?;
-            let rows = stmt.query_map(params![after, limit], |r| {
+            rows_into(&mut stmt, params![after, limit], limit, |r| {
                 Ok(ListRow::Pending(PendingRow {
                     id: r.get(0)?,
-                    job: parse_hash(r.get(1)?)?,
+                    job: r.get(1)?,
                     created: r.get(2)?,
-                    running: r.get::<_, String>(3)? == "running",
+                    running: r.get_ref(3)?.as_str()? == "running",
                     priority: r.get(4)?,
                     run_at: r.get(5)?,
                     attempts: r.get(6)?,
                 }))
-            })?;
-            rows.collect()
+            })
         }
         ListKind::Result => {
             let mut stmt = conn.prepare_cached(
@@ -1435,8 +1461,8 @@ fn list_page(
                  FROM instances i JOIN attempts a ON a.instance = i.id AND a.attempt = i.attempts
                  WHERE i.state = 'result' AND i.id > ?1 ORDER BY i.id LIMIT ?2",
             )?;
-            let rows = stmt.query_map(params![after, limit], |r| {
-                let job = parse_hash(r.get(1)?)?;
+            rows_into(&mut stmt, params![after, limit], limit, |r| {
+                let job = r.get(1)?;
                 let created = r.get(2)?;
                 Ok(ListRow::Result(ResultRow {
                     key: (job, created),
@@ -1447,14 +1473,13 @@ fn list_page(
                         end: r.get::<_, Option<i64>>(4)?.unwrap_or(0),
                         hash: parse_hash(r.get::<_, Option<String>>(5)?.unwrap_or_default())?,
                         size: r.get::<_, Option<i64>>(6)?.unwrap_or(0) as u64,
-                        stderr: opt_hash(r.get(7)?)?,
+                        stderr: r.get(7)?,
                         exit_code: r.get(8)?,
                         attempts: r.get(9)?,
                         cached: r.get(10)?,
                     },
                 }))
-            })?;
-            rows.collect()
+            })
         }
         ListKind::Fail | ListKind::Cancelled => {
             let state = if kind == ListKind::Fail {
@@ -1468,8 +1493,8 @@ fn list_page(
                  FROM instances i LEFT JOIN attempts a ON a.instance = i.id AND a.attempt = i.attempts
                  WHERE i.state = ?3 AND i.id > ?1 ORDER BY i.id LIMIT ?2",
             )?;
-            let rows = stmt.query_map(params![after, limit, state], |r| {
-                let job = parse_hash(r.get(1)?)?;
+            rows_into(&mut stmt, params![after, limit, state], limit, |r| {
+                let job = r.get(1)?;
                 let created = r.get(2)?;
                 Ok(ListRow::Fail(FailRow {
                     key: (job, created),
@@ -1478,8 +1503,8 @@ fn list_page(
                         created,
                         start: r.get(3)?,
                         end: r.get(4)?,
-                        stdout: opt_hash(r.get(5)?)?,
-                        stderr: opt_hash(r.get(6)?)?,
+                        stdout: r.get(5)?,
+                        stderr: r.get(6)?,
                         exit_code: r.get(7)?,
                         signal: r.get(8)?,
                         message: r
@@ -1488,8 +1513,7 @@ fn list_page(
                         attempts: r.get(10)?,
                     },
                 }))
-            })?;
-            rows.collect()
+            })
         }
     }
 }
@@ -1504,7 +1528,7 @@ fn instance_detail(conn: &Connection, id: i64) -> rusqlite::Result<Option<Instan
             let state: String = r.get(2)?;
             Ok(InstanceDetail {
                 id,
-                job: parse_hash(r.get(0)?)?,
+                job: r.get(0)?,
                 created: r.get(1)?,
                 state: state.parse().map_err(|e| {
                     rusqlite::Error::FromSqlConversionFailure(
