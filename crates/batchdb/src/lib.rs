@@ -255,7 +255,7 @@ impl BatchDb {
         self.blobs.size(hash).await
     }
 
-    /// A payload kept inline in the queue, checked against its hash.
+    /// A blob kept inline in the queue, checked against its hash.
     async fn inline(&self, hash: &Hash) -> Result<Option<Vec<u8>>> {
         checked_inline(self.queue.as_ref(), hash).await
     }
@@ -341,10 +341,10 @@ impl BatchDb {
     }
 }
 
-/// The payload of job `hash` if the queue keeps it inline, checked against the hash
-/// ([`Error::BlobCorrupt`] if it does not match).
+/// Blob `hash` if the queue keeps it inline (a small payload or output), checked
+/// against the hash ([`Error::BlobCorrupt`] if it does not match).
 pub(crate) async fn checked_inline(queue: &dyn Queue, hash: &Hash) -> Result<Option<Vec<u8>>> {
-    match queue.inline_payload(hash).await? {
+    match queue.inline_blob(hash).await? {
         Some(bytes) => {
             let actual = Hash::of(&bytes);
             if actual != *hash {

@@ -11,7 +11,7 @@ use tokio::sync::{mpsc, watch};
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 
-use crate::blob::BlobStore;
+use crate::blob::{BlobInfo, BlobStore};
 use crate::error::{Error, Result};
 use crate::hash::Hash;
 use crate::io::{Cut, CutReader, Inspect, Inspector};
@@ -23,6 +23,46 @@ use crate::runner::{ExitStatus, Reader, RunContext, Runner, Stop};
 
 /// Payloads up to this size are verified before their job starts.
 const PREFETCH: u64 = 8 << 20;
+
+/// An output stored by [`store_output`].
+struct Stored {
+    info: BlobInfo,
+    /// The bytes, if they are small enough to be kept in the queue instead.
+    inline: Option<Vec<u8>>,
+}
+
+/// Stores one output stream: one that ends within [`crate::INLINE_MAX`] bytes is kept
+/// in memory, to be recorded in the queue with the attempt (no blob file, no fsyncs);
+/// a longer one streams into the blob store. A read error is [`Error::Stream`] (the
+/// job's failure); anything else comes from the store.
+async fn store_output(
+    store: &dyn BlobStore,
+    reader: &mut (dyn tokio::io::AsyncRead + Send + Unpin),
+) -> Result<Stored> {
+    use tokio::io::AsyncReadExt;
+    let mut head = Vec::new();
+    let n = (&mut *reader)
+        .take(crate::INLINE_MAX as u64 + 1)
+        .read_to_end(&mut head)
+        .await
+        .map_err(|e| Error::Stream {
+            what: "read output".into(),
+            source: e,
+        })?;
+    if n <= crate::INLINE_MAX {
+        let info = BlobInfo {
+            hash: Hash::of(&head),
+            size: n as u64,
+        };
+        return Ok(Stored {
+            info,
+            inline: Some(head),
+        });
+    }
+    let mut rest = std::io::Cursor::new(head).chain(reader);
+    let info = store.put(&mut rest).await?;
+    Ok(Stored { info, inline: None })
+}
 
 /// The least time between two looks for a cancel request of one running job.
 const CHECK_EVERY: Duration = Duration::from_millis(100);
@@ -463,11 +503,11 @@ impl Worker {
             Ok(())
         };
         let out_store = blobs.clone();
-        let outputs = async move { out_store.put(&mut stdout).await };
+        let outputs = async move { store_output(out_store.as_ref(), &mut stdout).await };
         let err_store = blobs.clone();
         let errors = async move {
             match stderr {
-                Some(mut s) => Some(err_store.put(&mut s).await),
+                Some(mut s) => Some(store_output(err_store.as_ref(), &mut s).await),
                 None => None,
             }
         };
@@ -606,7 +646,10 @@ impl Worker {
         let mut problems: Vec<String> = Vec::new();
         let mut store_failed = false;
         match out {
-            Ok(b) => report.stdout = Some(b),
+            Ok(Stored { info, inline }) => {
+                report.stdout = Some(info);
+                report.inline.extend(inline);
+            }
             Err(e) => {
                 // A broken output stream is the job's failure; anything else is the store's.
                 store_failed |= !matches!(e, Error::Stream { .. });
@@ -614,7 +657,10 @@ impl Worker {
             }
         }
         match err {
-            Some(Ok(b)) => report.stderr = Some(b),
+            Some(Ok(Stored { info, inline })) => {
+                report.stderr = Some(info);
+                report.inline.extend(inline);
+            }
             Some(Err(e)) => {
                 store_failed |= !matches!(e, Error::Stream { .. });
                 problems.push(format!("storing stderr: {e}"));

@@ -63,9 +63,10 @@ pub trait Queue: Send + Sync + fmt::Debug {
     /// transaction: all are queued or none is.
     async fn add_many(&self, jobs: &[NewJob], opts: &PushOptions) -> Result<Vec<Instance>>;
 
-    /// The payload of job `job` if it is kept inline in the queue (`None` if the job
-    /// does not exist or its payload is in the blob store).
-    async fn inline_payload(&self, job: &Hash) -> Result<Option<Vec<u8>>>;
+    /// The bytes of blob `hash` if the queue keeps them inline: a small job payload or
+    /// a small output recorded by [`Queue::finish`] (`None` if neither, e.g. the blob
+    /// is in the blob store). Unverified: callers check them against the hash.
+    async fn inline_blob(&self, hash: &Hash) -> Result<Option<Vec<u8>>>;
 
     /// Claims up to `req.limit` instances for `req.worker`: first running instances
     /// whose lease expired (their worker died), then due pending instances, highest

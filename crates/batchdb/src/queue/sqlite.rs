@@ -25,7 +25,7 @@ use crate::error::{Error, Result};
 use crate::hash::Hash;
 
 /// The schema version this build writes and understands.
-pub const SCHEMA_VERSION: i64 = 2;
+pub const SCHEMA_VERSION: i64 = 3;
 const SCHEMA: &str = include_str!("schema.sql");
 
 /// How often other processes' commits are looked for while someone waits, where the
@@ -128,6 +128,12 @@ fn migrate(conn: &mut Connection, location: &str) -> TxResult<()> {
     if version < 2 {
         // Version 2: small payloads kept inline in the job row.
         tx.execute_batch("ALTER TABLE jobs ADD COLUMN payload BLOB")?;
+    }
+    if version < 3 {
+        // Version 3: small outputs kept inline, by hash.
+        tx.execute_batch(
+            "CREATE TABLE inline_blobs(key TEXT PRIMARY KEY, data BLOB NOT NULL) WITHOUT ROWID",
+        )?;
     }
     if version < SCHEMA_VERSION {
         tx.execute_batch(&format!("PRAGMA user_version={SCHEMA_VERSION}"))?;
@@ -671,6 +677,10 @@ fn record_attempt(
         r.message,
         r.cached
     ])?;
+    for data in &r.inline {
+        tx.prepare_cached("INSERT OR IGNORE INTO inline_blobs(key, data) VALUES (?1, ?2)")?
+            .execute(params![Hash::of(data).to_hex(), data])?;
+    }
     Ok(())
 }
 
@@ -878,14 +888,16 @@ impl Queue for SqliteQueue {
         .await
     }
 
-    async fn inline_payload(&self, job: &Hash) -> Result<Option<Vec<u8>>> {
-        let key = job.to_hex();
+    async fn inline_blob(&self, hash: &Hash) -> Result<Option<Vec<u8>>> {
+        let key = hash.to_hex();
         self.with_conn(move |conn| {
             Ok(conn
-                .prepare_cached("SELECT payload FROM jobs WHERE key = ?1")?
-                .query_row([key], |r| r.get::<_, Option<Vec<u8>>>(0))
-                .optional()?
-                .flatten())
+                .prepare_cached(
+                    "SELECT payload FROM jobs WHERE key = ?1 AND payload IS NOT NULL
+                     UNION ALL SELECT data FROM inline_blobs WHERE key = ?1 LIMIT 1",
+                )?
+                .query_row([key], |r| r.get::<_, Vec<u8>>(0))
+                .optional()?)
         })
         .await
     }
@@ -1310,6 +1322,15 @@ impl Queue for SqliteQueue {
                     problems.push(format!("job {key}: its inline payload hashes to {actual}"));
                 }
             }
+            let mut stmt = conn.prepare("SELECT key, data FROM inline_blobs")?;
+            let mut rows = stmt.query([])?;
+            while let Some(r) = rows.next()? {
+                let key: String = r.get(0)?;
+                let actual = Hash::of(&r.get::<_, Vec<u8>>(1)?);
+                if actual.to_hex() != key {
+                    problems.push(format!("inline blob {key} hashes to {actual}"));
+                }
+            }
             Ok(problems)
         })
         .await
@@ -1321,8 +1342,9 @@ impl Queue for SqliteQueue {
             Ok(conn
                 .prepare_cached(
                     "SELECT EXISTS(SELECT 1 FROM jobs WHERE key = ?1 AND payload IS NULL)
-                        OR EXISTS(SELECT 1 FROM attempts WHERE stdout = ?1)
-                        OR EXISTS(SELECT 1 FROM attempts WHERE stderr = ?1)",
+                        OR (NOT EXISTS(SELECT 1 FROM inline_blobs WHERE key = ?1)
+                            AND (EXISTS(SELECT 1 FROM attempts WHERE stdout = ?1)
+                                 OR EXISTS(SELECT 1 FROM attempts WHERE stderr = ?1)))",
                 )?
                 .query_row([h], |r| r.get(0))?)
         })
@@ -1346,7 +1368,11 @@ impl Queue for SqliteQueue {
                 });
             }
             let mut stmt = conn.prepare_cached(
-                "SELECT instance, attempt, stdout, stderr FROM attempts
+                // Outputs kept inline name no blob in the store.
+                "SELECT instance, attempt,
+                   CASE WHEN EXISTS(SELECT 1 FROM inline_blobs b WHERE b.key = a.stdout) THEN NULL ELSE a.stdout END,
+                   CASE WHEN EXISTS(SELECT 1 FROM inline_blobs b WHERE b.key = a.stderr) THEN NULL ELSE a.stderr END
+                 FROM attempts a
                  WHERE instance > ?1 AND instance <= ?2 ORDER BY instance, attempt",
             )?;
             let rows = stmt.query_map(params![after, end], |r| {
@@ -1569,6 +1595,7 @@ fn instance_detail(conn: &Connection, id: i64) -> rusqlite::Result<Option<Instan
                 message: r.get(11)?,
                 cached: r.get(12)?,
                 cache_key: None,
+                inline: Vec::new(),
             },
         })
     })?;

@@ -199,6 +199,12 @@ pub struct AttemptReport {
     pub cached: bool,
     /// The cache key this attempt fills on success.
     pub cache_key: Option<Hash>,
+    /// Outputs small enough to keep in the queue (at most [`crate::INLINE_MAX`] bytes
+    /// each) instead of the blob store: recorded, keyed by their hash, in the same
+    /// transaction as the attempt row that names them (no blob file, no fsync of
+    /// their own).
+    #[serde(skip)]
+    pub inline: Vec<Vec<u8>>,
 }
 
 /// How an attempt ends.

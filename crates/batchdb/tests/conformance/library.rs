@@ -286,9 +286,9 @@ pub async fn verify_reports_missing_blobs(b: &Backend) {
     let mut problems = Vec::new();
     let sum = db.verify(|p| problems.push(p)).await.unwrap();
     assert_eq!(sum.problems, 0, "{problems:?}");
-    assert!(
-        sum.references >= 6,
-        "2 payloads, 2 stdout, 2 stderr: {sum:?}"
+    assert_eq!(
+        sum.references, 2,
+        "2 payloads (the small outputs are kept inline): {sum:?}"
     );
     assert!(b.blobs.delete(&gone.job).await.unwrap());
     let sum = db.verify(|p| problems.push(p)).await.unwrap();
@@ -362,11 +362,11 @@ pub async fn small_payloads_live_inline_and_large_ones_in_the_store(b: &Backend)
         "no blob for it"
     );
     assert_eq!(
-        b.queue.inline_payload(&small.job).await.unwrap().as_deref(),
+        b.queue.inline_blob(&small.job).await.unwrap().as_deref(),
         Some(&b"echo small"[..])
     );
     assert!(b.blobs.contains(&big.job).await.unwrap());
-    assert_eq!(b.queue.inline_payload(&big.job).await.unwrap(), None);
+    assert_eq!(b.queue.inline_blob(&big.job).await.unwrap(), None);
     assert_eq!(read(&db, &small.job).await, b"echo small");
     assert_eq!(read(&db, &big.job).await, big_payload.as_bytes());
     let mut part = Vec::new();
@@ -389,6 +389,95 @@ pub async fn small_payloads_live_inline_and_large_ones_in_the_store(b: &Backend)
     let mut problems = Vec::new();
     db.verify(|p| problems.push(p)).await.unwrap();
     assert!(problems.is_empty(), "{problems:?}");
+}
+
+pub async fn small_outputs_live_inline_and_large_ones_in_the_store(b: &Backend) {
+    let db = b.db();
+    let max = batchdb::INLINE_MAX;
+    // stdout of exactly INLINE_MAX bytes (inline), one byte more (a blob), and a
+    // small stderr beside a large stdout.
+    let at_max = db
+        .add(
+            format!("head -c {max} /dev/zero").as_bytes(),
+            &PushOptions::default(),
+        )
+        .await
+        .unwrap();
+    let over = db
+        .add(
+            format!("head -c {} /dev/zero", max + 1).as_bytes(),
+            &PushOptions::default(),
+        )
+        .await
+        .unwrap();
+    let mixed = db
+        .add(
+            &b"head -c 100000 /dev/zero; echo oops >&2; exit 3"[..],
+            &PushOptions::default(),
+        )
+        .await
+        .unwrap();
+    let reports = drain(&db, Arc::new(ShellRunner::default())).await;
+    assert_eq!(reports.len(), 3);
+    let report = |job: &Hash| {
+        reports
+            .iter()
+            .find(|r| r.job == *job)
+            .map(|r| r.report.clone())
+            .unwrap()
+    };
+    let small = report(&at_max.job).stdout.unwrap();
+    assert_eq!(small.size, max as u64);
+    assert!(
+        !b.blobs.contains(&small.hash).await.unwrap(),
+        "no blob for it"
+    );
+    assert_eq!(
+        b.queue
+            .inline_blob(&small.hash)
+            .await
+            .unwrap()
+            .map(|v| v.len()),
+        Some(max)
+    );
+    assert_eq!(read(&db, &small.hash).await, vec![0u8; max]);
+    assert_eq!(db.blob_size(&small.hash).await.unwrap(), max as u64);
+    let big = report(&over.job).stdout.unwrap();
+    assert_eq!(big.size, max as u64 + 1);
+    assert!(b.blobs.contains(&big.hash).await.unwrap());
+    assert_eq!(b.queue.inline_blob(&big.hash).await.unwrap(), None);
+    assert_eq!(read(&db, &big.hash).await, vec![0u8; max + 1]);
+    let m = report(&mixed.job);
+    assert_eq!(m.exit_code, Some(3));
+    let (out, err) = (m.stdout.unwrap(), m.stderr.unwrap());
+    assert!(b.blobs.contains(&out.hash).await.unwrap());
+    assert!(!b.blobs.contains(&err.hash).await.unwrap());
+    assert_eq!(read(&db, &err.hash).await, b"oops\n");
+    assert_eq!(read(&db, &out.hash).await.len(), 100_000);
+    // The failure row names both, readable.
+    let fails = rows(&db, ListKind::Fail).await;
+    let [ListRow::Fail(f)] = &fails[..] else {
+        panic!("{fails:?}")
+    };
+    assert_eq!(f.value.stderr, Some(err.hash));
+    // verify checks inline bytes and does not look for them in the store; gc keeps
+    // every blob a row names.
+    let mut problems = Vec::new();
+    let sum = db.verify(|p| problems.push(p)).await.unwrap();
+    assert!(problems.is_empty(), "{problems:?}");
+    assert!(sum.references >= 2, "{sum:?}");
+    let gc = db
+        .gc(
+            batchdb::integrity::GcOptions {
+                grace: Duration::ZERO,
+                dry_run: false,
+            },
+            |_| {},
+        )
+        .await
+        .unwrap();
+    assert_eq!(gc.removed, 0, "{gc:?}");
+    assert_eq!(read(&db, &big.hash).await.len(), max + 1);
 }
 
 pub async fn add_many_queues_every_payload_in_one_go(b: &Backend) {

@@ -77,6 +77,7 @@ macro_rules! suite {
                     verify_reports_missing_blobs,
                     gc_removes_only_old_unreferenced_blobs,
                     small_payloads_live_inline_and_large_ones_in_the_store,
+                    small_outputs_live_inline_and_large_ones_in_the_store,
                     add_many_queues_every_payload_in_one_go,
                 ]);
             }

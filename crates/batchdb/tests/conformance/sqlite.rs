@@ -18,7 +18,7 @@ async fn newer_schema_is_refused_with_a_clear_message() {
             err,
             Error::SchemaTooNew {
                 found: 99,
-                supported: 2,
+                supported: 3,
                 ..
             }
         ),
@@ -48,7 +48,7 @@ async fn many_openers_migrate_a_new_file_at_once() {
         .unwrap()
         .query_row("PRAGMA user_version", [], |r| r.get(0))
         .unwrap();
-    assert_eq!(v, 2);
+    assert_eq!(v, 3);
 }
 
 #[tokio::test]
@@ -75,23 +75,67 @@ async fn a_version_1_database_is_migrated_on_open() {
     };
     q.add(&job, &Default::default()).await.unwrap();
     drop(q);
-    // What a version-1 batchdb left behind: no inline payload column.
+    // What a version-1 batchdb left behind: no inline payload column, no inline
+    // outputs table.
     rusqlite::Connection::open(&path)
         .unwrap()
-        .execute_batch("ALTER TABLE jobs DROP COLUMN payload; PRAGMA user_version = 1")
+        .execute_batch(
+            "ALTER TABLE jobs DROP COLUMN payload; DROP TABLE inline_blobs;
+             PRAGMA user_version = 1",
+        )
         .unwrap();
     let q = SqliteQueue::open(&path).await.unwrap();
     let version: i64 = rusqlite::Connection::open(&path)
         .unwrap()
         .query_row("PRAGMA user_version", [], |r| r.get(0))
         .unwrap();
-    assert_eq!(version, 2);
+    assert_eq!(version, 3);
     assert_eq!(q.counts().await.unwrap().pending, 1, "rows kept");
-    assert_eq!(q.inline_payload(&job.hash).await.unwrap(), None);
+    assert_eq!(q.inline_blob(&job.hash).await.unwrap(), None);
     let inline = batchdb::queue::NewJob::inline(b"new".to_vec());
     q.add_many(&[inline], &Default::default()).await.unwrap();
     assert_eq!(
-        q.inline_payload(&batchdb::Hash::of(b"new")).await.unwrap(),
+        q.inline_blob(&batchdb::Hash::of(b"new")).await.unwrap(),
         Some(b"new".to_vec())
+    );
+}
+
+#[tokio::test]
+async fn verify_reports_a_corrupt_inline_output() {
+    use std::sync::Arc;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("q.sqlite");
+    let queue = Arc::new(SqliteQueue::open(&path).await.unwrap());
+    let store = batchdb::blob::DirStore::open(dir.path().join("b"))
+        .await
+        .unwrap();
+    let db = batchdb::BatchDb::new(queue, Arc::new(store));
+    db.add(&b"echo hello"[..], &Default::default())
+        .await
+        .unwrap();
+    let opts = batchdb::worker::WorkerOptions {
+        until_empty: true,
+        ..Default::default()
+    };
+    db.worker(Arc::new(batchdb::runner::ShellRunner::default()), opts)
+        .run(None)
+        .await
+        .unwrap();
+    let out = batchdb::Hash::of(b"hello\n");
+    rusqlite::Connection::open(&path)
+        .unwrap()
+        .execute(
+            "UPDATE inline_blobs SET data = X'00' WHERE key = ?1",
+            [out.to_hex()],
+        )
+        .unwrap();
+    let mut problems = Vec::new();
+    db.verify(|p| problems.push(p)).await.unwrap();
+    assert_eq!(problems.len(), 1, "{problems:?}");
+    let text = format!("{:?}", problems[0]);
+    assert!(text.contains(&out.to_hex()), "{text}");
+    assert!(
+        matches!(db.get(&out).await, Err(batchdb::Error::BlobCorrupt { .. })),
+        "a read of it fails"
     );
 }

@@ -41,7 +41,7 @@ use crate::error::{Error, Result};
 use crate::hash::Hash;
 
 /// The schema version this build writes and understands.
-pub const PG_SCHEMA_VERSION: i64 = 2;
+pub const PG_SCHEMA_VERSION: i64 = MIGRATIONS.len() as i64;
 
 /// The PostgreSQL schema (namespace) batchdb's tables live in.
 const NAMESPACE: &str = "batchdb";
@@ -51,6 +51,8 @@ const MIGRATIONS: &[&str] = &[
     include_str!("schema_v1.sql"),
     // Version 2: small payloads kept inline in the job row.
     "ALTER TABLE jobs ADD COLUMN payload BYTEA;",
+    // Version 3: small outputs kept inline, by hash.
+    "CREATE TABLE inline_blobs(key TEXT PRIMARY KEY, data BYTEA NOT NULL);",
 ];
 
 /// The notification channel every change is announced on.
@@ -772,6 +774,13 @@ async fn record_attempt(
         ],
     )
     .await?;
+    for data in &r.inline {
+        tx.execute(
+            "INSERT INTO inline_blobs(key, data) VALUES ($1, $2) ON CONFLICT DO NOTHING",
+            &[&Hash::of(data).to_hex(), data],
+        )
+        .await?;
+    }
     Ok(())
 }
 
@@ -993,15 +1002,16 @@ impl Queue for PgQueue {
         })
     }
 
-    async fn inline_payload(&self, job: &Hash) -> Result<Option<Vec<u8>>> {
+    async fn inline_blob(&self, hash: &Hash) -> Result<Option<Vec<u8>>> {
         self.read(async |c| {
-            Ok(
-                c.query_opt("SELECT payload FROM jobs WHERE key = $1", &[&job.to_hex()])
-                    .await?
-                    .map(|r| r.try_get::<_, Option<Vec<u8>>>(0))
-                    .transpose()?
-                    .flatten(),
+            Ok(c.query_opt(
+                "SELECT payload FROM jobs WHERE key = $1 AND payload IS NOT NULL
+                     UNION ALL SELECT data FROM inline_blobs WHERE key = $1 LIMIT 1",
+                &[&hash.to_hex()],
             )
+            .await?
+            .map(|r| r.try_get::<_, Vec<u8>>(0))
+            .transpose()?)
         })
         .await
     }
@@ -1455,6 +1465,13 @@ impl Queue for PgQueue {
                     problems.push(format!("job {key}: its inline payload hashes to {actual}"));
                 }
             }
+            for r in c.query("SELECT key, data FROM inline_blobs", &[]).await? {
+                let key: &str = r.try_get(0)?;
+                let actual = Hash::of(r.try_get::<_, &[u8]>(1)?);
+                if actual.to_hex() != key {
+                    problems.push(format!("inline blob {key} hashes to {actual}"));
+                }
+            }
             Ok(problems)
         })
         .await
@@ -1464,8 +1481,9 @@ impl Queue for PgQueue {
         self.read(async |c| {
             Ok(c.query_one(
                 "SELECT EXISTS(SELECT 1 FROM jobs WHERE key = $1 AND payload IS NULL)
-                    OR EXISTS(SELECT 1 FROM attempts WHERE stdout = $1)
-                    OR EXISTS(SELECT 1 FROM attempts WHERE stderr = $1)",
+                    OR (NOT EXISTS(SELECT 1 FROM inline_blobs WHERE key = $1)
+                        AND (EXISTS(SELECT 1 FROM attempts WHERE stdout = $1)
+                             OR EXISTS(SELECT 1 FROM attempts WHERE stderr = $1)))",
                 &[&hash.to_hex()],
             )
             .await?
@@ -1497,7 +1515,11 @@ impl Queue for PgQueue {
             }
             for r in c
                 .query(
-                    "SELECT instance, attempt, stdout, stderr FROM attempts
+                    // Outputs kept inline name no blob in the store.
+                    "SELECT instance, attempt,
+                       CASE WHEN EXISTS(SELECT 1 FROM inline_blobs b WHERE b.key = a.stdout) THEN NULL ELSE a.stdout END,
+                       CASE WHEN EXISTS(SELECT 1 FROM inline_blobs b WHERE b.key = a.stderr) THEN NULL ELSE a.stderr END
+                     FROM attempts a
                      WHERE instance > $1 AND instance <= $2 ORDER BY instance, attempt",
                     &[&after, &end],
                 )
@@ -1716,6 +1738,7 @@ async fn instance_detail(
                 message: r.try_get(11)?,
                 cached: r.try_get(12)?,
                 cache_key: None,
+                inline: Vec::new(),
             },
         });
     }
