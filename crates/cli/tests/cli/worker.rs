@@ -138,6 +138,39 @@ fn kill_9_of_a_worker_mid_job_is_taken_over_after_the_lease() {
 }
 
 #[test]
+fn on_the_fork_path_a_dead_workers_job_still_dies_with_it() {
+    // Jobs normally start without a fork of the worker (vfork-style, pidfd); the
+    // fallback (old kernels, or BATCHDB_SPAWN=fork) sets the signal between fork and
+    // exec instead, and must keep the same guarantee.
+    let env = Env::new();
+    let (key, _) = env.add(&format!(
+        "echo $$ > pid.1; {}; echo finished",
+        wait_file_sh("go")
+    ));
+    let mut cmd = env.command(&["run", "--lease", "1"]);
+    cmd.env("BATCHDB_SPAWN", "fork");
+    let mut worker = env.start(cmd, None);
+    let pgid = env.wait_pid("pid.1");
+    let _orphan = GroupGuard(pgid);
+    worker.signal("KILL");
+    worker.wait();
+    wait_until("the dead worker's job to die with it", || {
+        live_in_group(pgid).is_empty().then_some(())
+    });
+    env.touch("go");
+    let mut cmd = env.command(&["run", "--lease", "1", "--until-empty"]);
+    cmd.env("BATCHDB_SPAWN", "fork");
+    let out = env.start(cmd, None).wait_ok();
+    assert_eq!(
+        run_lines(&out),
+        [RunLine::Result {
+            job: key,
+            hash: sha256(b"finished\n")
+        }]
+    );
+}
+
+#[test]
 fn a_long_job_of_a_live_worker_is_never_taken_over() {
     let env = Env::new();
     let (key, created) = env.add(&format!("touch started; {}; echo done", wait_file_sh("go")));

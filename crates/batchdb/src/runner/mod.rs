@@ -20,6 +20,8 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use crate::error::{Error, Result};
 use crate::hash::Hash;
 
+mod spawn;
+
 /// What a runner knows about the attempt it runs (also exported to a shell runner's
 /// environment as `BATCHDB_JOB`, `BATCHDB_INSTANCE`, `BATCHDB_CREATED`,
 /// `BATCHDB_ATTEMPT` and `BATCHDB_WORKER`).
@@ -128,12 +130,15 @@ pub trait Runner: Send + Sync + fmt::Debug {
 #[derive(Debug, Clone)]
 pub struct ShellRunner {
     argv: Vec<String>,
+    /// `argv[0]` found on `PATH`, looked up at the first spawn.
+    program: std::sync::OnceLock<Option<std::path::PathBuf>>,
 }
 
 impl Default for ShellRunner {
     fn default() -> Self {
         ShellRunner {
             argv: vec!["sh".into()],
+            program: Default::default(),
         }
     }
 }
@@ -149,7 +154,10 @@ impl ShellRunner {
                 why: "empty command".into(),
             });
         }
-        Ok(ShellRunner { argv })
+        Ok(ShellRunner {
+            argv,
+            program: Default::default(),
+        })
     }
 }
 
@@ -178,83 +186,110 @@ impl Killer for GroupKiller {
     }
 }
 
-/// `setpriv` (util-linux ≥ 2.33), if it is on `PATH` and knows `--pdeathsig`; checked
-/// once per process.
-fn setpriv() -> Option<&'static std::path::Path> {
-    static SETPRIV: std::sync::OnceLock<Option<std::path::PathBuf>> = std::sync::OnceLock::new();
-    SETPRIV
-        .get_or_init(|| {
-            let path = std::env::var_os("PATH")?;
-            let exe = std::env::split_paths(&path)
-                .map(|d| d.join("setpriv"))
-                .find(|p| p.is_file())?;
-            let works = std::process::Command::new(&exe)
-                .args(["--pdeathsig", "KILL", "--", "true"])
-                .stdin(Stdio::null())
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .status()
-                .is_ok_and(|s| s.success());
-            works.then_some(exe)
-        })
-        .as_deref()
-}
-
-/// Whether `program` names an executable file (directly if it has a `/`, else on
-/// `PATH`), as `execvp` would find it.
-fn executable(program: &str) -> bool {
+/// Where `execvp` would find `program`: itself if it has a `/`, else the first
+/// executable file of that name on `PATH`.
+fn resolve(program: &str) -> Option<std::path::PathBuf> {
     use std::os::unix::fs::PermissionsExt;
     let runnable = |p: &std::path::Path| {
         std::fs::metadata(p).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
     };
     if program.contains('/') {
-        return runnable(std::path::Path::new(program));
+        let p = std::path::PathBuf::from(program);
+        return runnable(&p).then_some(p);
     }
-    std::env::var_os("PATH")
-        .is_some_and(|path| std::env::split_paths(&path).any(|d| runnable(&d.join(program))))
+    let path = std::env::var_os("PATH")?;
+    std::env::split_paths(&path)
+        .map(|d| d.join(program))
+        .find(|p| runnable(p))
+}
+
+/// Whether `BATCHDB_SPAWN=fork` asks for the plain fork + exec path (checked once).
+fn force_fork() -> bool {
+    static FORK: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *FORK.get_or_init(|| std::env::var_os("BATCHDB_SPAWN").is_some_and(|v| v == "fork"))
+}
+
+impl ShellRunner {
+    /// The `BATCHDB_*` variables every execution gets.
+    fn env(ctx: &RunContext) -> [(&'static str, String); 5] {
+        [
+            ("BATCHDB_JOB", ctx.job.to_hex()),
+            ("BATCHDB_INSTANCE", ctx.instance.to_string()),
+            ("BATCHDB_CREATED", ctx.created.to_string()),
+            ("BATCHDB_ATTEMPT", ctx.attempt.to_string()),
+            ("BATCHDB_WORKER", ctx.worker.clone()),
+        ]
+    }
+
+    /// Starts `program` through [`spawn::spawn`] (no fork of the worker).
+    fn spawn_fast(&self, ctx: &RunContext, program: &std::path::Path) -> Result<Execution> {
+        use tokio::net::unix::pipe;
+        let spawn_err = |e| Error::Spawn {
+            command: self.argv.join(" "),
+            source: e,
+        };
+        let env: Vec<(std::ffi::OsString, std::ffi::OsString)> = Self::env(ctx)
+            .into_iter()
+            .map(|(k, v)| (k.into(), v.into()))
+            .collect();
+        let args: Vec<std::ffi::OsString> = self.argv[1..].iter().map(Into::into).collect();
+        let child = spawn::spawn(program, self.argv[0].as_ref(), &args, &env).map_err(spawn_err)?;
+        let killer = Arc::new(GroupKiller { pgid: child.pid });
+        let mut wait = spawn::ChildWait::new(child.pidfd).map_err(spawn_err)?;
+        let pipes = (|| {
+            Ok::<_, io::Error>((
+                pipe::Sender::from_owned_fd(child.stdin)?,
+                pipe::Receiver::from_owned_fd(child.stdout)?,
+                pipe::Receiver::from_owned_fd(child.stderr)?,
+            ))
+        })();
+        let (stdin, stdout, stderr) = match pipes {
+            Ok(p) => p,
+            Err(e) => {
+                killer.stop(Stop::Kill);
+                return Err(spawn_err(e));
+            }
+        };
+        Ok(Execution {
+            stdin: Some(Box::pin(stdin)),
+            stdout: Box::pin(stdout),
+            stderr: Some(Box::pin(stderr)),
+            wait: Box::pin(async move {
+                let (code, signal) = wait.wait().await?;
+                Ok(ExitStatus { code, signal })
+            }),
+            killer,
+        })
+    }
 }
 
 impl Runner for ShellRunner {
     /// Starts the command in a process group of its own that dies with this worker
-    /// (`PR_SET_PDEATHSIG` = SIGKILL), even if the worker is killed by SIGKILL.
+    /// (`PR_SET_PDEATHSIG` = SIGKILL, armed before the exec; a command whose worker
+    /// died before that never runs), even if the worker is killed by SIGKILL.
     ///
-    /// Forking a large, multi-threaded worker for every job costs more than most
-    /// trivial jobs do (page-table copies, copy-on-write faults, tearing the copy down
-    /// at exec). So where util-linux's `setpriv` is available the command is started
-    /// through `setpriv --pdeathsig KILL --`, which lets the standard library use
-    /// `posix_spawn` (a `vfork`: nothing copied); `setpriv` sets the signal and execs
-    /// the command in place, so the process (and group) id stay the same. Otherwise
-    /// the signal is set between fork and exec.
+    /// The command starts without a fork of the worker (see [`spawn`]: `vfork`-style,
+    /// as `posix_spawn` does) where the kernel has pidfds (Linux 5.4+); elsewhere, or
+    /// with `BATCHDB_SPAWN=fork` in the environment, through fork + exec. A command
+    /// that cannot be found fails the spawn itself ([`Error::Spawn`]).
     fn spawn(&self, ctx: &RunContext) -> Result<Execution> {
-        // A command that cannot start must fail the spawn itself (the worker's fault,
-        // not the job's), which only a direct exec reports.
-        let shim = setpriv().filter(|_| executable(&self.argv[0]));
-        let mut cmd = match shim {
-            Some(exe) => {
-                let mut c = tokio::process::Command::new(exe);
-                c.args(["--pdeathsig", "KILL", "--"]).args(&self.argv);
-                c
+        if spawn::supported() && !force_fork() {
+            if let Some(program) = self.program.get_or_init(|| resolve(&self.argv[0])) {
+                return self.spawn_fast(ctx, program);
             }
-            None => {
-                let mut c = tokio::process::Command::new(&self.argv[0]);
-                c.args(&self.argv[1..]);
-                c
-            }
-        };
-        cmd.stdin(Stdio::piped())
+        }
+        let mut cmd = tokio::process::Command::new(&self.argv[0]);
+        cmd.args(&self.argv[1..])
+            .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
-            .env("BATCHDB_JOB", ctx.job.to_hex())
-            .env("BATCHDB_INSTANCE", ctx.instance.to_string())
-            .env("BATCHDB_CREATED", ctx.created.to_string())
-            .env("BATCHDB_ATTEMPT", ctx.attempt.to_string())
-            .env("BATCHDB_WORKER", &ctx.worker)
+            .envs(Self::env(ctx))
             .process_group(0)
             .kill_on_drop(false);
         let parent = std::process::id() as i32;
         // SAFETY: the closure runs in the forked child before exec and only makes
         // async-signal-safe calls (prctl, getppid, _exit).
-        if shim.is_none() {
+        {
             unsafe {
                 cmd.pre_exec(move || {
                     // If this worker dies (even by SIGKILL), the job's shell dies with it.

@@ -1,0 +1,489 @@
+//! Starting a job's process cheaply, tied to its worker.
+//!
+//! A worker is a large multi-threaded process; `fork` copies its page tables for every
+//! job and the exec throws the copy away again, which costs more than a trivial job
+//! does. `posix_spawn` avoids that with `clone(CLONE_VM | CLONE_VFORK)` (the child
+//! borrows the parent's memory until it execs), but cannot set `PR_SET_PDEATHSIG`,
+//! which makes a job die with its worker even when the worker is killed with SIGKILL.
+//! This module does what `posix_spawn` does, plus that one call:
+//!
+//! 1. the parent prepares everything the child needs (paths, argv, envp as C strings,
+//!    pipes) and blocks every signal;
+//! 2. the child, on a stack of its own, sets `PR_SET_PDEATHSIG` (and exits if the
+//!    worker already died), starts a process group of its own, moves the pipes to
+//!    fds 0–2, resets signal handlers and the mask, and execs. It only makes raw system
+//!    calls: no allocation, no locks, nothing that could touch the parent's state;
+//! 3. an error before the exec is passed back through memory both share.
+//!
+//! The parent waits for the child through a pidfd, so nothing else (tokio's SIGCHLD
+//! handling included) reaps it.
+
+use std::ffi::{CString, OsStr, OsString};
+use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::ffi::OsStrExt;
+use std::path::Path;
+use std::sync::OnceLock;
+
+use tokio::io::unix::AsyncFd;
+
+/// The child's stack (it only makes system calls), plus a guard page below it.
+const STACK: usize = 64 * 1024;
+
+/// A started process: the parent's ends of its pipes and a pidfd to wait on.
+pub(crate) struct Spawned {
+    /// Process id (and process group id).
+    pub pid: i32,
+    /// Write end of its stdin.
+    pub stdin: OwnedFd,
+    /// Read end of its stdout.
+    pub stdout: OwnedFd,
+    /// Read end of its stderr.
+    pub stderr: OwnedFd,
+    /// Refers to the process until it is reaped.
+    pub pidfd: OwnedFd,
+}
+
+/// Whether this kernel has pidfds (Linux 5.4+), checked once.
+pub(crate) fn supported() -> bool {
+    static SUPPORTED: OnceLock<bool> = OnceLock::new();
+    *SUPPORTED.get_or_init(|| {
+        // SAFETY: pidfd_open has no memory-safety preconditions.
+        let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, libc::getpid(), 0) };
+        if fd < 0 {
+            return false;
+        }
+        // SAFETY: a new fd we own.
+        drop(unsafe { OwnedFd::from_raw_fd(fd as RawFd) });
+        true
+    })
+}
+
+fn cstr(s: &OsStr) -> io::Result<CString> {
+    CString::new(s.as_bytes()).map_err(|_| {
+        io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "argument or environment contains a NUL byte",
+        )
+    })
+}
+
+/// A pipe whose two ends are close-on-exec: `(read, write)`.
+fn pipe() -> io::Result<(OwnedFd, OwnedFd)> {
+    let mut fds = [0 as RawFd; 2];
+    // SAFETY: fds has room for the two descriptors pipe2 writes.
+    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: both are new descriptors nobody else owns.
+    Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
+}
+
+/// What the child reads (all prepared by the parent) and writes (its error).
+#[repr(C)]
+struct ChildArgs {
+    path: *const libc::c_char,
+    argv: *const *const libc::c_char,
+    envp: *const *const libc::c_char,
+    /// The child's ends of stdin, stdout and stderr.
+    fds: [RawFd; 3],
+    /// The worker's pid: if the child's parent is another, the worker already died.
+    parent: libc::pid_t,
+    /// errno of the step that failed, or 0.
+    err: i32,
+}
+
+/// Runs in the child, on its own stack, sharing the parent's memory until it execs:
+/// only raw system calls from here.
+extern "C" fn child_main(arg: *mut libc::c_void) -> libc::c_int {
+    // SAFETY: `arg` points to the parent's ChildArgs, alive (the parent is suspended
+    // until this process execs or exits); every call below is a plain system call.
+    unsafe {
+        let a = &mut *(arg as *mut ChildArgs);
+        let fail = |a: &mut ChildArgs| -> ! {
+            std::ptr::write_volatile(&mut a.err, *libc::__errno_location());
+            libc::_exit(127)
+        };
+        // Caught signals go back to their default action (a handler must never run
+        // here, on the parent's memory) and SIGPIPE too (Rust ignores it; jobs should
+        // not inherit that). The mask is still all-blocked, from the parent.
+        for sig in 1..=libc::SIGRTMAX() {
+            if sig == libc::SIGKILL || sig == libc::SIGSTOP {
+                continue;
+            }
+            let mut old: libc::sigaction = std::mem::zeroed();
+            if libc::sigaction(sig, std::ptr::null(), &mut old) != 0 {
+                continue;
+            }
+            let caught = old.sa_sigaction != libc::SIG_DFL && old.sa_sigaction != libc::SIG_IGN;
+            if caught || sig == libc::SIGPIPE {
+                let mut dfl: libc::sigaction = std::mem::zeroed();
+                dfl.sa_sigaction = libc::SIG_DFL;
+                libc::sigaction(sig, &dfl, std::ptr::null_mut());
+            }
+        }
+        if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+            fail(a);
+        }
+        if libc::getppid() != a.parent {
+            // The worker died before the signal was armed: never run the job.
+            libc::_exit(137);
+        }
+        if libc::setpgid(0, 0) != 0 {
+            fail(a);
+        }
+        for (target, fd) in a.fds.into_iter().enumerate() {
+            let target = target as RawFd;
+            if fd == target {
+                // dup2 onto itself would keep close-on-exec: clear it instead.
+                if libc::fcntl(fd, libc::F_SETFD, 0) != 0 {
+                    fail(a);
+                }
+            } else if libc::dup2(fd, target) < 0 {
+                fail(a);
+            }
+        }
+        let mut none: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut none);
+        libc::sigprocmask(libc::SIG_SETMASK, &none, std::ptr::null_mut());
+        libc::execve(a.path, a.argv, a.envp);
+        fail(a)
+    }
+}
+
+/// Starts `program` (an executable's path) with `args` (argv[1..]) and this process's
+/// environment plus `env`, its stdin, stdout and stderr piped, in a process group of
+/// its own, with `PR_SET_PDEATHSIG` = SIGKILL. Check [`supported`] first.
+pub(crate) fn spawn(
+    program: &Path,
+    arg0: &OsStr,
+    args: &[OsString],
+    env: &[(OsString, OsString)],
+) -> io::Result<Spawned> {
+    let path = cstr(program.as_os_str())?;
+    let mut argv_c = vec![cstr(arg0)?];
+    for a in args {
+        argv_c.push(cstr(a)?);
+    }
+    let mut env_c = Vec::new();
+    for (k, v) in std::env::vars_os() {
+        if !env.iter().any(|(ek, _)| *ek == k) {
+            let mut kv = k;
+            kv.push("=");
+            kv.push(v);
+            env_c.push(cstr(&kv)?);
+        }
+    }
+    for (k, v) in env {
+        let mut kv = k.clone();
+        kv.push("=");
+        kv.push(v);
+        env_c.push(cstr(&kv)?);
+    }
+    let mut argv: Vec<*const libc::c_char> = argv_c.iter().map(|c| c.as_ptr()).collect();
+    argv.push(std::ptr::null());
+    let mut envp: Vec<*const libc::c_char> = env_c.iter().map(|c| c.as_ptr()).collect();
+    envp.push(std::ptr::null());
+
+    let (in_r, in_w) = pipe()?;
+    let (out_r, out_w) = pipe()?;
+    let (err_r, err_w) = pipe()?;
+    let mut args = ChildArgs {
+        path: path.as_ptr(),
+        argv: argv.as_ptr(),
+        envp: envp.as_ptr(),
+        fds: [in_r.as_raw_fd(), out_w.as_raw_fd(), err_w.as_raw_fd()],
+        // SAFETY: getpid has no preconditions.
+        parent: unsafe { libc::getpid() },
+        err: 0,
+    };
+    let stack = Stack::new()?;
+    // SAFETY: the mask is restored right after clone returns; the child only reads
+    // `args` and the C strings above (all alive until then: CLONE_VFORK suspends this
+    // thread until the child execs or exits) and writes `args.err`.
+    let pid = unsafe {
+        let mut all: libc::sigset_t = std::mem::zeroed();
+        let mut old: libc::sigset_t = std::mem::zeroed();
+        libc::sigfillset(&mut all);
+        libc::pthread_sigmask(libc::SIG_SETMASK, &all, &mut old);
+        let pid = libc::clone(
+            child_main,
+            stack.top(),
+            libc::CLONE_VM | libc::CLONE_VFORK | libc::SIGCHLD,
+            &mut args as *mut ChildArgs as *mut libc::c_void,
+        );
+        let clone_err = io::Error::last_os_error();
+        libc::pthread_sigmask(libc::SIG_SETMASK, &old, std::ptr::null_mut());
+        if pid < 0 {
+            return Err(clone_err);
+        }
+        pid
+    };
+    drop(stack);
+    // SAFETY: reading what the (now exec'd or exited) child wrote.
+    let err = unsafe { std::ptr::read_volatile(&args.err) };
+    if err != 0 {
+        reap(pid);
+        return Err(io::Error::from_raw_os_error(err));
+    }
+    // SAFETY: pidfd_open has no memory-safety preconditions.
+    let pidfd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
+    if pidfd < 0 {
+        let e = io::Error::last_os_error();
+        // SAFETY: our own child, not yet reaped.
+        unsafe { libc::kill(pid, libc::SIGKILL) };
+        reap(pid);
+        return Err(e);
+    }
+    drop((in_r, out_w, err_w));
+    Ok(Spawned {
+        pid,
+        stdin: in_w,
+        stdout: out_r,
+        stderr: err_r,
+        // SAFETY: a new descriptor we own.
+        pidfd: unsafe { OwnedFd::from_raw_fd(pidfd as RawFd) },
+    })
+}
+
+/// Waits (blocking) for child `pid` to end and discards its status.
+fn reap(pid: libc::pid_t) {
+    let mut status = 0;
+    // SAFETY: waitpid on our own child.
+    while unsafe { libc::waitpid(pid, &mut status, 0) } < 0
+        && io::Error::last_os_error().kind() == io::ErrorKind::Interrupted
+    {}
+}
+
+/// A mapped stack with a guard page below it (an overflow faults instead of writing
+/// over the parent's memory).
+struct Stack {
+    base: *mut libc::c_void,
+    len: usize,
+}
+
+impl Stack {
+    fn new() -> io::Result<Stack> {
+        // SAFETY: sysconf has no preconditions.
+        let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) }.max(4096) as usize;
+        let len = STACK + page;
+        // SAFETY: a fresh private anonymous mapping, owned by the returned Stack.
+        let base = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_STACK,
+                -1,
+                0,
+            )
+        };
+        if base == libc::MAP_FAILED {
+            return Err(io::Error::last_os_error());
+        }
+        let stack = Stack { base, len };
+        // SAFETY: the lowest page of our own mapping.
+        if unsafe { libc::mprotect(base, page, libc::PROT_NONE) } != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(stack)
+    }
+
+    /// The top of the stack (it grows down), 16-byte aligned.
+    fn top(&self) -> *mut libc::c_void {
+        let end = self.base as usize + self.len;
+        (end & !15) as *mut libc::c_void
+    }
+}
+
+impl Drop for Stack {
+    fn drop(&mut self) {
+        // SAFETY: our own mapping, no longer used (the child has exec'd or exited).
+        unsafe {
+            libc::munmap(self.base, self.len);
+        }
+    }
+}
+
+/// Waits for a spawned child to end, without blocking a thread: the pidfd becomes
+/// readable when it exits, then `waitid(P_PIDFD)` reaps it. A child not waited for
+/// is reaped in the background when this is dropped.
+pub(crate) struct ChildWait {
+    pidfd: Option<AsyncFd<OwnedFd>>,
+}
+
+impl ChildWait {
+    /// Must be called inside a tokio runtime.
+    pub(crate) fn new(pidfd: OwnedFd) -> io::Result<ChildWait> {
+        Ok(ChildWait {
+            // SAFETY: the OwnedFd moves into the AsyncFd, which keeps it open (and
+            // the same descriptor) until it is dropped or taken back out.
+            pidfd: Some(unsafe {
+                AsyncFd::register_with_interest(pidfd, tokio::io::Interest::READABLE)?
+            }),
+        })
+    }
+
+    /// The exit code, or the signal that ended it.
+    pub(crate) async fn wait(&mut self) -> io::Result<(Option<i32>, Option<i32>)> {
+        let fd = self
+            .pidfd
+            .as_ref()
+            .ok_or_else(|| io::Error::other("child already reaped"))?;
+        loop {
+            let mut ready = fd.readable().await?;
+            match waitid(fd.get_ref().as_raw_fd(), libc::WNOHANG)? {
+                Some(status) => {
+                    self.pidfd = None;
+                    return Ok(status);
+                }
+                None => ready.clear_ready(),
+            }
+        }
+    }
+}
+
+impl Drop for ChildWait {
+    fn drop(&mut self) {
+        let Some(fd) = self.pidfd.take() else {
+            return;
+        };
+        let fd = fd.into_inner();
+        // Reap it whenever it ends (the job was killed, or will be).
+        let _ = std::thread::Builder::new()
+            .name("batchdb-reap".into())
+            .spawn(move || {
+                let _ = waitid(fd.as_raw_fd(), 0);
+            });
+    }
+}
+
+/// `waitid(P_PIDFD, fd, WEXITED | flags)`: `None` if (with WNOHANG) it still runs.
+fn waitid(fd: RawFd, flags: libc::c_int) -> io::Result<Option<(Option<i32>, Option<i32>)>> {
+    loop {
+        // SAFETY: info is written by the kernel; zeroed is a valid siginfo_t.
+        let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
+        // SAFETY: waitid on a pidfd we own.
+        let r = unsafe {
+            libc::waitid(
+                libc::P_PIDFD,
+                fd as libc::id_t,
+                &mut info,
+                libc::WEXITED | flags,
+            )
+        };
+        if r != 0 {
+            let e = io::Error::last_os_error();
+            if e.kind() == io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(e);
+        }
+        // SAFETY: filled in by a successful waitid.
+        let (pid, status) = unsafe { (info.si_pid(), info.si_status()) };
+        if pid == 0 {
+            return Ok(None);
+        }
+        return Ok(Some(match info.si_code {
+            libc::CLD_EXITED => (Some(status), None),
+            _ => (None, Some(status)),
+        }));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    fn sh(script: &str, env: &[(&str, &str)]) -> io::Result<Spawned> {
+        let env: Vec<(OsString, OsString)> =
+            env.iter().map(|(k, v)| (k.into(), v.into())).collect();
+        spawn(
+            Path::new("/bin/sh"),
+            OsStr::new("sh"),
+            &["-c".into(), script.into()],
+            &env,
+        )
+    }
+
+    #[tokio::test]
+    async fn runs_with_pipes_env_exit_code_and_its_own_process_group() {
+        assert!(supported(), "this kernel has pidfds");
+        let child = sh(
+            "read line; echo \"$line $BATCHDB_X\"; echo err >&2; echo $$ $(ps -o pgid= $$ 2>/dev/null || cut -d' ' -f5 /proc/$$/stat) >&2; exit 3",
+            &[("BATCHDB_X", "env ok")],
+        )
+        .unwrap();
+        let pid = child.pid;
+        // SAFETY: getpgid has no preconditions.
+        assert_eq!(unsafe { libc::getpgid(pid) }, pid, "a group of its own");
+        let mut wait = ChildWait::new(child.pidfd).unwrap();
+        let mut stdin = tokio::net::unix::pipe::Sender::from_owned_fd(child.stdin).unwrap();
+        stdin.write_all(b"hello\n").await.unwrap();
+        drop(stdin);
+        let mut out = String::new();
+        tokio::net::unix::pipe::Receiver::from_owned_fd(child.stdout)
+            .unwrap()
+            .read_to_string(&mut out)
+            .await
+            .unwrap();
+        let mut err = String::new();
+        tokio::net::unix::pipe::Receiver::from_owned_fd(child.stderr)
+            .unwrap()
+            .read_to_string(&mut err)
+            .await
+            .unwrap();
+        assert_eq!(out, "hello env ok\n");
+        assert!(err.starts_with("err\n"), "{err}");
+        assert_eq!(wait.wait().await.unwrap(), (Some(3), None));
+    }
+
+    #[tokio::test]
+    async fn a_signal_that_ends_it_is_reported() {
+        let child = sh("kill -9 $$", &[]).unwrap();
+        let mut wait = ChildWait::new(child.pidfd).unwrap();
+        assert_eq!(wait.wait().await.unwrap(), (None, Some(libc::SIGKILL)));
+    }
+
+    #[tokio::test]
+    async fn an_exec_failure_is_the_spawns_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let script = dir.path().join("bad");
+        std::fs::write(&script, "#!/nonexistent/interpreter\n").unwrap();
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).unwrap();
+        // Another test's spawn may briefly hold the script's write descriptor
+        // (ETXTBSY, a well-known race of writing then executing a file): try again.
+        let err = loop {
+            let err = spawn(&script, OsStr::new("bad"), &[], &[])
+                .err()
+                .expect("exec fails");
+            if err.kind() != io::ErrorKind::ExecutableFileBusy {
+                break err;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        };
+        assert_eq!(err.kind(), io::ErrorKind::NotFound, "{err}");
+        let err = spawn(dir.path(), OsStr::new("dir"), &[], &[])
+            .err()
+            .expect("a directory cannot run");
+        assert_eq!(err.raw_os_error(), Some(libc::EACCES), "{err}");
+    }
+
+    #[tokio::test]
+    async fn sigpipe_is_default_in_the_child() {
+        // Rust ignores SIGPIPE; a job must not inherit that (`yes | head` must end).
+        let child = sh("yes | head -c 10 >/dev/null; echo done", &[]).unwrap();
+        let mut wait = ChildWait::new(child.pidfd).unwrap();
+        drop(child.stdin);
+        let mut out = String::new();
+        tokio::net::unix::pipe::Receiver::from_owned_fd(child.stdout)
+            .unwrap()
+            .read_to_string(&mut out)
+            .await
+            .unwrap();
+        assert_eq!(out, "done\n");
+        assert_eq!(wait.wait().await.unwrap(), (Some(0), None));
+    }
+}
