@@ -2,7 +2,9 @@
 //! processes on the machine.
 //!
 //! Every write is a `BEGIN IMMEDIATE` transaction committed with `synchronous=FULL`,
-//! so what a call reported as done survives a crash. Other processes' commits are
+//! so what a call reported as done survives a crash. Writes of one process that arrive
+//! while another commits share the next commit (group commit: one fsync for all, each
+//! write in a savepoint of its own). Other processes' commits are
 //! noticed through inotify on the database's directory (every commit writes the WAL
 //! file), backed by a `PRAGMA data_version` check every [`FALLBACK_POLL`] (every
 //! [`POLL`] where inotify is unavailable); this process's own commits wake its
@@ -48,12 +50,143 @@ pub struct SqliteQueue {
     inner: Arc<Inner>,
 }
 
-#[derive(Debug)]
 struct Inner {
     path: PathBuf,
     conn: Mutex<Connection>,
+    /// Writes waiting for the next group commit.
+    queued: Mutex<Vec<Queued>>,
     changes: watch::Sender<u64>,
     poller: AtomicBool,
+}
+
+impl std::fmt::Debug for Inner {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Inner")
+            .field("path", &self.path)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Hands a write's result to its caller once the commit's outcome is known.
+type Deliver = Box<dyn FnOnce(std::result::Result<(), &rusqlite::Error>) + Send>;
+
+/// One write waiting for a group commit: run inside the shared transaction, it says
+/// whether it needs an fsync and how to deliver its result.
+struct Queued {
+    sync: Sync,
+    /// Runs the write in the shared transaction (`None`: there is none, the batch
+    /// failed to begin; the write only gets ready to report that).
+    /// With `alone`, it is the batch's only write and runs without a savepoint.
+    run: Box<dyn FnOnce(Option<&Transaction<'_>>, bool) -> Ran + Send>,
+}
+
+/// What running a queued write left to do.
+struct Ran {
+    /// It succeeded (a failed write alone in its batch rolls the batch back).
+    ok: bool,
+    /// It needs an fsync at commit even if lazy.
+    must_sync: bool,
+    deliver: Deliver,
+}
+
+/// At most this many writes share one commit (bounds the others' wait).
+const GROUP_MAX: usize = 64;
+
+/// The same SQLite error again (one failed commit fails every write it held).
+fn copy_sql_error(e: &rusqlite::Error) -> rusqlite::Error {
+    match e {
+        rusqlite::Error::SqliteFailure(code, msg) => {
+            rusqlite::Error::SqliteFailure(*code, msg.clone())
+        }
+        other => rusqlite::Error::SqliteFailure(
+            rusqlite::ffi::Error::new(rusqlite::ffi::SQLITE_ERROR),
+            Some(other.to_string()),
+        ),
+    }
+}
+
+impl Inner {
+    /// Commits whatever writes are queued (none if another thread already did) in one
+    /// transaction and delivers their results. Returns whether anything changed.
+    fn commit_queued(&self) -> Result<bool> {
+        let conn = self
+            .conn
+            .lock()
+            .map_err(|_| Error::Task("sqlite connection lock poisoned".into()))?;
+        let batch: Vec<Queued> = {
+            let mut q = self
+                .queued
+                .lock()
+                .map_err(|_| Error::Task("sqlite write queue lock poisoned".into()))?;
+            let n = q.len().min(GROUP_MAX);
+            q.drain(..n).collect()
+        };
+        if batch.is_empty() {
+            return Ok(false);
+        }
+        let mut conn = conn;
+        let lazy = batch.iter().all(|w| w.sync == Sync::Lazy);
+        let before = conn.total_changes();
+        let mut delivers = Vec::with_capacity(batch.len());
+        let mut must_sync = false;
+        let mut unrun = Some(batch);
+        let committed = (|| -> rusqlite::Result<()> {
+            // The connection is always left at FULL; only an all-lazy batch switches
+            // (with cached statements: no parse per write).
+            if lazy {
+                conn.prepare_cached("PRAGMA synchronous=NORMAL")?
+                    .execute([])?;
+            }
+            let result = (|| {
+                let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+                let writes = unrun.take().unwrap_or_default();
+                let alone = writes.len() == 1;
+                let mut all_ok = true;
+                for w in writes {
+                    let ran = (w.run)(Some(&tx), alone);
+                    must_sync |= ran.must_sync;
+                    all_ok &= ran.ok;
+                    delivers.push(ran.deliver);
+                }
+                if alone && !all_ok {
+                    // Dropping the transaction rolls it back.
+                    return Ok(());
+                }
+                tx.commit()
+            })();
+            if lazy {
+                conn.prepare_cached("PRAGMA synchronous=FULL")?
+                    .execute([])?;
+            }
+            result
+        })();
+        let outcome = match committed {
+            Ok(()) if lazy && must_sync => {
+                // What FULL would have done at commit: fsync the WAL.
+                let wal = wal_path(&self.path);
+                std::fs::File::open(&wal)
+                    .and_then(|f| f.sync_all())
+                    .map_err(|e| {
+                        rusqlite::Error::SqliteFailure(
+                            rusqlite::ffi::Error::new(rusqlite::ffi::SQLITE_IOERR),
+                            Some(format!("fsync {}: {e}", wal.display())),
+                        )
+                    })
+            }
+            other => other,
+        };
+        // A batch that could not begin: each write reports the error, unrun.
+        for w in unrun.into_iter().flatten() {
+            delivers.push((w.run)(None, true).deliver);
+        }
+        let changed = conn.total_changes() != before;
+        drop(conn);
+        match &outcome {
+            Ok(()) => delivers.into_iter().for_each(|d| d(Ok(()))),
+            Err(e) => delivers.into_iter().for_each(|d| d(Err(e))),
+        }
+        Ok(changed)
+    }
 }
 
 /// How a write transaction commits.
@@ -173,6 +306,7 @@ impl SqliteQueue {
             inner: Arc::new(Inner {
                 path,
                 conn: Mutex::new(conn),
+                queued: Mutex::new(Vec::new()),
                 changes,
                 poller: AtomicBool::new(false),
             }),
@@ -221,46 +355,78 @@ impl SqliteQueue {
     /// unless `f` says so: a process crash still loses nothing (the WAL is in the page
     /// cache), but a power failure may roll the transaction back. Claims and
     /// heartbeats use it: losing one only means the instance runs again.
+    ///
+    /// Group commit: writes that arrive while another is committing wait, then commit
+    /// together in one transaction (each in a savepoint of its own, so one that fails
+    /// undoes only itself) with one fsync. No call returns before the commit that
+    /// holds its write, with its durability, is done.
     async fn write_with<T: Send + 'static>(
         &self,
         sync: Sync,
         f: impl FnOnce(&Transaction<'_>) -> TxResult<(T, bool)> + Send + 'static,
     ) -> Result<T> {
-        let wal = wal_path(&self.inner.path);
-        let (out, changed) = self
-            .with_conn(move |conn| {
-                let before = conn.total_changes();
-                // The connection is always left at FULL; only a lazy commit switches
-                // (with cached statements: no parse per write).
-                if sync == Sync::Lazy {
-                    conn.prepare_cached("PRAGMA synchronous=NORMAL")?
-                        .execute([])?;
-                }
-                let result = (|| -> TxResult<(T, bool)> {
-                    let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-                    let (out, must_sync) = f(&tx)?;
-                    tx.commit()?;
-                    Ok((out, must_sync))
-                })();
-                if sync == Sync::Lazy {
-                    conn.prepare_cached("PRAGMA synchronous=FULL")?
-                        .execute([])?;
-                }
-                let (out, must_sync) = result?;
-                if sync == Sync::Lazy && must_sync {
-                    // What FULL would have done at commit: fsync the WAL.
-                    std::fs::File::open(&wal)
-                        .and_then(|f| f.sync_all())
-                        .map_err(|e| TxError::Domain(Error::io("fsync", &wal, e)))?;
-                }
-                Ok((out, conn.total_changes() != before))
-            })
-            .await?;
+        let (send, recv) = tokio::sync::oneshot::channel::<TxResult<T>>();
+        let run = Box::new(move |tx: Option<&Transaction<'_>>, alone: bool| {
+            let ran = tx.map(|tx| {
+                (|| -> rusqlite::Result<TxResult<(T, bool)>> {
+                    if alone {
+                        // The batch's only write: a failure rolls the whole
+                        // transaction back, no savepoint needed.
+                        return Ok(f(tx));
+                    }
+                    tx.prepare_cached("SAVEPOINT batchdb_write")?.execute([])?;
+                    let r = f(tx);
+                    if r.is_err() {
+                        tx.prepare_cached("ROLLBACK TO batchdb_write")?
+                            .execute([])?;
+                    }
+                    tx.prepare_cached("RELEASE batchdb_write")?.execute([])?;
+                    Ok(r)
+                })()
+            });
+            let ok = matches!(ran, Some(Ok(Ok(_))));
+            let must_sync = matches!(ran, Some(Ok(Ok((_, true)))));
+            let deliver: Deliver = Box::new(move |commit| {
+                let out = match (ran, commit) {
+                    (Some(Ok(Err(e))), _) => Err(e),
+                    (Some(Err(e)), _) => Err(TxError::Sql(e)),
+                    (_, Err(e)) => Err(TxError::Sql(copy_sql_error(e))),
+                    (Some(Ok(Ok((t, _)))), Ok(())) => Ok(t),
+                    (None, Ok(())) => Err(TxError::Domain(Error::Task(
+                        "sqlite write skipped by its group commit".into(),
+                    ))),
+                };
+                let _ = send.send(out);
+            });
+            Ran {
+                ok,
+                must_sync,
+                deliver,
+            }
+        });
+        self.inner
+            .queued
+            .lock()
+            .map_err(|_| Error::Task("sqlite write queue lock poisoned".into()))?
+            .push(Queued { sync, run });
+        let inner = self.inner.clone();
+        let changed = tokio::task::spawn_blocking(move || inner.commit_queued())
+            .await
+            .map_err(|e| Error::Task(e.to_string()))??;
         // Only a transaction that wrote something is news (an empty claim is not).
         if changed {
             self.inner.changes.send_modify(|v| *v += 1);
         }
-        Ok(out)
+        let out = recv
+            .await
+            .map_err(|_| Error::Task("sqlite write dropped before its commit".into()))?;
+        out.map_err(|e| match e {
+            TxError::Sql(source) => Error::Sqlite {
+                path: self.inner.path.clone(),
+                source,
+            },
+            TxError::Domain(e) => e,
+        })
     }
 
     fn start_poller(&self) {

@@ -30,6 +30,7 @@ macro_rules! suite {
                     push_unknown_job_fails,
                     push_existing_job_twice_gives_two_instances,
                     concurrent_pushes_stay_distinct,
+                    concurrent_writes_that_fail_undo_only_themselves,
                     created_is_unique_across_jobs,
                     add_writes_job_and_instance_together,
                     claim_order_newest_and_oldest,

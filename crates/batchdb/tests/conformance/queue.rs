@@ -117,6 +117,71 @@ pub async fn concurrent_pushes_stay_distinct(b: &Backend) {
     assert_eq!(rows(b, ListKind::Pending).await.len(), 40);
 }
 
+/// Many writes at once through one handle (they may share commits): the ones that
+/// fail (fenced finishes) leave no trace and never undo the others.
+pub async fn concurrent_writes_that_fail_undo_only_themselves(b: &Backend) {
+    for n in 0..20 {
+        b.queue.add(&job(n), &opts()).await.unwrap();
+    }
+    let claims = b.queue.claim(&req("w", 20, LONG)).await.unwrap();
+    assert_eq!(claims.len(), 20);
+    let mut tasks = Vec::new();
+    for (i, c) in claims.iter().enumerate() {
+        let q = b.queue.clone();
+        let mut token = c.token;
+        let stale = i % 2 == 1;
+        if stale {
+            token.token += 7; // no such attempt: fenced
+        }
+        tasks.push(tokio::spawn(async move {
+            (stale, token.id, q.finish(&token, &success(i as u64)).await)
+        }));
+        let q = b.queue.clone();
+        tasks.push(tokio::spawn(async move {
+            (
+                false,
+                -1,
+                q.add(&job(100 + i as u64), &opts())
+                    .await
+                    .map(|_| Finished::Result),
+            )
+        }));
+    }
+    let mut finished = HashSet::new();
+    for t in tasks {
+        let (stale, id, r) = t.await.unwrap();
+        match r {
+            Err(Error::Fenced { .. }) if stale => {}
+            Ok(_) if !stale => {
+                if id >= 0 {
+                    finished.insert(id);
+                }
+            }
+            other => panic!("stale={stale} instance {id}: {other:?}"),
+        }
+    }
+    assert_eq!(finished.len(), 10);
+    let results = rows(b, ListKind::Result).await;
+    assert_eq!(results.len(), 10, "exactly the valid finishes");
+    for r in &results {
+        let ListRow::Result(r) = r else { panic!() };
+        assert!(finished.contains(&r.value.id));
+    }
+    // The stale finishes changed nothing: their instances still run, one attempt each.
+    let counts = b.queue.counts().await.unwrap();
+    assert_eq!(
+        (counts.running, counts.pending, counts.result),
+        (10, 20, 10)
+    );
+    for c in &claims {
+        if !finished.contains(&c.token.id) {
+            let d = b.queue.instance(c.token.id).await.unwrap();
+            assert_eq!(d.attempts.len(), 1);
+            assert_eq!(d.attempts[0].outcome, None, "{d:?}");
+        }
+    }
+}
+
 pub async fn created_is_unique_across_jobs(b: &Backend) {
     let mut seen = HashSet::new();
     for n in 0..50 {
