@@ -77,8 +77,11 @@ struct Queued {
     /// Runs the write in the shared transaction (`None`: there is none, the batch
     /// failed to begin; the write only gets ready to report that).
     /// With `alone`, it is the batch's only write and runs without a savepoint.
-    run: Box<dyn FnOnce(Option<&Transaction<'_>>, bool) -> Ran + Send>,
+    run: RunWrite,
 }
+
+/// See [`Queued::run`].
+type RunWrite = Box<dyn FnOnce(Option<&Transaction<'_>>, bool) -> Ran + Send>;
 
 /// What running a queued write left to do.
 struct Ran {
