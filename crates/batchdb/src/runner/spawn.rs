@@ -187,6 +187,11 @@ pub(crate) fn spawn(
 
     let (in_r, in_w) = pipe()?;
     let (out_r, out_w) = pipe()?;
+    // A larger stdout pipe (the default is 64 KiB) lets a job that writes a lot run
+    // further ahead of the worker, which then reads (and hashes and writes) in bigger
+    // pieces. Best effort: the system limit (`fs.pipe-max-size`) may be lower.
+    // SAFETY: fcntl on a descriptor we own.
+    unsafe { libc::fcntl(out_r.as_raw_fd(), libc::F_SETPIPE_SZ, 1 << 20) };
     let (err_r, err_w) = pipe()?;
     let mut args = ChildArgs {
         path: path.as_ptr(),
