@@ -412,6 +412,16 @@ mod tests {
         )
     }
 
+    async fn read_all(fd: OwnedFd) -> String {
+        let mut text = String::new();
+        tokio::net::unix::pipe::Receiver::from_owned_fd(fd)
+            .unwrap()
+            .read_to_string(&mut text)
+            .await
+            .unwrap();
+        text
+    }
+
     #[tokio::test]
     async fn runs_with_pipes_env_exit_code_and_its_own_process_group() {
         assert!(supported(), "this kernel has pidfds");
@@ -427,18 +437,8 @@ mod tests {
         let mut stdin = tokio::net::unix::pipe::Sender::from_owned_fd(child.stdin).unwrap();
         stdin.write_all(b"hello\n").await.unwrap();
         drop(stdin);
-        let mut out = String::new();
-        tokio::net::unix::pipe::Receiver::from_owned_fd(child.stdout)
-            .unwrap()
-            .read_to_string(&mut out)
-            .await
-            .unwrap();
-        let mut err = String::new();
-        tokio::net::unix::pipe::Receiver::from_owned_fd(child.stderr)
-            .unwrap()
-            .read_to_string(&mut err)
-            .await
-            .unwrap();
+        let out = read_all(child.stdout).await;
+        let err = read_all(child.stderr).await;
         assert_eq!(out, "hello env ok\n");
         assert!(err.starts_with("err\n"), "{err}");
         assert_eq!(wait.wait().await.unwrap(), (Some(3), None));
@@ -482,13 +482,7 @@ mod tests {
         let child = sh("yes | head -c 10 >/dev/null; echo done", &[]).unwrap();
         let mut wait = ChildWait::new(child.pidfd).unwrap();
         drop(child.stdin);
-        let mut out = String::new();
-        tokio::net::unix::pipe::Receiver::from_owned_fd(child.stdout)
-            .unwrap()
-            .read_to_string(&mut out)
-            .await
-            .unwrap();
-        assert_eq!(out, "done\n");
+        assert_eq!(read_all(child.stdout).await, "done\n");
         assert_eq!(wait.wait().await.unwrap(), (Some(0), None));
     }
 }
