@@ -87,6 +87,8 @@ type RunWrite = Box<dyn FnOnce(Option<&Transaction<'_>>, bool) -> Ran + Send>;
 struct Ran {
     /// It succeeded (a failed write alone in its batch rolls the batch back).
     ok: bool,
+    /// A savepoint statement around it failed: the batch cannot commit.
+    broken: bool,
     /// It needs an fsync at commit even if lazy.
     must_sync: bool,
     deliver: Deliver,
@@ -110,9 +112,10 @@ fn copy_sql_error(e: &rusqlite::Error) -> rusqlite::Error {
 
 impl Inner {
     /// Commits whatever writes are queued (none if another thread already did) in one
-    /// transaction and delivers their results. Returns whether anything changed.
-    fn commit_queued(&self) -> Result<bool> {
-        let conn = self
+    /// transaction and delivers their results (before the connection is released, so
+    /// a caller that gets the connection next finds its write answered).
+    fn commit_queued(&self) -> Result<()> {
+        let mut conn = self
             .conn
             .lock()
             .map_err(|_| Error::Task("sqlite connection lock poisoned".into()))?;
@@ -125,31 +128,42 @@ impl Inner {
             q.drain(..n).collect()
         };
         if batch.is_empty() {
-            return Ok(false);
+            return Ok(());
         }
-        let mut conn = conn;
         let lazy = batch.iter().all(|w| w.sync == Sync::Lazy);
         let before = conn.total_changes();
         let mut delivers = Vec::with_capacity(batch.len());
         let mut must_sync = false;
         let mut unrun = Some(batch);
         let committed = (|| -> rusqlite::Result<()> {
-            // The connection is always left at FULL; only an all-lazy batch switches
-            // (with cached statements: no parse per write).
-            if lazy {
-                conn.prepare_cached("PRAGMA synchronous=NORMAL")?
-                    .execute([])?;
-            }
+            // Set for every batch (a cached statement: no parse), so a failed reset
+            // after a lazy batch can never leave a durable one at NORMAL.
+            conn.prepare_cached(if lazy {
+                "PRAGMA synchronous=NORMAL"
+            } else {
+                "PRAGMA synchronous=FULL"
+            })?
+            .execute([])?;
             let result = (|| {
                 let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-                let writes = unrun.take().unwrap_or_default();
+                let mut writes = unrun.take().unwrap_or_default().into_iter();
                 let alone = writes.len() == 1;
                 let mut all_ok = true;
-                for w in writes {
+                while let Some(w) = writes.next() {
                     let ran = (w.run)(Some(&tx), alone);
                     must_sync |= ran.must_sync;
                     all_ok &= ran.ok;
                     delivers.push(ran.deliver);
+                    if ran.broken || tx.is_autocommit() {
+                        // A savepoint statement failed, or SQLite rolled the whole
+                        // transaction back itself (I/O error, full disk): nothing of
+                        // this batch may commit; the writes not yet run fail unrun.
+                        unrun = Some(writes.collect());
+                        return Err(rusqlite::Error::SqliteFailure(
+                            rusqlite::ffi::Error::new(rusqlite::ffi::SQLITE_ABORT),
+                            Some("a write of this group commit failed mid-transaction; all rolled back".into()),
+                        ));
+                    }
                 }
                 if alone && !all_ok {
                     // Dropping the transaction rolls it back.
@@ -178,17 +192,21 @@ impl Inner {
             }
             other => other,
         };
-        // A batch that could not begin: each write reports the error, unrun.
+        // Writes that never ran (the batch could not begin, or broke): each reports
+        // the error.
         for w in unrun.into_iter().flatten() {
             delivers.push((w.run)(None, true).deliver);
         }
-        let changed = conn.total_changes() != before;
-        drop(conn);
+        // Only a commit that wrote something is news (an empty claim is not).
+        if outcome.is_ok() && conn.total_changes() != before {
+            self.changes.send_modify(|v| *v += 1);
+        }
         match &outcome {
             Ok(()) => delivers.into_iter().for_each(|d| d(Ok(()))),
             Err(e) => delivers.into_iter().for_each(|d| d(Err(e))),
         }
-        Ok(changed)
+        drop(conn);
+        Ok(())
     }
 }
 
@@ -388,6 +406,7 @@ impl SqliteQueue {
                 })()
             });
             let ok = matches!(ran, Some(Ok(Ok(_))));
+            let broken = matches!(ran, Some(Err(_)));
             let must_sync = matches!(ran, Some(Ok(Ok((_, true)))));
             let deliver: Deliver = Box::new(move |commit| {
                 let out = match (ran, commit) {
@@ -403,6 +422,7 @@ impl SqliteQueue {
             });
             Ran {
                 ok,
+                broken,
                 must_sync,
                 deliver,
             }
@@ -412,17 +432,22 @@ impl SqliteQueue {
             .lock()
             .map_err(|_| Error::Task("sqlite write queue lock poisoned".into()))?
             .push(Queued { sync, run });
-        let inner = self.inner.clone();
-        let changed = tokio::task::spawn_blocking(move || inner.commit_queued())
-            .await
-            .map_err(|e| Error::Task(e.to_string()))??;
-        // Only a transaction that wrote something is news (an empty claim is not).
-        if changed {
-            self.inner.changes.send_modify(|v| *v += 1);
-        }
-        let out = recv
-            .await
-            .map_err(|_| Error::Task("sqlite write dropped before its commit".into()))?;
+        // Commit what is queued until this write is answered: usually the first round
+        // (this write, alone or with others), or another thread's batch took it.
+        let mut recv = recv;
+        let out = loop {
+            let inner = self.inner.clone();
+            tokio::task::spawn_blocking(move || inner.commit_queued())
+                .await
+                .map_err(|e| Error::Task(e.to_string()))??;
+            match recv.try_recv() {
+                Ok(out) => break out,
+                Err(tokio::sync::oneshot::error::TryRecvError::Empty) => continue,
+                Err(tokio::sync::oneshot::error::TryRecvError::Closed) => {
+                    return Err(Error::Task("sqlite write dropped before its commit".into()));
+                }
+            }
+        };
         out.map_err(|e| match e {
             TxError::Sql(source) => Error::Sqlite {
                 path: self.inner.path.clone(),

@@ -233,9 +233,23 @@ impl ShellRunner {
             .map(|(k, v)| (k.into(), v.into()))
             .collect();
         let args: Vec<std::ffi::OsString> = self.argv[1..].iter().map(Into::into).collect();
-        let child = spawn::spawn(program, self.argv[0].as_ref(), &args, &env).map_err(spawn_err)?;
-        let killer = Arc::new(GroupKiller { pgid: child.pid });
-        let mut wait = spawn::ChildWait::new(child.pidfd).map_err(spawn_err)?;
+        let (program, arg0) = (
+            program.to_path_buf(),
+            std::ffi::OsString::from(&self.argv[0]),
+        );
+        let child = spawn::on_spawner_thread(move || spawn::spawn(&program, &arg0, &args, &env))
+            .and_then(|r| r)
+            .map_err(spawn_err)?;
+        let (pid, killer) = (child.pid, Arc::new(GroupKiller { pgid: child.pid }));
+        let mut wait = match spawn::ChildWait::new(child.pidfd) {
+            Ok(w) => w,
+            Err(e) => {
+                // It runs, but cannot be waited for: stop it rather than lose it.
+                killer.stop(Stop::Kill);
+                spawn::reap(pid);
+                return Err(spawn_err(e));
+            }
+        };
         let pipes = (|| {
             Ok::<_, io::Error>((
                 pipe::Sender::from_owned_fd(child.stdin)?,
@@ -270,8 +284,10 @@ impl Runner for ShellRunner {
     ///
     /// The command starts without a fork of the worker (see [`spawn`]: `vfork`-style,
     /// as `posix_spawn` does) where the kernel has pidfds (Linux 5.4+); elsewhere, or
-    /// with `BATCHDB_SPAWN=fork` in the environment, through fork + exec. A command
-    /// that cannot be found fails the spawn itself ([`Error::Spawn`]).
+    /// with `BATCHDB_SPAWN=fork` in the environment, through fork + exec. Either way it
+    /// is started from one thread that lives as long as the process (the signal fires
+    /// when the *thread* that started a process ends). A command that cannot be found
+    /// fails the spawn itself ([`Error::Spawn`]).
     fn spawn(&self, ctx: &RunContext) -> Result<Execution> {
         if spawn::supported() && !force_fork() {
             if let Some(program) = self.program.get_or_init(|| resolve(&self.argv[0])) {
@@ -305,7 +321,14 @@ impl Runner for ShellRunner {
             command: self.argv.join(" "),
             source: e,
         };
-        let mut child = cmd.spawn().map_err(spawn_err)?;
+        let runtime =
+            tokio::runtime::Handle::try_current().map_err(|e| spawn_err(io::Error::other(e)))?;
+        let mut child = spawn::on_spawner_thread(move || {
+            let _inside = runtime.enter();
+            cmd.spawn()
+        })
+        .and_then(|r| r)
+        .map_err(spawn_err)?;
         let pgid = child.id().map_or(0, |p| p as i32);
         let missing = || spawn_err(io::Error::other("child pipe missing"));
         let stdin = child.stdin.take().ok_or_else(missing)?;

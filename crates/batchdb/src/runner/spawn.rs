@@ -44,7 +44,37 @@ pub(crate) struct Spawned {
     pub pidfd: OwnedFd,
 }
 
-/// Whether this kernel has pidfds (Linux 5.4+), checked once.
+/// Runs `f` on the one thread that starts every job of this process, and returns what
+/// it returned. `PR_SET_PDEATHSIG` fires when the *thread* that created a process
+/// exits, not the process: a job started from a pool thread that later retires (tokio
+/// retires idle blocking threads) would be killed with it. This thread never ends.
+pub(crate) fn on_spawner_thread<T: Send + 'static>(
+    f: impl FnOnce() -> T + Send + 'static,
+) -> io::Result<T> {
+    type Job = Box<dyn FnOnce() + Send>;
+    static SPAWNER: OnceLock<Option<std::sync::mpsc::Sender<Job>>> = OnceLock::new();
+    let gone = || io::Error::other("the batchdb spawner thread is gone");
+    let sender = SPAWNER
+        .get_or_init(|| {
+            let (tx, rx) = std::sync::mpsc::channel::<Job>();
+            std::thread::Builder::new()
+                .name("batchdb-spawner".into())
+                .spawn(move || rx.into_iter().for_each(|job| job()))
+                .ok()
+                .map(|_| tx)
+        })
+        .as_ref()
+        .ok_or_else(gone)?;
+    let (reply, answer) = std::sync::mpsc::sync_channel(1);
+    sender
+        .send(Box::new(move || {
+            let _ = reply.send(f());
+        }))
+        .map_err(|_| gone())?;
+    answer.recv().map_err(|_| gone())
+}
+
+/// Whether this kernel has pidfds and `waitid(P_PIDFD)` (Linux 5.4+), checked once.
 pub(crate) fn supported() -> bool {
     static SUPPORTED: OnceLock<bool> = OnceLock::new();
     *SUPPORTED.get_or_init(|| {
@@ -54,9 +84,49 @@ pub(crate) fn supported() -> bool {
             return false;
         }
         // SAFETY: a new fd we own.
-        drop(unsafe { OwnedFd::from_raw_fd(fd as RawFd) });
-        true
+        let fd = unsafe { OwnedFd::from_raw_fd(fd as RawFd) };
+        // We are not our own child: ECHILD where P_PIDFD is known, EINVAL (5.3) where not.
+        matches!(waitid(fd.as_raw_fd(), libc::WNOHANG), Err(e) if e.raw_os_error() == Some(libc::ECHILD))
     })
+}
+
+/// Sets this thread's signal mask to all (`true`) or none of the 64 signals with the
+/// raw system call: glibc's wrappers quietly keep its two internal signals unblocked.
+/// Returns the previous mask.
+///
+/// # Safety
+/// Only a plain system call; callers restore the mask they replaced.
+unsafe fn set_mask(all: bool) -> u64 {
+    let mask: u64 = if all { !0 } else { 0 };
+    let mut old: u64 = 0;
+    // SAFETY: both pointers are valid 8-byte sigsets, the size the kernel expects.
+    unsafe {
+        libc::syscall(
+            libc::SYS_rt_sigprocmask,
+            libc::SIG_SETMASK,
+            &mask as *const u64,
+            &mut old as *mut u64,
+            8usize,
+        );
+    }
+    old
+}
+
+/// Restores a mask returned by [`set_mask`].
+///
+/// # Safety
+/// Only a plain system call.
+unsafe fn restore_mask(old: u64) {
+    // SAFETY: a valid 8-byte sigset.
+    unsafe {
+        libc::syscall(
+            libc::SYS_rt_sigprocmask,
+            libc::SIG_SETMASK,
+            &old as *const u64,
+            std::ptr::null_mut::<u64>(),
+            8usize,
+        );
+    }
 }
 
 fn cstr(s: &OsStr) -> io::Result<CString> {
@@ -143,9 +213,7 @@ extern "C" fn child_main(arg: *mut libc::c_void) -> libc::c_int {
                 fail(a);
             }
         }
-        let mut none: libc::sigset_t = std::mem::zeroed();
-        libc::sigemptyset(&mut none);
-        libc::sigprocmask(libc::SIG_SETMASK, &none, std::ptr::null_mut());
+        set_mask(false);
         libc::execve(a.path, a.argv, a.envp);
         fail(a)
     }
@@ -189,9 +257,11 @@ pub(crate) fn spawn(
     let (out_r, out_w) = pipe()?;
     // A larger stdout pipe (the default is 64 KiB) lets a job that writes a lot run
     // further ahead of the worker, which then reads (and hashes and writes) in bigger
-    // pieces. Best effort: the system limit (`fs.pipe-max-size`) may be lower.
+    // pieces. 256 KiB, not the 1 MiB maximum: pipe pages count against a per-user
+    // limit (`fs.pipe-user-pages-soft`, 64 MiB), past which every new pipe of the
+    // user shrinks to one page. Best effort.
     // SAFETY: fcntl on a descriptor we own.
-    unsafe { libc::fcntl(out_r.as_raw_fd(), libc::F_SETPIPE_SZ, 1 << 20) };
+    unsafe { libc::fcntl(out_r.as_raw_fd(), libc::F_SETPIPE_SZ, 256 << 10) };
     let (err_r, err_w) = pipe()?;
     let mut args = ChildArgs {
         path: path.as_ptr(),
@@ -207,10 +277,7 @@ pub(crate) fn spawn(
     // `args` and the C strings above (all alive until then: CLONE_VFORK suspends this
     // thread until the child execs or exits) and writes `args.err`.
     let pid = unsafe {
-        let mut all: libc::sigset_t = std::mem::zeroed();
-        let mut old: libc::sigset_t = std::mem::zeroed();
-        libc::sigfillset(&mut all);
-        libc::pthread_sigmask(libc::SIG_SETMASK, &all, &mut old);
+        let old = set_mask(true);
         let pid = libc::clone(
             child_main,
             stack.top(),
@@ -218,7 +285,7 @@ pub(crate) fn spawn(
             &mut args as *mut ChildArgs as *mut libc::c_void,
         );
         let clone_err = io::Error::last_os_error();
-        libc::pthread_sigmask(libc::SIG_SETMASK, &old, std::ptr::null_mut());
+        restore_mask(old);
         if pid < 0 {
             return Err(clone_err);
         }
@@ -252,7 +319,7 @@ pub(crate) fn spawn(
 }
 
 /// Waits (blocking) for child `pid` to end and discards its status.
-fn reap(pid: libc::pid_t) {
+pub(crate) fn reap(pid: libc::pid_t) {
     let mut status = 0;
     // SAFETY: waitpid on our own child.
     while unsafe { libc::waitpid(pid, &mut status, 0) } < 0
@@ -442,6 +509,23 @@ mod tests {
         assert_eq!(out, "hello env ok\n");
         assert!(err.starts_with("err\n"), "{err}");
         assert_eq!(wait.wait().await.unwrap(), (Some(3), None));
+    }
+
+    #[tokio::test]
+    async fn a_job_outlives_the_thread_that_asked_for_it() {
+        // PR_SET_PDEATHSIG follows the creating thread: jobs are created on the
+        // spawner thread, so a caller's thread ending must not kill them.
+        let child = std::thread::spawn(|| {
+            on_spawner_thread(|| sh("sleep 0.3; echo alive", &[]))
+                .unwrap()
+                .unwrap()
+        })
+        .join()
+        .unwrap();
+        let mut wait = ChildWait::new(child.pidfd).unwrap();
+        drop(child.stdin);
+        assert_eq!(read_all(child.stdout).await, "alive\n");
+        assert_eq!(wait.wait().await.unwrap(), (Some(0), None));
     }
 
     #[tokio::test]
