@@ -129,3 +129,57 @@ async fn a_handle_recovers_after_the_server_restarts() {
     );
     drop(pg);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn check_rehashes_inline_payloads_and_outputs() {
+    use batchdb::queue::{AttemptReport, NewJob, Outcome};
+    let url = fresh_url().await;
+    let q = PgQueue::open(&url).await.unwrap();
+    q.add_many(
+        &[NewJob::inline(b"echo a".to_vec())],
+        &PushOptions::default(),
+    )
+    .await
+    .unwrap();
+    let claims = q
+        .claim(&batchdb::queue::ClaimRequest {
+            worker: "w".into(),
+            limit: 1,
+            lease: Duration::from_secs(60),
+            order: batchdb::queue::Order::Oldest,
+            cache: None,
+            cache_all: false,
+        })
+        .await
+        .unwrap();
+    let out = batchdb::blob::BlobInfo {
+        hash: batchdb::Hash::of(b"a\n"),
+        size: 2,
+    };
+    let report = AttemptReport {
+        stdout: Some(out),
+        inline: vec![b"a\n".to_vec()],
+        ..AttemptReport::default()
+    };
+    q.finish(&claims[0].token, &Outcome::Success(report))
+        .await
+        .unwrap();
+    assert!(q.check().await.unwrap().is_empty());
+    assert_eq!(
+        q.inline_blob(&out.hash).await.unwrap(),
+        Some(b"a\n".to_vec())
+    );
+    let db = url.rsplit('/').next().unwrap().to_string();
+    tokio::task::spawn_blocking(move || {
+        shared().sql(
+            &db,
+            "UPDATE batchdb.inline_blobs SET data = '\\x00'; UPDATE batchdb.jobs SET payload = '\\x01'",
+        )
+    })
+    .await
+    .unwrap();
+    let problems = q.check().await.unwrap();
+    assert_eq!(problems.len(), 2, "{problems:?}");
+    assert!(problems[0].starts_with("job ") && problems[0].contains("inline payload"));
+    assert!(problems[1].starts_with(&format!("inline blob {}", out.hash)));
+}

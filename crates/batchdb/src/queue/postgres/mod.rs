@@ -1455,21 +1455,25 @@ impl Queue for PgQueue {
                     problems.push(format!("{n} {what}"));
                 }
             }
-            for r in c
-                .query("SELECT key, payload FROM jobs WHERE payload IS NOT NULL", &[])
-                .await?
-            {
-                let key: String = r.try_get(0)?;
-                let actual = Hash::of(r.try_get::<_, &[u8]>(1)?);
-                if actual.to_hex() != key {
-                    problems.push(format!("job {key}: its inline payload hashes to {actual}"));
-                }
-            }
-            for r in c.query("SELECT key, data FROM inline_blobs", &[]).await? {
-                let key: &str = r.try_get(0)?;
-                let actual = Hash::of(r.try_get::<_, &[u8]>(1)?);
-                if actual.to_hex() != key {
-                    problems.push(format!("inline blob {key} hashes to {actual}"));
+            // Streamed row by row (not `query`, which collects every row first): every
+            // inline payload and output is read, and there may be millions.
+            for (sql, what) in [
+                (
+                    "SELECT key, payload FROM jobs WHERE payload IS NOT NULL",
+                    "job {key}: its inline payload",
+                ),
+                ("SELECT key, data FROM inline_blobs", "inline blob {key}"),
+            ] {
+                let rows = c.query_raw(sql, std::iter::empty::<i32>()).await?;
+                futures_util::pin_mut!(rows);
+                while let Some(r) = rows.next().await {
+                    let r = r?;
+                    let key: &str = r.try_get(0)?;
+                    let actual = Hash::of(r.try_get::<_, &[u8]>(1)?);
+                    if actual.to_hex() != key {
+                        let owner = what.replace("{key}", key);
+                        problems.push(format!("{owner} hashes to {actual}"));
+                    }
                 }
             }
             Ok(problems)
