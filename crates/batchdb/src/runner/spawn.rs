@@ -171,7 +171,9 @@ extern "C" fn child_main(arg: *mut libc::c_void) -> libc::c_int {
     unsafe {
         let a = &mut *(arg as *mut ChildArgs);
         let fail = |a: &mut ChildArgs| -> ! {
-            std::ptr::write_volatile(&mut a.err, *libc::__errno_location());
+            // Never 0: the parent reads 0 as "it exec'd".
+            let errno = *libc::__errno_location();
+            std::ptr::write_volatile(&mut a.err, if errno == 0 { libc::EIO } else { errno });
             libc::_exit(127)
         };
         // Caught signals go back to their default action (a handler must never run

@@ -142,14 +142,7 @@ async fn check_rehashes_inline_payloads_and_outputs() {
     .await
     .unwrap();
     let claims = q
-        .claim(&batchdb::queue::ClaimRequest {
-            worker: "w".into(),
-            limit: 1,
-            lease: Duration::from_secs(60),
-            order: batchdb::queue::Order::Oldest,
-            cache: None,
-            cache_all: false,
-        })
+        .claim(&crate::util::req("w", 1, Duration::from_secs(60)))
         .await
         .unwrap();
     let out = batchdb::blob::BlobInfo {
