@@ -4,7 +4,28 @@ use std::io;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 
-use tokio::io::{AsyncRead, ReadBuf};
+use tokio::io::{AsyncRead, AsyncReadExt, ReadBuf};
+
+use crate::error::{Error, Result};
+
+/// Reads up to [`crate::INLINE_MAX`]` + 1` bytes of `reader`: all of it if it fits
+/// inline (the caller keeps it in the queue), else the head of a longer stream (the
+/// caller chains it before the rest). A read error is [`Error::Stream`] on `what`.
+pub(crate) async fn read_inline_head(
+    reader: &mut (dyn AsyncRead + Send + Unpin),
+    what: &str,
+) -> Result<Vec<u8>> {
+    let mut head = Vec::new();
+    reader
+        .take(crate::INLINE_MAX as u64 + 1)
+        .read_to_end(&mut head)
+        .await
+        .map_err(|e| Error::Stream {
+            what: what.into(),
+            source: e,
+        })?;
+    Ok(head)
+}
 
 /// Sees the bytes of a stream as they pass through an [`Inspect`] reader.
 pub(crate) trait Inspector {

@@ -186,15 +186,7 @@ impl BatchDb {
     /// a larger payload streams into the blob store (durable on return).
     async fn stage(&self, mut payload: impl AsyncRead + Send + Unpin) -> Result<NewJob> {
         use tokio::io::AsyncReadExt;
-        let mut head = Vec::new();
-        (&mut payload)
-            .take(INLINE_MAX as u64 + 1)
-            .read_to_end(&mut head)
-            .await
-            .map_err(|e| Error::Stream {
-                what: "read payload".into(),
-                source: e,
-            })?;
+        let head = io::read_inline_head(&mut payload, "read payload").await?;
         if head.len() <= INLINE_MAX {
             return Ok(NewJob::inline(head));
         }

@@ -40,15 +40,8 @@ async fn store_output(
     reader: &mut (dyn tokio::io::AsyncRead + Send + Unpin),
 ) -> Result<Stored> {
     use tokio::io::AsyncReadExt;
-    let mut head = Vec::new();
-    let n = (&mut *reader)
-        .take(crate::INLINE_MAX as u64 + 1)
-        .read_to_end(&mut head)
-        .await
-        .map_err(|e| Error::Stream {
-            what: "read output".into(),
-            source: e,
-        })?;
+    let head = crate::io::read_inline_head(reader, "read output").await?;
+    let n = head.len();
     if n <= crate::INLINE_MAX {
         let info = BlobInfo {
             hash: Hash::of(&head),

@@ -86,7 +86,7 @@ impl Garage {
     /// bucket and key ready. Panics with the server's log if it fails to come up.
     pub fn start_new() -> Garage {
         let binary = binary();
-        sweep_stale_dirs();
+        crate::process::sweep_stale("batchdb-garage-");
         let dir = tempfile::Builder::new()
             .prefix(&format!("batchdb-garage-{}-", std::process::id()))
             .tempdir()
@@ -285,27 +285,6 @@ impl Drop for Garage {
     fn drop(&mut self) {
         self.stop();
         let _ = std::fs::remove_dir_all(&self.dir);
-    }
-}
-
-/// Removes `batchdb-garage-<pid>-*` directories whose test binary is gone (the shared
-/// server lives in a static, so its directory outlives the run).
-fn sweep_stale_dirs() {
-    let Ok(entries) = std::fs::read_dir(std::env::temp_dir()) else {
-        return;
-    };
-    for e in entries.flatten() {
-        let name = e.file_name().to_string_lossy().into_owned();
-        let Some(pid) = name
-            .strip_prefix("batchdb-garage-")
-            .and_then(|rest| rest.split('-').next())
-            .and_then(|p| p.parse::<u32>().ok())
-        else {
-            continue;
-        };
-        if !Path::new(&format!("/proc/{pid}")).exists() {
-            let _ = std::fs::remove_dir_all(e.path());
-        }
     }
 }
 

@@ -87,7 +87,7 @@ impl Postgres {
     /// false, the server skips fsyncs (fine for tests; benchmarks want it true).
     pub fn start_new(fsync: bool) -> Postgres {
         let bin = bin_dir();
-        sweep_stale_clusters();
+        crate::process::sweep_stale("batchdb-pg-");
         let dir = tempfile::Builder::new()
             .prefix(&format!("batchdb-pg-{}-", std::process::id()))
             .tempdir()
@@ -264,28 +264,6 @@ impl Postgres {
 impl Drop for Postgres {
     fn drop(&mut self) {
         self.stop();
-    }
-}
-
-/// Removes the clusters earlier test runs left behind (a static's cluster is killed
-/// with its test binary, never dropped): every `batchdb-pg-<pid>-*` directory whose
-/// process is gone.
-fn sweep_stale_clusters() {
-    let Ok(entries) = std::fs::read_dir(std::env::temp_dir()) else {
-        return;
-    };
-    for e in entries.flatten() {
-        let name = e.file_name().to_string_lossy().into_owned();
-        let Some(pid) = name
-            .strip_prefix("batchdb-pg-")
-            .and_then(|r| r.split('-').next())
-            .and_then(|p| p.parse::<u32>().ok())
-        else {
-            continue;
-        };
-        if !Path::new(&format!("/proc/{pid}")).exists() {
-            let _ = std::fs::remove_dir_all(e.path());
-        }
     }
 }
 

@@ -5,6 +5,28 @@ use std::process::{Child, Command};
 use std::sync::mpsc;
 use std::thread;
 
+/// Removes every `<prefix><pid>-*` entry of the temporary directory whose process
+/// `<pid>` is gone: what the servers of earlier test binaries left behind (a shared
+/// server lives in a static, so it is killed with its binary, never dropped).
+pub fn sweep_stale(prefix: &str) {
+    let Ok(entries) = std::fs::read_dir(std::env::temp_dir()) else {
+        return;
+    };
+    for e in entries.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        let Some(pid) = name
+            .strip_prefix(prefix)
+            .and_then(|rest| rest.split('-').next())
+            .and_then(|p| p.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        if !std::path::Path::new(&format!("/proc/{pid}")).exists() {
+            let _ = std::fs::remove_dir_all(e.path());
+        }
+    }
+}
+
 /// A TCP port on 127.0.0.1 that was free a moment ago.
 pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
