@@ -19,7 +19,7 @@ use crate::queue::{
     AttemptReport, CacheSpec, Claim, ClaimRequest, ClaimToken, Finished, Order, Outcome, Queue,
     cache_key, now_ms,
 };
-use crate::runner::{ExitStatus, Reader, RunContext, Runner, Stop};
+use crate::runner::{ExitStatus, Killer, Reader, RunContext, Runner, Stop};
 
 /// Payloads up to this size are verified before their job starts.
 const PREFETCH: u64 = 8 << 20;
@@ -260,13 +260,14 @@ impl Worker {
                                 send(&reports, &claim, hit, Some(Finished::Result));
                                 continue;
                             }
-                            if let Some(lost) = claim.lost_worker.clone() {
+                            if let Some(lost) = claim.lost.clone() {
                                 // Whatever the lost attempt left running here must stop
-                                // before the instance runs again.
-                                let (runner, id, old) =
-                                    (this.runner.clone(), claim.token.id, claim.token.token - 1);
+                                // before the instance runs again. Aimed by the lost
+                                // attempt's own id (Runner::stop_lost): it never reaches
+                                // a live attempt, here or of any other database.
+                                let runner = this.runner.clone();
                                 let _ = tokio::task::spawn_blocking(move || {
-                                    runner.stop_lost(&lost, id, old)
+                                    runner.stop_lost(&lost);
                                 })
                                 .await;
                             }
@@ -426,6 +427,7 @@ impl Worker {
             created: claim.created,
             attempt: claim.token.token,
             worker: self.opts.name.clone(),
+            attempt_id: claim.attempt_id.clone(),
         };
         // A payload up to PREFETCH bytes is read and verified against its hash before
         // anything runs, so a corrupt payload never reaches the runner; a larger one
@@ -504,23 +506,14 @@ impl Worker {
                 None => None,
             }
         };
-        let group = killer.clone();
+        let (group, settle_cut) = (killer.clone(), cut.clone());
         let grace = self.opts.kill_grace;
-        let straggler_stop = self.straggler_stop(&ctx, cut.clone());
         let waiting = async move {
             let st = exec.wait.await;
             // The job is its process group: once the leader exits, stragglers (which
-            // may still hold its output open) are stopped too; whatever still holds
-            // the output after the grace period (even outside the group) is killed
-            // and the output cut there.
-            if group.alive() {
-                group.stop(Stop::Terminate);
-                tokio::spawn(reap_group(group, grace));
-            }
-            tokio::spawn(async move {
-                tokio::time::sleep(grace).await;
-                straggler_stop.await;
-            });
+            // may still hold its output open) are stopped too; whatever is left after
+            // the grace period (even outside the group) is killed and the output cut.
+            tokio::spawn(settle(group, grace, settle_cut));
             st
         };
         let work = async { tokio::join!(feed, outputs, errors, waiting) };
@@ -555,16 +548,18 @@ impl Worker {
                     stop_now = Some(Stopped::Timeout);
                 }
                 _ = tokio::time::sleep_until(force_at.unwrap_or(far)), if force_at.is_some() => {
-                    if killer.alive() {
-                        killer.stop(Stop::Kill);
-                    }
+                    // Aimed: a killer signals only its own execution, and nothing
+                    // once released (Killer's contract).
+                    killer.stop(Stop::Kill);
                     force_at = None;
                     cut_at = Some(Instant::now() + self.opts.kill_grace);
                 }
                 _ = tokio::time::sleep_until(cut_at.unwrap_or(far)), if cut_at.is_some() => {
                     // Killed, yet something still holds the output open.
                     cut_at = None;
-                    self.straggler_stop(&ctx, cut.clone()).await;
+                    let k = killer.clone();
+                    let _ = tokio::task::spawn_blocking(move || k.stop_all()).await;
+                    cut.cut();
                 }
                 _ = tokio::time::sleep_until(lease_end), if stopped.is_none() => {
                     tracing::warn!("instance {}: lease ran out without renewal; stopping it", claim.token.id);
@@ -701,22 +696,6 @@ impl Worker {
         }
     }
 
-    /// Kills every process left of this attempt (found by its environment, so also
-    /// those that left the process group) and cuts its output streams.
-    fn straggler_stop(
-        &self,
-        ctx: &RunContext,
-        cut: Cut,
-    ) -> impl std::future::Future<Output = ()> + Send + 'static {
-        let runner = self.runner.clone();
-        let (worker, id, attempt) = (ctx.worker.clone(), ctx.instance, ctx.attempt);
-        async move {
-            let _ =
-                tokio::task::spawn_blocking(move || runner.stop_lost(&worker, id, attempt)).await;
-            cut.cut();
-        }
-    }
-
     /// Opens a job's payload: up to [`PREFETCH`] bytes are read (and so verified)
     /// before this returns; a larger payload streams.
     async fn prefetch(&self, job: &Hash) -> Result<Reader> {
@@ -757,18 +736,36 @@ impl Worker {
 /// as an ordinary failure.
 pub const STORE_RETRIES: u32 = 10;
 
-/// Waits up to `grace` for a process group to empty, then kills what is left. It
-/// looks every 50 ms, so that it never signals a group id the kernel may have
-/// handed to a new process after the group emptied.
-async fn reap_group(group: Arc<dyn crate::runner::Killer>, grace: Duration) {
+/// Settles an execution whose main process has ended: what it left running (in its
+/// process group, or anywhere with its attempt id) gets SIGTERM, and up to `grace` to
+/// end; whatever is left then is killed (SIGKILL) and the output cut, even if
+/// something outside the attempt's reach still holds it open. Then the killer is
+/// released. An execution that left nothing costs one look (and a timer).
+async fn settle(killer: Arc<dyn Killer>, grace: Duration, cut: Cut) {
+    let alive = |k: &Arc<dyn Killer>| {
+        let k = k.clone();
+        async move {
+            tokio::task::spawn_blocking(move || k.alive())
+                .await
+                .unwrap_or(true)
+        }
+    };
     let until = Instant::now() + grace;
-    while Instant::now() < until {
-        tokio::time::sleep(Duration::from_millis(50)).await;
-        if !group.alive() {
-            return;
+    if alive(&killer).await {
+        killer.stop(Stop::Terminate);
+        let mut left = true;
+        while left && Instant::now() < until {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            left = alive(&killer).await;
+        }
+        if left {
+            let k = killer.clone();
+            let _ = tokio::task::spawn_blocking(move || k.stop_all()).await;
         }
     }
-    group.stop(Stop::Kill);
+    let _ = tokio::task::spawn_blocking(move || killer.release()).await;
+    tokio::time::sleep_until(until).await;
+    cut.cut();
 }
 
 /// `base · 2^(n-1)`, capped at `max`, times a random factor in [0.5, 1.5).

@@ -27,7 +27,7 @@ use crate::error::{Error, Result};
 use crate::hash::Hash;
 
 /// The schema version this build writes and understands.
-pub const SCHEMA_VERSION: i64 = 3;
+pub const SCHEMA_VERSION: i64 = 4;
 const SCHEMA: &str = include_str!("schema.sql");
 
 /// How often other processes' commits are looked for while someone waits, where the
@@ -288,6 +288,10 @@ fn migrate(conn: &mut Connection, location: &str) -> TxResult<()> {
         tx.execute_batch(
             "CREATE TABLE inline_blobs(key TEXT PRIMARY KEY, data BLOB NOT NULL) WITHOUT ROWID",
         )?;
+    }
+    if version < 4 {
+        // Version 4: each attempt's random id, which its processes carry.
+        tx.execute_batch("ALTER TABLE attempts ADD COLUMN attempt_id TEXT")?;
     }
     if version < SCHEMA_VERSION {
         tx.execute_batch(&format!("PRAGMA user_version={SCHEMA_VERSION}"))?;
@@ -775,7 +779,7 @@ fn candidate(r: &rusqlite::Row<'_>) -> rusqlite::Result<Candidate> {
 impl Candidate {
     fn claim(
         &self,
-        token: ClaimToken,
+        (token, attempt_id): (ClaimToken, String),
         start: i64,
         takeover: bool,
         cache_hit: Option<AttemptReport>,
@@ -788,8 +792,9 @@ impl Candidate {
             failures: self.failures,
             timeout: self.timeout,
             retries: self.retries,
+            attempt_id,
             takeover,
-            lost_worker: None,
+            lost: None,
             cache_hit,
         }
     }
@@ -801,8 +806,9 @@ fn start_attempt(
     req: &ClaimRequest,
     now: i64,
     cache_key: Option<Hash>,
-) -> rusqlite::Result<ClaimToken> {
+) -> rusqlite::Result<(ClaimToken, String)> {
     let token = c.attempts + 1;
+    let attempt_id = super::types::new_attempt_id();
     tx.prepare_cached(
         "UPDATE instances SET state = 'running', attempts = ?2, lease_until = ?3, cache_key = ?4
          WHERE id = ?1",
@@ -814,9 +820,10 @@ fn start_attempt(
         cache_key.map(|k| k.to_hex())
     ])?;
     tx.prepare_cached(
-        "INSERT INTO attempts(instance, attempt, worker, start) VALUES (?1, ?2, ?3, ?4)",
+        "INSERT INTO attempts(instance, attempt, worker, start, attempt_id)
+         VALUES (?1, ?2, ?3, ?4, ?5)",
     )?
-    .execute(params![c.id, token, req.worker, now])?;
+    .execute(params![c.id, token, req.worker, now, attempt_id])?;
     event(
         tx,
         now,
@@ -825,7 +832,7 @@ fn start_attempt(
         Some((c.id, c.created)),
         serde_json::json!({"attempt": token, "worker": req.worker}),
     )?;
-    Ok(ClaimToken { id: c.id, token })
+    Ok((ClaimToken { id: c.id, token }, attempt_id))
 }
 
 fn cache_lookup(tx: &Transaction<'_>, key: &Hash) -> rusqlite::Result<Option<AttemptReport>> {
@@ -1147,13 +1154,15 @@ impl Queue for SqliteQueue {
                     terminal = true;
                     continue;
                 }
-                let lost_worker: String = tx
-                    .prepare_cached("SELECT worker FROM attempts WHERE instance = ?1 AND attempt = ?2")?
-                    .query_row(params![old.id, old.token], |r| r.get(0))?;
+                let lost_attempt = tx
+                    .prepare_cached("SELECT worker, attempt_id FROM attempts WHERE instance = ?1 AND attempt = ?2")?
+                    .query_row(params![old.id, old.token], |r| {
+                        Ok(LostAttempt::new(old.id, old.token, r.get(0)?, r.get(1)?))
+                    })?;
                 record_attempt(tx, &old, "lost", &lost)?;
                 let token = start_attempt(tx, &c, &req, now, None)?;
                 let mut claim = c.claim(token, now, true, None);
-                claim.lost_worker = Some(lost_worker);
+                claim.lost = Some(lost_attempt);
                 out.push(claim);
             }
             // 2. Due pending instances, by priority then order.
@@ -1201,7 +1210,7 @@ impl Queue for SqliteQueue {
                             let token = start_attempt(tx, &c, &req, now, None)?;
                             hit.start = now;
                             hit.end = now;
-                            finish_tx(tx, &token, &c.job, c.created, &Outcome::Success(hit.clone()), now)?;
+                            finish_tx(tx, &token.0, &c.job, c.created, &Outcome::Success(hit.clone()), now)?;
                             out.push(c.claim(token, now, false, Some(hit)));
                             continue;
                         }

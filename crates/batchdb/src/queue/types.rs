@@ -161,14 +161,62 @@ pub struct Claim {
     pub timeout: Option<Duration>,
     /// The instance's own retry budget, if it has one.
     pub retries: Option<u32>,
+    /// This attempt's random id (128 bits, hex), kept in its row: unique to this
+    /// attempt of this job, whatever the worker's name or the database, so what a
+    /// worker does to stop the attempt's processes is aimed by it.
+    pub attempt_id: String,
     /// Whether an earlier attempt's lease expired (its worker died) and this claim
     /// took the instance over.
     pub takeover: bool,
-    /// For a takeover: the name of the worker whose attempt was lost.
-    pub lost_worker: Option<String>,
+    /// For a takeover: the attempt that was lost.
+    pub lost: Option<LostAttempt>,
     /// If the result cache already held a result, the instance was finished from it
     /// inside the claim and nothing must run: this is that result.
     pub cache_hit: Option<AttemptReport>,
+}
+
+/// An attempt whose worker stopped renewing its lease, as the claim that took its
+/// instance over found it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct LostAttempt {
+    /// The instance id.
+    pub instance: i64,
+    /// The lost attempt's number.
+    pub attempt: i64,
+    /// The worker that ran it.
+    pub worker: String,
+    /// Its random id; `None` for an attempt recorded by a release without them.
+    pub attempt_id: Option<String>,
+}
+
+impl LostAttempt {
+    /// The lost attempt `attempt` of `instance`, run by `worker`.
+    pub fn new(instance: i64, attempt: i64, worker: String, attempt_id: Option<String>) -> Self {
+        LostAttempt {
+            instance,
+            attempt,
+            worker,
+            attempt_id,
+        }
+    }
+}
+
+/// A new attempt id: 128 random bits from the kernel, as 32 hex digits (from a
+/// weaker source, mixed with the time and pid, only if the kernel will not answer).
+pub(crate) fn new_attempt_id() -> String {
+    let mut bytes = [0u8; 16];
+    // SAFETY: the buffer is 16 writable bytes.
+    let n = unsafe { libc::getrandom(bytes.as_mut_ptr().cast(), bytes.len(), 0) };
+    if n != bytes.len() as isize {
+        let seed = fastrand::u128(..)
+            ^ (u128::from(std::process::id()) << 64)
+            ^ std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_nanos());
+        bytes = seed.to_le_bytes();
+    }
+    hex::encode(bytes)
 }
 
 /// What a heartbeat learned.

@@ -9,7 +9,7 @@
 use std::fmt;
 use std::future::Future;
 use std::io;
-use std::os::unix::process::ExitStatusExt;
+use std::os::fd::OwnedFd;
 use std::pin::Pin;
 use std::process::Stdio;
 use std::sync::Arc;
@@ -20,11 +20,19 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use crate::error::{Error, Result};
 use crate::hash::Hash;
 
+mod leader;
 mod spawn;
+mod sweep;
+
+pub use sweep::ATTEMPT_ID_VAR;
+
+use crate::queue::LostAttempt;
+use leader::Leader;
+use sweep::Mark;
 
 /// What a runner knows about the attempt it runs (also exported to a shell runner's
 /// environment as `BATCHDB_JOB`, `BATCHDB_INSTANCE`, `BATCHDB_CREATED`,
-/// `BATCHDB_ATTEMPT` and `BATCHDB_WORKER`).
+/// `BATCHDB_ATTEMPT`, `BATCHDB_WORKER` and `BATCHDB_ATTEMPT_ID`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RunContext {
     /// The job key.
@@ -37,6 +45,9 @@ pub struct RunContext {
     pub attempt: i64,
     /// The name of the worker running it (unique to that worker process).
     pub worker: String,
+    /// The attempt's random id ([`crate::queue::Claim::attempt_id`]): unique to this
+    /// attempt of this job, whatever the worker's name or the database.
+    pub attempt_id: String,
 }
 
 /// How an execution ended.
@@ -74,18 +85,28 @@ pub enum Stop {
     Kill,
 }
 
-/// Stops an execution; safe to call any number of times. Once the execution has
-/// ended and been reaped, its process group id may be reused by the system: callers
-/// check [`Killer::alive`] first and do not hold a killer long after the end.
+/// Stops an execution; safe to call any number of times, at any time: a killer never
+/// signals anything but the execution's own processes, and nothing at all after
+/// [`Killer::release`].
 pub trait Killer: Send + Sync {
     /// Sends the stop request.
     fn stop(&self, how: Stop);
 
     /// Whether anything of the execution (say, a process its main process left behind)
-    /// is still running.
+    /// is still running. May scan the system: call it off the async threads.
     fn alive(&self) -> bool {
         false
     }
+
+    /// Kills (SIGKILL) everything of the execution still running, also processes
+    /// that left its process group. May scan the system: call it off the async
+    /// threads.
+    fn stop_all(&self) {}
+
+    /// Ends the killer's hold on the execution (a shell runner reaps its main
+    /// process, whose id named the process group): nothing is signalled after this.
+    /// Call it once the execution has ended and its leftovers are stopped.
+    fn release(&self) {}
 }
 
 /// A boxed async writer.
@@ -118,10 +139,10 @@ pub trait Runner: Send + Sync + fmt::Debug {
     /// two runners with the same spec must produce the same outcome for a payload.
     fn spec(&self) -> String;
 
-    /// Stops whatever attempt `attempt` of instance `instance`, run by the (dead)
-    /// worker named `worker`, left running on this machine. Called before a takeover
-    /// runs the instance again, so that one instance never runs twice at once here.
-    fn stop_lost(&self, _worker: &str, _instance: i64, _attempt: i64) {}
+    /// Stops whatever the lost attempt `lost` (its worker stopped renewing the lease)
+    /// left running on this machine, and nothing else. Called before a takeover runs
+    /// the instance again, so that one instance never runs twice at once here.
+    fn stop_lost(&self, _lost: &LostAttempt) {}
 }
 
 /// Runs each job as `COMMAND` (default `sh`) with the payload on stdin, stdout and
@@ -161,28 +182,41 @@ impl ShellRunner {
     }
 }
 
-struct GroupKiller {
-    pgid: i32,
+/// Stops a shell execution: its process group, through the leader it keeps unreaped
+/// (so the group id can never name another group: see [`leader`]), and every process
+/// carrying its attempt id (see [`sweep`]).
+struct ShellKiller {
+    leader: Arc<Leader>,
+    attempt_id: String,
+    started: std::time::Instant,
 }
 
-impl Killer for GroupKiller {
+/// An execution younger than this looks for leftovers only among processes started
+/// after it (see [`sweep::any_left`]); far too short a time for the pid counter to
+/// wrap round.
+const RECENT: std::time::Duration = std::time::Duration::from_secs(1);
+
+impl Killer for ShellKiller {
     fn alive(&self) -> bool {
-        // SAFETY: signal 0 only checks that the process group exists.
-        self.pgid > 0 && unsafe { libc::kill(-self.pgid, 0) } == 0
+        let recent = self.started.elapsed() < RECENT;
+        !self.leader.exited()
+            || sweep::any_left(self.leader.pid(), &Mark::Id(&self.attempt_id), recent)
     }
 
     fn stop(&self, how: Stop) {
-        let sig = match how {
+        self.leader.signal_group(match how {
             Stop::Terminate => libc::SIGTERM,
             Stop::Kill => libc::SIGKILL,
-        };
-        if self.pgid > 0 {
-            // SAFETY: kill(2) has no memory-safety preconditions; a negative pid
-            // addresses the process group we created for this execution.
-            unsafe {
-                libc::kill(-self.pgid, sig);
-            }
-        }
+        });
+    }
+
+    fn stop_all(&self) {
+        self.leader.signal_group(libc::SIGKILL);
+        sweep::kill_marked(&Mark::Id(&self.attempt_id));
+    }
+
+    fn release(&self) {
+        self.leader.release();
     }
 }
 
@@ -211,23 +245,66 @@ fn force_fork() -> bool {
 
 impl ShellRunner {
     /// The `BATCHDB_*` variables every execution gets.
-    fn env(ctx: &RunContext) -> [(&'static str, String); 5] {
+    fn env(ctx: &RunContext) -> [(&'static str, String); 6] {
         [
             ("BATCHDB_JOB", ctx.job.to_hex()),
             ("BATCHDB_INSTANCE", ctx.instance.to_string()),
             ("BATCHDB_CREATED", ctx.created.to_string()),
             ("BATCHDB_ATTEMPT", ctx.attempt.to_string()),
             ("BATCHDB_WORKER", ctx.worker.clone()),
+            (ATTEMPT_ID_VAR, ctx.attempt_id.clone()),
         ]
+    }
+
+    /// The execution around a started leader and the parent's ends of its pipes.
+    fn execution(
+        &self,
+        ctx: &RunContext,
+        leader: Arc<Leader>,
+        (stdin, stdout, stderr): (OwnedFd, OwnedFd, OwnedFd),
+    ) -> Result<Execution> {
+        use tokio::net::unix::pipe;
+        let killer = Arc::new(ShellKiller {
+            leader: leader.clone(),
+            attempt_id: ctx.attempt_id.clone(),
+            started: std::time::Instant::now(),
+        });
+        let pipes = (|| {
+            Ok::<_, io::Error>((
+                pipe::Sender::from_owned_fd(stdin)?,
+                pipe::Receiver::from_owned_fd(stdout)?,
+                pipe::Receiver::from_owned_fd(stderr)?,
+            ))
+        })();
+        let (stdin, stdout, stderr) = match pipes {
+            Ok(p) => p,
+            Err(e) => {
+                // It runs, but cannot be fed or read: stop it rather than lose it.
+                killer.release();
+                return Err(self.spawn_err(e));
+            }
+        };
+        Ok(Execution {
+            stdin: Some(Box::pin(stdin)),
+            stdout: Box::pin(stdout),
+            stderr: Some(Box::pin(stderr)),
+            wait: Box::pin(async move {
+                let (code, signal) = leader.wait().await?;
+                Ok(ExitStatus { code, signal })
+            }),
+            killer,
+        })
+    }
+
+    fn spawn_err(&self, source: io::Error) -> Error {
+        Error::Spawn {
+            command: self.argv.join(" "),
+            source,
+        }
     }
 
     /// Starts `program` through [`spawn::spawn`] (no fork of the worker).
     fn spawn_fast(&self, ctx: &RunContext, program: &std::path::Path) -> Result<Execution> {
-        use tokio::net::unix::pipe;
-        let spawn_err = |e| Error::Spawn {
-            command: self.argv.join(" "),
-            source: e,
-        };
         let env: Vec<(std::ffi::OsString, std::ffi::OsString)> = Self::env(ctx)
             .into_iter()
             .map(|(k, v)| (k.into(), v.into()))
@@ -239,41 +316,46 @@ impl ShellRunner {
         );
         let child = spawn::on_spawner_thread(move || spawn::spawn(&program, &arg0, &args, &env))
             .and_then(|r| r)
-            .map_err(spawn_err)?;
-        let (pid, killer) = (child.pid, Arc::new(GroupKiller { pgid: child.pid }));
-        let mut wait = match spawn::ChildWait::new(child.pidfd) {
-            Ok(w) => w,
-            Err(e) => {
-                // It runs, but cannot be waited for: stop it rather than lose it.
-                killer.stop(Stop::Kill);
-                spawn::reap(pid);
-                return Err(spawn_err(e));
-            }
+            .map_err(|e| self.spawn_err(e))?;
+        let leader = Leader::new(child.pid, Some(child.pidfd));
+        self.execution(ctx, leader, (child.stdin, child.stdout, child.stderr))
+    }
+
+    /// Starts the command through fork + exec (`std`), waited for by pid.
+    fn spawn_fork(&self, ctx: &RunContext) -> Result<Execution> {
+        use std::os::unix::process::CommandExt;
+        let mut cmd = std::process::Command::new(&self.argv[0]);
+        cmd.args(&self.argv[1..])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .envs(Self::env(ctx))
+            .process_group(0);
+        let parent = std::process::id() as i32;
+        // SAFETY: the closure runs in the forked child before exec and only makes
+        // async-signal-safe calls (prctl, getppid, _exit).
+        unsafe {
+            cmd.pre_exec(move || {
+                // If this worker dies (even by SIGKILL), the job's shell dies with it.
+                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+                if libc::getppid() != parent {
+                    libc::_exit(137);
+                }
+                Ok(())
+            });
+        }
+        let mut child = spawn::on_spawner_thread(move || cmd.spawn())
+            .and_then(|r| r)
+            .map_err(|e| self.spawn_err(e))?;
+        // From here the worker alone waits for it, by pid (std's Child never does
+        // unless asked, and is dropped below).
+        let leader = Leader::new(child.id() as i32, None);
+        let pipes = (child.stdin.take(), child.stdout.take(), child.stderr.take());
+        let (Some(stdin), Some(stdout), Some(stderr)) = pipes else {
+            leader.release();
+            return Err(self.spawn_err(io::Error::other("child pipe missing")));
         };
-        let pipes = (|| {
-            Ok::<_, io::Error>((
-                pipe::Sender::from_owned_fd(child.stdin)?,
-                pipe::Receiver::from_owned_fd(child.stdout)?,
-                pipe::Receiver::from_owned_fd(child.stderr)?,
-            ))
-        })();
-        let (stdin, stdout, stderr) = match pipes {
-            Ok(p) => p,
-            Err(e) => {
-                killer.stop(Stop::Kill);
-                return Err(spawn_err(e));
-            }
-        };
-        Ok(Execution {
-            stdin: Some(Box::pin(stdin)),
-            stdout: Box::pin(stdout),
-            stderr: Some(Box::pin(stderr)),
-            wait: Box::pin(async move {
-                let (code, signal) = wait.wait().await?;
-                Ok(ExitStatus { code, signal })
-            }),
-            killer,
-        })
+        self.execution(ctx, leader, (stdin.into(), stdout.into(), stderr.into()))
     }
 }
 
@@ -294,106 +376,31 @@ impl Runner for ShellRunner {
                 return self.spawn_fast(ctx, program);
             }
         }
-        let mut cmd = tokio::process::Command::new(&self.argv[0]);
-        cmd.args(&self.argv[1..])
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .envs(Self::env(ctx))
-            .process_group(0)
-            .kill_on_drop(false);
-        let parent = std::process::id() as i32;
-        // SAFETY: the closure runs in the forked child before exec and only makes
-        // async-signal-safe calls (prctl, getppid, _exit).
-        {
-            unsafe {
-                cmd.pre_exec(move || {
-                    // If this worker dies (even by SIGKILL), the job's shell dies with it.
-                    libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
-                    if libc::getppid() != parent {
-                        libc::_exit(137);
-                    }
-                    Ok(())
-                });
-            }
-        }
-        let spawn_err = |e| Error::Spawn {
-            command: self.argv.join(" "),
-            source: e,
-        };
-        let runtime =
-            tokio::runtime::Handle::try_current().map_err(|e| spawn_err(io::Error::other(e)))?;
-        let mut child = spawn::on_spawner_thread(move || {
-            let _inside = runtime.enter();
-            cmd.spawn()
-        })
-        .and_then(|r| r)
-        .map_err(spawn_err)?;
-        let pgid = child.id().map_or(0, |p| p as i32);
-        let missing = || spawn_err(io::Error::other("child pipe missing"));
-        let stdin = child.stdin.take().ok_or_else(missing)?;
-        let stdout = child.stdout.take().ok_or_else(missing)?;
-        let stderr = child.stderr.take().ok_or_else(missing)?;
-        Ok(Execution {
-            stdin: Some(Box::pin(stdin)),
-            stdout: Box::pin(stdout),
-            stderr: Some(Box::pin(stderr)),
-            wait: Box::pin(async move {
-                let st = child.wait().await?;
-                Ok(ExitStatus {
-                    code: st.code(),
-                    signal: st.signal(),
-                })
-            }),
-            killer: Arc::new(GroupKiller { pgid }),
-        })
+        self.spawn_fork(ctx)
     }
 
     fn spec(&self) -> String {
         format!("shell:{}", self.argv.join(" "))
     }
 
-    /// Kills (SIGKILL) every process on this machine whose environment says it belongs
-    /// to that attempt of that worker (`BATCHDB_WORKER`, `BATCHDB_INSTANCE` and
-    /// `BATCHDB_ATTEMPT`, inherited by every child and grandchild), found through
-    /// `/proc`: a recycled pid, or a job of another worker or database, is never hit.
-    fn stop_lost(&self, worker: &str, instance: i64, attempt: i64) {
-        let want = [
-            format!("BATCHDB_WORKER={worker}"),
-            format!("BATCHDB_INSTANCE={instance}"),
-            format!("BATCHDB_ATTEMPT={attempt}"),
-        ];
-        for _round in 0..50 {
-            let mut found = false;
-            let Ok(procs) = std::fs::read_dir("/proc") else {
-                return;
-            };
-            for p in procs.flatten() {
-                let Some(pid) = p.file_name().to_str().and_then(|n| n.parse::<i32>().ok()) else {
-                    continue;
-                };
-                let Ok(env) = std::fs::read(p.path().join("environ")) else {
-                    continue;
-                };
-                let mut hits = [false; 3];
-                for v in env.split(|b| *b == 0) {
-                    for (hit, w) in hits.iter_mut().zip(&want) {
-                        *hit |= v == w.as_bytes();
-                    }
-                }
-                if hits == [true; 3] {
-                    found = true;
-                    // SAFETY: kill(2) has no memory-safety preconditions.
-                    unsafe {
-                        libc::kill(pid, libc::SIGKILL);
-                    }
-                }
-            }
-            if !found {
-                return;
-            }
-            std::thread::sleep(std::time::Duration::from_millis(20));
-        }
+    /// Kills (SIGKILL) every process on this machine that carries the lost attempt's
+    /// id in its environment (`BATCHDB_ATTEMPT_ID`, inherited by every child and
+    /// grandchild), and nothing else: the id is drawn at random for that attempt
+    /// alone, so no other attempt — of another worker, database or run — carries it,
+    /// and each kill goes through the process's `/proc` directory, so a reused pid is
+    /// never hit (see [`sweep`]). An attempt recorded by a release without attempt ids
+    /// is found by worker name, instance and attempt number, among processes without
+    /// an attempt id only.
+    fn stop_lost(&self, lost: &LostAttempt) {
+        let mark = match &lost.attempt_id {
+            Some(id) => Mark::Id(id),
+            None => Mark::Legacy {
+                worker: &lost.worker,
+                instance: lost.instance,
+                attempt: lost.attempt,
+            },
+        };
+        sweep::kill_marked(&mark);
     }
 }
 

@@ -15,8 +15,8 @@
 //!    calls: no allocation, no locks, nothing that could touch the parent's state;
 //! 3. an error before the exec is passed back through memory both share.
 //!
-//! The parent waits for the child through a pidfd, so nothing else (tokio's SIGCHLD
-//! handling included) reaps it.
+//! The parent waits for the child through a pidfd ([`super::leader::Leader`]), so
+//! nothing else (tokio's SIGCHLD handling included) reaps it.
 
 use std::ffi::{CString, OsStr, OsString};
 use std::io;
@@ -24,8 +24,6 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
 use std::sync::OnceLock;
-
-use tokio::io::unix::AsyncFd;
 
 /// The child's stack (it only makes system calls), plus a guard page below it.
 const STACK: usize = 64 * 1024;
@@ -86,7 +84,7 @@ pub(crate) fn supported() -> bool {
         // SAFETY: a new fd we own.
         let fd = unsafe { OwnedFd::from_raw_fd(fd as RawFd) };
         // We are not our own child: ECHILD where P_PIDFD is known, EINVAL (5.3) where not.
-        matches!(waitid(fd.as_raw_fd(), libc::WNOHANG), Err(e) if e.raw_os_error() == Some(libc::ECHILD))
+        matches!(super::leader::waitid_pidfd(fd.as_raw_fd(), libc::WNOHANG), Err(e) if e.raw_os_error() == Some(libc::ECHILD))
     })
 }
 
@@ -304,7 +302,9 @@ pub(crate) fn spawn(
     let pidfd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
     if pidfd < 0 {
         let e = io::Error::last_os_error();
-        // SAFETY: our own child, not yet reaped.
+        // SAFETY: kill(2) has no memory-safety preconditions. Aimed: `pid` is our own
+        // child, not yet reaped (only the reap below frees its pid), so it names that
+        // process and no other.
         unsafe { libc::kill(pid, libc::SIGKILL) };
         reap(pid);
         return Err(e);
@@ -321,7 +321,7 @@ pub(crate) fn spawn(
 }
 
 /// Waits (blocking) for child `pid` to end and discards its status.
-pub(crate) fn reap(pid: libc::pid_t) {
+fn reap(pid: libc::pid_t) {
     let mut status = 0;
     // SAFETY: waitpid on our own child.
     while unsafe { libc::waitpid(pid, &mut status, 0) } < 0
@@ -379,94 +379,9 @@ impl Drop for Stack {
     }
 }
 
-/// Waits for a spawned child to end, without blocking a thread: the pidfd becomes
-/// readable when it exits, then `waitid(P_PIDFD)` reaps it. A child not waited for
-/// is reaped in the background when this is dropped.
-pub(crate) struct ChildWait {
-    pidfd: Option<AsyncFd<OwnedFd>>,
-}
-
-impl ChildWait {
-    /// Must be called inside a tokio runtime.
-    pub(crate) fn new(pidfd: OwnedFd) -> io::Result<ChildWait> {
-        Ok(ChildWait {
-            // SAFETY: the OwnedFd moves into the AsyncFd, which keeps it open (and
-            // the same descriptor) until it is dropped or taken back out.
-            pidfd: Some(unsafe {
-                AsyncFd::register_with_interest(pidfd, tokio::io::Interest::READABLE)?
-            }),
-        })
-    }
-
-    /// The exit code, or the signal that ended it.
-    pub(crate) async fn wait(&mut self) -> io::Result<(Option<i32>, Option<i32>)> {
-        let fd = self
-            .pidfd
-            .as_ref()
-            .ok_or_else(|| io::Error::other("child already reaped"))?;
-        loop {
-            let mut ready = fd.readable().await?;
-            match waitid(fd.get_ref().as_raw_fd(), libc::WNOHANG)? {
-                Some(status) => {
-                    self.pidfd = None;
-                    return Ok(status);
-                }
-                None => ready.clear_ready(),
-            }
-        }
-    }
-}
-
-impl Drop for ChildWait {
-    fn drop(&mut self) {
-        let Some(fd) = self.pidfd.take() else {
-            return;
-        };
-        let fd = fd.into_inner();
-        // Reap it whenever it ends (the job was killed, or will be).
-        let _ = std::thread::Builder::new()
-            .name("batchdb-reap".into())
-            .spawn(move || {
-                let _ = waitid(fd.as_raw_fd(), 0);
-            });
-    }
-}
-
-/// `waitid(P_PIDFD, fd, WEXITED | flags)`: `None` if (with WNOHANG) it still runs.
-fn waitid(fd: RawFd, flags: libc::c_int) -> io::Result<Option<(Option<i32>, Option<i32>)>> {
-    loop {
-        // SAFETY: info is written by the kernel; zeroed is a valid siginfo_t.
-        let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
-        // SAFETY: waitid on a pidfd we own.
-        let r = unsafe {
-            libc::waitid(
-                libc::P_PIDFD,
-                fd as libc::id_t,
-                &mut info,
-                libc::WEXITED | flags,
-            )
-        };
-        if r != 0 {
-            let e = io::Error::last_os_error();
-            if e.kind() == io::ErrorKind::Interrupted {
-                continue;
-            }
-            return Err(e);
-        }
-        // SAFETY: filled in by a successful waitid.
-        let (pid, status) = unsafe { (info.si_pid(), info.si_status()) };
-        if pid == 0 {
-            return Ok(None);
-        }
-        return Ok(Some(match info.si_code {
-            libc::CLD_EXITED => (Some(status), None),
-            _ => (None, Some(status)),
-        }));
-    }
-}
-
 #[cfg(test)]
 mod tests {
+    use super::super::leader::Leader;
     use super::*;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -502,7 +417,7 @@ mod tests {
         let pid = child.pid;
         // SAFETY: getpgid has no preconditions.
         assert_eq!(unsafe { libc::getpgid(pid) }, pid, "a group of its own");
-        let mut wait = ChildWait::new(child.pidfd).unwrap();
+        let wait = Leader::new(child.pid, Some(child.pidfd));
         let mut stdin = tokio::net::unix::pipe::Sender::from_owned_fd(child.stdin).unwrap();
         stdin.write_all(b"hello\n").await.unwrap();
         drop(stdin);
@@ -524,7 +439,7 @@ mod tests {
         })
         .join()
         .unwrap();
-        let mut wait = ChildWait::new(child.pidfd).unwrap();
+        let wait = Leader::new(child.pid, Some(child.pidfd));
         drop(child.stdin);
         assert_eq!(read_all(child.stdout).await, "alive\n");
         assert_eq!(wait.wait().await.unwrap(), (Some(0), None));
@@ -533,7 +448,7 @@ mod tests {
     #[tokio::test]
     async fn a_signal_that_ends_it_is_reported() {
         let child = sh("kill -9 $$", &[]).unwrap();
-        let mut wait = ChildWait::new(child.pidfd).unwrap();
+        let wait = Leader::new(child.pid, Some(child.pidfd));
         assert_eq!(wait.wait().await.unwrap(), (None, Some(libc::SIGKILL)));
     }
 
@@ -566,7 +481,7 @@ mod tests {
     async fn sigpipe_is_default_in_the_child() {
         // Rust ignores SIGPIPE; a job must not inherit that (`yes | head` must end).
         let child = sh("yes | head -c 10 >/dev/null; echo done", &[]).unwrap();
-        let mut wait = ChildWait::new(child.pidfd).unwrap();
+        let wait = Leader::new(child.pid, Some(child.pidfd));
         drop(child.stdin);
         assert_eq!(read_all(child.stdout).await, "done\n");
         assert_eq!(wait.wait().await.unwrap(), (Some(0), None));

@@ -14,7 +14,21 @@ pub struct Backend {
     pub blobs: Arc<dyn BlobStore>,
     /// Opens another handle on the same queue (as another process would).
     pub reopen: Reopen,
+    /// How another process opens this pair: what `--db`, `--blobs` and the
+    /// environment would say.
+    pub spec: Spec,
     _dir: tempfile::TempDir,
+}
+
+/// Where a backend pair lives, for a child process to open it.
+#[derive(Debug, Clone)]
+pub struct Spec {
+    /// The queue: a SQLite file's path or a `postgres://` URL.
+    pub db: String,
+    /// The blob store: a directory or an `s3://bucket/prefix` URL.
+    pub blobs: String,
+    /// Environment a child needs (S3 credentials and endpoint).
+    pub env: Vec<(&'static str, String)>,
 }
 
 /// Opens another handle on a queue.
@@ -24,22 +38,28 @@ pub type Reopen =
 impl Backend {
     /// Puts a backend together; `dir` is a temporary directory it owns.
     fn new(
-        (queue, reopen): (Arc<dyn Queue>, Reopen),
-        blobs: Arc<dyn BlobStore>,
+        (queue, reopen, db): (Arc<dyn Queue>, Reopen, String),
+        (blobs, blobs_at, env): (Arc<dyn BlobStore>, String, Vec<(&'static str, String)>),
         dir: tempfile::TempDir,
     ) -> Backend {
         Backend {
             queue,
             blobs,
             reopen,
+            spec: Spec {
+                db,
+                blobs: blobs_at,
+                env,
+            },
             _dir: dir,
         }
     }
 }
 
 /// A SQLite queue in `dir`, and a handle that reopens it.
-async fn sqlite_queue(dir: &tempfile::TempDir) -> (Arc<dyn Queue>, Reopen) {
+async fn sqlite_queue(dir: &tempfile::TempDir) -> (Arc<dyn Queue>, Reopen, String) {
     let path = dir.path().join("q.sqlite");
+    let at = path.display().to_string();
     let queue = Arc::new(SqliteQueue::open(&path).await.expect("open sqlite"));
     let reopen: Reopen = Box::new(move || {
         let path = path.clone();
@@ -47,16 +67,16 @@ async fn sqlite_queue(dir: &tempfile::TempDir) -> (Arc<dyn Queue>, Reopen) {
             Arc::new(SqliteQueue::open(&path).await.expect("reopen sqlite")) as Arc<dyn Queue>
         })
     });
-    (queue, reopen)
+    (queue, reopen, at)
 }
 
 /// A directory blob store in `dir`.
-async fn dir_store(dir: &tempfile::TempDir) -> Arc<dyn BlobStore> {
-    Arc::new(
-        DirStore::open(dir.path().join("blobs"))
-            .await
-            .expect("open dir"),
-    )
+async fn dir_store(
+    dir: &tempfile::TempDir,
+) -> (Arc<dyn BlobStore>, String, Vec<(&'static str, String)>) {
+    let path = dir.path().join("blobs");
+    let store = Arc::new(DirStore::open(&path).await.expect("open dir"));
+    (store, path.display().to_string(), Vec::new())
 }
 
 impl Backend {
@@ -93,16 +113,30 @@ pub fn s3_options(
 /// started on first use).
 #[cfg(feature = "s3")]
 pub async fn s3_store() -> batchdb::blob::S3Store {
+    s3_pair().await.0
+}
+
+/// [`s3_store`] with its URL and the environment that reaches it.
+#[cfg(feature = "s3")]
+async fn s3_pair() -> (batchdb::blob::S3Store, String, Vec<(&'static str, String)>) {
     let g = tokio::task::spawn_blocking(batchdb_testkit::garage::garage)
         .await
         .expect("start garage");
     let prefix = batchdb_testkit::garage::Garage::fresh_prefix();
-    batchdb::blob::S3Store::with_options(
+    let store = batchdb::blob::S3Store::with_options(
         &g.bucket,
         &prefix,
         &s3_options(g, batchdb::blob::DEFAULT_RETRY_FOR),
     )
-    .expect("open s3 store")
+    .expect("open s3 store");
+    (store, g.url(&prefix), g.env())
+}
+
+/// [`s3_pair`] as a blob store.
+#[cfg(feature = "s3")]
+async fn s3_blobs() -> (Arc<dyn BlobStore>, String, Vec<(&'static str, String)>) {
+    let (store, url, env) = s3_pair().await;
+    (Arc::new(store), url, env)
 }
 
 /// SQLite queue in a temporary directory + S3 blob store on the shared Garage bucket,
@@ -110,13 +144,13 @@ pub async fn s3_store() -> batchdb::blob::S3Store {
 #[cfg(feature = "s3")]
 pub async fn sqlite_s3() -> Backend {
     let dir = tempfile::tempdir().expect("tempdir");
-    Backend::new(sqlite_queue(&dir).await, Arc::new(s3_store().await), dir)
+    Backend::new(sqlite_queue(&dir).await, s3_blobs().await, dir)
 }
 
 /// A PostgreSQL queue on a fresh database of the shared throwaway cluster (started on
 /// first use), and a handle that reopens it.
 #[cfg(feature = "postgres")]
-pub async fn postgres_queue() -> (Arc<dyn Queue>, Reopen) {
+pub async fn postgres_queue() -> (Arc<dyn Queue>, Reopen, String) {
     let url = tokio::task::spawn_blocking(|| batchdb_testkit::postgres::shared().create_database())
         .await
         .expect("start postgres");
@@ -125,6 +159,7 @@ pub async fn postgres_queue() -> (Arc<dyn Queue>, Reopen) {
             .await
             .expect("open postgres"),
     );
+    let at = url.clone();
     let reopen: Reopen = Box::new(move || {
         let url = url.clone();
         Box::pin(async move {
@@ -135,7 +170,7 @@ pub async fn postgres_queue() -> (Arc<dyn Queue>, Reopen) {
             ) as Arc<dyn Queue>
         })
     });
-    (queue, reopen)
+    (queue, reopen, at)
 }
 
 /// PostgreSQL queue + directory blob store.
@@ -149,5 +184,5 @@ pub async fn postgres_dir() -> Backend {
 #[cfg(all(feature = "postgres", feature = "s3"))]
 pub async fn postgres_s3() -> Backend {
     let dir = tempfile::tempdir().expect("tempdir");
-    Backend::new(postgres_queue().await, Arc::new(s3_store().await), dir)
+    Backend::new(postgres_queue().await, s3_blobs().await, dir)
 }

@@ -3,11 +3,13 @@
 //!
 //! Backend-specific tests (corrupting a file on disk, say) live in `dir_store.rs`;
 //! tests of the facade and worker live in `library.rs`; the model-based test of the
-//! queue's invariants lives in `model.rs`.
+//! queue's invariants lives in `model.rs`; tests that need a fresh backend pair per
+//! round (`@fresh`: attempt isolation, `isolation.rs`) get its constructor.
 
 mod backends;
 mod blob;
 mod dir_store;
+mod isolation;
 mod library;
 mod model;
 #[cfg(feature = "postgres")]
@@ -81,8 +83,29 @@ macro_rules! suite {
                     small_outputs_live_inline_and_large_ones_in_the_store,
                     add_many_queues_every_payload_in_one_go,
                 ]);
+                suite!(@fresh $backend, isolation: [
+                    workers_in_one_process_never_kill_each_others_jobs,
+                    worker_processes_never_kill_each_others_jobs,
+                    what_a_job_leaves_in_its_group_is_stopped_when_it_exits,
+                    a_leftover_outside_the_group_holding_the_output_is_killed_after_the_grace,
+                    a_detached_leftover_is_killed_after_the_grace,
+                ]);
             }
         )*
+    };
+    (@fresh $backend:ident, $module:ident: [$($test:ident),* $(,)?]) => {
+        mod $module {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $test() {
+                    let fresh = || -> futures_util::future::BoxFuture<'static, crate::Backend> {
+                        Box::pin(crate::backends::$backend())
+                    };
+                    let me = concat!(stringify!($backend), "::", stringify!($module), "::", stringify!($test));
+                    crate::$module::$test(&fresh, me).await;
+                }
+            )*
+        }
     };
     (@tests $backend:ident, $module:ident: [$($test:ident),* $(,)?]) => {
         mod $module {

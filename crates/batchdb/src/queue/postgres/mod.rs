@@ -53,6 +53,8 @@ const MIGRATIONS: &[&str] = &[
     "ALTER TABLE jobs ADD COLUMN payload BYTEA;",
     // Version 3: small outputs kept inline, by hash.
     "CREATE TABLE inline_blobs(key TEXT PRIMARY KEY, data BYTEA NOT NULL);",
+    // Version 4: each attempt's random id, which its processes carry.
+    "ALTER TABLE attempts ADD COLUMN attempt_id TEXT;",
 ];
 
 /// The notification channel every change is announced on.
@@ -604,7 +606,7 @@ fn candidate(r: &Row) -> TxResult<Candidate> {
 impl Candidate {
     fn claim(
         &self,
-        token: ClaimToken,
+        (token, attempt_id): (ClaimToken, String),
         start: i64,
         takeover: bool,
         cache_hit: Option<AttemptReport>,
@@ -617,8 +619,9 @@ impl Candidate {
             failures: self.failures,
             timeout: self.timeout,
             retries: self.retries,
+            attempt_id,
             takeover,
-            lost_worker: None,
+            lost: None,
             cache_hit,
         }
     }
@@ -703,9 +706,10 @@ async fn start_attempt(
     c: &Candidate,
     req: &ClaimRequest,
     cache_key: Option<Hash>,
-) -> TxResult<ClaimToken> {
+) -> TxResult<(ClaimToken, String)> {
     let now = tx.now;
     let token = c.attempts + 1;
+    let attempt_id = super::types::new_attempt_id();
     let until = now + req.lease.as_millis() as i64;
     tx.execute(
         "UPDATE instances SET state = 'running', attempts = $2, lease_until = $3, cache_key = $4
@@ -714,8 +718,9 @@ async fn start_attempt(
     )
     .await?;
     tx.execute(
-        "INSERT INTO attempts(instance, attempt, worker, start) VALUES ($1, $2, $3, $4)",
-        &[&c.id, &token, &req.worker, &now],
+        "INSERT INTO attempts(instance, attempt, worker, start, attempt_id)
+         VALUES ($1, $2, $3, $4, $5)",
+        &[&c.id, &token, &req.worker, &now, &attempt_id],
     )
     .await?;
     tx.event(
@@ -724,7 +729,7 @@ async fn start_attempt(
         Some((c.id, c.created)),
         serde_json::json!({"attempt": token, "worker": req.worker}),
     );
-    Ok(ClaimToken { id: c.id, token })
+    Ok((ClaimToken { id: c.id, token }, attempt_id))
 }
 
 async fn cache_lookup(tx: &Tx<'_>, key: &Hash) -> TxResult<Option<AttemptReport>> {
@@ -1071,17 +1076,18 @@ impl Queue for PgQueue {
                     finish_tx(tx, &old, &c.job, c.created, &failed).await?;
                     continue;
                 }
-                let lost_worker: String = tx
+                let row = tx
                     .query_one(
-                        "SELECT worker FROM attempts WHERE instance = $1 AND attempt = $2",
+                        "SELECT worker, attempt_id FROM attempts WHERE instance = $1 AND attempt = $2",
                         &[&old.id, &old.token],
                     )
-                    .await?
-                    .try_get(0)?;
+                    .await?;
+                let lost_attempt =
+                    LostAttempt::new(old.id, old.token, row.try_get(0)?, row.try_get(1)?);
                 record_attempt(tx, &old, "lost", &lost).await?;
                 let token = start_attempt(tx, &c, req, None).await?;
                 let mut claim = c.claim(token, now, true, None);
-                claim.lost_worker = Some(lost_worker);
+                claim.lost = Some(lost_attempt);
                 out.push(claim);
             }
             // 2. Due pending instances, by priority then order, skipping rows another
@@ -1142,7 +1148,7 @@ impl Queue for PgQueue {
                             hit.end = now;
                             finish_tx(
                                 tx,
-                                &token,
+                                &token.0,
                                 &c.job,
                                 c.created,
                                 &Outcome::Success(hit.clone()),
