@@ -16,8 +16,8 @@ use crate::error::{Error, Result};
 use crate::hash::Hash;
 use crate::io::{Cut, CutReader, Inspect, Inspector};
 use crate::queue::{
-    AttemptReport, CacheSpec, Claim, ClaimRequest, ClaimToken, Finished, Order, Outcome, Queue,
-    cache_key, now_ms,
+    AttemptEnd, AttemptReport, CacheSpec, Claim, ClaimRequest, ClaimToken, Finished, Order,
+    Outcome, Queue, cache_key, now_ms, policy,
 };
 use crate::runner::{ExitStatus, Killer, Reader, RunContext, Runner, Stop};
 
@@ -398,12 +398,12 @@ impl Worker {
         let detail = self.queue.instance(t.id).await.ok()?;
         let attempt = detail.attempts.iter().find(|a| a.attempt == t.token)?;
         let latest = detail.attempts.last().map(|a| a.attempt) == Some(t.token);
-        match attempt.outcome.as_deref()? {
-            "result" => Some(Finished::Result),
-            "fail" => Some(Finished::Fail),
-            "cancelled" => Some(Finished::Cancelled),
-            "retry" if latest => Some(Finished::Retry(detail.run_at)),
-            "released" if latest => Some(Finished::Released),
+        match AttemptEnd::parse(attempt.outcome.as_deref()?)? {
+            AttemptEnd::Result => Some(Finished::Result),
+            AttemptEnd::Fail => Some(Finished::Fail),
+            AttemptEnd::Cancelled => Some(Finished::Cancelled),
+            AttemptEnd::Retry if latest => Some(Finished::Retry(detail.run_at)),
+            AttemptEnd::Released if latest => Some(Finished::Released),
             _ => None,
         }
     }
@@ -721,10 +721,9 @@ impl Worker {
     }
 
     fn failure(&self, claim: &Claim, report: AttemptReport) -> Outcome {
-        let failures = claim.failures + 1;
         let budget = claim.retries.unwrap_or(self.opts.retries);
-        let retry_at = (failures <= budget).then(|| {
-            let wait = backoff(self.opts.backoff, self.opts.backoff_max, failures);
+        let retry_at = policy::retry_number(claim.failures, budget).map(|n| {
+            let wait = backoff(self.opts.backoff, self.opts.backoff_max, n);
             now_ms() + wait.as_millis() as i64
         });
         Outcome::Failure { report, retry_at }
@@ -769,9 +768,8 @@ async fn settle(killer: Arc<dyn Killer>, grace: Duration, cut: Cut) {
 }
 
 /// `base · 2^(n-1)`, capped at `max`, times a random factor in [0.5, 1.5).
-pub fn backoff(base: Duration, max: Duration, n: u32) -> Duration {
-    let exp = base.saturating_mul(1u32 << (n.saturating_sub(1)).min(20));
-    exp.min(max).mul_f64(0.5 + fastrand::f64())
+fn backoff(base: Duration, max: Duration, n: u32) -> Duration {
+    policy::backoff(base, max, n, 0.5 + fastrand::f64())
 }
 
 fn send(

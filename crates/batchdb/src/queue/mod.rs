@@ -11,6 +11,7 @@
 //! anything for it.
 
 #[cfg(feature = "postgres")]
+pub(crate) mod policy;
 mod postgres;
 mod sqlite;
 mod types;
@@ -20,9 +21,10 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 
+pub use policy::{AttemptEnd, MAX_LOST};
 #[cfg(feature = "postgres")]
 pub use postgres::{PG_SCHEMA_VERSION, PgQueue};
-pub use sqlite::{MAX_LOST, SqliteQueue};
+pub use sqlite::SqliteQueue;
 pub use types::*;
 
 use crate::blob::BlobInfo;

@@ -21,6 +21,7 @@ use rusqlite::{
 };
 
 use super::Queue;
+use super::policy::{self, AttemptEnd, Transition};
 use super::types::*;
 use crate::blob::BlobInfo;
 use crate::error::{Error, Result};
@@ -36,10 +37,6 @@ pub const POLL: Duration = Duration::from_millis(20);
 
 /// How often they are looked for anyway, as a backstop, when inotify works.
 pub const FALLBACK_POLL: Duration = Duration::from_millis(500);
-
-/// A running instance whose worker was lost this many times fails instead of
-/// running again.
-pub const MAX_LOST: i64 = 3;
 
 /// How long a statement waits for another process's write lock before failing.
 const BUSY_TIMEOUT: Duration = Duration::from_secs(30);
@@ -885,93 +882,45 @@ fn record_attempt(
     Ok(())
 }
 
-/// Ends the current attempt; the caller has checked the fencing token.
+/// Carries out transition `tr` of attempt `t` (see [`policy::finish`]); the caller
+/// has checked the fencing token.
 fn finish_tx(
     tx: &Transaction<'_>,
     t: &ClaimToken,
-    job: &Hash,
-    created: i64,
-    outcome: &Outcome,
+    (job, created): (&Hash, i64),
+    tr: &Transition<'_>,
     now: i64,
 ) -> rusqlite::Result<Finished> {
-    let inst = Some((t.id, created));
-    let base = |r: &AttemptReport| {
-        serde_json::json!({
-            "attempt": t.token,
-            "stdout": r.stdout.map(|b| b.hash),
-            "stderr": r.stderr.map(|b| b.hash),
-            "exit_code": r.exit_code,
-            "message": r.message,
-        })
-    };
-    match outcome {
-        Outcome::Success(r) => {
-            record_attempt(tx, t, "result", r)?;
-            tx.prepare_cached(
-                "UPDATE instances SET state = 'result', ended = ?2, lease_until = NULL WHERE id = ?1",
-            )?
-            .execute(params![t.id, now])?;
-            if let Some(k) = r.cache_key.filter(|_| !r.cached) {
-                tx.prepare_cached(
-                    "INSERT OR REPLACE INTO cache(key, instance, attempt) VALUES (?1, ?2, ?3)",
-                )?
-                .execute(params![k.to_hex(), t.id, t.token])?;
-            }
-            let mut data = base(r);
-            data["hash"] = serde_json::json!(r.stdout.map(|b| b.hash));
-            data["cached"] = serde_json::json!(r.cached);
-            event(tx, now, EventKind::Result, job, inst, data)?;
-            Ok(Finished::Result)
-        }
-        Outcome::Failure {
-            report: r,
-            retry_at: Some(at),
-        } => {
-            record_attempt(tx, t, "retry", r)?;
-            tx.prepare_cached(
-                "UPDATE instances SET state = 'pending', run_at = ?2, failures = failures + 1,
-                   lease_until = NULL, cache_key = NULL WHERE id = ?1",
-            )?
-            .execute(params![t.id, at])?;
-            let mut data = base(r);
-            data["run_at"] = serde_json::json!(at);
-            event(tx, now, EventKind::Retry, job, inst, data)?;
-            Ok(Finished::Retry(*at))
-        }
-        Outcome::Failure {
-            report: r,
-            retry_at: None,
-        } => {
-            record_attempt(tx, t, "fail", r)?;
-            tx.prepare_cached(
-                "UPDATE instances SET state = 'fail', ended = ?2, failures = failures + 1,
-                   lease_until = NULL WHERE id = ?1",
-            )?
-            .execute(params![t.id, now])?;
-            event(tx, now, EventKind::Fail, job, inst, base(r))?;
-            Ok(Finished::Fail)
-        }
-        Outcome::Cancelled(r) => {
-            record_attempt(tx, t, "cancelled", r)?;
-            tx.prepare_cached(
-                "UPDATE instances SET state = 'cancelled', ended = ?2, lease_until = NULL WHERE id = ?1",
-            )?
-            .execute(params![t.id, now])?;
-            event(tx, now, EventKind::Cancel, job, inst, base(r))?;
-            Ok(Finished::Cancelled)
-        }
-        Outcome::Released(r) => {
-            record_attempt(tx, t, "released", r)?;
-            tx.prepare_cached(
-                "UPDATE instances SET state = 'pending', lease_until = NULL, cache_key = NULL WHERE id = ?1",
-            )?
-            .execute(params![t.id])?;
-            let mut data = base(r);
-            data["released"] = serde_json::json!(true);
-            event(tx, now, EventKind::Retry, job, inst, data)?;
-            Ok(Finished::Released)
-        }
+    record_attempt(tx, t, tr.attempt.as_str(), tr.report)?;
+    tx.prepare_cached(
+        "UPDATE instances SET state = ?2, ended = COALESCE(?3, ended),
+           run_at = COALESCE(?4, run_at), failures = failures + ?5, lease_until = NULL,
+           cache_key = CASE WHEN ?6 THEN NULL ELSE cache_key END
+         WHERE id = ?1",
+    )?
+    .execute(params![
+        t.id,
+        tr.state.as_str(),
+        tr.ends.then_some(now),
+        tr.run_at,
+        i64::from(tr.counts_failure),
+        tr.clears_cache_key,
+    ])?;
+    if let Some(k) = tr.fills_cache {
+        tx.prepare_cached(
+            "INSERT OR REPLACE INTO cache(key, instance, attempt) VALUES (?1, ?2, ?3)",
+        )?
+        .execute(params![k.to_hex(), t.id, t.token])?;
     }
+    event(
+        tx,
+        now,
+        tr.event,
+        job,
+        Some((t.id, created)),
+        tr.data.clone(),
+    )?;
+    Ok(tr.finished)
 }
 
 fn select_ids(conn: &Connection, sel: &Selector) -> rusqlite::Result<Vec<i64>> {
@@ -1129,37 +1078,24 @@ impl Queue for SqliteQueue {
                     id: c.id,
                     token: c.attempts,
                 };
-                let lost = AttemptReport {
-                    end: now,
-                    message: Some("lease expired: worker lost".into()),
-                    ..AttemptReport::default()
-                };
-                if cancel {
-                    finish_tx(tx, &old, &c.job, c.created, &Outcome::Cancelled(lost), now)?;
-                    terminal = true;
-                    continue;
-                }
                 let lost_before: i64 = tx
                     .prepare_cached("SELECT COUNT(*) FROM attempts WHERE instance = ?1 AND outcome = 'lost'")?
                     .query_row([c.id], |r| r.get(0))?;
-                if lost_before + 1 >= MAX_LOST {
-                    // Its worker died every time it ran it: the job itself is the likely
-                    // cause (it kills or exhausts its worker). Stop running it.
-                    let report = AttemptReport {
-                        message: Some(format!("worker lost {MAX_LOST} times while running it; giving up")),
-                        ..lost
-                    };
-                    let failed = Outcome::Failure { report, retry_at: None };
-                    finish_tx(tx, &old, &c.job, c.created, &failed, now)?;
-                    terminal = true;
-                    continue;
-                }
+                let lost = match policy::expired(now, cancel, lost_before) {
+                    policy::Expired::TakeOver(lost) => lost,
+                    policy::Expired::Cancel(end) | policy::Expired::GiveUp(end) => {
+                        let tr = policy::finish(&old, &end, cancel);
+                        finish_tx(tx, &old, (&c.job, c.created), &tr, now)?;
+                        terminal = true;
+                        continue;
+                    }
+                };
                 let lost_attempt = tx
                     .prepare_cached("SELECT worker, attempt_id FROM attempts WHERE instance = ?1 AND attempt = ?2")?
                     .query_row(params![old.id, old.token], |r| {
                         Ok(LostAttempt::new(old.id, old.token, r.get(0)?, r.get(1)?))
                     })?;
-                record_attempt(tx, &old, "lost", &lost)?;
+                record_attempt(tx, &old, AttemptEnd::Lost.as_str(), &lost)?;
                 let token = start_attempt(tx, &c, &req, now, None)?;
                 let mut claim = c.claim(token, now, true, None);
                 claim.lost = Some(lost_attempt);
@@ -1197,20 +1133,15 @@ impl Queue for SqliteQueue {
                     if claimed == remaining {
                         break;
                     }
-                    let key = match &req.cache {
-                        Some(spec) if c.cached || req.cache_all => Some(cache_key(
-                            &c.job,
-                            &spec.runner,
-                            c.timeout.or(spec.default_timeout),
-                        )),
-                        _ => None,
-                    };
+                    let key = policy::claim_cache_key(&req, &c.job, c.cached, c.timeout);
                     if let Some(k) = key {
                         if let Some(mut hit) = cache_lookup(tx, &k)? {
                             let token = start_attempt(tx, &c, &req, now, None)?;
                             hit.start = now;
                             hit.end = now;
-                            finish_tx(tx, &token.0, &c.job, c.created, &Outcome::Success(hit.clone()), now)?;
+                            let served = Outcome::Success(hit.clone());
+                            let tr = policy::finish(&token.0, &served, false);
+                            finish_tx(tx, &token.0, (&c.job, c.created), &tr, now)?;
                             out.push(c.claim(token, now, false, Some(hit)));
                             continue;
                         }
@@ -1302,28 +1233,8 @@ impl Queue for SqliteQueue {
                 }
                 .into());
             };
-            // A cancel requested while the attempt ran wins over a retry or a release:
-            // the instance must not run again.
-            let outcome = match outcome {
-                Outcome::Failure {
-                    report,
-                    retry_at: Some(_),
-                }
-                | Outcome::Released(report)
-                    if row.cancel_requested =>
-                {
-                    Outcome::Cancelled(report)
-                }
-                other => other,
-            };
-            Ok(finish_tx(
-                tx,
-                &t,
-                &row.job,
-                row.created,
-                &outcome,
-                now_ms(),
-            )?)
+            let tr = policy::finish(&t, &outcome, row.cancel_requested);
+            Ok(finish_tx(tx, &t, (&row.job, row.created), &tr, now_ms())?)
         })
         .await
     }

@@ -176,3 +176,25 @@ async fn check_rehashes_inline_payloads_and_outputs() {
     assert!(problems[0].starts_with("job ") && problems[0].contains("inline payload"));
     assert!(problems[1].starts_with(&format!("inline blob {}", out.hash)));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_version_3_database_is_migrated_and_its_running_attempt_taken_over() {
+    let url = fresh_url().await;
+    let q = std::sync::Arc::new(PgQueue::open(&url).await.unwrap());
+    let db = url.rsplit('/').next().unwrap().to_string();
+    let downgrade = async {
+        tokio::task::spawn_blocking(move || {
+            shared().sql(
+                &db,
+                "ALTER TABLE batchdb.attempts DROP COLUMN attempt_id;
+                 DELETE FROM batchdb.schema_migrations WHERE version > 3",
+            )
+        })
+        .await
+        .unwrap();
+    };
+    let reopen = async {
+        std::sync::Arc::new(PgQueue::open(&url).await.unwrap()) as std::sync::Arc<dyn Queue>
+    };
+    crate::util::a_version_3_running_attempt_is_taken_over(q, downgrade, reopen).await;
+}

@@ -18,7 +18,7 @@ async fn newer_schema_is_refused_with_a_clear_message() {
             err,
             Error::SchemaTooNew {
                 found: 99,
-                supported: 3,
+                supported: 4,
                 ..
             }
         ),
@@ -48,7 +48,7 @@ async fn many_openers_migrate_a_new_file_at_once() {
         .unwrap()
         .query_row("PRAGMA user_version", [], |r| r.get(0))
         .unwrap();
-    assert_eq!(v, 3);
+    assert_eq!(v, 4);
 }
 
 #[tokio::test]
@@ -81,7 +81,7 @@ async fn a_version_1_database_is_migrated_on_open() {
         .unwrap()
         .execute_batch(
             "ALTER TABLE jobs DROP COLUMN payload; DROP TABLE inline_blobs;
-             PRAGMA user_version = 1",
+             ALTER TABLE attempts DROP COLUMN attempt_id; PRAGMA user_version = 1",
         )
         .unwrap();
     let q = SqliteQueue::open(&path).await.unwrap();
@@ -89,7 +89,7 @@ async fn a_version_1_database_is_migrated_on_open() {
         .unwrap()
         .query_row("PRAGMA user_version", [], |r| r.get(0))
         .unwrap();
-    assert_eq!(version, 3);
+    assert_eq!(version, 4);
     assert_eq!(q.counts().await.unwrap().pending, 1, "rows kept");
     assert_eq!(q.inline_blob(&job.hash).await.unwrap(), None);
     let inline = batchdb::queue::NewJob::inline(b"new".to_vec());
@@ -138,4 +138,21 @@ async fn verify_reports_a_corrupt_inline_output() {
         matches!(db.get(&out).await, Err(batchdb::Error::BlobCorrupt { .. })),
         "a read of it fails"
     );
+}
+
+#[tokio::test]
+async fn a_version_3_database_is_migrated_and_its_running_attempt_taken_over() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("q.sqlite");
+    let q = std::sync::Arc::new(SqliteQueue::open(&path).await.unwrap());
+    let downgrade = async {
+        rusqlite::Connection::open(&path)
+            .unwrap()
+            .execute_batch("ALTER TABLE attempts DROP COLUMN attempt_id; PRAGMA user_version = 3")
+            .unwrap();
+    };
+    let reopen = async {
+        std::sync::Arc::new(SqliteQueue::open(&path).await.unwrap()) as std::sync::Arc<dyn Queue>
+    };
+    crate::util::a_version_3_running_attempt_is_taken_over(q, downgrade, reopen).await;
 }

@@ -35,6 +35,7 @@ use tokio_postgres::types::ToSql;
 use tokio_postgres::{AsyncMessage, NoTls, Row};
 
 use super::Queue;
+use super::policy::{self, AttemptEnd, Transition};
 use super::types::*;
 use crate::blob::BlobInfo;
 use crate::error::{Error, Result};
@@ -62,8 +63,6 @@ const CHANNEL: &str = "batchdb_changes";
 
 /// Connections per process (claims, heartbeats and finishes of one worker run at once).
 const POOL_SIZE: usize = 16;
-
-use super::MAX_LOST;
 
 /// The PostgreSQL queue backend. Cheap to clone; clones share one connection pool and
 /// one listener.
@@ -789,101 +788,42 @@ async fn record_attempt(
     Ok(())
 }
 
-/// Ends the current attempt; the caller has checked the fencing token.
+/// Carries out transition `tr` of attempt `t` (see [`policy::finish`]); the caller
+/// has checked the fencing token.
 async fn finish_tx(
     tx: &mut Tx<'_>,
     t: &ClaimToken,
-    job: &Hash,
-    created: i64,
-    outcome: &Outcome,
+    (job, created): (&Hash, i64),
+    tr: &Transition<'_>,
 ) -> TxResult<Finished> {
     let now = tx.now;
-    let inst = Some((t.id, created));
-    let base = |r: &AttemptReport| {
-        serde_json::json!({
-            "attempt": t.token,
-            "stdout": r.stdout.map(|b| b.hash),
-            "stderr": r.stderr.map(|b| b.hash),
-            "exit_code": r.exit_code,
-            "message": r.message,
-        })
-    };
-    match outcome {
-        Outcome::Success(r) => {
-            record_attempt(tx, t, "result", r).await?;
-            tx.execute(
-                "UPDATE instances SET state = 'result', ended = $2, lease_until = NULL WHERE id = $1",
-                &[&t.id, &now],
-            )
-            .await?;
-            if let Some(k) = r.cache_key.filter(|_| !r.cached) {
-                tx.execute(
-                    "INSERT INTO cache(key, instance, attempt) VALUES ($1, $2, $3)
-                     ON CONFLICT (key) DO UPDATE SET instance = EXCLUDED.instance,
-                       attempt = EXCLUDED.attempt",
-                    &[&k.to_hex(), &t.id, &t.token],
-                )
-                .await?;
-            }
-            let mut data = base(r);
-            data["hash"] = serde_json::json!(r.stdout.map(|b| b.hash));
-            data["cached"] = serde_json::json!(r.cached);
-            tx.event(EventKind::Result, job, inst, data);
-            Ok(Finished::Result)
-        }
-        Outcome::Failure {
-            report: r,
-            retry_at: Some(at),
-        } => {
-            record_attempt(tx, t, "retry", r).await?;
-            tx.execute(
-                "UPDATE instances SET state = 'pending', run_at = $2, failures = failures + 1,
-                   lease_until = NULL, cache_key = NULL WHERE id = $1",
-                &[&t.id, at],
-            )
-            .await?;
-            let mut data = base(r);
-            data["run_at"] = serde_json::json!(at);
-            tx.event(EventKind::Retry, job, inst, data);
-            Ok(Finished::Retry(*at))
-        }
-        Outcome::Failure {
-            report: r,
-            retry_at: None,
-        } => {
-            record_attempt(tx, t, "fail", r).await?;
-            tx.execute(
-                "UPDATE instances SET state = 'fail', ended = $2, failures = failures + 1,
-                   lease_until = NULL WHERE id = $1",
-                &[&t.id, &now],
-            )
-            .await?;
-            tx.event(EventKind::Fail, job, inst, base(r));
-            Ok(Finished::Fail)
-        }
-        Outcome::Cancelled(r) => {
-            record_attempt(tx, t, "cancelled", r).await?;
-            tx.execute(
-                "UPDATE instances SET state = 'cancelled', ended = $2, lease_until = NULL WHERE id = $1",
-                &[&t.id, &now],
-            )
-            .await?;
-            tx.event(EventKind::Cancel, job, inst, base(r));
-            Ok(Finished::Cancelled)
-        }
-        Outcome::Released(r) => {
-            record_attempt(tx, t, "released", r).await?;
-            tx.execute(
-                "UPDATE instances SET state = 'pending', lease_until = NULL, cache_key = NULL WHERE id = $1",
-                &[&t.id],
-            )
-            .await?;
-            let mut data = base(r);
-            data["released"] = serde_json::json!(true);
-            tx.event(EventKind::Retry, job, inst, data);
-            Ok(Finished::Released)
-        }
+    record_attempt(tx, t, tr.attempt.as_str(), tr.report).await?;
+    tx.execute(
+        "UPDATE instances SET state = $2, ended = COALESCE($3, ended),
+           run_at = COALESCE($4, run_at), failures = failures + $5, lease_until = NULL,
+           cache_key = CASE WHEN $6 THEN NULL ELSE cache_key END
+         WHERE id = $1",
+        &[
+            &t.id,
+            &tr.state.as_str(),
+            &tr.ends.then_some(now),
+            &tr.run_at,
+            &i64::from(tr.counts_failure),
+            &tr.clears_cache_key,
+        ],
+    )
+    .await?;
+    if let Some(k) = tr.fills_cache {
+        tx.execute(
+            "INSERT INTO cache(key, instance, attempt) VALUES ($1, $2, $3)
+             ON CONFLICT (key) DO UPDATE SET instance = EXCLUDED.instance,
+               attempt = EXCLUDED.attempt",
+            &[&k.to_hex(), &t.id, &t.token],
+        )
+        .await?;
     }
+    tx.event(tr.event, job, Some((t.id, created)), tr.data.clone());
+    Ok(tr.finished)
 }
 
 /// The query naming the instances a selector selects, and its parameters.
@@ -1046,15 +986,6 @@ impl Queue for PgQueue {
                     id: c.id,
                     token: c.attempts,
                 };
-                let lost = AttemptReport {
-                    end: now,
-                    message: Some("lease expired: worker lost".into()),
-                    ..AttemptReport::default()
-                };
-                if cancel {
-                    finish_tx(tx, &old, &c.job, c.created, &Outcome::Cancelled(lost)).await?;
-                    continue;
-                }
                 let lost_before: i64 = tx
                     .query_one(
                         "SELECT COUNT(*) FROM attempts WHERE instance = $1 AND outcome = 'lost'",
@@ -1062,20 +993,14 @@ impl Queue for PgQueue {
                     )
                     .await?
                     .try_get(0)?;
-                if lost_before + 1 >= MAX_LOST {
-                    let report = AttemptReport {
-                        message: Some(format!(
-                            "worker lost {MAX_LOST} times while running it; giving up"
-                        )),
-                        ..lost
-                    };
-                    let failed = Outcome::Failure {
-                        report,
-                        retry_at: None,
-                    };
-                    finish_tx(tx, &old, &c.job, c.created, &failed).await?;
-                    continue;
-                }
+                let lost = match policy::expired(now, cancel, lost_before) {
+                    policy::Expired::TakeOver(lost) => lost,
+                    policy::Expired::Cancel(end) | policy::Expired::GiveUp(end) => {
+                        let tr = policy::finish(&old, &end, cancel);
+                        finish_tx(tx, &old, (&c.job, c.created), &tr).await?;
+                        continue;
+                    }
+                };
                 let row = tx
                     .query_one(
                         "SELECT worker, attempt_id FROM attempts WHERE instance = $1 AND attempt = $2",
@@ -1084,7 +1009,7 @@ impl Queue for PgQueue {
                     .await?;
                 let lost_attempt =
                     LostAttempt::new(old.id, old.token, row.try_get(0)?, row.try_get(1)?);
-                record_attempt(tx, &old, "lost", &lost).await?;
+                record_attempt(tx, &old, AttemptEnd::Lost.as_str(), &lost).await?;
                 let token = start_attempt(tx, &c, req, None).await?;
                 let mut claim = c.claim(token, now, true, None);
                 claim.lost = Some(lost_attempt);
@@ -1118,14 +1043,7 @@ impl Queue for PgQueue {
                         break;
                     }
                     let c = candidate(&r)?;
-                    let key = match &req.cache {
-                        Some(spec) if c.cached || req.cache_all => Some(cache_key(
-                            &c.job,
-                            &spec.runner,
-                            c.timeout.or(spec.default_timeout),
-                        )),
-                        _ => None,
-                    };
+                    let key = policy::claim_cache_key(req, &c.job, c.cached, c.timeout);
                     if let Some(k) = key {
                         // One claimer at a time per cache key, so identical runs are
                         // started once even by workers claiming at the same moment. A
@@ -1146,14 +1064,9 @@ impl Queue for PgQueue {
                             let token = start_attempt(tx, &c, req, None).await?;
                             hit.start = now;
                             hit.end = now;
-                            finish_tx(
-                                tx,
-                                &token.0,
-                                &c.job,
-                                c.created,
-                                &Outcome::Success(hit.clone()),
-                            )
-                            .await?;
+                            let served = Outcome::Success(hit.clone());
+                            let tr = policy::finish(&token.0, &served, false);
+                            finish_tx(tx, &token.0, (&c.job, c.created), &tr).await?;
                             out.push(c.claim(token, now, false, Some(hit)));
                             continue;
                         }
@@ -1232,20 +1145,8 @@ impl Queue for PgQueue {
             let Some(row) = row.filter(|r| r.state == "running" && r.attempts == t.token) else {
                 return Err(fenced(&t));
             };
-            // A cancel requested while the attempt ran wins over a retry or a release.
-            let outcome = match outcome.clone() {
-                Outcome::Failure {
-                    report,
-                    retry_at: Some(_),
-                }
-                | Outcome::Released(report)
-                    if row.cancel_requested =>
-                {
-                    Outcome::Cancelled(report)
-                }
-                other => other,
-            };
-            finish_tx(tx, &t, &row.job, row.created, &outcome).await
+            let tr = policy::finish(&t, outcome, row.cancel_requested);
+            finish_tx(tx, &t, (&row.job, row.created), &tr).await
         })
     }
 

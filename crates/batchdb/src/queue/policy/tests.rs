@@ -1,0 +1,251 @@
+//! The queue's rules, table by table.
+
+use std::time::Duration;
+
+use super::*;
+use crate::blob::BlobInfo;
+use crate::queue::CacheSpec;
+
+const T: ClaimToken = ClaimToken { id: 7, token: 2 };
+
+fn report(cached: bool) -> AttemptReport {
+    AttemptReport {
+        start: 1,
+        end: 2,
+        exit_code: Some(0),
+        stdout: Some(BlobInfo {
+            hash: Hash::of(b"out"),
+            size: 3,
+        }),
+        cached,
+        cache_key: Some(Hash::of(b"key")),
+        ..AttemptReport::default()
+    }
+}
+
+/// The outcomes a worker can report, by name.
+fn outcomes() -> Vec<(&'static str, Outcome)> {
+    vec![
+        ("success", Outcome::Success(report(false))),
+        ("cache hit", Outcome::Success(report(true))),
+        (
+            "failure, retries left",
+            Outcome::Failure {
+                report: report(false),
+                retry_at: Some(500),
+            },
+        ),
+        (
+            "failure, no retries left",
+            Outcome::Failure {
+                report: report(false),
+                retry_at: None,
+            },
+        ),
+        ("cancelled", Outcome::Cancelled(report(false))),
+        ("released", Outcome::Released(report(false))),
+    ]
+}
+
+/// (attempt end, state, finished, counts a failure, clears cache key, fills cache, event)
+type Row = (AttemptEnd, State, Finished, bool, bool, bool, EventKind);
+
+fn expected(name: &str, cancel: bool) -> Row {
+    use AttemptEnd as A;
+    use EventKind as E;
+    let cancelled = (
+        A::Cancelled,
+        State::Cancelled,
+        Finished::Cancelled,
+        false,
+        false,
+        false,
+        E::Cancel,
+    );
+    match (name, cancel) {
+        ("success", _) => (
+            A::Result,
+            State::Result,
+            Finished::Result,
+            false,
+            false,
+            true,
+            E::Result,
+        ),
+        ("cache hit", _) => (
+            A::Result,
+            State::Result,
+            Finished::Result,
+            false,
+            false,
+            false,
+            E::Result,
+        ),
+        ("failure, retries left", false) => (
+            A::Retry,
+            State::Pending,
+            Finished::Retry(500),
+            true,
+            true,
+            false,
+            E::Retry,
+        ),
+        ("failure, no retries left", _) => (
+            A::Fail,
+            State::Fail,
+            Finished::Fail,
+            true,
+            false,
+            false,
+            E::Fail,
+        ),
+        ("released", false) => (
+            A::Released,
+            State::Pending,
+            Finished::Released,
+            false,
+            true,
+            false,
+            E::Retry,
+        ),
+        // A cancel requested while it ran wins over a retry or a release.
+        ("failure, retries left" | "released" | "cancelled", _) => cancelled,
+        _ => unreachable!("{name}"),
+    }
+}
+
+#[test]
+fn every_outcome_times_cancel_requested_ends_as_the_table_says() {
+    for cancel in [false, true] {
+        for (name, outcome) in outcomes() {
+            let tr = finish(&T, &outcome, cancel);
+            let got = (
+                tr.attempt,
+                tr.state,
+                tr.finished,
+                tr.counts_failure,
+                tr.clears_cache_key,
+                tr.fills_cache.is_some(),
+                tr.event,
+            );
+            assert_eq!(got, expected(name, cancel), "{name}, cancel {cancel}");
+            // An instance that may run again is not ended; every other one is.
+            assert_eq!(tr.ends, tr.state != State::Pending, "{name}");
+            assert_eq!(
+                tr.run_at.is_some(),
+                tr.attempt == AttemptEnd::Retry,
+                "{name}"
+            );
+            assert_eq!(tr.data["attempt"], 2, "{name}");
+        }
+    }
+}
+
+#[test]
+fn a_result_fills_the_cache_under_its_own_key_and_logs_its_hash() {
+    let outcome = Outcome::Success(report(false));
+    let tr = finish(&T, &outcome, false);
+    assert_eq!(tr.fills_cache, Some(Hash::of(b"key")));
+    assert_eq!(tr.data["hash"], serde_json::json!(Hash::of(b"out")));
+    assert_eq!(tr.data["cached"], false);
+}
+
+#[test]
+fn a_retry_is_due_when_the_worker_said() {
+    let outcome = Outcome::Failure {
+        report: report(false),
+        retry_at: Some(1234),
+    };
+    let tr = finish(&T, &outcome, false);
+    assert_eq!(tr.run_at, Some(1234));
+    assert_eq!(tr.data["run_at"], 1234);
+}
+
+#[test]
+fn an_expired_lease_is_cancelled_given_up_or_taken_over() {
+    for cancel in [false, true] {
+        for lost_before in 0..=MAX_LOST {
+            let got = expired(99, cancel, lost_before);
+            match got {
+                Expired::Cancel(Outcome::Cancelled(r)) => {
+                    assert!(cancel);
+                    assert_eq!(r.end, 99);
+                }
+                Expired::GiveUp(Outcome::Failure {
+                    report,
+                    retry_at: None,
+                }) => {
+                    assert!(!cancel && lost_before + 1 >= MAX_LOST);
+                    assert!(report.message.unwrap().contains("worker lost 3 times"));
+                }
+                Expired::TakeOver(r) => {
+                    assert!(!cancel && lost_before + 1 < MAX_LOST);
+                    assert_eq!(r.message.as_deref(), Some("lease expired: worker lost"));
+                }
+                other => panic!("cancel {cancel}, lost {lost_before}: {other:?}"),
+            }
+        }
+    }
+}
+
+#[test]
+fn a_claim_uses_the_cache_only_when_asked_and_the_runner_is_named() {
+    let job = Hash::of(b"job");
+    let spec = CacheSpec {
+        runner: "shell:sh".into(),
+        default_timeout: Some(Duration::from_secs(9)),
+    };
+    let req = |cache: Option<CacheSpec>, cache_all: bool| ClaimRequest {
+        worker: "w".into(),
+        limit: 1,
+        lease: Duration::from_secs(30),
+        order: crate::queue::Order::Newest,
+        cache,
+        cache_all,
+    };
+    let named = req(Some(spec.clone()), false);
+    assert_eq!(claim_cache_key(&named, &job, false, None), None);
+    assert_eq!(
+        claim_cache_key(&named, &job, true, None),
+        Some(cache_key(&job, "shell:sh", Some(Duration::from_secs(9))))
+    );
+    // The instance's own timeout wins over the worker's default.
+    assert_eq!(
+        claim_cache_key(&named, &job, true, Some(Duration::from_secs(1))),
+        Some(cache_key(&job, "shell:sh", Some(Duration::from_secs(1))))
+    );
+    assert!(claim_cache_key(&req(Some(spec), true), &job, false, None).is_some());
+    assert_eq!(claim_cache_key(&req(None, true), &job, true, None), None);
+}
+
+#[test]
+fn a_failure_runs_again_while_the_budget_lasts() {
+    assert_eq!(retry_number(0, 0), None);
+    assert_eq!(retry_number(0, 2), Some(1));
+    assert_eq!(retry_number(1, 2), Some(2));
+    assert_eq!(retry_number(2, 2), None);
+}
+
+#[test]
+fn backoff_doubles_to_its_cap_times_the_jitter() {
+    let (base, max) = (Duration::from_secs(1), Duration::from_secs(300));
+    assert_eq!(backoff(base, max, 1, 1.0), Duration::from_secs(1));
+    assert_eq!(backoff(base, max, 4, 1.0), Duration::from_secs(8));
+    assert_eq!(backoff(base, max, 30, 1.0), max);
+    assert_eq!(backoff(base, max, 2, 0.5), Duration::from_secs(1));
+}
+
+#[test]
+fn attempt_ends_round_trip_through_their_names() {
+    for e in [
+        AttemptEnd::Result,
+        AttemptEnd::Retry,
+        AttemptEnd::Fail,
+        AttemptEnd::Cancelled,
+        AttemptEnd::Released,
+        AttemptEnd::Lost,
+    ] {
+        assert_eq!(AttemptEnd::parse(e.as_str()), Some(e));
+    }
+    assert_eq!(AttemptEnd::parse("running"), None);
+}
