@@ -81,6 +81,16 @@ pub enum Error {
         /// What went wrong.
         message: String,
     },
+    /// A value read from the queue's database is not one batchdb writes (a bad hash, an
+    /// unknown state or event kind, a wrong type): the database is corrupt or was
+    /// changed by hand. The same variant on every backend; the request was fine.
+    #[error("database {location} is corrupt: {what}")]
+    Corrupt {
+        /// The database location (file path or URL, password masked).
+        location: String,
+        /// What was read, and where.
+        what: String,
+    },
     /// The database was written by a newer batchdb whose schema this build does not know.
     #[error(
         "database {location} has schema version {found}, newer than this batchdb supports ({supported}); upgrade batchdb"

@@ -83,3 +83,18 @@ pub(crate) async fn method_not_allowed(method: axum::http::Method) -> ApiError {
         format!("method {method} is not allowed here"),
     )
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_corrupt_database_is_a_server_error_on_every_backend() {
+        let e = ApiError::from(Error::Corrupt {
+            location: "postgres://h/db".into(),
+            what: "invalid hash \"x\"".into(),
+        });
+        assert_eq!(e.status, StatusCode::INTERNAL_SERVER_ERROR);
+        assert!(e.message.contains("postgres://h/db"), "{}", e.message);
+    }
+}

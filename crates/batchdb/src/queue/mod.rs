@@ -11,6 +11,7 @@
 //! anything for it.
 
 #[cfg(feature = "postgres")]
+mod migrations;
 pub(crate) mod policy;
 mod postgres;
 mod sqlite;
@@ -21,6 +22,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 
+pub use migrations::SCHEMA_VERSION;
 pub use policy::{AttemptEnd, MAX_LOST};
 #[cfg(feature = "postgres")]
 pub use postgres::{PG_SCHEMA_VERSION, PgQueue};

@@ -612,6 +612,19 @@ pub struct Counts {
     pub cancelled: u64,
 }
 
+impl Counts {
+    /// The count of instances in `state`, to set from a database's tally.
+    pub(crate) fn slot(&mut self, state: State) -> &mut u64 {
+        match state {
+            State::Pending => &mut self.pending,
+            State::Running => &mut self.running,
+            State::Result => &mut self.result,
+            State::Fail => &mut self.fail,
+            State::Cancelled => &mut self.cancelled,
+        }
+    }
+}
+
 /// The kinds of events in the log.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]

@@ -17,6 +17,9 @@ pub struct Backend {
     /// How another process opens this pair: what `--db`, `--blobs` and the
     /// environment would say.
     pub spec: Spec,
+    /// Runs SQL on the queue's database directly (to corrupt it, say), with
+    /// batchdb's tables in the search path.
+    pub raw_sql: RawSql,
     _dir: tempfile::TempDir,
 }
 
@@ -29,6 +32,36 @@ pub struct Spec {
     pub blobs: String,
     /// Environment a child needs (S3 credentials and endpoint).
     pub env: Vec<(&'static str, String)>,
+}
+
+/// Runs SQL on a queue's database behind its back.
+pub type RawSql = Box<dyn Fn(String) -> futures_util::future::BoxFuture<'static, ()> + Send + Sync>;
+
+/// [`RawSql`] for the database at `db` (a SQLite path or a PostgreSQL URL).
+fn raw_sql(db: &str) -> RawSql {
+    let db = db.to_string();
+    Box::new(move |sql: String| {
+        let db = db.clone();
+        Box::pin(async move {
+            tokio::task::spawn_blocking(move || {
+                if db.starts_with("postgres") {
+                    #[cfg(feature = "postgres")]
+                    {
+                        let name = db.rsplit('/').next().expect("database name");
+                        batchdb_testkit::postgres::shared()
+                            .sql(name, &format!("SET search_path TO batchdb; {sql}"));
+                    }
+                } else {
+                    rusqlite::Connection::open(&db)
+                        .expect("open sqlite")
+                        .execute_batch(&sql)
+                        .expect("raw sql");
+                }
+            })
+            .await
+            .expect("raw sql task");
+        })
+    })
 }
 
 /// Opens another handle on a queue.
@@ -46,6 +79,7 @@ impl Backend {
             queue,
             blobs,
             reopen,
+            raw_sql: raw_sql(&db),
             spec: Spec {
                 db,
                 blobs: blobs_at,

@@ -55,6 +55,7 @@ macro_rules! suite {
                     cached_duplicates_do_not_block_the_queue,
                     a_job_whose_worker_keeps_dying_fails,
                     select_by_created_job_and_result,
+                    corrupt_values_read_back_are_one_error,
                 ]);
                 suite!(@tests $backend, blob: [
                     roundtrip_sizes,

@@ -1,6 +1,5 @@
 //! Model-based test: random sequences of add / claim / heartbeat / expire / finish /
-//! cancel / retry against a queue, checking after every step the invariants of
-//! `shared/design.md`:
+//! cancel / retry against a queue, checking after every step the queue's invariants:
 //! 1. every pushed instance is pending, running, or in exactly one terminal row;
 //! 2. no instance is handed to a second worker while the first holds a valid lease,
 //!    and a superseded attempt can never record anything (fencing);

@@ -795,3 +795,47 @@ pub async fn a_job_whose_worker_keeps_dying_fails(b: &Backend) {
         .unwrap_or_default();
     assert!(msg.contains("worker lost"), "{msg}");
 }
+
+/// Whether `r` failed with [`Error::Corrupt`] naming `what`.
+fn is_corrupt<T: std::fmt::Debug>(r: batchdb::Result<T>, what: &str) -> bool {
+    match r {
+        Err(Error::Corrupt { what: w, .. }) => w.contains(what) || what.is_empty(),
+        other => {
+            eprintln!("not corrupt: {other:?}");
+            false
+        }
+    }
+}
+
+/// A value read back that batchdb never writes — an unknown state, a bad hash, an
+/// unknown event kind — is the same error on every backend: [`Error::Corrupt`].
+pub async fn corrupt_values_read_back_are_one_error(b: &Backend) {
+    let q = &b.queue;
+    let i = q.add(&job(1), &opts()).await.unwrap();
+    (b.raw_sql)(format!(
+        "UPDATE instances SET state = 'bogus' WHERE id = {}",
+        i.id
+    ))
+    .await;
+    assert!(is_corrupt(q.counts().await, "bogus"));
+    assert!(is_corrupt(q.cancel(&Selector::Id(i.id)).await, "bogus"));
+    (b.raw_sql)(format!(
+        "UPDATE instances SET state = 'pending' WHERE id = {}",
+        i.id
+    ))
+    .await;
+    assert_eq!(q.counts().await.unwrap().pending, 1);
+
+    (b.raw_sql)(format!(
+        "UPDATE jobs SET key = 'not-a-hash' WHERE key = '{}'",
+        job(1).hash
+    ))
+    .await;
+    assert!(is_corrupt(
+        q.list_page(ListKind::Job, 0, 10).await,
+        "not-a-hash"
+    ));
+
+    (b.raw_sql)("UPDATE events SET kind = 'bogus'".into()).await;
+    assert!(is_corrupt(q.events(0, 10).await, ""));
+}

@@ -1,7 +1,7 @@
 //! Crash trials: a mixed workload — a producer adding jobs, two workers running them
 //! (with output, failures, retries), cancels and re-pushes — while the harness kills a
 //! random process with SIGKILL at random moments and restarts it. After each trial
-//! the invariants of `shared/design.md` must hold:
+//! the queue's invariants must hold:
 //!
 //! 1. every accepted instance (its `pushed` line was printed) ends in exactly one
 //!    terminal row once the queue is drained;

@@ -35,28 +35,30 @@ use tokio_postgres::types::ToSql;
 use tokio_postgres::{AsyncMessage, NoTls, Row};
 
 use super::Queue;
+use super::migrations;
 use super::policy::{self, AttemptEnd, Transition};
 use super::types::*;
+
+#[macro_use]
+mod tx;
+mod listen;
+mod read;
+mod rows;
+mod url;
+
 use crate::blob::BlobInfo;
 use crate::error::{Error, Result};
 use crate::hash::Hash;
+use read::*;
+use rows::*;
+use tx::*;
+use url::*;
 
-/// The schema version this build writes and understands.
-pub const PG_SCHEMA_VERSION: i64 = MIGRATIONS.len() as i64;
+/// The schema version this build writes and understands (the same on every backend).
+pub const PG_SCHEMA_VERSION: i64 = migrations::SCHEMA_VERSION;
 
 /// The PostgreSQL schema (namespace) batchdb's tables live in.
 const NAMESPACE: &str = "batchdb";
-
-/// The migrations, in order: migration `i` takes the schema to version `i + 1`.
-const MIGRATIONS: &[&str] = &[
-    include_str!("schema_v1.sql"),
-    // Version 2: small payloads kept inline in the job row.
-    "ALTER TABLE jobs ADD COLUMN payload BYTEA;",
-    // Version 3: small outputs kept inline, by hash.
-    "CREATE TABLE inline_blobs(key TEXT PRIMARY KEY, data BYTEA NOT NULL);",
-    // Version 4: each attempt's random id, which its processes carry.
-    "ALTER TABLE attempts ADD COLUMN attempt_id TEXT;",
-];
 
 /// The notification channel every change is announced on.
 const CHANNEL: &str = "batchdb_changes";
@@ -85,6 +87,8 @@ struct Inner {
 enum TxError {
     Pg(tokio_postgres::Error),
     Domain(Error),
+    /// A value read back that batchdb never writes (see [`Error::Corrupt`]).
+    Corrupt(String),
 }
 
 impl From<tokio_postgres::Error> for TxError {
@@ -101,229 +105,9 @@ impl From<Error> for TxError {
 
 type TxResult<T> = std::result::Result<T, TxError>;
 
-/// An event to append when the transaction commits.
-struct NewEvent {
-    time: i64,
-    kind: EventKind,
-    job: Hash,
-    inst: Option<(i64, i64)>,
-    data: serde_json::Value,
-}
-
-/// A write transaction: statements are prepared once per connection and cached;
-/// events are buffered and numbered at commit.
-struct Tx<'a> {
-    tx: deadpool_postgres::Transaction<'a>,
-    events: Vec<NewEvent>,
-    changed: bool,
-    /// The database server's clock at the start of the transaction (epoch ms).
-    now: i64,
-}
-
-impl Tx<'_> {
-    async fn query(&self, sql: &str, params: &[&(dyn ToSql + Sync)]) -> TxResult<Vec<Row>> {
-        let stmt = self.tx.prepare_cached(sql).await?;
-        Ok(self.tx.query(&stmt, params).await?)
-    }
-
-    async fn query_opt(&self, sql: &str, params: &[&(dyn ToSql + Sync)]) -> TxResult<Option<Row>> {
-        let stmt = self.tx.prepare_cached(sql).await?;
-        Ok(self.tx.query_opt(&stmt, params).await?)
-    }
-
-    async fn query_one(&self, sql: &str, params: &[&(dyn ToSql + Sync)]) -> TxResult<Row> {
-        let stmt = self.tx.prepare_cached(sql).await?;
-        Ok(self.tx.query_one(&stmt, params).await?)
-    }
-
-    /// Runs a statement; a statement that touched rows marks the transaction as a change.
-    async fn execute(&mut self, sql: &str, params: &[&(dyn ToSql + Sync)]) -> TxResult<u64> {
-        let stmt = self.tx.prepare_cached(sql).await?;
-        let n = self.tx.execute(&stmt, params).await?;
-        if n > 0 {
-            self.changed = true;
-        }
-        Ok(n)
-    }
-
-    fn event(
-        &mut self,
-        kind: EventKind,
-        job: &Hash,
-        inst: Option<(i64, i64)>,
-        data: serde_json::Value,
-    ) {
-        self.events.push(NewEvent {
-            time: self.now,
-            kind,
-            job: *job,
-            inst,
-            data,
-        });
-        self.changed = true;
-    }
-
-    /// Numbers and appends the buffered events, announces the change, and commits.
-    /// Returns whether anything changed.
-    async fn commit(self) -> TxResult<bool> {
-        let Tx {
-            tx,
-            events,
-            changed,
-            ..
-        } = self;
-        if !events.is_empty() {
-            // Taken last, held until commit: ids are handed out in commit order.
-            let stmt = tx
-                .prepare_cached(
-                    "UPDATE counters SET value = value + $1 WHERE name = 'event' RETURNING value",
-                )
-                .await?;
-            let last: i64 = tx
-                .query_one(&stmt, &[&(events.len() as i64)])
-                .await?
-                .try_get(0)?;
-            let first = last - events.len() as i64 + 1;
-            let ids: Vec<i64> = (first..=last).collect();
-            let times: Vec<i64> = events.iter().map(|e| e.time).collect();
-            let kinds: Vec<&str> = events.iter().map(|e| e.kind.as_str()).collect();
-            let jobs: Vec<String> = events.iter().map(|e| e.job.to_hex()).collect();
-            let created: Vec<Option<i64>> = events.iter().map(|e| e.inst.map(|i| i.1)).collect();
-            let inst: Vec<Option<i64>> = events.iter().map(|e| e.inst.map(|i| i.0)).collect();
-            let data: Vec<Option<String>> = events
-                .iter()
-                .map(|e| (!e.data.is_null()).then(|| e.data.to_string()))
-                .collect();
-            let stmt = tx
-                .prepare_cached(
-                    "INSERT INTO events(id, time, kind, job, created, instance, data)
-                     SELECT * FROM UNNEST($1::BIGINT[], $2::BIGINT[], $3::TEXT[], $4::TEXT[],
-                                          $5::BIGINT[], $6::BIGINT[], $7::TEXT[])",
-                )
-                .await?;
-            tx.execute(
-                &stmt,
-                &[&ids, &times, &kinds, &jobs, &created, &inst, &data],
-            )
-            .await?;
-        }
-        if changed {
-            let stmt = tx.prepare_cached("SELECT pg_notify($1, '')").await?;
-            tx.execute(&stmt, &[&CHANNEL]).await?;
-        }
-        tx.commit().await?;
-        Ok(changed)
-    }
-}
-
-/// Runs `$body` (a block evaluating to `TxResult<T>`, in which `$tx: &mut Tx` is in
-/// scope and `return` leaves the block) in a transaction and commits it; retries the
-/// whole transaction on a serialization failure or a deadlock. With `lazy`, the
-/// commit does not wait for the WAL flush (a crash of the database server may undo
-/// it; used for heartbeats, whose loss only shortens a lease).
-macro_rules! in_tx {
-    ($self:expr, lazy = $lazy:expr, |$tx:ident| $body:block) => {{
-        let this = $self;
-        let mut tries = 0u32;
-        loop {
-            let r: TxResult<_> = async {
-                let mut client = this.client().await?;
-                let raw = client.transaction().await?;
-                if $lazy {
-                    raw.batch_execute("SET LOCAL synchronous_commit = off")
-                        .await?;
-                }
-                let now: i64 = raw
-                    .query_one(
-                        "SELECT (extract(epoch FROM clock_timestamp()) * 1000)::BIGINT",
-                        &[],
-                    )
-                    .await?
-                    .try_get(0)?;
-                let mut tx_ = Tx {
-                    tx: raw,
-                    events: Vec::new(),
-                    changed: false,
-                    now,
-                };
-                let out = {
-                    let $tx = &mut tx_;
-                    typed(async move { $body }).await
-                }?;
-                let changed = tx_.commit().await?;
-                Ok((out, changed))
-            }
-            .await;
-            match r {
-                Ok((out, changed)) => {
-                    if changed {
-                        this.inner.changes.send_modify(|v| *v += 1);
-                    }
-                    break Ok(out);
-                }
-                Err(TxError::Pg(e)) if tries < 8 && retryable(&e) => {
-                    tries += 1;
-                    tokio::time::sleep(Duration::from_millis(fastrand::u64(1..=20) * tries as u64))
-                        .await;
-                }
-                Err(e) => break Err(this.err(e)),
-            }
-        }
-    }};
-    ($self:expr, |$tx:ident| $body:block) => {
-        in_tx!($self, lazy = false, |$tx| $body)
-    };
-}
-
-/// Gives a transaction body's async block its output type (so `?` inside it knows
-/// what to convert into).
-fn typed<T>(
-    f: impl std::future::Future<Output = TxResult<T>>,
-) -> impl std::future::Future<Output = TxResult<T>> {
-    f
-}
-
-fn retryable(e: &tokio_postgres::Error) -> bool {
-    matches!(
-        e.code(),
-        Some(c) if *c == SqlState::T_R_SERIALIZATION_FAILURE || *c == SqlState::T_R_DEADLOCK_DETECTED
-    )
-}
-
-/// `url` with any password (in the user info or a `password=` parameter) replaced by
-/// `***`.
-fn mask_password(url: &str) -> String {
-    let masked = mask_userinfo(url);
-    match masked.split_once('?') {
-        Some((base, query)) => {
-            let params: Vec<String> = query
-                .split('&')
-                .map(|p| match p.split_once('=') {
-                    Some((k, _)) if k.eq_ignore_ascii_case("password") => format!("{k}=***"),
-                    _ => p.to_string(),
-                })
-                .collect();
-            format!("{base}?{}", params.join("&"))
-        }
-        None => masked,
-    }
-}
-
-fn mask_userinfo(url: &str) -> String {
-    let Some((scheme, rest)) = url.split_once("://") else {
-        return url.to_string();
-    };
-    let (authority, tail) = match rest.find(['/', '?']) {
-        Some(i) => rest.split_at(i),
-        None => (rest, ""),
-    };
-    match authority.rsplit_once('@') {
-        Some((userinfo, host)) => match userinfo.split_once(':') {
-            Some((user, _)) => format!("{scheme}://{user}:***@{host}{tail}"),
-            None => url.to_string(),
-        },
-        None => url.to_string(),
-    }
+/// A value read back that did not parse: the database is corrupt.
+fn corrupt(e: Error) -> TxError {
+    TxError::Corrupt(e.to_string())
 }
 
 impl PgQueue {
@@ -396,6 +180,10 @@ impl PgQueue {
                 source,
             },
             TxError::Domain(e) => e,
+            TxError::Corrupt(what) => Error::Corrupt {
+                location: self.inner.location.clone(),
+                what,
+            },
         }
     }
 
@@ -439,12 +227,15 @@ impl PgQueue {
                 }
                 .into());
             }
-            for (i, sql) in MIGRATIONS.iter().enumerate().skip(version as usize) {
-                tx.batch_execute(&format!("SET LOCAL search_path = {NAMESPACE}; {sql}"))
-                    .await?;
+            for (v, step) in migrations::pending(version) {
+                tx.batch_execute(&format!(
+                    "SET LOCAL search_path = {NAMESPACE}; {}",
+                    step.postgres
+                ))
+                .await?;
                 tx.execute(
                     &format!("INSERT INTO {NAMESPACE}.schema_migrations(version) VALUES ($1)"),
-                    &[&(i as i64 + 1)],
+                    &[&v],
                 )
                 .await?;
             }
@@ -467,435 +258,6 @@ impl PgQueue {
         .await;
         r.map_err(|e| self.err(e))
     }
-
-    /// Starts (once) the task that keeps a `LISTEN` connection open and wakes waiters.
-    fn start_listener(&self) {
-        if self.inner.listening.swap(true, Ordering::AcqRel) {
-            return;
-        }
-        let weak: Weak<Inner> = Arc::downgrade(&self.inner);
-        let config = self.inner.config.clone();
-        tokio::spawn(async move {
-            let mut failures = 0u32;
-            loop {
-                let location = match weak.upgrade() {
-                    Some(inner) => inner.location.clone(),
-                    None => return,
-                };
-                let began = std::time::Instant::now();
-                let r = listen_once(&config, &weak).await;
-                if began.elapsed() > Duration::from_secs(30) {
-                    // A session that lasted is a fresh start for the backoff.
-                    failures = 0;
-                }
-                match r {
-                    Ok(()) => failures = 0,
-                    Err(e) => {
-                        failures += 1;
-                        let wait = Duration::from_millis(100)
-                            .saturating_mul(1 << failures.min(7))
-                            .min(Duration::from_secs(10));
-                        tracing::warn!(
-                            "postgres {location}: change listener lost ({e}); reconnecting in {wait:?}"
-                        );
-                        tokio::time::sleep(wait).await;
-                    }
-                }
-                // Whatever happened while not listening: make waiters look again.
-                match weak.upgrade() {
-                    Some(inner) => inner.changes.send_modify(|v| *v += 1),
-                    None => return,
-                }
-            }
-        });
-    }
-}
-
-/// One `LISTEN` session: connects, listens, wakes waiters on each notification, and
-/// returns when the connection ends (an error) or the queue is dropped (`Ok`).
-async fn listen_once(
-    config: &tokio_postgres::Config,
-    weak: &Weak<Inner>,
-) -> std::result::Result<(), tokio_postgres::Error> {
-    let (client, mut conn) = config.connect(NoTls).await?;
-    let mut messages = futures_util::stream::poll_fn(move |cx| conn.poll_message(cx));
-    let (ended_tx, mut ended_rx) = tokio::sync::oneshot::channel();
-    let w = weak.clone();
-    let driver = tokio::spawn(async move {
-        while let Some(m) = messages.next().await {
-            match m {
-                Ok(AsyncMessage::Notification(_)) => match w.upgrade() {
-                    Some(inner) => inner.changes.send_modify(|v| *v += 1),
-                    None => return Ok(()),
-                },
-                Ok(_) => {}
-                Err(e) => return Err(e),
-            }
-        }
-        let _ = ended_tx.send(());
-        Ok(())
-    });
-    client.batch_execute(&format!("LISTEN {CHANNEL}")).await?;
-    if let Some(inner) = weak.upgrade() {
-        inner.changes.send_modify(|v| *v += 1);
-    }
-    // Keep the client alive while the connection lives and the queue exists.
-    loop {
-        tokio::select! {
-            _ = &mut ended_rx => break,
-            _ = tokio::time::sleep(Duration::from_secs(5)) => {
-                if weak.strong_count() == 0 {
-                    driver.abort();
-                    return Ok(());
-                }
-            }
-        }
-    }
-    drop(client);
-    match driver.await {
-        Ok(r) => r,
-        Err(_) => Ok(()),
-    }
-}
-
-fn parse_hash(s: &str) -> TxResult<Hash> {
-    s.parse().map_err(TxError::Domain)
-}
-
-fn opt_hash(s: Option<String>) -> TxResult<Option<Hash>> {
-    s.as_deref().map(parse_hash).transpose()
-}
-
-fn blob(hash: Option<String>, size: Option<i64>) -> TxResult<Option<BlobInfo>> {
-    Ok(opt_hash(hash)?.map(|hash| BlobInfo {
-        hash,
-        size: size.unwrap_or(0) as u64,
-    }))
-}
-
-/// The columns of `instances` a claim needs, in this order.
-const CLAIM_COLS: &str = "id, job, created, failures, timeout_ms, retries, cached, attempts";
-
-struct Candidate {
-    id: i64,
-    job: Hash,
-    created: i64,
-    failures: u32,
-    timeout: Option<Duration>,
-    retries: Option<u32>,
-    cached: bool,
-    attempts: i64,
-}
-
-fn candidate(r: &Row) -> TxResult<Candidate> {
-    Ok(Candidate {
-        id: r.try_get(0)?,
-        job: parse_hash(r.try_get(1)?)?,
-        created: r.try_get(2)?,
-        failures: r.try_get::<_, i64>(3)? as u32,
-        timeout: r
-            .try_get::<_, Option<i64>>(4)?
-            .map(|t| Duration::from_millis(t as u64)),
-        retries: r.try_get::<_, Option<i64>>(5)?.map(|n| n as u32),
-        cached: r.try_get(6)?,
-        attempts: r.try_get(7)?,
-    })
-}
-
-impl Candidate {
-    fn claim(
-        &self,
-        (token, attempt_id): (ClaimToken, String),
-        start: i64,
-        takeover: bool,
-        cache_hit: Option<AttemptReport>,
-    ) -> Claim {
-        Claim {
-            token,
-            job: self.job,
-            created: self.created,
-            start,
-            failures: self.failures,
-            timeout: self.timeout,
-            retries: self.retries,
-            attempt_id,
-            takeover,
-            lost: None,
-            cache_hit,
-        }
-    }
-}
-
-async fn insert_job(tx: &mut Tx<'_>, job: &NewJob) -> TxResult<bool> {
-    let now = tx.now;
-    // A job whose payload was in the store gets it inline when added again with one
-    // (so a lost blob is repaired, as re-adding it to the store would).
-    let row = tx
-        .query_opt(
-            "INSERT INTO jobs(key, size, created, payload) VALUES ($1, $2, $3, $4)
-             ON CONFLICT (key) DO UPDATE SET payload = EXCLUDED.payload
-               WHERE jobs.payload IS NULL AND EXCLUDED.payload IS NOT NULL
-             RETURNING (xmax = 0)",
-            &[
-                &job.info.hash.to_hex(),
-                &(job.info.size as i64),
-                &now,
-                &job.inline,
-            ],
-        )
-        .await?;
-    let Some(row) = row else { return Ok(false) };
-    tx.changed = true;
-    let inserted: bool = row.try_get(0)?;
-    if inserted {
-        tx.event(
-            EventKind::Create,
-            &job.info.hash,
-            None,
-            serde_json::json!({"size": job.info.size}),
-        );
-    }
-    Ok(inserted)
-}
-
-async fn insert_instance(tx: &mut Tx<'_>, job: &Hash, opts: &PushOptions) -> TxResult<Instance> {
-    let now = tx.now;
-    // `created` is unique across all instances: a push landing in a millisecond
-    // already taken gets the next free one (the counter row's lock serializes pushes).
-    let created: i64 = tx
-        .query_one(
-            "UPDATE counters SET value = GREATEST(value + 1, $1) WHERE name = 'created' RETURNING value",
-            &[&now],
-        )
-        .await?
-        .try_get(0)?;
-    let timeout = opts.timeout.map(|t| t.as_millis() as i64);
-    let retries = opts.retries.map(i64::from);
-    let run_at = opts.run_at.unwrap_or(now);
-    let id: i64 = tx
-        .query_one(
-            "INSERT INTO instances(job, created, state, priority, run_at, timeout_ms, retries, cached)
-             VALUES ($1, $2, 'pending', $3, $4, $5, $6, $7) RETURNING id",
-            &[
-                &job.to_hex(),
-                &created,
-                &opts.priority,
-                &run_at,
-                &timeout,
-                &retries,
-                &opts.cached,
-            ],
-        )
-        .await?
-        .try_get(0)?;
-    let data = match opts.run_at {
-        Some(t) if t > now => serde_json::json!({"run_at": t}),
-        _ => serde_json::Value::Null,
-    };
-    tx.event(EventKind::Push, job, Some((id, created)), data);
-    Ok(Instance {
-        id,
-        job: *job,
-        created,
-    })
-}
-
-async fn start_attempt(
-    tx: &mut Tx<'_>,
-    c: &Candidate,
-    req: &ClaimRequest,
-    cache_key: Option<Hash>,
-) -> TxResult<(ClaimToken, String)> {
-    let now = tx.now;
-    let token = c.attempts + 1;
-    let attempt_id = super::types::new_attempt_id();
-    let until = now + req.lease.as_millis() as i64;
-    tx.execute(
-        "UPDATE instances SET state = 'running', attempts = $2, lease_until = $3, cache_key = $4
-         WHERE id = $1",
-        &[&c.id, &token, &until, &cache_key.map(|k| k.to_hex())],
-    )
-    .await?;
-    tx.execute(
-        "INSERT INTO attempts(instance, attempt, worker, start, attempt_id)
-         VALUES ($1, $2, $3, $4, $5)",
-        &[&c.id, &token, &req.worker, &now, &attempt_id],
-    )
-    .await?;
-    tx.event(
-        EventKind::Start,
-        &c.job,
-        Some((c.id, c.created)),
-        serde_json::json!({"attempt": token, "worker": req.worker}),
-    );
-    Ok((ClaimToken { id: c.id, token }, attempt_id))
-}
-
-async fn cache_lookup(tx: &Tx<'_>, key: &Hash) -> TxResult<Option<AttemptReport>> {
-    let row = tx
-        .query_opt(
-            "SELECT a.exit_code, a.stdout, a.stdout_size, a.stderr, a.stderr_size
-             FROM cache c JOIN attempts a ON a.instance = c.instance AND a.attempt = c.attempt
-             WHERE c.key = $1 AND a.outcome = 'result'",
-            &[&key.to_hex()],
-        )
-        .await?;
-    row.map(|r| {
-        Ok(AttemptReport {
-            exit_code: r.try_get(0)?,
-            stdout: blob(r.try_get(1)?, r.try_get(2)?)?,
-            stderr: blob(r.try_get(3)?, r.try_get(4)?)?,
-            cached: true,
-            ..AttemptReport::default()
-        })
-    })
-    .transpose()
-}
-
-async fn record_attempt(
-    tx: &mut Tx<'_>,
-    t: &ClaimToken,
-    outcome: &str,
-    r: &AttemptReport,
-) -> TxResult<()> {
-    tx.execute(
-        "UPDATE attempts SET \"end\" = $3, outcome = $4, exit_code = $5, signal = $6, stdout = $7,
-           stdout_size = $8, stderr = $9, stderr_size = $10, message = $11, cached = $12
-         WHERE instance = $1 AND attempt = $2",
-        &[
-            &t.id,
-            &t.token,
-            &r.end,
-            &outcome,
-            &r.exit_code,
-            &r.signal,
-            &r.stdout.map(|b| b.hash.to_hex()),
-            &r.stdout.map(|b| b.size as i64),
-            &r.stderr.map(|b| b.hash.to_hex()),
-            &r.stderr.map(|b| b.size as i64),
-            &r.message,
-            &r.cached,
-        ],
-    )
-    .await?;
-    for data in &r.inline {
-        tx.execute(
-            "INSERT INTO inline_blobs(key, data) VALUES ($1, $2) ON CONFLICT DO NOTHING",
-            &[&Hash::of(data).to_hex(), data],
-        )
-        .await?;
-    }
-    Ok(())
-}
-
-/// Carries out transition `tr` of attempt `t` (see [`policy::finish`]); the caller
-/// has checked the fencing token.
-async fn finish_tx(
-    tx: &mut Tx<'_>,
-    t: &ClaimToken,
-    (job, created): (&Hash, i64),
-    tr: &Transition<'_>,
-) -> TxResult<Finished> {
-    let now = tx.now;
-    record_attempt(tx, t, tr.attempt.as_str(), tr.report).await?;
-    tx.execute(
-        "UPDATE instances SET state = $2, ended = COALESCE($3, ended),
-           run_at = COALESCE($4, run_at), failures = failures + $5, lease_until = NULL,
-           cache_key = CASE WHEN $6 THEN NULL ELSE cache_key END
-         WHERE id = $1",
-        &[
-            &t.id,
-            &tr.state.as_str(),
-            &tr.ends.then_some(now),
-            &tr.run_at,
-            &i64::from(tr.counts_failure),
-            &tr.clears_cache_key,
-        ],
-    )
-    .await?;
-    if let Some(k) = tr.fills_cache {
-        tx.execute(
-            "INSERT INTO cache(key, instance, attempt) VALUES ($1, $2, $3)
-             ON CONFLICT (key) DO UPDATE SET instance = EXCLUDED.instance,
-               attempt = EXCLUDED.attempt",
-            &[&k.to_hex(), &t.id, &t.token],
-        )
-        .await?;
-    }
-    tx.event(tr.event, job, Some((t.id, created)), tr.data.clone());
-    Ok(tr.finished)
-}
-
-/// The query naming the instances a selector selects, and its parameters.
-fn select_query(sel: &Selector) -> (&'static str, Vec<Box<dyn ToSql + Sync + Send>>) {
-    match sel {
-        Selector::Id(id) => (
-            "SELECT id FROM instances WHERE id = $1",
-            vec![Box::new(*id)],
-        ),
-        Selector::Created(c) => (
-            "SELECT id FROM instances WHERE created = $1 ORDER BY id",
-            vec![Box::new(*c)],
-        ),
-        Selector::Hash(h) => (
-            "SELECT id FROM instances WHERE job = $1
-             UNION SELECT instance FROM attempts WHERE stdout = $1 AND outcome = 'result'
-             ORDER BY 1",
-            vec![Box::new(h.to_hex())],
-        ),
-        Selector::AllFailed => (
-            "SELECT id FROM instances WHERE state = 'fail' AND retried_by IS NULL ORDER BY id",
-            vec![],
-        ),
-    }
-}
-
-fn params(p: &[Box<dyn ToSql + Sync + Send>]) -> Vec<&(dyn ToSql + Sync)> {
-    p.iter()
-        .map(|b| b.as_ref() as &(dyn ToSql + Sync))
-        .collect()
-}
-
-fn ids(rows: &[Row]) -> TxResult<Vec<i64>> {
-    rows.iter()
-        .map(|r| r.try_get(0).map_err(TxError::Pg))
-        .collect()
-}
-
-struct InstRow {
-    job: Hash,
-    created: i64,
-    state: String,
-    attempts: i64,
-    cancel_requested: bool,
-}
-
-/// Reads and locks one instance row.
-async fn lock_inst(tx: &Tx<'_>, id: i64) -> TxResult<Option<InstRow>> {
-    let row = tx
-        .query_opt(
-            "SELECT job, created, state, attempts, cancel_requested FROM instances
-             WHERE id = $1 FOR UPDATE",
-            &[&id],
-        )
-        .await?;
-    row.map(|r| {
-        Ok(InstRow {
-            job: parse_hash(r.try_get(0)?)?,
-            created: r.try_get(1)?,
-            state: r.try_get(2)?,
-            attempts: r.try_get(3)?,
-            cancel_requested: r.try_get(4)?,
-        })
-    })
-    .transpose()
-}
-
-fn fenced(t: &ClaimToken) -> TxError {
-    TxError::Domain(Error::Fenced {
-        instance: t.id,
-        token: t.token,
-    })
 }
 
 #[async_trait]
@@ -965,136 +327,7 @@ impl Queue for PgQueue {
         if req.limit == 0 {
             return Ok(Vec::new());
         }
-        in_tx!(self, |tx| {
-            let now = tx.now;
-            let mut out = Vec::new();
-            // 1. Take over attempts whose worker stopped renewing its lease.
-            let rows = tx
-                .query(
-                    &format!(
-                        "SELECT {CLAIM_COLS}, cancel_requested FROM instances
-                         WHERE state = 'running' AND lease_until < $1
-                         ORDER BY lease_until LIMIT $2 FOR UPDATE SKIP LOCKED"
-                    ),
-                    &[&now, &(req.limit as i64)],
-                )
-                .await?;
-            for r in rows {
-                let c = candidate(&r)?;
-                let cancel: bool = r.try_get(8)?;
-                let old = ClaimToken {
-                    id: c.id,
-                    token: c.attempts,
-                };
-                let lost_before: i64 = tx
-                    .query_one(
-                        "SELECT COUNT(*) FROM attempts WHERE instance = $1 AND outcome = 'lost'",
-                        &[&c.id],
-                    )
-                    .await?
-                    .try_get(0)?;
-                let lost = match policy::expired(now, cancel, lost_before) {
-                    policy::Expired::TakeOver(lost) => lost,
-                    policy::Expired::Cancel(end) | policy::Expired::GiveUp(end) => {
-                        let tr = policy::finish(&old, &end, cancel);
-                        finish_tx(tx, &old, (&c.job, c.created), &tr).await?;
-                        continue;
-                    }
-                };
-                let row = tx
-                    .query_one(
-                        "SELECT worker, attempt_id FROM attempts WHERE instance = $1 AND attempt = $2",
-                        &[&old.id, &old.token],
-                    )
-                    .await?;
-                let lost_attempt =
-                    LostAttempt::new(old.id, old.token, row.try_get(0)?, row.try_get(1)?);
-                record_attempt(tx, &old, AttemptEnd::Lost.as_str(), &lost).await?;
-                let token = start_attempt(tx, &c, req, None).await?;
-                let mut claim = c.claim(token, now, true, None);
-                claim.lost = Some(lost_attempt);
-                out.push(claim);
-            }
-            // 2. Due pending instances, by priority then order, skipping rows another
-            //    worker is claiming right now.
-            let remaining = req.limit.saturating_sub(out.len());
-            let order = match req.order {
-                Order::Newest => "priority DESC, created DESC, id DESC",
-                Order::Oldest => "priority DESC, created ASC, id ASC",
-            };
-            let window = remaining * 4 + 16;
-            let mut claimed = 0;
-            let mut skipped = 0usize;
-            let mut in_batch: Vec<Hash> = Vec::new();
-            while claimed < remaining {
-                let rows = tx
-                    .query(
-                        &format!(
-                            "SELECT {CLAIM_COLS} FROM instances
-                             WHERE state = 'pending' AND run_at <= $1
-                             ORDER BY {order} LIMIT $2 OFFSET $3 FOR UPDATE SKIP LOCKED"
-                        ),
-                        &[&now, &(window as i64), &(skipped as i64)],
-                    )
-                    .await?;
-                let last_window = rows.len() < window;
-                for r in rows {
-                    if claimed == remaining {
-                        break;
-                    }
-                    let c = candidate(&r)?;
-                    let key = policy::claim_cache_key(req, &c.job, c.cached, c.timeout);
-                    if let Some(k) = key {
-                        // One claimer at a time per cache key, so identical runs are
-                        // started once even by workers claiming at the same moment. A
-                        // key another claimer holds is in flight: skip it (never wait,
-                        // so two claimers cannot deadlock on two keys).
-                        let mine: bool = tx
-                            .query_one(
-                                "SELECT pg_try_advisory_xact_lock(hashtextextended($1, 0))",
-                                &[&k.to_hex()],
-                            )
-                            .await?
-                            .try_get(0)?;
-                        if !mine {
-                            skipped += 1;
-                            continue;
-                        }
-                        if let Some(mut hit) = cache_lookup(tx, &k).await? {
-                            let token = start_attempt(tx, &c, req, None).await?;
-                            hit.start = now;
-                            hit.end = now;
-                            let served = Outcome::Success(hit.clone());
-                            let tr = policy::finish(&token.0, &served, false);
-                            finish_tx(tx, &token.0, (&c.job, c.created), &tr).await?;
-                            out.push(c.claim(token, now, false, Some(hit)));
-                            continue;
-                        }
-                        let in_flight = in_batch.contains(&k)
-                            || tx
-                                .query_opt(
-                                    "SELECT 1 FROM instances WHERE state = 'running' AND cache_key = $1",
-                                    &[&k.to_hex()],
-                                )
-                                .await?
-                                .is_some();
-                        if in_flight {
-                            // An identical run is in flight: wait for its result.
-                            skipped += 1;
-                            continue;
-                        }
-                        in_batch.push(k);
-                    }
-                    let token = start_attempt(tx, &c, req, key).await?;
-                    claimed += 1;
-                    out.push(c.claim(token, now, false, None));
-                }
-                if last_window {
-                    break;
-                }
-            }
-            Ok(out)
-        })
+        in_tx!(self, |tx| { claim_tx(tx, req).await })
     }
 
     async fn heartbeat(&self, claim: &ClaimToken, lease: Duration) -> Result<Heartbeat> {
@@ -1142,7 +375,8 @@ impl Queue for PgQueue {
         let t = *claim;
         in_tx!(self, |tx| {
             let row = lock_inst(tx, t.id).await?;
-            let Some(row) = row.filter(|r| r.state == "running" && r.attempts == t.token) else {
+            let Some(row) = row.filter(|r| r.state == State::Running && r.attempts == t.token)
+            else {
                 return Err(fenced(&t));
             };
             let tr = policy::finish(&t, outcome, row.cancel_requested);
@@ -1163,8 +397,8 @@ impl Queue for PgQueue {
                     job: row.job,
                     created: row.created,
                 };
-                match row.state.as_str() {
-                    "pending" => {
+                match row.state {
+                    State::Pending => {
                         let now = tx.now;
                         tx.execute(
                             "UPDATE instances SET state = 'cancelled', ended = $2 WHERE id = $1",
@@ -1179,7 +413,7 @@ impl Queue for PgQueue {
                         );
                         out.push(inst);
                     }
-                    "running" => {
+                    State::Running => {
                         tx.execute(
                             "UPDATE instances SET cancel_requested = TRUE WHERE id = $1",
                             &[&id],
@@ -1276,16 +510,9 @@ impl Queue for PgQueue {
                 .query("SELECT state, COUNT(*) FROM instances GROUP BY state", &[])
                 .await?
             {
-                let state: String = r.try_get(0)?;
-                let n = r.try_get::<_, i64>(1)? as u64;
-                match state.as_str() {
-                    "pending" => counts.pending = n,
-                    "running" => counts.running = n,
-                    "result" => counts.result = n,
-                    "fail" => counts.fail = n,
-                    "cancelled" => counts.cancelled = n,
-                    _ => {}
-                }
+                let state: State = r.try_get::<_, &str>(0)?.parse().map_err(corrupt)?;
+                let n = r.try_get::<_, i64>(1)?;
+                *counts.slot(state) = n.try_into().unwrap_or_default();
             }
             Ok(counts)
         })
@@ -1308,7 +535,7 @@ impl Queue for PgQueue {
                     Ok(Event {
                         id: r.try_get(0)?,
                         time: r.try_get(1)?,
-                        event: kind.parse().map_err(TxError::Domain)?,
+                        event: kind.parse().map_err(corrupt)?,
                         job: parse_hash(r.try_get(3)?)?,
                         created: r.try_get(4)?,
                         instance: r.try_get(5)?,
@@ -1472,205 +699,5 @@ impl Queue for PgQueue {
 
     fn location(&self) -> String {
         self.inner.location.clone()
-    }
-}
-
-async fn list_page(
-    c: &deadpool_postgres::Object,
-    kind: ListKind,
-    after: i64,
-    limit: i64,
-) -> TxResult<Vec<ListRow>> {
-    match kind {
-        ListKind::Job => {
-            let rows = c
-                .query(
-                    "SELECT j.id, j.key, j.size, j.created,
-                       ARRAY(SELECT i.created FROM instances i
-                             WHERE i.job = j.key AND i.state = 'running' ORDER BY i.created)
-                     FROM jobs j WHERE j.id > $1 ORDER BY j.id LIMIT $2",
-                    &[&after, &limit],
-                )
-                .await?;
-            rows.iter()
-                .map(|r| {
-                    Ok(ListRow::Job(JobRow {
-                        cursor: r.try_get(0)?,
-                        key: parse_hash(r.try_get(1)?)?,
-                        size: r.try_get::<_, i64>(2)? as u64,
-                        created: r.try_get(3)?,
-                        running: r.try_get(4)?,
-                    }))
-                })
-                .collect()
-        }
-        ListKind::Pending => {
-            let rows = c
-                .query(
-                    "SELECT id, job, created, state, priority, run_at, attempts FROM instances
-                     WHERE id > $1 AND state IN ('pending', 'running') ORDER BY id LIMIT $2",
-                    &[&after, &limit],
-                )
-                .await?;
-            rows.iter()
-                .map(|r| {
-                    Ok(ListRow::Pending(PendingRow {
-                        id: r.try_get(0)?,
-                        job: parse_hash(r.try_get(1)?)?,
-                        created: r.try_get(2)?,
-                        running: r.try_get::<_, &str>(3)? == "running",
-                        priority: r.try_get(4)?,
-                        run_at: r.try_get(5)?,
-                        attempts: r.try_get(6)?,
-                    }))
-                })
-                .collect()
-        }
-        ListKind::Result => {
-            let rows = c
-                .query(
-                    "SELECT i.id, i.job, i.created, a.start, a.\"end\", a.stdout, a.stdout_size,
-                       a.stderr, a.exit_code, i.attempts, a.cached
-                     FROM instances i JOIN attempts a ON a.instance = i.id AND a.attempt = i.attempts
-                     WHERE i.state = 'result' AND i.id > $1 ORDER BY i.id LIMIT $2",
-                    &[&after, &limit],
-                )
-                .await?;
-            rows.iter()
-                .map(|r| {
-                    let job = parse_hash(r.try_get(1)?)?;
-                    let created = r.try_get(2)?;
-                    Ok(ListRow::Result(ResultRow {
-                        key: (job, created),
-                        value: ResultValue {
-                            id: r.try_get(0)?,
-                            created,
-                            start: r.try_get(3)?,
-                            end: r.try_get::<_, Option<i64>>(4)?.unwrap_or(0),
-                            hash: parse_hash(r.try_get::<_, Option<&str>>(5)?.unwrap_or_default())?,
-                            size: r.try_get::<_, Option<i64>>(6)?.unwrap_or(0) as u64,
-                            stderr: opt_hash(r.try_get(7)?)?,
-                            exit_code: r.try_get(8)?,
-                            attempts: r.try_get(9)?,
-                            cached: r.try_get(10)?,
-                        },
-                    }))
-                })
-                .collect()
-        }
-        ListKind::Fail | ListKind::Cancelled => {
-            let state = if kind == ListKind::Fail {
-                "fail"
-            } else {
-                "cancelled"
-            };
-            let rows = c
-                .query(
-                    "SELECT i.id, i.job, i.created, a.start, a.\"end\", a.stdout, a.stderr,
-                       a.exit_code, a.signal, a.message, i.attempts
-                     FROM instances i
-                     LEFT JOIN attempts a ON a.instance = i.id AND a.attempt = i.attempts
-                     WHERE i.state = $3 AND i.id > $1 ORDER BY i.id LIMIT $2",
-                    &[&after, &limit, &state],
-                )
-                .await?;
-            rows.iter()
-                .map(|r| {
-                    let job = parse_hash(r.try_get(1)?)?;
-                    let created = r.try_get(2)?;
-                    Ok(ListRow::Fail(FailRow {
-                        key: (job, created),
-                        value: FailValue {
-                            id: r.try_get(0)?,
-                            created,
-                            start: r.try_get(3)?,
-                            end: r.try_get(4)?,
-                            stdout: opt_hash(r.try_get(5)?)?,
-                            stderr: opt_hash(r.try_get(6)?)?,
-                            exit_code: r.try_get(7)?,
-                            signal: r.try_get(8)?,
-                            message: r
-                                .try_get::<_, Option<String>>(9)?
-                                .unwrap_or_else(|| "cancelled before it ran".into()),
-                            attempts: r.try_get(10)?,
-                        },
-                    }))
-                })
-                .collect()
-        }
-    }
-}
-
-async fn instance_detail(
-    c: &deadpool_postgres::Object,
-    id: i64,
-) -> TxResult<Option<InstanceDetail>> {
-    let head = c
-        .query_opt(
-            "SELECT job, created, state, priority, run_at, timeout_ms, retries, cached
-             FROM instances WHERE id = $1",
-            &[&id],
-        )
-        .await?;
-    let Some(r) = head else { return Ok(None) };
-    let state: String = r.try_get(2)?;
-    let mut detail = InstanceDetail {
-        id,
-        job: parse_hash(r.try_get(0)?)?,
-        created: r.try_get(1)?,
-        state: state.parse().map_err(TxError::Domain)?,
-        priority: r.try_get(3)?,
-        run_at: r.try_get(4)?,
-        timeout_ms: r.try_get::<_, Option<i64>>(5)?.map(|t| t as u64),
-        retries: r.try_get::<_, Option<i64>>(6)?.map(|n| n as u32),
-        cached: r.try_get(7)?,
-        attempts: Vec::new(),
-    };
-    for r in c
-        .query(
-            "SELECT attempt, worker, outcome, start, \"end\", exit_code, signal, stdout,
-               stdout_size, stderr, stderr_size, message, cached
-             FROM attempts WHERE instance = $1 ORDER BY attempt",
-            &[&id],
-        )
-        .await?
-    {
-        detail.attempts.push(AttemptRow {
-            attempt: r.try_get(0)?,
-            worker: r.try_get(1)?,
-            outcome: r.try_get(2)?,
-            report: AttemptReport {
-                start: r.try_get(3)?,
-                end: r.try_get::<_, Option<i64>>(4)?.unwrap_or(0),
-                exit_code: r.try_get(5)?,
-                signal: r.try_get(6)?,
-                stdout: blob(r.try_get(7)?, r.try_get(8)?)?,
-                stderr: blob(r.try_get(9)?, r.try_get(10)?)?,
-                message: r.try_get(11)?,
-                cached: r.try_get(12)?,
-                cache_key: None,
-                inline: Vec::new(),
-            },
-        });
-    }
-    Ok(Some(detail))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::mask_password;
-
-    #[test]
-    fn passwords_are_masked() {
-        assert_eq!(
-            mask_password("postgres://u:secret@h:5432/db?x=1"),
-            "postgres://u:***@h:5432/db?x=1"
-        );
-        assert_eq!(mask_password("postgres://u@h/db"), "postgres://u@h/db");
-        assert_eq!(mask_password("postgres://h/db"), "postgres://h/db");
-        assert_eq!(
-            mask_password("postgres://u@h/db?sslmode=disable&password=s3cret"),
-            "postgres://u@h/db?sslmode=disable&password=***"
-        );
     }
 }

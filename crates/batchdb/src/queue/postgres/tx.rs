@@ -1,0 +1,209 @@
+//! One transaction: its statements, the events it appends at commit, and `in_tx!`,
+//! which runs a body in a transaction and retries it on a serialization failure.
+
+use super::*;
+
+/// An event to append when the transaction commits.
+pub(super) struct NewEvent {
+    pub(super) time: i64,
+    pub(super) kind: EventKind,
+    pub(super) job: Hash,
+    pub(super) inst: Option<(i64, i64)>,
+    pub(super) data: serde_json::Value,
+}
+
+/// A write transaction: statements are prepared once per connection and cached;
+/// events are buffered and numbered at commit.
+pub(super) struct Tx<'a> {
+    pub(super) tx: deadpool_postgres::Transaction<'a>,
+    pub(super) events: Vec<NewEvent>,
+    pub(super) changed: bool,
+    /// The database server's clock at the start of the transaction (epoch ms).
+    pub(super) now: i64,
+}
+
+impl Tx<'_> {
+    pub(super) async fn query(
+        &self,
+        sql: &str,
+        params: &[&(dyn ToSql + Sync)],
+    ) -> TxResult<Vec<Row>> {
+        let stmt = self.tx.prepare_cached(sql).await?;
+        Ok(self.tx.query(&stmt, params).await?)
+    }
+
+    pub(super) async fn query_opt(
+        &self,
+        sql: &str,
+        params: &[&(dyn ToSql + Sync)],
+    ) -> TxResult<Option<Row>> {
+        let stmt = self.tx.prepare_cached(sql).await?;
+        Ok(self.tx.query_opt(&stmt, params).await?)
+    }
+
+    pub(super) async fn query_one(
+        &self,
+        sql: &str,
+        params: &[&(dyn ToSql + Sync)],
+    ) -> TxResult<Row> {
+        let stmt = self.tx.prepare_cached(sql).await?;
+        Ok(self.tx.query_one(&stmt, params).await?)
+    }
+
+    /// Runs a statement; a statement that touched rows marks the transaction as a change.
+    pub(super) async fn execute(
+        &mut self,
+        sql: &str,
+        params: &[&(dyn ToSql + Sync)],
+    ) -> TxResult<u64> {
+        let stmt = self.tx.prepare_cached(sql).await?;
+        let n = self.tx.execute(&stmt, params).await?;
+        if n > 0 {
+            self.changed = true;
+        }
+        Ok(n)
+    }
+
+    pub(super) fn event(
+        &mut self,
+        kind: EventKind,
+        job: &Hash,
+        inst: Option<(i64, i64)>,
+        data: serde_json::Value,
+    ) {
+        self.events.push(NewEvent {
+            time: self.now,
+            kind,
+            job: *job,
+            inst,
+            data,
+        });
+        self.changed = true;
+    }
+
+    /// Numbers and appends the buffered events, announces the change, and commits.
+    /// Returns whether anything changed.
+    pub(super) async fn commit(self) -> TxResult<bool> {
+        let Tx {
+            tx,
+            events,
+            changed,
+            ..
+        } = self;
+        if !events.is_empty() {
+            // Taken last, held until commit: ids are handed out in commit order.
+            let stmt = tx
+                .prepare_cached(
+                    "UPDATE counters SET value = value + $1 WHERE name = 'event' RETURNING value",
+                )
+                .await?;
+            let last: i64 = tx
+                .query_one(&stmt, &[&(events.len() as i64)])
+                .await?
+                .try_get(0)?;
+            let first = last - events.len() as i64 + 1;
+            let ids: Vec<i64> = (first..=last).collect();
+            let times: Vec<i64> = events.iter().map(|e| e.time).collect();
+            let kinds: Vec<&str> = events.iter().map(|e| e.kind.as_str()).collect();
+            let jobs: Vec<String> = events.iter().map(|e| e.job.to_hex()).collect();
+            let created: Vec<Option<i64>> = events.iter().map(|e| e.inst.map(|i| i.1)).collect();
+            let inst: Vec<Option<i64>> = events.iter().map(|e| e.inst.map(|i| i.0)).collect();
+            let data: Vec<Option<String>> = events
+                .iter()
+                .map(|e| (!e.data.is_null()).then(|| e.data.to_string()))
+                .collect();
+            let stmt = tx
+                .prepare_cached(
+                    "INSERT INTO events(id, time, kind, job, created, instance, data)
+                     SELECT * FROM UNNEST($1::BIGINT[], $2::BIGINT[], $3::TEXT[], $4::TEXT[],
+                                          $5::BIGINT[], $6::BIGINT[], $7::TEXT[])",
+                )
+                .await?;
+            tx.execute(
+                &stmt,
+                &[&ids, &times, &kinds, &jobs, &created, &inst, &data],
+            )
+            .await?;
+        }
+        if changed {
+            let stmt = tx.prepare_cached("SELECT pg_notify($1, '')").await?;
+            tx.execute(&stmt, &[&CHANNEL]).await?;
+        }
+        tx.commit().await?;
+        Ok(changed)
+    }
+}
+
+/// Runs `$body` (a block evaluating to `TxResult<T>`, in which `$tx: &mut Tx` is in
+/// scope and `return` leaves the block) in a transaction and commits it; retries the
+/// whole transaction on a serialization failure or a deadlock. With `lazy`, the
+/// commit does not wait for the WAL flush (a crash of the database server may undo
+/// it; used for heartbeats, whose loss only shortens a lease).
+macro_rules! in_tx {
+    ($self:expr, lazy = $lazy:expr, |$tx:ident| $body:block) => {{
+        let this = $self;
+        let mut tries = 0u32;
+        loop {
+            let r: TxResult<_> = async {
+                let mut client = this.client().await?;
+                let raw = client.transaction().await?;
+                if $lazy {
+                    raw.batch_execute("SET LOCAL synchronous_commit = off")
+                        .await?;
+                }
+                let now: i64 = raw
+                    .query_one(
+                        "SELECT (extract(epoch FROM clock_timestamp()) * 1000)::BIGINT",
+                        &[],
+                    )
+                    .await?
+                    .try_get(0)?;
+                let mut tx_ = Tx {
+                    tx: raw,
+                    events: Vec::new(),
+                    changed: false,
+                    now,
+                };
+                let out = {
+                    let $tx = &mut tx_;
+                    typed(async move { $body }).await
+                }?;
+                let changed = tx_.commit().await?;
+                Ok((out, changed))
+            }
+            .await;
+            match r {
+                Ok((out, changed)) => {
+                    if changed {
+                        this.inner.changes.send_modify(|v| *v += 1);
+                    }
+                    break Ok(out);
+                }
+                Err(TxError::Pg(e)) if tries < 8 && retryable(&e) => {
+                    tries += 1;
+                    tokio::time::sleep(Duration::from_millis(fastrand::u64(1..=20) * tries as u64))
+                        .await;
+                }
+                Err(e) => break Err(this.err(e)),
+            }
+        }
+    }};
+    ($self:expr, |$tx:ident| $body:block) => {
+        in_tx!($self, lazy = false, |$tx| $body)
+    };
+}
+
+/// Gives a transaction body's async block its output type (so `?` inside it knows
+/// what to convert into).
+pub(super) fn typed<T>(
+    f: impl std::future::Future<Output = TxResult<T>>,
+) -> impl std::future::Future<Output = TxResult<T>> {
+    f
+}
+
+pub(super) fn retryable(e: &tokio_postgres::Error) -> bool {
+    matches!(
+        e.code(),
+        Some(c) if *c == SqlState::T_R_SERIALIZATION_FAILURE || *c == SqlState::T_R_DEADLOCK_DETECTED
+    )
+}
