@@ -1,0 +1,373 @@
+//! One attempt: the payload fed in, the outputs stored (inline when small), the
+//! lease renewed and the stops (timeout, cancel, lost lease, shutdown) carried out
+//! while it runs, what it left behind settled after it ends.
+
+use std::io;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::io::AsyncWriteExt;
+use tokio::time::Instant;
+
+use super::Worker;
+use super::classify::{Ended, Stopped, Verdict, classify};
+use crate::blob::{BlobInfo, BlobStore};
+use crate::error::{Error, Result};
+use crate::hash::Hash;
+use crate::io::{Cut, CutReader, Inspect, Inspector};
+use crate::queue::{AttemptReport, Claim, Outcome, cache_key, now_ms};
+use crate::runner::{Killer, Reader, RunContext, Stop};
+
+/// An output stored by [`store_output`].
+struct Stored {
+    info: BlobInfo,
+    /// The bytes, if they are small enough to be kept in the queue instead.
+    inline: Option<Vec<u8>>,
+}
+
+/// Stores one output stream: one that ends within [`crate::INLINE_MAX`] bytes is kept
+/// in memory, to be recorded in the queue with the attempt (no blob file, no fsyncs);
+/// a longer one streams into the blob store. A read error is [`Error::Stream`] (the
+/// job's failure); anything else comes from the store.
+async fn store_output(
+    store: &dyn BlobStore,
+    reader: &mut (dyn tokio::io::AsyncRead + Send + Unpin),
+) -> Result<Stored> {
+    use tokio::io::AsyncReadExt;
+    let head = crate::io::read_inline_head(reader, "read output").await?;
+    let n = head.len();
+    if n <= crate::INLINE_MAX {
+        let info = BlobInfo {
+            hash: Hash::of(&head),
+            size: n as u64,
+        };
+        return Ok(Stored {
+            info,
+            inline: Some(head),
+        });
+    }
+    let mut rest = std::io::Cursor::new(head).chain(reader);
+    let info = store.put(&mut rest).await?;
+    Ok(Stored { info, inline: None })
+}
+
+/// The least time between two looks for a cancel request of one running job.
+const CHECK_EVERY: Duration = Duration::from_millis(100);
+
+/// Settles an execution whose main process has ended: what it left running (in its
+/// process group, or anywhere with its attempt id) gets SIGTERM, and up to `grace` to
+/// end; whatever is left then is killed (SIGKILL) and the output cut, even if
+/// something outside the attempt's reach still holds it open. Then the killer is
+/// released. An execution that left nothing costs one look (and a timer).
+async fn settle(killer: Arc<dyn Killer>, grace: Duration, cut: Cut) {
+    let alive = |k: &Arc<dyn Killer>| {
+        let k = k.clone();
+        async move {
+            tokio::task::spawn_blocking(move || k.alive())
+                .await
+                .unwrap_or(true)
+        }
+    };
+    let until = Instant::now() + grace;
+    if alive(&killer).await {
+        killer.stop(Stop::Terminate);
+        let mut left = true;
+        while left && Instant::now() < until {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            left = alive(&killer).await;
+        }
+        if left {
+            let k = killer.clone();
+            let _ = tokio::task::spawn_blocking(move || k.stop_all()).await;
+        }
+    }
+    let _ = tokio::task::spawn_blocking(move || killer.release()).await;
+    tokio::time::sleep_until(until).await;
+    cut.cut();
+}
+
+fn open_live(path: &PathBuf) -> Option<std::fs::File> {
+    std::fs::File::create(path)
+        .map_err(|e| tracing::warn!("live output {}: {e}", path.display()))
+        .ok()
+}
+
+/// Mirrors every byte of a job's output into a local file for live readers. A
+/// failure to mirror never fails the job: the mirror is dropped instead.
+struct Mirror(Option<std::fs::File>);
+
+impl Inspector for Mirror {
+    fn chunk(&mut self, bytes: &[u8]) {
+        use std::io::Write;
+        if let Some(f) = self.0.as_mut() {
+            if f.write_all(bytes).is_err() {
+                self.0 = None;
+            }
+        }
+    }
+}
+
+impl Worker {
+    /// Runs one attempt and decides its outcome (`None`: lease lost, record nothing).
+    pub(super) async fn execute(&self, claim: &Claim) -> (AttemptReport, Option<Outcome>) {
+        let timeout = claim.timeout.or(self.opts.timeout);
+        let mut report = AttemptReport {
+            start: claim.start,
+            ..AttemptReport::default()
+        };
+        let fail = |mut report: AttemptReport, msg: String, claim: &Claim| {
+            report.end = now_ms();
+            report.message = Some(msg);
+            let outcome = self.failure(claim, report.clone());
+            (report, Some(outcome))
+        };
+        let ctx = RunContext {
+            job: claim.job,
+            instance: claim.token.id,
+            created: claim.created,
+            attempt: claim.token.token,
+            worker: self.opts.name.clone(),
+            attempt_id: claim.attempt_id.clone(),
+        };
+        // A payload up to PREFETCH bytes is read and verified against its hash before
+        // anything runs, so a corrupt payload never reaches the runner; a larger one
+        // streams, and a corruption found at its end kills the run.
+        let payload: Reader = match self.prefetch(&claim.job).await {
+            Ok(p) => p,
+            // A missing or corrupt payload is the job's failure...
+            Err(e @ (Error::BlobNotFound(_) | Error::BlobCorrupt { .. })) => {
+                return fail(report, format!("payload: {e}"), claim);
+            }
+            // ...an unreachable database or store is not: run it again later.
+            Err(e) => return self.infra_retry(claim, report, format!("payload: {e}")),
+        };
+        let exec = match self.runner.spawn(&ctx) {
+            Ok(x) => x,
+            Err(e) => {
+                // The runner cannot start: the worker's fault, not the job's. Give the
+                // instance back and stop this worker.
+                report.end = now_ms();
+                report.message = Some(e.to_string());
+                if let Ok(mut f) = self.fatal.lock() {
+                    f.get_or_insert(e);
+                }
+                self.shutdown.graceful();
+                return (report.clone(), Some(Outcome::Released(report)));
+            }
+        };
+        let killer = exec.killer.clone();
+        let live = self.opts.live_dir.as_ref().map(|d| {
+            let (id, n) = (claim.token.id, claim.token.token);
+            (
+                d.join(format!("{id}.{n}.stdout")),
+                d.join(format!("{id}.{n}.stderr")),
+            )
+        });
+        let (live_out, live_err) = match &live {
+            Some((o, e)) => (open_live(o), open_live(e)),
+            None => (None, None),
+        };
+        let blobs = self.blobs.clone();
+        // Thrown when the job is over but something still holds its pipes open.
+        let cut = Cut::default();
+        let mut stdout = CutReader::new(Inspect::new(exec.stdout, Mirror(live_out)), cut.clone());
+        let stderr = exec
+            .stderr
+            .map(|e| CutReader::new(Inspect::new(e, Mirror(live_err)), cut.clone()));
+        let (feed_cut, feed_killer) = (cut.clone(), killer.clone());
+        let feed = async move {
+            let Some(mut stdin) = exec.stdin else {
+                return Ok(());
+            };
+            let mut payload = payload;
+            let r = tokio::select! {
+                r = tokio::io::copy(&mut payload, &mut stdin) => r,
+                _ = feed_cut.wait() => Ok(0),
+            };
+            match r {
+                // The runner may exit without reading all of its input.
+                Ok(_) => {}
+                Err(e) if e.kind() == io::ErrorKind::BrokenPipe => {}
+                Err(e) => {
+                    // Never let the runner see the end of a payload that failed.
+                    feed_killer.stop(Stop::Kill);
+                    return Err(e);
+                }
+            }
+            let _ = stdin.shutdown().await;
+            Ok(())
+        };
+        let out_store = blobs.clone();
+        let outputs = async move { store_output(out_store.as_ref(), &mut stdout).await };
+        let err_store = blobs.clone();
+        let errors = async move {
+            match stderr {
+                Some(mut s) => Some(store_output(err_store.as_ref(), &mut s).await),
+                None => None,
+            }
+        };
+        let (group, settle_cut) = (killer.clone(), cut.clone());
+        let grace = self.opts.kill_grace;
+        let waiting = async move {
+            let st = exec.wait.await;
+            // The job is its process group: once the leader exits, stragglers (which
+            // may still hold its output open) are stopped too; whatever is left after
+            // the grace period (even outside the group) is killed and the output cut.
+            tokio::spawn(settle(group, grace, settle_cut));
+            st
+        };
+        let work = async { tokio::join!(feed, outputs, errors, waiting) };
+        tokio::pin!(work);
+
+        let mut stopped: Option<Stopped> = None;
+        let deadline = timeout.map(|t| Instant::now() + t);
+        let mut force_at: Option<Instant> = None;
+        let mut cut_at: Option<Instant> = None;
+        // The lease as this worker knows it: if renewals keep failing until it runs
+        // out, the job is stopped here before another worker may take it over.
+        let lease_ms = self.opts.lease.as_millis() as i64;
+        let mut lease_end = Instant::now()
+            + Duration::from_millis((claim.start + lease_ms - now_ms()).max(0) as u64);
+        let hb_every = (self.opts.lease / 3).max(Duration::from_millis(50));
+        let mut next_hb = Instant::now() + hb_every;
+        let mut last_check = Instant::now();
+        let far = Instant::now() + Duration::from_secs(86400 * 365);
+        let results = loop {
+            let seen = self.queue.change_seq();
+            let mut stop_now: Option<Stopped> = None;
+            tokio::select! {
+                res = &mut work => break res,
+                _ = tokio::time::sleep_until(deadline.unwrap_or(far)), if deadline.is_some() && stopped.is_none() => {
+                    stop_now = Some(Stopped::Timeout);
+                }
+                _ = tokio::time::sleep_until(force_at.unwrap_or(far)), if force_at.is_some() => {
+                    // Aimed: a killer signals only its own execution, and nothing
+                    // once released (Killer's contract).
+                    killer.stop(Stop::Kill);
+                    force_at = None;
+                    cut_at = Some(Instant::now() + self.opts.kill_grace);
+                }
+                _ = tokio::time::sleep_until(cut_at.unwrap_or(far)), if cut_at.is_some() => {
+                    // Killed, yet something still holds the output open.
+                    cut_at = None;
+                    let k = killer.clone();
+                    let _ = tokio::task::spawn_blocking(move || k.stop_all()).await;
+                    cut.cut();
+                }
+                _ = tokio::time::sleep_until(lease_end), if stopped.is_none() => {
+                    tracing::warn!("instance {}: lease ran out without renewal; stopping it", claim.token.id);
+                    stop_now = Some(Stopped::Lost);
+                }
+                _ = tokio::time::sleep_until(next_hb) => {
+                    next_hb = Instant::now() + hb_every;
+                    let before = Instant::now();
+                    // Bounded: a call hanging on a dead connection must not keep this
+                    // loop from seeing the lease run out (and fencing itself).
+                    let left = lease_end.saturating_duration_since(before).max(Duration::from_millis(1));
+                    match tokio::time::timeout(left, self.queue.heartbeat(&claim.token, self.opts.lease)).await {
+                        Ok(Ok(hb)) if hb.cancel_requested => {
+                            lease_end = before + self.opts.lease;
+                            stop_now = Some(Stopped::Cancel);
+                        }
+                        Ok(Ok(_)) => lease_end = before + self.opts.lease,
+                        Ok(Err(Error::Fenced { .. })) => stop_now = Some(Stopped::Lost),
+                        Ok(Err(e)) => tracing::warn!("heartbeat for instance {} failed: {e}", claim.token.id),
+                        Err(_) => tracing::warn!("heartbeat for instance {} timed out", claim.token.id),
+                    }
+                }
+                _ = async {
+                    // At most one look every CHECK_EVERY, however busy the queue is.
+                    tokio::time::sleep_until(last_check + CHECK_EVERY).await;
+                    self.queue.wait_change(seen, hb_every).await
+                }, if stopped.is_none() => {
+                    // Something changed: look for a cancel request (or a lost lease)
+                    // without waiting for the next heartbeat.
+                    last_check = Instant::now();
+                    let left = lease_end.saturating_duration_since(last_check).max(Duration::from_millis(1));
+                    match tokio::time::timeout(left, self.queue.status(&claim.token)).await {
+                        Ok(Ok(hb)) if hb.cancel_requested => stop_now = Some(Stopped::Cancel),
+                        Ok(Ok(_)) => {}
+                        Ok(Err(Error::Fenced { .. })) => stop_now = Some(Stopped::Lost),
+                        Ok(Err(_)) | Err(_) => {}
+                    }
+                }
+                _ = self.shutdown.wait_level(2), if stopped.is_none() => {
+                    stop_now = Some(Stopped::Shutdown);
+                }
+            }
+            if let Some(s) = stop_now {
+                if stopped.is_none() {
+                    if s == Stopped::Lost {
+                        // Another worker may own the instance now: stop at once.
+                        killer.stop(Stop::Kill);
+                        force_at = Some(Instant::now());
+                    } else {
+                        killer.stop(Stop::Terminate);
+                        force_at = Some(Instant::now() + self.opts.kill_grace);
+                    }
+                    stopped = Some(s);
+                }
+            }
+        };
+        if let Some((o, e)) = &live {
+            let _ = std::fs::remove_file(o);
+            let _ = std::fs::remove_file(e);
+        }
+        let (fed, out, err, status) = results;
+        report.end = now_ms();
+        let mut ended = Ended {
+            stopped,
+            timeout,
+            ..Ended::default()
+        };
+        match status {
+            Ok(s) => ended.status = s,
+            Err(e) => ended.wait_error = Some(format!("waiting for runner: {e}")),
+        }
+        report.exit_code = ended.status.code;
+        report.signal = ended.status.signal;
+        for (name, stored) in [("stdout", Some(out)), ("stderr", err)] {
+            match stored {
+                Some(Ok(Stored { info, inline })) => {
+                    if name == "stdout" {
+                        report.stdout = Some(info);
+                    } else {
+                        report.stderr = Some(info);
+                    }
+                    report.inline.extend(inline);
+                }
+                Some(Err(e)) => {
+                    // A broken output stream is the job's failure; anything else is
+                    // the store's.
+                    ended.store_failed |= !matches!(e, Error::Stream { .. });
+                    ended.problems.push(format!("storing {name}: {e}"));
+                }
+                None => {}
+            }
+        }
+        if let Err(e) = fed {
+            ended.problems.push(format!("feeding payload: {e}"));
+        }
+        match classify(ended) {
+            Verdict::Abandon(m) => {
+                report.message = Some(m);
+                (report, None)
+            }
+            Verdict::Release(m) => {
+                report.message = Some(m);
+                (report.clone(), Some(Outcome::Released(report)))
+            }
+            Verdict::Cancel(m) => {
+                report.message = Some(m);
+                (report.clone(), Some(Outcome::Cancelled(report)))
+            }
+            Verdict::Fail(m) => fail(report, m, claim),
+            Verdict::StoreRetry(m) => self.infra_retry(claim, report, m),
+            Verdict::Success => {
+                report.cache_key = Some(cache_key(&claim.job, &self.runner.spec(), timeout));
+                (report.clone(), Some(Outcome::Success(report)))
+            }
+        }
+    }
+}

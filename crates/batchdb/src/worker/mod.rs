@@ -1,0 +1,435 @@
+//! The worker loop: claim → run → finish, with leases, timeouts, retries,
+//! cancellation, live output and graceful or forced shutdown.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::{mpsc, watch};
+use tokio::task::JoinSet;
+use tokio::time::Instant;
+
+use crate::blob::BlobStore;
+use crate::error::{Error, Result};
+use crate::hash::Hash;
+use crate::queue::{
+    AttemptEnd, AttemptReport, CacheSpec, Claim, ClaimRequest, ClaimToken, Finished, Order,
+    Outcome, Queue, now_ms, policy,
+};
+use crate::runner::{Reader, Runner};
+
+mod attempt;
+mod classify;
+
+/// Payloads up to this size are verified before their job starts.
+const PREFETCH: u64 = 8 << 20;
+
+/// How a worker behaves.
+#[derive(Debug, Clone)]
+pub struct WorkerOptions {
+    /// Jobs run at once (at least 1).
+    pub concurrency: usize,
+    /// Order within a priority.
+    pub order: Order,
+    /// Lease of each claim; renewed every third of it while the job runs. If the
+    /// worker dies, another worker takes the instance over once the lease expires.
+    pub lease: Duration,
+    /// Timeout for instances pushed without one.
+    pub timeout: Option<Duration>,
+    /// Time between SIGTERM and SIGKILL when a job is stopped.
+    pub kill_grace: Duration,
+    /// Retries for instances pushed without a retry budget.
+    pub retries: u32,
+    /// First retry delay; doubles each failure (capped at [`WorkerOptions::backoff_max`]),
+    /// with ±50 % jitter.
+    pub backoff: Duration,
+    /// Longest retry delay.
+    pub backoff_max: Duration,
+    /// Serve every instance from the result cache when possible, not only those pushed
+    /// with `cached`.
+    pub cache_all: bool,
+    /// Exit once nothing is pending or running anywhere.
+    pub until_empty: bool,
+    /// The worker's name in attempts (default `host:pid:random`).
+    pub name: String,
+    /// Where running jobs' output is mirrored for live readers (`logs -f`).
+    pub live_dir: Option<PathBuf>,
+}
+
+impl Default for WorkerOptions {
+    fn default() -> Self {
+        WorkerOptions {
+            concurrency: 1,
+            order: Order::Newest,
+            lease: Duration::from_secs(30),
+            timeout: None,
+            kill_grace: Duration::from_secs(5),
+            retries: 0,
+            backoff: Duration::from_secs(1),
+            backoff_max: Duration::from_secs(300),
+            cache_all: false,
+            until_empty: false,
+            name: default_worker_name(),
+            live_dir: None,
+        }
+    }
+}
+
+/// `host:pid:random`, unique enough to tell workers apart in attempt rows.
+pub fn default_worker_name() -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_string())
+        .unwrap_or_else(|_| "localhost".into());
+    format!("{host}:{}:{:04x}", std::process::id(), fastrand::u16(..))
+}
+
+/// What a worker reports as each attempt ends.
+#[derive(Debug, Clone)]
+pub struct Report {
+    /// The job key.
+    pub job: Hash,
+    /// The instance id.
+    pub instance: i64,
+    /// The instance's push time.
+    pub created: i64,
+    /// The attempt number.
+    pub attempt: i64,
+    /// What the attempt produced.
+    pub report: AttemptReport,
+    /// What became of the instance; `None` if this worker lost its lease and recorded
+    /// nothing.
+    pub finished: Option<Finished>,
+}
+
+/// Asks a running worker to stop: [`Shutdown::graceful`] stops claiming and lets
+/// running jobs finish; [`Shutdown::force`] also kills them and returns them to
+/// pending.
+#[derive(Debug, Clone)]
+pub struct Shutdown(Arc<watch::Sender<u8>>);
+
+impl Shutdown {
+    /// A new handle (not yet signalled).
+    pub fn new() -> Shutdown {
+        Shutdown(Arc::new(watch::channel(0).0))
+    }
+    /// Stop claiming; let running jobs finish.
+    pub fn graceful(&self) {
+        self.0.send_if_modified(|v| {
+            let old = *v;
+            *v = (*v).max(1);
+            old != *v
+        });
+    }
+    /// Kill running jobs and return them to pending.
+    pub fn force(&self) {
+        self.0.send_replace(2);
+    }
+    /// Escalates: the first call is graceful, later calls force.
+    pub fn escalate(&self) {
+        if *self.0.borrow() == 0 {
+            self.graceful()
+        } else {
+            self.force()
+        }
+    }
+    fn level(&self) -> u8 {
+        *self.0.borrow()
+    }
+    async fn wait_level(&self, level: u8) {
+        let mut rx = self.0.subscribe();
+        let _ = rx.wait_for(|v| *v >= level).await;
+    }
+}
+
+impl Default for Shutdown {
+    fn default() -> Self {
+        Shutdown::new()
+    }
+}
+
+/// A worker over one queue and one blob store.
+pub struct Worker {
+    queue: Arc<dyn Queue>,
+    blobs: Arc<dyn BlobStore>,
+    runner: Arc<dyn Runner>,
+    opts: WorkerOptions,
+    shutdown: Shutdown,
+    /// Set when the worker cannot go on (its runner cannot start).
+    fatal: std::sync::Mutex<Option<Error>>,
+}
+
+impl Worker {
+    /// A worker; call [`Worker::run`] to start it.
+    pub fn new(
+        queue: Arc<dyn Queue>,
+        blobs: Arc<dyn BlobStore>,
+        runner: Arc<dyn Runner>,
+        opts: WorkerOptions,
+    ) -> Worker {
+        Worker {
+            queue,
+            blobs,
+            runner,
+            opts,
+            shutdown: Shutdown::new(),
+            fatal: std::sync::Mutex::new(None),
+        }
+    }
+
+    /// The handle that stops this worker.
+    pub fn shutdown_handle(&self) -> Shutdown {
+        self.shutdown.clone()
+    }
+
+    /// Runs until shut down (or, with `until_empty`, until nothing is pending or
+    /// running). Each ended attempt is sent to `reports` (if given) after its row is
+    /// committed. While the queue is unreachable it retries with backoff (logging
+    /// each failure), forever. Returns an error if the runner cannot start a job: the
+    /// instance is given back to pending and the worker stops.
+    pub async fn run(self, reports: Option<mpsc::UnboundedSender<Report>>) -> Result<()> {
+        let this = Arc::new(self);
+        let slots = this.opts.concurrency.max(1);
+        let mut tasks: JoinSet<()> = JoinSet::new();
+        let mut db_errors = 0u32;
+        let req = ClaimRequest {
+            worker: this.opts.name.clone(),
+            limit: slots,
+            lease: this.opts.lease,
+            order: this.opts.order,
+            cache: Some(CacheSpec {
+                runner: this.runner.spec(),
+                default_timeout: this.opts.timeout,
+            }),
+            cache_all: this.opts.cache_all,
+        };
+        loop {
+            while tasks.try_join_next().is_some() {}
+            if this.shutdown.level() >= 1 {
+                break;
+            }
+            let seen = this.queue.change_seq();
+            let free = slots - tasks.len();
+            let mut claimed_any = false;
+            if free > 0 {
+                let req = ClaimRequest {
+                    limit: free,
+                    ..req.clone()
+                };
+                match this.queue.claim(&req).await {
+                    Ok(claims) => {
+                        db_errors = 0;
+                        for claim in claims {
+                            claimed_any = true;
+                            if let Some(hit) = claim.cache_hit.clone() {
+                                send(&reports, &claim, hit, Some(Finished::Result));
+                                continue;
+                            }
+                            if let Some(lost) = claim.lost.clone() {
+                                // Whatever the lost attempt left running here must stop
+                                // before the instance runs again. Aimed by the lost
+                                // attempt's own id (Runner::stop_lost): it never reaches
+                                // a live attempt, here or of any other database.
+                                let runner = this.runner.clone();
+                                let _ = tokio::task::spawn_blocking(move || {
+                                    runner.stop_lost(&lost);
+                                })
+                                .await;
+                            }
+                            let (w, r) = (this.clone(), reports.clone());
+                            tasks.spawn(async move { w.run_one(claim, r).await });
+                        }
+                    }
+                    Err(e) => {
+                        db_errors += 1;
+                        let wait = backoff(
+                            Duration::from_millis(100),
+                            Duration::from_secs(10),
+                            db_errors,
+                        );
+                        tracing::warn!("claim failed ({e}); retrying in {wait:?}");
+                        tokio::time::sleep(wait).await;
+                        continue;
+                    }
+                }
+            }
+            if claimed_any && tasks.len() < slots {
+                continue;
+            }
+            if this.opts.until_empty && tasks.is_empty() && !claimed_any {
+                match this.queue.counts().await {
+                    Ok(c) if c.pending == 0 && c.running == 0 => break,
+                    Ok(_) => {}
+                    Err(e) => tracing::warn!("counting instances failed: {e}"),
+                }
+            }
+            // Sleep until the queue changes, a slot frees up, or a delayed job may be due.
+            tokio::select! {
+                _ = this.queue.wait_change(seen, Duration::from_secs(1)) => {}
+                Some(_) = tasks.join_next(), if !tasks.is_empty() => {}
+                _ = this.shutdown.wait_level(1) => {}
+            }
+        }
+        while tasks.join_next().await.is_some() {}
+        match this.fatal.lock().ok().and_then(|mut f| f.take()) {
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
+    }
+
+    async fn run_one(
+        self: Arc<Self>,
+        claim: Claim,
+        reports: Option<mpsc::UnboundedSender<Report>>,
+    ) {
+        let t = claim.token;
+        let (report, outcome) = self.execute(&claim).await;
+        let finished = match outcome {
+            None => None,
+            Some(outcome) => self.finish_with_retry(&t, &outcome).await,
+        };
+        send(&reports, &claim, report, finished);
+    }
+
+    /// Records the outcome, retrying while the queue is unreachable. Gives up when
+    /// fenced (another worker owns the instance now) or when the lease has surely
+    /// expired (the instance will be taken over and run again).
+    async fn finish_with_retry(&self, t: &ClaimToken, outcome: &Outcome) -> Option<Finished> {
+        let give_up = Instant::now() + self.opts.lease;
+        let mut n = 0;
+        loop {
+            match self.queue.finish(t, outcome).await {
+                Ok(f) => return Some(f),
+                Err(e @ Error::Fenced { .. }) => {
+                    if n > 0 {
+                        // An earlier try may have committed with its reply lost (the
+                        // connection dropped): then the outcome is already recorded.
+                        if let Some(done) = self.recorded(t).await {
+                            return Some(done);
+                        }
+                    }
+                    tracing::warn!("{e}: result discarded");
+                    return None;
+                }
+                Err(e) if Instant::now() < give_up => {
+                    n += 1;
+                    let wait = backoff(Duration::from_millis(100), Duration::from_secs(5), n);
+                    tracing::warn!(
+                        "recording instance {} failed ({e}); retrying in {wait:?}",
+                        t.id
+                    );
+                    tokio::time::sleep(wait).await;
+                }
+                Err(e) => {
+                    tracing::error!(
+                        "recording instance {} failed ({e}); giving up, its lease will expire",
+                        t.id
+                    );
+                    return None;
+                }
+            }
+        }
+    }
+
+    /// The outcome of an attempt that the database or the blob store (not the job)
+    /// made fail: it runs again after a backoff, whatever its own retry budget, up to
+    /// [`STORE_RETRIES`] times; after that it counts as an ordinary failure.
+    fn infra_retry(
+        &self,
+        claim: &Claim,
+        mut report: AttemptReport,
+        msg: String,
+    ) -> (AttemptReport, Option<Outcome>) {
+        report.end = now_ms();
+        if claim.failures >= STORE_RETRIES {
+            report.message = Some(msg);
+            let outcome = self.failure(claim, report.clone());
+            return (report, Some(outcome));
+        }
+        let msg = format!("{msg}; running it again");
+        tracing::warn!("instance {}: {msg}", claim.token.id);
+        report.message = Some(msg);
+        let wait = backoff(
+            Duration::from_secs(1),
+            Duration::from_secs(60),
+            claim.failures + 1,
+        );
+        let retry_at = Some(now_ms() + wait.as_millis() as i64);
+        (report.clone(), Some(Outcome::Failure { report, retry_at }))
+    }
+
+    /// What attempt `t` recorded, if it has ended (for a finish whose reply was lost).
+    async fn recorded(&self, t: &ClaimToken) -> Option<Finished> {
+        let detail = self.queue.instance(t.id).await.ok()?;
+        let attempt = detail.attempts.iter().find(|a| a.attempt == t.token)?;
+        let latest = detail.attempts.last().map(|a| a.attempt) == Some(t.token);
+        match AttemptEnd::parse(attempt.outcome.as_deref()?)? {
+            AttemptEnd::Result => Some(Finished::Result),
+            AttemptEnd::Fail => Some(Finished::Fail),
+            AttemptEnd::Cancelled => Some(Finished::Cancelled),
+            AttemptEnd::Retry if latest => Some(Finished::Retry(detail.run_at)),
+            AttemptEnd::Released if latest => Some(Finished::Released),
+            _ => None,
+        }
+    }
+
+    /// Opens a job's payload: up to [`PREFETCH`] bytes are read (and so verified)
+    /// before this returns; a larger payload streams.
+    async fn prefetch(&self, job: &Hash) -> Result<Reader> {
+        use tokio::io::AsyncReadExt;
+        if let Some(bytes) = crate::checked_inline(self.queue.as_ref(), job).await? {
+            return Ok(Box::pin(std::io::Cursor::new(bytes)));
+        }
+        let r = self.blobs.get(job).await?;
+        let mut head = Vec::new();
+        let mut limited = r.take(PREFETCH + 1);
+        limited
+            .read_to_end(&mut head)
+            .await
+            .map_err(|e| Error::Stream {
+                what: format!("payload {job}"),
+                source: e,
+            })?;
+        let rest = limited.into_inner();
+        if head.len() as u64 <= PREFETCH {
+            return Ok(Box::pin(std::io::Cursor::new(head)));
+        }
+        Ok(Box::pin(std::io::Cursor::new(head).chain(rest)))
+    }
+
+    fn failure(&self, claim: &Claim, report: AttemptReport) -> Outcome {
+        let budget = claim.retries.unwrap_or(self.opts.retries);
+        let retry_at = policy::retry_number(claim.failures, budget).map(|n| {
+            let wait = backoff(self.opts.backoff, self.opts.backoff_max, n);
+            now_ms() + wait.as_millis() as i64
+        });
+        Outcome::Failure { report, retry_at }
+    }
+}
+
+/// How many times an attempt that failed because the database or the blob store was
+/// unreachable (payload unreadable, output not stored) is run again before it counts
+/// as an ordinary failure.
+pub const STORE_RETRIES: u32 = 10;
+
+/// `base · 2^(n-1)`, capped at `max`, times a random factor in [0.5, 1.5).
+fn backoff(base: Duration, max: Duration, n: u32) -> Duration {
+    policy::backoff(base, max, n, 0.5 + fastrand::f64())
+}
+
+fn send(
+    reports: &Option<mpsc::UnboundedSender<Report>>,
+    claim: &Claim,
+    report: AttemptReport,
+    finished: Option<Finished>,
+) {
+    if let Some(tx) = reports {
+        let _ = tx.send(Report {
+            job: claim.job,
+            instance: claim.token.id,
+            created: claim.created,
+            attempt: claim.token.token,
+            report,
+            finished,
+        });
+    }
+}
