@@ -7,7 +7,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use batchdb::integrity::GcOptions;
-use batchdb::queue::{Finished, ListKind, Order, PushOptions, Selector, State, now_ms};
+use batchdb::queue::{
+    Finished, ListKind, Order, PushOptions, PushRequest, Selector, State, now_ms,
+};
 use batchdb::runner::ShellRunner;
 use batchdb::worker::{Report, WorkerOptions};
 use batchdb::{BatchDb, BlobLocation, Config, DbLocation, Error, Hash, Result};
@@ -256,18 +258,17 @@ async fn payload(p: &PayloadArgs) -> Result<Box<dyn AsyncRead + Send + Unpin>> {
 }
 
 fn push_options(q: &QueueArgs) -> Result<PushOptions> {
-    let run_at = match (&q.at, q.delay) {
-        (Some(at), _) => Some(parse_at(at)?),
-        (None, Some(d)) => Some(now_ms() + secs("delay", d)?.as_millis() as i64),
-        (None, None) => None,
-    };
-    Ok(PushOptions {
+    // clap makes --at and --delay exclusive; --at wins should both ever arrive.
+    let run_at = q.at.as_deref().map(parse_at).transpose()?;
+    PushRequest {
         priority: q.priority,
+        delay: if run_at.is_some() { None } else { q.delay },
         run_at,
-        timeout: q.timeout.map(|t| secs("timeout", t)).transpose()?,
+        timeout: q.timeout,
         retries: q.retries,
         cached: q.cached,
-    })
+    }
+    .options()
 }
 
 async fn copy_to(

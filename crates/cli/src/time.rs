@@ -1,23 +1,6 @@
-//! Parsing of `--at` times and second counts.
+//! Parsing of `--at` times (second counts are checked by the library's `secs`).
 
-use std::time::Duration;
-
-/// Seconds (fractions allowed) as a duration, at most [`MAX_SECS`] (ten years);
-/// rejects negatives and non-finite values.
-pub fn secs(what: &'static str, v: f64) -> Result<Duration, batchdb::Error> {
-    let bad = || batchdb::Error::Config {
-        what,
-        value: v.to_string(),
-        why: format!("expected a number of seconds from 0 to {MAX_SECS}"),
-    };
-    if !(0.0..=MAX_SECS).contains(&v) {
-        return Err(bad());
-    }
-    Duration::try_from_secs_f64(v).map_err(|_| bad())
-}
-
-/// The longest duration any option takes: ten years.
-pub const MAX_SECS: f64 = 315_360_000.0;
+pub use batchdb::queue::secs;
 
 /// Parses `--at`: epoch seconds, or `YYYY-MM-DDTHH:MM:SS` (optionally with `Z`, a
 /// space instead of `T`, or no time part), in UTC. Returns epoch milliseconds.

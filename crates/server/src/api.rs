@@ -1,15 +1,13 @@
 //! The old batchdb-web-api routes (`POST /create`, `GET /list/{type}`) and the JSON
 //! API under `/api/`.
 
-use std::time::Duration;
-
 use axum::Json;
 use axum::body::{Body, Bytes};
 use axum::extract::rejection::{JsonRejection, QueryRejection};
 use axum::extract::{Path, Query, State};
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use batchdb::queue::{EventKind, Instance, ListKind, ListRow, PushOptions, Selector, now_ms};
+use batchdb::queue::{EventKind, Instance, ListKind, ListRow, PushOptions, PushRequest, Selector};
 use batchdb::{Error, Hash};
 use futures_util::{Stream, TryStreamExt};
 use serde::Deserialize;
@@ -26,8 +24,6 @@ pub(crate) const MAX_LIMIT: usize = 10_000;
 /// At most this many rows are examined for one filtered page; the page then ends
 /// early (with a `next` cursor) rather than scan a million rows for one request.
 const SCAN_BUDGET: usize = 100_000;
-/// The longest delay, timeout or backoff accepted: ten years, in seconds.
-const MAX_SECS: f64 = 10.0 * 365.0 * 86400.0;
 
 /// How an instance is queued: the CLI's queue options, as query parameters of
 /// `POST /create` or fields of `POST /api/push`.
@@ -48,35 +44,17 @@ pub(crate) struct QueueParams {
     cached: Option<bool>,
 }
 
-fn secs(what: &str, v: f64) -> Result<Duration, ApiError> {
-    if !v.is_finite() || !(0.0..=MAX_SECS).contains(&v) {
-        return Err(ApiError::bad_request(format!(
-            "invalid {what} {v}: expected seconds between 0 and {MAX_SECS}"
-        )));
-    }
-    Ok(Duration::from_secs_f64(v))
-}
-
 impl QueueParams {
     fn options(&self) -> Result<PushOptions, ApiError> {
-        if self.delay.is_some() && self.run_at.is_some() {
-            return Err(ApiError::bad_request("give delay or run_at, not both"));
-        }
-        let run_at = match (self.run_at, self.delay) {
-            (Some(t), _) if t < 0 => {
-                return Err(ApiError::bad_request(format!("invalid run_at {t}")));
-            }
-            (Some(t), _) => Some(t),
-            (None, Some(d)) => Some(now_ms() + secs("delay", d)?.as_millis() as i64),
-            (None, None) => None,
-        };
-        Ok(PushOptions {
+        Ok(PushRequest {
             priority: self.priority.unwrap_or(0),
-            run_at,
-            timeout: self.timeout.map(|t| secs("timeout", t)).transpose()?,
+            delay: self.delay,
+            run_at: self.run_at,
+            timeout: self.timeout,
             retries: self.retries,
             cached: self.cached.unwrap_or(false),
-        })
+        }
+        .options()?)
     }
 }
 

@@ -12,6 +12,7 @@
 
 #[cfg(feature = "postgres")]
 mod migrations;
+mod options;
 pub(crate) mod policy;
 mod postgres;
 mod sqlite;
@@ -23,6 +24,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 
 pub use migrations::SCHEMA_VERSION;
+pub use options::{MAX_SECS, PushRequest, secs};
 pub use policy::{AttemptEnd, MAX_LOST};
 #[cfg(feature = "postgres")]
 pub use postgres::{PG_SCHEMA_VERSION, PgQueue};

@@ -1,0 +1,131 @@
+//! Push options as a front end receives them (seconds as numbers, a delay or a
+//! time), validated once for the CLI and the HTTP API alike.
+
+use std::time::Duration;
+
+use super::types::{PushOptions, now_ms};
+use crate::error::{Error, Result};
+
+/// The longest duration any option takes: ten years.
+pub const MAX_SECS: f64 = 315_360_000.0;
+
+/// Seconds (fractions allowed) as a duration: finite, from 0 to [`MAX_SECS`];
+/// anything else is [`Error::Config`] naming the option `what`.
+pub fn secs(what: &'static str, v: f64) -> Result<Duration> {
+    let bad = || Error::Config {
+        what,
+        value: v.to_string(),
+        why: format!("expected a number of seconds from 0 to {MAX_SECS}"),
+    };
+    if !(0.0..=MAX_SECS).contains(&v) {
+        return Err(bad());
+    }
+    Duration::try_from_secs_f64(v).map_err(|_| bad())
+}
+
+/// A push as a front end received it, before validation.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct PushRequest {
+    /// Higher runs first.
+    pub priority: i64,
+    /// Not before this many seconds from now.
+    pub delay: Option<f64>,
+    /// Not before this time (epoch milliseconds).
+    pub run_at: Option<i64>,
+    /// Kill the run after this many seconds.
+    pub timeout: Option<f64>,
+    /// Retry a failed run up to this many times.
+    pub retries: Option<u32>,
+    /// Serve from the result cache when possible.
+    pub cached: bool,
+}
+
+impl PushRequest {
+    /// The push options it asks for. A delay and a time together, a negative time,
+    /// or seconds that [`secs`] refuses are [`Error::Config`].
+    pub fn options(&self) -> Result<PushOptions> {
+        let run_at = match (self.run_at, self.delay) {
+            (Some(_), Some(d)) => {
+                return Err(Error::Config {
+                    what: "delay",
+                    value: d.to_string(),
+                    why: "give a delay or a time to run at, not both".into(),
+                });
+            }
+            (Some(t), None) if t < 0 => {
+                return Err(Error::Config {
+                    what: "run_at",
+                    value: t.to_string(),
+                    why: "expected epoch milliseconds from 0".into(),
+                });
+            }
+            (Some(t), None) => Some(t),
+            (None, Some(d)) => {
+                let ms = i64::try_from(secs("delay", d)?.as_millis()).unwrap_or(i64::MAX);
+                Some(now_ms().saturating_add(ms))
+            }
+            (None, None) => None,
+        };
+        Ok(PushOptions {
+            priority: self.priority,
+            run_at,
+            timeout: self.timeout.map(|t| secs("timeout", t)).transpose()?,
+            retries: self.retries,
+            cached: self.cached,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn seconds_must_be_finite_and_in_range() {
+        assert_eq!(secs("t", 1.5).unwrap(), Duration::from_millis(1500));
+        assert_eq!(secs("t", 0.0).unwrap(), Duration::ZERO);
+        for bad in [-1.0, f64::NAN, f64::INFINITY, MAX_SECS * 2.0] {
+            let err = secs("timeout", bad).unwrap_err();
+            assert!(err.to_string().contains("invalid timeout"), "{err}");
+        }
+    }
+
+    #[test]
+    fn a_request_becomes_options_or_a_clear_error() {
+        let req = PushRequest {
+            priority: 3,
+            run_at: Some(5000),
+            timeout: Some(2.0),
+            retries: Some(1),
+            cached: true,
+            ..PushRequest::default()
+        };
+        let o = req.options().unwrap();
+        assert_eq!(
+            (o.priority, o.run_at, o.retries, o.cached),
+            (3, Some(5000), Some(1), true)
+        );
+        assert_eq!(o.timeout, Some(Duration::from_secs(2)));
+        let before = now_ms();
+        let delayed = PushRequest {
+            delay: Some(10.0),
+            ..PushRequest::default()
+        };
+        let at = delayed.options().unwrap().run_at.unwrap();
+        assert!(at >= before + 10_000 && at <= now_ms() + 10_000);
+        let both = PushRequest {
+            delay: Some(1.0),
+            run_at: Some(1),
+            ..PushRequest::default()
+        };
+        assert!(both.options().unwrap_err().to_string().contains("not both"));
+        let negative = PushRequest {
+            run_at: Some(-1),
+            ..PushRequest::default()
+        };
+        assert!(matches!(
+            negative.options(),
+            Err(Error::Config { what: "run_at", .. })
+        ));
+    }
+}
