@@ -7,8 +7,10 @@ use std::path::PathBuf;
 
 use crate::hash::Hash;
 
-/// Every error the batchdb library returns.
+/// Every error the batchdb library returns. New variants may be added: match with a
+/// wildcard arm.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum Error {
     /// A string that should be a hash is not 64 lowercase hex characters.
     #[error("invalid hash {input:?}: expected 64 lowercase hex characters")]
