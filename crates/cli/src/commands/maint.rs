@@ -1,0 +1,47 @@
+//! `verify` and `gc`.
+
+use super::*;
+
+/// `verify`: every blob re-hashed, every reference checked.
+pub(super) async fn verify(db: &BatchDb) -> Result<ExitCode> {
+    let mut out_err = None;
+    let sum = db
+        .verify(|p| {
+            let json = serde_json::to_string(&p).unwrap_or_default();
+            if let Err(e) = line(format_args!("{json}")) {
+                out_err.get_or_insert(e);
+            }
+        })
+        .await?;
+    if let Some(e) = out_err {
+        return Err(e);
+    }
+    eprintln!(
+        "batchdb: verified {} blobs ({} bytes) and {} references: {} problems",
+        sum.blobs, sum.bytes, sum.references, sum.problems
+    );
+    if sum.problems > 0 {
+        return Ok(ExitCode::FAILURE);
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `gc`: blobs no row names, removed.
+pub(super) async fn gc(db: &BatchDb, dry_run: bool, grace: f64) -> Result<ExitCode> {
+    let opts = GcOptions {
+        grace: secs("grace", grace)?,
+        dry_run,
+    };
+    let verb = if dry_run { "would remove" } else { "removed" };
+    // Each removal is printed as it happens (a later failure loses no line).
+    let sum = db
+        .gc(opts, |e| {
+            let _ = line(format_args!("{verb} {} {}", e.hash, e.size));
+        })
+        .await?;
+    eprintln!(
+        "batchdb: examined {} blobs; {verb} {} ({} bytes)",
+        sum.blobs, sum.removed, sum.bytes
+    );
+    Ok(ExitCode::SUCCESS)
+}

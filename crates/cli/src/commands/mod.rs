@@ -1,0 +1,147 @@
+//! One module per subcommand (as pueue does); this one dispatches and holds what
+//! they share.
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use batchdb::integrity::GcOptions;
+use batchdb::queue::{
+    Finished, ListKind, Order, PushOptions, PushRequest, Selector, State, now_ms,
+};
+use batchdb::runner::ShellRunner;
+use batchdb::worker::{Report, WorkerOptions};
+use batchdb::{BatchDb, BlobLocation, Config, DbLocation, Error, Hash, Result};
+use futures_util::StreamExt;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
+
+use crate::args::{AddArgs, Cli, Command, PayloadArgs, PushArgs, QueueArgs, RunArgs, ServeArgs};
+use crate::time::{parse_at, secs};
+
+mod add;
+mod control;
+mod list;
+mod maint;
+mod run;
+mod serve;
+mod show;
+
+/// Runs the command `cli` names and returns the process's exit code.
+pub async fn dispatch(cli: Cli) -> Result<ExitCode> {
+    let cfg = config(&cli)?;
+    let db = BatchDb::open(&cfg).await?;
+    match cli.command {
+        Command::Add(a) if a.lines => add::add_lines(&db, a).await,
+        Command::Add(a) => add::add(&db, a).await,
+        Command::Create(p) => add::create(&db, p).await,
+        Command::Push(p) => add::push(&db, p).await,
+        Command::List { kind } => list::list(&db, kind).await,
+        Command::Run(r) => run::run(&db, r).await,
+        Command::Serve(s) => serve::serve(db, s).await,
+        Command::Get { hash } => show::get(&db, hash).await,
+        Command::Show { selector, json } => show::show(&db, &selector, json).await,
+        Command::Logs { selector, follow } => show::logs(&db, &selector, follow).await,
+        Command::Events { follow, after } => list::events(&db, follow, after).await,
+        Command::Cancel { selectors } => control::cancel(&db, selectors).await,
+        Command::Retry {
+            selectors,
+            all_failed,
+        } => control::retry(&db, selectors, all_failed).await,
+        Command::Verify => maint::verify(&db).await,
+        Command::Gc { dry_run, grace } => maint::gc(&db, dry_run, grace).await,
+        Command::Status => list::status(&db).await,
+    }
+}
+
+fn config(cli: &Cli) -> Result<Config> {
+    let dir = match &cli.dir {
+        Some(d) => d.clone(),
+        None => default_dir()?,
+    };
+    let mut cfg = Config::in_dir(&dir);
+    if let Some(db) = &cli.db {
+        cfg.db = DbLocation::parse(db)?;
+    }
+    if let Some(b) = &cli.blobs {
+        cfg.blobs = BlobLocation::parse(b)?;
+    }
+    Ok(cfg)
+}
+
+/// `$XDG_DATA_HOME/batchdb`, else `$HOME/.local/share/batchdb`.
+fn default_dir() -> Result<PathBuf> {
+    let nonempty = |k: &str| std::env::var_os(k).filter(|v| !v.is_empty());
+    if let Some(x) = nonempty("XDG_DATA_HOME") {
+        return Ok(PathBuf::from(x).join("batchdb"));
+    }
+    if let Some(h) = nonempty("HOME") {
+        return Ok(PathBuf::from(h).join(".local/share/batchdb"));
+    }
+    Err(Error::Config {
+        what: "data directory",
+        value: String::new(),
+        why: "neither --dir, BATCHDB_DIR, XDG_DATA_HOME nor HOME is set".into(),
+    })
+}
+
+fn stdout_err(e: std::io::Error) -> Error {
+    Error::Stream {
+        what: "write to stdout".into(),
+        source: e,
+    }
+}
+
+/// Prints one line to stdout and flushes it (readers may be waiting on a pipe).
+fn line(args: std::fmt::Arguments<'_>) -> Result<()> {
+    let mut out = std::io::stdout().lock();
+    out.write_fmt(args)
+        .and_then(|_| out.write_all(b"\n"))
+        .and_then(|_| out.flush())
+        .map_err(stdout_err)
+}
+
+async fn payload(p: &PayloadArgs) -> Result<Box<dyn AsyncRead + Send + Unpin>> {
+    if let Some(f) = &p.file {
+        let file = tokio::fs::File::open(f)
+            .await
+            .map_err(|e| Error::io("open", f, e))?;
+        return Ok(Box::new(file));
+    }
+    if !p.payload.is_empty() {
+        return Ok(Box::new(std::io::Cursor::new(
+            p.payload.join(" ").into_bytes(),
+        )));
+    }
+    Ok(Box::new(tokio::io::stdin()))
+}
+
+fn push_options(q: &QueueArgs) -> Result<PushOptions> {
+    // clap makes --at and --delay exclusive; --at wins should both ever arrive.
+    let run_at = q.at.as_deref().map(parse_at).transpose()?;
+    PushRequest {
+        priority: q.priority,
+        delay: if run_at.is_some() { None } else { q.delay },
+        run_at,
+        timeout: q.timeout,
+        retries: q.retries,
+        cached: q.cached,
+    }
+    .options()
+}
+
+async fn copy_to(
+    mut from: impl AsyncRead + Unpin,
+    mut to: impl tokio::io::AsyncWrite + Unpin,
+    hash: &Hash,
+) -> Result<u64> {
+    let n = tokio::io::copy(&mut from, &mut to)
+        .await
+        .map_err(|e| Error::Stream {
+            what: format!("blob {hash}"),
+            source: e,
+        })?;
+    to.flush().await.map_err(stdout_err)?;
+    Ok(n)
+}

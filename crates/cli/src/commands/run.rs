@@ -1,0 +1,94 @@
+//! `run`: the worker, printing each ended attempt.
+
+use super::*;
+
+pub(super) async fn run(db: &BatchDb, r: RunArgs) -> Result<ExitCode> {
+    let order: Order = r.order.parse()?;
+    let runner = Arc::new(ShellRunner::new(&r.shell)?);
+    let opts = WorkerOptions {
+        concurrency: r.jobs.max(1),
+        order,
+        lease: secs("lease", r.lease)?.max(Duration::from_millis(100)),
+        timeout: r.timeout.map(|t| secs("timeout", t)).transpose()?,
+        kill_grace: secs("kill-grace", r.kill_grace)?,
+        retries: r.retries,
+        backoff: secs("backoff", r.backoff)?,
+        cache_all: r.cached,
+        until_empty: r.until_empty,
+        ..WorkerOptions::default()
+    };
+    let worker = db.worker(runner, opts);
+    let shutdown = worker.shutdown_handle();
+    let stop = shutdown.clone();
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<Report>();
+    let signals = tokio::spawn(async move {
+        use tokio::signal::unix::{SignalKind, signal};
+        let (Ok(mut int), Ok(mut term)) = (
+            signal(SignalKind::interrupt()),
+            signal(SignalKind::terminate()),
+        ) else {
+            return;
+        };
+        loop {
+            tokio::select! {
+                _ = int.recv() => {}
+                _ = term.recv() => {}
+            }
+            shutdown.escalate();
+        }
+    });
+    let work = tokio::spawn(worker.run(Some(tx)));
+    let mut print_error = None;
+    while let Some(rep) = rx.recv().await {
+        if print_error.is_none() {
+            if let Err(e) = print_report(db, &rep, r.print).await {
+                // Nowhere to report to: give running jobs back and stop, but keep
+                // recording what still finishes.
+                stop.force();
+                print_error = Some(e);
+            }
+        }
+    }
+    signals.abort();
+    work.await
+        .map_err(|e| Error::Task(format!("worker: {e}")))??;
+    match print_error {
+        Some(e) => Err(e),
+        None => Ok(ExitCode::SUCCESS),
+    }
+}
+
+async fn print_report(db: &BatchDb, rep: &Report, print: bool) -> Result<()> {
+    let msg = rep
+        .report
+        .message
+        .as_deref()
+        .unwrap_or("")
+        .replace('\n', " ");
+    match rep.finished {
+        Some(Finished::Result) => {
+            let Some(out) = rep.report.stdout else {
+                return Ok(());
+            };
+            line(format_args!("RESULT {} {}", rep.job, out.hash))?;
+            if print {
+                copy_to(db.get(&out.hash).await?, tokio::io::stdout(), &out.hash).await?;
+            }
+        }
+        Some(Finished::Fail) => line(format_args!("FAIL {} {} {msg}", rep.job, rep.created))?,
+        Some(Finished::Retry(at)) => {
+            let wait = (at - now_ms()).max(0) as f64 / 1000.0;
+            eprintln!(
+                "batchdb: retry {} {} in {wait:.1}s: {msg}",
+                rep.job, rep.created
+            );
+        }
+        Some(Finished::Cancelled) => eprintln!("batchdb: cancelled {} {}", rep.job, rep.created),
+        Some(Finished::Released) => eprintln!(
+            "batchdb: released {} {} back to pending",
+            rep.job, rep.created
+        ),
+        None => eprintln!("batchdb: {} {}: {msg}", rep.job, rep.created),
+    }
+    Ok(())
+}
