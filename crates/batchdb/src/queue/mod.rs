@@ -15,6 +15,7 @@ mod migrations;
 mod options;
 pub(crate) mod policy;
 mod postgres;
+mod row;
 mod sqlite;
 mod types;
 

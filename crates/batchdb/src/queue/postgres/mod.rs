@@ -84,7 +84,7 @@ struct Inner {
 }
 
 /// Errors inside a transaction: the database's own, or a domain error to pass through.
-enum TxError {
+pub(crate) enum TxError {
     Pg(tokio_postgres::Error),
     Domain(Error),
     /// A value read back that batchdb never writes (see [`Error::Corrupt`]).
@@ -103,7 +103,7 @@ impl From<Error> for TxError {
     }
 }
 
-type TxResult<T> = std::result::Result<T, TxError>;
+pub(crate) type TxResult<T> = std::result::Result<T, TxError>;
 
 /// A value read back that did not parse: the database is corrupt.
 fn corrupt(e: Error) -> TxError {

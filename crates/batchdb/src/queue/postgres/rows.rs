@@ -1,6 +1,7 @@
 //! The statements of a transaction: rows in, attempts started and ended, claims.
 
 use super::*;
+use crate::queue::row::{CLAIM_COLS, Candidate, candidate};
 
 pub(super) fn parse_hash(s: &str) -> TxResult<Hash> {
     s.parse().map_err(corrupt)
@@ -15,60 +16,6 @@ pub(super) fn blob(hash: Option<String>, size: Option<i64>) -> TxResult<Option<B
         hash,
         size: size.unwrap_or(0) as u64,
     }))
-}
-
-/// The columns of `instances` a claim needs, in this order.
-pub(super) const CLAIM_COLS: &str =
-    "id, job, created, failures, timeout_ms, retries, cached, attempts";
-
-pub(super) struct Candidate {
-    pub(super) id: i64,
-    pub(super) job: Hash,
-    pub(super) created: i64,
-    pub(super) failures: u32,
-    pub(super) timeout: Option<Duration>,
-    pub(super) retries: Option<u32>,
-    pub(super) cached: bool,
-    pub(super) attempts: i64,
-}
-
-pub(super) fn candidate(r: &Row) -> TxResult<Candidate> {
-    Ok(Candidate {
-        id: r.try_get(0)?,
-        job: parse_hash(r.try_get(1)?)?,
-        created: r.try_get(2)?,
-        failures: r.try_get::<_, i64>(3)? as u32,
-        timeout: r
-            .try_get::<_, Option<i64>>(4)?
-            .map(|t| Duration::from_millis(t as u64)),
-        retries: r.try_get::<_, Option<i64>>(5)?.map(|n| n as u32),
-        cached: r.try_get(6)?,
-        attempts: r.try_get(7)?,
-    })
-}
-
-impl Candidate {
-    fn claim(
-        &self,
-        (token, attempt_id): (ClaimToken, String),
-        start: i64,
-        takeover: bool,
-        cache_hit: Option<AttemptReport>,
-    ) -> Claim {
-        Claim {
-            token,
-            job: self.job,
-            created: self.created,
-            start,
-            failures: self.failures,
-            timeout: self.timeout,
-            retries: self.retries,
-            attempt_id,
-            takeover,
-            lost: None,
-            cache_hit,
-        }
-    }
 }
 
 pub(super) async fn insert_job(tx: &mut Tx<'_>, job: &NewJob) -> TxResult<bool> {
@@ -477,4 +424,24 @@ pub(super) async fn claim_tx(tx: &mut Tx<'_>, req: &ClaimRequest) -> TxResult<Ve
         }
     }
     Ok(out)
+}
+
+impl crate::queue::row::Row for Row {
+    type Error = TxError;
+
+    fn int(&self, i: usize) -> TxResult<Option<i64>> {
+        Ok(self.try_get(i)?)
+    }
+
+    fn flag(&self, i: usize) -> TxResult<bool> {
+        Ok(self.try_get(i)?)
+    }
+
+    fn text(&self, i: usize) -> TxResult<Option<String>> {
+        Ok(self.try_get(i)?)
+    }
+
+    fn corrupt(what: String) -> TxError {
+        TxError::Corrupt(what)
+    }
 }

@@ -1,6 +1,7 @@
 //! The statements of a transaction: rows in, attempts started and ended, events.
 
 use super::*;
+use crate::queue::row::{CLAIM_COLS, Candidate, candidate};
 
 pub(super) fn event(
     tx: &Transaction<'_>,
@@ -149,60 +150,6 @@ pub(super) fn blob(hash: Option<String>, size: Option<i64>) -> rusqlite::Result<
         hash,
         size: size.unwrap_or(0) as u64,
     }))
-}
-
-/// The columns of `instances` a claim needs, in this order.
-pub(super) const CLAIM_COLS: &str =
-    "id, job, created, failures, timeout_ms, retries, cached, attempts";
-
-pub(super) struct Candidate {
-    pub(super) id: i64,
-    pub(super) job: Hash,
-    pub(super) created: i64,
-    pub(super) failures: u32,
-    pub(super) timeout: Option<Duration>,
-    pub(super) retries: Option<u32>,
-    pub(super) cached: bool,
-    pub(super) attempts: i64,
-}
-
-pub(super) fn candidate(r: &rusqlite::Row<'_>) -> rusqlite::Result<Candidate> {
-    Ok(Candidate {
-        id: r.get(0)?,
-        job: r.get(1)?,
-        created: r.get(2)?,
-        failures: r.get(3)?,
-        timeout: r
-            .get::<_, Option<i64>>(4)?
-            .map(|t| Duration::from_millis(t as u64)),
-        retries: r.get(5)?,
-        cached: r.get(6)?,
-        attempts: r.get(7)?,
-    })
-}
-
-impl Candidate {
-    fn claim(
-        &self,
-        (token, attempt_id): (ClaimToken, String),
-        start: i64,
-        takeover: bool,
-        cache_hit: Option<AttemptReport>,
-    ) -> Claim {
-        Claim {
-            token,
-            job: self.job,
-            created: self.created,
-            start,
-            failures: self.failures,
-            timeout: self.timeout,
-            retries: self.retries,
-            attempt_id,
-            takeover,
-            lost: None,
-            cache_hit,
-        }
-    }
 }
 
 pub(super) fn start_attempt(
@@ -462,7 +409,9 @@ pub(super) fn claim_tx(tx: &Transaction<'_>, req: &ClaimRequest) -> TxResult<(Ve
                 "SELECT {CLAIM_COLS} FROM instances INDEXED BY {index}
                  WHERE state = 'pending' AND run_at <= ?1 ORDER BY {order} LIMIT ?2 OFFSET ?3"
             ))?;
-            let rows = stmt.query_map(params![now, window as i64, skipped as i64], candidate)?;
+            let rows = stmt.query_map(params![now, window as i64, skipped as i64], |r| {
+                candidate(r)
+            })?;
             rows.collect::<rusqlite::Result<_>>()?
         };
         let last_window = candidates.len() < window;
@@ -508,4 +457,24 @@ pub(super) fn claim_tx(tx: &Transaction<'_>, req: &ClaimRequest) -> TxResult<(Ve
     // A result served from the cache must be as durable as any other.
     let served = out.iter().any(|c| c.cache_hit.is_some());
     Ok((out, served || terminal))
+}
+
+impl crate::queue::row::Row for rusqlite::Row<'_> {
+    type Error = rusqlite::Error;
+
+    fn int(&self, i: usize) -> rusqlite::Result<Option<i64>> {
+        self.get(i)
+    }
+
+    fn flag(&self, i: usize) -> rusqlite::Result<bool> {
+        self.get(i)
+    }
+
+    fn text(&self, i: usize) -> rusqlite::Result<Option<String>> {
+        self.get(i)
+    }
+
+    fn corrupt(what: String) -> rusqlite::Error {
+        rusqlite::Error::FromSqlConversionFailure(0, rusqlite::types::Type::Text, what.into())
+    }
 }

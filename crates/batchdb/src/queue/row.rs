@@ -1,0 +1,105 @@
+//! Decoding rows once for every backend: each backend's row type implements [`Row`]
+//! (columns by index, NULL as `None`, a decode failure in its own error type), and
+//! the decoders shared by both backends read through it.
+
+use std::time::Duration;
+
+use super::types::{AttemptReport, Claim, ClaimToken};
+use crate::hash::Hash;
+
+/// A database row, read by column index.
+pub(crate) trait Row {
+    /// The backend's error type.
+    type Error;
+
+    /// An integer column (NULL is `None`).
+    fn int(&self, i: usize) -> Result<Option<i64>, Self::Error>;
+
+    /// A boolean column (stored as an integer by SQLite).
+    fn flag(&self, i: usize) -> Result<bool, Self::Error>;
+
+    /// A text column (NULL is `None`).
+    fn text(&self, i: usize) -> Result<Option<String>, Self::Error>;
+
+    /// The backend's error for a value batchdb never writes (it maps to
+    /// [`crate::Error::Corrupt`]).
+    fn corrupt(what: String) -> Self::Error;
+
+    /// A NOT NULL integer column.
+    fn req_int(&self, i: usize) -> Result<i64, Self::Error> {
+        self.int(i)?
+            .ok_or_else(|| Self::corrupt(format!("column {i} is NULL")))
+    }
+
+    /// An integer column that holds a non-negative count or number of milliseconds.
+    fn unsigned<T: TryFrom<i64>>(&self, i: usize) -> Result<Option<T>, Self::Error> {
+        self.int(i)?
+            .map(|n| T::try_from(n).map_err(|_| Self::corrupt(format!("column {i} is {n}"))))
+            .transpose()
+    }
+
+    /// A hash column.
+    fn hash(&self, i: usize) -> Result<Hash, Self::Error> {
+        let s = self
+            .text(i)?
+            .ok_or_else(|| Self::corrupt(format!("column {i} is NULL")))?;
+        s.parse()
+            .map_err(|e: crate::Error| Self::corrupt(e.to_string()))
+    }
+}
+
+/// The columns of `instances` a claim needs, in the order [`candidate`] reads them.
+pub(crate) const CLAIM_COLS: &str =
+    "id, job, created, failures, timeout_ms, retries, cached, attempts";
+
+/// An instance a claim may hand out.
+pub(crate) struct Candidate {
+    pub id: i64,
+    pub job: Hash,
+    pub created: i64,
+    pub failures: u32,
+    pub timeout: Option<Duration>,
+    pub retries: Option<u32>,
+    pub cached: bool,
+    pub attempts: i64,
+}
+
+/// Reads a row selected as [`CLAIM_COLS`].
+pub(crate) fn candidate<R: Row>(r: &R) -> Result<Candidate, R::Error> {
+    Ok(Candidate {
+        id: r.req_int(0)?,
+        job: r.hash(1)?,
+        created: r.req_int(2)?,
+        failures: r.unsigned(3)?.unwrap_or(0),
+        timeout: r.unsigned::<u64>(4)?.map(Duration::from_millis),
+        retries: r.unsigned(5)?,
+        cached: r.flag(6)?,
+        attempts: r.req_int(7)?,
+    })
+}
+
+impl Candidate {
+    /// The claim of this instance under a new attempt (`token`, `attempt_id`) that
+    /// started at `start`.
+    pub(crate) fn claim(
+        &self,
+        (token, attempt_id): (ClaimToken, String),
+        start: i64,
+        takeover: bool,
+        cache_hit: Option<AttemptReport>,
+    ) -> Claim {
+        Claim {
+            token,
+            job: self.job,
+            created: self.created,
+            start,
+            failures: self.failures,
+            timeout: self.timeout,
+            retries: self.retries,
+            attempt_id,
+            takeover,
+            lost: None,
+            cache_hit,
+        }
+    }
+}
