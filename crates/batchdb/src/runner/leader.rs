@@ -27,6 +27,8 @@ pub(crate) struct Leader {
     pidfd: Option<OwnedFd>,
     /// Whether it has been reaped: from then on its pid may name another process.
     reaped: Mutex<bool>,
+    /// How it ended, once seen (so later looks need no system call).
+    status: std::sync::OnceLock<Status>,
 }
 
 impl Leader {
@@ -37,6 +39,7 @@ impl Leader {
             pid,
             pidfd,
             reaped: Mutex::new(false),
+            status: std::sync::OnceLock::new(),
         })
     }
 
@@ -58,25 +61,39 @@ impl Leader {
                 unsafe { AsyncFd::register_with_interest(dup, tokio::io::Interest::READABLE)? };
             loop {
                 let mut ready = fd.readable().await?;
-                match self.waitid(libc::WNOHANG | libc::WNOWAIT)? {
+                match self.peek()? {
                     Some(status) => return Ok(status),
                     None => ready.clear_ready(),
                 }
             }
         }
+        if let Some(status) = self.status.get() {
+            return Ok(*status);
+        }
         let me = self.clone();
-        tokio::task::spawn_blocking(move || me.waitid(libc::WNOWAIT))
+        let status = tokio::task::spawn_blocking(move || me.waitid(libc::WNOWAIT))
             .await
-            .map_err(io::Error::other)?
-            .map(|s| s.unwrap_or_default())
+            .map_err(io::Error::other)??
+            .unwrap_or_default();
+        Ok(*self.status.get_or_init(|| status))
+    }
+
+    /// How it ended, if it has (without reaping it).
+    fn peek(&self) -> io::Result<Option<Status>> {
+        if let Some(status) = self.status.get() {
+            return Ok(Some(*status));
+        }
+        Ok(self
+            .waitid(libc::WNOHANG | libc::WNOWAIT)?
+            .map(|s| *self.status.get_or_init(|| s)))
     }
 
     /// Whether it has exited (or been reaped).
     pub(crate) fn exited(&self) -> bool {
-        if self.reaped.lock().map_or(true, |r| *r) {
+        if self.status.get().is_some() || self.reaped.lock().map_or(true, |r| *r) {
             return true;
         }
-        !matches!(self.waitid(libc::WNOHANG | libc::WNOWAIT), Ok(None))
+        !matches!(self.peek(), Ok(None))
     }
 
     /// Sends `sig` to its process group, unless it has been reaped. The lock makes
@@ -102,7 +119,7 @@ impl Leader {
         if *reaped {
             return;
         }
-        if matches!(self.waitid(libc::WNOHANG | libc::WNOWAIT), Ok(None)) {
+        if matches!(self.peek(), Ok(None)) {
             // SAFETY: as in signal_group: unreaped, under the lock.
             unsafe { libc::kill(-self.pid, libc::SIGKILL) };
         }

@@ -179,6 +179,10 @@ fn last_pid() -> Option<i32> {
         .ok()
 }
 
+/// Up to this many pids handed out since a job started are looked at one by one;
+/// past that, the process list is read instead.
+const PROBE_MAX: i32 = 256;
+
 /// Whether `pid` may have been handed out after `first`: pids are handed out in
 /// increasing order, wrapping at `pid_max`, so a process started after `first`
 /// has a pid in the cyclic interval `(first, last]`. That holds unless the counter
@@ -200,13 +204,20 @@ fn newer(pid: i32, first: i32, last: i32) -> bool {
 /// leaves it running, it never signals anything.
 pub(crate) fn any_left(pgid: i32, mark: &Mark<'_>, recent: bool) -> bool {
     let last = if recent { last_pid() } else { None };
-    let mut candidates = std::fs::read_dir("/proc")
-        .into_iter()
-        .flatten()
-        .flatten()
-        .filter_map(|e| e.file_name().to_str().and_then(|n| n.parse::<i32>().ok()))
-        .filter(|pid| last.is_none_or(|last| newer(*pid, pgid, last)))
-        .filter_map(|pid| Proc::open(pid).ok());
+    let pids: Box<dyn Iterator<Item = i32>> = match last {
+        // Few pids handed out since: look at each (a missing one costs one failed
+        // open), rather than list every process.
+        Some(last) if last > pgid && last - pgid <= PROBE_MAX => Box::new(pgid + 1..=last),
+        _ => Box::new(
+            std::fs::read_dir("/proc")
+                .into_iter()
+                .flatten()
+                .flatten()
+                .filter_map(|e| e.file_name().to_str().and_then(|n| n.parse::<i32>().ok()))
+                .filter(move |pid| last.is_none_or(|last| newer(*pid, pgid, last))),
+        ),
+    };
+    let mut candidates = pids.filter_map(|pid| Proc::open(pid).ok());
     candidates.any(|p| {
         if p.pid == pgid {
             return false;

@@ -70,19 +70,34 @@ async fn settle(killer: Arc<dyn Killer>, grace: Duration, cut: Cut) {
         }
     };
     let until = Instant::now() + grace;
-    if alive(&killer).await {
+    // One look, and (if nothing is left, the common case) the release, in one trip
+    // to a blocking thread.
+    let k = killer.clone();
+    let left = tokio::task::spawn_blocking(move || {
+        let left = k.alive();
+        if !left {
+            k.release();
+        }
+        left
+    })
+    .await
+    .unwrap_or(true);
+    if left {
         killer.stop(Stop::Terminate);
         let mut left = true;
         while left && Instant::now() < until {
             tokio::time::sleep(Duration::from_millis(50)).await;
             left = alive(&killer).await;
         }
-        if left {
-            let k = killer.clone();
-            let _ = tokio::task::spawn_blocking(move || k.stop_all()).await;
-        }
+        let k = killer.clone();
+        let _ = tokio::task::spawn_blocking(move || {
+            if left {
+                k.stop_all();
+            }
+            k.release();
+        })
+        .await;
     }
-    let _ = tokio::task::spawn_blocking(move || killer.release()).await;
     tokio::time::sleep_until(until).await;
     cut.cut();
 }
