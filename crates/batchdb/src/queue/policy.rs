@@ -34,6 +34,16 @@ pub enum AttemptEnd {
 }
 
 impl AttemptEnd {
+    /// Every end, in the order above.
+    pub const ALL: [AttemptEnd; 6] = [
+        AttemptEnd::Result,
+        AttemptEnd::Retry,
+        AttemptEnd::Fail,
+        AttemptEnd::Cancelled,
+        AttemptEnd::Released,
+        AttemptEnd::Lost,
+    ];
+
     /// The name stored in the attempt row.
     pub fn as_str(self) -> &'static str {
         match self {
@@ -48,16 +58,7 @@ impl AttemptEnd {
 
     /// The end a stored name stands for, if it is one.
     pub fn parse(s: &str) -> Option<AttemptEnd> {
-        [
-            AttemptEnd::Result,
-            AttemptEnd::Retry,
-            AttemptEnd::Fail,
-            AttemptEnd::Cancelled,
-            AttemptEnd::Released,
-            AttemptEnd::Lost,
-        ]
-        .into_iter()
-        .find(|e| e.as_str() == s)
+        AttemptEnd::ALL.into_iter().find(|e| e.as_str() == s)
     }
 }
 

@@ -237,14 +237,7 @@ fn backoff_doubles_to_its_cap_times_the_jitter() {
 
 #[test]
 fn attempt_ends_round_trip_through_their_names() {
-    for e in [
-        AttemptEnd::Result,
-        AttemptEnd::Retry,
-        AttemptEnd::Fail,
-        AttemptEnd::Cancelled,
-        AttemptEnd::Released,
-        AttemptEnd::Lost,
-    ] {
+    for e in AttemptEnd::ALL {
         assert_eq!(AttemptEnd::parse(e.as_str()), Some(e));
     }
     assert_eq!(AttemptEnd::parse("running"), None);
