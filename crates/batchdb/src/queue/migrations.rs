@@ -11,6 +11,7 @@ pub(crate) struct Step {
     /// The statements for SQLite.
     pub sqlite: &'static str,
     /// The statements for PostgreSQL (run with batchdb's schema as the search path).
+    #[cfg_attr(not(feature = "postgres"), allow(dead_code))]
     pub postgres: &'static str,
 }
 

@@ -10,10 +10,10 @@
 //! new attempt gets a new fencing token and the old worker can no longer record
 //! anything for it.
 
-#[cfg(feature = "postgres")]
 mod migrations;
 mod options;
 pub(crate) mod policy;
+#[cfg(feature = "postgres")]
 mod postgres;
 mod row;
 mod sqlite;
