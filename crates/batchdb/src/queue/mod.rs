@@ -10,6 +10,7 @@
 //! new attempt gets a new fencing token and the old worker can no longer record
 //! anything for it.
 
+mod attempt_id;
 mod migrations;
 mod options;
 pub(crate) mod policy;

@@ -105,11 +105,6 @@ impl From<Error> for TxError {
 
 pub(crate) type TxResult<T> = std::result::Result<T, TxError>;
 
-/// A value read back that did not parse: the database is corrupt.
-fn corrupt(e: Error) -> TxError {
-    TxError::Corrupt(e.to_string())
-}
-
 impl PgQueue {
     /// Connects to the database at `url` (`postgres://user:pass@host:port/db`; TLS is
     /// not supported by this build: use `sslmode=disable` or a local TLS proxy), and

@@ -3,6 +3,11 @@
 use super::*;
 use crate::queue::row::{CLAIM_COLS, Candidate, candidate};
 
+/// A value read back that did not parse: the database is corrupt.
+pub(super) fn corrupt(e: Error) -> TxError {
+    TxError::Corrupt(e.to_string())
+}
+
 pub(super) fn parse_hash(s: &str) -> TxResult<Hash> {
     s.parse().map_err(corrupt)
 }
@@ -104,7 +109,7 @@ pub(super) async fn start_attempt(
 ) -> TxResult<(ClaimToken, String)> {
     let now = tx.now;
     let token = c.attempts + 1;
-    let attempt_id = crate::queue::types::new_attempt_id();
+    let attempt_id = crate::queue::attempt_id::new_attempt_id();
     let until = now + req.lease.as_millis() as i64;
     tx.execute(
         "UPDATE instances SET state = 'running', attempts = $2, lease_until = $3, cache_key = $4

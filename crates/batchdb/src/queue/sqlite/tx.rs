@@ -160,7 +160,7 @@ pub(super) fn start_attempt(
     cache_key: Option<Hash>,
 ) -> rusqlite::Result<(ClaimToken, String)> {
     let token = c.attempts + 1;
-    let attempt_id = crate::queue::types::new_attempt_id();
+    let attempt_id = crate::queue::attempt_id::new_attempt_id();
     tx.prepare_cached(
         "UPDATE instances SET state = 'running', attempts = ?2, lease_until = ?3, cache_key = ?4
          WHERE id = ?1",
