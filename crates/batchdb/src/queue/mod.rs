@@ -17,6 +17,7 @@ pub(crate) mod policy;
 #[cfg(feature = "postgres")]
 mod postgres;
 mod row;
+mod sql;
 mod sqlite;
 mod types;
 
@@ -53,15 +54,24 @@ use crate::hash::Hash;
 #[async_trait]
 pub trait Queue: Send + Sync + fmt::Debug {
     /// Records a job whose payload blob is already durable. Idempotent: returns
-    /// whether the job was new.
-    async fn create(&self, job: &BlobInfo) -> Result<bool>;
+    /// whether the job was new. ([`create_many`](Queue::create_many) of one job.)
+    async fn create(&self, job: &BlobInfo) -> Result<bool> {
+        let new = self.create_many(&[NewJob::stored(*job)]).await?;
+        Ok(new.first().copied().unwrap_or(false))
+    }
 
     /// Puts an instance of an existing job on the pending queue;
     /// [`crate::Error::JobNotFound`] if the job was never created.
     async fn push(&self, job: &Hash, opts: &PushOptions) -> Result<Instance>;
 
     /// Creates the job (if new) and pushes an instance of it, in one transaction.
-    async fn add(&self, job: &BlobInfo, opts: &PushOptions) -> Result<Instance>;
+    /// ([`add_many`](Queue::add_many) of one job.)
+    async fn add(&self, job: &BlobInfo, opts: &PushOptions) -> Result<Instance> {
+        let mut added = self.add_many(&[NewJob::stored(*job)], opts).await?;
+        added
+            .pop()
+            .ok_or_else(|| crate::Error::Task("add_many of one job added none".into()))
+    }
 
     /// Records each job (if new; a payload given inline is kept in the queue) and
     /// returns, for each, whether it was new; all in one transaction.

@@ -4,7 +4,8 @@
 
 use std::time::Duration;
 
-use super::types::{AttemptReport, Claim, ClaimToken};
+use super::types::{AttemptReport, Claim, ClaimToken, State};
+use crate::blob::BlobInfo;
 use crate::hash::Hash;
 
 /// A database row, read by column index.
@@ -20,6 +21,9 @@ pub(crate) trait Row {
 
     /// A text column (NULL is `None`).
     fn text(&self, i: usize) -> Result<Option<String>, Self::Error>;
+
+    /// A binary column (NULL is `None`).
+    fn bytes(&self, i: usize) -> Result<Option<Vec<u8>>, Self::Error>;
 
     /// The backend's error for a value batchdb never writes (it maps to
     /// [`crate::Error::Corrupt`]).
@@ -40,17 +44,62 @@ pub(crate) trait Row {
 
     /// A hash column.
     fn hash(&self, i: usize) -> Result<Hash, Self::Error> {
-        let s = self
-            .text(i)?
-            .ok_or_else(|| Self::corrupt(format!("column {i} is NULL")))?;
+        let s = self.req_text(i)?;
         s.parse()
             .map_err(|e: crate::Error| Self::corrupt(e.to_string()))
+    }
+
+    /// A hash column that may be NULL.
+    fn opt_hash(&self, i: usize) -> Result<Option<Hash>, Self::Error> {
+        self.text(i)?
+            .map(|s| {
+                s.parse()
+                    .map_err(|e: crate::Error| Self::corrupt(e.to_string()))
+            })
+            .transpose()
+    }
+
+    /// A NOT NULL text column.
+    fn req_text(&self, i: usize) -> Result<String, Self::Error> {
+        self.text(i)?
+            .ok_or_else(|| Self::corrupt(format!("column {i} is NULL")))
+    }
+
+    /// An `INTEGER` column (exit codes, signals).
+    fn int32(&self, i: usize) -> Result<Option<i32>, Self::Error> {
+        self.int(i)?
+            .map(|n| i32::try_from(n).map_err(|_| Self::corrupt(format!("column {i} is {n}"))))
+            .transpose()
+    }
+
+    /// A state column.
+    fn state(&self, i: usize) -> Result<State, Self::Error> {
+        self.req_text(i)?
+            .parse()
+            .map_err(|e: crate::Error| Self::corrupt(e.to_string()))
+    }
+
+    /// A stored output: its hash column `h` and size column `size` (`None` when the
+    /// hash is NULL).
+    fn blob(&self, h: usize, size: usize) -> Result<Option<BlobInfo>, Self::Error> {
+        let Some(hash) = self.opt_hash(h)? else {
+            return Ok(None);
+        };
+        Ok(Some(BlobInfo {
+            hash,
+            size: self.unsigned(size)?.unwrap_or(0),
+        }))
     }
 }
 
 /// The columns of `instances` a claim needs, in the order [`candidate`] reads them.
-pub(crate) const CLAIM_COLS: &str =
-    "id, job, created, failures, timeout_ms, retries, cached, attempts";
+/// (A macro, so that backends can `concat!` it into their claim statements.)
+macro_rules! claim_cols {
+    () => {
+        "id, job, created, failures, timeout_ms, retries, cached, attempts"
+    };
+}
+pub(crate) use claim_cols;
 
 /// An instance a claim may hand out.
 pub(crate) struct Candidate {
@@ -64,7 +113,7 @@ pub(crate) struct Candidate {
     pub attempts: i64,
 }
 
-/// Reads a row selected as [`CLAIM_COLS`].
+/// Reads a row selected as [`claim_cols!`].
 pub(crate) fn candidate<R: Row>(r: &R) -> Result<Candidate, R::Error> {
     Ok(Candidate {
         id: r.req_int(0)?,

@@ -36,21 +36,18 @@ use tokio_postgres::{AsyncMessage, NoTls, Row};
 
 use super::Queue;
 use super::migrations;
-use super::policy::{self, AttemptEnd, Transition};
 use super::types::*;
 
 #[macro_use]
 mod tx;
+mod exec;
 mod listen;
-mod read;
-mod rows;
 mod url;
 
-use crate::blob::BlobInfo;
+use super::sql::{read, write};
 use crate::error::{Error, Result};
 use crate::hash::Hash;
-use read::*;
-use rows::*;
+use exec::PgRead;
 use tx::*;
 use url::*;
 
@@ -257,222 +254,63 @@ impl PgQueue {
 
 #[async_trait]
 impl Queue for PgQueue {
-    async fn create(&self, job: &BlobInfo) -> Result<bool> {
-        let job = &NewJob::stored(*job);
-        in_tx!(self, |tx| { insert_job(tx, job).await })
-    }
-
     async fn push(&self, job: &Hash, opts: &PushOptions) -> Result<Instance> {
-        in_tx!(self, |tx| {
-            let exists = tx
-                .query_opt("SELECT 1 FROM jobs WHERE key = $1", &[&job.to_hex()])
-                .await?
-                .is_some();
-            if !exists {
-                return Err(Error::JobNotFound(*job).into());
-            }
-            insert_instance(tx, job, opts).await
-        })
-    }
-
-    async fn add(&self, job: &BlobInfo, opts: &PushOptions) -> Result<Instance> {
-        let job = &NewJob::stored(*job);
-        in_tx!(self, |tx| {
-            insert_job(tx, job).await?;
-            insert_instance(tx, &job.info.hash, opts).await
-        })
+        in_tx!(self, |tx| { write::push(tx, job, opts).await })
     }
 
     async fn create_many(&self, jobs: &[NewJob]) -> Result<Vec<bool>> {
-        in_tx!(self, |tx| {
-            let mut out = Vec::with_capacity(jobs.len());
-            for j in jobs {
-                out.push(insert_job(tx, j).await?);
-            }
-            Ok(out)
-        })
+        in_tx!(self, |tx| { write::create_many(tx, jobs).await })
     }
 
     async fn add_many(&self, jobs: &[NewJob], opts: &PushOptions) -> Result<Vec<Instance>> {
-        in_tx!(self, |tx| {
-            let mut out = Vec::with_capacity(jobs.len());
-            for j in jobs {
-                insert_job(tx, j).await?;
-                out.push(insert_instance(tx, &j.info.hash, opts).await?);
-            }
-            Ok(out)
-        })
+        in_tx!(self, |tx| { write::add_many(tx, jobs, opts).await })
     }
 
     async fn inline_blob(&self, hash: &Hash) -> Result<Option<Vec<u8>>> {
-        self.read(async |c| {
-            Ok(c.query_opt(
-                "SELECT payload FROM jobs WHERE key = $1 AND payload IS NOT NULL
-                     UNION ALL SELECT data FROM inline_blobs WHERE key = $1 LIMIT 1",
-                &[&hash.to_hex()],
-            )
-            .await?
-            .map(|r| r.try_get::<_, Vec<u8>>(0))
-            .transpose()?)
-        })
-        .await
+        self.read(async |c| read::inline_blob(&mut PgRead(c), hash).await)
+            .await
     }
 
     async fn claim(&self, req: &ClaimRequest) -> Result<Vec<Claim>> {
         if req.limit == 0 {
             return Ok(Vec::new());
         }
-        in_tx!(self, |tx| { claim_tx(tx, req).await })
+        // Every commit here is durable; whether the claim needed it does not matter.
+        in_tx!(self, |tx| { Ok(write::claim(tx, req).await?.0) })
     }
 
     async fn heartbeat(&self, claim: &ClaimToken, lease: Duration) -> Result<Heartbeat> {
-        let t = *claim;
         in_tx!(self, lazy = true, |tx| {
-            let until = tx.now + lease.as_millis() as i64;
-            let row = tx
-                .query_opt(
-                    "UPDATE instances SET lease_until = $3
-                     WHERE id = $1 AND state = 'running' AND attempts = $2
-                     RETURNING cancel_requested",
-                    &[&t.id, &t.token, &until],
-                )
-                .await?;
-            match row {
-                Some(r) => Ok(Heartbeat {
-                    cancel_requested: r.try_get(0)?,
-                }),
-                None => Err(fenced(&t)),
-            }
+            write::heartbeat(tx, claim, lease).await
         })
     }
 
     async fn status(&self, claim: &ClaimToken) -> Result<Heartbeat> {
-        let t = *claim;
-        self.read(async |c| {
-            let row = c
-                .query_opt(
-                    "SELECT cancel_requested FROM instances
-                     WHERE id = $1 AND state = 'running' AND attempts = $2",
-                    &[&t.id, &t.token],
-                )
-                .await?;
-            match row {
-                Some(r) => Ok(Heartbeat {
-                    cancel_requested: r.try_get(0)?,
-                }),
-                None => Err(fenced(&t)),
-            }
-        })
-        .await
+        self.read(async |c| read::status(&mut PgRead(c), claim).await)
+            .await
     }
 
     async fn finish(&self, claim: &ClaimToken, outcome: &Outcome) -> Result<Finished> {
-        let t = *claim;
-        in_tx!(self, |tx| {
-            let row = lock_inst(tx, t.id).await?;
-            let Some(row) = row.filter(|r| r.state == State::Running && r.attempts == t.token)
-            else {
-                return Err(fenced(&t));
-            };
-            let tr = policy::finish(&t, outcome, row.cancel_requested);
-            finish_tx(tx, &t, (&row.job, row.created), &tr).await
-        })
+        in_tx!(self, |tx| { write::finish(tx, claim, outcome).await })
     }
 
     async fn cancel(&self, sel: &Selector) -> Result<Vec<Instance>> {
-        in_tx!(self, |tx| {
-            let mut out = Vec::new();
-            let (sql, p) = select_query(sel);
-            for id in ids(&tx.query(sql, &params(&p)).await?)? {
-                let Some(row) = lock_inst(tx, id).await? else {
-                    continue;
-                };
-                let inst = Instance {
-                    id,
-                    job: row.job,
-                    created: row.created,
-                };
-                match row.state {
-                    State::Pending => {
-                        let now = tx.now;
-                        tx.execute(
-                            "UPDATE instances SET state = 'cancelled', ended = $2 WHERE id = $1",
-                            &[&id, &now],
-                        )
-                        .await?;
-                        tx.event(
-                            EventKind::Cancel,
-                            &row.job,
-                            Some((id, row.created)),
-                            serde_json::Value::Null,
-                        );
-                        out.push(inst);
-                    }
-                    State::Running => {
-                        tx.execute(
-                            "UPDATE instances SET cancel_requested = TRUE WHERE id = $1",
-                            &[&id],
-                        )
-                        .await?;
-                        out.push(inst);
-                    }
-                    _ => {}
-                }
-            }
-            Ok(out)
-        })
+        in_tx!(self, |tx| { write::cancel(tx, sel).await })
     }
 
     async fn retry(&self, sel: &Selector) -> Result<Vec<Instance>> {
-        in_tx!(self, |tx| {
-            let mut out = Vec::new();
-            let (sql, p) = select_query(sel);
-            for id in ids(&tx.query(sql, &params(&p)).await?)? {
-                let row = tx
-                    .query_opt(
-                        "SELECT job, priority, timeout_ms, retries, cached FROM instances
-                         WHERE id = $1 AND state IN ('fail', 'cancelled') AND retried_by IS NULL
-                         FOR UPDATE",
-                        &[&id],
-                    )
-                    .await?;
-                let Some(r) = row else { continue };
-                let job = parse_hash(r.try_get(0)?)?;
-                let opts = PushOptions {
-                    priority: r.try_get(1)?,
-                    run_at: None,
-                    timeout: r
-                        .try_get::<_, Option<i64>>(2)?
-                        .map(|t| Duration::from_millis(t as u64)),
-                    retries: r.try_get::<_, Option<i64>>(3)?.map(|n| n as u32),
-                    cached: r.try_get(4)?,
-                };
-                let inst = insert_instance(tx, &job, &opts).await?;
-                tx.execute(
-                    "UPDATE instances SET retried_by = $2 WHERE id = $1",
-                    &[&id, &inst.id],
-                )
-                .await?;
-                tx.event(
-                    EventKind::Retry,
-                    &job,
-                    Some((inst.id, inst.created)),
-                    serde_json::json!({"from": id}),
-                );
-                out.push(inst);
-            }
-            Ok(out)
-        })
+        in_tx!(self, |tx| { write::retry(tx, sel).await })
     }
 
     async fn list_page(&self, kind: ListKind, after: i64, limit: usize) -> Result<Vec<ListRow>> {
-        self.read(async |c| list_page(c, kind, after, limit as i64).await)
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        self.read(async |c| read::list_page(&mut PgRead(c), kind, after, limit).await)
             .await
     }
 
     async fn instance(&self, id: i64) -> Result<InstanceDetail> {
         self.read(async |c| {
-            instance_detail(c, id)
+            read::instance_detail(&mut PgRead(c), id)
                 .await?
                 .ok_or_else(|| Error::InstanceNotFound(format!("id:{id}")).into())
         })
@@ -480,149 +318,49 @@ impl Queue for PgQueue {
     }
 
     async fn select(&self, sel: &Selector) -> Result<Vec<i64>> {
-        self.read(async |c| {
-            let (sql, p) = select_query(sel);
-            ids(&c.query(sql, &params(&p)).await?)
-        })
-        .await
+        self.read(async |c| read::select(&mut PgRead(c), sel).await)
+            .await
     }
 
     async fn job_exists(&self, job: &Hash) -> Result<bool> {
-        self.read(async |c| {
-            Ok(
-                c.query_opt("SELECT 1 FROM jobs WHERE key = $1", &[&job.to_hex()])
-                    .await?
-                    .is_some(),
-            )
-        })
-        .await
+        self.read(async |c| write::job_exists(&mut PgRead(c), job).await)
+            .await
     }
 
     async fn counts(&self) -> Result<Counts> {
-        self.read(async |c| {
-            let mut counts = Counts::default();
-            for r in c
-                .query("SELECT state, COUNT(*) FROM instances GROUP BY state", &[])
-                .await?
-            {
-                let state: State = r.try_get::<_, &str>(0)?.parse().map_err(corrupt)?;
-                let n = r.try_get::<_, i64>(1)?;
-                *counts.slot(state) = n.try_into().unwrap_or_default();
-            }
-            Ok(counts)
-        })
-        .await
+        self.read(async |c| read::counts(&mut PgRead(c)).await)
+            .await
     }
 
     async fn events(&self, after: i64, limit: usize) -> Result<Vec<Event>> {
-        self.read(async |c| {
-            let rows = c
-                .query(
-                    "SELECT id, time, kind, job, created, instance, data FROM events
-                     WHERE id > $1 ORDER BY id LIMIT $2",
-                    &[&after, &(limit as i64)],
-                )
-                .await?;
-            rows.iter()
-                .map(|r| {
-                    let kind: String = r.try_get(2)?;
-                    let data: Option<String> = r.try_get(6)?;
-                    Ok(Event {
-                        id: r.try_get(0)?,
-                        time: r.try_get(1)?,
-                        event: kind.parse().map_err(corrupt)?,
-                        job: parse_hash(r.try_get(3)?)?,
-                        created: r.try_get(4)?,
-                        instance: r.try_get(5)?,
-                        data: data
-                            .and_then(|d| serde_json::from_str(&d).ok())
-                            .unwrap_or(serde_json::Value::Null),
-                    })
-                })
-                .collect()
-        })
-        .await
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        self.read(async |c| read::events(&mut PgRead(c), after, limit).await)
+            .await
     }
 
     async fn last_event_id(&self) -> Result<i64> {
-        self.read(async |c| {
-            Ok(
-                c.query_one("SELECT COALESCE(MAX(id), 0)::BIGINT FROM events", &[])
-                    .await?
-                    .try_get(0)?,
-            )
-        })
-        .await
+        self.read(async |c| read::last_event_id(&mut PgRead(c)).await)
+            .await
     }
 
     async fn check(&self) -> Result<Vec<String>> {
         self.read(async |c| {
             let mut problems = Vec::new();
-            let checks = [
-                (
-                    "SELECT COUNT(*) FROM instances i WHERE NOT EXISTS
-                       (SELECT 1 FROM jobs j WHERE j.key = i.job)",
-                    "instances name a job that does not exist",
-                ),
-                (
-                    "SELECT COUNT(*) FROM instances i WHERE i.attempts > 0 AND NOT EXISTS
-                       (SELECT 1 FROM attempts a WHERE a.instance = i.id AND a.attempt = i.attempts)",
-                    "instances lack the row of their current attempt",
-                ),
-                (
-                    "SELECT COUNT(*) FROM instances WHERE state = 'running' AND lease_until IS NULL",
-                    "running instances have no lease",
-                ),
-                (
-                    "SELECT COUNT(*) FROM events WHERE id > (SELECT value FROM counters WHERE name = 'event')",
-                    "events lie beyond the event counter",
-                ),
-            ];
-            for (sql, what) in checks {
+            for (sql, what) in CHECKS {
                 let n: i64 = c.query_one(sql, &[]).await?.try_get(0)?;
                 if n > 0 {
                     problems.push(format!("{n} {what}"));
                 }
             }
-            // Streamed row by row (not `query`, which collects every row first): every
-            // inline payload and output is read, and there may be millions.
-            for (sql, what) in [
-                (
-                    "SELECT key, payload FROM jobs WHERE payload IS NOT NULL",
-                    "job {key}: its inline payload",
-                ),
-                ("SELECT key, data FROM inline_blobs", "inline blob {key}"),
-            ] {
-                let rows = c.query_raw(sql, std::iter::empty::<i32>()).await?;
-                futures_util::pin_mut!(rows);
-                while let Some(r) = rows.next().await {
-                    let r = r?;
-                    let key: &str = r.try_get(0)?;
-                    let actual = Hash::of(r.try_get::<_, &[u8]>(1)?);
-                    if actual.to_hex() != key {
-                        let owner = what.replace("{key}", key);
-                        problems.push(format!("{owner} hashes to {actual}"));
-                    }
-                }
-            }
+            problems.extend(read::check_inline(&mut PgRead(c)).await?);
             Ok(problems)
         })
         .await
     }
 
     async fn is_referenced(&self, hash: &Hash) -> Result<bool> {
-        self.read(async |c| {
-            Ok(c.query_one(
-                "SELECT EXISTS(SELECT 1 FROM jobs WHERE key = $1 AND payload IS NULL)
-                    OR (NOT EXISTS(SELECT 1 FROM inline_blobs WHERE key = $1)
-                        AND (EXISTS(SELECT 1 FROM attempts WHERE stdout = $1)
-                             OR EXISTS(SELECT 1 FROM attempts WHERE stderr = $1)))",
-                &[&hash.to_hex()],
-            )
-            .await?
-            .try_get(0)?)
-        })
-        .await
+        self.read(async |c| read::is_referenced(&mut PgRead(c), hash).await)
+            .await
     }
 
     async fn references_page(
@@ -630,56 +368,8 @@ impl Queue for PgQueue {
         after: i64,
         span: i64,
     ) -> Result<(Vec<BlobReference>, Option<i64>)> {
-        self.read(async |c| {
-            let end = after.saturating_add(span.max(1));
-            let mut out = Vec::new();
-            for r in c
-                .query(
-                    "SELECT key FROM jobs WHERE id > $1 AND id <= $2 AND payload IS NULL ORDER BY id",
-                    &[&after, &end],
-                )
-                .await?
-            {
-                let key: String = r.try_get(0)?;
-                out.push(BlobReference {
-                    hash: parse_hash(&key)?,
-                    owner: format!("job {key}"),
-                });
-            }
-            for r in c
-                .query(
-                    // Outputs kept inline name no blob in the store.
-                    "SELECT instance, attempt,
-                       CASE WHEN EXISTS(SELECT 1 FROM inline_blobs b WHERE b.key = a.stdout) THEN NULL ELSE a.stdout END,
-                       CASE WHEN EXISTS(SELECT 1 FROM inline_blobs b WHERE b.key = a.stderr) THEN NULL ELSE a.stderr END
-                     FROM attempts a
-                     WHERE instance > $1 AND instance <= $2 ORDER BY instance, attempt",
-                    &[&after, &end],
-                )
-                .await?
-            {
-                let id: i64 = r.try_get(0)?;
-                let n: i64 = r.try_get(1)?;
-                for (i, which) in [(2, "stdout"), (3, "stderr")] {
-                    if let Some(h) = r.try_get::<_, Option<String>>(i)? {
-                        out.push(BlobReference {
-                            hash: parse_hash(&h)?,
-                            owner: format!("instance {id} attempt {n} {which}"),
-                        });
-                    }
-                }
-            }
-            let more: bool = c
-                .query_one(
-                    "SELECT EXISTS(SELECT 1 FROM jobs WHERE id > $1)
-                       OR EXISTS(SELECT 1 FROM instances WHERE id > $1)",
-                    &[&end],
-                )
-                .await?
-                .try_get(0)?;
-            Ok((out, more.then_some(end)))
-        })
-        .await
+        self.read(async |c| read::references_page(&mut PgRead(c), after, span).await)
+            .await
     }
 
     fn change_seq(&self) -> u64 {
@@ -696,3 +386,26 @@ impl Queue for PgQueue {
         self.inner.location.clone()
     }
 }
+
+/// The consistency checks PostgreSQL has no `integrity_check` for: each query counts
+/// rows that break a rule.
+const CHECKS: [(&str, &str); 4] = [
+    (
+        "SELECT COUNT(*) FROM instances i WHERE NOT EXISTS
+           (SELECT 1 FROM jobs j WHERE j.key = i.job)",
+        "instances name a job that does not exist",
+    ),
+    (
+        "SELECT COUNT(*) FROM instances i WHERE i.attempts > 0 AND NOT EXISTS
+           (SELECT 1 FROM attempts a WHERE a.instance = i.id AND a.attempt = i.attempts)",
+        "instances lack the row of their current attempt",
+    ),
+    (
+        "SELECT COUNT(*) FROM instances WHERE state = 'running' AND lease_until IS NULL",
+        "running instances have no lease",
+    ),
+    (
+        "SELECT COUNT(*) FROM events WHERE id > (SELECT value FROM counters WHERE name = 'event')",
+        "events lie beyond the event counter",
+    ),
+];

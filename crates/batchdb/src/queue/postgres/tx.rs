@@ -1,4 +1,4 @@
-//! One transaction: its statements, the events it appends at commit, and `in_tx!`,
+//! One transaction: the events it appends at commit, and `in_tx!`,
 //! which runs a body in a transaction and retries it on a serialization failure.
 
 use super::*;
@@ -23,64 +23,6 @@ pub(super) struct Tx<'a> {
 }
 
 impl Tx<'_> {
-    pub(super) async fn query(
-        &self,
-        sql: &str,
-        params: &[&(dyn ToSql + Sync)],
-    ) -> TxResult<Vec<Row>> {
-        let stmt = self.tx.prepare_cached(sql).await?;
-        Ok(self.tx.query(&stmt, params).await?)
-    }
-
-    pub(super) async fn query_opt(
-        &self,
-        sql: &str,
-        params: &[&(dyn ToSql + Sync)],
-    ) -> TxResult<Option<Row>> {
-        let stmt = self.tx.prepare_cached(sql).await?;
-        Ok(self.tx.query_opt(&stmt, params).await?)
-    }
-
-    pub(super) async fn query_one(
-        &self,
-        sql: &str,
-        params: &[&(dyn ToSql + Sync)],
-    ) -> TxResult<Row> {
-        let stmt = self.tx.prepare_cached(sql).await?;
-        Ok(self.tx.query_one(&stmt, params).await?)
-    }
-
-    /// Runs a statement; a statement that touched rows marks the transaction as a change.
-    pub(super) async fn execute(
-        &mut self,
-        sql: &str,
-        params: &[&(dyn ToSql + Sync)],
-    ) -> TxResult<u64> {
-        let stmt = self.tx.prepare_cached(sql).await?;
-        let n = self.tx.execute(&stmt, params).await?;
-        if n > 0 {
-            self.changed = true;
-        }
-        Ok(n)
-    }
-
-    pub(super) fn event(
-        &mut self,
-        kind: EventKind,
-        job: &Hash,
-        inst: Option<(i64, i64)>,
-        data: serde_json::Value,
-    ) {
-        self.events.push(NewEvent {
-            time: self.now,
-            kind,
-            job: *job,
-            inst,
-            data,
-        });
-        self.changed = true;
-    }
-
     /// Numbers and appends the buffered events, announces the change, and commits.
     /// Returns whether anything changed.
     pub(super) async fn commit(self) -> TxResult<bool> {

@@ -1,0 +1,337 @@
+//! The queue's SQL, written once for every backend.
+//!
+//! A backend is a thin executor (River's driver model): it runs a [`Sql`] statement
+//! with [`Arg`]s on a connection ([`Conn`]) or in a write transaction ([`Tx`]), and
+//! hands rows to a decoder through the [`Row`](super::row::Row) trait. Everything
+//! above that — which statements run, in which order, what their rows mean, and the
+//! queue's rules from [`policy`](super::policy) — lives here once: [`write`] (claims,
+//! finishes, pushes, cancel, retry) and [`read`] (pages, details, events, references).
+//!
+//! Statements are written in PostgreSQL's text with `$n` placeholders. The SQLite
+//! rendering turns `$n` into `?n` and drops `FOR UPDATE` (SQLite's write transaction
+//! already holds the database's one write lock). Both dialects share the rest of the
+//! text — `RETURNING`, `ON CONFLICT ... DO NOTHING/UPDATE`, `string_agg`, quoted
+//! `"end"`. A statement that truly differs is written as [`Sql::each`], both texts side
+//! by side; what has no common text at all (claim queries with `SKIP LOCKED` or
+//! `INDEXED BY`, advisory locks, event numbering, `created` counters) is a method of
+//! [`Tx`] that each backend implements.
+//!
+//! The executor methods are `async`: PostgreSQL's really wait, SQLite's complete at
+//! once (they run on a blocking thread), and the SQLite backend drives the shared code
+//! with [`ready`].
+
+use std::borrow::Cow;
+use std::future::Future;
+use std::pin::pin;
+use std::sync::OnceLock;
+use std::task::{Context, Poll, Waker};
+
+use super::row::{Candidate, Row};
+use super::types::{EventKind, Order};
+use crate::error::Error;
+use crate::hash::Hash;
+
+pub(crate) mod read;
+pub(crate) mod write;
+
+/// One statement, written once. See the module documentation for the rendering rules.
+pub(crate) struct Sql {
+    /// PostgreSQL's text (and the source of SQLite's, unless `sqlite_text` is set).
+    text: &'static str,
+    /// SQLite's own text, for a statement whose dialects differ.
+    sqlite_text: Option<&'static str>,
+    /// The SQLite rendering, made on first use.
+    rendered: OnceLock<Box<str>>,
+}
+
+impl Sql {
+    /// A statement whose text both dialects share.
+    pub(crate) const fn new(text: &'static str) -> Sql {
+        Sql {
+            text,
+            sqlite_text: None,
+            rendered: OnceLock::new(),
+        }
+    }
+
+    /// A statement whose text differs between the dialects (both with `$n`
+    /// placeholders; the SQLite text is rendered by the same rules).
+    pub(crate) const fn each(sqlite: &'static str, postgres: &'static str) -> Sql {
+        Sql {
+            text: postgres,
+            sqlite_text: Some(sqlite),
+            rendered: OnceLock::new(),
+        }
+    }
+
+    /// The PostgreSQL text.
+    #[cfg_attr(not(feature = "postgres"), allow(dead_code))]
+    pub(crate) fn postgres(&self) -> &'static str {
+        self.text
+    }
+
+    /// The SQLite text: `$n` becomes `?n`, `FOR UPDATE` is dropped.
+    pub(crate) fn sqlite(&self) -> &str {
+        self.rendered
+            .get_or_init(|| render_sqlite(self.sqlite_text.unwrap_or(self.text)).into())
+    }
+}
+
+/// See [`Sql::sqlite`].
+fn render_sqlite(text: &str) -> String {
+    let text = text.replace(" FOR UPDATE", "");
+    let mut out = String::with_capacity(text.len());
+    let mut chars = text.chars().peekable();
+    while let Some(c) = chars.next() {
+        if c == '$' && chars.peek().is_some_and(char::is_ascii_digit) {
+            out.push('?');
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+/// One value bound to a statement's parameter. Each variant is the column type it is
+/// bound to (PostgreSQL checks it: `Int` is `BIGINT`, `Int32` is `INTEGER`).
+#[derive(Debug, Clone)]
+pub(crate) enum Arg<'a> {
+    /// A `BIGINT` (SQLite `INTEGER`).
+    Int(Option<i64>),
+    /// An `INTEGER` (exit codes, signals).
+    Int32(Option<i32>),
+    /// A `BOOLEAN` (SQLite stores 0 or 1).
+    Bool(bool),
+    /// A `TEXT`.
+    Text(Option<Cow<'a, str>>),
+    /// A `BYTEA` (SQLite `BLOB`).
+    Bytes(Option<&'a [u8]>),
+}
+
+impl From<i64> for Arg<'_> {
+    fn from(v: i64) -> Self {
+        Arg::Int(Some(v))
+    }
+}
+
+impl From<Option<i64>> for Arg<'_> {
+    fn from(v: Option<i64>) -> Self {
+        Arg::Int(v)
+    }
+}
+
+impl From<Option<i32>> for Arg<'_> {
+    fn from(v: Option<i32>) -> Self {
+        Arg::Int32(v)
+    }
+}
+
+impl From<bool> for Arg<'_> {
+    fn from(v: bool) -> Self {
+        Arg::Bool(v)
+    }
+}
+
+impl<'a> From<&'a str> for Arg<'a> {
+    fn from(v: &'a str) -> Self {
+        Arg::Text(Some(Cow::Borrowed(v)))
+    }
+}
+
+impl From<String> for Arg<'_> {
+    fn from(v: String) -> Self {
+        Arg::Text(Some(Cow::Owned(v)))
+    }
+}
+
+impl<'a> From<Option<&'a str>> for Arg<'a> {
+    fn from(v: Option<&'a str>) -> Self {
+        Arg::Text(v.map(Cow::Borrowed))
+    }
+}
+
+impl From<Option<String>> for Arg<'_> {
+    fn from(v: Option<String>) -> Self {
+        Arg::Text(v.map(Cow::Owned))
+    }
+}
+
+impl From<&Hash> for Arg<'_> {
+    fn from(v: &Hash) -> Self {
+        Arg::Text(Some(Cow::Owned(v.to_hex())))
+    }
+}
+
+impl From<Option<Hash>> for Arg<'_> {
+    fn from(v: Option<Hash>) -> Self {
+        Arg::Text(v.map(|h| Cow::Owned(h.to_hex())))
+    }
+}
+
+impl<'a> From<&'a [u8]> for Arg<'a> {
+    fn from(v: &'a [u8]) -> Self {
+        Arg::Bytes(Some(v))
+    }
+}
+
+impl<'a> From<Option<&'a [u8]>> for Arg<'a> {
+    fn from(v: Option<&'a [u8]>) -> Self {
+        Arg::Bytes(v)
+    }
+}
+
+/// A statement's arguments: `args![a, b]` is `[Arg::from(a), Arg::from(b)]`.
+macro_rules! args {
+    ($($a:expr),* $(,)?) => { [$($crate::queue::sql::Arg::from($a)),*] };
+}
+pub(crate) use args;
+
+/// A connection that runs statements: reads anywhere, writes inside a [`Tx`].
+pub(crate) trait Conn {
+    /// The backend's error (a domain [`Error`] passes through it).
+    type Error: From<Error>;
+    /// The backend's row type.
+    type Row<'r>: Row<Error = Self::Error>;
+
+    /// Runs `sql` and hands its rows to `f` in order, as they arrive (nothing is
+    /// collected: a scan of millions of rows holds one at a time).
+    async fn each(
+        &mut self,
+        sql: &Sql,
+        args: &[Arg<'_>],
+        f: impl FnMut(&Self::Row<'_>) -> Result<(), Self::Error>,
+    ) -> Result<(), Self::Error>;
+
+    /// Runs a statement that returns no rows; returns how many rows it changed.
+    async fn execute(&mut self, sql: &Sql, args: &[Arg<'_>]) -> Result<u64, Self::Error>;
+
+    /// The rows of `sql`, each decoded by `f`.
+    async fn rows<T>(
+        &mut self,
+        sql: &Sql,
+        args: &[Arg<'_>],
+        mut f: impl FnMut(&Self::Row<'_>) -> Result<T, Self::Error>,
+    ) -> Result<Vec<T>, Self::Error> {
+        let mut out = Vec::new();
+        self.each(sql, args, |r| {
+            out.push(f(r)?);
+            Ok(())
+        })
+        .await?;
+        Ok(out)
+    }
+
+    /// The first row of `sql`, decoded by `f`, if there is one.
+    async fn opt<T>(
+        &mut self,
+        sql: &Sql,
+        args: &[Arg<'_>],
+        f: impl FnOnce(&Self::Row<'_>) -> Result<T, Self::Error>,
+    ) -> Result<Option<T>, Self::Error> {
+        let mut f = Some(f);
+        let mut out = None;
+        self.each(sql, args, |r| {
+            if let Some(f) = f.take() {
+                out = Some(f(r)?);
+            }
+            Ok(())
+        })
+        .await?;
+        Ok(out)
+    }
+
+    /// The first row of `sql`, decoded by `f`; no row at all is corrupt.
+    async fn one<T>(
+        &mut self,
+        sql: &Sql,
+        args: &[Arg<'_>],
+        f: impl FnOnce(&Self::Row<'_>) -> Result<T, Self::Error>,
+    ) -> Result<T, Self::Error> {
+        self.opt(sql, args, f).await?.ok_or_else(|| {
+            <Self::Row<'_> as Row>::corrupt(format!("no row from: {}", sql.postgres()))
+        })
+    }
+}
+
+/// A write transaction: what the shared write path needs beyond statements, where the
+/// dialects have no common text.
+pub(crate) trait Tx: Conn {
+    /// The time of this transaction (epoch ms): the database's clock where there is a
+    /// server, the local clock for an embedded file.
+    fn now(&self) -> i64;
+
+    /// Appends an event to the log (numbered in commit order).
+    async fn event(
+        &mut self,
+        kind: EventKind,
+        job: &Hash,
+        inst: Option<(i64, i64)>,
+        data: serde_json::Value,
+    ) -> Result<(), Self::Error>;
+
+    /// A `created` time for a new instance: `now`, or the next free one when `now` is
+    /// taken (`created` is unique across all instances).
+    async fn next_created(&mut self, now: i64) -> Result<i64, Self::Error>;
+
+    /// Up to `limit` running instances whose lease ended before `now`, each locked for
+    /// this transaction, with whether a cancel was requested.
+    async fn expired(
+        &mut self,
+        now: i64,
+        limit: i64,
+    ) -> Result<Vec<(Candidate, bool)>, Self::Error>;
+
+    /// A window of due pending instances in `order`, skipping the first `offset`; each
+    /// locked for this transaction (rows another claimer holds are skipped).
+    async fn pending(
+        &mut self,
+        order: Order,
+        now: i64,
+        window: i64,
+        offset: i64,
+    ) -> Result<Vec<Candidate>, Self::Error>;
+
+    /// Takes the claim lock of cache key `key` for this transaction, without waiting;
+    /// false when another claimer holds it.
+    async fn try_lock_key(&mut self, key: &Hash) -> Result<bool, Self::Error>;
+}
+
+/// A duration in whole milliseconds, the time unit of every row (saturating).
+pub(crate) fn millis(d: std::time::Duration) -> i64 {
+    i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
+}
+
+/// Runs a future that completes without waiting (the SQLite executor's), on this
+/// thread; `None` if it would have waited.
+pub(crate) fn ready<T>(f: impl Future<Output = T>) -> Option<T> {
+    let mut f = pin!(f);
+    match f.as_mut().poll(&mut Context::from_waker(Waker::noop())) {
+        Poll::Ready(v) => Some(v),
+        Poll::Pending => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sqlite_rendering_numbers_placeholders_and_drops_row_locks() {
+        let s = Sql::new("SELECT a FROM t WHERE id = $1 AND b = $12 FOR UPDATE");
+        assert_eq!(s.sqlite(), "SELECT a FROM t WHERE id = ?1 AND b = ?12");
+        assert_eq!(
+            s.postgres(),
+            "SELECT a FROM t WHERE id = $1 AND b = $12 FOR UPDATE"
+        );
+    }
+
+    #[test]
+    fn a_statement_written_per_dialect_renders_its_own_sqlite_text() {
+        let s = Sql::each(
+            "SELECT 1 FROM t NOT INDEXED WHERE a = $1",
+            "SELECT 1 FROM t WHERE a = $1",
+        );
+        assert_eq!(s.sqlite(), "SELECT 1 FROM t NOT INDEXED WHERE a = ?1");
+        assert_eq!(s.postgres(), "SELECT 1 FROM t WHERE a = $1");
+    }
+}
