@@ -8,8 +8,8 @@ use futures_util::TryStreamExt;
 use tokio_postgres::types::{IsNull, Type};
 
 use super::*;
-use crate::queue::row::{Candidate, Row as _, candidate, claim_cols};
-use crate::queue::sql::{self, Arg, Conn, Sql, args};
+use crate::queue::row::{Row as _, claim_cols};
+use crate::queue::sql::{self, Arg, Claiming, Conn, Sql, args};
 
 type BoxError = Box<dyn std::error::Error + Sync + Send>;
 
@@ -192,26 +192,12 @@ impl sql::Tx for Tx<'_> {
         self.one(&NEXT_CREATED, &args![now], |r| r.req_int(0)).await
     }
 
-    async fn expired(&mut self, now: i64, limit: i64) -> TxResult<Vec<(Candidate, bool)>> {
-        self.rows(&EXPIRED, &args![now, limit], |r| {
-            Ok((candidate(r)?, r.flag(8)?))
-        })
-        .await
-    }
-
-    async fn pending(
-        &mut self,
-        order: Order,
-        now: i64,
-        window: i64,
-        offset: i64,
-    ) -> TxResult<Vec<Candidate>> {
-        let sql = match order {
-            Order::Newest => &PENDING_NEWEST,
-            Order::Oldest => &PENDING_OLDEST,
-        };
-        self.rows(sql, &args![now, window, offset], |r| candidate(r))
-            .await
+    fn claim_sql(which: Claiming) -> &'static Sql {
+        match which {
+            Claiming::Expired => &EXPIRED,
+            Claiming::Pending(Order::Newest) => &PENDING_NEWEST,
+            Claiming::Pending(Order::Oldest) => &PENDING_OLDEST,
+        }
     }
 
     async fn try_lock_key(&mut self, key: &Hash) -> TxResult<bool> {

@@ -44,7 +44,7 @@ mod exec;
 mod listen;
 mod url;
 
-use super::sql::{read, write};
+use super::sql::{DbError, read, write};
 use crate::error::{Error, Result};
 use crate::hash::Hash;
 use exec::PgRead;
@@ -80,23 +80,12 @@ struct Inner {
     listening: AtomicBool,
 }
 
-/// Errors inside a transaction: the database's own, or a domain error to pass through.
-pub(crate) enum TxError {
-    Pg(tokio_postgres::Error),
-    Domain(Error),
-    /// A value read back that batchdb never writes (see [`Error::Corrupt`]).
-    Corrupt(String),
-}
+/// Errors inside a transaction: the database's own, a domain error, or a corrupt value.
+pub(crate) type TxError = DbError<tokio_postgres::Error>;
 
 impl From<tokio_postgres::Error> for TxError {
     fn from(e: tokio_postgres::Error) -> Self {
-        TxError::Pg(e)
-    }
-}
-
-impl From<Error> for TxError {
-    fn from(e: Error) -> Self {
-        TxError::Domain(e)
+        TxError::Db(e)
     }
 }
 
@@ -166,23 +155,17 @@ impl PgQueue {
     }
 
     fn err(&self, e: TxError) -> Error {
-        match e {
-            TxError::Pg(source) => Error::Postgres {
-                location: self.inner.location.clone(),
-                source,
-            },
-            TxError::Domain(e) => e,
-            TxError::Corrupt(what) => Error::Corrupt {
-                location: self.inner.location.clone(),
-                what,
-            },
-        }
+        let location = || self.inner.location.clone();
+        e.into_error(location, |source| Error::Postgres {
+            location: location(),
+            source,
+        })
     }
 
     /// A pooled connection whose `search_path` is batchdb's schema.
     async fn client(&self) -> TxResult<deadpool_postgres::Object> {
         let client = self.inner.pool.get().await.map_err(|e| match e {
-            deadpool_postgres::PoolError::Backend(e) => TxError::Pg(e),
+            deadpool_postgres::PoolError::Backend(e) => TxError::Db(e),
             other => TxError::Domain(Error::PostgresPool {
                 location: self.inner.location.clone(),
                 message: other.to_string(),

@@ -121,7 +121,7 @@ macro_rules! in_tx {
                     }
                     break Ok(out);
                 }
-                Err(TxError::Pg(e)) if tries < 8 && retryable(&e) => {
+                Err(TxError::Db(e)) if tries < 8 && retryable(&e) => {
                     tries += 1;
                     tokio::time::sleep(Duration::from_millis(fastrand::u64(1..=20) * tries as u64))
                         .await;

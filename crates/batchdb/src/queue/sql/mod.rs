@@ -26,7 +26,7 @@ use std::pin::pin;
 use std::sync::OnceLock;
 use std::task::{Context, Poll, Waker};
 
-use super::row::{Candidate, Row};
+use super::row::Row;
 use super::types::{EventKind, Order};
 use crate::error::Error;
 use crate::hash::Hash;
@@ -273,32 +273,65 @@ pub(crate) trait Tx: Conn {
     /// taken (`created` is unique across all instances).
     async fn next_created(&mut self, now: i64) -> Result<i64, Self::Error>;
 
-    /// Up to `limit` running instances whose lease ended before `now`, each locked for
-    /// this transaction, with whether a cancel was requested.
-    async fn expired(
-        &mut self,
-        now: i64,
-        limit: i64,
-    ) -> Result<Vec<(Candidate, bool)>, Self::Error>;
-
-    /// A window of due pending instances in `order`, skipping the first `offset`; each
-    /// locked for this transaction (rows another claimer holds are skipped).
-    async fn pending(
-        &mut self,
-        order: Order,
-        now: i64,
-        window: i64,
-        offset: i64,
-    ) -> Result<Vec<Candidate>, Self::Error>;
+    /// The statement selecting claim candidates (see [`Claiming`]), with
+    /// [`claim_cols!`](crate::queue::row::claim_cols) first; each row it returns is
+    /// locked for this transaction, and rows another claimer holds are skipped.
+    fn claim_sql(which: Claiming) -> &'static Sql;
 
     /// Takes the claim lock of cache key `key` for this transaction, without waiting;
     /// false when another claimer holds it.
     async fn try_lock_key(&mut self, key: &Hash) -> Result<bool, Self::Error>;
 }
 
+/// A failure inside a transaction, on a backend whose own error type is `E`.
+pub(crate) enum DbError<E> {
+    /// The database's own error.
+    Db(E),
+    /// A domain error passing through (fenced, not found, ...).
+    Domain(Error),
+    /// A value read back that batchdb never writes: the store is corrupt.
+    Corrupt(String),
+}
+
+impl<E> From<Error> for DbError<E> {
+    fn from(e: Error) -> Self {
+        DbError::Domain(e)
+    }
+}
+
+impl<E> DbError<E> {
+    /// The library error: a corrupt value is [`Error::Corrupt`] at `location` on
+    /// every backend; the database's own error is mapped by `db`.
+    pub(crate) fn into_error(
+        self,
+        location: impl FnOnce() -> String,
+        db: impl FnOnce(E) -> Error,
+    ) -> Error {
+        match self {
+            DbError::Db(e) => db(e),
+            DbError::Domain(e) => e,
+            DbError::Corrupt(what) => Error::Corrupt {
+                location: location(),
+                what,
+            },
+        }
+    }
+}
+
 /// A duration in whole milliseconds, the time unit of every row (saturating).
 pub(crate) fn millis(d: std::time::Duration) -> i64 {
     i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
+}
+
+/// Which claim candidates a [`Tx::claim_sql`] statement selects.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Claiming {
+    /// Running instances whose lease ended before `$1`, oldest lease first, at most
+    /// `$2`; `cancel_requested` follows the claim columns.
+    Expired,
+    /// Due pending instances (`run_at <= $1`) by priority then this order; a window
+    /// of `$2` rows after skipping `$3`.
+    Pending(Order),
 }
 
 /// Runs a future that completes without waiting (the SQLite executor's), on this

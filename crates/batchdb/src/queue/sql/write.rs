@@ -4,11 +4,11 @@
 
 use std::time::Duration;
 
-use super::{Conn, Sql, Tx, args};
+use super::{Claiming, Conn, Sql, Tx, args};
 use crate::error::Error;
 use crate::hash::Hash;
 use crate::queue::policy::{self, AttemptEnd, Transition};
-use crate::queue::row::{Candidate, Row};
+use crate::queue::row::{Candidate, Row, candidate};
 use crate::queue::types::{
     AttemptReport, Claim, ClaimRequest, ClaimToken, EventKind, Finished, Heartbeat, Instance,
     LostAttempt, NewJob, Outcome, PushOptions, Selector, State,
@@ -417,7 +417,12 @@ async fn take_over<T: Tx>(tx: &mut T, req: &ClaimRequest, out: &mut Vec<Claim>) 
     let now = tx.now();
     let limit = i64::try_from(req.limit).unwrap_or(i64::MAX);
     let mut terminal = false;
-    for (c, cancel) in tx.expired(now, limit).await? {
+    let expired = tx
+        .rows(T::claim_sql(Claiming::Expired), &args![now, limit], |r| {
+            Ok((candidate(r)?, r.flag(8)?))
+        })
+        .await?;
+    for (c, cancel) in expired {
         let old = ClaimToken {
             id: c.id,
             token: c.attempts,
@@ -464,7 +469,10 @@ async fn claim_pending<T: Tx>(tx: &mut T, req: &ClaimRequest, out: &mut Vec<Clai
     while claimed < remaining {
         let offset = i64::try_from(skipped).unwrap_or(i64::MAX);
         let win = i64::try_from(window).unwrap_or(i64::MAX);
-        let candidates = tx.pending(req.order, now, win, offset).await?;
+        let sql = T::claim_sql(Claiming::Pending(req.order));
+        let candidates = tx
+            .rows(sql, &args![now, win, offset], |r| candidate(r))
+            .await?;
         let last_window = candidates.len() < window;
         for c in candidates {
             if claimed == remaining {

@@ -5,8 +5,8 @@
 use rusqlite::types::{ToSqlOutput, Value, ValueRef};
 
 use super::*;
-use crate::queue::row::{Candidate, Row, candidate, claim_cols};
-use crate::queue::sql::{self, Arg, Conn, Sql, args};
+use crate::queue::row::{Row, claim_cols};
+use crate::queue::sql::{self, Arg, Claiming, Conn, Sql, args};
 
 /// A connection (or the transaction it is in) running the shared SQL. Every future
 /// it returns is ready at once: drive them with [`run`].
@@ -78,11 +78,7 @@ impl Row for rusqlite::Row<'_> {
     }
 
     fn corrupt(what: String) -> TxError {
-        TxError::Sql(rusqlite::Error::FromSqlConversionFailure(
-            0,
-            rusqlite::types::Type::Text,
-            what.into(),
-        ))
+        TxError::Corrupt(what)
     }
 }
 
@@ -172,26 +168,12 @@ impl sql::Tx for Lite<'_> {
         Ok(created)
     }
 
-    async fn expired(&mut self, now: i64, limit: i64) -> TxResult<Vec<(Candidate, bool)>> {
-        self.rows(&EXPIRED, &args![now, limit], |r| {
-            Ok((candidate(r)?, r.flag(8)?))
-        })
-        .await
-    }
-
-    async fn pending(
-        &mut self,
-        order: Order,
-        now: i64,
-        window: i64,
-        offset: i64,
-    ) -> TxResult<Vec<Candidate>> {
-        let sql = match order {
-            Order::Newest => &PENDING_NEWEST,
-            Order::Oldest => &PENDING_OLDEST,
-        };
-        self.rows(sql, &args![now, window, offset], |r| candidate(r))
-            .await
+    fn claim_sql(which: Claiming) -> &'static Sql {
+        match which {
+            Claiming::Expired => &EXPIRED,
+            Claiming::Pending(Order::Newest) => &PENDING_NEWEST,
+            Claiming::Pending(Order::Oldest) => &PENDING_OLDEST,
+        }
     }
 
     /// The write transaction holds the database's one write lock: every key is ours.

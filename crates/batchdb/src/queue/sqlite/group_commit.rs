@@ -207,8 +207,8 @@ impl SqliteQueue {
             let deliver: Deliver = Box::new(move |commit| {
                 let out = match (ran, commit) {
                     (Some(Ok(Err(e))), _) => Err(e),
-                    (Some(Err(e)), _) => Err(TxError::Sql(e)),
-                    (_, Err(e)) => Err(TxError::Sql(copy_sql_error(e))),
+                    (Some(Err(e)), _) => Err(TxError::Db(e)),
+                    (_, Err(e)) => Err(TxError::Db(copy_sql_error(e))),
                     (Some(Ok(Ok((t, _)))), Ok(())) => Ok(t),
                     (None, Ok(())) => Err(TxError::Domain(Error::Task(
                         "sqlite write skipped by its group commit".into(),
@@ -244,6 +244,6 @@ impl SqliteQueue {
                 }
             }
         };
-        out.map_err(|e| e.on(&self.inner.path))
+        out.map_err(|e| on(e, &self.inner.path))
     }
 }

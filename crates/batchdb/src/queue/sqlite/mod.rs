@@ -29,7 +29,7 @@ mod exec;
 mod group_commit;
 mod watch;
 
-use super::sql::{read, write};
+use super::sql::{DbError, read, write};
 use group_commit::*;
 
 /// How often other processes' commits are looked for while someone waits, where the
@@ -65,47 +65,34 @@ impl std::fmt::Debug for Inner {
     }
 }
 
-/// Errors inside a transaction: SQLite's own, or a domain error to pass through.
-pub(crate) enum TxError {
-    Sql(rusqlite::Error),
-    Domain(Error),
-}
+/// Errors inside a transaction: SQLite's own, a domain error, or a corrupt value.
+pub(crate) type TxError = DbError<rusqlite::Error>;
 
 impl From<rusqlite::Error> for TxError {
     fn from(e: rusqlite::Error) -> Self {
-        TxError::Sql(e)
-    }
-}
-
-impl From<Error> for TxError {
-    fn from(e: Error) -> Self {
-        TxError::Domain(e)
+        TxError::Db(e)
     }
 }
 
 pub(crate) type TxResult<T> = std::result::Result<T, TxError>;
 
-impl TxError {
-    /// The library error for this failure on database `path`: a value SQLite could
-    /// not turn into what batchdb wrote is [`Error::Corrupt`], like on every backend.
-    fn on(self, path: &Path) -> Error {
-        use rusqlite::Error as E;
-        match self {
-            TxError::Sql(
-                e @ (E::FromSqlConversionFailure(..)
-                | E::InvalidColumnType(..)
-                | E::IntegralValueOutOfRange(..)),
-            ) => Error::Corrupt {
-                location: path.display().to_string(),
-                what: e.to_string(),
-            },
-            TxError::Sql(source) => Error::Sqlite {
-                path: path.to_path_buf(),
-                source,
-            },
-            TxError::Domain(e) => e,
-        }
-    }
+/// The library error for failure `e` on database `path`: a value SQLite could not turn
+/// into what batchdb wrote is [`Error::Corrupt`], like on every backend.
+fn on(e: TxError, path: &Path) -> Error {
+    use rusqlite::Error as E;
+    let location = || path.display().to_string();
+    e.into_error(location, |e| match e {
+        e @ (E::FromSqlConversionFailure(..)
+        | E::InvalidColumnType(..)
+        | E::IntegralValueOutOfRange(..)) => Error::Corrupt {
+            location: location(),
+            what: e.to_string(),
+        },
+        source => Error::Sqlite {
+            path: path.to_path_buf(),
+            source,
+        },
+    })
 }
 
 fn open_conn(path: &Path) -> rusqlite::Result<Connection> {
@@ -160,8 +147,8 @@ impl SqliteQueue {
         }
         let p = path.clone();
         let conn = tokio::task::spawn_blocking(move || -> Result<Connection> {
-            let mut conn = open_conn(&p).map_err(|e| TxError::Sql(e).on(&p))?;
-            migrate(&mut conn, &p.display().to_string()).map_err(|e| e.on(&p))?;
+            let mut conn = open_conn(&p).map_err(|e| on(TxError::Db(e), &p))?;
+            migrate(&mut conn, &p.display().to_string()).map_err(|e| on(e, &p))?;
             Ok(conn)
         })
         .await
@@ -194,7 +181,7 @@ impl SqliteQueue {
                 .conn
                 .lock()
                 .map_err(|_| Error::Task("sqlite connection lock poisoned".into()))?;
-            f(&mut conn).map_err(|e| e.on(&inner.path))
+            f(&mut conn).map_err(|e| on(e, &inner.path))
         })
         .await
         .map_err(|e| Error::Task(e.to_string()))?
