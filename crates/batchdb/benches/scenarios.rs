@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use batchdb::blob::DirStore;
 use batchdb::queue::{
     AttemptReport, ClaimRequest, EventKind, ListKind, Order, Outcome, PushOptions, Queue,
-    SqliteQueue, now_ms,
+    SqliteQueue,
 };
 use batchdb::runner::ShellRunner;
 use batchdb::worker::WorkerOptions;
@@ -211,11 +211,12 @@ async fn drain(n: usize, reps: usize) -> Row {
                 .unwrap();
         }
         reset_peak();
-        let opts = WorkerOptions {
-            concurrency: 2,
-            until_empty: true,
-            order: Order::Oldest,
-            ..WorkerOptions::default()
+        let opts = {
+            let mut o = WorkerOptions::default();
+            o.concurrency = 2;
+            o.until_empty = true;
+            o.order = Order::Oldest;
+            o
         };
         let t = Instant::now();
         db.worker(Arc::new(ShellRunner::default()), opts)
@@ -255,9 +256,10 @@ async fn big_output(mib: u64, reps: usize) -> Row {
         .await
         .unwrap();
         reset_peak();
-        let opts = WorkerOptions {
-            until_empty: true,
-            ..WorkerOptions::default()
+        let opts = {
+            let mut o = WorkerOptions::default();
+            o.until_empty = true;
+            o
         };
         let t = Instant::now();
         db.worker(Arc::new(ShellRunner::default()), opts)
@@ -367,20 +369,22 @@ async fn claim_finish_cost(n: usize, ops: usize) -> f64 {
     let path = dir.path().join("q.sqlite");
     let q = SqliteQueue::open(&path).await.unwrap();
     fill(&path, n);
-    let req = ClaimRequest {
-        worker: "bench".into(),
-        limit: 1,
-        lease: Duration::from_secs(60),
-        order: Order::Newest,
-        cache: None,
-        cache_all: false,
+    let req = {
+        let mut o = ClaimRequest::new("bench", 1, Duration::from_secs(60));
+        o.order = Order::Newest;
+        o.cache = None;
+        o.cache_all = false;
+        o
     };
     let t = Instant::now();
     for _ in 0..ops {
         let c = q.claim(&req).await.unwrap();
-        let r = AttemptReport {
-            end: now_ms(),
-            ..AttemptReport::default()
+        let r = {
+            let mut o = AttemptReport::default();
+            o.end = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_millis() as i64);
+            o
         };
         q.finish(&c[0].token, &Outcome::Success(r)).await.unwrap();
     }
@@ -472,14 +476,15 @@ async fn open_distributed(
 /// worker would have) on the PostgreSQL + S3 database at `url`.
 async fn open_url(url: &str, g: &batchdb_testkit::garage::Garage) -> BatchDb {
     let q = Arc::new(batchdb::queue::PgQueue::open(url).await.expect("open pg"));
-    let opts = batchdb::blob::S3Options {
-        endpoint: Some(g.endpoint.clone()),
-        region: g.region.clone(),
-        access_key_id: g.access_key_id.clone(),
-        secret_access_key: g.secret_access_key.clone(),
-        allow_http: true,
-        virtual_hosted_style: false,
-        retry_for: batchdb::blob::DEFAULT_RETRY_FOR,
+    let opts = {
+        let mut o = batchdb::blob::S3Options::default();
+        o.endpoint = Some(g.endpoint.clone());
+        o.region = g.region.clone();
+        o.access_key_id = g.access_key_id.clone();
+        o.secret_access_key = g.secret_access_key.clone();
+        o.allow_http = true;
+        o.virtual_hosted_style = false;
+        o
     };
     let b =
         Arc::new(batchdb::blob::S3Store::with_options(&g.bucket, "bench", &opts).expect("open s3"));
@@ -512,12 +517,13 @@ async fn drain_distributed(
         let t = Instant::now();
         let mut tasks = Vec::new();
         for (k, h) in handles.into_iter().enumerate() {
-            let opts = WorkerOptions {
-                concurrency: 2,
-                until_empty: true,
-                order: Order::Oldest,
-                name: format!("bench-{k}"),
-                ..WorkerOptions::default()
+            let opts = {
+                let mut o = WorkerOptions::default();
+                o.concurrency = 2;
+                o.until_empty = true;
+                o.order = Order::Oldest;
+                o.name = format!("bench-{k}");
+                o
             };
             tasks.push(tokio::spawn(
                 h.worker(Arc::new(ShellRunner::default()), opts).run(None),

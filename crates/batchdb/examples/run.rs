@@ -19,10 +19,8 @@ async fn main() -> batchdb::Result<()> {
     let compute = BatchDb::open(&Config::in_dir(dir)).await?;
     // The seed's run(key) spawned `bash` and piped the payload into it.
     let runner = Arc::new(ShellRunner::new("bash")?);
-    let opts = WorkerOptions {
-        until_empty: true,
-        ..WorkerOptions::default()
-    };
+    let mut opts = WorkerOptions::default();
+    opts.until_empty = true;
     let (tx, mut results) = tokio::sync::mpsc::unbounded_channel();
     let worker = tokio::spawn(compute.worker(runner, opts).run(Some(tx)));
     while let Some(r) = results.recv().await {

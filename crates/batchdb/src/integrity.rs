@@ -45,6 +45,7 @@ pub enum Problem {
 
 /// What `verify` looked at.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+#[non_exhaustive]
 pub struct VerifySummary {
     /// Blobs re-hashed.
     pub blobs: u64,
@@ -58,6 +59,7 @@ pub struct VerifySummary {
 
 /// How `gc` behaves.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct GcOptions {
     /// Leave blobs stored (or touched) more recently than this alone: a row naming a
     /// blob commits only after the blob is stored, so a young unreferenced blob may be
@@ -67,8 +69,19 @@ pub struct GcOptions {
     pub dry_run: bool,
 }
 
+impl GcOptions {
+    /// Removes unreferenced blobs older than `grace` (not a dry run).
+    pub fn new(grace: Duration) -> Self {
+        GcOptions {
+            grace,
+            dry_run: false,
+        }
+    }
+}
+
 /// What `gc` did.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+#[non_exhaustive]
 pub struct GcSummary {
     /// Blobs examined.
     pub blobs: u64,

@@ -324,6 +324,40 @@ impl BatchDb {
         self.queue.counts().await
     }
 
+    /// One page of a list: up to `limit` rows of `kind` after cursor `after` (0 for
+    /// the first page), in order; a row's `cursor()` is where the next page starts.
+    /// An empty page is the end.
+    pub async fn list_page(
+        &self,
+        kind: ListKind,
+        after: i64,
+        limit: usize,
+    ) -> Result<Vec<ListRow>> {
+        self.queue.list_page(kind, after, limit).await
+    }
+
+    /// Up to `limit` events after event `after`, in order.
+    pub async fn event_page(&self, after: i64, limit: usize) -> Result<Vec<Event>> {
+        self.queue.events(after, limit).await
+    }
+
+    /// The newest event's id (0 when the log is empty).
+    pub async fn last_event_id(&self) -> Result<i64> {
+        self.queue.last_event_id().await
+    }
+
+    /// A number that changes whenever the queue may have changed (in any process);
+    /// pass it to [`wait_change`](Self::wait_change).
+    pub fn change_seq(&self) -> u64 {
+        self.queue.change_seq()
+    }
+
+    /// Waits until the queue changed since `seen` (a [`change_seq`](Self::change_seq)),
+    /// or `timeout` passed.
+    pub async fn wait_change(&self, seen: u64, timeout: Duration) {
+        self.queue.wait_change(seen, timeout).await;
+    }
+
     /// A worker over this database; start it with [`Worker::run`].
     pub fn worker(&self, runner: Arc<dyn Runner>, mut opts: WorkerOptions) -> Worker {
         if opts.live_dir.is_none() {

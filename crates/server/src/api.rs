@@ -205,7 +205,7 @@ async fn page(
         } else {
             PAGE
         };
-        let batch = app.db.queue().list_page(q.kind, cursor, want).await?;
+        let batch = app.db.list_page(q.kind, cursor, want).await?;
         let n = batch.len();
         for row in batch {
             cursor = row.cursor();
@@ -237,7 +237,7 @@ fn line_stream(
         let kind = q.kind;
         async move {
             let after = cursor?;
-            match app.db.queue().list_page(kind, after, PAGE).await {
+            match app.db.list_page(kind, after, PAGE).await {
                 Ok(rows) => {
                     let next = (rows.len() == PAGE).then(|| rows.last().map(ListRow::cursor));
                     let mut buf = Vec::new();
@@ -359,13 +359,13 @@ pub(crate) async fn recent(
             "invalid limit {limit}: expected 1 to 500"
         )));
     }
-    let q = app.db.queue();
-    let mut hi = q.last_event_id().await?;
+    let db = &app.db;
+    let mut hi = db.last_event_id().await?;
     let mut ids = Vec::new();
     let mut windows = 0;
     while hi > 0 && ids.len() < limit && windows < RECENT_WINDOWS {
         let lo = (hi - PAGE as i64).max(0);
-        let evs = q.events(lo, PAGE).await?;
+        let evs = db.event_page(lo, PAGE).await?;
         for e in evs.iter().rev().filter(|e| e.id <= hi && e.event == ev) {
             if let Some(id) = e.instance {
                 if !ids.contains(&id) {
@@ -381,7 +381,7 @@ pub(crate) async fn recent(
     }
     let mut rows = Vec::with_capacity(ids.len());
     for id in ids {
-        if let Some(row) = q.list_page(list, id - 1, 1).await?.pop() {
+        if let Some(row) = db.list_page(list, id - 1, 1).await?.pop() {
             if row.cursor() == id {
                 rows.push(row);
             }
@@ -495,13 +495,13 @@ pub(crate) async fn counts(State(app): State<AppState>) -> Result<Response, ApiE
 /// `GET /api/last-event`: `{"id": N}`, the newest event's id (0 if none): load a
 /// view, then follow `/events?after=N` to miss nothing.
 pub(crate) async fn last_event(State(app): State<AppState>) -> Result<Response, ApiError> {
-    let id = app.db.queue().last_event_id().await?;
+    let id = app.db.last_event_id().await?;
     Ok(Json(serde_json::json!({ "id": id })).into_response())
 }
 
 /// `GET /healthz`: `ok` once the database answers, 503 with the error otherwise.
 pub(crate) async fn healthz(State(app): State<AppState>) -> Response {
-    match app.db.queue().last_event_id().await {
+    match app.db.last_event_id().await {
         Ok(_) => ([(header::CONTENT_TYPE, "text/plain")], "ok\n").into_response(),
         Err(e) => ApiError::new(StatusCode::SERVICE_UNAVAILABLE, e.to_string()).into_response(),
     }

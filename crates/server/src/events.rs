@@ -156,7 +156,7 @@ impl Follow {
     /// is none.
     async fn step(&mut self) -> batchdb::Result<()> {
         let db = self.app.db.clone();
-        let seen = db.queue().change_seq();
+        let seen = db.change_seq();
         let d = db.instance(self.id).await?;
         let last = d.last_attempt();
         let n = last.map_or(0, |a| a.attempt);
@@ -223,9 +223,7 @@ impl Follow {
         }
         if !progressed {
             // Live files grow without any database change: look again soon either way.
-            db.queue()
-                .wait_change(seen, Duration::from_millis(100))
-                .await;
+            db.wait_change(seen, Duration::from_millis(100)).await;
         }
         Ok(())
     }

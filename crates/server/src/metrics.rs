@@ -245,7 +245,7 @@ async fn follow(
 pub(crate) async fn scrape(State(app): State<AppState>) -> Result<Response, ApiError> {
     let m = &app.metrics;
     m.start();
-    let last = app.db.queue().last_event_id().await?;
+    let last = app.db.last_event_id().await?;
     let mut rx = m.progress.subscribe();
     let _ = tokio::time::timeout(CATCH_UP, rx.wait_for(|seen| *seen >= last)).await;
     let counts = app.db.counts().await?;

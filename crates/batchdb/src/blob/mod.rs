@@ -20,12 +20,8 @@ use serde::Serialize;
 use tokio::io::AsyncRead;
 
 pub use dir::DirStore;
-/// The `object_store` crate [`S3Store`] is built on, for callers that need its types
-/// (e.g. [`S3Store::object_store`]).
 #[cfg(feature = "s3")]
-pub use object_store;
-#[cfg(feature = "s3")]
-pub use s3::{DEFAULT_RETRY_FOR, PART_SIZE, S3Options, S3Store};
+pub use s3::{S3Options, S3Store};
 pub(crate) use verify::verifying;
 
 use crate::error::Result;
@@ -93,6 +89,7 @@ pub trait BlobStore: Send + Sync + fmt::Debug {
 
 /// One stored blob, as [`BlobStore::list`] reports it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct BlobEntry {
     /// Its name.
     pub hash: Hash,

@@ -24,14 +24,14 @@ use crate::hash::{Hash, Hasher};
 
 /// Size of each part of a multipart upload, and the largest blob stored with one `PUT`.
 /// S3 wants every part but the last to be at least 5 MiB.
-pub const PART_SIZE: usize = 8 * 1024 * 1024;
+pub(crate) const PART_SIZE: usize = 8 * 1024 * 1024;
 
 /// Parts of one upload in flight at once: with the part being read, a `put` holds at
 /// most `(MAX_PARTS_IN_FLIGHT + 1) * PART_SIZE` bytes whatever the blob's size.
 const MAX_PARTS_IN_FLIGHT: usize = 2;
 
 /// How long a failing request is retried (with exponential backoff) by default.
-pub const DEFAULT_RETRY_FOR: Duration = Duration::from_secs(30);
+const DEFAULT_RETRY_FOR: Duration = Duration::from_secs(30);
 
 const BAD_PREFIX: &str =
     "the key prefix must be '/'-separated parts of A-Z, a-z, 0-9, '-', '_' and '.'";
@@ -99,6 +99,7 @@ impl fmt::Debug for S3Store {
 /// Explicit connection settings for [`S3Store::with_options`] (instead of the `AWS_*`
 /// environment variables [`S3Store::open`] reads).
 #[derive(Clone)]
+#[non_exhaustive]
 pub struct S3Options {
     /// The endpoint URL of a self-hosted store (`http://127.0.0.1:3900`); `None` for
     /// AWS S3 itself.

@@ -11,6 +11,7 @@
 //! anything for it.
 
 mod attempt_id;
+mod list;
 mod migrations;
 mod options;
 pub(crate) mod policy;
@@ -26,6 +27,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 
+pub use list::*;
 pub use migrations::SCHEMA_VERSION;
 pub use options::{MAX_SECS, PushRequest, secs};
 pub use policy::{AttemptEnd, MAX_LOST};

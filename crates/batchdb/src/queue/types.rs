@@ -11,7 +11,7 @@ use crate::error::Error;
 use crate::hash::Hash;
 
 /// Milliseconds since the Unix epoch, the time unit of every row.
-pub fn now_ms() -> i64 {
+pub(crate) fn now_ms() -> i64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_millis() as i64)
@@ -20,6 +20,7 @@ pub fn now_ms() -> i64 {
 
 /// Options of one push.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct PushOptions {
     /// Higher runs first; default 0.
     pub priority: i64,
@@ -102,6 +103,7 @@ impl FromStr for Order {
 
 /// A worker's request for work.
 #[derive(Debug, Clone)]
+#[non_exhaustive]
 pub struct ClaimRequest {
     /// Who claims (shown in attempts; any unique string).
     pub worker: String,
@@ -118,13 +120,39 @@ pub struct ClaimRequest {
     pub cache_all: bool,
 }
 
+impl ClaimRequest {
+    /// A request by `worker` for up to `limit` instances, each leased for `lease`:
+    /// newest first within a priority, without the result cache.
+    pub fn new(worker: impl Into<String>, limit: usize, lease: Duration) -> Self {
+        ClaimRequest {
+            worker: worker.into(),
+            limit,
+            lease,
+            order: Order::Newest,
+            cache: None,
+            cache_all: false,
+        }
+    }
+}
+
 /// What, besides the payload, decides a job's outcome for the result cache.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct CacheSpec {
     /// The runner's command line (or a library runner's name).
     pub runner: String,
     /// The worker's default timeout, used when the instance has none.
     pub default_timeout: Option<Duration>,
+}
+
+impl CacheSpec {
+    /// The cache spec of `runner` with the worker's `default_timeout`.
+    pub fn new(runner: impl Into<String>, default_timeout: Option<Duration>) -> Self {
+        CacheSpec {
+            runner: runner.into(),
+            default_timeout,
+        }
+    }
 }
 
 /// The cache key of a job run by a runner with a timeout:
@@ -146,6 +174,7 @@ pub struct ClaimToken {
 
 /// An instance handed to a worker.
 #[derive(Debug, Clone)]
+#[non_exhaustive]
 pub struct Claim {
     /// The attempt's id and fencing token.
     pub token: ClaimToken,
@@ -204,6 +233,7 @@ impl LostAttempt {
 
 /// What a heartbeat learned.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct Heartbeat {
     /// Someone asked to cancel this instance: kill it and finish it as cancelled.
     pub cancel_requested: bool,
@@ -211,6 +241,7 @@ pub struct Heartbeat {
 
 /// What one attempt produced.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+#[non_exhaustive]
 pub struct AttemptReport {
     /// Start time (epoch ms).
     pub start: i64,
@@ -235,7 +266,21 @@ pub struct AttemptReport {
     /// transaction as the attempt row that names them (no blob file, no fsync of
     /// their own).
     #[serde(skip)]
-    pub inline: Vec<Vec<u8>>,
+    pub(crate) inline: Vec<Vec<u8>>,
+}
+
+impl AttemptReport {
+    /// Keeps output `data` (at most [`crate::INLINE_MAX`] bytes) in the queue, keyed
+    /// by its hash, recorded with the attempt by [`Queue::finish`](super::Queue::finish).
+    pub fn keep_inline(&mut self, data: Vec<u8>) {
+        self.inline.push(data);
+    }
+
+    /// The outputs to keep in the queue (see [`keep_inline`](Self::keep_inline)): a
+    /// backend's `finish` records each under its hash.
+    pub fn inline_outputs(&self) -> &[Vec<u8>] {
+        &self.inline
+    }
 }
 
 /// How an attempt ends.
@@ -368,220 +413,9 @@ impl fmt::Display for Selector {
     }
 }
 
-/// The kinds of rows `list` streams.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ListKind {
-    /// Jobs: `{"key","running":[created...]}`.
-    Job,
-    /// Pending and running instances: `{"job","created","running"}`.
-    Pending,
-    /// Results: `{"key":[job,created],"value":{"hash","start","end","created",...}}`.
-    Result,
-    /// Failures: `{"key":[job,created],"value":{"message",...}}`.
-    Fail,
-    /// Cancelled instances, shaped like failures.
-    Cancelled,
-}
-
-impl FromStr for ListKind {
-    type Err = Error;
-    fn from_str(s: &str) -> Result<ListKind, Error> {
-        Ok(match s {
-            "job" => ListKind::Job,
-            "pending" => ListKind::Pending,
-            "result" => ListKind::Result,
-            "fail" => ListKind::Fail,
-            "cancelled" => ListKind::Cancelled,
-            _ => {
-                return Err(Error::Config {
-                    what: "list type",
-                    value: s.into(),
-                    why: "expected job, pending, result, fail or cancelled".into(),
-                });
-            }
-        })
-    }
-}
-
-/// A `job` row.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-pub struct JobRow {
-    /// The job key.
-    pub key: Hash,
-    /// `created` of each running instance.
-    pub running: Vec<i64>,
-    /// When the job was first created (epoch ms).
-    pub created: i64,
-    /// Payload size in bytes.
-    pub size: u64,
-    /// Paging cursor.
-    #[serde(skip)]
-    pub cursor: i64,
-}
-
-/// A `pending` row (pending or running instance).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-pub struct PendingRow {
-    /// The job key.
-    pub job: Hash,
-    /// Push time.
-    pub created: i64,
-    /// Whether a worker is running it now.
-    pub running: bool,
-    /// Instance id.
-    pub id: i64,
-    /// Priority.
-    pub priority: i64,
-    /// Not before (epoch ms).
-    pub run_at: i64,
-    /// Attempts started so far.
-    pub attempts: i64,
-}
-
-/// The value of a `result` row.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-pub struct ResultValue {
-    /// The result id: sha256 of stdout.
-    pub hash: Hash,
-    /// Run start (epoch ms).
-    pub start: i64,
-    /// Run end (epoch ms).
-    pub end: i64,
-    /// The instance's push time.
-    pub created: i64,
-    /// Instance id.
-    pub id: i64,
-    /// Stdout size in bytes.
-    pub size: u64,
-    /// The stderr blob.
-    pub stderr: Option<Hash>,
-    /// The runner's exit code.
-    pub exit_code: Option<i32>,
-    /// Attempts it took.
-    pub attempts: i64,
-    /// Served from the result cache.
-    pub cached: bool,
-}
-
-/// A `result` row.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-pub struct ResultRow {
-    /// `[job, created]`.
-    pub key: (Hash, i64),
-    /// The result.
-    pub value: ResultValue,
-}
-
-/// The value of a `fail` (or `cancelled`) row.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-pub struct FailValue {
-    /// What went wrong.
-    pub message: String,
-    /// Last attempt start (epoch ms).
-    pub start: Option<i64>,
-    /// Last attempt end (epoch ms).
-    pub end: Option<i64>,
-    /// The instance's push time.
-    pub created: i64,
-    /// Instance id.
-    pub id: i64,
-    /// The output produced before it failed.
-    pub stdout: Option<Hash>,
-    /// The error output.
-    pub stderr: Option<Hash>,
-    /// The runner's exit code, if it exited.
-    pub exit_code: Option<i32>,
-    /// The signal that ended it, if any.
-    pub signal: Option<i32>,
-    /// Attempts made.
-    pub attempts: i64,
-}
-
-/// A `fail` or `cancelled` row.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-pub struct FailRow {
-    /// `[job, created]`.
-    pub key: (Hash, i64),
-    /// The failure.
-    pub value: FailValue,
-}
-
-/// One row of any list kind.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-#[serde(untagged)]
-pub enum ListRow {
-    /// A job.
-    Job(JobRow),
-    /// A pending or running instance.
-    Pending(PendingRow),
-    /// A result.
-    Result(ResultRow),
-    /// A failure or cancellation.
-    Fail(FailRow),
-}
-
-impl ListRow {
-    /// The paging cursor: pass the last row's to the next
-    /// [`list_page`](super::Queue::list_page) call.
-    pub fn cursor(&self) -> i64 {
-        match self {
-            ListRow::Job(r) => r.cursor,
-            ListRow::Pending(r) => r.id,
-            ListRow::Result(r) => r.value.id,
-            ListRow::Fail(r) => r.value.id,
-        }
-    }
-}
-
-/// One attempt of an instance, as `show` prints it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-pub struct AttemptRow {
-    /// Attempt number (= fencing token).
-    pub attempt: i64,
-    /// The worker that ran it.
-    pub worker: String,
-    /// How it ended: `result`, `fail`, `retry`, `cancelled`, `released`, `lost`, or
-    /// `None` while it runs.
-    pub outcome: Option<String>,
-    /// What it produced.
-    #[serde(flatten)]
-    pub report: AttemptReport,
-}
-
-/// Everything about one instance.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-pub struct InstanceDetail {
-    /// Instance id.
-    pub id: i64,
-    /// The job key.
-    pub job: Hash,
-    /// Push time.
-    pub created: i64,
-    /// Current state.
-    pub state: State,
-    /// Priority.
-    pub priority: i64,
-    /// Not before (epoch ms).
-    pub run_at: i64,
-    /// Its own timeout in ms, if any.
-    pub timeout_ms: Option<u64>,
-    /// Its own retry budget, if any.
-    pub retries: Option<u32>,
-    /// Whether it may be served from the result cache.
-    pub cached: bool,
-    /// Every attempt, oldest first.
-    pub attempts: Vec<AttemptRow>,
-}
-
-impl InstanceDetail {
-    /// The newest attempt, if any ran.
-    pub fn last_attempt(&self) -> Option<&AttemptRow> {
-        self.attempts.last()
-    }
-}
-
 /// How many instances are in each state.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+#[non_exhaustive]
 pub struct Counts {
     /// Pending (including delayed and retry-waiting).
     pub pending: u64,
@@ -667,6 +501,7 @@ impl FromStr for EventKind {
 
 /// One entry of the persisted event log.
 #[derive(Debug, Clone, PartialEq, Serialize)]
+#[non_exhaustive]
 pub struct Event {
     /// Log position; grows in commit order.
     pub id: i64,
@@ -690,6 +525,7 @@ pub struct Event {
 /// A row's reference to a blob, as [`Queue::references_page`](super::Queue::references_page)
 /// lists them.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[non_exhaustive]
 pub struct BlobReference {
     /// The blob named.
     pub hash: Hash,

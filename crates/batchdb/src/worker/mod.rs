@@ -26,6 +26,7 @@ const PREFETCH: u64 = 8 << 20;
 
 /// How a worker behaves.
 #[derive(Debug, Clone)]
+#[non_exhaustive]
 pub struct WorkerOptions {
     /// Jobs run at once (at least 1).
     pub concurrency: usize,
@@ -85,6 +86,7 @@ pub fn default_worker_name() -> String {
 
 /// What a worker reports as each attempt ends.
 #[derive(Debug, Clone)]
+#[non_exhaustive]
 pub struct Report {
     /// The job key.
     pub job: Hash,

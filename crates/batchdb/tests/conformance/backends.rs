@@ -132,14 +132,16 @@ pub fn s3_options(
     g: &batchdb_testkit::garage::Garage,
     retry_for: std::time::Duration,
 ) -> batchdb::blob::S3Options {
-    batchdb::blob::S3Options {
-        endpoint: Some(g.endpoint.clone()),
-        region: g.region.clone(),
-        access_key_id: g.access_key_id.clone(),
-        secret_access_key: g.secret_access_key.clone(),
-        allow_http: true,
-        virtual_hosted_style: false,
-        retry_for,
+    {
+        let mut o = batchdb::blob::S3Options::default();
+        o.endpoint = Some(g.endpoint.clone());
+        o.region = g.region.clone();
+        o.access_key_id = g.access_key_id.clone();
+        o.secret_access_key = g.secret_access_key.clone();
+        o.allow_http = true;
+        o.virtual_hosted_style = false;
+        o.retry_for = retry_for;
+        o
     }
 }
 
@@ -160,7 +162,7 @@ async fn s3_pair() -> (batchdb::blob::S3Store, String, Vec<(&'static str, String
     let store = batchdb::blob::S3Store::with_options(
         &g.bucket,
         &prefix,
-        &s3_options(g, batchdb::blob::DEFAULT_RETRY_FOR),
+        &s3_options(g, batchdb::blob::S3Options::default().retry_for),
     )
     .expect("open s3 store");
     (store, g.url(&prefix), g.env())

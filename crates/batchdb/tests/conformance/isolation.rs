@@ -35,12 +35,13 @@ const WORKERS: usize = 4;
 /// as long as a few rounds take (so that what a round does after it lands in a later
 /// one), and a name that repeats every round.
 fn options(k: usize) -> WorkerOptions {
-    WorkerOptions {
-        concurrency: 2,
-        until_empty: true,
-        name: format!("w-{k}"),
-        kill_grace: Duration::from_secs(1),
-        ..WorkerOptions::default()
+    {
+        let mut o = WorkerOptions::default();
+        o.concurrency = 2;
+        o.until_empty = true;
+        o.name = format!("w-{k}");
+        o.kill_grace = Duration::from_secs(1);
+        o
     }
 }
 
@@ -61,9 +62,10 @@ async fn queue_jobs(db: &BatchDb, round: usize) {
         if payloads.is_empty() {
             continue;
         }
-        let opts = PushOptions {
-            priority: level as i64,
-            ..PushOptions::default()
+        let opts = {
+            let mut o = PushOptions::default();
+            o.priority = level as i64;
+            o
         };
         db.add_many(payloads, &opts).await.expect("add");
     }
@@ -191,10 +193,11 @@ async fn run_leaving(db: &BatchDb, payload: &str) -> (i32, Duration) {
     db.add(payload.as_bytes(), &PushOptions::default())
         .await
         .expect("add");
-    let opts = WorkerOptions {
-        until_empty: true,
-        kill_grace: Duration::from_secs(1),
-        ..WorkerOptions::default()
+    let opts = {
+        let mut o = WorkerOptions::default();
+        o.until_empty = true;
+        o.kill_grace = Duration::from_secs(1);
+        o
     };
     let started = std::time::Instant::now();
     db.worker(Arc::new(ShellRunner::default()), opts)

@@ -15,10 +15,11 @@ use crate::Backend;
 
 /// Runs a worker until the queue is empty and returns its reports.
 async fn drain(db: &BatchDb, runner: Arc<dyn batchdb::runner::Runner>) -> Vec<Report> {
-    let opts = WorkerOptions {
-        concurrency: 2,
-        until_empty: true,
-        ..WorkerOptions::default()
+    let opts = {
+        let mut o = WorkerOptions::default();
+        o.concurrency = 2;
+        o.until_empty = true;
+        o
     };
     let (tx, mut rx) = mpsc::unbounded_channel();
     db.worker(runner, opts).run(Some(tx)).await.expect("worker");
@@ -315,14 +316,12 @@ pub async fn gc_removes_only_old_unreferenced_blobs(b: &Backend) {
         .unwrap();
     let orphan = b.blobs.put(&mut &b"nobody names me"[..]).await.unwrap();
     // Young blobs are left alone, named or not.
-    let young = GcOptions {
-        grace: Duration::from_secs(3600),
-        dry_run: false,
-    };
+    let young = GcOptions::new(Duration::from_secs(3600));
     assert_eq!(db.gc(young, |_| {}).await.unwrap().removed, 0);
-    let now = GcOptions {
-        grace: Duration::ZERO,
-        dry_run: true,
+    let now = {
+        let mut o = GcOptions::new(Duration::ZERO);
+        o.dry_run = true;
+        o
     };
     let mut seen = Vec::new();
     let sum = db.gc(now, |e| seen.push(e.hash)).await.unwrap();
@@ -333,9 +332,10 @@ pub async fn gc_removes_only_old_unreferenced_blobs(b: &Backend) {
     );
     let sum = db
         .gc(
-            GcOptions {
-                dry_run: false,
-                ..now
+            {
+                let mut o = now;
+                o.dry_run = false;
+                o
             },
             |_| {},
         )
@@ -467,13 +467,7 @@ pub async fn small_outputs_live_inline_and_large_ones_in_the_store(b: &Backend) 
     assert!(problems.is_empty(), "{problems:?}");
     assert!(sum.references >= 2, "{sum:?}");
     let gc = db
-        .gc(
-            batchdb::integrity::GcOptions {
-                grace: Duration::ZERO,
-                dry_run: false,
-            },
-            |_| {},
-        )
+        .gc(batchdb::integrity::GcOptions::new(Duration::ZERO), |_| {})
         .await
         .unwrap();
     assert_eq!(gc.removed, 0, "{gc:?}");

@@ -12,11 +12,11 @@ use std::time::Duration;
 
 use batchdb::Error;
 use batchdb::queue::{
-    AttemptReport, ClaimToken, EventKind, Finished, ListKind, Outcome, Selector, State, now_ms,
+    AttemptReport, ClaimToken, EventKind, Finished, ListKind, Outcome, Selector, State,
 };
 
 use crate::Backend;
-use crate::util::{job, opts, req};
+use crate::util::{job, now_ms, opts, req};
 
 const SEEDS: u64 = 12;
 const STEPS: usize = 60;
@@ -183,10 +183,11 @@ async fn step_once(
         }
         55..=74 if !m.held.is_empty() => {
             let t = m.held[rng.usize(0..m.held.len())];
-            let report = AttemptReport {
-                end: now_ms(),
-                stdout: Some(job(999)),
-                ..AttemptReport::default()
+            let report = {
+                let mut o = AttemptReport::default();
+                o.end = now_ms();
+                o.stdout = Some(job(999));
+                o
             };
             let (outcome, expect) = match rng.u8(0..5) {
                 0 | 1 => (Outcome::Success(report), Expect::Terminal(State::Result)),

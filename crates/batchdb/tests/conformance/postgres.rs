@@ -149,10 +149,11 @@ async fn check_rehashes_inline_payloads_and_outputs() {
         hash: batchdb::Hash::of(b"a\n"),
         size: 2,
     };
-    let report = AttemptReport {
-        stdout: Some(out),
-        inline: vec![b"a\n".to_vec()],
-        ..AttemptReport::default()
+    let report = {
+        let mut o = AttemptReport::default();
+        o.stdout = Some(out);
+        o.keep_inline(b"a\n".to_vec());
+        o
     };
     q.finish(&claims[0].token, &Outcome::Success(report))
         .await

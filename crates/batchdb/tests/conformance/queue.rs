@@ -4,34 +4,36 @@ use std::collections::HashSet;
 use std::time::Duration;
 
 use batchdb::queue::{
-    AttemptReport, CacheSpec, ClaimRequest, EventKind, Finished, ListKind, ListRow, Order, Outcome,
-    PushOptions, Selector, State, now_ms,
+    AttemptReport, CacheSpec, EventKind, Finished, ListKind, ListRow, Order, Outcome, PushOptions,
+    Selector, State,
 };
 use batchdb::{Error, Hash};
 use futures_util::StreamExt;
 
 use crate::Backend;
-use crate::util::{job, opts, req};
+use crate::util::{job, now_ms, opts, req};
 
 const LONG: Duration = Duration::from_secs(60);
 
 fn success(stdout: u64) -> Outcome {
-    Outcome::Success(AttemptReport {
-        start: now_ms(),
-        end: now_ms(),
-        exit_code: Some(0),
-        stdout: Some(job(1000 + stdout)),
-        ..AttemptReport::default()
+    Outcome::Success({
+        let mut o = AttemptReport::default();
+        o.start = now_ms();
+        o.end = now_ms();
+        o.exit_code = Some(0);
+        o.stdout = Some(job(1000 + stdout));
+        o
     })
 }
 
 fn failure(retry_at: Option<i64>) -> Outcome {
     Outcome::Failure {
-        report: AttemptReport {
-            end: now_ms(),
-            exit_code: Some(1),
-            message: Some("exit code 1".into()),
-            ..AttemptReport::default()
+        report: {
+            let mut o = AttemptReport::default();
+            o.end = now_ms();
+            o.exit_code = Some(1);
+            o.message = Some("exit code 1".into());
+            o
         },
         retry_at,
     }
@@ -219,9 +221,10 @@ pub async fn claim_order_newest_and_oldest(b: &Backend) {
     for n in 0..4 {
         ids.push(b.queue.add(&job(n), &opts()).await.unwrap().id);
     }
-    let newest = ClaimRequest {
-        order: Order::Newest,
-        ..req("w", 1, LONG)
+    let newest = {
+        let mut o = req("w", 1, LONG);
+        o.order = Order::Newest;
+        o
     };
     let c = b.queue.claim(&newest).await.unwrap();
     assert_eq!(c[0].token.id, ids[3]);
@@ -235,24 +238,20 @@ pub async fn claim_priority_first(b: &Backend) {
     let low = b.queue.add(&job(1), &opts()).await.unwrap();
     let high = b
         .queue
-        .add(
-            &job(2),
-            &PushOptions {
-                priority: 5,
-                ..opts()
-            },
-        )
+        .add(&job(2), &{
+            let mut o = opts();
+            o.priority = 5;
+            o
+        })
         .await
         .unwrap();
     let neg = b
         .queue
-        .add(
-            &job(3),
-            &PushOptions {
-                priority: -1,
-                ..opts()
-            },
-        )
+        .add(&job(3), &{
+            let mut o = opts();
+            o.priority = -1;
+            o
+        })
         .await
         .unwrap();
     let got: Vec<i64> = b
@@ -269,13 +268,11 @@ pub async fn claim_priority_first(b: &Backend) {
 pub async fn delayed_instance_waits_for_run_at(b: &Backend) {
     let later = b
         .queue
-        .add(
-            &job(1),
-            &PushOptions {
-                run_at: Some(now_ms() + 600),
-                ..opts()
-            },
-        )
+        .add(&job(1), &{
+            let mut o = opts();
+            o.run_at = Some(now_ms() + 600);
+            o
+        })
         .await
         .unwrap();
     assert!(b.queue.claim(&req("w", 1, LONG)).await.unwrap().is_empty());
@@ -453,9 +450,10 @@ pub async fn cancel_pending_and_running(b: &Backend) {
     let r = b.queue.add(&job(2), &opts()).await.unwrap();
     let c = b
         .queue
-        .claim(&ClaimRequest {
-            order: Order::Newest,
-            ..req("w", 1, LONG)
+        .claim(&{
+            let mut o = req("w", 1, LONG);
+            o.order = Order::Newest;
+            o
         })
         .await
         .unwrap();
@@ -494,13 +492,11 @@ pub async fn cancel_pending_and_running(b: &Backend) {
 pub async fn retry_pushes_failed_again(b: &Backend) {
     let inst = b
         .queue
-        .add(
-            &job(1),
-            &PushOptions {
-                priority: 3,
-                ..opts()
-            },
-        )
+        .add(&job(1), &{
+            let mut o = opts();
+            o.priority = 3;
+            o
+        })
         .await
         .unwrap();
     let c = b.queue.claim(&req("w", 1, LONG)).await.unwrap();
@@ -621,17 +617,16 @@ pub async fn wait_change_wakes_on_another_handle(b: &Backend) {
 }
 
 pub async fn result_cache_serves_and_dedupes(b: &Backend) {
-    let spec = CacheSpec {
-        runner: "shell:sh".into(),
-        default_timeout: None,
+    let spec = CacheSpec::new("shell:sh", None);
+    let cached = {
+        let mut o = opts();
+        o.cached = true;
+        o
     };
-    let cached = PushOptions {
-        cached: true,
-        ..opts()
-    };
-    let creq = ClaimRequest {
-        cache: Some(spec.clone()),
-        ..req("w", 4, LONG)
+    let creq = {
+        let mut o = req("w", 4, LONG);
+        o.cache = Some(spec.clone());
+        o
     };
     let a = b.queue.add(&job(1), &cached).await.unwrap();
     let dup = b.queue.add(&job(1), &cached).await.unwrap();
@@ -668,12 +663,10 @@ pub async fn result_cache_serves_and_dedupes(b: &Backend) {
     assert_eq!(r.value.hash, job(1007).hash);
     // A different runner spec misses; failures never fill the cache.
     b.queue.add(&job(1), &cached).await.unwrap();
-    let other = ClaimRequest {
-        cache: Some(CacheSpec {
-            runner: "shell:bash".into(),
-            default_timeout: None,
-        }),
-        ..req("w", 4, LONG)
+    let other = {
+        let mut o = req("w", 4, LONG);
+        o.cache = Some(CacheSpec::new("shell:bash", None));
+        o
     };
     let miss = b.queue.claim(&other).await.unwrap();
     assert!(miss[0].cache_hit.is_none());
@@ -748,16 +741,15 @@ pub async fn cancel_wins_over_a_retry_or_release(b: &Backend) {
 }
 
 pub async fn cached_duplicates_do_not_block_the_queue(b: &Backend) {
-    let creq = ClaimRequest {
-        cache: Some(CacheSpec {
-            runner: "shell:sh".into(),
-            default_timeout: None,
-        }),
-        ..req("w", 1, LONG)
+    let creq = {
+        let mut o = req("w", 1, LONG);
+        o.cache = Some(CacheSpec::new("shell:sh", None));
+        o
     };
-    let cached = PushOptions {
-        cached: true,
-        ..opts()
+    let cached = {
+        let mut o = opts();
+        o.cached = true;
+        o
     };
     for _ in 0..40 {
         b.queue.add(&job(1), &cached).await.unwrap();

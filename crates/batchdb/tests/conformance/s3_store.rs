@@ -5,15 +5,18 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use batchdb::blob::object_store::path::Path;
-use batchdb::blob::object_store::{ObjectStore, ObjectStoreExt, PutPayload};
 use batchdb::blob::{BlobStore, S3Store};
 use batchdb::{Error, Hash};
 use batchdb_testkit::garage::{Garage, garage};
 use futures_util::StreamExt;
+use object_store::path::Path;
+use object_store::{ObjectStore, ObjectStoreExt, PutPayload};
 use tokio::io::AsyncReadExt;
 
 use crate::backends::{s3_options, s3_store};
+
+/// The store's multipart part size (8 MiB): blobs larger than this go up in parts.
+const PART_SIZE: usize = 8 * 1024 * 1024;
 
 /// Every raw object key in `store`'s bucket under its prefix.
 async fn raw_keys(store: &S3Store, prefix: &str) -> Vec<String> {
@@ -45,9 +48,7 @@ async fn layout_and_no_leftover_temporary_objects() {
         "ce6cc4e7fcb4a902f7c836cb93a32ae02cb47679c86e3d99c811233bf6f258c0"
     );
     assert_eq!(store.key_of(&small.hash), format!("{prefix}/ce/{hex}"));
-    let big: Vec<u8> = (0..(batchdb::blob::PART_SIZE * 2 + 1))
-        .map(|i| (i % 251) as u8)
-        .collect();
+    let big: Vec<u8> = (0..(PART_SIZE * 2 + 1)).map(|i| (i % 251) as u8).collect();
     let large = store.put(&mut &big[..]).await.unwrap();
     let mut want = vec![store.key_of(&small.hash), store.key_of(&large.hash)];
     want.sort();
@@ -84,7 +85,7 @@ async fn list_skips_what_is_not_a_blob_at_its_place() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn corrupt_object_is_an_error_naming_the_hash() {
     let store = s3_store().await;
-    for size in [10, batchdb::blob::PART_SIZE + 10] {
+    for size in [10, PART_SIZE + 10] {
         let good = vec![b'g'; size];
         let info = store.put(&mut &good[..]).await.unwrap();
         let evil = vec![b'e'; size];
@@ -482,14 +483,15 @@ async fn touch_is_a_signed_self_copy_replacing_metadata() {
         sock.write_all(resp.as_bytes()).await.unwrap();
         String::from_utf8_lossy(&req).to_lowercase()
     });
-    let opts = batchdb::blob::S3Options {
-        endpoint: Some(format!("http://127.0.0.1:{port}")),
-        region: "garage".into(),
-        access_key_id: "GK0123".into(),
-        secret_access_key: "secret".into(),
-        allow_http: true,
-        retry_for: Duration::from_secs(1),
-        ..Default::default()
+    let opts = {
+        let mut o = batchdb::blob::S3Options::default();
+        o.endpoint = Some(format!("http://127.0.0.1:{port}"));
+        o.region = "garage".into();
+        o.access_key_id = "GK0123".into();
+        o.secret_access_key = "secret".into();
+        o.allow_http = true;
+        o.retry_for = Duration::from_secs(1);
+        o
     };
     let store = S3Store::with_options("bucket", "p", &opts).unwrap();
     let h = Hash::of(b"x");

@@ -113,9 +113,10 @@ async fn verify_reports_a_corrupt_inline_output() {
     db.add(&b"echo hello"[..], &Default::default())
         .await
         .unwrap();
-    let opts = batchdb::worker::WorkerOptions {
-        until_empty: true,
-        ..Default::default()
+    let opts = {
+        let mut o = batchdb::worker::WorkerOptions::default();
+        o.until_empty = true;
+        o
     };
     db.worker(Arc::new(batchdb::runner::ShellRunner::default()), opts)
         .run(None)

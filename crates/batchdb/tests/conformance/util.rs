@@ -16,13 +16,12 @@ pub fn job(n: u64) -> BlobInfo {
 
 /// A claim request for `worker` with `limit` and a lease.
 pub fn req(worker: &str, limit: usize, lease: Duration) -> ClaimRequest {
-    ClaimRequest {
-        worker: worker.into(),
-        limit,
-        lease,
-        order: Order::Oldest,
-        cache: None,
-        cache_all: false,
+    {
+        let mut o = ClaimRequest::new(worker, limit, lease);
+        o.order = Order::Oldest;
+        o.cache = None;
+        o.cache_all = false;
+        o
     }
 }
 
@@ -72,4 +71,11 @@ pub async fn a_version_3_running_attempt_is_taken_over(
     );
     assert_eq!(taken[0].attempt_id.len(), 32);
     assert_ne!(taken[0].attempt_id, first[0].attempt_id);
+}
+
+/// Milliseconds since the Unix epoch (the time unit of every row).
+pub fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
 }

@@ -28,9 +28,10 @@ pub(super) async fn verify(db: &BatchDb) -> Result<ExitCode> {
 
 /// `gc`: blobs no row names, removed.
 pub(super) async fn gc(db: &BatchDb, dry_run: bool, grace: f64) -> Result<ExitCode> {
-    let opts = GcOptions {
-        grace: secs("grace", grace)?,
-        dry_run,
+    let opts = {
+        let mut o = GcOptions::new(secs("grace", grace)?);
+        o.dry_run = dry_run;
+        o
     };
     let verb = if dry_run { "would remove" } else { "removed" };
     // Each removal is printed as it happens (a later failure loses no line).

@@ -8,9 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use batchdb::integrity::GcOptions;
-use batchdb::queue::{
-    Finished, ListKind, Order, PushOptions, PushRequest, Selector, State, now_ms,
-};
+use batchdb::queue::{Finished, ListKind, Order, PushOptions, PushRequest, Selector, State};
 use batchdb::runner::ShellRunner;
 use batchdb::worker::{Report, WorkerOptions};
 use batchdb::{BatchDb, BlobLocation, Config, DbLocation, Error, Hash, Result};

@@ -5,17 +5,18 @@ use super::*;
 pub(super) async fn run(db: &BatchDb, r: RunArgs) -> Result<ExitCode> {
     let order: Order = r.order.parse()?;
     let runner = Arc::new(ShellRunner::new(&r.shell)?);
-    let opts = WorkerOptions {
-        concurrency: r.jobs.max(1),
-        order,
-        lease: secs("lease", r.lease)?.max(Duration::from_millis(100)),
-        timeout: r.timeout.map(|t| secs("timeout", t)).transpose()?,
-        kill_grace: secs("kill-grace", r.kill_grace)?,
-        retries: r.retries,
-        backoff: secs("backoff", r.backoff)?,
-        cache_all: r.cached,
-        until_empty: r.until_empty,
-        ..WorkerOptions::default()
+    let opts = {
+        let mut o = WorkerOptions::default();
+        o.concurrency = r.jobs.max(1);
+        o.order = order;
+        o.lease = secs("lease", r.lease)?.max(Duration::from_millis(100));
+        o.timeout = r.timeout.map(|t| secs("timeout", t)).transpose()?;
+        o.kill_grace = secs("kill-grace", r.kill_grace)?;
+        o.retries = r.retries;
+        o.backoff = secs("backoff", r.backoff)?;
+        o.cache_all = r.cached;
+        o.until_empty = r.until_empty;
+        o
     };
     let worker = db.worker(runner, opts);
     let shutdown = worker.shutdown_handle();
@@ -77,7 +78,9 @@ async fn print_report(db: &BatchDb, rep: &Report, print: bool) -> Result<()> {
         }
         Some(Finished::Fail) => line(format_args!("FAIL {} {} {msg}", rep.job, rep.created))?,
         Some(Finished::Retry(at)) => {
-            let wait = (at - now_ms()).max(0) as f64 / 1000.0;
+            let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH);
+            let now = now.map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX));
+            let wait = (at - now).max(0) as f64 / 1000.0;
             eprintln!(
                 "batchdb: retry {} {} in {wait:.1}s: {msg}",
                 rep.job, rep.created

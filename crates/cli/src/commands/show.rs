@@ -139,7 +139,7 @@ pub(super) async fn logs(db: &BatchDb, selector: &str, follow: bool) -> Result<E
     let mut attempt = 0i64;
     let (mut out_off, mut err_off) = (0u64, 0u64);
     loop {
-        let seen = db.queue().change_seq();
+        let seen = db.change_seq();
         let d = db.instance(id).await?;
         let last = d.last_attempt();
         let n = last.map_or(0, |a| a.attempt);
@@ -178,8 +178,6 @@ pub(super) async fn logs(db: &BatchDb, selector: &str, follow: bool) -> Result<E
             return Ok(ExitCode::SUCCESS);
         }
         // Live files grow without any database change: look again soon either way.
-        db.queue()
-            .wait_change(seen, Duration::from_millis(50))
-            .await;
+        db.wait_change(seen, Duration::from_millis(50)).await;
     }
 }

@@ -82,9 +82,10 @@ async fn output_follows_a_running_job_live_then_ends() {
     let (_, id) = s.create(&script).await;
     let db = s.db.clone();
     let worker = tokio::spawn(async move {
-        let opts = WorkerOptions {
-            until_empty: true,
-            ..Default::default()
+        let opts = {
+            let mut o = WorkerOptions::default();
+            o.until_empty = true;
+            o
         };
         db.worker(Arc::new(ShellRunner::default()), opts)
             .run(None)

@@ -108,9 +108,10 @@ impl Server {
 
     /// Runs every pending job with a shell worker in this process until none is left.
     pub async fn run_until_empty(&self) {
-        let opts = WorkerOptions {
-            until_empty: true,
-            ..Default::default()
+        let opts = {
+            let mut o = WorkerOptions::default();
+            o.until_empty = true;
+            o
         };
         self.worker(opts).await;
     }

@@ -35,6 +35,7 @@ use tokio_postgres::types::ToSql;
 use tokio_postgres::{AsyncMessage, NoTls, Row};
 
 use super::Queue;
+use super::list::*;
 use super::migrations;
 use super::types::*;
 

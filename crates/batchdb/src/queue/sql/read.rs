@@ -5,7 +5,7 @@ use super::{Conn, Sql, args};
 use crate::error::Error;
 use crate::hash::Hash;
 use crate::queue::row::Row;
-use crate::queue::types::{
+use crate::queue::{
     AttemptReport, AttemptRow, BlobReference, ClaimToken, Counts, Event, FailRow, FailValue,
     Heartbeat, InstanceDetail, JobRow, ListKind, ListRow, PendingRow, ResultRow, ResultValue,
     Selector,

@@ -19,6 +19,7 @@ use async_trait::async_trait;
 use rusqlite::{Connection, OpenFlags, Transaction, TransactionBehavior};
 
 use super::Queue;
+use super::list::*;
 use super::types::*;
 use crate::error::{Error, Result};
 use crate::hash::Hash;
