@@ -2,15 +2,15 @@
 //! [`Backend`], and instantiated for every backend by [`suite!`].
 //!
 //! Backend-specific tests (corrupting a file on disk, say) live in `dir_store.rs`;
-//! tests of the facade and worker live in `library.rs`; the model-based test of the
+//! tests of the facade and worker, end to end, live in `end_to_end.rs`; the model-based test of the
 //! queue's invariants lives in `model.rs`; tests that need a fresh backend pair per
 //! round (`@fresh`: attempt isolation, `isolation.rs`) get its constructor.
 
 mod backends;
 mod blob;
 mod dir_store;
+mod end_to_end;
 mod isolation;
-mod library;
 mod model;
 #[cfg(feature = "postgres")]
 mod postgres;
@@ -56,6 +56,7 @@ macro_rules! suite {
                     a_job_whose_worker_keeps_dying_fails,
                     select_by_created_job_and_result,
                     corrupt_values_read_back_are_one_error,
+                    corrupt_values_on_every_path_are_one_error,
                 ]);
                 suite!(@tests $backend, blob: [
                     roundtrip_sizes,
@@ -71,7 +72,7 @@ macro_rules! suite {
                     failed_large_put_leaves_nothing_listed,
                     dropped_put_leaves_nothing_listed,
                 ]);
-                suite!(@tests $backend, library: [
+                suite!(@tests $backend, end_to_end: [
                     fake_runner_like_the_seed,
                     failing_job_does_not_stall_the_queue,
                     result_event_only_after_blob_is_readable,

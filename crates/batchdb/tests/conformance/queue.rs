@@ -831,3 +831,40 @@ pub async fn corrupt_values_read_back_are_one_error(b: &Backend) {
     (b.raw_sql)("UPDATE events SET kind = 'bogus'".into()).await;
     assert!(is_corrupt(q.events(0, 10).await, ""));
 }
+
+/// The claim, finish and detail paths decode through the same rows: a bad job hash met
+/// by a claim, a bad output hash in an attempt, and a negative size are each
+/// [`Error::Corrupt`] on every backend, and the queue stays usable around them.
+pub async fn corrupt_values_on_every_path_are_one_error(b: &Backend) {
+    let q = &b.queue;
+    let done = q.add(&job(1), &opts()).await.unwrap();
+    let c = q.claim(&req("w", 1, LONG)).await.unwrap();
+    q.finish(&c[0].token, &success(1)).await.unwrap();
+    (b.raw_sql)(format!(
+        "UPDATE attempts SET stdout = 'xyz' WHERE instance = {}",
+        done.id
+    ))
+    .await;
+    assert!(is_corrupt(q.instance(done.id).await, "xyz"));
+    assert!(is_corrupt(
+        q.list_page(ListKind::Result, 0, 10).await,
+        "xyz"
+    ));
+
+    (b.raw_sql)(format!(
+        "UPDATE jobs SET size = -5 WHERE key = '{}'",
+        job(1).hash
+    ))
+    .await;
+    assert!(is_corrupt(q.list_page(ListKind::Job, 0, 10).await, "-5"));
+
+    let bad = q.add(&job(2), &opts()).await.unwrap();
+    (b.raw_sql)(format!(
+        "UPDATE instances SET job = 'not-a-hash' WHERE id = {}",
+        bad.id
+    ))
+    .await;
+    assert!(is_corrupt(q.claim(&req("w", 1, LONG)).await, "not-a-hash"));
+    // Nothing was claimed by the failed transaction.
+    assert_eq!(q.counts().await.unwrap().pending, 1);
+}

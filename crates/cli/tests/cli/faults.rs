@@ -1,4 +1,4 @@
-//! The bad-input and fault matrix (issue 7): odd payloads, huge streams, read-only
+//! The bad-input and fault matrix: odd payloads, huge streams, read-only
 //! stores, a full disk, a newer schema, concurrent migration. Every error path must
 //! give a one-line message and a non-zero exit, and leave the database and the blob
 //! store consistent (`batchdb verify` passes, no partial blob, no row naming one).

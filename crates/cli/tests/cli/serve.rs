@@ -1,4 +1,4 @@
-//! `batchdb serve` as a real process (issue 5): its flags, a 1 GiB upload in flat
+//! `batchdb serve` as a real process: its flags, a 1 GiB upload in flat
 //! memory, an event made by a separate CLI process arriving over SSE, and the
 //! dashboard driven in headless Chromium through chromedriver's WebDriver API.
 //!

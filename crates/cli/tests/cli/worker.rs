@@ -1,4 +1,4 @@
-//! Issue 3, execution: parallelism, several workers on one queue, crash takeover by
+//! Execution: parallelism, several workers on one queue, crash takeover by
 //! lease, timeouts, and graceful / forced shutdown.
 
 use std::collections::HashSet;

@@ -1,4 +1,4 @@
-//! Issue 4, the distributed mode: worker processes sharing one PostgreSQL database and
+//! The distributed mode: worker processes sharing one PostgreSQL database and
 //! one S3 bucket (real servers: a throwaway PostgreSQL cluster and a Garage node),
 //! standing in for many machines; and workers riding out an outage of either server.
 //!

@@ -75,6 +75,27 @@ impl crate::queue::row::Row for Row {
     fn corrupt(what: String) -> TxError {
         TxError::Corrupt(what)
     }
+
+    /// Parsed in place, without allocating.
+    fn hash(&self, i: usize) -> TxResult<Hash> {
+        parse_str(self.try_get(i)?)
+    }
+
+    fn opt_hash(&self, i: usize) -> TxResult<Option<Hash>> {
+        self.try_get::<_, Option<&str>>(i)?
+            .map(parse_str)
+            .transpose()
+    }
+
+    fn state(&self, i: usize) -> TxResult<State> {
+        parse_str(self.try_get(i)?)
+    }
+}
+
+/// A text column's value parsed (a value that does not parse is corrupt).
+fn parse_str<T: std::str::FromStr<Err = Error>>(s: &str) -> TxResult<T> {
+    s.parse()
+        .map_err(|e: Error| TxError::Corrupt(e.to_string()))
 }
 
 /// Runs `sql` on `client` (a connection or a transaction), row by row.

@@ -8,7 +8,7 @@ use crate::queue::row::Row;
 use crate::queue::{
     AttemptReport, AttemptRow, BlobReference, ClaimToken, Counts, Event, FailRow, FailValue,
     Heartbeat, InstanceDetail, JobRow, ListKind, ListRow, PendingRow, ResultRow, ResultValue,
-    Selector,
+    Selector, State,
 };
 
 type R<T, C> = Result<T, <C as Conn>::Error>;
@@ -122,7 +122,7 @@ pub(crate) async fn list_page<C: Conn>(
                     id: r.req_int(0)?,
                     job: r.hash(1)?,
                     created: r.req_int(2)?,
-                    running: r.req_text(3)? == "running",
+                    running: r.state(3)? == State::Running,
                     priority: r.req_int(4)?,
                     run_at: r.req_int(5)?,
                     attempts: r.req_int(6)?,

@@ -80,6 +80,32 @@ impl Row for rusqlite::Row<'_> {
     fn corrupt(what: String) -> TxError {
         TxError::Corrupt(what)
     }
+
+    /// Parsed in place, without allocating (a page of a million rows reads millions).
+    fn hash(&self, i: usize) -> TxResult<Hash> {
+        parse_str(str_at(self, i)?.unwrap_or_default())
+    }
+
+    fn opt_hash(&self, i: usize) -> TxResult<Option<Hash>> {
+        str_at(self, i)?.map(parse_str).transpose()
+    }
+
+    fn state(&self, i: usize) -> TxResult<State> {
+        parse_str(str_at(self, i)?.unwrap_or_default())
+    }
+}
+
+/// Text column `i` of `r`, borrowed (NULL is `None`; any other type is corrupt).
+fn str_at<'r>(r: &'r rusqlite::Row<'_>, i: usize) -> TxResult<Option<&'r str>> {
+    r.get_ref(i)?
+        .as_str_or_null()
+        .map_err(|e| TxError::Corrupt(format!("column {i}: {e}")))
+}
+
+/// A text column's value parsed (a value that does not parse is corrupt).
+fn parse_str<T: std::str::FromStr<Err = Error>>(s: &str) -> TxResult<T> {
+    s.parse()
+        .map_err(|e: Error| TxError::Corrupt(e.to_string()))
 }
 
 impl Conn for Lite<'_> {

@@ -1,4 +1,4 @@
-//! Issue 3, output: `show`, `logs -f`, `events` (`-f`), and the result cache.
+//! Inspecting work: `show`, `logs -f`, `events` (`-f`), and the result cache.
 
 use std::collections::HashSet;
 

@@ -1,5 +1,5 @@
-//! The core contract of issue 2: exact output of add / create / push, the JSON shapes
-//! of `list`, the lines of `run`, `get`, and the queue order.
+//! The output contract: exact output of add / create / push, the JSON shapes of
+//! `list`, the lines of `run`, `get`, and the queue order.
 
 use crate::util::*;
 

@@ -1,4 +1,7 @@
-//! The six defects of the original module (issue 2), each held by a test.
+//! Consistency under concurrent processes: every push is its own instance (even in
+//! one millisecond), a failing job never stalls the queue, running instances list as
+//! running, and every listed result is readable and hashes right. (The original
+//! module got each of these wrong.)
 
 use std::collections::HashSet;
 

@@ -1,4 +1,4 @@
-//! Issue 3, control: retries, `retry`, `cancel`, priorities, `--delay` and `--at`.
+//! Scheduling and control: retries, `retry`, `cancel`, priorities, `--delay` and `--at`.
 
 use crate::util::*;
 
