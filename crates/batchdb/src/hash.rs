@@ -39,6 +39,7 @@ impl Hash {
 }
 
 /// The value of each lowercase hex digit; 0xff for every other byte.
+#[allow(clippy::cast_possible_truncation)] // i < 10 and i < 6: a digit's value fits a u8
 const HEX_VALUE: [u8; 256] = {
     let mut t = [0xffu8; 256];
     let mut i = 0;

@@ -255,7 +255,7 @@ fn walk(root: &Path, tx: &tokio::sync::mpsc::Sender<Result<BlobEntry>>) {
         name.len() == 2 && name.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
     };
     let read = |dir: &Path| match std::fs::read_dir(dir) {
-        Ok(rd) => rd.filter_map(|e| e.ok()).collect::<Vec<_>>(),
+        Ok(rd) => rd.filter_map(std::result::Result::ok).collect::<Vec<_>>(),
         Err(e) => {
             let _ = tx.blocking_send(Err(Error::io("read directory", dir, e)));
             Vec::new()

@@ -190,6 +190,7 @@ impl S3Store {
     ///
     /// The bucket is not contacted here: a store that is down when a worker starts is
     /// retried when it is first used. Requests are retried for [`DEFAULT_RETRY_FOR`].
+    #[allow(clippy::unused_async)] // async like every other backend's `open`
     pub async fn open(bucket: &str, prefix: &str) -> Result<S3Store> {
         let mut builder = AmazonS3Builder::new();
         let mut client = client_options();
@@ -299,7 +300,7 @@ impl S3Store {
     fn path_of(&self, hash: &Hash) -> Path {
         let hex = hash.to_hex();
         let fan = hex[0..2].to_string();
-        Path::from_iter(self.prefix.iter().cloned().chain([fan, hex]))
+        self.prefix.iter().cloned().chain([fan, hex]).collect()
     }
 
     fn temp_path(&self) -> Path {
@@ -310,7 +311,11 @@ impl S3Store {
             n,
             fastrand::u64(..)
         );
-        Path::from_iter(self.prefix.iter().cloned().chain(["tmp".into(), name]))
+        self.prefix
+            .iter()
+            .cloned()
+            .chain(["tmp".into(), name])
+            .collect()
     }
 
     fn url(&self, key: &Path) -> String {
@@ -594,7 +599,7 @@ impl BlobStore for S3Store {
 
     fn list(&self) -> BoxStream<'static, Result<BlobEntry>> {
         let depth = self.prefix.len();
-        let prefix = Path::from_iter(self.prefix.iter().cloned());
+        let prefix: Path = self.prefix.iter().cloned().collect();
         let bucket = self.bucket.clone();
         let listing = if depth == 0 {
             self.store.list(None)

@@ -6,7 +6,7 @@ pub(crate) fn new_attempt_id() -> String {
     let mut bytes = [0u8; 16];
     // SAFETY: the buffer is 16 writable bytes.
     let n = unsafe { libc::getrandom(bytes.as_mut_ptr().cast(), bytes.len(), 0) };
-    if n != bytes.len() as isize {
+    if usize::try_from(n).ok() != Some(bytes.len()) {
         let seed = fastrand::u128(..)
             ^ (u128::from(std::process::id()) << 64)
             ^ std::time::SystemTime::now()

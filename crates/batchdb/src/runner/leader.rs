@@ -130,8 +130,8 @@ impl Leader {
     /// `waitid(WEXITED | flags)` on this child: `None` if (with WNOHANG) it still runs.
     fn waitid(&self, flags: libc::c_int) -> io::Result<Option<Status>> {
         match &self.pidfd {
-            Some(fd) => waitid(libc::P_PIDFD, fd.as_raw_fd() as libc::id_t, flags),
-            None => waitid(libc::P_PID, self.pid as libc::id_t, flags),
+            Some(fd) => waitid(libc::P_PIDFD, id_t(fd.as_raw_fd()), flags),
+            None => waitid(libc::P_PID, id_t(self.pid), flags),
         }
     }
 }
@@ -148,8 +148,8 @@ impl Drop for Leader {
             .name("batchdb-reap".into())
             .spawn(move || {
                 let _ = match &pidfd {
-                    Some(fd) => waitid(libc::P_PIDFD, fd.as_raw_fd() as libc::id_t, 0),
-                    None => waitid(libc::P_PID, pid as libc::id_t, 0),
+                    Some(fd) => waitid(libc::P_PIDFD, id_t(fd.as_raw_fd()), 0),
+                    None => waitid(libc::P_PID, id_t(pid), 0),
                 };
             });
     }
@@ -165,7 +165,7 @@ pub(crate) fn waitid(
         // SAFETY: info is written by the kernel; zeroed is a valid siginfo_t.
         let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
         // SAFETY: waitid on our own child.
-        let r = unsafe { libc::waitid(idtype, id, &mut info, libc::WEXITED | flags) };
+        let r = unsafe { libc::waitid(idtype, id, &raw mut info, libc::WEXITED | flags) };
         if r != 0 {
             let e = io::Error::last_os_error();
             if e.kind() == io::ErrorKind::Interrupted {
@@ -185,9 +185,21 @@ pub(crate) fn waitid(
     }
 }
 
+/// A process id from std (a `u32`) as the kernel's `pid_t` (pids never exceed
+/// `pid_max`, at most 2^22; anything larger becomes an id no process has).
+pub(crate) fn pid_of(id: u32) -> libc::pid_t {
+    libc::pid_t::try_from(id).unwrap_or(libc::pid_t::MAX)
+}
+
+/// A descriptor or a process id as `waitid`'s `id_t` (neither is ever negative; a
+/// negative one becomes an id no process has).
+fn id_t(n: i32) -> libc::id_t {
+    libc::id_t::try_from(n).unwrap_or(libc::id_t::MAX)
+}
+
 /// `waitid(P_PIDFD, fd, WEXITED | flags)`.
 pub(crate) fn waitid_pidfd(fd: RawFd, flags: libc::c_int) -> io::Result<Option<Status>> {
-    waitid(libc::P_PIDFD, fd as libc::id_t, flags)
+    waitid(libc::P_PIDFD, id_t(fd), flags)
 }
 
 #[cfg(test)]
@@ -266,7 +278,7 @@ mod tests {
             .args(["-c", "kill -9 $$"])
             .spawn()
             .unwrap();
-        let leader = Leader::new(child.id() as i32, None);
+        let leader = Leader::new(pid_of(child.id()), None);
         assert_eq!(leader.wait().await.unwrap(), (None, Some(libc::SIGKILL)));
         assert_eq!(state(leader.pid()), Some('Z'));
         leader.release();

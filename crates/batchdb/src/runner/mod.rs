@@ -159,7 +159,7 @@ impl Default for ShellRunner {
     fn default() -> Self {
         ShellRunner {
             argv: vec!["sh".into()],
-            program: Default::default(),
+            program: std::sync::OnceLock::default(),
         }
     }
 }
@@ -177,7 +177,7 @@ impl ShellRunner {
         }
         Ok(ShellRunner {
             argv,
-            program: Default::default(),
+            program: std::sync::OnceLock::default(),
         })
     }
 }
@@ -331,7 +331,7 @@ impl ShellRunner {
             .stderr(Stdio::piped())
             .envs(Self::env(ctx))
             .process_group(0);
-        let parent = std::process::id() as i32;
+        let parent = leader::pid_of(std::process::id());
         // SAFETY: the closure runs in the forked child before exec and only makes
         // async-signal-safe calls (prctl, getppid, _exit).
         unsafe {
@@ -349,7 +349,7 @@ impl ShellRunner {
             .map_err(|e| self.spawn_err(e))?;
         // From here the worker alone waits for it, by pid (std's Child never does
         // unless asked, and is dropped below).
-        let leader = Leader::new(child.id() as i32, None);
+        let leader = Leader::new(leader::pid_of(child.id()), None);
         let pipes = (child.stdin.take(), child.stdout.take(), child.stderr.take());
         let (Some(stdin), Some(stdout), Some(stderr)) = pipes else {
             leader.release();
@@ -444,7 +444,7 @@ impl<F> fmt::Debug for FnRunner<F> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("FnRunner")
             .field("name", &self.name)
-            .finish()
+            .finish_non_exhaustive()
     }
 }
 

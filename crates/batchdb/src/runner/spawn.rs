@@ -82,7 +82,10 @@ pub(crate) fn supported() -> bool {
             return false;
         }
         // SAFETY: a new fd we own.
-        let fd = unsafe { OwnedFd::from_raw_fd(fd as RawFd) };
+        let Ok(fd) = RawFd::try_from(fd) else {
+            return false;
+        };
+        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
         // We are not our own child: ECHILD where P_PIDFD is known, EINVAL (5.3) where not.
         matches!(super::leader::waitid_pidfd(fd.as_raw_fd(), libc::WNOHANG), Err(e) if e.raw_os_error() == Some(libc::ECHILD))
     })
@@ -102,8 +105,8 @@ unsafe fn set_mask(all: bool) -> u64 {
         libc::syscall(
             libc::SYS_rt_sigprocmask,
             libc::SIG_SETMASK,
-            &mask as *const u64,
-            &mut old as *mut u64,
+            &raw const mask,
+            &raw mut old,
             8usize,
         );
     }
@@ -120,7 +123,7 @@ unsafe fn restore_mask(old: u64) {
         libc::syscall(
             libc::SYS_rt_sigprocmask,
             libc::SIG_SETMASK,
-            &old as *const u64,
+            &raw const old,
             std::ptr::null_mut::<u64>(),
             8usize,
         );
@@ -167,11 +170,11 @@ extern "C" fn child_main(arg: *mut libc::c_void) -> libc::c_int {
     // SAFETY: `arg` points to the parent's ChildArgs, alive (the parent is suspended
     // until this process execs or exits); every call below is a plain system call.
     unsafe {
-        let a = &mut *(arg as *mut ChildArgs);
+        let a = &mut *arg.cast::<ChildArgs>();
         let fail = |a: &mut ChildArgs| -> ! {
             // Never 0: the parent reads 0 as "it exec'd".
             let errno = *libc::__errno_location();
-            std::ptr::write_volatile(&mut a.err, if errno == 0 { libc::EIO } else { errno });
+            std::ptr::write_volatile(&raw mut a.err, if errno == 0 { libc::EIO } else { errno });
             libc::_exit(127)
         };
         // Caught signals go back to their default action (a handler must never run
@@ -182,14 +185,14 @@ extern "C" fn child_main(arg: *mut libc::c_void) -> libc::c_int {
                 continue;
             }
             let mut old: libc::sigaction = std::mem::zeroed();
-            if libc::sigaction(sig, std::ptr::null(), &mut old) != 0 {
+            if libc::sigaction(sig, std::ptr::null(), &raw mut old) != 0 {
                 continue;
             }
             let caught = old.sa_sigaction != libc::SIG_DFL && old.sa_sigaction != libc::SIG_IGN;
             if caught || sig == libc::SIGPIPE {
                 let mut dfl: libc::sigaction = std::mem::zeroed();
                 dfl.sa_sigaction = libc::SIG_DFL;
-                libc::sigaction(sig, &dfl, std::ptr::null_mut());
+                libc::sigaction(sig, &raw const dfl, std::ptr::null_mut());
             }
         }
         if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
@@ -202,8 +205,7 @@ extern "C" fn child_main(arg: *mut libc::c_void) -> libc::c_int {
         if libc::setpgid(0, 0) != 0 {
             fail(a);
         }
-        for (target, fd) in a.fds.into_iter().enumerate() {
-            let target = target as RawFd;
+        for (target, fd) in (0..).zip(a.fds) {
             if fd == target {
                 // dup2 onto itself would keep close-on-exec: clear it instead.
                 if libc::fcntl(fd, libc::F_SETFD, 0) != 0 {
@@ -282,7 +284,7 @@ pub(crate) fn spawn(
             child_main,
             stack.top(),
             libc::CLONE_VM | libc::CLONE_VFORK | libc::SIGCHLD,
-            &mut args as *mut ChildArgs as *mut libc::c_void,
+            (&raw mut args).cast::<libc::c_void>(),
         );
         let clone_err = io::Error::last_os_error();
         restore_mask(old);
@@ -293,13 +295,14 @@ pub(crate) fn spawn(
     };
     drop(stack);
     // SAFETY: reading what the (now exec'd or exited) child wrote.
-    let err = unsafe { std::ptr::read_volatile(&args.err) };
+    let err = unsafe { std::ptr::read_volatile(&raw const args.err) };
     if err != 0 {
         reap(pid);
         return Err(io::Error::from_raw_os_error(err));
     }
     // SAFETY: pidfd_open has no memory-safety preconditions.
     let pidfd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
+    let pidfd = RawFd::try_from(pidfd).unwrap_or(-1);
     if pidfd < 0 {
         let e = io::Error::last_os_error();
         // SAFETY: kill(2) has no memory-safety preconditions. Aimed: `pid` is our own
@@ -316,7 +319,7 @@ pub(crate) fn spawn(
         stdout: out_r,
         stderr: err_r,
         // SAFETY: a new descriptor we own.
-        pidfd: unsafe { OwnedFd::from_raw_fd(pidfd as RawFd) },
+        pidfd: unsafe { OwnedFd::from_raw_fd(pidfd) },
     })
 }
 
@@ -324,7 +327,7 @@ pub(crate) fn spawn(
 fn reap(pid: libc::pid_t) {
     let mut status = 0;
     // SAFETY: waitpid on our own child.
-    while unsafe { libc::waitpid(pid, &mut status, 0) } < 0
+    while unsafe { libc::waitpid(pid, &raw mut status, 0) } < 0
         && io::Error::last_os_error().kind() == io::ErrorKind::Interrupted
     {}
 }
@@ -339,7 +342,8 @@ struct Stack {
 impl Stack {
     fn new() -> io::Result<Stack> {
         // SAFETY: sysconf has no preconditions.
-        let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) }.max(4096) as usize;
+        let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+        let page = usize::try_from(page).unwrap_or(0).max(4096);
         let len = STACK + page;
         // SAFETY: a fresh private anonymous mapping, owned by the returned Stack.
         let base = unsafe {
@@ -454,10 +458,10 @@ mod tests {
 
     #[tokio::test]
     async fn an_exec_failure_is_the_spawns_error() {
+        use std::os::unix::fs::PermissionsExt;
         let dir = tempfile::tempdir().unwrap();
         let script = dir.path().join("bad");
         std::fs::write(&script, "#!/nonexistent/interpreter\n").unwrap();
-        use std::os::unix::fs::PermissionsExt;
         std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).unwrap();
         // Another test's spawn may briefly hold the script's write descriptor
         // (ETXTBSY, a well-known race of writing then executing a file): try again.

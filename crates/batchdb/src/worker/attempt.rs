@@ -17,7 +17,19 @@ use crate::error::{Error, Result};
 use crate::hash::Hash;
 use crate::io::{Cut, CutReader, Inspect, Inspector};
 use crate::queue::{AttemptReport, Claim, Outcome, cache_key, now_ms};
-use crate::runner::{Killer, Reader, RunContext, Stop};
+use crate::runner::{ExitStatus, Killer, Reader, RunContext, Stop};
+
+/// An attempt's report and outcome (`None`: lease lost, record nothing).
+type Attempted = (AttemptReport, Option<Outcome>);
+
+/// What the parts of a running attempt ended with: feeding the payload, storing
+/// stdout, storing stderr (if the runner has one), waiting for the runner.
+type Results = (
+    io::Result<()>,
+    Result<Stored>,
+    Option<Result<Stored>>,
+    io::Result<ExitStatus>,
+);
 
 /// An output stored by [`store_output`].
 struct Stored {
@@ -51,9 +63,6 @@ async fn store_output(
     let info = store.put(&mut rest).await?;
     Ok(Stored { info, inline: None })
 }
-
-/// The least time between two looks for a cancel request of one running job.
-const CHECK_EVERY: Duration = Duration::from_millis(100);
 
 /// Settles an execution whose main process has ended: what it left running (in its
 /// process group, or anywhere with its attempt id) gets SIGTERM, and up to `grace` to
@@ -131,12 +140,6 @@ impl Worker {
             start: claim.start,
             ..AttemptReport::default()
         };
-        let fail = |mut report: AttemptReport, msg: String, claim: &Claim| {
-            report.end = now_ms();
-            report.message = Some(msg);
-            let outcome = self.failure(claim, report.clone());
-            (report, Some(outcome))
-        };
         let ctx = RunContext {
             job: claim.job,
             instance: claim.token.id,
@@ -152,7 +155,7 @@ impl Worker {
             Ok(p) => p,
             // A missing or corrupt payload is the job's failure...
             Err(e @ (Error::BlobNotFound(_) | Error::BlobCorrupt { .. })) => {
-                return fail(report, format!("payload: {e}"), claim);
+                return self.fail(claim, report, format!("payload: {e}"));
             }
             // ...an unreachable database or store is not: run it again later.
             Err(e) => return self.infra_retry(claim, report, format!("payload: {e}")),
@@ -198,7 +201,7 @@ impl Worker {
             let mut payload = payload;
             let r = tokio::select! {
                 r = tokio::io::copy(&mut payload, &mut stdin) => r,
-                _ = feed_cut.wait() => Ok(0),
+                () = feed_cut.wait() => Ok(0),
             };
             match r {
                 // The runner may exit without reading all of its input.
@@ -233,103 +236,32 @@ impl Worker {
             st
         };
         let work = async { tokio::join!(feed, outputs, errors, waiting) };
-        tokio::pin!(work);
-
-        let mut stopped: Option<Stopped> = None;
-        let deadline = timeout.map(|t| Instant::now() + t);
-        let mut force_at: Option<Instant> = None;
-        let mut cut_at: Option<Instant> = None;
-        // The lease as this worker knows it: if renewals keep failing until it runs
-        // out, the job is stopped here before another worker may take it over.
-        let lease_ms = self.opts.lease.as_millis() as i64;
-        let mut lease_end = Instant::now()
-            + Duration::from_millis((claim.start + lease_ms - now_ms()).max(0) as u64);
-        let hb_every = (self.opts.lease / 3).max(Duration::from_millis(50));
-        let mut next_hb = Instant::now() + hb_every;
-        let mut last_check = Instant::now();
-        let far = Instant::now() + Duration::from_secs(86400 * 365);
-        let results = loop {
-            let seen = self.queue.change_seq();
-            let mut stop_now: Option<Stopped> = None;
-            tokio::select! {
-                res = &mut work => break res,
-                _ = tokio::time::sleep_until(deadline.unwrap_or(far)), if deadline.is_some() && stopped.is_none() => {
-                    stop_now = Some(Stopped::Timeout);
-                }
-                _ = tokio::time::sleep_until(force_at.unwrap_or(far)), if force_at.is_some() => {
-                    // Aimed: a killer signals only its own execution, and nothing
-                    // once released (Killer's contract).
-                    killer.stop(Stop::Kill);
-                    force_at = None;
-                    cut_at = Some(Instant::now() + self.opts.kill_grace);
-                }
-                _ = tokio::time::sleep_until(cut_at.unwrap_or(far)), if cut_at.is_some() => {
-                    // Killed, yet something still holds the output open.
-                    cut_at = None;
-                    let k = killer.clone();
-                    let _ = tokio::task::spawn_blocking(move || k.stop_all()).await;
-                    cut.cut();
-                }
-                _ = tokio::time::sleep_until(lease_end), if stopped.is_none() => {
-                    tracing::warn!("instance {}: lease ran out without renewal; stopping it", claim.token.id);
-                    stop_now = Some(Stopped::Lost);
-                }
-                _ = tokio::time::sleep_until(next_hb) => {
-                    next_hb = Instant::now() + hb_every;
-                    let before = Instant::now();
-                    // Bounded: a call hanging on a dead connection must not keep this
-                    // loop from seeing the lease run out (and fencing itself).
-                    let left = lease_end.saturating_duration_since(before).max(Duration::from_millis(1));
-                    match tokio::time::timeout(left, self.queue.heartbeat(&claim.token, self.opts.lease)).await {
-                        Ok(Ok(hb)) if hb.cancel_requested => {
-                            lease_end = before + self.opts.lease;
-                            stop_now = Some(Stopped::Cancel);
-                        }
-                        Ok(Ok(_)) => lease_end = before + self.opts.lease,
-                        Ok(Err(Error::Fenced { .. })) => stop_now = Some(Stopped::Lost),
-                        Ok(Err(e)) => tracing::warn!("heartbeat for instance {} failed: {e}", claim.token.id),
-                        Err(_) => tracing::warn!("heartbeat for instance {} timed out", claim.token.id),
-                    }
-                }
-                _ = async {
-                    // At most one look every CHECK_EVERY, however busy the queue is.
-                    tokio::time::sleep_until(last_check + CHECK_EVERY).await;
-                    self.queue.wait_change(seen, hb_every).await
-                }, if stopped.is_none() => {
-                    // Something changed: look for a cancel request (or a lost lease)
-                    // without waiting for the next heartbeat.
-                    last_check = Instant::now();
-                    let left = lease_end.saturating_duration_since(last_check).max(Duration::from_millis(1));
-                    match tokio::time::timeout(left, self.queue.status(&claim.token)).await {
-                        Ok(Ok(hb)) if hb.cancel_requested => stop_now = Some(Stopped::Cancel),
-                        Ok(Ok(_)) => {}
-                        Ok(Err(Error::Fenced { .. })) => stop_now = Some(Stopped::Lost),
-                        Ok(Err(_)) | Err(_) => {}
-                    }
-                }
-                _ = self.shutdown.wait_level(2), if stopped.is_none() => {
-                    stop_now = Some(Stopped::Shutdown);
-                }
-            }
-            if let Some(s) = stop_now {
-                if stopped.is_none() {
-                    if s == Stopped::Lost {
-                        // Another worker may own the instance now: stop at once.
-                        killer.stop(Stop::Kill);
-                        force_at = Some(Instant::now());
-                    } else {
-                        killer.stop(Stop::Terminate);
-                        force_at = Some(Instant::now() + self.opts.kill_grace);
-                    }
-                    stopped = Some(s);
-                }
-            }
-        };
+        let (results, stopped) = self.supervise(claim, &killer, &cut, timeout, work).await;
         if let Some((o, e)) = &live {
             let _ = std::fs::remove_file(o);
             let _ = std::fs::remove_file(e);
         }
-        let (fed, out, err, status) = results;
+        self.conclude(claim, report, results, stopped, timeout)
+    }
+
+    /// The attempt failed with `msg` (retried if its budget allows).
+    fn fail(&self, claim: &Claim, mut report: AttemptReport, msg: String) -> Attempted {
+        report.end = now_ms();
+        report.message = Some(msg);
+        let outcome = self.failure(claim, report.clone());
+        (report, Some(outcome))
+    }
+
+    /// Records how an attempt ended in `report` and decides its outcome
+    /// ([`classify`]).
+    fn conclude(
+        &self,
+        claim: &Claim,
+        mut report: AttemptReport,
+        (fed, out, err, status): Results,
+        stopped: Option<Stopped>,
+        timeout: Option<Duration>,
+    ) -> (AttemptReport, Option<Outcome>) {
         report.end = now_ms();
         let mut ended = Ended {
             stopped,
@@ -377,7 +309,7 @@ impl Worker {
                 report.message = Some(m);
                 (report.clone(), Some(Outcome::Cancelled(report)))
             }
-            Verdict::Fail(m) => fail(report, m, claim),
+            Verdict::Fail(m) => self.fail(claim, report, m),
             Verdict::StoreRetry(m) => self.infra_retry(claim, report, m),
             Verdict::Success => {
                 report.cache_key = Some(cache_key(&claim.job, &self.runner.spec(), timeout));

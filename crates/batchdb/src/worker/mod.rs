@@ -14,12 +14,13 @@ use crate::error::{Error, Result};
 use crate::hash::Hash;
 use crate::queue::{
     AttemptEnd, AttemptReport, CacheSpec, Claim, ClaimRequest, ClaimToken, Finished, Order,
-    Outcome, Queue, now_ms, policy,
+    Outcome, Queue, millis, now_ms, policy,
 };
 use crate::runner::{Reader, Runner};
 
 mod attempt;
 mod classify;
+mod supervise;
 
 /// Payloads up to this size are verified before their job starts.
 const PREFETCH: u64 = 8 << 20;
@@ -79,8 +80,7 @@ impl Default for WorkerOptions {
 /// `host:pid:random`, unique enough to tell workers apart in attempt rows.
 pub fn default_worker_name() -> String {
     let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
-        .map(|h| h.trim().to_string())
-        .unwrap_or_else(|_| "localhost".into());
+        .map_or_else(|_| "localhost".into(), |h| h.trim().to_string());
     format!("{host}:{}:{:04x}", std::process::id(), fastrand::u16(..))
 }
 
@@ -129,9 +129,9 @@ impl Shutdown {
     /// Escalates: the first call is graceful, later calls force.
     pub fn escalate(&self) {
         if *self.0.borrow() == 0 {
-            self.graceful()
+            self.graceful();
         } else {
-            self.force()
+            self.force();
         }
     }
     fn level(&self) -> u8 {
@@ -223,7 +223,7 @@ impl Worker {
                         for claim in claims {
                             claimed_any = true;
                             if let Some(hit) = claim.cache_hit.clone() {
-                                send(&reports, &claim, hit, Some(Finished::Result));
+                                send(reports.as_ref(), &claim, hit, Some(Finished::Result));
                                 continue;
                             }
                             if let Some(lost) = claim.lost.clone() {
@@ -266,9 +266,9 @@ impl Worker {
             }
             // Sleep until the queue changes, a slot frees up, or a delayed job may be due.
             tokio::select! {
-                _ = this.queue.wait_change(seen, Duration::from_secs(1)) => {}
+                () = this.queue.wait_change(seen, Duration::from_secs(1)) => {}
                 Some(_) = tasks.join_next(), if !tasks.is_empty() => {}
-                _ = this.shutdown.wait_level(1) => {}
+                () = this.shutdown.wait_level(1) => {}
             }
         }
         while tasks.join_next().await.is_some() {}
@@ -289,7 +289,7 @@ impl Worker {
             None => None,
             Some(outcome) => self.finish_with_retry(&t, &outcome).await,
         };
-        send(&reports, &claim, report, finished);
+        send(reports.as_ref(), &claim, report, finished);
     }
 
     /// Records the outcome, retrying while the queue is unreachable. Gives up when
@@ -355,7 +355,7 @@ impl Worker {
             Duration::from_secs(60),
             claim.failures + 1,
         );
-        let retry_at = Some(now_ms() + wait.as_millis() as i64);
+        let retry_at = Some(now_ms().saturating_add(millis(wait)));
         (report.clone(), Some(Outcome::Failure { report, retry_at }))
     }
 
@@ -402,7 +402,7 @@ impl Worker {
         let budget = claim.retries.unwrap_or(self.opts.retries);
         let retry_at = policy::retry_number(claim.failures, budget).map(|n| {
             let wait = backoff(self.opts.backoff, self.opts.backoff_max, n);
-            now_ms() + wait.as_millis() as i64
+            now_ms().saturating_add(millis(wait))
         });
         Outcome::Failure { report, retry_at }
     }
@@ -419,7 +419,7 @@ fn backoff(base: Duration, max: Duration, n: u32) -> Duration {
 }
 
 fn send(
-    reports: &Option<mpsc::UnboundedSender<Report>>,
+    reports: Option<&mpsc::UnboundedSender<Report>>,
     claim: &Claim,
     report: AttemptReport,
     finished: Option<Finished>,

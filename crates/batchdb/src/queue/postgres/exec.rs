@@ -145,14 +145,14 @@ impl Conn for Tx<'_> {
         args: &[Arg<'_>],
         mut f: impl FnMut(&Row) -> TxResult<()>,
     ) -> TxResult<()> {
-        each_row!(self.tx, sql, args, f)
+        each_row!(self.raw, sql, args, f)
     }
 
     /// A statement that changed rows marks the transaction as a change.
     async fn execute(&mut self, sql: &Sql, args: &[Arg<'_>]) -> TxResult<u64> {
-        let stmt = self.tx.prepare_cached(sql.postgres()).await?;
+        let stmt = self.raw.prepare_cached(sql.postgres()).await?;
         let params: Vec<&(dyn ToSql + Sync)> = args.iter().map(|a| a as _).collect();
-        let n = self.tx.execute(&stmt, &params).await?;
+        let n = self.raw.execute(&stmt, &params).await?;
         if n > 0 {
             self.changed = true;
         }

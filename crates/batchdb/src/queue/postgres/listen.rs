@@ -78,7 +78,7 @@ async fn listen_once(
     loop {
         tokio::select! {
             _ = &mut ended_rx => break,
-            _ = tokio::time::sleep(Duration::from_secs(5)) => {
+            () = tokio::time::sleep(Duration::from_secs(5)) => {
                 if weak.strong_count() == 0 {
                     driver.abort();
                     return Ok(());

@@ -15,7 +15,7 @@ pub(super) struct NewEvent {
 /// A write transaction: statements are prepared once per connection and cached;
 /// events are buffered and numbered at commit.
 pub(super) struct Tx<'a> {
-    pub(super) tx: deadpool_postgres::Transaction<'a>,
+    pub(super) raw: deadpool_postgres::Transaction<'a>,
     pub(super) events: Vec<NewEvent>,
     pub(super) changed: bool,
     /// The database server's clock at the start of the transaction (epoch ms).
@@ -27,23 +27,21 @@ impl Tx<'_> {
     /// Returns whether anything changed.
     pub(super) async fn commit(self) -> TxResult<bool> {
         let Tx {
-            tx,
+            raw: tx,
             events,
             changed,
             ..
         } = self;
         if !events.is_empty() {
+            let n = i64::try_from(events.len()).unwrap_or(i64::MAX);
             // Taken last, held until commit: ids are handed out in commit order.
             let stmt = tx
                 .prepare_cached(
                     "UPDATE counters SET value = value + $1 WHERE name = 'event' RETURNING value",
                 )
                 .await?;
-            let last: i64 = tx
-                .query_one(&stmt, &[&(events.len() as i64)])
-                .await?
-                .try_get(0)?;
-            let first = last - events.len() as i64 + 1;
+            let last: i64 = tx.query_one(&stmt, &[&n]).await?.try_get(0)?;
+            let first = last - n + 1;
             let ids: Vec<i64> = (first..=last).collect();
             let times: Vec<i64> = events.iter().map(|e| e.time).collect();
             let kinds: Vec<&str> = events.iter().map(|e| e.kind.as_str()).collect();
@@ -101,7 +99,7 @@ macro_rules! in_tx {
                     .await?
                     .try_get(0)?;
                 let mut tx_ = Tx {
-                    tx: raw,
+                    raw,
                     events: Vec::new(),
                     changed: false,
                     now,
@@ -123,8 +121,10 @@ macro_rules! in_tx {
                 }
                 Err(TxError::Db(e)) if tries < 8 && retryable(&e) => {
                     tries += 1;
-                    tokio::time::sleep(Duration::from_millis(fastrand::u64(1..=20) * tries as u64))
-                        .await;
+                    tokio::time::sleep(Duration::from_millis(
+                        fastrand::u64(1..=20) * u64::from(tries),
+                    ))
+                    .await;
                 }
                 Err(e) => break Err(this.err(e)),
             }

@@ -27,6 +27,7 @@ use std::sync::OnceLock;
 use std::task::{Context, Poll, Waker};
 
 use super::row::Row;
+pub(crate) use super::types::millis;
 use super::types::{EventKind, Order};
 use crate::error::Error;
 use crate::hash::Hash;
@@ -316,11 +317,6 @@ impl<E> DbError<E> {
             },
         }
     }
-}
-
-/// A duration in whole milliseconds, the time unit of every row (saturating).
-pub(crate) fn millis(d: std::time::Duration) -> i64 {
-    i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
 }
 
 /// Which claim candidates a [`Tx::claim_sql`] statement selects.

@@ -13,9 +13,11 @@ use crate::queue::sql::{self, Arg, Claiming, Conn, Sql, args};
 pub(super) struct Lite<'c> {
     conn: &'c Connection,
     now: i64,
-    /// The newest `created`, once read in this transaction (a bulk add does not look
-    /// it up again for every row).
-    last_created: Option<Option<i64>>,
+    /// The newest `created` (`None`: no instance yet), once read in this transaction
+    /// (a bulk add does not look it up again for every row).
+    newest: Option<i64>,
+    /// Whether `newest` has been read.
+    newest_known: bool,
 }
 
 impl<'c> Lite<'c> {
@@ -23,7 +25,8 @@ impl<'c> Lite<'c> {
         Lite {
             conn,
             now: now_ms(),
-            last_created: None,
+            newest: None,
+            newest_known: false,
         }
     }
 }
@@ -43,8 +46,8 @@ where
 impl rusqlite::ToSql for Arg<'_> {
     fn to_sql(&self) -> rusqlite::Result<ToSqlOutput<'_>> {
         Ok(match self {
-            Arg::Int(v) => v.map_or(ToSqlOutput::Owned(Value::Null), |v| v.into()),
-            Arg::Int32(v) => v.map_or(ToSqlOutput::Owned(Value::Null), |v| v.into()),
+            Arg::Int(v) => v.map_or(ToSqlOutput::Owned(Value::Null), std::convert::Into::into),
+            Arg::Int32(v) => v.map_or(ToSqlOutput::Owned(Value::Null), std::convert::Into::into),
             Arg::Bool(v) => (*v).into(),
             Arg::Text(v) => match v {
                 Some(s) => ToSqlOutput::Borrowed(ValueRef::Text(s.as_bytes())),
@@ -185,12 +188,12 @@ impl sql::Tx for Lite<'_> {
 
     /// The write lock makes this race-free across processes.
     async fn next_created(&mut self, now: i64) -> TxResult<i64> {
-        let newest = match self.last_created {
-            Some(v) => v,
-            None => self.one(&NEWEST_CREATED, &[], |r| r.int(0)).await?,
-        };
-        let created = newest.map_or(now, |l| now.max(l + 1));
-        self.last_created = Some(Some(created));
+        if !self.newest_known {
+            self.newest = self.one(&NEWEST_CREATED, &[], |r| r.int(0)).await?;
+            self.newest_known = true;
+        }
+        let created = self.newest.map_or(now, |l| now.max(l + 1));
+        self.newest = Some(created);
         Ok(created)
     }
 

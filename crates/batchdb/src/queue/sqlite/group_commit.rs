@@ -238,7 +238,7 @@ impl SqliteQueue {
                 .map_err(|e| Error::Task(e.to_string()))??;
             match recv.try_recv() {
                 Ok(out) => break out,
-                Err(tokio::sync::oneshot::error::TryRecvError::Empty) => continue,
+                Err(tokio::sync::oneshot::error::TryRecvError::Empty) => {}
                 Err(tokio::sync::oneshot::error::TryRecvError::Closed) => {
                     return Err(Error::Task("sqlite write dropped before its commit".into()));
                 }

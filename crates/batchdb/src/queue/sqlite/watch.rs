@@ -120,17 +120,14 @@ impl SqliteQueue {
             };
             let mut last: Option<i64> = None;
             loop {
-                let woke = match &notify {
-                    Some(w) => {
-                        tokio::select! {
-                            r = w.wait() => r.is_ok(),
-                            _ = tokio::time::sleep(every) => false,
-                        }
+                let woke = if let Some(w) = &notify {
+                    tokio::select! {
+                        r = w.wait() => r.is_ok(),
+                        () = tokio::time::sleep(every) => false,
                     }
-                    None => {
-                        tokio::time::sleep(every).await;
-                        false
-                    }
+                } else {
+                    tokio::time::sleep(every).await;
+                    false
                 };
                 let Some(inner) = weak.upgrade() else { return };
                 if woke {
