@@ -11,6 +11,7 @@
 //! anything for it.
 
 mod attempt_id;
+mod changes;
 mod list;
 mod migrations;
 mod options;

@@ -19,8 +19,8 @@ pub(crate) trait Row {
     /// A boolean column (stored as an integer by SQLite).
     fn flag(&self, i: usize) -> Result<bool, Self::Error>;
 
-    /// A text column (NULL is `None`).
-    fn text(&self, i: usize) -> Result<Option<String>, Self::Error>;
+    /// A text column, borrowed from the row (NULL is `None`).
+    fn str(&self, i: usize) -> Result<Option<&str>, Self::Error>;
 
     /// A binary column (NULL is `None`).
     fn bytes(&self, i: usize) -> Result<Option<Vec<u8>>, Self::Error>;
@@ -28,6 +28,21 @@ pub(crate) trait Row {
     /// The backend's error for a value batchdb never writes (it maps to
     /// [`crate::Error::Corrupt`]).
     fn corrupt(what: String) -> Self::Error;
+
+    /// A text column (NULL is `None`).
+    fn text(&self, i: usize) -> Result<Option<String>, Self::Error> {
+        Ok(self.str(i)?.map(String::from))
+    }
+
+    /// A NOT NULL text column parsed in place (a hash or a state: no allocation, as a
+    /// page of a million rows reads millions of them).
+    fn parsed<T: std::str::FromStr<Err = crate::Error>>(&self, i: usize) -> Result<T, Self::Error> {
+        let s = self
+            .str(i)?
+            .ok_or_else(|| Self::corrupt(format!("column {i} is NULL")))?;
+        s.parse()
+            .map_err(|e: crate::Error| Self::corrupt(e.to_string()))
+    }
 
     /// A NOT NULL integer column.
     fn req_int(&self, i: usize) -> Result<i64, Self::Error> {
@@ -44,19 +59,15 @@ pub(crate) trait Row {
 
     /// A hash column.
     fn hash(&self, i: usize) -> Result<Hash, Self::Error> {
-        let s = self.req_text(i)?;
-        s.parse()
-            .map_err(|e: crate::Error| Self::corrupt(e.to_string()))
+        self.parsed(i)
     }
 
     /// A hash column that may be NULL.
     fn opt_hash(&self, i: usize) -> Result<Option<Hash>, Self::Error> {
-        self.text(i)?
-            .map(|s| {
-                s.parse()
-                    .map_err(|e: crate::Error| Self::corrupt(e.to_string()))
-            })
-            .transpose()
+        match self.str(i)? {
+            Some(_) => self.parsed(i).map(Some),
+            None => Ok(None),
+        }
     }
 
     /// A NOT NULL text column.
@@ -74,9 +85,7 @@ pub(crate) trait Row {
 
     /// A state column.
     fn state(&self, i: usize) -> Result<State, Self::Error> {
-        self.req_text(i)?
-            .parse()
-            .map_err(|e: crate::Error| Self::corrupt(e.to_string()))
+        self.parsed(i)
     }
 
     /// A stored output: its hash column `h` and size column `size` (`None` when the

@@ -4,12 +4,13 @@
 //! counter row, events numbered at commit.
 
 use bytes::BytesMut;
+use deadpool_postgres::GenericClient;
 use futures_util::TryStreamExt;
 use tokio_postgres::types::{IsNull, Type};
 
 use super::*;
 use crate::queue::row::{Row as _, claim_cols};
-use crate::queue::sql::{self, Arg, Claiming, Conn, Sql, args};
+use crate::queue::sql::{self, Arg, ClaimSql, Conn, NewEvent, Sql, args};
 
 type BoxError = Box<dyn std::error::Error + Sync + Send>;
 
@@ -64,7 +65,7 @@ impl crate::queue::row::Row for Row {
         Ok(self.try_get(i)?)
     }
 
-    fn text(&self, i: usize) -> TxResult<Option<String>> {
+    fn str(&self, i: usize) -> TxResult<Option<&str>> {
         Ok(self.try_get(i)?)
     }
 
@@ -75,57 +76,30 @@ impl crate::queue::row::Row for Row {
     fn corrupt(what: String) -> TxError {
         TxError::Corrupt(what)
     }
-
-    /// Parsed in place, without allocating.
-    fn hash(&self, i: usize) -> TxResult<Hash> {
-        parse_str(self.try_get(i)?)
-    }
-
-    fn opt_hash(&self, i: usize) -> TxResult<Option<Hash>> {
-        self.try_get::<_, Option<&str>>(i)?
-            .map(parse_str)
-            .transpose()
-    }
-
-    fn state(&self, i: usize) -> TxResult<State> {
-        parse_str(self.try_get(i)?)
-    }
 }
 
-/// A text column's value parsed (a value that does not parse is corrupt).
-fn parse_str<T: std::str::FromStr<Err = Error>>(s: &str) -> TxResult<T> {
-    s.parse()
-        .map_err(|e: Error| TxError::Corrupt(e.to_string()))
-}
+/// A pooled connection or a transaction running the shared SQL.
+pub(super) struct Pg<'a, C>(pub(super) &'a C);
 
-/// Runs `sql` on `client` (a connection or a transaction), row by row.
-macro_rules! each_row {
-    ($client:expr, $sql:expr, $args:expr, $f:expr) => {{
-        let stmt = $client.prepare_cached($sql.postgres()).await?;
-        let params = $args.iter().map(|a| a as &(dyn ToSql + Sync));
-        let rows = $client.query_raw(&stmt, params).await?;
-        futures_util::pin_mut!(rows);
-        while let Some(r) = rows.try_next().await? {
-            $f(&r)?;
-        }
-        Ok(())
-    }};
-}
-
-/// A pooled connection running the shared read SQL.
-pub(super) struct PgRead<'a>(pub(super) &'a deadpool_postgres::ClientWrapper);
-
-impl Conn for PgRead<'_> {
+impl<C: GenericClient> Conn for Pg<'_, C> {
     type Error = TxError;
     type Row<'r> = Row;
 
+    /// Row by row, as they arrive (`query_raw`): nothing is collected.
     async fn each(
         &mut self,
         sql: &Sql,
         args: &[Arg<'_>],
         mut f: impl FnMut(&Row) -> TxResult<()>,
     ) -> TxResult<()> {
-        each_row!(self.0, sql, args, f)
+        let stmt = self.0.prepare_cached(sql.postgres()).await?;
+        let params = args.iter().map(|a| a as &(dyn ToSql + Sync));
+        let rows = self.0.query_raw(&stmt, params).await?;
+        futures_util::pin_mut!(rows);
+        while let Some(r) = rows.try_next().await? {
+            f(&r)?;
+        }
+        Ok(())
     }
 
     async fn execute(&mut self, sql: &Sql, args: &[Arg<'_>]) -> TxResult<u64> {
@@ -143,16 +117,14 @@ impl Conn for Tx<'_> {
         &mut self,
         sql: &Sql,
         args: &[Arg<'_>],
-        mut f: impl FnMut(&Row) -> TxResult<()>,
+        f: impl FnMut(&Row) -> TxResult<()>,
     ) -> TxResult<()> {
-        each_row!(self.raw, sql, args, f)
+        Pg(&self.raw).each(sql, args, f).await
     }
 
     /// A statement that changed rows marks the transaction as a change.
     async fn execute(&mut self, sql: &Sql, args: &[Arg<'_>]) -> TxResult<u64> {
-        let stmt = self.raw.prepare_cached(sql.postgres()).await?;
-        let params: Vec<&(dyn ToSql + Sync)> = args.iter().map(|a| a as _).collect();
-        let n = self.raw.execute(&stmt, &params).await?;
+        let n = Pg(&self.raw).execute(sql, args).await?;
         if n > 0 {
             self.changed = true;
         }
@@ -190,20 +162,8 @@ impl sql::Tx for Tx<'_> {
     }
 
     /// Buffered, and numbered at commit (see [`Tx::commit`]).
-    async fn event(
-        &mut self,
-        kind: EventKind,
-        job: &Hash,
-        inst: Option<(i64, i64)>,
-        data: serde_json::Value,
-    ) -> TxResult<()> {
-        self.events.push(NewEvent {
-            time: self.now,
-            kind,
-            job: *job,
-            inst,
-            data,
-        });
+    async fn append(&mut self, e: NewEvent) -> TxResult<()> {
+        self.events.push(e);
         self.changed = true;
         Ok(())
     }
@@ -213,11 +173,11 @@ impl sql::Tx for Tx<'_> {
         self.one(&NEXT_CREATED, &args![now], |r| r.req_int(0)).await
     }
 
-    fn claim_sql(which: Claiming) -> &'static Sql {
-        match which {
-            Claiming::Expired => &EXPIRED,
-            Claiming::Pending(Order::Newest) => &PENDING_NEWEST,
-            Claiming::Pending(Order::Oldest) => &PENDING_OLDEST,
+    fn claim_sql() -> ClaimSql {
+        ClaimSql {
+            expired: &EXPIRED,
+            newest: &PENDING_NEWEST,
+            oldest: &PENDING_OLDEST,
         }
     }
 

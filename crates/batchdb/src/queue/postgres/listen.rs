@@ -38,7 +38,7 @@ impl PgQueue {
                 }
                 // Whatever happened while not listening: make waiters look again.
                 match weak.upgrade() {
-                    Some(inner) => inner.changes.send_modify(|v| *v += 1),
+                    Some(inner) => inner.changes.bump(),
                     None => return,
                 }
             }
@@ -60,7 +60,7 @@ async fn listen_once(
         while let Some(m) = messages.next().await {
             match m {
                 Ok(AsyncMessage::Notification(_)) => match w.upgrade() {
-                    Some(inner) => inner.changes.send_modify(|v| *v += 1),
+                    Some(inner) => inner.changes.bump(),
                     None => return Ok(()),
                 },
                 Ok(_) => {}
@@ -72,7 +72,7 @@ async fn listen_once(
     });
     client.batch_execute(&format!("LISTEN {CHANNEL}")).await?;
     if let Some(inner) = weak.upgrade() {
-        inner.changes.send_modify(|v| *v += 1);
+        inner.changes.bump();
     }
     // Keep the client alive while the connection lives and the queue exists.
     loop {

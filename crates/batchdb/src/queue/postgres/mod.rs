@@ -26,10 +26,10 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Weak};
 use std::time::Duration;
 
+use super::changes::Changes;
 use async_trait::async_trait;
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
 use futures_util::StreamExt;
-use tokio::sync::watch;
 use tokio_postgres::error::SqlState;
 use tokio_postgres::types::ToSql;
 use tokio_postgres::{AsyncMessage, NoTls, Row};
@@ -48,7 +48,7 @@ mod url;
 use super::sql::{DbError, read, write};
 use crate::error::{Error, Result};
 use crate::hash::Hash;
-use exec::PgRead;
+use exec::Pg;
 use tx::*;
 use url::*;
 
@@ -77,7 +77,7 @@ struct Inner {
     location: String,
     config: tokio_postgres::Config,
     pool: Pool,
-    changes: watch::Sender<u64>,
+    changes: Changes,
     listening: AtomicBool,
 }
 
@@ -141,13 +141,12 @@ impl PgQueue {
                 value: location.clone(),
                 why: e.to_string(),
             })?;
-        let (changes, _) = watch::channel(0);
         let q = PgQueue {
             inner: Arc::new(Inner {
                 location,
                 config,
                 pool,
-                changes,
+                changes: Changes::new(),
                 listening: AtomicBool::new(false),
             }),
         };
@@ -251,7 +250,7 @@ impl Queue for PgQueue {
     }
 
     async fn inline_blob(&self, hash: &Hash) -> Result<Option<Vec<u8>>> {
-        self.read(async |c| read::inline_blob(&mut PgRead(c), hash).await)
+        self.read(async |c| read::inline_blob(&mut Pg(c), hash).await)
             .await
     }
 
@@ -270,7 +269,7 @@ impl Queue for PgQueue {
     }
 
     async fn status(&self, claim: &ClaimToken) -> Result<Heartbeat> {
-        self.read(async |c| read::status(&mut PgRead(c), claim).await)
+        self.read(async |c| read::status(&mut Pg(c), claim).await)
             .await
     }
 
@@ -288,13 +287,13 @@ impl Queue for PgQueue {
 
     async fn list_page(&self, kind: ListKind, after: i64, limit: usize) -> Result<Vec<ListRow>> {
         let limit = i64::try_from(limit).unwrap_or(i64::MAX);
-        self.read(async |c| read::list_page(&mut PgRead(c), kind, after, limit).await)
+        self.read(async |c| read::list_page(&mut Pg(c), kind, after, limit).await)
             .await
     }
 
     async fn instance(&self, id: i64) -> Result<InstanceDetail> {
         self.read(async |c| {
-            read::instance_detail(&mut PgRead(c), id)
+            read::instance_detail(&mut Pg(c), id)
                 .await?
                 .ok_or_else(|| Error::InstanceNotFound(format!("id:{id}")).into())
         })
@@ -302,28 +301,27 @@ impl Queue for PgQueue {
     }
 
     async fn select(&self, sel: &Selector) -> Result<Vec<i64>> {
-        self.read(async |c| read::select(&mut PgRead(c), sel).await)
+        self.read(async |c| read::select(&mut Pg(c), sel).await)
             .await
     }
 
     async fn job_exists(&self, job: &Hash) -> Result<bool> {
-        self.read(async |c| write::job_exists(&mut PgRead(c), job).await)
+        self.read(async |c| write::job_exists(&mut Pg(c), job).await)
             .await
     }
 
     async fn counts(&self) -> Result<Counts> {
-        self.read(async |c| read::counts(&mut PgRead(c)).await)
-            .await
+        self.read(async |c| read::counts(&mut Pg(c)).await).await
     }
 
     async fn events(&self, after: i64, limit: usize) -> Result<Vec<Event>> {
         let limit = i64::try_from(limit).unwrap_or(i64::MAX);
-        self.read(async |c| read::events(&mut PgRead(c), after, limit).await)
+        self.read(async |c| read::events(&mut Pg(c), after, limit).await)
             .await
     }
 
     async fn last_event_id(&self) -> Result<i64> {
-        self.read(async |c| read::last_event_id(&mut PgRead(c)).await)
+        self.read(async |c| read::last_event_id(&mut Pg(c)).await)
             .await
     }
 
@@ -336,14 +334,14 @@ impl Queue for PgQueue {
                     problems.push(format!("{n} {what}"));
                 }
             }
-            problems.extend(read::check_inline(&mut PgRead(c)).await?);
+            problems.extend(read::check_inline(&mut Pg(c)).await?);
             Ok(problems)
         })
         .await
     }
 
     async fn is_referenced(&self, hash: &Hash) -> Result<bool> {
-        self.read(async |c| read::is_referenced(&mut PgRead(c), hash).await)
+        self.read(async |c| read::is_referenced(&mut Pg(c), hash).await)
             .await
     }
 
@@ -352,18 +350,17 @@ impl Queue for PgQueue {
         after: i64,
         span: i64,
     ) -> Result<(Vec<BlobReference>, Option<i64>)> {
-        self.read(async |c| read::references_page(&mut PgRead(c), after, span).await)
+        self.read(async |c| read::references_page(&mut Pg(c), after, span).await)
             .await
     }
 
     fn change_seq(&self) -> u64 {
-        *self.inner.changes.borrow()
+        self.inner.changes.seq()
     }
 
     async fn wait_change(&self, seen: u64, timeout: Duration) {
         self.start_listener();
-        let mut rx = self.inner.changes.subscribe();
-        let _ = tokio::time::timeout(timeout, rx.wait_for(|v| *v != seen)).await;
+        self.inner.changes.wait(seen, timeout).await;
     }
 
     fn location(&self) -> String {

@@ -2,15 +2,7 @@
 //! which runs a body in a transaction and retries it on a serialization failure.
 
 use super::*;
-
-/// An event to append when the transaction commits.
-pub(super) struct NewEvent {
-    pub(super) time: i64,
-    pub(super) kind: EventKind,
-    pub(super) job: Hash,
-    pub(super) inst: Option<(i64, i64)>,
-    pub(super) data: serde_json::Value,
-}
+use crate::queue::sql::NewEvent;
 
 /// A write transaction: statements are prepared once per connection and cached;
 /// events are buffered and numbered at commit.
@@ -115,7 +107,7 @@ macro_rules! in_tx {
             match r {
                 Ok((out, changed)) => {
                     if changed {
-                        this.inner.changes.send_modify(|v| *v += 1);
+                        this.inner.changes.bump();
                     }
                     break Ok(out);
                 }

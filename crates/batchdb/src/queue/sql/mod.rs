@@ -28,7 +28,7 @@ use std::task::{Context, Poll, Waker};
 
 use super::row::Row;
 pub(crate) use super::types::millis;
-use super::types::{EventKind, Order};
+use super::types::EventKind;
 use crate::error::Error;
 use crate::hash::Hash;
 
@@ -262,22 +262,34 @@ pub(crate) trait Tx: Conn {
     fn now(&self) -> i64;
 
     /// Appends an event to the log (numbered in commit order).
+    async fn append(&mut self, event: NewEvent) -> Result<(), Self::Error>;
+
+    /// Appends a `kind` event of job `job` (and instance `(id, created)`) at this
+    /// transaction's time.
     async fn event(
         &mut self,
         kind: EventKind,
         job: &Hash,
         inst: Option<(i64, i64)>,
         data: serde_json::Value,
-    ) -> Result<(), Self::Error>;
+    ) -> Result<(), Self::Error> {
+        let (time, job) = (self.now(), *job);
+        self.append(NewEvent {
+            time,
+            kind,
+            job,
+            inst,
+            data,
+        })
+        .await
+    }
 
     /// A `created` time for a new instance: `now`, or the next free one when `now` is
     /// taken (`created` is unique across all instances).
     async fn next_created(&mut self, now: i64) -> Result<i64, Self::Error>;
 
-    /// The statement selecting claim candidates (see [`Claiming`]), with
-    /// [`claim_cols!`](crate::queue::row::claim_cols) first; each row it returns is
-    /// locked for this transaction, and rows another claimer holds are skipped.
-    fn claim_sql(which: Claiming) -> &'static Sql;
+    /// The statements selecting claim candidates.
+    fn claim_sql() -> ClaimSql;
 
     /// Takes the claim lock of cache key `key` for this transaction, without waiting;
     /// false when another claimer holds it.
@@ -319,15 +331,31 @@ impl<E> DbError<E> {
     }
 }
 
-/// Which claim candidates a [`Tx::claim_sql`] statement selects.
-#[derive(Debug, Clone, Copy)]
-pub(crate) enum Claiming {
+/// An event to append to the log.
+#[derive(Debug)]
+pub(crate) struct NewEvent {
+    /// When (epoch ms).
+    pub(crate) time: i64,
+    pub(crate) kind: EventKind,
+    pub(crate) job: Hash,
+    /// The instance's id and `created`, for an instance's event.
+    pub(crate) inst: Option<(i64, i64)>,
+    /// Details (`null`: none).
+    pub(crate) data: serde_json::Value,
+}
+
+/// A backend's statements selecting claim candidates ([`claim_cols!`](crate::queue::row::claim_cols)
+/// first); each row they return is locked for the transaction, and rows another
+/// claimer holds are skipped.
+pub(crate) struct ClaimSql {
     /// Running instances whose lease ended before `$1`, oldest lease first, at most
     /// `$2`; `cancel_requested` follows the claim columns.
-    Expired,
-    /// Due pending instances (`run_at <= $1`) by priority then this order; a window
-    /// of `$2` rows after skipping `$3`.
-    Pending(Order),
+    pub(crate) expired: &'static Sql,
+    /// Due pending instances (`run_at <= $1`) by priority, newest first within one;
+    /// a window of `$2` rows after skipping `$3`.
+    pub(crate) newest: &'static Sql,
+    /// The same, oldest first.
+    pub(crate) oldest: &'static Sql,
 }
 
 /// Runs a future that completes without waiting (the SQLite executor's), on this

@@ -4,14 +4,14 @@
 
 use std::time::Duration;
 
-use super::{Claiming, Conn, Sql, Tx, args};
+use super::{Conn, Sql, Tx, args};
 use crate::error::Error;
 use crate::hash::Hash;
 use crate::queue::policy::{self, AttemptEnd, Transition};
 use crate::queue::row::{Candidate, Row, candidate};
 use crate::queue::types::{
     AttemptReport, Claim, ClaimRequest, ClaimToken, EventKind, Finished, Heartbeat, Instance,
-    LostAttempt, NewJob, Outcome, PushOptions, Selector, State,
+    LostAttempt, NewJob, Order, Outcome, PushOptions, Selector, State,
 };
 
 type R<T, E> = Result<T, <E as Conn>::Error>;
@@ -418,7 +418,7 @@ async fn take_over<T: Tx>(tx: &mut T, req: &ClaimRequest, out: &mut Vec<Claim>) 
     let limit = i64::try_from(req.limit).unwrap_or(i64::MAX);
     let mut terminal = false;
     let expired = tx
-        .rows(T::claim_sql(Claiming::Expired), &args![now, limit], |r| {
+        .rows(T::claim_sql().expired, &args![now, limit], |r| {
             Ok((candidate(r)?, r.flag(8)?))
         })
         .await?;
@@ -469,7 +469,10 @@ async fn claim_pending<T: Tx>(tx: &mut T, req: &ClaimRequest, out: &mut Vec<Clai
     while claimed < remaining {
         let offset = i64::try_from(skipped).unwrap_or(i64::MAX);
         let win = i64::try_from(window).unwrap_or(i64::MAX);
-        let sql = T::claim_sql(Claiming::Pending(req.order));
+        let sql = match req.order {
+            Order::Newest => T::claim_sql().newest,
+            Order::Oldest => T::claim_sql().oldest,
+        };
         let candidates = tx
             .rows(sql, &args![now, win, offset], |r| candidate(r))
             .await?;

@@ -6,7 +6,7 @@ use rusqlite::types::{ToSqlOutput, Value, ValueRef};
 
 use super::*;
 use crate::queue::row::{Row, claim_cols};
-use crate::queue::sql::{self, Arg, Claiming, Conn, Sql, args};
+use crate::queue::sql::{self, Arg, ClaimSql, Conn, NewEvent, Sql, args};
 
 /// A connection (or the transaction it is in) running the shared SQL. Every future
 /// it returns is ready at once: drive them with [`run`].
@@ -72,8 +72,11 @@ impl Row for rusqlite::Row<'_> {
         Ok(self.get(i)?)
     }
 
-    fn text(&self, i: usize) -> TxResult<Option<String>> {
-        Ok(self.get(i)?)
+    /// Borrowed from the row: no allocation (any type but text or NULL is corrupt).
+    fn str(&self, i: usize) -> TxResult<Option<&str>> {
+        self.get_ref(i)?
+            .as_str_or_null()
+            .map_err(|e| TxError::Corrupt(format!("column {i}: {e}")))
     }
 
     fn bytes(&self, i: usize) -> TxResult<Option<Vec<u8>>> {
@@ -83,32 +86,6 @@ impl Row for rusqlite::Row<'_> {
     fn corrupt(what: String) -> TxError {
         TxError::Corrupt(what)
     }
-
-    /// Parsed in place, without allocating (a page of a million rows reads millions).
-    fn hash(&self, i: usize) -> TxResult<Hash> {
-        parse_str(str_at(self, i)?.unwrap_or_default())
-    }
-
-    fn opt_hash(&self, i: usize) -> TxResult<Option<Hash>> {
-        str_at(self, i)?.map(parse_str).transpose()
-    }
-
-    fn state(&self, i: usize) -> TxResult<State> {
-        parse_str(str_at(self, i)?.unwrap_or_default())
-    }
-}
-
-/// Text column `i` of `r`, borrowed (NULL is `None`; any other type is corrupt).
-fn str_at<'r>(r: &'r rusqlite::Row<'_>, i: usize) -> TxResult<Option<&'r str>> {
-    r.get_ref(i)?
-        .as_str_or_null()
-        .map_err(|e| TxError::Corrupt(format!("column {i}: {e}")))
-}
-
-/// A text column's value parsed (a value that does not parse is corrupt).
-fn parse_str<T: std::str::FromStr<Err = Error>>(s: &str) -> TxResult<T> {
-    s.parse()
-        .map_err(|e: Error| TxError::Corrupt(e.to_string()))
 }
 
 impl Conn for Lite<'_> {
@@ -171,18 +148,11 @@ impl sql::Tx for Lite<'_> {
         self.now
     }
 
-    async fn event(
-        &mut self,
-        kind: EventKind,
-        job: &Hash,
-        inst: Option<(i64, i64)>,
-        data: serde_json::Value,
-    ) -> TxResult<()> {
-        let data = (!data.is_null()).then(|| data.to_string());
-        let (id, created) = (inst.map(|i| i.0), inst.map(|i| i.1));
-        let now = self.now;
-        self.execute(&EVENT, &args![now, kind.as_str(), job, created, id, data])
-            .await?;
+    async fn append(&mut self, e: NewEvent) -> TxResult<()> {
+        let data = (!e.data.is_null()).then(|| e.data.to_string());
+        let (id, created) = (e.inst.map(|i| i.0), e.inst.map(|i| i.1));
+        let args = args![e.time, e.kind.as_str(), &e.job, created, id, data];
+        self.execute(&EVENT, &args).await?;
         Ok(())
     }
 
@@ -197,11 +167,11 @@ impl sql::Tx for Lite<'_> {
         Ok(created)
     }
 
-    fn claim_sql(which: Claiming) -> &'static Sql {
-        match which {
-            Claiming::Expired => &EXPIRED,
-            Claiming::Pending(Order::Newest) => &PENDING_NEWEST,
-            Claiming::Pending(Order::Oldest) => &PENDING_OLDEST,
+    fn claim_sql() -> ClaimSql {
+        ClaimSql {
+            expired: &EXPIRED,
+            newest: &PENDING_NEWEST,
+            oldest: &PENDING_OLDEST,
         }
     }
 

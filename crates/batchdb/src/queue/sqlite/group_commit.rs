@@ -136,7 +136,7 @@ impl Inner {
         }
         // Only a commit that wrote something is news (an empty claim is not).
         if outcome.is_ok() && conn.total_changes() != before {
-            self.changes.send_modify(|v| *v += 1);
+            self.changes.bump();
         }
         match &outcome {
             Ok(()) => delivers.into_iter().for_each(|d| d(Ok(()))),

@@ -24,6 +24,7 @@ use super::types::*;
 use crate::error::{Error, Result};
 use crate::hash::Hash;
 
+use super::changes::Changes;
 use super::migrations::{self, SCHEMA_VERSION};
 
 mod exec;
@@ -54,7 +55,7 @@ struct Inner {
     conn: Mutex<Connection>,
     /// Writes waiting for the next group commit.
     queued: Mutex<Vec<Queued>>,
-    changes: watch::Sender<u64>,
+    changes: Changes,
     poller: AtomicBool,
 }
 
@@ -154,13 +155,12 @@ impl SqliteQueue {
         })
         .await
         .map_err(|e| Error::Task(e.to_string()))??;
-        let (changes, _) = watch::channel(0);
         Ok(SqliteQueue {
             inner: Arc::new(Inner {
                 path,
                 conn: Mutex::new(conn),
                 queued: Mutex::new(Vec::new()),
-                changes,
+                changes: Changes::new(),
                 poller: AtomicBool::new(false),
             }),
         })
@@ -384,13 +384,12 @@ impl Queue for SqliteQueue {
     }
 
     fn change_seq(&self) -> u64 {
-        *self.inner.changes.borrow()
+        self.inner.changes.seq()
     }
 
     async fn wait_change(&self, seen: u64, timeout: Duration) {
         self.start_poller();
-        let mut rx = self.inner.changes.subscribe();
-        let _ = tokio::time::timeout(timeout, rx.wait_for(|v| *v != seen)).await;
+        self.inner.changes.wait(seen, timeout).await;
     }
 
     fn location(&self) -> String {

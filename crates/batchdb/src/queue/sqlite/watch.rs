@@ -18,8 +18,6 @@ use tokio::io::unix::AsyncFd;
 
 use super::{FALLBACK_POLL, Inner, POLL, SqliteQueue, open_conn};
 
-pub use tokio::sync::watch::*;
-
 /// An inotify watch on one directory.
 pub struct DirWatch(AsyncFd<OwnedFd>);
 
@@ -134,17 +132,17 @@ impl SqliteQueue {
                     // A write to the WAL file is seen before the writer publishes the
                     // commit in shared memory: wake waiters now, and once more shortly
                     // after, so that a reader that looked too early looks again.
-                    inner.changes.send_modify(|c| *c += 1);
+                    inner.changes.bump();
                     drop(inner);
                     tokio::time::sleep(Duration::from_millis(10)).await;
                     let Some(inner) = weak.upgrade() else { return };
-                    inner.changes.send_modify(|c| *c += 1);
+                    inner.changes.bump();
                     continue;
                 }
                 match conn.query_row("PRAGMA data_version", [], |r| r.get::<_, i64>(0)) {
                     Ok(v) => {
                         if last.is_some_and(|l| l != v) {
-                            inner.changes.send_modify(|c| *c += 1);
+                            inner.changes.bump();
                         }
                         last = Some(v);
                     }
