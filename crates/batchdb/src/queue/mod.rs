@@ -131,9 +131,6 @@ pub trait Queue: Send + Sync + fmt::Debug {
     /// The instances a selector names (ids, in push order).
     async fn select(&self, sel: &Selector) -> Result<Vec<i64>>;
 
-    /// Whether a job with this key exists.
-    async fn job_exists(&self, job: &Hash) -> Result<bool>;
-
     /// How many instances are in each state.
     async fn counts(&self) -> Result<Counts>;
 

@@ -305,11 +305,6 @@ impl Queue for PgQueue {
             .await
     }
 
-    async fn job_exists(&self, job: &Hash) -> Result<bool> {
-        self.read(async |c| write::job_exists(&mut Pg(c), job).await)
-            .await
-    }
-
     async fn counts(&self) -> Result<Counts> {
         self.read(async |c| read::counts(&mut Pg(c)).await).await
     }

@@ -27,8 +27,8 @@ use std::sync::OnceLock;
 use std::task::{Context, Poll, Waker};
 
 use super::row::Row;
-pub(crate) use super::types::millis;
 use super::types::EventKind;
+pub(crate) use super::types::millis;
 use crate::error::Error;
 use crate::hash::Hash;
 

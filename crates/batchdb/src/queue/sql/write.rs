@@ -109,7 +109,7 @@ pub(crate) async fn insert_job<T: Tx>(tx: &mut T, job: &NewJob) -> R<bool, T> {
 }
 
 /// Whether job `job` is recorded.
-pub(crate) async fn job_exists<C: Conn>(c: &mut C, job: &Hash) -> R<bool, C> {
+async fn job_exists<C: Conn>(c: &mut C, job: &Hash) -> R<bool, C> {
     Ok(c.opt(&JOB_EXISTS, &args![job], |_| Ok(())).await?.is_some())
 }
 

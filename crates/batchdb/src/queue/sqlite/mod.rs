@@ -315,17 +315,6 @@ impl Queue for SqliteQueue {
         .await
     }
 
-    async fn job_exists(&self, job: &Hash) -> Result<bool> {
-        let job = *job;
-        self.with_conn(move |c| {
-            exec::run(
-                c,
-                |mut l| async move { write::job_exists(&mut l, &job).await },
-            )
-        })
-        .await
-    }
-
     async fn counts(&self) -> Result<Counts> {
         self.with_conn(|c| exec::run(c, |mut l| async move { read::counts(&mut l).await }))
             .await
