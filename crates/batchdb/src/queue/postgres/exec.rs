@@ -168,6 +168,10 @@ impl sql::Tx for Tx<'_> {
         Ok(())
     }
 
+    async fn insert_id(&mut self, sql: &Sql, args: &[Arg<'_>]) -> TxResult<i64> {
+        self.one(sql, args, |r| r.req_int(0)).await
+    }
+
     /// The counter row's lock serializes pushes.
     async fn next_created(&mut self, now: i64) -> TxResult<i64> {
         self.one(&NEXT_CREATED, &args![now], |r| r.req_int(0)).await

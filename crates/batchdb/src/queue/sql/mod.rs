@@ -284,6 +284,10 @@ pub(crate) trait Tx: Conn {
         .await
     }
 
+    /// Runs an `INSERT` of one row and returns the row's new id (its `RETURNING id`
+    /// where the dialect's text has one).
+    async fn insert_id(&mut self, sql: &Sql, args: &[Arg<'_>]) -> Result<i64, Self::Error>;
+
     /// A `created` time for a new instance: `now`, or the next free one when `now` is
     /// taken (`created` is unique across all instances).
     async fn next_created(&mut self, now: i64) -> Result<i64, Self::Error>;

@@ -156,6 +156,12 @@ impl sql::Tx for Lite<'_> {
         Ok(())
     }
 
+    /// The rowid SQLite just assigned (no RETURNING: see the statement).
+    async fn insert_id(&mut self, sql: &Sql, args: &[Arg<'_>]) -> TxResult<i64> {
+        self.execute(sql, args).await?;
+        Ok(self.conn.last_insert_rowid())
+    }
+
     /// The write lock makes this race-free across processes.
     async fn next_created(&mut self, now: i64) -> TxResult<i64> {
         if !self.newest_known {
