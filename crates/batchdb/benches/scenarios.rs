@@ -323,7 +323,7 @@ async fn list(n: usize, reps: usize) -> Row {
     reset_peak();
     for _ in 0..reps {
         let t = Instant::now();
-        let rows = db.list(ListKind::Pending);
+        let rows = db.list(ListKind::Pending, None);
         futures_util::pin_mut!(rows);
         let mut sink = std::io::sink();
         let mut count = 0;

@@ -12,7 +12,7 @@ async fn main() -> batchdb::Result<()> {
         .nth(1)
         .unwrap_or_else(|| "/tmp/compute".into());
     let compute = BatchDb::open(&Config::in_dir(dir)).await?;
-    let rows = compute.list(ListKind::Pending);
+    let rows = compute.list(ListKind::Pending, None);
     futures_util::pin_mut!(rows);
     while let Some(row) = rows.next().await {
         println!("{}", serde_json::to_string(&row?).unwrap_or_default());

@@ -35,6 +35,9 @@ pub enum Error {
     /// No instance matches a selector.
     #[error("no instance matches {0}")]
     InstanceNotFound(String),
+    /// No batch has this name.
+    #[error("batch {0} not found")]
+    BatchNotFound(String),
     /// An I/O operation on a path failed.
     #[error("{op} {path}: {source}")]
     Io {

@@ -39,6 +39,7 @@
     clippy::similar_names
 )]
 
+mod batches;
 pub mod blob;
 mod config;
 mod error;
@@ -47,6 +48,7 @@ pub mod integrity;
 mod io;
 pub mod queue;
 pub mod runner;
+pub mod template;
 pub mod worker;
 
 use std::path::PathBuf;
@@ -56,6 +58,7 @@ use std::time::Duration;
 use futures_util::Stream;
 use tokio::io::AsyncRead;
 
+pub use batches::{WaitFailure, WaitOutcome, WaitProgress};
 pub use config::{BlobLocation, Config, DbLocation};
 pub use error::{Error, Result};
 pub use hash::{Hash, Hasher};
@@ -219,13 +222,20 @@ impl BatchDb {
     }
 
     /// Streams every row of `kind`, in push order, a page at a time (memory stays flat
-    /// however long the queue is).
-    pub fn list(&self, kind: ListKind) -> impl Stream<Item = Result<ListRow>> + Send + 'static {
+    /// however long the queue is); only batch `batch`'s, if given.
+    pub fn list(
+        &self,
+        kind: ListKind,
+        batch: Option<String>,
+    ) -> impl Stream<Item = Result<ListRow>> + Send + 'static {
         let queue = self.queue.clone();
         paged(move |after| {
             let queue = queue.clone();
+            let batch = batch.clone();
             async move {
-                let rows = queue.list_page(kind, after, PAGE).await?;
+                let rows = queue
+                    .list_page(kind, (after, PAGE), batch.as_deref())
+                    .await?;
                 let next = rows.last().map(ListRow::cursor);
                 Ok((rows, next))
             }
@@ -318,9 +328,11 @@ impl BatchDb {
         self.queue.cancel(sel).await
     }
 
-    /// Pushes failed or cancelled instances again.
-    pub async fn retry(&self, sel: &Selector) -> Result<Vec<Instance>> {
-        self.queue.retry(sel).await
+    /// Pushes failed or cancelled instances again, each in its batch and with its
+    /// dependencies; with `with_dependents`, also what their failure cancelled (see
+    /// [`Queue::retry`]).
+    pub async fn retry(&self, sel: &Selector, with_dependents: bool) -> Result<Vec<Instance>> {
+        self.queue.retry(sel, with_dependents).await
     }
 
     /// Everything about one instance.
@@ -348,10 +360,10 @@ impl BatchDb {
     pub async fn list_page(
         &self,
         kind: ListKind,
-        after: i64,
-        limit: usize,
+        (after, limit): (i64, usize),
+        batch: Option<&str>,
     ) -> Result<Vec<ListRow>> {
-        self.queue.list_page(kind, after, limit).await
+        self.queue.list_page(kind, (after, limit), batch).await
     }
 
     /// Up to `limit` events after event `after`, in order.
@@ -415,7 +427,7 @@ fn missing_feature(what: &'static str, value: &str, feature: &str) -> Error {
 
 /// Turns a page fetcher `(cursor) -> (rows, next cursor)` into a stream of rows. The
 /// next page is fetched (on another task) while the caller consumes the current one.
-fn paged<T, F, Fut>(fetch: F) -> impl Stream<Item = Result<T>> + Send + 'static
+pub(crate) fn paged<T, F, Fut>(fetch: F) -> impl Stream<Item = Result<T>> + Send + 'static
 where
     T: Send + 'static,
     F: Fn(i64) -> Fut + Send + 'static,

@@ -35,11 +35,22 @@ pub enum Command {
     Create(PayloadArgs),
     /// Push an instance of an existing job onto the pending queue.
     Push(PushArgs),
+    /// Add one job per input: each line of FILE (or stdin), or each combination of
+    /// the ::: lists, substituted into TEMPLATE as GNU parallel does.
+    Map(MapArgs),
     /// Print rows of one type as JSON lines: job, pending, result, fail, cancelled.
     List {
         /// job | pending | result | fail | cancelled
         kind: String,
+        /// Only the instances of this batch (jobs with one in it).
+        #[arg(long)]
+        batch: Option<String>,
     },
+    /// Print one JSON line per batch with its counts by state.
+    Batches,
+    /// Wait until every named instance has ended: exit 0 if all have a result, 1 if
+    /// any failed or was cancelled (one FAIL line each), 2 on timeout.
+    Wait(WaitArgs),
     /// Run pending jobs.
     Run(RunArgs),
     /// Write a blob (payload or result) to stdout.
@@ -80,15 +91,23 @@ pub enum Command {
     },
     /// Push failed or cancelled instances again.
     Retry {
-        /// created time, job key, result id, or id:N
+        /// created time, job key, result id, id:N, or batch:NAME
         #[arg(required_unless_present = "all_failed")]
         selectors: Vec<String>,
         /// Every failed instance.
         #[arg(long, conflicts_with = "selectors")]
         all_failed: bool,
+        /// Also push again what their failure cancelled (instances waiting for them
+        /// with --after), down the whole graph.
+        #[arg(long)]
+        with_dependents: bool,
     },
     /// Print how many instances are in each state, as JSON.
-    Status,
+    Status {
+        /// Only this batch's instances.
+        #[arg(long)]
+        batch: Option<String>,
+    },
     /// Re-hash every blob and check every row's references; problems as JSON lines.
     Verify,
     /// Serve the HTTP API and the live dashboard.
@@ -135,6 +154,62 @@ pub struct QueueArgs {
     /// Serve the result from the result cache when this payload already ran well.
     #[arg(long)]
     pub cached: bool,
+    /// Put the instances in batch NAME ([A-Za-z0-9._-], up to 128 characters).
+    #[arg(long, value_name = "NAME")]
+    pub batch: Option<String>,
+    /// Wait until every instance SELECTOR names has a result (repeatable); cancelled
+    /// if one of them fails for good or is cancelled.
+    #[arg(long, value_name = "SELECTOR")]
+    pub after: Vec<String>,
+    /// Wait until every instance SELECTOR names has ended, whatever the outcome
+    /// (repeatable).
+    #[arg(long, value_name = "SELECTOR")]
+    pub after_any: Vec<String>,
+}
+
+/// `batchdb map`.
+#[derive(Debug, Args)]
+pub struct MapArgs {
+    /// Print only the batch name.
+    #[arg(short, long)]
+    pub quiet: bool,
+    /// Read the inputs from FILE, one per line (default: stdin), when there is no :::.
+    #[arg(short, long)]
+    pub file: Option<PathBuf>,
+    /// Print the payloads, one per line, and add nothing.
+    #[arg(long)]
+    pub dry_run: bool,
+    #[command(flatten)]
+    pub queue: QueueArgs,
+    /// The command template, then optionally `::: ARG...` lists (GNU parallel's
+    /// replacement strings: {} {.} {/} {//} {/.} {#} {1} {2.} ...).
+    #[arg(
+        required = true,
+        trailing_var_arg = true,
+        allow_hyphen_values = true,
+        value_name = "TEMPLATE [::: ARG...]"
+    )]
+    pub template: Vec<String>,
+}
+
+/// `batchdb wait`.
+#[derive(Debug, Args)]
+pub struct WaitArgs {
+    /// created time, job key, result id, id:N, or batch:NAME
+    #[arg(required_unless_present = "batch")]
+    pub selectors: Vec<String>,
+    /// Every instance of batch NAME (including ones added while waiting).
+    #[arg(long, value_name = "NAME")]
+    pub batch: Option<String>,
+    /// Give up after SECS (exit 2).
+    #[arg(long, value_name = "SECS")]
+    pub timeout: Option<f64>,
+    /// Show a progress line on stderr even when it is not a terminal.
+    #[arg(long, conflicts_with = "no_progress")]
+    pub progress: bool,
+    /// Never show a progress line.
+    #[arg(long)]
+    pub no_progress: bool,
 }
 
 /// `batchdb add`.

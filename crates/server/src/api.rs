@@ -42,6 +42,33 @@ pub(crate) struct QueueParams {
     retries: Option<u32>,
     /// Serve from the result cache when possible.
     cached: Option<bool>,
+    /// The batch to join.
+    batch: Option<String>,
+    /// Wait for a result of every instance these selectors name.
+    after: Option<Selectors>,
+    /// Wait for every instance these selectors name to end.
+    after_any: Option<Selectors>,
+}
+
+/// Selectors as a JSON array, or one string of comma-separated selectors (as a
+/// query parameter carries them).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+pub(crate) enum Selectors {
+    /// `["id:1", "batch:maps"]`.
+    Many(Vec<String>),
+    /// `id:1,batch:maps`.
+    Joined(String),
+}
+
+impl Selectors {
+    fn list(v: Option<&Selectors>) -> Vec<String> {
+        match v {
+            None => Vec::new(),
+            Some(Selectors::Many(v)) => v.clone(),
+            Some(Selectors::Joined(s)) => s.split(',').map(str::to_string).collect(),
+        }
+    }
 }
 
 impl QueueParams {
@@ -53,6 +80,9 @@ impl QueueParams {
             timeout: self.timeout,
             retries: self.retries,
             cached: self.cached.unwrap_or(false),
+            batch: self.batch.clone(),
+            after: Selectors::list(self.after.as_ref()),
+            after_any: Selectors::list(self.after_any.as_ref()),
         }
         .options()?)
     }
@@ -108,6 +138,8 @@ pub(crate) struct ListParams {
     job: Option<String>,
     /// `pending` only: only running (true) or only waiting (false) instances.
     running: Option<bool>,
+    /// Only the instances of this batch.
+    batch: Option<String>,
     #[serde(rename = "access_token")]
     _access_token: Option<IgnoredAny>,
 }
@@ -154,6 +186,7 @@ fn list_kind(s: &str) -> Result<ListKind, ApiError> {
 
 struct ListQuery {
     kind: ListKind,
+    batch: Option<String>,
     after: i64,
     limit: Option<usize>,
     filter: Filter,
@@ -178,8 +211,12 @@ fn list_query(kind: &str, p: ListParams) -> Result<ListQuery, ApiError> {
         ));
     }
     let job = p.job.as_deref().map(str::parse::<Hash>).transpose()?;
+    if let Some(b) = &p.batch {
+        batchdb::queue::check_batch_name(b)?;
+    }
     Ok(ListQuery {
         kind,
+        batch: p.batch,
         after,
         limit: p.limit,
         filter: Filter {
@@ -205,9 +242,12 @@ async fn page(
         } else {
             PAGE
         };
-        let batch = app.db.list_page(q.kind, cursor, want).await?;
-        let n = batch.len();
-        for row in batch {
+        let got = app
+            .db
+            .list_page(q.kind, (cursor, want), q.batch.as_deref())
+            .await?;
+        let n = got.len();
+        for row in got {
             cursor = row.cursor();
             if q.filter.matches(&row) {
                 rows.push(row);
@@ -235,9 +275,14 @@ fn line_stream(
         let app = app.clone();
         let filter = q.filter;
         let kind = q.kind;
+        let batch = q.batch.clone();
         async move {
             let after = cursor?;
-            match app.db.list_page(kind, after, PAGE).await {
+            match app
+                .db
+                .list_page(kind, (after, PAGE), batch.as_deref())
+                .await
+            {
                 Ok(rows) => {
                     let next = (rows.len() == PAGE).then(|| rows.last().map(ListRow::cursor));
                     let mut buf = Vec::new();
@@ -381,7 +426,7 @@ pub(crate) async fn recent(
     }
     let mut rows = Vec::with_capacity(ids.len());
     for id in ids {
-        if let Some(row) = db.list_page(list, id - 1, 1).await?.pop() {
+        if let Some(row) = db.list_page(list, (id - 1, 1), None).await?.pop() {
             if row.cursor() == id {
                 rows.push(row);
             }
@@ -425,11 +470,14 @@ pub(crate) struct PushBody {
     timeout: Option<f64>,
     retries: Option<u32>,
     cached: Option<bool>,
+    batch: Option<String>,
+    after: Option<Selectors>,
+    after_any: Option<Selectors>,
 }
 
 /// `POST /api/push` with `{"job": key, "priority"?, "delay"?, "run_at"?,
-/// "timeout"?, "retries"?, "cached"?}`: pushes another instance of a stored job;
-/// answers `{"id", "job", "created"}`.
+/// "timeout"?, "retries"?, "cached"?, "batch"?, "after"?, "after_any"?}`: pushes
+/// another instance of a stored job; answers `{"id", "job", "created"}`.
 pub(crate) async fn push(
     State(app): State<AppState>,
     b: Result<Json<PushBody>, JsonRejection>,
@@ -443,6 +491,9 @@ pub(crate) async fn push(
         timeout: b.timeout,
         retries: b.retries,
         cached: b.cached,
+        batch: b.batch,
+        after: b.after,
+        after_any: b.after_any,
     };
     let inst = app.db.push(&job, &q.options()?).await?;
     Ok(Json(inst).into_response())
@@ -476,15 +527,43 @@ pub(crate) async fn cancel(
     instances(done, "pending or running", &sel)
 }
 
-/// `POST /api/retry/{selector}` (or `failed` for every failed instance): pushes the
-/// failed or cancelled instances it names again; answers the new instances.
+/// The query of `POST /api/retry/{selector}`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RetryParams {
+    /// Also push again what their failure cancelled, down the graph.
+    with_dependents: Option<bool>,
+    #[serde(rename = "access_token")]
+    _access_token: Option<IgnoredAny>,
+}
+
+/// `POST /api/retry/{selector}[?with_dependents=true]` (or `failed` for every
+/// failed instance): pushes the failed or cancelled instances it names again;
+/// answers the new instances.
 pub(crate) async fn retry(
     State(app): State<AppState>,
     Path(sel): Path<String>,
+    q: Result<Query<RetryParams>, QueryRejection>,
 ) -> Result<Response, ApiError> {
     let sel = selector(&sel, true)?;
-    let done = app.db.retry(&sel).await?;
+    let deps = query(q)?.with_dependents.unwrap_or(false);
+    let done = app.db.retry(&sel, deps).await?;
     instances(done, "failed or cancelled (not yet retried)", &sel)
+}
+
+/// `GET /api/batches`: every batch with its counts, as `batchdb batches` prints them
+/// (a JSON array).
+pub(crate) async fn batches(State(app): State<AppState>) -> Result<Response, ApiError> {
+    let all: Vec<_> = app.db.batches().try_collect().await?;
+    Ok(Json(all).into_response())
+}
+
+/// `GET /api/batch/{name}`: one batch's counts; 404 if there is no such batch.
+pub(crate) async fn batch(
+    State(app): State<AppState>,
+    Path(name): Path<String>,
+) -> Result<Response, ApiError> {
+    Ok(Json(app.db.batch(&name).await?).into_response())
 }
 
 /// `GET /api/counts`: instances by state, as `batchdb status` prints them.

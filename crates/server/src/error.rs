@@ -42,9 +42,10 @@ impl From<Error> for ApiError {
             Error::InvalidHash { .. } | Error::Config { .. } | Error::Stream { .. } => {
                 StatusCode::BAD_REQUEST
             }
-            Error::BlobNotFound(_) | Error::JobNotFound(_) | Error::InstanceNotFound(_) => {
-                StatusCode::NOT_FOUND
-            }
+            Error::BlobNotFound(_)
+            | Error::JobNotFound(_)
+            | Error::InstanceNotFound(_)
+            | Error::BatchNotFound(_) => StatusCode::NOT_FOUND,
             Error::Fenced { .. } => StatusCode::CONFLICT,
             _ => {
                 tracing::error!("{e}");

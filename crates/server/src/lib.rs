@@ -120,6 +120,8 @@ pub fn router(db: BatchDb, opts: ServeOptions) -> Result<Router, Error> {
         .route(&p("/metrics"), get(metrics::scrape))
         .route(&p("/healthz"), get(api::healthz))
         .route(&p("/api/counts"), get(api::counts))
+        .route(&p("/api/batches"), get(api::batches))
+        .route(&p("/api/batch/{name}"), get(api::batch))
         .route(&p("/api/last-event"), get(api::last_event))
         .route(&p("/api/list/{kind}"), get(api::list_json))
         .route(&p("/api/recent/{kind}"), get(api::recent))

@@ -71,6 +71,9 @@ pub struct PendingRow {
     pub created: i64,
     /// Whether a worker is running it now.
     pub running: bool,
+    /// Whether it waits for dependencies (shown only when it does).
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub waiting: bool,
     /// Instance id.
     pub id: i64,
     /// Priority.
@@ -218,6 +221,16 @@ pub struct InstanceDetail {
     pub retries: Option<u32>,
     /// Whether it may be served from the result cache.
     pub cached: bool,
+    /// The batch it belongs to, if any.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub batch: Option<String>,
+    /// How many instances it depends on.
+    pub deps: u64,
+    /// How many of those it still waits for.
+    pub waiting_on: u64,
+    /// Why it ended without an attempt saying so (a dependency failed).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub note: Option<String>,
     /// Every attempt, oldest first.
     pub attempts: Vec<AttemptRow>,
 }
@@ -226,5 +239,15 @@ impl InstanceDetail {
     /// The newest attempt, if any ran.
     pub fn last_attempt(&self) -> Option<&AttemptRow> {
         self.attempts.last()
+    }
+
+    /// Why it ended as it did, for humans: its note, else its newest attempt's
+    /// message, else its state.
+    pub fn message(&self) -> String {
+        let attempt = self.last_attempt().and_then(|a| a.report.message.clone());
+        self.note
+            .clone()
+            .or(attempt)
+            .unwrap_or_else(|| self.state.as_str().to_string())
     }
 }

@@ -37,6 +37,11 @@ pub(crate) const STEPS: &[Step] = &[
         sqlite: "ALTER TABLE attempts ADD COLUMN attempt_id TEXT;",
         postgres: "ALTER TABLE attempts ADD COLUMN attempt_id TEXT;",
     },
+    Step {
+        what: "batches, dependencies between instances, the waiting state",
+        sqlite: include_str!("schema/v5.sqlite.sql"),
+        postgres: include_str!("schema/v5.postgres.sql"),
+    },
 ];
 
 /// The schema version this build writes and understands, on every backend.

@@ -11,6 +11,7 @@
 //! anything for it.
 
 mod attempt_id;
+mod batch;
 mod changes;
 mod list;
 mod migrations;
@@ -28,6 +29,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 
+pub use batch::*;
 pub use list::*;
 pub use migrations::SCHEMA_VERSION;
 pub use options::{MAX_SECS, PushRequest, secs};
@@ -119,17 +121,54 @@ pub trait Queue: Send + Sync + fmt::Debug {
     async fn cancel(&self, sel: &Selector) -> Result<Vec<Instance>>;
 
     /// Pushes a new instance for each failed or cancelled instance `sel` names that
-    /// was not retried before (so retrying twice queues nothing twice).
-    async fn retry(&self, sel: &Selector) -> Result<Vec<Instance>>;
+    /// was not retried before (so retrying twice queues nothing twice), in its batch
+    /// and with its dependencies. With `with_dependents`, also every instance that was
+    /// cancelled because one of those failed (down the whole graph), waiting for the
+    /// new instances instead of the old.
+    async fn retry(&self, sel: &Selector, with_dependents: bool) -> Result<Vec<Instance>>;
 
-    /// Up to `limit` rows of `kind` with a cursor greater than `after`, in cursor order.
-    async fn list_page(&self, kind: ListKind, after: i64, limit: usize) -> Result<Vec<ListRow>>;
+    /// Up to `limit` rows of `kind` with a cursor greater than `after`, in cursor order;
+    /// only the instances of batch `batch` (jobs with one in it), if given.
+    async fn list_page(
+        &self,
+        kind: ListKind,
+        (after, limit): (i64, usize),
+        batch: Option<&str>,
+    ) -> Result<Vec<ListRow>>;
+
+    /// Up to `limit` batches with ids above `after` (only the one called `name`, if
+    /// given), in id order, with their counts by state.
+    async fn batches_page(
+        &self,
+        after: i64,
+        limit: usize,
+        name: Option<&str>,
+    ) -> Result<Vec<BatchCounts>>;
+
+    /// Up to `limit` results of instance `id`'s dependencies with instance ids above
+    /// `after`, in id order (dependencies that did not end with a result are left out).
+    async fn dependency_results(
+        &self,
+        id: i64,
+        after: i64,
+        limit: usize,
+    ) -> Result<Vec<DependencyResult>>;
 
     /// Everything known about one instance, its attempts included.
     async fn instance(&self, id: i64) -> Result<InstanceDetail>;
 
     /// The instances a selector names (ids, in push order).
-    async fn select(&self, sel: &Selector) -> Result<Vec<i64>>;
+    async fn select(&self, sel: &Selector) -> Result<Vec<i64>> {
+        Ok(self
+            .select_states(sel)
+            .await?
+            .into_iter()
+            .map(|s| s.id)
+            .collect())
+    }
+
+    /// The instances a selector names, in push order, with their states.
+    async fn select_states(&self, sel: &Selector) -> Result<Vec<Selected>>;
 
     /// How many instances are in each state.
     async fn counts(&self) -> Result<Counts>;

@@ -3,7 +3,8 @@
 
 use std::time::Duration;
 
-use super::types::{PushOptions, now_ms};
+use super::batch::{Dependency, check_batch_name};
+use super::types::{PushOptions, Selector, now_ms};
 use crate::error::{Error, Result};
 
 /// The longest duration any option takes: ten years.
@@ -38,6 +39,13 @@ pub struct PushRequest {
     pub retries: Option<u32>,
     /// Serve from the result cache when possible.
     pub cached: bool,
+    /// The batch to join (`[A-Za-z0-9._-]{1,128}`).
+    pub batch: Option<String>,
+    /// Selectors whose instances must all end with a result first (`--after`).
+    pub after: Vec<String>,
+    /// Selectors whose instances must all end first, whatever the outcome
+    /// (`--after-any`).
+    pub after_any: Vec<String>,
 }
 
 impl PushRequest {
@@ -72,7 +80,29 @@ impl PushRequest {
             timeout: self.timeout.map(|t| secs("timeout", t)).transpose()?,
             retries: self.retries,
             cached: self.cached,
+            batch: self.batch.clone(),
+            after: self.dependencies()?,
         })
+    }
+
+    /// The dependencies asked for, each selector parsed; a batch name or selector
+    /// that does not parse is [`Error::Config`] (or [`Error::InvalidHash`]).
+    fn dependencies(&self) -> Result<Vec<Dependency>> {
+        if let Some(b) = &self.batch {
+            check_batch_name(b)?;
+        }
+        let all = self.after.iter().map(|s| (s, false));
+        let any = self.after_any.iter().map(|s| (s, true));
+        all.chain(any)
+            .map(|(s, any)| {
+                let sel: Selector = s.parse()?;
+                Ok(if any {
+                    Dependency::on_end(sel)
+                } else {
+                    Dependency::on_result(sel)
+                })
+            })
+            .collect()
     }
 }
 

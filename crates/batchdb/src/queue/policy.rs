@@ -207,16 +207,69 @@ pub(crate) fn expired(now: i64, cancel_requested: bool, lost_before: i64) -> Exp
 /// The result-cache key a claim looks up for an instance of `job` (pushed with
 /// `cached` and timeout `timeout`), or `None` if the claim does not use the cache: it
 /// does when the claimer names its runner and the instance (or the claimer, for all)
-/// asks for it. The key covers the job, the runner and the effective timeout.
+/// asks for it ([`wants_cache`]). The key covers the job, the runner, the effective
+/// timeout and, for an instance with dependencies, `inputs` (the digest of its
+/// dependencies' results, in order).
 pub(crate) fn claim_cache_key(
     req: &ClaimRequest,
     job: &Hash,
-    cached: bool,
-    timeout: Option<Duration>,
+    (cached, timeout): (bool, Option<Duration>),
+    inputs: Option<&Hash>,
 ) -> Option<Hash> {
     let spec = req.cache.as_ref()?;
-    (cached || req.cache_all)
-        .then(|| cache_key(job, &spec.runner, timeout.or(spec.default_timeout)))
+    wants_cache(req, cached)
+        .then(|| cache_key(job, &spec.runner, timeout.or(spec.default_timeout), inputs))
+}
+
+/// What a dependency in `state` means for an instance that waits for it (`any`:
+/// for its end, whatever the outcome; else for its result).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum DepState {
+    /// It is met: one less to wait for.
+    Met,
+    /// It has not ended yet.
+    Unmet,
+    /// It can never be met (it failed for good or was cancelled): the instance is
+    /// cancelled, and so is everything that waits for its result.
+    Broken,
+}
+
+/// See [`DepState`].
+pub(crate) fn dependency(state: State, any: bool) -> DepState {
+    match state {
+        State::Result => DepState::Met,
+        State::Fail | State::Cancelled if any => DepState::Met,
+        State::Fail | State::Cancelled => DepState::Broken,
+        State::Waiting | State::Pending | State::Running => DepState::Unmet,
+    }
+}
+
+/// Why an instance was cancelled for its dependency `job`/`created`, which ended in
+/// `state`: `dependency <job> <created> failed` (or `cancelled`).
+pub(crate) fn broken_message(job: &Hash, created: i64, state: State) -> String {
+    let how = if state == State::Fail {
+        "failed"
+    } else {
+        "cancelled"
+    };
+    format!("dependency {job} {created} {how}")
+}
+
+/// The state a new instance starts in: cancelled if a dependency is broken, waiting
+/// while any is unmet, else pending.
+pub(crate) fn initial_state(broken: bool, unmet: i64) -> State {
+    if broken {
+        State::Cancelled
+    } else if unmet > 0 {
+        State::Waiting
+    } else {
+        State::Pending
+    }
+}
+
+/// Whether a claim uses the result cache for an instance pushed with `cached`.
+pub(crate) fn wants_cache(req: &ClaimRequest, cached: bool) -> bool {
+    req.cache.is_some() && (cached || req.cache_all)
 }
 
 /// Whether a failed attempt runs again: the number of the failure it would be (1 for

@@ -105,7 +105,7 @@ pub(crate) trait Row {
 /// (A macro, so that backends can `concat!` it into their claim statements.)
 macro_rules! claim_cols {
     () => {
-        "id, job, created, failures, timeout_ms, retries, cached, attempts"
+        "id, job, created, failures, timeout_ms, retries, cached, attempts, deps"
     };
 }
 pub(crate) use claim_cols;
@@ -120,6 +120,7 @@ pub(crate) struct Candidate {
     pub retries: Option<u32>,
     pub cached: bool,
     pub attempts: i64,
+    pub deps: u64,
 }
 
 /// Reads a row selected as [`claim_cols!`].
@@ -133,6 +134,7 @@ pub(crate) fn candidate<R: Row>(r: &R) -> Result<Candidate, R::Error> {
         retries: r.unsigned(5)?,
         cached: r.flag(6)?,
         attempts: r.req_int(7)?,
+        deps: r.unsigned(8)?.unwrap_or(0),
     })
 }
 
@@ -154,6 +156,7 @@ impl Candidate {
             failures: self.failures,
             timeout: self.timeout,
             retries: self.retries,
+            deps: self.deps,
             attempt_id,
             takeover,
             lost: None,

@@ -36,6 +36,12 @@ pub struct PushOptions {
     pub retries: Option<u32>,
     /// Serve the result from the result cache when possible.
     pub cached: bool,
+    /// The batch the instance joins (created on first use); see
+    /// [`check_batch_name`](super::check_batch_name).
+    pub batch: Option<String>,
+    /// What the instance waits for before it can run: it stays `waiting` (never
+    /// claimed) until each dependency is met.
+    pub after: Vec<super::Dependency>,
 }
 
 /// A job to record: its payload's hash and size and, for a small payload kept in the
@@ -160,10 +166,22 @@ impl CacheSpec {
 }
 
 /// The cache key of a job run by a runner with a timeout:
-/// sha256 of `"batchdb-cache-v1\0" job-hex "\0" runner "\0" timeout-ms-or-"none"`.
-pub fn cache_key(job: &Hash, runner: &str, timeout: Option<Duration>) -> Hash {
+/// sha256 of `"batchdb-cache-v1\0" job-hex "\0" runner "\0" timeout-ms-or-"none"`,
+/// followed by `"\0" inputs-hex` for an instance with dependencies (`inputs`: the
+/// sha256 of its `BATCHDB_DEPS` file, its dependencies' results in order), so a
+/// cached result is reused only when every input is byte-identical.
+pub fn cache_key(
+    job: &Hash,
+    runner: &str,
+    timeout: Option<Duration>,
+    inputs: Option<&Hash>,
+) -> Hash {
     let t = timeout.map_or_else(|| "none".to_string(), |d| d.as_millis().to_string());
-    Hash::of(format!("batchdb-cache-v1\0{job}\0{runner}\0{t}").as_bytes())
+    let key = format!("batchdb-cache-v1\0{job}\0{runner}\0{t}");
+    match inputs {
+        None => Hash::of(key.as_bytes()),
+        Some(i) => Hash::of(format!("{key}\0{i}").as_bytes()),
+    }
 }
 
 /// Names one attempt: the instance id and its fencing token.
@@ -194,6 +212,9 @@ pub struct Claim {
     pub timeout: Option<Duration>,
     /// The instance's own retry budget, if it has one.
     pub retries: Option<u32>,
+    /// How many instances it depended on (their results are listed by
+    /// [`Queue::dependency_results`](super::Queue::dependency_results)).
+    pub deps: u64,
     /// This attempt's random id (128 bits, hex), kept in its row: unique to this
     /// attempt of this job, whatever the worker's name or the database, so what a
     /// worker does to stop the attempt's processes is aimed by it.
@@ -325,6 +346,8 @@ pub enum Finished {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum State {
+    /// Waiting for its dependencies; never claimed until they are met.
+    Waiting,
     /// Waiting to be claimed.
     Pending,
     /// Claimed by a worker holding a lease.
@@ -341,6 +364,7 @@ impl State {
     /// The name stored in the database and shown to users.
     pub fn as_str(self) -> &'static str {
         match self {
+            State::Waiting => "waiting",
             State::Pending => "pending",
             State::Running => "running",
             State::Result => "result",
@@ -354,6 +378,7 @@ impl FromStr for State {
     type Err = Error;
     fn from_str(s: &str) -> Result<State, Error> {
         Ok(match s {
+            "waiting" => State::Waiting,
             "pending" => State::Pending,
             "running" => State::Running,
             "result" => State::Result,
@@ -381,13 +406,19 @@ pub enum Selector {
     Hash(Hash),
     /// Every failed instance.
     AllFailed,
+    /// Every instance of the batch with this name.
+    Batch(String),
 }
 
 impl FromStr for Selector {
     type Err = Error;
-    /// `id:N` is an instance id, digits are a `created` time, 64 hex is a job key or
-    /// result id.
+    /// `id:N` is an instance id, `batch:NAME` a batch, digits are a `created` time,
+    /// 64 hex is a job key or result id.
     fn from_str(s: &str) -> Result<Selector, Error> {
+        if let Some(name) = s.strip_prefix("batch:") {
+            super::check_batch_name(name)?;
+            return Ok(Selector::Batch(name.into()));
+        }
         if let Some(id) = s.strip_prefix("id:") {
             return id.parse().map(Selector::Id).map_err(|_| Error::Config {
                 what: "instance id",
@@ -413,6 +444,7 @@ impl fmt::Display for Selector {
             Selector::Created(c) => write!(f, "created {c}"),
             Selector::Hash(h) => write!(f, "{h}"),
             Selector::AllFailed => f.write_str("all failed instances"),
+            Selector::Batch(name) => write!(f, "batch:{name}"),
         }
     }
 }
@@ -423,6 +455,8 @@ impl fmt::Display for Selector {
 pub struct Counts {
     /// Pending (including delayed and retry-waiting).
     pub pending: u64,
+    /// Waiting for dependencies.
+    pub waiting: u64,
     /// Running.
     pub running: u64,
     /// Results.
@@ -437,6 +471,7 @@ impl Counts {
     /// The count of instances in `state`, to set from a database's tally.
     pub(crate) fn slot(&mut self, state: State) -> &mut u64 {
         match state {
+            State::Waiting => &mut self.waiting,
             State::Pending => &mut self.pending,
             State::Running => &mut self.running,
             State::Result => &mut self.result,

@@ -32,7 +32,8 @@ use sweep::Mark;
 
 /// What a runner knows about the attempt it runs (also exported to a shell runner's
 /// environment as `BATCHDB_JOB`, `BATCHDB_INSTANCE`, `BATCHDB_CREATED`,
-/// `BATCHDB_ATTEMPT`, `BATCHDB_WORKER` and `BATCHDB_ATTEMPT_ID`).
+/// `BATCHDB_ATTEMPT`, `BATCHDB_WORKER`, `BATCHDB_ATTEMPT_ID` and, for an instance with
+/// dependencies, `BATCHDB_DEPS`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RunContext {
     /// The job key.
@@ -48,6 +49,9 @@ pub struct RunContext {
     /// The attempt's random id ([`crate::queue::Claim::attempt_id`]): unique to this
     /// attempt of this job, whatever the worker's name or the database.
     pub attempt_id: String,
+    /// For an instance with dependencies: a file of `JOBKEY RESULTID` lines, one per
+    /// dependency result, in the dependencies' push order (`BATCHDB_DEPS`).
+    pub deps_file: Option<std::path::PathBuf>,
 }
 
 /// How an execution ended.
@@ -245,15 +249,19 @@ fn force_fork() -> bool {
 
 impl ShellRunner {
     /// The `BATCHDB_*` variables every execution gets.
-    fn env(ctx: &RunContext) -> [(&'static str, String); 6] {
-        [
-            ("BATCHDB_JOB", ctx.job.to_hex()),
-            ("BATCHDB_INSTANCE", ctx.instance.to_string()),
-            ("BATCHDB_CREATED", ctx.created.to_string()),
-            ("BATCHDB_ATTEMPT", ctx.attempt.to_string()),
-            ("BATCHDB_WORKER", ctx.worker.clone()),
-            (ATTEMPT_ID_VAR, ctx.attempt_id.clone()),
-        ]
+    fn env(ctx: &RunContext) -> Vec<(&'static str, std::ffi::OsString)> {
+        let mut env = vec![
+            ("BATCHDB_JOB", ctx.job.to_hex().into()),
+            ("BATCHDB_INSTANCE", ctx.instance.to_string().into()),
+            ("BATCHDB_CREATED", ctx.created.to_string().into()),
+            ("BATCHDB_ATTEMPT", ctx.attempt.to_string().into()),
+            ("BATCHDB_WORKER", ctx.worker.clone().into()),
+            (ATTEMPT_ID_VAR, ctx.attempt_id.clone().into()),
+        ];
+        if let Some(f) = &ctx.deps_file {
+            env.push(("BATCHDB_DEPS", f.clone().into_os_string()));
+        }
+        env
     }
 
     /// The execution around a started leader and the parent's ends of its pipes.
@@ -307,7 +315,7 @@ impl ShellRunner {
     fn spawn_fast(&self, ctx: &RunContext, program: &std::path::Path) -> Result<Execution> {
         let env: Vec<(std::ffi::OsString, std::ffi::OsString)> = Self::env(ctx)
             .into_iter()
-            .map(|(k, v)| (k.into(), v.into()))
+            .map(|(k, v)| (k.into(), v))
             .collect();
         let args: Vec<std::ffi::OsString> = self.argv[1..].iter().map(Into::into).collect();
         let (program, arg0) = (

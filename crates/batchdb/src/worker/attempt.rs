@@ -140,14 +140,12 @@ impl Worker {
             start: claim.start,
             ..AttemptReport::default()
         };
-        let ctx = RunContext {
-            job: claim.job,
-            instance: claim.token.id,
-            created: claim.created,
-            attempt: claim.token.token,
-            worker: self.opts.name.clone(),
-            attempt_id: claim.attempt_id.clone(),
+        let deps = match self.deps_file(claim).await {
+            Ok(d) => d,
+            // The database or the local disk failed, not the job: run it again later.
+            Err(e) => return self.infra_retry(claim, report, format!("dependencies: {e}")),
         };
+        let ctx = self.context(claim, deps.as_ref());
         // A payload up to PREFETCH bytes is read and verified against its hash before
         // anything runs, so a corrupt payload never reaches the runner; a larger one
         // streams, and a corruption found at its end kills the run.
@@ -241,7 +239,23 @@ impl Worker {
             let _ = std::fs::remove_file(o);
             let _ = std::fs::remove_file(e);
         }
-        self.conclude(claim, report, results, stopped, timeout)
+        let inputs = deps.as_ref().map(|d| d.digest);
+        let key = cache_key(&claim.job, &self.runner.spec(), timeout, inputs.as_ref());
+        drop(deps);
+        self.conclude(claim, report, results, stopped, (timeout, key))
+    }
+
+    /// What the runner knows of claim `claim`'s attempt.
+    fn context(&self, claim: &Claim, deps: Option<&super::deps::DepsFile>) -> RunContext {
+        RunContext {
+            job: claim.job,
+            instance: claim.token.id,
+            created: claim.created,
+            attempt: claim.token.token,
+            worker: self.opts.name.clone(),
+            attempt_id: claim.attempt_id.clone(),
+            deps_file: deps.map(|d| d.path.clone()),
+        }
     }
 
     /// The attempt failed with `msg` (retried if its budget allows).
@@ -260,7 +274,7 @@ impl Worker {
         mut report: AttemptReport,
         (fed, out, err, status): Results,
         stopped: Option<Stopped>,
-        timeout: Option<Duration>,
+        (timeout, key): (Option<Duration>, Hash),
     ) -> (AttemptReport, Option<Outcome>) {
         report.end = now_ms();
         let mut ended = Ended {
@@ -312,7 +326,7 @@ impl Worker {
             Verdict::Fail(m) => self.fail(claim, report, m),
             Verdict::StoreRetry(m) => self.infra_retry(claim, report, m),
             Verdict::Success => {
-                report.cache_key = Some(cache_key(&claim.job, &self.runner.spec(), timeout));
+                report.cache_key = Some(key);
                 (report.clone(), Some(Outcome::Success(report)))
             }
         }

@@ -20,6 +20,7 @@ use crate::runner::{Reader, Runner};
 
 mod attempt;
 mod classify;
+mod deps;
 mod supervise;
 
 /// Payloads up to this size are verified before their job starts.

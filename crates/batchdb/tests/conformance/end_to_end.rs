@@ -31,7 +31,7 @@ async fn drain(db: &BatchDb, runner: Arc<dyn batchdb::runner::Runner>) -> Vec<Re
 }
 
 async fn rows(db: &BatchDb, kind: ListKind) -> Vec<ListRow> {
-    let s = db.list(kind);
+    let s = db.list(kind, None);
     futures_util::pin_mut!(s);
     let mut v = Vec::new();
     while let Some(r) = s.next().await {

@@ -74,7 +74,7 @@ async fn queue_jobs(db: &BatchDb, round: usize) {
 /// Every instance ended as a result with exit code 0: prints what did not.
 async fn assert_all_results(db: &BatchDb, round: usize) {
     let failed: Vec<String> = db
-        .list(ListKind::Fail)
+        .list(ListKind::Fail, None)
         .map(|r| match r.expect("list") {
             ListRow::Fail(f) => format!("{:?}", f.value),
             other => panic!("not a failure row: {other:?}"),
@@ -85,7 +85,7 @@ async fn assert_all_results(db: &BatchDb, round: usize) {
     let counts = db.counts().await.expect("counts");
     assert_eq!(counts.result, JOBS as u64, "round {round}: {counts:?}");
     let results: Vec<i32> = db
-        .list(ListKind::Result)
+        .list(ListKind::Result, None)
         .map(|r| match r.expect("list") {
             ListRow::Result(r) => r.value.exit_code.unwrap_or(-1),
             other => panic!("not a result row: {other:?}"),
@@ -206,7 +206,7 @@ async fn run_leaving(db: &BatchDb, payload: &str) -> (i32, Duration) {
         .expect("worker");
     let took = started.elapsed();
     let rows: Vec<ListRow> = db
-        .list(ListKind::Result)
+        .list(ListKind::Result, None)
         .map(|r| r.expect("list"))
         .collect()
         .await;

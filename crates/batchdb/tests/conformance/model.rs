@@ -257,7 +257,7 @@ async fn step_once(
             format!("cancel {id}")
         }
         85..=89 => {
-            let pushed = b.queue.retry(&Selector::AllFailed).await.unwrap();
+            let pushed = b.queue.retry(&Selector::AllFailed, false).await.unwrap();
             for i in &pushed {
                 m.expect.insert(i.id, Expect::Pending);
             }
@@ -302,7 +302,7 @@ async fn check(b: &Backend, m: &Model, seed: u64, step: usize) {
     ] {
         let mut after = 0;
         loop {
-            let page = b.queue.list_page(kind, after, 500).await.unwrap();
+            let page = b.queue.list_page(kind, (after, 500), None).await.unwrap();
             let Some(last) = page.last() else { break };
             after = last.cursor();
             listed += page.len() as u64;

@@ -41,7 +41,7 @@ fn failure(retry_at: Option<i64>) -> Outcome {
 
 async fn rows(b: &Backend, kind: ListKind) -> Vec<ListRow> {
     let db = b.db();
-    let s = db.list(kind);
+    let s = db.list(kind, None);
     futures_util::pin_mut!(s);
     let mut out = Vec::new();
     while let Some(r) = s.next().await {
@@ -506,16 +506,16 @@ pub async fn retry_pushes_failed_again(b: &Backend) {
     b.queue.finish(&c[0].token, &failure(None)).await.unwrap();
     assert!(
         b.queue
-            .retry(&Selector::Created(inst.created + 1_000_000))
+            .retry(&Selector::Created(inst.created + 1_000_000), false)
             .await
             .unwrap()
             .is_empty()
     );
-    let again = b.queue.retry(&Selector::AllFailed).await.unwrap();
+    let again = b.queue.retry(&Selector::AllFailed, false).await.unwrap();
     assert_eq!(again.len(), 1);
     assert!(
         b.queue
-            .retry(&Selector::AllFailed)
+            .retry(&Selector::AllFailed, false)
             .await
             .unwrap()
             .is_empty(),
@@ -523,7 +523,7 @@ pub async fn retry_pushes_failed_again(b: &Backend) {
     );
     assert!(
         b.queue
-            .retry(&Selector::Id(inst.id))
+            .retry(&Selector::Id(inst.id), false)
             .await
             .unwrap()
             .is_empty(),
@@ -645,7 +645,7 @@ pub async fn result_cache_serves_and_dedupes(b: &Backend) {
         b.queue.claim(&creq).await.unwrap().is_empty(),
         "duplicate waits for the first"
     );
-    let key = batchdb::queue::cache_key(&job(1).hash, &spec.runner, None);
+    let key = batchdb::queue::cache_key(&job(1).hash, &spec.runner, None, None);
     let mut ok = success(7);
     if let Outcome::Success(r) = &mut ok {
         r.cache_key = Some(key);
@@ -675,7 +675,12 @@ pub async fn result_cache_serves_and_dedupes(b: &Backend) {
     assert!(miss[0].cache_hit.is_none());
     let mut bad = failure(None);
     if let Outcome::Failure { report, .. } = &mut bad {
-        report.cache_key = Some(batchdb::queue::cache_key(&job(1).hash, "shell:bash", None));
+        report.cache_key = Some(batchdb::queue::cache_key(
+            &job(1).hash,
+            "shell:bash",
+            None,
+            None,
+        ));
     }
     b.queue.finish(&miss[0].token, &bad).await.unwrap();
     b.queue.add(&job(1), &cached).await.unwrap();
@@ -827,7 +832,7 @@ pub async fn corrupt_values_read_back_are_one_error(b: &Backend) {
     ))
     .await;
     assert!(is_corrupt(
-        q.list_page(ListKind::Job, 0, 10).await,
+        q.list_page(ListKind::Job, (0, 10), None).await,
         "not-a-hash"
     ));
 
@@ -850,7 +855,7 @@ pub async fn corrupt_values_on_every_path_are_one_error(b: &Backend) {
     .await;
     assert!(is_corrupt(q.instance(done.id).await, "xyz"));
     assert!(is_corrupt(
-        q.list_page(ListKind::Result, 0, 10).await,
+        q.list_page(ListKind::Result, (0, 10), None).await,
         "xyz"
     ));
 
@@ -859,7 +864,10 @@ pub async fn corrupt_values_on_every_path_are_one_error(b: &Backend) {
         job(1).hash
     ))
     .await;
-    assert!(is_corrupt(q.list_page(ListKind::Job, 0, 10).await, "-5"));
+    assert!(is_corrupt(
+        q.list_page(ListKind::Job, (0, 10), None).await,
+        "-5"
+    ));
 
     let bad = q.add(&job(2), &opts()).await.unwrap();
     (b.raw_sql)(format!(

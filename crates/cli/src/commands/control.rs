@@ -19,11 +19,12 @@ pub(super) async fn cancel(db: &BatchDb, selectors: Vec<String>) -> Result<ExitC
     Ok(ExitCode::SUCCESS)
 }
 
-/// `retry SELECTOR... | --all-failed`.
+/// `retry SELECTOR... | --all-failed [--with-dependents]`.
 pub(super) async fn retry(
     db: &BatchDb,
     selectors: Vec<String>,
     all_failed: bool,
+    with_dependents: bool,
 ) -> Result<ExitCode> {
     let sels: Vec<Selector> = if all_failed {
         vec![Selector::AllFailed]
@@ -31,7 +32,7 @@ pub(super) async fn retry(
         selectors.iter().map(|s| s.parse()).collect::<Result<_>>()?
     };
     for sel in sels {
-        let pushed = db.retry(&sel).await?;
+        let pushed = db.retry(&sel, with_dependents).await?;
         if pushed.is_empty() && sel != Selector::AllFailed {
             return Err(Error::InstanceNotFound(format!(
                 "{sel} (failed or cancelled)"

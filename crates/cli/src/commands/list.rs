@@ -2,11 +2,14 @@
 
 use super::*;
 
-/// `list KIND`: one JSON object per row, streamed.
-pub(super) async fn list(db: &BatchDb, kind: String) -> Result<ExitCode> {
+/// `list KIND [--batch NAME]`: one JSON object per row, streamed.
+pub(super) async fn list(db: &BatchDb, kind: String, batch: Option<String>) -> Result<ExitCode> {
     let kind: ListKind = kind.parse()?;
+    if let Some(b) = &batch {
+        batchdb::queue::check_batch_name(b)?;
+    }
     let mut out = std::io::BufWriter::new(std::io::stdout().lock());
-    let rows = db.list(kind);
+    let rows = db.list(kind, batch);
     futures_util::pin_mut!(rows);
     while let Some(row) = rows.next().await {
         let row = row?;

@@ -15,13 +15,17 @@ use batchdb::{BatchDb, BlobLocation, Config, DbLocation, Error, Hash, Result};
 use futures_util::StreamExt;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 
-use crate::args::{AddArgs, Cli, Command, PayloadArgs, PushArgs, QueueArgs, RunArgs, ServeArgs};
+use crate::args::{
+    AddArgs, Cli, Command, MapArgs, PayloadArgs, PushArgs, QueueArgs, RunArgs, ServeArgs, WaitArgs,
+};
 use crate::time::{parse_at, secs};
 
 mod add;
+mod batch;
 mod control;
 mod list;
 mod maint;
+mod map;
 mod run;
 mod serve;
 mod show;
@@ -35,7 +39,10 @@ pub async fn dispatch(cli: Cli) -> Result<ExitCode> {
         Command::Add(a) => add::add(&db, a).await,
         Command::Create(p) => add::create(&db, p).await,
         Command::Push(p) => add::push(&db, p).await,
-        Command::List { kind } => list::list(&db, kind).await,
+        Command::Map(m) => map::map(&db, m).await,
+        Command::List { kind, batch } => list::list(&db, kind, batch).await,
+        Command::Batches => batch::batches(&db).await,
+        Command::Wait(w) => batch::wait(&db, w).await,
         Command::Run(r) => run::run(&db, r).await,
         Command::Serve(s) => serve::serve(db, s).await,
         Command::Get { hash } => show::get(&db, hash).await,
@@ -46,10 +53,12 @@ pub async fn dispatch(cli: Cli) -> Result<ExitCode> {
         Command::Retry {
             selectors,
             all_failed,
-        } => control::retry(&db, selectors, all_failed).await,
+            with_dependents,
+        } => control::retry(&db, selectors, all_failed, with_dependents).await,
         Command::Verify => maint::verify(&db).await,
         Command::Gc { dry_run, grace } => maint::gc(&db, dry_run, grace).await,
-        Command::Status => list::status(&db).await,
+        Command::Status { batch: None } => list::status(&db).await,
+        Command::Status { batch: Some(b) } => batch::status(&db, &b).await,
     }
 }
 
@@ -125,6 +134,9 @@ fn push_options(q: &QueueArgs) -> Result<PushOptions> {
         timeout: q.timeout,
         retries: q.retries,
         cached: q.cached,
+        batch: q.batch.clone(),
+        after: q.after.clone(),
+        after_any: q.after_any.clone(),
     }
     .options()
 }

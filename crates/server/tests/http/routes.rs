@@ -10,7 +10,7 @@ use crate::util::*;
 
 /// What `batchdb list KIND` prints: the library's rows, serialized the same way.
 async fn cli_shape(s: &Server, kind: ListKind) -> Vec<Value> {
-    s.db.list(kind)
+    s.db.list(kind, None)
         .map(|r| serde_json::to_value(r.expect("row")).expect("json"))
         .collect()
         .await
@@ -195,7 +195,7 @@ async fn push_cancel_retry_instance_counts() {
     let counts = s.json("/api/counts").await;
     assert_eq!(
         counts,
-        json!({"pending": 0, "running": 0, "result": 0, "fail": 1, "cancelled": 1})
+        json!({"pending": 0, "waiting": 0, "running": 0, "result": 0, "fail": 1, "cancelled": 1})
     );
     let d = s.json(&format!("/api/instance/{first}")).await;
     assert_eq!(d["state"], "fail");

@@ -204,18 +204,59 @@ fn a_claim_uses_the_cache_only_when_asked_and_the_runner_is_named() {
         cache_all,
     };
     let named = req(Some(spec.clone()), false);
-    assert_eq!(claim_cache_key(&named, &job, false, None), None);
+    let nine = Some(Duration::from_secs(9));
+    assert_eq!(claim_cache_key(&named, &job, (false, None), None), None);
     assert_eq!(
-        claim_cache_key(&named, &job, true, None),
-        Some(cache_key(&job, "shell:sh", Some(Duration::from_secs(9))))
+        claim_cache_key(&named, &job, (true, None), None),
+        Some(cache_key(&job, "shell:sh", nine, None))
     );
     // The instance's own timeout wins over the worker's default.
+    let one = Some(Duration::from_secs(1));
     assert_eq!(
-        claim_cache_key(&named, &job, true, Some(Duration::from_secs(1))),
-        Some(cache_key(&job, "shell:sh", Some(Duration::from_secs(1))))
+        claim_cache_key(&named, &job, (true, one), None),
+        Some(cache_key(&job, "shell:sh", one, None))
     );
-    assert!(claim_cache_key(&req(Some(spec), true), &job, false, None).is_some());
-    assert_eq!(claim_cache_key(&req(None, true), &job, true, None), None);
+    assert!(claim_cache_key(&req(Some(spec), true), &job, (false, None), None).is_some());
+    assert_eq!(
+        claim_cache_key(&req(None, true), &job, (true, None), None),
+        None
+    );
+    // Dependencies' results are part of the key: other inputs, another key.
+    let (a, b) = (Hash::of(b"inputs a"), Hash::of(b"inputs b"));
+    let with = |i| claim_cache_key(&named, &job, (true, None), Some(i));
+    assert_ne!(with(&a), with(&b));
+    assert_ne!(with(&a), claim_cache_key(&named, &job, (true, None), None));
+    assert_eq!(with(&a), Some(cache_key(&job, "shell:sh", nine, Some(&a))));
+}
+
+#[test]
+fn a_dependency_is_met_by_a_result_or_any_end_when_asked() {
+    use State::*;
+    for (state, any, want) in [
+        (Result, false, DepState::Met),
+        (Result, true, DepState::Met),
+        (Fail, false, DepState::Broken),
+        (Cancelled, false, DepState::Broken),
+        (Fail, true, DepState::Met),
+        (Cancelled, true, DepState::Met),
+        (Waiting, false, DepState::Unmet),
+        (Pending, true, DepState::Unmet),
+        (Running, false, DepState::Unmet),
+    ] {
+        assert_eq!(dependency(state, any), want, "{state:?} any={any}");
+    }
+    assert_eq!(initial_state(true, 3), Cancelled);
+    assert_eq!(initial_state(false, 1), Waiting);
+    assert_eq!(initial_state(false, 0), Pending);
+    let job = Hash::of(b"dep");
+    assert_eq!(
+        broken_message(&job, 7, Fail),
+        format!("dependency {job} 7 failed")
+    );
+    assert_eq!(
+        broken_message(&job, 7, Cancelled),
+        format!("dependency {job} 7 cancelled")
+    );
 }
 
 #[test]

@@ -45,7 +45,8 @@ mod exec;
 mod listen;
 mod url;
 
-use super::sql::{DbError, read, write};
+use super::batch::{BatchCounts, DependencyResult, Selected};
+use super::sql::{DbError, deps, read, retry, write};
 use crate::error::{Error, Result};
 use crate::hash::Hash;
 use exec::Pg;
@@ -281,13 +282,40 @@ impl Queue for PgQueue {
         in_tx!(self, |tx| { write::cancel(tx, sel).await })
     }
 
-    async fn retry(&self, sel: &Selector) -> Result<Vec<Instance>> {
-        in_tx!(self, |tx| { write::retry(tx, sel).await })
+    async fn retry(&self, sel: &Selector, with_dependents: bool) -> Result<Vec<Instance>> {
+        in_tx!(self, |tx| { retry::retry(tx, sel, with_dependents).await })
     }
 
-    async fn list_page(&self, kind: ListKind, after: i64, limit: usize) -> Result<Vec<ListRow>> {
+    async fn list_page(
+        &self,
+        kind: ListKind,
+        (after, limit): (i64, usize),
+        batch: Option<&str>,
+    ) -> Result<Vec<ListRow>> {
         let limit = i64::try_from(limit).unwrap_or(i64::MAX);
-        self.read(async |c| read::list_page(&mut Pg(c), kind, after, limit).await)
+        self.read(async |c| read::list_page(&mut Pg(c), kind, (after, limit), batch).await)
+            .await
+    }
+
+    async fn batches_page(
+        &self,
+        after: i64,
+        limit: usize,
+        name: Option<&str>,
+    ) -> Result<Vec<BatchCounts>> {
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        self.read(async |c| read::batches_page(&mut Pg(c), (after, limit), name).await)
+            .await
+    }
+
+    async fn dependency_results(
+        &self,
+        id: i64,
+        after: i64,
+        limit: usize,
+    ) -> Result<Vec<DependencyResult>> {
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        self.read(async |c| deps::results(&mut Pg(c), id, after, limit).await)
             .await
     }
 
@@ -300,8 +328,8 @@ impl Queue for PgQueue {
         .await
     }
 
-    async fn select(&self, sel: &Selector) -> Result<Vec<i64>> {
-        self.read(async |c| read::select(&mut Pg(c), sel).await)
+    async fn select_states(&self, sel: &Selector) -> Result<Vec<Selected>> {
+        self.read(async |c| read::select_states(&mut Pg(c), sel).await)
             .await
     }
 

@@ -32,7 +32,9 @@ pub(crate) use super::types::millis;
 use crate::error::Error;
 use crate::hash::Hash;
 
+pub(crate) mod deps;
 pub(crate) mod read;
+pub(crate) mod retry;
 pub(crate) mod write;
 
 /// One statement, written once. See the module documentation for the rendering rules.

@@ -6,51 +6,73 @@ use crate::error::Error;
 use crate::hash::Hash;
 use crate::queue::row::Row;
 use crate::queue::{
-    AttemptReport, AttemptRow, BlobReference, ClaimToken, Counts, Event, FailRow, FailValue,
-    Heartbeat, InstanceDetail, JobRow, ListKind, ListRow, PendingRow, ResultRow, ResultValue,
-    Selector, State,
+    AttemptReport, AttemptRow, BatchCounts, BlobReference, ClaimToken, Counts, Event, FailRow,
+    FailValue, Heartbeat, InstanceDetail, JobRow, ListKind, ListRow, PendingRow, ResultRow,
+    ResultValue, Selected, Selector, State,
 };
 
 type R<T, C> = Result<T, <C as Conn>::Error>;
 
-static BY_ID: Sql = Sql::new("SELECT id FROM instances WHERE id = $1");
-static BY_CREATED: Sql = Sql::new("SELECT id FROM instances WHERE created = $1 ORDER BY id");
-static BY_HASH: Sql = Sql::new(
-    "SELECT id FROM instances WHERE job = $1
-     UNION SELECT instance FROM attempts WHERE stdout = $1 AND outcome = 'result'
-     ORDER BY 1",
+// The selectors: each names instances with the columns of a `Selected`.
+static BY_ID: Sql =
+    Sql::new("SELECT id, job, created, state, retried_by FROM instances WHERE id = $1");
+static BY_CREATED: Sql = Sql::new(
+    "SELECT id, job, created, state, retried_by FROM instances WHERE created = $1 ORDER BY id",
 );
-static ALL_FAILED: Sql =
-    Sql::new("SELECT id FROM instances WHERE state = 'fail' AND retried_by IS NULL ORDER BY id");
+static BY_HASH: Sql = Sql::new(
+    "SELECT id, job, created, state, retried_by FROM instances
+     WHERE job = $1 OR id IN (SELECT instance FROM attempts WHERE stdout = $1 AND outcome = 'result')
+     ORDER BY id",
+);
+static BY_BATCH: Sql = Sql::new(
+    "SELECT id, job, created, state, retried_by FROM instances
+     WHERE batch = (SELECT id FROM batches WHERE name = $1) ORDER BY id",
+);
+static ALL_FAILED: Sql = Sql::new(
+    "SELECT id, job, created, state, retried_by FROM instances
+     WHERE state = 'fail' AND retried_by IS NULL ORDER BY id",
+);
 static JOBS_PAGE: Sql = Sql::new(
     "SELECT j.id, j.key, j.size, j.created,
        (SELECT string_agg(CAST(i.created AS TEXT), ',') FROM instances i
         WHERE i.job = j.key AND i.state = 'running')
-     FROM jobs j WHERE j.id > $1 ORDER BY j.id LIMIT $2",
+     FROM jobs j WHERE j.id > $1
+       AND ($3 IS NULL OR EXISTS(SELECT 1 FROM instances b WHERE b.job = j.key
+         AND b.batch = (SELECT id FROM batches WHERE name = $3)))
+     ORDER BY j.id LIMIT $2",
 );
 static PENDING_PAGE: Sql = Sql::each(
     // NOT INDEXED: walk the rowid from the cursor (one pass over the table in all),
     // instead of gathering and sorting both states' rows per page.
     "SELECT id, job, created, state, priority, run_at, attempts FROM instances NOT INDEXED
-     WHERE id > $1 AND state IN ('pending', 'running') ORDER BY id LIMIT $2",
+     WHERE id > $1 AND state IN ('waiting', 'pending', 'running')
+       AND ($3 IS NULL OR batch = (SELECT id FROM batches WHERE name = $3))
+     ORDER BY id LIMIT $2",
     "SELECT id, job, created, state, priority, run_at, attempts FROM instances
-     WHERE id > $1 AND state IN ('pending', 'running') ORDER BY id LIMIT $2",
+     WHERE id > $1 AND state IN ('waiting', 'pending', 'running')
+       AND ($3 IS NULL OR batch = (SELECT id FROM batches WHERE name = $3))
+     ORDER BY id LIMIT $2",
 );
 static RESULTS_PAGE: Sql = Sql::new(
     "SELECT i.id, i.job, i.created, a.start, a.\"end\", a.stdout, a.stdout_size, a.stderr,
        a.exit_code, i.attempts, a.cached
      FROM instances i JOIN attempts a ON a.instance = i.id AND a.attempt = i.attempts
-     WHERE i.state = 'result' AND i.id > $1 ORDER BY i.id LIMIT $2",
+     WHERE i.state = 'result' AND i.id > $1
+       AND ($3 IS NULL OR i.batch = (SELECT id FROM batches WHERE name = $3))
+     ORDER BY i.id LIMIT $2",
 );
 static FAILS_PAGE: Sql = Sql::new(
     "SELECT i.id, i.job, i.created, a.start, a.\"end\", a.stdout, a.stderr, a.exit_code,
-       a.signal, a.message, i.attempts
+       a.signal, COALESCE(i.note, a.message), i.attempts
      FROM instances i LEFT JOIN attempts a ON a.instance = i.id AND a.attempt = i.attempts
-     WHERE i.state = $3 AND i.id > $1 ORDER BY i.id LIMIT $2",
+     WHERE i.state = $3 AND i.id > $1
+       AND ($4 IS NULL OR i.batch = (SELECT id FROM batches WHERE name = $4))
+     ORDER BY i.id LIMIT $2",
 );
 static INSTANCE: Sql = Sql::new(
-    "SELECT job, created, state, priority, run_at, timeout_ms, retries, cached
-     FROM instances WHERE id = $1",
+    "SELECT i.job, i.created, i.state, i.priority, i.run_at, i.timeout_ms, i.retries, i.cached,
+       b.name, i.deps, i.waiting_on, i.note
+     FROM instances i LEFT JOIN batches b ON b.id = i.batch WHERE i.id = $1",
 );
 static ATTEMPTS: Sql = Sql::new(
     "SELECT attempt, worker, outcome, start, \"end\", exit_code, signal, stdout, stdout_size,
@@ -63,6 +85,13 @@ static EVENTS: Sql = Sql::new(
 );
 static LAST_EVENT: Sql = Sql::new("SELECT CAST(COALESCE(MAX(id), 0) AS BIGINT) FROM events");
 static COUNTS: Sql = Sql::new("SELECT state, COUNT(*) FROM instances GROUP BY state");
+static BATCHES_PAGE: Sql = Sql::new(
+    "SELECT b.id, b.name, b.created, i.state, COUNT(i.id)
+     FROM batches b LEFT JOIN instances i ON i.batch = b.id
+     WHERE b.id IN (SELECT id FROM batches WHERE id > $1 ORDER BY id LIMIT $2)
+       AND ($3 IS NULL OR b.name = $3)
+     GROUP BY b.id, b.name, b.created, i.state ORDER BY b.id",
+);
 static STATUS: Sql = Sql::new(
     "SELECT cancel_requested FROM instances WHERE id = $1 AND state = 'running' AND attempts = $2",
 );
@@ -94,12 +123,30 @@ static INLINE_OUTPUTS: Sql = Sql::new("SELECT key, data FROM inline_blobs");
 
 /// The ids of the instances `sel` selects, in order.
 pub(crate) async fn select<C: Conn>(c: &mut C, sel: &Selector) -> R<Vec<i64>, C> {
-    let id = |r: &C::Row<'_>| r.req_int(0);
+    Ok(select_states(c, sel)
+        .await?
+        .into_iter()
+        .map(|s| s.id)
+        .collect())
+}
+
+/// The instances `sel` selects, in id order, with their states.
+pub(crate) async fn select_states<C: Conn>(c: &mut C, sel: &Selector) -> R<Vec<Selected>, C> {
+    let row = |r: &C::Row<'_>| {
+        Ok(Selected {
+            id: r.req_int(0)?,
+            job: r.hash(1)?,
+            created: r.req_int(2)?,
+            state: r.state(3)?,
+            retried_by: r.int(4)?,
+        })
+    };
     match sel {
-        Selector::Id(i) => c.rows(&BY_ID, &args![*i], id).await,
-        Selector::Created(t) => c.rows(&BY_CREATED, &args![*t], id).await,
-        Selector::Hash(h) => c.rows(&BY_HASH, &args![h], id).await,
-        Selector::AllFailed => c.rows(&ALL_FAILED, &[], id).await,
+        Selector::Id(i) => c.rows(&BY_ID, &args![*i], row).await,
+        Selector::Created(t) => c.rows(&BY_CREATED, &args![*t], row).await,
+        Selector::Hash(h) => c.rows(&BY_HASH, &args![h], row).await,
+        Selector::AllFailed => c.rows(&ALL_FAILED, &[], row).await,
+        Selector::Batch(b) => c.rows(&BY_BATCH, &args![b.as_str()], row).await,
     }
 }
 
@@ -108,21 +155,23 @@ pub(crate) async fn select<C: Conn>(c: &mut C, sel: &Selector) -> R<Vec<i64>, C>
 pub(crate) async fn list_page<C: Conn>(
     c: &mut C,
     kind: ListKind,
-    after: i64,
-    limit: i64,
+    (after, limit): (i64, i64),
+    batch: Option<&str>,
 ) -> R<Vec<ListRow>, C> {
     match kind {
         ListKind::Job => {
-            c.rows(&JOBS_PAGE, &args![after, limit], |r| job_row(r))
+            c.rows(&JOBS_PAGE, &args![after, limit, batch], |r| job_row(r))
                 .await
         }
         ListKind::Pending => {
-            c.rows(&PENDING_PAGE, &args![after, limit], |r| {
+            c.rows(&PENDING_PAGE, &args![after, limit, batch], |r| {
+                let state = r.state(3)?;
                 Ok(ListRow::Pending(PendingRow {
                     id: r.req_int(0)?,
                     job: r.hash(1)?,
                     created: r.req_int(2)?,
-                    running: r.state(3)? == State::Running,
+                    running: state == State::Running,
+                    waiting: state == State::Waiting,
                     priority: r.req_int(4)?,
                     run_at: r.req_int(5)?,
                     attempts: r.req_int(6)?,
@@ -131,8 +180,10 @@ pub(crate) async fn list_page<C: Conn>(
             .await
         }
         ListKind::Result => {
-            c.rows(&RESULTS_PAGE, &args![after, limit], |r| result_row(r))
-                .await
+            c.rows(&RESULTS_PAGE, &args![after, limit, batch], |r| {
+                result_row(r)
+            })
+            .await
         }
         ListKind::Fail | ListKind::Cancelled => {
             let state = if kind == ListKind::Fail {
@@ -140,8 +191,8 @@ pub(crate) async fn list_page<C: Conn>(
             } else {
                 "cancelled"
             };
-            c.rows(&FAILS_PAGE, &args![after, limit, state], |r| fail_row(r))
-                .await
+            let a = args![after, limit, state, batch];
+            c.rows(&FAILS_PAGE, &a, |r| fail_row(r)).await
         }
     }
 }
@@ -219,6 +270,10 @@ pub(crate) async fn instance_detail<C: Conn>(c: &mut C, id: i64) -> R<Option<Ins
                 timeout_ms: r.unsigned(5)?,
                 retries: r.unsigned(6)?,
                 cached: r.flag(7)?,
+                batch: r.text(8)?,
+                deps: r.unsigned(9)?.unwrap_or(0),
+                waiting_on: r.unsigned(10)?.unwrap_or(0),
+                note: r.text(11)?,
                 attempts: Vec::new(),
             })
         })
@@ -285,6 +340,36 @@ pub(crate) async fn counts<C: Conn>(c: &mut C) -> R<Counts, C> {
     })
     .await?;
     Ok(counts)
+}
+
+/// Up to `limit` batches with ids above `after` (only the one named `name`, if
+/// given), in id order, with their counts.
+pub(crate) async fn batches_page<C: Conn>(
+    c: &mut C,
+    (after, limit): (i64, i64),
+    name: Option<&str>,
+) -> R<Vec<BatchCounts>, C> {
+    let mut out: Vec<BatchCounts> = Vec::new();
+    c.each(&BATCHES_PAGE, &args![after, limit, name], |r| {
+        let id = r.req_int(0)?;
+        if out.last().is_none_or(|b| b.id != id) {
+            out.push(BatchCounts {
+                id,
+                batch: r.req_text(1)?,
+                created: r.req_int(2)?,
+                total: 0,
+                counts: Counts::default(),
+            });
+        }
+        if let (Some(b), Some(_)) = (out.last_mut(), r.str(3)?) {
+            let n = r.unsigned(4)?.unwrap_or(0);
+            *b.counts.slot(r.state(3)?) = n;
+            b.total += n;
+        }
+        Ok(())
+    })
+    .await?;
+    Ok(out)
 }
 
 /// Whether attempt `t` still holds its lease, and whether a cancel was requested.

@@ -4,6 +4,7 @@
 
 use std::time::Duration;
 
+use super::deps::{self, Resolved};
 use super::{Conn, Sql, Tx, args};
 use crate::error::Error;
 use crate::hash::Hash;
@@ -27,10 +28,12 @@ static JOB_EXISTS: Sql = Sql::new("SELECT 1 FROM jobs WHERE key = $1");
 // journal for every insert (a temp-file write per row; a bulk add ran at 0.67 of its
 // speed with it).
 static INSERT_INSTANCE: Sql = Sql::each(
-    "INSERT INTO instances(job, created, state, priority, run_at, timeout_ms, retries, cached)
-     VALUES ($1, $2, 'pending', $3, $4, $5, $6, $7)",
-    "INSERT INTO instances(job, created, state, priority, run_at, timeout_ms, retries, cached)
-     VALUES ($1, $2, 'pending', $3, $4, $5, $6, $7) RETURNING id",
+    "INSERT INTO instances(job, created, state, priority, run_at, timeout_ms, retries, cached,
+       batch, deps, waiting_on, note, ended)
+     VALUES ($1, $2, $8, $3, $4, $5, $6, $7, $9, $10, $11, $12, $13)",
+    "INSERT INTO instances(job, created, state, priority, run_at, timeout_ms, retries, cached,
+       batch, deps, waiting_on, note, ended)
+     VALUES ($1, $2, $8, $3, $4, $5, $6, $7, $9, $10, $11, $12, $13) RETURNING id",
 );
 static START_ATTEMPT: Sql = Sql::new(
     "UPDATE instances SET state = 'running', attempts = $2, lease_until = $3, cache_key = $4
@@ -80,12 +83,6 @@ static HEARTBEAT: Sql = Sql::new(
 static CANCEL_PENDING: Sql =
     Sql::new("UPDATE instances SET state = 'cancelled', ended = $2 WHERE id = $1");
 static CANCEL_RUNNING: Sql = Sql::new("UPDATE instances SET cancel_requested = TRUE WHERE id = $1");
-static RETRYABLE: Sql = Sql::new(
-    "SELECT job, priority, timeout_ms, retries, cached FROM instances
-     WHERE id = $1 AND state IN ('fail', 'cancelled') AND retried_by IS NULL FOR UPDATE",
-);
-static RETRIED_BY: Sql = Sql::new("UPDATE instances SET retried_by = $2 WHERE id = $1");
-
 /// Records job `job` (see [`Queue::create_many`](crate::queue::Queue::create_many));
 /// true if it is new.
 pub(crate) async fn insert_job<T: Tx>(tx: &mut T, job: &NewJob) -> R<bool, T> {
@@ -118,16 +115,21 @@ async fn job_exists<C: Conn>(c: &mut C, job: &Hash) -> R<bool, C> {
     Ok(c.opt(&JOB_EXISTS, &args![job], |_| Ok(())).await?.is_some())
 }
 
-/// Pushes a new instance of job `job` (which exists).
+/// Pushes a new instance of job `job` (which exists), in the batch and with the
+/// dependencies `r` resolved.
 pub(crate) async fn insert_instance<T: Tx>(
     tx: &mut T,
     job: &Hash,
     opts: &PushOptions,
+    r: &Resolved,
 ) -> R<Instance, T> {
     let now = tx.now();
     let created = tx.next_created(now).await?;
     let timeout = opts.timeout.map(super::millis);
     let run_at = opts.run_at.unwrap_or(now);
+    let state = r.state();
+    let ended = (state == State::Cancelled).then_some(now);
+    let ndeps = i64::try_from(r.deps.len()).unwrap_or(i64::MAX);
     let id = tx
         .insert_id(
             &INSERT_INSTANCE,
@@ -138,16 +140,36 @@ pub(crate) async fn insert_instance<T: Tx>(
                 run_at,
                 timeout,
                 opts.retries.map(i64::from),
-                opts.cached
+                opts.cached,
+                state.as_str(),
+                r.batch,
+                ndeps,
+                r.unmet,
+                r.broken.as_deref(),
+                ended
             ],
         )
         .await?;
-    let data = match opts.run_at {
-        Some(t) if t > now => serde_json::json!({"run_at": t}),
-        _ => serde_json::Value::Null,
-    };
-    tx.event(EventKind::Push, job, Some((id, created)), data)
-        .await?;
+    deps::insert_deps(tx, id, r).await?;
+    let mut data = serde_json::json!({});
+    if let Some(t) = opts.run_at.filter(|&t| t > now) {
+        data["run_at"] = t.into();
+    }
+    if let Some(b) = &opts.batch {
+        data["batch"] = b.as_str().into();
+    }
+    if state == State::Waiting {
+        data["waiting"] = true.into();
+    }
+    if data.as_object().is_some_and(serde_json::Map::is_empty) {
+        data = serde_json::Value::Null;
+    }
+    let inst = Some((id, created));
+    tx.event(EventKind::Push, job, inst, data).await?;
+    if let Some(msg) = &r.broken {
+        let data = serde_json::json!({"message": msg});
+        tx.event(EventKind::Cancel, job, inst, data).await?;
+    }
     Ok(Instance {
         id,
         job: *job,
@@ -162,10 +184,12 @@ pub(crate) async fn add_many<T: Tx>(
     jobs: &[NewJob],
     opts: &PushOptions,
 ) -> R<Vec<Instance>, T> {
+    let keys: Vec<&Hash> = jobs.iter().map(|j| &j.info.hash).collect();
+    let resolved = deps::resolve(tx, opts, &keys).await?;
     let mut out = Vec::with_capacity(jobs.len());
     for j in jobs {
         insert_job(tx, j).await?;
-        out.push(insert_instance(tx, &j.info.hash, opts).await?);
+        out.push(insert_instance(tx, &j.info.hash, opts, &resolved).await?);
     }
     Ok(out)
 }
@@ -185,7 +209,8 @@ pub(crate) async fn push<T: Tx>(tx: &mut T, job: &Hash, opts: &PushOptions) -> R
     if !job_exists(tx, job).await? {
         return Err(Error::JobNotFound(*job).into());
     }
-    insert_instance(tx, job, opts).await
+    let resolved = deps::resolve(tx, opts, &[job]).await?;
+    insert_instance(tx, job, opts, &resolved).await
 }
 
 /// Starts a new attempt of candidate `c`: a new fencing token and attempt id.
@@ -287,6 +312,9 @@ async fn apply<T: Tx>(
     }
     tx.event(tr.event, job, Some((t.id, created)), tr.data.clone())
         .await?;
+    if tr.ends {
+        deps::ended(tx, t.id, (job, created), tr.state).await?;
+    }
     Ok(tr.finished)
 }
 
@@ -354,12 +382,14 @@ pub(crate) async fn cancel<T: Tx>(tx: &mut T, sel: &Selector) -> R<Vec<Instance>
             continue;
         };
         match row.state {
-            State::Pending => {
+            State::Pending | State::Waiting => {
                 let now = tx.now();
                 tx.execute(&CANCEL_PENDING, &args![id, now]).await?;
                 let null = serde_json::Value::Null;
                 tx.event(EventKind::Cancel, &row.job, Some((id, row.created)), null)
                     .await?;
+                let inst = (&row.job, row.created);
+                deps::ended(tx, id, inst, State::Cancelled).await?;
             }
             State::Running => {
                 tx.execute(&CANCEL_RUNNING, &args![id]).await?;
@@ -371,34 +401,6 @@ pub(crate) async fn cancel<T: Tx>(tx: &mut T, sel: &Selector) -> R<Vec<Instance>
             job: row.job,
             created: row.created,
         });
-    }
-    Ok(out)
-}
-
-/// Pushes the selected failed or cancelled instances again (see
-/// [`Queue::retry`](crate::queue::Queue::retry)).
-pub(crate) async fn retry<T: Tx>(tx: &mut T, sel: &Selector) -> R<Vec<Instance>, T> {
-    let mut out = Vec::new();
-    for id in super::read::select(tx, sel).await? {
-        let row = tx
-            .opt(&RETRYABLE, &args![id], |r| {
-                let opts = PushOptions {
-                    priority: r.req_int(1)?,
-                    run_at: None,
-                    timeout: r.unsigned::<u64>(2)?.map(Duration::from_millis),
-                    retries: r.unsigned(3)?,
-                    cached: r.flag(4)?,
-                };
-                Ok((r.hash(0)?, opts))
-            })
-            .await?;
-        let Some((job, opts)) = row else { continue };
-        let inst = insert_instance(tx, &job, &opts).await?;
-        tx.execute(&RETRIED_BY, &args![id, inst.id]).await?;
-        let data = serde_json::json!({"from": id});
-        tx.event(EventKind::Retry, &job, Some((inst.id, inst.created)), data)
-            .await?;
-        out.push(inst);
     }
     Ok(out)
 }
@@ -423,7 +425,7 @@ async fn take_over<T: Tx>(tx: &mut T, req: &ClaimRequest, out: &mut Vec<Claim>) 
     let mut terminal = false;
     let expired = tx
         .rows(T::claim_sql().expired, &args![now, limit], |r| {
-            Ok((candidate(r)?, r.flag(8)?))
+            Ok((candidate(r)?, r.flag(9)?))
         })
         .await?;
     for (c, cancel) in expired {
@@ -485,7 +487,12 @@ async fn claim_pending<T: Tx>(tx: &mut T, req: &ClaimRequest, out: &mut Vec<Clai
             if claimed == remaining {
                 break;
             }
-            let key = policy::claim_cache_key(req, &c.job, c.cached, c.timeout);
+            let inputs = if c.deps > 0 && policy::wants_cache(req, c.cached) {
+                Some(deps::inputs(tx, c.id).await?)
+            } else {
+                None
+            };
+            let key = policy::claim_cache_key(req, &c.job, (c.cached, c.timeout), inputs.as_ref());
             if let Some(k) = key {
                 // One claimer at a time per key, so identical runs start once even
                 // when workers claim at the same moment; a key another claimer holds

@@ -31,7 +31,8 @@ mod exec;
 mod group_commit;
 mod watch;
 
-use super::sql::{DbError, read, write};
+use super::batch::{BatchCounts, DependencyResult, Selected};
+use super::sql::{DbError, deps, read, retry, write};
 use group_commit::*;
 
 /// How often other processes' commits are looked for while someone waits, where the
@@ -280,17 +281,58 @@ impl Queue for SqliteQueue {
         .await
     }
 
-    async fn retry(&self, sel: &Selector) -> Result<Vec<Instance>> {
+    async fn retry(&self, sel: &Selector, with_dependents: bool) -> Result<Vec<Instance>> {
         let sel = sel.clone();
-        self.write(move |tx| exec::run(tx, |mut l| async move { write::retry(&mut l, &sel).await }))
-            .await
+        self.write(move |tx| {
+            exec::run(tx, |mut l| async move {
+                retry::retry(&mut l, &sel, with_dependents).await
+            })
+        })
+        .await
     }
 
-    async fn list_page(&self, kind: ListKind, after: i64, limit: usize) -> Result<Vec<ListRow>> {
+    async fn list_page(
+        &self,
+        kind: ListKind,
+        (after, limit): (i64, usize),
+        batch: Option<&str>,
+    ) -> Result<Vec<ListRow>> {
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        let batch = batch.map(String::from);
+        self.with_conn(move |c| {
+            exec::run(c, |mut l| async move {
+                read::list_page(&mut l, kind, (after, limit), batch.as_deref()).await
+            })
+        })
+        .await
+    }
+
+    async fn batches_page(
+        &self,
+        after: i64,
+        limit: usize,
+        name: Option<&str>,
+    ) -> Result<Vec<BatchCounts>> {
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        let name = name.map(String::from);
+        self.with_conn(move |c| {
+            exec::run(c, |mut l| async move {
+                read::batches_page(&mut l, (after, limit), name.as_deref()).await
+            })
+        })
+        .await
+    }
+
+    async fn dependency_results(
+        &self,
+        id: i64,
+        after: i64,
+        limit: usize,
+    ) -> Result<Vec<DependencyResult>> {
         let limit = i64::try_from(limit).unwrap_or(i64::MAX);
         self.with_conn(move |c| {
             exec::run(c, |mut l| async move {
-                read::list_page(&mut l, kind, after, limit).await
+                deps::results(&mut l, id, after, limit).await
             })
         })
         .await
@@ -307,10 +349,13 @@ impl Queue for SqliteQueue {
         .await
     }
 
-    async fn select(&self, sel: &Selector) -> Result<Vec<i64>> {
+    async fn select_states(&self, sel: &Selector) -> Result<Vec<Selected>> {
         let sel = sel.clone();
         self.with_conn(move |c| {
-            exec::run(c, |mut l| async move { read::select(&mut l, &sel).await })
+            exec::run(
+                c,
+                |mut l| async move { read::select_states(&mut l, &sel).await },
+            )
         })
         .await
     }

@@ -1,0 +1,147 @@
+//! `map`: fan-out, one job per input, payloads built from a GNU parallel template.
+
+use batchdb::template::Template;
+use tokio::io::AsyncBufReadExt;
+
+use super::*;
+
+/// Where a map's inputs come from.
+enum Inputs {
+    /// One input per line of a reader.
+    Lines(tokio::io::BufReader<Box<dyn AsyncRead + Send + Unpin>>),
+    /// Every combination of the `:::` lists, first list varying slowest.
+    Product {
+        lists: Vec<Vec<String>>,
+        /// The next combination's index in each list; `None` when done.
+        next: Option<Vec<usize>>,
+    },
+}
+
+impl Inputs {
+    /// Puts the next input's arguments in `args`; false at the end.
+    async fn next(&mut self, args: &mut Vec<Vec<u8>>) -> Result<bool> {
+        args.clear();
+        match self {
+            Inputs::Lines(r) => {
+                let mut buf = Vec::new();
+                let n = r
+                    .read_until(b'\n', &mut buf)
+                    .await
+                    .map_err(|e| Error::Stream {
+                        what: "read map inputs".into(),
+                        source: e,
+                    })?;
+                if n == 0 {
+                    return Ok(false);
+                }
+                if buf.last() == Some(&b'\n') {
+                    buf.pop();
+                }
+                args.push(buf);
+                Ok(true)
+            }
+            Inputs::Product { lists, next } => {
+                let Some(idx) = next.as_mut() else {
+                    return Ok(false);
+                };
+                args.extend(
+                    idx.iter()
+                        .zip(lists.iter())
+                        .map(|(&i, l)| l[i].as_bytes().to_vec()),
+                );
+                // Odometer: the last list turns fastest.
+                let mut k = idx.len();
+                loop {
+                    if k == 0 {
+                        *next = None;
+                        break;
+                    }
+                    k -= 1;
+                    idx[k] += 1;
+                    if idx[k] < lists[k].len() {
+                        break;
+                    }
+                    idx[k] = 0;
+                }
+                Ok(true)
+            }
+        }
+    }
+}
+
+/// Splits `TEMPLATE... [::: ARG...]...` into the template and the `:::` lists.
+fn split(words: &[String]) -> Result<(String, Option<Vec<Vec<String>>>)> {
+    let mut parts = words.split(|w| w == ":::");
+    let template = parts.next().unwrap_or_default().join(" ");
+    if template.trim().is_empty() {
+        return Err(Error::Config {
+            what: "map template",
+            value: template,
+            why: "give a command template before :::".into(),
+        });
+    }
+    let lists: Vec<Vec<String>> = parts.map(<[String]>::to_vec).collect();
+    if lists.is_empty() {
+        return Ok((template, None));
+    }
+    Ok((template, Some(lists)))
+}
+
+/// `map [--batch NAME] [-f FILE] [--dry-run] [-q] [QUEUE OPTIONS] TEMPLATE [::: ARG...]...`.
+pub(super) async fn map(db: &BatchDb, m: MapArgs) -> Result<ExitCode> {
+    let (template, lists) = split(&m.template)?;
+    let template = Template::parse(&template);
+    let mut inputs = match lists {
+        Some(lists) => {
+            let empty = lists.iter().any(Vec::is_empty);
+            let next = (!empty).then(|| vec![0; lists.len()]);
+            Inputs::Product { lists, next }
+        }
+        None => {
+            let p = PayloadArgs {
+                file: m.file.clone(),
+                payload: Vec::new(),
+            };
+            Inputs::Lines(tokio::io::BufReader::new(payload(&p).await?))
+        }
+    };
+    let mut opts = push_options(&m.queue)?;
+    let mut out = std::io::BufWriter::new(std::io::stdout().lock());
+    if !m.dry_run {
+        let name = opts
+            .batch
+            .get_or_insert_with(batchdb::queue::new_batch_name);
+        writeln!(out, "batch {name}").map_err(stdout_err)?;
+        out.flush().map_err(stdout_err)?;
+    }
+    let (mut args, mut seq, mut chunk) = (Vec::new(), 0u64, Vec::new());
+    loop {
+        let more = inputs.next(&mut args).await?;
+        if more {
+            seq += 1;
+            let refs: Vec<&[u8]> = args.iter().map(Vec::as_slice).collect();
+            let mut payload = Vec::new();
+            template.expand_into(seq, &refs, &mut payload);
+            if m.dry_run {
+                out.write_all(&payload)
+                    .and_then(|()| out.write_all(b"\n"))
+                    .map_err(stdout_err)?;
+            } else {
+                chunk.push(payload);
+            }
+        }
+        if chunk.len() == batchdb::BULK_CHUNK || (!more && !chunk.is_empty()) {
+            for inst in db.add_many(std::mem::take(&mut chunk), &opts).await? {
+                if !m.quiet {
+                    writeln!(out, "pushed {} {}", inst.job, inst.created).map_err(stdout_err)?;
+                }
+            }
+            out.flush().map_err(stdout_err)?;
+        }
+        if !more {
+            break;
+        }
+    }
+    out.flush().map_err(stdout_err)?;
+    Ok(ExitCode::SUCCESS)
+}
