@@ -328,3 +328,181 @@ fn strip_trailing_slashes(dir: &[u8]) -> &[u8] {
     let keep = dir.iter().rposition(|&b| b != b'/').map_or(1, |i| i + 1);
     &dir[..keep.min(dir.len())]
 }
+
+#[cfg(test)]
+mod tests {
+    //! Every expected string below was printed by GNU parallel 20221122's
+    //! `parallel --dry-run TEMPLATE ::: ...` (or `-0` input for newlines and
+    //! non-UTF-8 bytes).
+    use super::*;
+
+    fn expand_bytes(template: &str, seq: u64, args: &[&[u8]]) -> Vec<u8> {
+        let mut out = b"stale".to_vec();
+        Template::parse(template).expand_into(seq, args, &mut out);
+        out
+    }
+
+    fn expand(template: &str, seq: u64, args: &[&str]) -> String {
+        let args: Vec<&[u8]> = args.iter().map(|a| a.as_bytes()).collect();
+        String::from_utf8(expand_bytes(template, seq, &args)).expect("utf-8")
+    }
+
+    /// `echo {}` over each input, one job per input.
+    fn echo_each(inputs: &[&str]) -> Vec<String> {
+        inputs.iter().map(|i| expand("echo {}", 1, &[i])).collect()
+    }
+
+    fn quote(arg: &[u8]) -> Vec<u8> {
+        let mut out = Vec::new();
+        shell_quote(arg, &mut out);
+        out
+    }
+
+    #[test]
+    fn quoted_input_stays_one_word() {
+        let got = echo_each(&["a b", "say \"hi\"", "$HOME", "back\\slash", "tab\there"]);
+        let want = [
+            "echo 'a b'",
+            "echo 'say \"hi\"'",
+            "echo '$HOME'",
+            "echo 'back\\slash'",
+            "echo 'tab\there'",
+        ];
+        assert_eq!(got, want);
+        assert_eq!(expand("echo {}", 1, &["new\nline"]), "echo 'new\nline'");
+    }
+
+    #[test]
+    fn single_quotes_become_double_quoted() {
+        let got = echo_each(&["it's", "'", "''", "a'"]);
+        let want = [
+            "echo 'it'\"'\"'s'",
+            "echo \"'\"",
+            "echo \"'\"''\"'\"",
+            "echo 'a'\"'\"",
+        ];
+        assert_eq!(got, want);
+    }
+
+    #[test]
+    fn safe_words_are_not_quoted() {
+        let got = echo_each(&["-n", "plain-OK_1.2+3/x", "*", "~", "%", "a=b"]);
+        let want = [
+            "echo -n",
+            "echo plain-OK_1.2+3/x",
+            "echo '*'",
+            "echo '~'",
+            "echo '%'",
+            "echo 'a=b'",
+        ];
+        assert_eq!(got, want);
+    }
+
+    #[test]
+    fn empty_input_is_two_quotes() {
+        assert_eq!(expand("echo {}", 1, &[""]), "echo ''");
+        assert_eq!(quote(b""), b"''");
+    }
+
+    #[test]
+    fn non_ascii_bytes_are_quoted_verbatim() {
+        assert_eq!(expand("echo {}", 1, &["ünï"]), "echo 'ünï'");
+        let got = expand_bytes("echo {}", 1, &[b"\xff\xfe.\x80"]);
+        assert_eq!(got, b"echo '\xff\xfe.\x80'");
+    }
+
+    #[test]
+    fn path_modifiers_match_gnu() {
+        let t = "echo {.} {/} {//} {/.}";
+        let cases = [
+            ("a.b.c", "echo a.b a.b.c . a.b"),
+            ("dir/", "echo dir/ '' . ''"),
+            ("/", "echo / '' / ''"),
+            (".hidden", "echo '' .hidden . ''"),
+            ("dir.d/file", "echo dir.d/file file dir.d file"),
+            ("a.b/c", "echo a.b/c c a.b c"),
+            ("file", "echo file file . file"),
+            ("/file", "echo /file file / file"),
+            ("", "echo '' '' . ''"),
+            (".", "echo '' . . ''"),
+            ("..", "echo . .. . ."),
+            ("a//b", "echo a//b b a b"),
+            ("a/b//", "echo a/b// '' a ''"),
+            ("//a", "echo //a a / a"),
+            ("a/.b", "echo a/ .b a ''"),
+        ];
+        for (input, want) in cases {
+            assert_eq!(expand(t, 1, &[input]), want, "input {input:?}");
+        }
+    }
+
+    #[test]
+    fn basename_stops_at_newlines_like_perl_dot() {
+        let got = expand("echo {/} {.}", 1, &["a\nb/c\nd/e"]);
+        assert_eq!(got, "echo 'a\nc\nd/e' 'a\nb/c\nd/e'");
+        assert_eq!(expand("echo {/} {.}", 1, &["x.y\n"]), "echo 'x.y\n' x");
+    }
+
+    #[test]
+    fn seq_is_the_job_number() {
+        let got: Vec<String> = (1..=3).map(|n| expand("echo {#}", n, &["a"])).collect();
+        assert_eq!(got, ["echo 1", "echo 2", "echo 3"]);
+        // `{N#}` is GNU's position `N1`: `{0#}` is input 1, `{1#}` input 11.
+        assert_eq!(expand("echo {#} {0#} {1#}", 1, &["a"]), "echo 1 1 ");
+    }
+
+    #[test]
+    fn positional_picks_one_source() {
+        assert_eq!(expand("cmd {1} {2.}", 1, &["x y", "a.txt"]), "cmd 'x y' a");
+        let got = expand("cmd {1} {2.}", 2, &["x y", "b c.tar.gz"]);
+        assert_eq!(got, "cmd 'x y' 'b c.tar'");
+        let got = expand("{1/} {1//} {1/.} {-1}", 1, &["d/f.x", "z"]);
+        assert_eq!(got, "f.x d f z");
+    }
+
+    #[test]
+    fn out_of_range_position_is_empty_and_negatives_wrap() {
+        let t = "echo {3} {-1} {-3} {-5} {0} {00} {01} [{1 .}]";
+        let got = expand(t, 1, &["a", "b.c"]);
+        assert_eq!(got, "echo  b.c b.c  a b.c  a [a]");
+    }
+
+    #[test]
+    fn all_inputs_join_with_one_space() {
+        assert_eq!(expand("echo x{}y", 1, &["a b", "c"]), "echo x'a b' cy");
+        assert_eq!(expand("echo {/}", 1, &["p/q", "r s/t"]), "echo q t");
+    }
+
+    #[test]
+    fn no_replacement_appends_inputs() {
+        let t = Template::parse("echo");
+        assert!(!t.has_replacements());
+        assert!(Template::parse("{#}").has_replacements());
+        assert_eq!(expand("echo", 1, &["a b"]), "echo 'a b'");
+        assert_eq!(expand("echo", 1, &["a b", "c"]), "echo 'a b' c");
+        assert_eq!(expand("", 1, &["a b"]), " 'a b'");
+    }
+
+    #[test]
+    fn replacement_in_first_word_disables_quoting() {
+        assert_eq!(expand("{} -v", 1, &["a b"]), "a b -v");
+        assert_eq!(expand("x{}y {2}", 1, &["a b", "c d"]), "xa b c dy c d");
+        assert_eq!(expand("A={} echo {}", 1, &["a b"]), "A='a b' echo 'a b'");
+    }
+
+    #[test]
+    fn unknown_braces_stay_literal() {
+        let got = expand("echo {{}} {x} {%} {1/ } {=}", 1, &["a b"]);
+        assert_eq!(got, "echo {'a b'} {x} {%} {1/ } {=}");
+    }
+
+    #[test]
+    fn no_inputs_means_one_empty_input() {
+        assert_eq!(expand("echo {} {1}", 1, &[]), "echo '' ''");
+    }
+
+    #[test]
+    fn expand_clears_the_buffer() {
+        assert_eq!(expand_bytes("x", 1, &[b"y"]), b"x y");
+    }
+}

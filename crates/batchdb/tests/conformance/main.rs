@@ -8,6 +8,7 @@
 
 mod backends;
 mod blob;
+mod deps;
 mod dir_store;
 mod end_to_end;
 mod isolation;
@@ -57,6 +58,15 @@ macro_rules! suite {
                     select_by_created_job_and_result,
                     corrupt_values_read_back_are_one_error,
                     corrupt_values_on_every_path_are_one_error,
+                ]);
+                suite!(@tests $backend, deps: [
+                    a_dependency_is_released_in_the_transaction_of_its_result,
+                    failure_and_cancel_propagate_down_the_graph,
+                    retry_with_dependents_rewires_the_graph,
+                    cycles_and_unknown_selectors_are_rejected,
+                    a_waiting_instance_is_never_claimed_by_racing_workers,
+                    the_cache_key_covers_the_dependency_results,
+                    batches_count_and_select_their_instances,
                 ]);
                 suite!(@tests $backend, blob: [
                     roundtrip_sizes,

@@ -1,6 +1,7 @@
 //! Integration tests of the `batchdb` CLI: every test drives the real binary as
 //! separate processes on its own temporary directory.
 //!
+//! - `batches`: `map` against GNU parallel, `wait`, a map-reduce through `BATCHDB_DEPS`
 //! - `output_contract`: the exact output of add / create / push / list / run / get
 //! - `consistency`: no lost or merged instances under concurrent processes, a failing
 //!   job never stalls the queue, every listed result is readable and hashes right
@@ -14,6 +15,7 @@
 mod util;
 
 mod bad_input;
+mod batches;
 mod consistency;
 mod faults;
 mod inspection;

@@ -37,7 +37,7 @@ static JOBS_PAGE: Sql = Sql::new(
        (SELECT string_agg(CAST(i.created AS TEXT), ',') FROM instances i
         WHERE i.job = j.key AND i.state = 'running')
      FROM jobs j WHERE j.id > $1
-       AND ($3 IS NULL OR EXISTS(SELECT 1 FROM instances b WHERE b.job = j.key
+       AND (CAST($3 AS TEXT) IS NULL OR EXISTS(SELECT 1 FROM instances b WHERE b.job = j.key
          AND b.batch = (SELECT id FROM batches WHERE name = $3)))
      ORDER BY j.id LIMIT $2",
 );
@@ -46,11 +46,11 @@ static PENDING_PAGE: Sql = Sql::each(
     // instead of gathering and sorting both states' rows per page.
     "SELECT id, job, created, state, priority, run_at, attempts FROM instances NOT INDEXED
      WHERE id > $1 AND state IN ('waiting', 'pending', 'running')
-       AND ($3 IS NULL OR batch = (SELECT id FROM batches WHERE name = $3))
+       AND (CAST($3 AS TEXT) IS NULL OR batch = (SELECT id FROM batches WHERE name = $3))
      ORDER BY id LIMIT $2",
     "SELECT id, job, created, state, priority, run_at, attempts FROM instances
      WHERE id > $1 AND state IN ('waiting', 'pending', 'running')
-       AND ($3 IS NULL OR batch = (SELECT id FROM batches WHERE name = $3))
+       AND (CAST($3 AS TEXT) IS NULL OR batch = (SELECT id FROM batches WHERE name = $3))
      ORDER BY id LIMIT $2",
 );
 static RESULTS_PAGE: Sql = Sql::new(
@@ -58,7 +58,7 @@ static RESULTS_PAGE: Sql = Sql::new(
        a.exit_code, i.attempts, a.cached
      FROM instances i JOIN attempts a ON a.instance = i.id AND a.attempt = i.attempts
      WHERE i.state = 'result' AND i.id > $1
-       AND ($3 IS NULL OR i.batch = (SELECT id FROM batches WHERE name = $3))
+       AND (CAST($3 AS TEXT) IS NULL OR i.batch = (SELECT id FROM batches WHERE name = $3))
      ORDER BY i.id LIMIT $2",
 );
 static FAILS_PAGE: Sql = Sql::new(
@@ -66,7 +66,7 @@ static FAILS_PAGE: Sql = Sql::new(
        a.signal, COALESCE(i.note, a.message), i.attempts
      FROM instances i LEFT JOIN attempts a ON a.instance = i.id AND a.attempt = i.attempts
      WHERE i.state = $3 AND i.id > $1
-       AND ($4 IS NULL OR i.batch = (SELECT id FROM batches WHERE name = $4))
+       AND (CAST($4 AS TEXT) IS NULL OR i.batch = (SELECT id FROM batches WHERE name = $4))
      ORDER BY i.id LIMIT $2",
 );
 static INSTANCE: Sql = Sql::new(
@@ -89,7 +89,7 @@ static BATCHES_PAGE: Sql = Sql::new(
     "SELECT b.id, b.name, b.created, i.state, COUNT(i.id)
      FROM batches b LEFT JOIN instances i ON i.batch = b.id
      WHERE b.id IN (SELECT id FROM batches WHERE id > $1 ORDER BY id LIMIT $2)
-       AND ($3 IS NULL OR b.name = $3)
+       AND (CAST($3 AS TEXT) IS NULL OR b.name = $3)
      GROUP BY b.id, b.name, b.created, i.state ORDER BY b.id",
 );
 static STATUS: Sql = Sql::new(

@@ -2,7 +2,7 @@
 //! their batch and dependencies, and (when asked) the dependents their failure
 //! cancelled, rewired to the new instances.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeSet, HashSet};
 use std::time::Duration;
 
 use super::deps::{self, Resolved};
@@ -19,19 +19,24 @@ static RETRYABLE: Sql = Sql::new(
 );
 static RETRIED_BY: Sql = Sql::new("UPDATE instances SET retried_by = $2 WHERE id = $1");
 static DEPS_OF: Sql = Sql::new("SELECT dep, after_any FROM deps WHERE instance = $1 ORDER BY dep");
-// Dependents a dependency's failure cancelled (only those carry a note), not retried.
+// Dependents a dependency's failure cancelled (only those carry a note), not retried:
+// of the instance, or of any instance it was retried in place of.
 static CANCELLED_DEPENDENTS: Sql = Sql::new(
     "SELECT d.instance FROM deps d JOIN instances i ON i.id = d.instance
-     WHERE d.dep = $1 AND i.state = 'cancelled' AND i.note IS NOT NULL
-       AND i.retried_by IS NULL ORDER BY d.instance",
+     WHERE (d.dep = $1 OR d.dep IN (SELECT id FROM instances WHERE retried_by = $1))
+       AND i.state = 'cancelled' AND i.note IS NOT NULL AND i.retried_by IS NULL
+     ORDER BY d.instance",
 );
+static PREDECESSOR: Sql = Sql::new("SELECT id FROM instances WHERE retried_by = $1");
+static RETRIED_AS: Sql = Sql::new("SELECT retried_by FROM instances WHERE id = $1");
 
 /// Pushes the selected failed or cancelled instances again (see
 /// [`Queue::retry`](crate::queue::Queue::retry)), each in its batch and with its
 /// dependencies; with `with_dependents`, also every instance cancelled because one of
-/// them (or such a dependent, down the graph) failed, waiting for the new instances
-/// instead. Dependencies are older than their dependents, so going in id order
-/// pushes each replacement before anything that waits for it.
+/// them — or an instance they were retried in place of — failed (and such dependents'
+/// dependents, down the graph), waiting for the new instances instead. Dependencies
+/// are older than their dependents, so going in id order pushes each replacement
+/// before anything that waits for it.
 pub(crate) async fn retry<T: Tx>(
     tx: &mut T,
     sel: &Selector,
@@ -41,34 +46,81 @@ pub(crate) async fn retry<T: Tx>(
     if with_dependents {
         let mut frontier: Vec<i64> = todo.iter().copied().collect();
         while let Some(id) = frontier.pop() {
-            for d in tx
-                .rows(&CANCELLED_DEPENDENTS, &args![id], |r| r.req_int(0))
-                .await?
-            {
-                if todo.insert(d) {
-                    frontier.push(d);
+            // Through the instances it was retried in place of, too.
+            let mut ids = vec![id];
+            let mut at = id;
+            while let Some(p) = tx.opt(&PREDECESSOR, &args![at], |r| r.req_int(0)).await? {
+                ids.push(p);
+                at = p;
+            }
+            for id in ids {
+                for d in tx
+                    .rows(&CANCELLED_DEPENDENTS, &args![id], |r| r.req_int(0))
+                    .await?
+                {
+                    if todo.insert(d) {
+                        frontier.push(d);
+                    }
                 }
             }
         }
     }
-    let mut replaced: HashMap<i64, i64> = HashMap::new();
+    // Each instance after those it waits for (a retried instance is newer than what
+    // was pushed after the one it replaced, so id order alone is not enough).
+    let mut left: Vec<i64> = todo.into_iter().collect();
     let mut out = Vec::new();
-    for id in todo {
-        if let Some(inst) = retry_one(tx, id, &replaced).await? {
-            replaced.insert(id, inst.id);
-            out.push(inst);
+    while !left.is_empty() {
+        let mut later = Vec::new();
+        for &id in &left {
+            if waits_for_any(tx, id, &left, &later).await? {
+                later.push(id);
+            } else if let Some(inst) = retry_one(tx, id).await? {
+                out.push(inst);
+            }
         }
+        if later.len() == left.len() {
+            // Unreachable for a graph built by pushes; never loop forever.
+            for id in later.drain(..) {
+                out.extend(retry_one(tx, id).await?);
+            }
+        }
+        left = later;
     }
     Ok(out)
 }
 
+/// Whether instance `id` waits for one of `left` (sorted) not retried yet: one after
+/// `id` (this pass has not reached it) or one deferred to `later`.
+async fn waits_for_any<T: Tx>(tx: &mut T, id: i64, left: &[i64], later: &[i64]) -> R<bool, T> {
+    let deps = tx.rows(&DEPS_OF, &args![id], |r| r.req_int(0)).await?;
+    for dep in deps {
+        let d = newest(tx, dep).await?;
+        let not_yet = left
+            .binary_search(&d)
+            .is_ok_and(|_| d > id || later.contains(&d));
+        if not_yet {
+            return Ok(true);
+        }
+    }
+    Ok(false)
+}
+
+/// The newest instance retried in place of instance `id` (`id` itself if it was
+/// not retried): what a dependency on `id` now waits for.
+async fn newest<T: Tx>(tx: &mut T, mut id: i64) -> R<i64, T> {
+    let mut seen: HashSet<i64> = HashSet::new();
+    while seen.insert(id) {
+        match tx.opt(&RETRIED_AS, &args![id], |r| r.int(0)).await? {
+            Some(Some(next)) => id = next,
+            _ => break,
+        }
+    }
+    Ok(id)
+}
+
 /// Pushes instance `id` again if it failed or was cancelled and was not retried,
-/// its dependencies mapped through `replaced` (old id to new).
-async fn retry_one<T: Tx>(
-    tx: &mut T,
-    id: i64,
-    replaced: &HashMap<i64, i64>,
-) -> R<Option<Instance>, T> {
+/// each dependency replaced by the newest instance retried in its place.
+async fn retry_one<T: Tx>(tx: &mut T, id: i64) -> R<Option<Instance>, T> {
     let row = tx
         .opt(&RETRYABLE, &args![id], |r| {
             let mut opts = PushOptions {
@@ -93,7 +145,7 @@ async fn retry_one<T: Tx>(
         ..Resolved::default()
     };
     for (dep, any) in old {
-        let dep = replaced.get(&dep).copied().unwrap_or(dep);
+        let dep = newest(tx, dep).await?;
         deps::add_dep_id(tx, &mut resolved, dep, any).await?;
     }
     let inst = insert_instance(tx, &job, &opts, &resolved).await?;
