@@ -7,6 +7,7 @@
 //! Chromium dashboard test) live in `crates/cli/tests/cli/serve.rs`.
 //!
 //! - `routes`: the old routes, the JSON API, paging, filters, prefix, dashboard files
+//! - `batches`: batch and after on push, the batch routes and filter
 //! - `bad_input`: 400 / 404 / 405 and the error body
 //! - `blobs`: Range, ETag, If-None-Match, HEAD
 //! - `events`: SSE from the event log, Last-Event-ID, live output
@@ -18,6 +19,7 @@ mod util;
 
 mod auth;
 mod bad_input;
+mod batches;
 mod blobs;
 mod events;
 mod metrics;
