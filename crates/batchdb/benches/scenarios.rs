@@ -21,6 +21,8 @@ use batchdb::worker::WorkerOptions;
 use batchdb::{BatchDb, Hash};
 use futures_util::StreamExt;
 
+mod batches;
+
 struct Row {
     scenario: String,
     ours: String,
@@ -576,7 +578,8 @@ async fn main() {
     let quick = std::env::args().any(|a| a == "quick");
     let k = if quick { 1 } else { 5 };
     let reps = if quick { 1 } else { 3 };
-    // `only=NAME` (enqueue, drain, output, list, scale, wakeup, bulk) runs one scenario.
+    // `only=NAME` (enqueue, drain, output, list, scale, wakeup, batches, bulk) runs one
+    // scenario.
     let only: Option<String> =
         std::env::args().find_map(|a| a.strip_prefix("only=").map(String::from));
     let want = |name: &str| only.as_deref().is_none_or(|o| o == name);
@@ -599,7 +602,15 @@ async fn main() {
     if want("wakeup") {
         rows.push(wakeup(if quick { 10 } else { 30 }).await);
     }
-    // Last: its 100,000 payloads in memory would inflate the peak RSS of the others.
+    if want("batches") {
+        rows.push(batches::fan_in(if quick { 2_000 } else { 10_000 }).await);
+        rows.push(batches::claim_beside_waiting(100_000, 200, reps).await);
+        rows.push(batches::wait_latency(if quick { 10 } else { 30 }).await);
+    }
+    // Last: their 100,000 payloads in memory would inflate the peak RSS of the others.
+    if want("batches") {
+        rows.push(batches::fan_out(if quick { 20_000 } else { 100_000 }, reps).await);
+    }
     if want("bulk") {
         rows.push(enqueue_bulk(if quick { 20_000 } else { 100_000 }, reps).await);
     }

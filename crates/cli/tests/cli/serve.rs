@@ -557,3 +557,94 @@ fn dashboard_in_headless_chromium() {
     b.screenshot(&png);
     println!("dashboard screenshot: {}", png.display());
 }
+
+#[test]
+fn dashboard_batch_view_in_headless_chromium() {
+    let env = Env::new();
+    env.ok(&[
+        "map", "-q", "--batch", "maps", "echo {}", ":::", "a", "b", "c",
+    ]);
+    let (reduce, _) = env.add_with(&["--batch", "red", "--after", "batch:maps"], "echo reduced");
+    env.add("echo in no batch");
+    let s = serve(&env, &[], &[]);
+    let b = Browser::start(&env);
+    b.cmd(
+        "POST",
+        "/url",
+        Some(json!({ "url": format!("http://{}/", s.addr) })),
+    );
+    let row = |name: &str, col: usize| {
+        format!(
+            "const tr = document.querySelector('#batches tr[data-batch=\"{name}\"]');
+             return tr && tr.children[{col}].textContent;"
+        )
+    };
+    b.wait_js(
+        "the maps batch",
+        &format!("{} === '0/3';", row("maps", 2).trim_end_matches(';')),
+    );
+    b.wait_js(
+        "red waits",
+        &format!("{} === '1';", row("red", 4).trim_end_matches(';')),
+    );
+    b.wait_js(
+        "the waiting count",
+        "return document.getElementById('count-waiting').textContent === '1';",
+    );
+    // A click on a batch shows only its instances: the waiting reduce.
+    b.click("#batches tr[data-batch=\"red\"] a.batch");
+    b.wait_js(
+        "the filter",
+        "return !document.getElementById('filter').hidden
+           && document.querySelectorAll('#pending tbody tr').length === 1
+           && document.querySelector('#pending tbody tr').dataset.state === 'waiting';",
+    );
+    assert_eq!(row_id(&b, "pending", &reduce), 4);
+    // A worker in another process runs everything; the bars fill live, and the
+    // filtered tables follow only the batch.
+    env.run_until_empty(&[]);
+    b.wait_js(
+        "red done",
+        &format!("{} === '1/1';", row("red", 2).trim_end_matches(';')),
+    );
+    b.wait_js(
+        "maps done, bar full",
+        "const tr = document.querySelector('#batches tr[data-batch=\"maps\"]');
+         return tr && tr.children[2].textContent === '3/3'
+           && tr.querySelector('.bar .result').style.width === '100%';",
+    );
+    assert_eq!(row_id(&b, "results", &reduce), 4);
+    b.wait_js(
+        "only the batch's result",
+        "return document.querySelectorAll('#results tbody tr').length === 1;",
+    );
+    b.click("#filter-clear");
+    b.wait_js(
+        "every result again",
+        "return document.getElementById('filter').hidden
+           && document.querySelectorAll('#results tbody tr').length === 5;",
+    );
+    // Cancel and retry a whole batch from its row.
+    env.ok(&[
+        "map", "-q", "--batch", "later", "--delay", "3600", "echo {}", ":::", "x", "y",
+    ]);
+    b.wait_js(
+        "the later batch",
+        &format!("{} === '0/2';", row("later", 2).trim_end_matches(';')),
+    );
+    b.click("#batches tr[data-batch=\"later\"] button.cancel");
+    b.wait_js(
+        "cancelled",
+        &format!("{} === '2';", row("later", 5).trim_end_matches(';')),
+    );
+    assert_eq!(env.list("cancelled").len(), 2);
+    b.click("#batches tr[data-batch=\"later\"] button.retry");
+    b.wait_js(
+        "retried",
+        &format!("{} === '2/4';", row("later", 2).trim_end_matches(';')),
+    );
+    assert_eq!(env.list("pending").len(), 2);
+    let png = artifact("dashboard-batches.png");
+    b.screenshot(&png);
+    println!("dashboard screenshot: {}", png.display());
+}

@@ -51,12 +51,13 @@ function say(text, ok) {
 // One model for every table, built from list rows or from /api/instance.
 function fromList(kind, r) {
   if (kind === "pending") {
-    return { id: r.id, job: r.job, created: r.created, state: r.running ? "running" : "pending",
-      priority: r.priority, run_at: r.run_at, attempts: r.attempts };
+    return { id: r.id, job: r.job, created: r.created,
+      state: r.running ? "running" : r.waiting ? "waiting" : "pending",
+      priority: r.priority, run_at: r.run_at, attempts: r.attempts, batch: filter };
   }
   const v = r.value;
   const m = { id: v.id, job: r.key[0], created: v.created, start: v.start, end: v.end,
-    attempts: v.attempts, exit_code: v.exit_code, stderr: v.stderr };
+    attempts: v.attempts, exit_code: v.exit_code, stderr: v.stderr, batch: filter };
   if (kind === "result") return Object.assign(m, { state: "result", stdout: v.hash, cached: v.cached });
   return Object.assign(m, { state: kind === "cancelled" ? "cancelled" : "fail", stdout: v.stdout,
     message: v.message, signal: v.signal });
@@ -66,7 +67,8 @@ function fromDetail(d) {
   const a = d.attempts.length ? d.attempts[d.attempts.length - 1] : null;
   return { id: d.id, job: d.job, created: d.created, state: d.state, priority: d.priority,
     run_at: d.run_at, attempts: d.attempts.length, start: a && a.start, end: a && a.end,
-    exit_code: a && a.exit_code, signal: a && a.signal, message: a && a.message,
+    exit_code: a && a.exit_code, signal: a && a.signal, message: d.note || (a && a.message),
+    batch: d.batch || null,
     stdout: a && a.stdout && a.stdout.hash, stderr: a && a.stderr && a.stderr.hash,
     cached: a && a.cached };
 }
@@ -98,7 +100,10 @@ function button(td, label, cls, action) {
   td.appendChild(document.createTextNode(" "));
 }
 
-const TABLE = { pending: "pending", running: "running", result: "results", fail: "failures", cancelled: "failures" };
+const TABLE = { waiting: "pending", pending: "pending", running: "running", result: "results",
+  fail: "failures", cancelled: "failures" };
+const OPEN = new Set(["waiting", "pending", "running"]);
+let filter = null; // the batch the tables show, if one was picked
 const rows = new Map(); // instance id -> model
 
 function render(m) {
@@ -107,9 +112,9 @@ function render(m) {
   tr.dataset.state = m.state;
   cell(tr, m.id, "mono");
   cell(tr, short(m.job), "hash", m.job);
-  if (m.state === "pending") {
+  if (m.state === "pending" || m.state === "waiting") {
     cell(tr, time(m.created));
-    cell(tr, m.run_at > Date.now() ? time(m.run_at) : "now");
+    cell(tr, m.state === "waiting" ? "after its dependencies" : m.run_at > Date.now() ? time(m.run_at) : "now");
     cell(tr, m.priority);
   } else if (m.state === "running") {
     cell(tr, time(m.created));
@@ -129,10 +134,10 @@ function render(m) {
     cell(tr, m.message || "", "msg", m.message || "");
   }
   const act = cell(tr, "");
-  if (m.state === "running" || (m.state !== "pending" && m.attempts > 0)) {
+  if (m.state === "running" || (!OPEN.has(m.state) && m.attempts > 0)) {
     button(act, "output", "output", () => openOutput(m.id));
   }
-  if (m.state === "pending" || m.state === "running") {
+  if (OPEN.has(m.state)) {
     button(act, "cancel", "cancel", () => act_on("cancel", m.id));
   }
   if (m.state === "fail" || m.state === "cancelled") {
@@ -147,11 +152,11 @@ function place(m, flash) {
   if (old) old.remove();
   rows.set(m.id, m);
   const table = $(TABLE[m.state]);
-  if (!table) return;
+  if (!table || (filter && m.batch !== filter)) { empties(); return; }
   const body = table.tBodies[0];
   const tr = render(m);
   if (flash) tr.classList.add("flash");
-  const done = m.state !== "pending" && m.state !== "running";
+  const done = !OPEN.has(m.state);
   // Pending and running: in push order. Ended: newest end first.
   let before = null;
   for (const other of body.rows) {
@@ -210,8 +215,75 @@ async function loadCounts() {
   countsTimer = null;
   try {
     const c = await getJSON("/api/counts");
-    for (const k of ["pending", "running", "result", "fail", "cancelled"]) $("count-" + k).textContent = c[k];
+    for (const k of ["pending", "waiting", "running", "result", "fail", "cancelled"]) $("count-" + k).textContent = c[k];
   } catch (e) { say("counts: " + e.message); }
+  try { showBatches(await getJSON("/api/batches")); } catch (e) { say("batches: " + e.message); }
+}
+
+// ---- batches ------------------------------------------------------------
+
+function bar(b) {
+  const div = document.createElement("div");
+  div.className = "bar";
+  div.title = b.result + " results, " + b.fail + " failed, " + b.cancelled + " cancelled, " +
+    b.running + " running, " + b.waiting + " waiting, " + b.pending + " pending";
+  for (const k of ["result", "fail", "cancelled", "running", "waiting"]) {
+    const s = document.createElement("span");
+    s.className = k;
+    s.style.width = (b.total ? 100 * b[k] / b.total : 0) + "%";
+    div.appendChild(s);
+  }
+  return div;
+}
+
+function showBatches(list) {
+  const body = $("batches").tBodies[0];
+  body.textContent = "";
+  for (const b of list.slice(-50).reverse()) {
+    const tr = document.createElement("tr");
+    tr.dataset.batch = b.batch;
+    const name = cell(tr, "");
+    const a = document.createElement("a");
+    a.className = "batch";
+    a.textContent = b.batch;
+    a.addEventListener("click", () => pick(b.batch));
+    name.appendChild(a);
+    cell(tr, "").appendChild(bar(b));
+    cell(tr, (b.result + b.fail + b.cancelled) + "/" + b.total, "mono");
+    cell(tr, b.running, "mono");
+    cell(tr, b.waiting, "mono");
+    cell(tr, b.fail + b.cancelled, "mono");
+    const act = cell(tr, "");
+    if (b.pending + b.waiting + b.running > 0) {
+      button(act, "cancel", "cancel", () => batchAct("cancel", b.batch, ""));
+    }
+    if (b.fail + b.cancelled > 0) {
+      button(act, "retry", "retry", () => batchAct("retry", b.batch, "?with_dependents=true"));
+    }
+    body.appendChild(tr);
+  }
+  empties();
+}
+
+async function batchAct(what, name, query) {
+  try {
+    await api("POST", "/api/" + what + "/batch:" + name + query);
+    say(what + " of batch " + name + " done", true);
+    countsSoon();
+  } catch (e) {
+    say(what + " batch " + name + ": " + e.message);
+  }
+}
+
+// Shows only batch `name`'s instances (null: everything), reloading the tables.
+function pick(name) {
+  filter = name;
+  $("filter").hidden = !name;
+  $("filter-name").textContent = name || "";
+  for (const id of ["pending", "running", "results", "failures"]) $(id).tBodies[0].textContent = "";
+  rows.clear();
+  pendingNext = null;
+  loadRows().catch((e) => say("loading: " + e.message));
 }
 
 function countsSoon() {
@@ -237,24 +309,34 @@ function follow() {
 
 let pendingNext = null;
 
+const inBatch = () => filter ? "&batch=" + encodeURIComponent(filter) : "";
+
 async function loadPending() {
-  const page = await getJSON("/api/list/pending?limit=200" + (pendingNext ? "&after=" + pendingNext : ""));
+  const page = await getJSON("/api/list/pending?limit=200" + inBatch() + (pendingNext ? "&after=" + pendingNext : ""));
   for (const r of page.rows) place(fromList("pending", r));
   pendingNext = page.next;
   $("pending-more").hidden = pendingNext == null;
 }
 
+// The tables: everything's newest, or one batch's rows.
+async function loadRows() {
+  await loadPending();
+  // Running instances may sit past the first page of a long queue.
+  const running = await getJSON("/api/list/pending?running=true&limit=100" + inBatch());
+  for (const r of running.rows) place(fromList("pending", r));
+  for (const kind of ["result", "fail", "cancelled"]) {
+    const recent = filter
+      ? await getJSON("/api/list/" + kind + "?limit=" + KEEP_DONE + inBatch())
+      : await getJSON("/api/recent/" + kind + "?limit=" + KEEP_DONE);
+    for (const r of recent.rows) place(fromList(kind, r));
+  }
+  empties();
+}
+
 async function load() {
   try {
     lastEvent = (await getJSON("/api/last-event")).id;
-    await loadPending();
-    // Running instances may sit past the first page of a long queue.
-    const running = await getJSON("/api/list/pending?running=true&limit=100");
-    for (const r of running.rows) place(fromList("pending", r));
-    for (const kind of ["result", "fail", "cancelled"]) {
-      const recent = await getJSON("/api/recent/" + kind + "?limit=" + KEEP_DONE);
-      for (const r of recent.rows) place(fromList(kind, r));
-    }
+    await loadRows();
     await loadCounts();
     empties();
     follow();
@@ -353,6 +435,7 @@ document.addEventListener("DOMContentLoaded", () => {
   $("add-form").addEventListener("submit", addJob);
   $("output-close").addEventListener("click", closeOutput);
   $("pending-more").addEventListener("click", () => loadPending().catch((e) => say(e.message)));
+  $("filter-clear").addEventListener("click", () => pick(null));
   $("token").value = token;
   $("token-form").addEventListener("submit", (ev) => {
     ev.preventDefault();
