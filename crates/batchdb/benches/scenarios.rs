@@ -21,6 +21,7 @@ use batchdb::worker::WorkerOptions;
 use batchdb::{BatchDb, Hash};
 use futures_util::StreamExt;
 
+#[path = "scenarios/batches.rs"]
 mod batches;
 
 struct Row {
