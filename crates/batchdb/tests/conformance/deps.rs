@@ -249,7 +249,6 @@ pub async fn cycles_and_unknown_selectors_are_rejected(b: &Backend) {
 }
 
 pub async fn a_waiting_instance_is_never_claimed_by_racing_workers(b: &Backend) {
-    let none = PushOptions::default();
     let deps: Vec<Instance> = futures_util::future::join_all((0..4).map(|n| {
         let q = b.queue.clone();
         async move { q.add(&job(n), &PushOptions::default()).await.unwrap() }
@@ -266,7 +265,6 @@ pub async fn a_waiting_instance_is_never_claimed_by_racing_workers(b: &Backend) 
                 .id,
         );
     }
-    let _ = none;
     let released = Arc::new(AtomicBool::new(false));
     let mut tasks = Vec::new();
     for w in 0..4 {
@@ -294,8 +292,6 @@ pub async fn a_waiting_instance_is_never_claimed_by_racing_workers(b: &Backend) 
     // The racing claimers take the dependencies; end them here.
     let mut done = 0;
     while done < deps.len() {
-        let all = b.queue.select_states(&Selector::Batch("x".into())).await;
-        let _ = all;
         for d in &deps {
             let s = b.queue.instance(d.id).await.unwrap();
             if s.state == State::Running {

@@ -123,14 +123,13 @@ async fn newest<T: Tx>(tx: &mut T, mut id: i64) -> R<i64, T> {
 async fn retry_one<T: Tx>(tx: &mut T, id: i64) -> R<Option<Instance>, T> {
     let row = tx
         .opt(&RETRYABLE, &args![id], |r| {
-            let mut opts = PushOptions {
+            let opts = PushOptions {
                 priority: r.req_int(1)?,
                 timeout: r.unsigned::<u64>(2)?.map(Duration::from_millis),
                 retries: r.unsigned(3)?,
                 cached: r.flag(4)?,
                 ..PushOptions::default()
             };
-            opts.run_at = None;
             Ok((r.hash(0)?, opts, r.int(5)?))
         })
         .await?;
