@@ -134,6 +134,15 @@ pub async fn failure_and_cancel_propagate_down_the_graph(b: &Backend) {
         .add(&job(5), &after(&[id(&mid)], true, None))
         .await
         .unwrap();
+    // A failure with retries left is no end: everything keeps waiting.
+    let c = b.queue.claim(&req("w", 10, LONG)).await.unwrap();
+    let again = Outcome::Failure {
+        report: AttemptReport::default(),
+        retry_at: Some(now_ms()),
+    };
+    b.queue.finish(&c[0].token, &again).await.unwrap();
+    assert_eq!(state(b, mid.id).await, State::Waiting);
+    assert_eq!(state(b, any.id).await, State::Waiting);
     run(b, a.id, &ended(1, false)).await;
     let d = b.queue.instance(mid.id).await.unwrap();
     assert_eq!(d.state, State::Cancelled);

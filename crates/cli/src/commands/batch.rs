@@ -56,11 +56,12 @@ pub(super) async fn wait(db: &BatchDb, w: WaitArgs) -> Result<ExitCode> {
     report(&outcome)
 }
 
+/// A progress line on stderr, redrawn at most 10 times a second (drawn even when
+/// stderr is not a terminal: the caller decided it should be shown).
 fn progress_bar() -> indicatif::ProgressBar {
-    let bar = indicatif::ProgressBar::with_draw_target(
-        None,
-        indicatif::ProgressDrawTarget::stderr_with_hz(10),
-    );
+    let target =
+        indicatif::ProgressDrawTarget::term_like_with_hz(Box::new(console::Term::stderr()), 10);
+    let bar = indicatif::ProgressBar::with_draw_target(None, target);
     let style = indicatif::ProgressStyle::with_template(
         "{bar:30} {pos}/{len} ended, {msg} [{elapsed_precise}, {per_sec}, ETA {eta}]",
     )

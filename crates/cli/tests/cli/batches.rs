@@ -167,6 +167,15 @@ fn wait_exits_0_1_or_2_and_wakes_on_another_process() {
     assert!(waiter.running(), "nothing has run yet");
     env.run_until_empty(&[]);
     assert_eq!(waiter.wait_within(DEADLINE).code(), Some(0));
+    assert_eq!(
+        waiter.stderr(),
+        "",
+        "no progress line when stderr is no terminal"
+    );
+    let forced = env.cmd(&["wait", "--progress", "--batch", "ok"]);
+    assert_eq!(forced.status.code(), Some(0));
+    let line = String::from_utf8_lossy(&forced.stderr).into_owned();
+    assert!(line.contains("1/1 ended, 0 running, 0 failed"), "{line:?}");
     // A failure: exit 1, one FAIL line per failure, dependents included.
     let (bad, created) = env.add_with(&["--batch", "bad"], "exit 3");
     env.add_with(&["--batch", "bad", "--after", &bad], "echo never");
