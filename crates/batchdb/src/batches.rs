@@ -1,7 +1,7 @@
 //! Batches on the facade: their counts, and `wait`, which follows the event log until
 //! every instance named has ended.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::time::Duration;
 
 use futures_util::Stream;
@@ -107,7 +107,7 @@ impl BatchDb {
         self.fill_messages(&mut w).await?;
         loop {
             progress(&w.progress());
-            if w.open == 0 {
+            if w.open.is_empty() {
                 return Ok(w.outcome(false));
             }
             let seen = self.queue.change_seq();
@@ -142,103 +142,120 @@ impl BatchDb {
     /// Reads why each instance that had ended without a result when the wait began
     /// ended so.
     async fn fill_messages(&self, w: &mut Waiting) -> Result<()> {
-        for (&id, t) in &mut w.tracked {
-            if matches!(t.state, State::Fail | State::Cancelled) && t.message.is_none() {
-                let d = self.queue.instance(id).await?;
-                t.message = Some(d.message());
+        for (&id, f) in &mut w.failures {
+            if f.message.is_empty() {
+                f.message = self.queue.instance(id).await?.message();
             }
         }
         Ok(())
     }
 }
 
-/// One tracked instance.
-#[derive(Debug)]
-struct Tracked {
-    job: Hash,
-    created: i64,
-    state: State,
-    message: Option<String>,
-    /// Retried: its replacement stands for it.
-    superseded: bool,
-}
-
-/// What a wait knows of the instances it waits for.
+/// What a wait knows of the instances it waits for. It keeps only what it must:
+/// the open instances (id and whether running), the failures (for their `FAIL`
+/// lines), and the ids of those it saw ended (so that an end is never counted twice);
+/// a wait over a million instances holds a few tens of bytes each.
 #[derive(Debug, Default)]
 struct Waiting {
-    tracked: HashMap<i64, Tracked>,
+    /// Instances not ended: whether each is running.
+    open: HashMap<i64, bool>,
+    /// How many of `open` are running.
+    running: u64,
+    /// Instances that ended with a result.
+    results: HashSet<i64>,
+    /// Instances that ended without one, not retried.
+    failures: BTreeMap<i64, WaitFailure>,
+    /// Instances retried in place of others (their replacement stands for them).
+    superseded: HashSet<i64>,
+    /// Batches whose new instances join the wait.
     batches: HashSet<String>,
-    /// Instances not ended (and not superseded).
-    open: u64,
     /// Replacements to start tracking.
     retried: Vec<i64>,
 }
 
-fn is_open(s: State) -> bool {
-    matches!(s, State::Waiting | State::Pending | State::Running)
-}
-
 impl Waiting {
+    fn known(&self, id: i64) -> bool {
+        self.open.contains_key(&id)
+            || self.results.contains(&id)
+            || self.failures.contains_key(&id)
+            || self.superseded.contains(&id)
+    }
+
+    /// Starts tracking instance `id` in `state` (retried as `by`, if it was).
     fn track(&mut self, id: i64, job: Hash, created: i64, state: State, by: Option<i64>) {
-        if self.tracked.contains_key(&id) {
+        if self.known(id) {
             return;
         }
-        let superseded = by.is_some();
         if let Some(by) = by {
+            self.superseded.insert(id);
             self.retried.push(by);
+            return;
         }
-        if is_open(state) && !superseded {
-            self.open += 1;
+        match state {
+            State::Result => {
+                self.results.insert(id);
+            }
+            State::Fail | State::Cancelled => {
+                let message = String::new();
+                let f = WaitFailure {
+                    id,
+                    job,
+                    created,
+                    state,
+                    message,
+                };
+                self.failures.insert(id, f);
+            }
+            s => {
+                self.open.insert(id, s == State::Running);
+                self.running += u64::from(s == State::Running);
+            }
         }
-        let message = None;
-        let t = Tracked {
-            job,
+    }
+
+    /// Tracked open instance `id` ended in `state` (`message`: why, without a result).
+    fn end(&mut self, ev: &Event, id: i64, state: State, message: String) {
+        match self.open.remove(&id) {
+            None => return,
+            Some(running) => self.running -= u64::from(running),
+        }
+        if state == State::Result {
+            self.results.insert(id);
+            return;
+        }
+        let created = ev.created.unwrap_or(0);
+        let f = WaitFailure {
+            id,
+            job: ev.job,
             created,
             state,
             message,
-            superseded,
         };
-        self.tracked.insert(id, t);
-    }
-
-    /// Moves tracked instance `id` to `state` (`message`: why, for an end without a
-    /// result).
-    fn set(&mut self, id: i64, state: State, message: Option<String>) {
-        let Some(t) = self.tracked.get_mut(&id) else {
-            return;
-        };
-        if !is_open(t.state) {
-            return;
-        }
-        if !is_open(state) && !t.superseded {
-            self.open -= 1;
-        }
-        t.state = state;
-        t.message = message;
+        self.failures.insert(id, f);
     }
 
     fn apply(&mut self, ev: &Event) {
         let Some(id) = ev.instance else { return };
         let msg = || {
             let m = ev.data.get("message").and_then(|m| m.as_str());
-            Some(m.unwrap_or("cancelled").to_string())
+            m.unwrap_or("cancelled").to_string()
         };
         match ev.event {
             EventKind::Push => {
                 let batch = ev.data.get("batch").and_then(|b| b.as_str());
                 if batch.is_some_and(|b| self.batches.contains(b)) {
-                    let state = if ev.data.get("waiting").is_some() {
-                        State::Waiting
-                    } else {
-                        State::Pending
-                    };
-                    self.track(id, ev.job, ev.created.unwrap_or(0), state, None);
+                    self.track(id, ev.job, ev.created.unwrap_or(0), State::Pending, None);
                 }
             }
-            EventKind::Start => self.set(id, State::Running, None),
-            EventKind::Result => self.set(id, State::Result, None),
-            EventKind::Fail => self.set(id, State::Fail, msg()),
-            EventKind::Cancel => self.set(id, State::Cancelled, msg()),
+            EventKind::Start => {
+                if let Some(r) = self.open.get_mut(&id) {
+                    self.running += u64::from(!*r);
+                    *r = true;
+                }
+            }
+            EventKind::Result => self.end(ev, id, State::Result, String::new()),
+            EventKind::Fail => self.end(ev, id, State::Fail, msg()),
+            EventKind::Cancel => self.end(ev, id, State::Cancelled, msg()),
             EventKind::Retry => self.retry(id, ev),
             EventKind::Create => {}
         }
@@ -249,58 +266,34 @@ impl Waiting {
     fn retry(&mut self, id: i64, ev: &Event) {
         let from = ev.data.get("from").and_then(serde_json::Value::as_i64);
         let Some(from) = from else {
-            if let Some(t) = self.tracked.get_mut(&id) {
-                if is_open(t.state) {
-                    t.state = State::Pending;
-                }
+            if let Some(r) = self.open.get_mut(&id) {
+                self.running -= u64::from(*r);
+                *r = false;
             }
             return;
         };
-        if let Some(t) = self.tracked.get_mut(&from) {
-            if !t.superseded {
-                t.superseded = true;
-                if is_open(t.state) {
-                    self.open -= 1;
-                }
-            }
+        if self.failures.remove(&from).is_some() {
+            self.superseded.insert(from);
             self.track(id, ev.job, ev.created.unwrap_or(0), State::Pending, None);
         }
     }
 
     fn progress(&self) -> WaitProgress {
-        let mut p = WaitProgress::default();
-        for t in self.tracked.values().filter(|t| !t.superseded) {
-            p.total += 1;
-            match t.state {
-                State::Running => p.running += 1,
-                State::Result => p.ended += 1,
-                State::Fail | State::Cancelled => {
-                    p.ended += 1;
-                    p.failed += 1;
-                }
-                State::Waiting | State::Pending => {}
-            }
+        let n = |x: usize| x as u64;
+        let failed = n(self.failures.len());
+        let ended = n(self.results.len()) + failed;
+        WaitProgress {
+            total: ended + n(self.open.len()),
+            ended,
+            failed,
+            running: self.running,
         }
-        p
     }
 
     fn outcome(&self, timed_out: bool) -> WaitOutcome {
-        let mut failures: Vec<WaitFailure> = self
-            .tracked
-            .iter()
-            .filter(|(_, t)| !t.superseded && matches!(t.state, State::Fail | State::Cancelled))
-            .map(|(&id, t)| WaitFailure {
-                id,
-                job: t.job,
-                created: t.created,
-                state: t.state,
-                message: t.message.clone().unwrap_or_default(),
-            })
-            .collect();
-        failures.sort_by_key(|f| f.id);
         WaitOutcome {
             progress: self.progress(),
-            failures,
+            failures: self.failures.values().cloned().collect(),
             timed_out,
         }
     }

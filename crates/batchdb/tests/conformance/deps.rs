@@ -433,3 +433,67 @@ async fn run_first(b: &Backend, outcome: &Outcome) {
     let c = b.queue.claim(&req("w", 1, LONG)).await.unwrap();
     b.queue.finish(&c[0].token, outcome).await.unwrap();
 }
+
+pub async fn wait_follows_the_log_from_another_handle(b: &Backend) {
+    let other = batchdb::BatchDb::new((b.reopen)().await, b.blobs.clone());
+    let a = b
+        .queue
+        .add(&job(1), &after(&[], false, Some("w")))
+        .await
+        .unwrap();
+    let d = b
+        .queue
+        .add(&job(2), &after(&[id(&a)], false, Some("w")))
+        .await
+        .unwrap();
+    let sels = [Selector::Batch("w".into())];
+    let waiter = {
+        let other = other.clone();
+        let sels = sels.clone();
+        tokio::spawn(async move {
+            other
+                .wait(&sels, Some(Duration::from_secs(30)), |_| {})
+                .await
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert!(!waiter.is_finished(), "nothing ended yet");
+    run(b, a.id, &ended(1, true)).await;
+    run(b, d.id, &ended(2, false)).await;
+    let out = waiter.await.unwrap().unwrap();
+    assert!(!out.timed_out);
+    assert_eq!(
+        (out.progress.total, out.progress.ended, out.progress.failed),
+        (2, 2, 1)
+    );
+    let fails: Vec<i64> = out.failures.iter().map(|f| f.id).collect();
+    assert_eq!(fails, [d.id]);
+    assert_eq!(out.failures[0].message, "exit code 1");
+    // A retry stands for what it retried: the wait covers the new instance.
+    let again = b.queue.retry(&id(&d), false).await.unwrap();
+    let waiter = {
+        let other = other.clone();
+        tokio::spawn(async move {
+            other
+                .wait(&sels, Some(Duration::from_secs(30)), |_| {})
+                .await
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert!(!waiter.is_finished(), "the retry has not run");
+    run(b, again[0].id, &ended(2, true)).await;
+    let out = waiter.await.unwrap().unwrap();
+    assert!(out.failures.is_empty(), "{out:?}");
+    assert_eq!(out.progress.total, 2);
+    // Nothing runs: the timeout passes.
+    let late = b.queue.add(&job(3), &PushOptions::default()).await.unwrap();
+    let out = other
+        .wait(&[id(&late)], Some(Duration::from_millis(200)), |_| {})
+        .await
+        .unwrap();
+    assert!(out.timed_out);
+    let none = other
+        .wait(&[Selector::Batch("none".into())], None, |_| {})
+        .await;
+    assert!(none.is_err(), "a selector naming nothing");
+}

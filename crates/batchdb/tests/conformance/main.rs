@@ -67,6 +67,7 @@ macro_rules! suite {
                     a_waiting_instance_is_never_claimed_by_racing_workers,
                     the_cache_key_covers_the_dependency_results,
                     batches_count_and_select_their_instances,
+                    wait_follows_the_log_from_another_handle,
                 ]);
                 suite!(@tests $backend, blob: [
                     roundtrip_sizes,

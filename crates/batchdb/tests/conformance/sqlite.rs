@@ -18,7 +18,7 @@ async fn newer_schema_is_refused_with_a_clear_message() {
             err,
             Error::SchemaTooNew {
                 found: 99,
-                supported: 4,
+                supported: batchdb::queue::SCHEMA_VERSION,
                 ..
             }
         ),
@@ -48,7 +48,7 @@ async fn many_openers_migrate_a_new_file_at_once() {
         .unwrap()
         .query_row("PRAGMA user_version", [], |r| r.get(0))
         .unwrap();
-    assert_eq!(v, 4);
+    assert_eq!(v, batchdb::queue::SCHEMA_VERSION);
 }
 
 #[tokio::test]
@@ -80,7 +80,10 @@ async fn a_version_1_database_is_migrated_on_open() {
     rusqlite::Connection::open(&path)
         .unwrap()
         .execute_batch(
-            "ALTER TABLE jobs DROP COLUMN payload; DROP TABLE inline_blobs;
+            "DROP INDEX instances_batch; ALTER TABLE instances DROP COLUMN batch;
+             ALTER TABLE instances DROP COLUMN deps; ALTER TABLE instances DROP COLUMN waiting_on;
+             ALTER TABLE instances DROP COLUMN note; DROP TABLE batches; DROP TABLE deps;
+             ALTER TABLE jobs DROP COLUMN payload; DROP TABLE inline_blobs;
              ALTER TABLE attempts DROP COLUMN attempt_id; PRAGMA user_version = 1",
         )
         .unwrap();
@@ -89,7 +92,7 @@ async fn a_version_1_database_is_migrated_on_open() {
         .unwrap()
         .query_row("PRAGMA user_version", [], |r| r.get(0))
         .unwrap();
-    assert_eq!(version, 4);
+    assert_eq!(version, batchdb::queue::SCHEMA_VERSION);
     assert_eq!(q.counts().await.unwrap().pending, 1, "rows kept");
     assert_eq!(q.inline_blob(&job.hash).await.unwrap(), None);
     let inline = batchdb::queue::NewJob::inline(b"new".to_vec());
@@ -149,7 +152,10 @@ async fn a_version_3_database_is_migrated_and_its_running_attempt_taken_over() {
     let downgrade = async {
         rusqlite::Connection::open(&path)
             .unwrap()
-            .execute_batch("ALTER TABLE attempts DROP COLUMN attempt_id; PRAGMA user_version = 3")
+            .execute_batch(concat!(
+                "DROP INDEX instances_batch; ALTER TABLE instances DROP COLUMN batch; ALTER TABLE instances DROP COLUMN deps; ALTER TABLE instances DROP COLUMN waiting_on; ALTER TABLE instances DROP COLUMN note; DROP TABLE batches; DROP TABLE deps; ",
+                "ALTER TABLE attempts DROP COLUMN attempt_id; PRAGMA user_version = 3"
+            ))
             .unwrap();
     };
     let reopen = async {
