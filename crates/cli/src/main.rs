@@ -13,6 +13,7 @@ use clap::Parser;
 
 fn main() -> ExitCode {
     limit_malloc_arenas();
+    ignore_file_size_signal();
     let cli = args::Cli::parse();
     init_logging(cli.verbose);
     let rt = match tokio::runtime::Builder::new_multi_thread()
@@ -39,6 +40,18 @@ fn main() -> ExitCode {
             eprintln!("batchdb: {msg}");
             ExitCode::FAILURE
         }
+    }
+}
+
+/// A write past a file-size limit (`ulimit -f`) fails with EFBIG instead of killing
+/// the process with SIGXFSZ: `add` then reports it on one line and removes its
+/// temporary file, and `run` gives the attempt back instead of dying with its
+/// instances leased. (Jobs start with the default action again: `runner::spawn`.)
+fn ignore_file_size_signal() {
+    // SAFETY: setting a signal's disposition to SIG_IGN installs no handler; called
+    // before any thread starts.
+    unsafe {
+        libc::signal(libc::SIGXFSZ, libc::SIG_IGN);
     }
 }
 

@@ -341,11 +341,13 @@ impl ShellRunner {
             .process_group(0);
         let parent = leader::pid_of(std::process::id());
         // SAFETY: the closure runs in the forked child before exec and only makes
-        // async-signal-safe calls (prctl, getppid, _exit).
+        // async-signal-safe calls (prctl, signal, getppid, _exit).
         unsafe {
             cmd.pre_exec(move || {
                 // If this worker dies (even by SIGKILL), the job's shell dies with it.
                 libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+                // The CLI ignores SIGXFSZ; the job gets the default action back.
+                libc::signal(libc::SIGXFSZ, libc::SIG_DFL);
                 if libc::getppid() != parent {
                     libc::_exit(137);
                 }

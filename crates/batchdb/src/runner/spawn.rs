@@ -178,8 +178,9 @@ extern "C" fn child_main(arg: *mut libc::c_void) -> libc::c_int {
             libc::_exit(127)
         };
         // Caught signals go back to their default action (a handler must never run
-        // here, on the parent's memory) and SIGPIPE too (Rust ignores it; jobs should
-        // not inherit that). The mask is still all-blocked, from the parent.
+        // here, on the parent's memory), and SIGPIPE and SIGXFSZ too (Rust and the CLI
+        // ignore them; jobs should not inherit that). The mask is still all-blocked,
+        // from the parent.
         for sig in 1..=libc::SIGRTMAX() {
             if sig == libc::SIGKILL || sig == libc::SIGSTOP {
                 continue;
@@ -189,7 +190,7 @@ extern "C" fn child_main(arg: *mut libc::c_void) -> libc::c_int {
                 continue;
             }
             let caught = old.sa_sigaction != libc::SIG_DFL && old.sa_sigaction != libc::SIG_IGN;
-            if caught || sig == libc::SIGPIPE {
+            if caught || sig == libc::SIGPIPE || sig == libc::SIGXFSZ {
                 let mut dfl: libc::sigaction = std::mem::zeroed();
                 dfl.sa_sigaction = libc::SIG_DFL;
                 libc::sigaction(sig, &raw const dfl, std::ptr::null_mut());

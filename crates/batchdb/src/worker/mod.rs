@@ -250,7 +250,11 @@ impl Worker {
                             db_errors,
                         );
                         tracing::warn!("claim failed ({e}); retrying in {wait:?}");
-                        tokio::time::sleep(wait).await;
+                        // A stop takes effect at once, however long the backoff.
+                        tokio::select! {
+                            () = tokio::time::sleep(wait) => {}
+                            () = this.shutdown.wait_level(1) => {}
+                        }
                         continue;
                     }
                 }

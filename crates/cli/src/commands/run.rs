@@ -2,14 +2,33 @@
 
 use super::*;
 
+/// The shortest lease `run` takes: renewed every third of it, a shorter one would
+/// spend the worker on heartbeats.
+const MIN_LEASE: Duration = Duration::from_millis(100);
+
 pub(super) async fn run(db: &BatchDb, r: RunArgs) -> Result<ExitCode> {
     let order: Order = r.order.parse()?;
     let runner = Arc::new(ShellRunner::new(&r.shell)?);
+    if r.jobs == 0 {
+        return Err(Error::Config {
+            what: "jobs",
+            value: "0".into(),
+            why: "expected at least 1 job at a time".into(),
+        });
+    }
+    let lease = secs("lease", r.lease)?;
+    if lease < MIN_LEASE {
+        return Err(Error::Config {
+            what: "lease",
+            value: r.lease.to_string(),
+            why: format!("expected at least {} s", MIN_LEASE.as_secs_f64()),
+        });
+    }
     let opts = {
         let mut o = WorkerOptions::default();
-        o.concurrency = r.jobs.max(1);
+        o.concurrency = r.jobs;
         o.order = order;
-        o.lease = secs("lease", r.lease)?.max(Duration::from_millis(100));
+        o.lease = lease;
         o.timeout = r.timeout.map(|t| secs("timeout", t)).transpose()?;
         o.kill_grace = secs("kill-grace", r.kill_grace)?;
         o.retries = r.retries;

@@ -86,6 +86,12 @@ fn selectors_and_options_that_name_nothing_are_errors() {
     refused(&env, &["retry", &created.to_string()]); // pending, not failed
     refused(&env, &["run", "--until-empty", "--order", "sideways"]);
     refused(&env, &["add", "--timeout=-1", "echo y"]);
+    // Nothing silently replaced: no zero workers, no lease too short to renew.
+    let e = refused(&env, &["run", "--until-empty", "-j", "0"]);
+    assert!(e.contains("invalid jobs \"0\""), "{e}");
+    let e = refused(&env, &["run", "--until-empty", "--lease", "0"]);
+    assert!(e.contains("invalid lease \"0\""), "{e}");
+    refused(&env, &["run", "--until-empty", "--lease", "0.05"]);
     // None of that touched the queued instance.
     let pending = env.list("pending");
     assert_eq!(pending.len(), 1);

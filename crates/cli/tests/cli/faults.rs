@@ -7,7 +7,7 @@ use std::os::unix::fs::PermissionsExt;
 use std::os::unix::process::CommandExt;
 use std::process::{Command, Stdio};
 
-use crate::util::{BIN, Env, sha256};
+use crate::util::{BIN, DEADLINE, Env, sha256, wait_until};
 
 /// Asserts a failed command: non-zero exit, one `batchdb: ` line on stderr, nothing
 /// on stdout; returns the message.
@@ -153,7 +153,7 @@ fn disk_full_during_a_blob_write_leaves_nothing() {
     // A file-size limit of 1 MiB (ulimit counts 512-byte blocks) makes the blob write
     // fail with EFBIG, as a full disk would fail it with ENOSPC.
     let script = format!(
-        "trap '' XFSZ; ulimit -f 2048; exec '{BIN}' --dir '{}' add -f big",
+        "ulimit -f 2048; exec '{BIN}' --dir '{}' add -f big",
         env.db_dir().display()
     );
     let out = env.output_within(
@@ -171,6 +171,47 @@ fn disk_full_during_a_blob_write_leaves_nothing() {
     assert!(msg.contains("write"), "{msg}");
     assert!(env.list("job").is_empty(), "no row may name a partial blob");
     assert!(env.list("pending").is_empty());
+    assert_consistent(&env);
+}
+
+#[test]
+fn a_file_size_limit_fails_writes_and_never_kills_the_worker() {
+    let env = Env::new();
+    env.ok(&["status"]);
+    // Writes its own file past the limit: the job gets SIGXFSZ, as it would alone.
+    let (own, _) = env.add("exec head -c 3000000 /dev/zero > big.out");
+    // Writes 3 MB to stdout: the worker's blob write fails (EFBIG), not the worker.
+    let (loud, _) = env.add("head -c 3000000 /dev/zero");
+    let script = format!(
+        "ulimit -f 2048; exec '{BIN}' --dir '{}' run",
+        env.db_dir().display()
+    );
+    let mut c = Command::new("sh");
+    c.args(["-c", &script])
+        .current_dir(env.root())
+        .stdin(Stdio::null());
+    let mut worker = env.start(c, None);
+    let fail = wait_until("the job's own SIGXFSZ", || {
+        env.list("fail")
+            .into_iter()
+            .find(|r| r["key"][0] == own.as_str())
+    });
+    assert_eq!(fail["value"]["signal"], libc::SIGXFSZ, "{fail}");
+    wait_until("the stdout blob write to fail", || {
+        let d = env.show_json(&loud);
+        let msg = d["attempts"][0]["message"]
+            .as_str()
+            .unwrap_or("")
+            .to_string();
+        msg.contains("too large").then_some(())
+    });
+    assert!(worker.running(), "the worker died: {}", worker.stderr());
+    worker.signal("TERM");
+    assert!(
+        worker.wait_within(DEADLINE).success(),
+        "{}",
+        worker.stderr()
+    );
     assert_consistent(&env);
 }
 

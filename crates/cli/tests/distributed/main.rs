@@ -221,6 +221,45 @@ fn a_worker_rides_out_a_postgres_restart_mid_run() {
     assert_each_ran_once(&env, 30, echoed);
 }
 
+/// The longest backoff `log` says the worker is waiting, in seconds.
+fn longest_backoff(log: &str) -> f64 {
+    log.lines()
+        .filter_map(|l| l.split("retrying in ").nth(1))
+        .filter_map(|d| {
+            let d = d.trim();
+            match d.strip_suffix("ms") {
+                Some(ms) => ms.parse::<f64>().ok().map(|v| v / 1000.0),
+                None => d.strip_suffix('s')?.parse().ok(),
+            }
+        })
+        .fold(0.0, f64::max)
+}
+
+#[test]
+fn sigterm_stops_an_idle_worker_at_once_while_postgres_is_down() {
+    let pg = Postgres::start_new(false);
+    let env = env_on(pg.url("postgres"), garage());
+    env.ok(&["status"]);
+    let mut worker = env.spawn(&["run"]);
+    std::thread::sleep(Duration::from_millis(500));
+    pg.stop();
+    // Until its claims back off for seconds at a time.
+    wait_for(Duration::from_secs(120), "a long backoff", || {
+        longest_backoff(&worker.stderr()) >= 4.0
+    });
+    let asked = Instant::now();
+    worker.signal("TERM");
+    let status = worker.wait_within(Duration::from_secs(30));
+    let took = asked.elapsed();
+    assert!(status.success(), "{status:?}: {}", worker.stderr());
+    // A bound, not a speed: before the fix it slept out the whole backoff.
+    assert!(
+        took < Duration::from_secs(3),
+        "SIGTERM took {took:?} with nothing running: {}",
+        worker.stderr()
+    );
+}
+
 #[test]
 fn a_worker_rides_out_an_s3_outage_mid_upload() {
     let g = Garage::start_new();
