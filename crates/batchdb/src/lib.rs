@@ -46,6 +46,7 @@ mod error;
 mod hash;
 pub mod integrity;
 mod io;
+mod lines;
 pub mod queue;
 pub mod runner;
 pub mod template;
@@ -62,6 +63,7 @@ pub use batches::{WaitFailure, WaitOutcome, WaitProgress};
 pub use config::{BlobLocation, Config, DbLocation};
 pub use error::{Error, Result};
 pub use hash::{Hash, Hasher};
+pub use lines::CHUNK_BYTES;
 
 use blob::{BlobInfo, BlobReader, BlobStore, DirStore};
 use queue::{

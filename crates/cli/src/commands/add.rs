@@ -2,47 +2,25 @@
 
 use super::*;
 
-/// `add --lines`: one job per non-empty line, committed 10,000 at a time.
+/// `add --lines`: one job per non-empty line, each streamed, committed in chunks.
 pub(super) async fn add_lines(db: &BatchDb, a: AddArgs) -> Result<ExitCode> {
-    use tokio::io::AsyncBufReadExt;
     let opts = push_options(&a.queue)?;
-    let mut input = tokio::io::BufReader::new(payload(&a.payload).await?);
+    let input = tokio::io::BufReader::with_capacity(256 << 10, payload(&a.payload).await?);
     let mut out = std::io::BufWriter::new(std::io::stdout().lock());
-    let mut buf = Vec::new();
-    let mut chunk: Vec<Vec<u8>> = Vec::new();
-    loop {
-        buf.clear();
-        let n = input
-            .read_until(b'\n', &mut buf)
-            .await
-            .map_err(|e| Error::Stream {
-                what: "read payload lines".into(),
-                source: e,
-            })?;
-        let line = buf.strip_suffix(b"\n").unwrap_or(&buf);
-        let line = line.strip_suffix(b"\r").unwrap_or(line);
-        if !line.is_empty() {
-            chunk.push(line.to_vec());
+    db.add_lines(input, &opts, |inst| {
+        if a.quiet {
+            writeln!(out, "{}", inst.job)
+        } else {
+            writeln!(
+                out,
+                "created {}\npushed {} {}",
+                inst.job, inst.job, inst.created
+            )
         }
-        if chunk.len() == batchdb::BULK_CHUNK || (n == 0 && !chunk.is_empty()) {
-            for inst in db.add_many(std::mem::take(&mut chunk), &opts).await? {
-                if a.quiet {
-                    writeln!(out, "{}", inst.job)
-                } else {
-                    writeln!(
-                        out,
-                        "created {}\npushed {} {}",
-                        inst.job, inst.job, inst.created
-                    )
-                }
-                .map_err(stdout_err)?;
-            }
-            out.flush().map_err(stdout_err)?;
-        }
-        if n == 0 {
-            break;
-        }
-    }
+        .map_err(stdout_err)
+    })
+    .await?;
+    out.flush().map_err(stdout_err)?;
     Ok(ExitCode::SUCCESS)
 }
 

@@ -146,6 +146,31 @@ fn five_gib_payload_from_a_pipe_in_flat_memory() {
 }
 
 #[test]
+fn add_lines_streams_long_lines_in_flat_memory() {
+    let env = Env::new();
+    env.ok(&["status"]);
+    // One 64 MiB line, then 200 lines of 1 MB: each is a job, none is held whole.
+    let producer = "head -c 67108864 /dev/zero | tr '\\0' x; echo; \
+        for i in $(seq 200); do printf '%s ' $i; head -c 1000000 /dev/zero | tr '\\0' y; echo; done";
+    let (status, rss_kib, out) = peak_rss_of_piped(&env, producer, &["add", "--lines", "-q"]);
+    assert!(status.success(), "add --lines failed");
+    assert_eq!(out.lines().count(), 201, "one job per line");
+    assert!(
+        rss_kib < 64 * 1024,
+        "peak RSS {rss_kib} KiB for a 64 MiB line and 200 MB of lines: not streamed"
+    );
+    let jobs = env.list("job");
+    assert_eq!(jobs.len(), 201);
+    assert!(jobs.iter().any(|j| j["size"] == 67_108_864u64));
+    assert!(
+        jobs.iter()
+            .filter(|j| j["size"].as_u64() > Some(1_000_000))
+            .count()
+            == 201
+    );
+}
+
+#[test]
 fn disk_full_during_a_blob_write_leaves_nothing() {
     let env = Env::new();
     env.ok(&["status"]);
