@@ -7,7 +7,7 @@ use futures_util::StreamExt;
 use serde::Serialize;
 
 use crate::BatchDb;
-use crate::blob::BlobEntry;
+use crate::blob::{BlobEntry, Leftover};
 use crate::error::{Error, Result};
 use crate::hash::Hash;
 
@@ -156,6 +156,64 @@ impl BatchDb {
             after = next;
         }
         Ok(sum)
+    }
+
+    /// Removes what killed processes left behind and nothing else needs, older than
+    /// `opts.grace`: the blob store's temporary files of unfinished writes, and live
+    /// output files (`live/<instance>.<attempt>.std{out,err}`) of attempts that are
+    /// not running any more. Calls `each` for each (with `dry_run`, removes nothing).
+    pub async fn sweep(&self, opts: GcOptions, mut each: impl FnMut(&Leftover)) -> Result<u64> {
+        let mut all = self
+            .blobs()
+            .sweep_leftovers(opts.grace, opts.dry_run)
+            .await?;
+        if let Some(live) = self.live_dir() {
+            let mut stale = Vec::new();
+            let candidates = crate::blob::sweep_dir(live, opts.grace, true, |_| false).await?;
+            for c in candidates {
+                if !self.attempt_running(&c.path).await? {
+                    stale.push(c);
+                }
+            }
+            for c in stale {
+                if !opts.dry_run {
+                    match tokio::fs::remove_file(&c.path).await {
+                        Ok(()) => {}
+                        Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+                        Err(e) => return Err(Error::io("remove", &c.path, e)),
+                    }
+                }
+                all.push(c);
+            }
+        }
+        for l in &all {
+            each(l);
+        }
+        Ok(all.len() as u64)
+    }
+
+    /// Whether live output file `path` (`<instance>.<attempt>.<stream>`) belongs to a
+    /// running attempt (a name of another shape is kept: true).
+    async fn attempt_running(&self, path: &std::path::Path) -> Result<bool> {
+        let name = path.file_name().map(|n| n.to_string_lossy().into_owned());
+        let mut parts = name.as_deref().unwrap_or("").split('.');
+        let (Some(Ok(id)), Some(Ok(token)), Some("stdout" | "stderr"), None) = (
+            parts.next().map(str::parse::<i64>),
+            parts.next().map(str::parse::<i64>),
+            parts.next(),
+            parts.next(),
+        ) else {
+            return Ok(true);
+        };
+        match self
+            .queue()
+            .status(&crate::queue::ClaimToken { id, token })
+            .await
+        {
+            Ok(_) => Ok(true),
+            Err(Error::Fenced { .. }) => Ok(false),
+            Err(e) => Err(e),
+        }
     }
 
     /// Removes every blob that no row names and that is older than `opts.grace`,

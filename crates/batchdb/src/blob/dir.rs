@@ -244,6 +244,16 @@ impl BlobStore for DirStore {
         .map_err(|e| Error::io("touch", &path, e))
     }
 
+    /// Temporary `.part` files of writes that never finished (a killed process).
+    async fn sweep_leftovers(
+        &self,
+        older_than: std::time::Duration,
+        dry_run: bool,
+    ) -> Result<Vec<super::Leftover>> {
+        let tmp = self.root.join("tmp");
+        super::sweep_dir(&tmp, older_than, dry_run, |name| !name.ends_with(".part")).await
+    }
+
     fn location(&self) -> String {
         self.root.display().to_string()
     }

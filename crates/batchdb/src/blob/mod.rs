@@ -83,8 +83,81 @@ pub trait BlobStore: Send + Sync + fmt::Debug {
     /// honours a grace period leaves it alone while the row that names it commits.
     async fn touch(&self, hash: &Hash) -> Result<()>;
 
+    /// Removes what interrupted writes left behind — temporary files older than
+    /// `older_than` — or, with `dry_run`, only reports them. A store whose writes leave
+    /// nothing behind keeps this default (nothing).
+    async fn sweep_leftovers(
+        &self,
+        older_than: std::time::Duration,
+        dry_run: bool,
+    ) -> Result<Vec<Leftover>> {
+        let _ = (older_than, dry_run);
+        Ok(Vec::new())
+    }
+
     /// Where the store lives (a path or URL), for messages.
     fn location(&self) -> String;
+}
+
+/// A file an interrupted write or a killed worker left behind, as `gc` removes it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[non_exhaustive]
+pub struct Leftover {
+    /// Where it is.
+    pub path: std::path::PathBuf,
+    /// Its size in bytes.
+    pub size: u64,
+}
+
+impl Leftover {
+    /// The leftover at `path`, of `size` bytes.
+    pub fn new(path: std::path::PathBuf, size: u64) -> Leftover {
+        Leftover { path, size }
+    }
+}
+
+/// The files directly in `dir` modified more than `older_than` ago that `keep` does
+/// not keep, removed unless `dry_run` (a directory that does not exist holds none).
+pub(crate) async fn sweep_dir(
+    dir: &std::path::Path,
+    older_than: std::time::Duration,
+    dry_run: bool,
+    keep: impl Fn(&str) -> bool,
+) -> Result<Vec<Leftover>> {
+    let io = |op, e| crate::error::Error::io(op, dir, e);
+    let mut out = Vec::new();
+    let mut entries = match tokio::fs::read_dir(dir).await {
+        Ok(d) => d,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(out),
+        Err(e) => return Err(io("read directory", e)),
+    };
+    let now = SystemTime::now();
+    while let Some(entry) = entries
+        .next_entry()
+        .await
+        .map_err(|e| io("read directory", e))?
+    {
+        let Ok(meta) = entry.metadata().await else {
+            continue;
+        };
+        let old = meta
+            .modified()
+            .is_ok_and(|m| now.duration_since(m).unwrap_or_default() >= older_than);
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if !meta.is_file() || !old || keep(&name) {
+            continue;
+        }
+        let path = entry.path();
+        if !dry_run {
+            match tokio::fs::remove_file(&path).await {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+                Err(e) => return Err(crate::error::Error::io("remove", &path, e)),
+            }
+        }
+        out.push(Leftover::new(path, meta.len()));
+    }
+    Ok(out)
 }
 
 /// One stored blob, as [`BlobStore::list`] reports it.

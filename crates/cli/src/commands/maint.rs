@@ -26,7 +26,7 @@ pub(super) async fn verify(db: &BatchDb) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-/// `gc`: blobs no row names, removed.
+/// `gc`: blobs no row names, and files killed processes left behind, removed.
 pub(super) async fn gc(db: &BatchDb, dry_run: bool, grace: f64) -> Result<ExitCode> {
     let opts = {
         let mut o = GcOptions::new(secs("grace", grace)?);
@@ -40,8 +40,18 @@ pub(super) async fn gc(db: &BatchDb, dry_run: bool, grace: f64) -> Result<ExitCo
             let _ = line(format_args!("{verb} {} {}", e.hash, e.size));
         })
         .await?;
+    // What killed processes left: temporary files, live output of ended attempts.
+    let left = db
+        .sweep(opts, |l| {
+            let _ = line(format_args!(
+                "{verb} leftover {} {}",
+                l.path.display(),
+                l.size
+            ));
+        })
+        .await?;
     eprintln!(
-        "batchdb: examined {} blobs; {verb} {} ({} bytes)",
+        "batchdb: examined {} blobs; {verb} {} ({} bytes) and {left} leftover files",
         sum.blobs, sum.removed, sum.bytes
     );
     Ok(ExitCode::SUCCESS)

@@ -355,3 +355,66 @@ fn processes_migrating_a_new_database_at_once() {
     assert_eq!(env.list("pending").len(), 6);
     assert_consistent(&env);
 }
+
+/// Sets `path`'s modification time two hours back.
+fn age(path: &std::path::Path) {
+    let st = Command::new("touch")
+        .args(["-d", "2 hours ago"])
+        .arg(path)
+        .status()
+        .expect("touch");
+    assert!(st.success());
+}
+
+#[test]
+fn gc_removes_what_killed_processes_left_behind() {
+    let env = Env::new();
+    let (done, _) = env.add("echo done");
+    env.run_until_empty(&[]);
+    let id = env.show_json(&done)["id"].as_i64().unwrap();
+    let tmp = env.db_dir().join("blobs").join("tmp");
+    let live = env.db_dir().join("live");
+    // What a killed `add` and a killed worker leave: an unfinished blob, the live
+    // output of an attempt that ended; plus young and unrelated files to keep.
+    let (old_part, young_part) = (tmp.join("1-2-3.part"), tmp.join("4-5-6.part"));
+    let ended_out = live.join(format!("{id}.1.stdout"));
+    let other = live.join("notes.txt");
+    for (p, bytes) in [
+        (&old_part, 10),
+        (&young_part, 20),
+        (&ended_out, 30),
+        (&other, 40),
+    ] {
+        std::fs::write(p, vec![b'x'; bytes]).unwrap();
+    }
+    for p in [&old_part, &ended_out, &other] {
+        age(p);
+    }
+    // A running attempt's live output stays, however quiet the job has been.
+    let (_, _) = env.add("touch started; sleep 60");
+    let mut worker = env.spawn(&["run"]);
+    env.wait_file("started");
+    let running: Vec<_> = std::fs::read_dir(&live)
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.to_string_lossy().ends_with(".stdout") && **p != ended_out)
+        .collect();
+    assert_eq!(running.len(), 1, "{running:?}");
+    age(&running[0]);
+    let dry = env.ok(&["gc", "--dry-run", "--grace", "60"]);
+    assert!(
+        dry.contains(&format!("would remove leftover {} 10", old_part.display())),
+        "{dry}"
+    );
+    assert!(old_part.exists(), "a dry run removes nothing");
+    let out = env.ok(&["gc", "--grace", "60"]);
+    let lines: Vec<&str> = out.lines().filter(|l| l.contains("leftover")).collect();
+    assert_eq!(lines.len(), 2, "{out}");
+    assert!(!old_part.exists() && !ended_out.exists(), "{out}");
+    assert!(
+        young_part.exists() && other.exists() && running[0].exists(),
+        "{out}"
+    );
+    worker.signal("KILL");
+}
