@@ -251,7 +251,9 @@ impl BlobStore for DirStore {
         dry_run: bool,
     ) -> Result<Vec<super::Leftover>> {
         let tmp = self.root.join("tmp");
-        super::sweep_dir(&tmp, older_than, dry_run, |name| !name.ends_with(".part")).await
+        // Our own temporary names end in `.part`, exactly; anything else is not ours.
+        let ours = |name: &str| Path::new(name).extension().is_some_and(|e| e == "part");
+        super::sweep_dir(&tmp, older_than, dry_run, |name| !ours(name)).await
     }
 
     fn location(&self) -> String {
