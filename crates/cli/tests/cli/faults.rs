@@ -392,7 +392,7 @@ fn gc_removes_what_killed_processes_left_behind() {
     }
     // A running attempt's live output stays, however quiet the job has been.
     let (_, _) = env.add("touch started; sleep 60");
-    let mut worker = env.spawn(&["run"]);
+    let worker = env.spawn(&["run"]);
     env.wait_file("started");
     let running: Vec<_> = std::fs::read_dir(&live)
         .unwrap()
