@@ -14,7 +14,10 @@ use clap::Parser;
 fn main() -> ExitCode {
     limit_malloc_arenas();
     ignore_file_size_signal();
-    let cli = args::Cli::parse();
+    let cli = match args::Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => return usage_error(&e),
+    };
     init_logging(cli.verbose);
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -41,6 +44,26 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// A command line that does not parse: `--help` and `--version` print as clap prints
+/// them; anything else is one line, `batchdb: <what is wrong> (see --help)`, and exit
+/// status 2 (usage errors, as is the custom; 1 is for everything that fails later).
+fn usage_error(e: &clap::Error) -> ExitCode {
+    use clap::error::ErrorKind;
+    if matches!(e.kind(), ErrorKind::DisplayHelp | ErrorKind::DisplayVersion) {
+        let _ = e.print();
+        return ExitCode::SUCCESS;
+    }
+    if e.kind() == ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand {
+        eprintln!("batchdb: a command is missing (see --help)");
+        return ExitCode::from(2);
+    }
+    let text = e.render().to_string();
+    let first = text.lines().next().unwrap_or("invalid command line");
+    let what = first.strip_prefix("error: ").unwrap_or(first);
+    eprintln!("batchdb: {what} (see --help)");
+    ExitCode::from(2)
 }
 
 /// A write past a file-size limit (`ulimit -f`) fails with EFBIG instead of killing

@@ -124,3 +124,32 @@ fn get_of_a_corrupt_blob_fails() {
         "{stderr}"
     );
 }
+
+#[test]
+fn usage_errors_are_one_line_and_exit_2() {
+    let env = Env::new();
+    for args in [
+        &["--frobnicate"][..],
+        &["run", "-j", "x"],
+        &[],
+        &["add", "--priority"],
+        &["wait"],
+        &["nonsense"],
+    ] {
+        let out = env.cmd(args);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {out:?}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(err.lines().count(), 1, "{args:?}: {err}");
+        assert!(
+            err.starts_with("batchdb: ") && err.trim_end().ends_with("(see --help)"),
+            "{err}"
+        );
+        assert!(out.stdout.is_empty());
+    }
+    // Asking for help is no error.
+    for args in [&["--help"][..], &["--version"], &["map", "--help"]] {
+        let out = env.cmd(args);
+        assert_eq!(out.status.code(), Some(0), "{args:?}");
+        assert!(!out.stdout.is_empty());
+    }
+}
