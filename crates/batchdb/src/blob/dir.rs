@@ -63,6 +63,46 @@ impl DirStore {
         self.root.join(&hex[0..2]).join(&hex[2..4]).join(hex)
     }
 
+    /// Opens blob `hash` for reading, refusing anything but a regular file reached
+    /// without a symlink (a job running as this user could plant one at a blob's path
+    /// to have the store serve another file's bytes, unverified in a range read).
+    async fn open_blob(&self, hash: &Hash) -> Result<tokio::fs::File> {
+        let path = self.path_of(hash);
+        let io = |e| Error::io("open", &path, e);
+        // The two fan-out directories below the root must be directories, not links.
+        let mut dir = path.parent();
+        for _ in 0..2 {
+            let Some(d) = dir else { break };
+            match tokio::fs::symlink_metadata(d).await {
+                Ok(m) if m.file_type().is_symlink() => return Err(io(not_a_blob())),
+                Ok(_) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                    return Err(Error::BlobNotFound(*hash));
+                }
+                Err(e) => return Err(io(e)),
+            }
+            dir = d.parent();
+        }
+        let f = match tokio::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NOFOLLOW)
+            .open(&path)
+            .await
+        {
+            Ok(f) => f,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                return Err(Error::BlobNotFound(*hash));
+            }
+            Err(e) if e.raw_os_error() == Some(libc::ELOOP) => return Err(io(not_a_blob())),
+            Err(e) => return Err(io(e)),
+        };
+        match f.metadata().await {
+            Ok(m) if m.is_file() => Ok(f),
+            Ok(_) => Err(io(not_a_blob())),
+            Err(e) => Err(io(e)),
+        }
+    }
+
     fn temp_path(&self) -> PathBuf {
         let n = TMP_COUNTER.fetch_add(1, Ordering::Relaxed);
         self.root.join("tmp").join(format!(
@@ -80,6 +120,11 @@ async fn sync_dir(dir: &Path) -> Result<()> {
         .await
         .map_err(|e| Error::Task(e.to_string()))?
         .map_err(|e| Error::io("fsync directory", dir, e))
+}
+
+/// Why a path that should hold a blob is refused.
+fn not_a_blob() -> std::io::Error {
+    std::io::Error::other("not a regular file (a symlink or other): refused as a blob")
 }
 
 #[async_trait]
@@ -169,26 +214,16 @@ impl BlobStore for DirStore {
     }
 
     async fn get(&self, hash: &Hash) -> Result<BlobReader> {
-        let path = self.path_of(hash);
-        match tokio::fs::File::open(&path).await {
-            Ok(f) => Ok(Box::pin(verifying(
-                BufReader::with_capacity(CHUNK, f),
-                *hash,
-            ))),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Err(Error::BlobNotFound(*hash)),
-            Err(e) => Err(Error::io("open", &path, e)),
-        }
+        let f = self.open_blob(hash).await?;
+        Ok(Box::pin(verifying(
+            BufReader::with_capacity(CHUNK, f),
+            *hash,
+        )))
     }
 
     async fn get_range(&self, hash: &Hash, range: std::ops::Range<u64>) -> Result<BlobReader> {
         let path = self.path_of(hash);
-        let mut f = match tokio::fs::File::open(&path).await {
-            Ok(f) => f,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                return Err(Error::BlobNotFound(*hash));
-            }
-            Err(e) => return Err(Error::io("open", &path, e)),
-        };
+        let mut f = self.open_blob(hash).await?;
         f.seek(std::io::SeekFrom::Start(range.start))
             .await
             .map_err(|e| Error::io("seek", &path, e))?;
@@ -198,7 +233,8 @@ impl BlobStore for DirStore {
 
     async fn size(&self, hash: &Hash) -> Result<u64> {
         let path = self.path_of(hash);
-        match tokio::fs::metadata(&path).await {
+        match tokio::fs::symlink_metadata(&path).await {
+            Ok(m) if !m.is_file() => Err(Error::io("stat", &path, not_a_blob())),
             Ok(m) => Ok(m.len()),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Err(Error::BlobNotFound(*hash)),
             Err(e) => Err(Error::io("stat", &path, e)),

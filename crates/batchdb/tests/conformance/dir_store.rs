@@ -77,3 +77,43 @@ async fn verify_reports_a_corrupt_blob() {
         }]
     );
 }
+
+#[tokio::test]
+async fn a_symlink_at_a_blob_path_is_never_followed() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = DirStore::open(dir.path()).await.unwrap();
+    let secret = dir.path().join("secret");
+    std::fs::write(&secret, b"not yours to read").unwrap();
+    // A link planted where a blob lives, and one where a blob would go.
+    let info = store.put(&mut &b"a real blob"[..]).await.unwrap();
+    let path = store.path_of(&info.hash);
+    std::fs::remove_file(&path).unwrap();
+    std::os::unix::fs::symlink(&secret, &path).unwrap();
+    let other = Hash::of(b"never stored");
+    let opath = store.path_of(&other);
+    std::fs::create_dir_all(opath.parent().unwrap()).unwrap();
+    std::os::unix::fs::symlink(&secret, &opath).unwrap();
+    for h in [info.hash, other] {
+        let err = store
+            .get_range(&h, 0..5)
+            .await
+            .err()
+            .expect("a range read refused");
+        assert!(err.to_string().contains("refused"), "{err}");
+        assert!(store.get(&h).await.is_err());
+        assert!(store.size(&h).await.is_err());
+    }
+    // A linked fan-out directory too.
+    let third = store.put(&mut &b"third"[..]).await.unwrap();
+    let tpath = store.path_of(&third.hash);
+    let fan = tpath.parent().unwrap().to_path_buf();
+    let moved = dir.path().join("elsewhere");
+    std::fs::rename(&fan, &moved).unwrap();
+    std::os::unix::fs::symlink(&moved, &fan).unwrap();
+    let err = store
+        .get_range(&third.hash, 0..2)
+        .await
+        .err()
+        .expect("refused");
+    assert!(err.to_string().contains("refused"), "{err}");
+}

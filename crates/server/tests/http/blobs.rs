@@ -172,3 +172,32 @@ async fn a_corrupt_blob_never_ends_cleanly() {
         Err(e) => assert!(e.is_request() || e.is_body(), "{e}"),
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_symlink_planted_at_a_blob_path_serves_nothing() {
+    let (s, key, _) = blob_server().await;
+    let path = s
+        .dir
+        .path()
+        .join("blobs")
+        .join(&key[0..2])
+        .join(&key[2..4])
+        .join(&key);
+    let secret = s.dir.path().join("secret");
+    std::fs::write(&secret, b"the target's bytes, never to be served").unwrap();
+    std::fs::remove_file(&path).unwrap();
+    std::os::unix::fs::symlink(&secret, &path).unwrap();
+    let r = s
+        .client
+        .get(s.url(&format!("/blob/{key}")))
+        .header("Range", "bytes=0-9")
+        .send()
+        .await
+        .unwrap();
+    assert_ne!(r.status(), 206);
+    let body = r.text().await.unwrap_or_default();
+    assert!(!body.contains("target"), "{body}");
+    assert!(body.contains("refused"), "{body}");
+    let whole = s.get(&format!("/blob/{key}")).await;
+    assert_ne!(whole.status(), 200);
+}
