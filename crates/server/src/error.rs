@@ -99,3 +99,34 @@ mod tests {
         assert!(e.message.contains("postgres://h/db"), "{}", e.message);
     }
 }
+
+/// Gives every error response the JSON body `{"error": "one line"}`, whoever made it:
+/// an extractor's rejection (a path segment that is not UTF-8, say) answers in plain
+/// text, and that must not break the contract.
+pub(crate) async fn json_errors(r: Response) -> Response {
+    let (status, ctype) = (r.status(), r.headers().get(header::CONTENT_TYPE).cloned());
+    let is_json = ctype
+        .as_ref()
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/json"));
+    if !(status.is_client_error() || status.is_server_error()) || is_json {
+        return r;
+    }
+    let (mut parts, body) = r.into_parts();
+    // A rejection's text is a line or two; anything longer is cut.
+    let text = axum::body::to_bytes(body, 4096).await.unwrap_or_default();
+    let mut msg = String::from_utf8_lossy(&text)
+        .replace('\n', " ")
+        .trim()
+        .to_string();
+    if msg.is_empty() {
+        msg = status.canonical_reason().unwrap_or("error").to_lowercase();
+    }
+    parts.headers.remove(header::CONTENT_LENGTH);
+    let json = Json(serde_json::json!({ "error": msg })).into_response();
+    parts.headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    Response::from_parts(parts, json.into_body())
+}

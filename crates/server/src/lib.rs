@@ -135,6 +135,7 @@ pub fn router(db: BatchDb, opts: ServeOptions) -> Result<Router, Error> {
     }
     Ok(r.fallback(error::not_found)
         .method_not_allowed_fallback(error::method_not_allowed)
+        .layer(axum::middleware::map_response(error::json_errors))
         .layer(axum::middleware::from_fn_with_state(
             app.clone(),
             auth::guard,

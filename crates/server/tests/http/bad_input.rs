@@ -172,3 +172,30 @@ async fn bad_parameters_are_400() {
         .unwrap();
     assert_error(r, 400, "Last-Event-ID").await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rejections_of_any_kind_answer_the_json_error_body() {
+    let s = Server::start().await;
+    // Path segments that are not UTF-8, on every route that takes one.
+    for path in [
+        "/blob/%ff%fe",
+        "/api/instance/%ff",
+        "/api/list/%c3%28",
+        "/list/%ff",
+        "/api/batch/%fe",
+        "/api/output/%ff",
+    ] {
+        let r = s.get(path).await;
+        assert!(r.status().is_client_error(), "{path}: {}", r.status());
+        let ctype = r.headers()["content-type"].to_str().unwrap().to_string();
+        assert!(ctype.starts_with("application/json"), "{path}: {ctype}");
+        let v: serde_json::Value = r.json().await.unwrap();
+        assert!(
+            v["error"].as_str().is_some_and(|e| !e.is_empty()),
+            "{path}: {v}"
+        );
+    }
+    let r = s.post("/api/cancel/%ff", "").await;
+    assert_eq!(r.status(), 400);
+    assert!(r.json::<serde_json::Value>().await.unwrap()["error"].is_string());
+}
