@@ -85,21 +85,6 @@ pub(crate) async fn method_not_allowed(method: axum::http::Method) -> ApiError {
     )
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn a_corrupt_database_is_a_server_error_on_every_backend() {
-        let e = ApiError::from(Error::Corrupt {
-            location: "postgres://h/db".into(),
-            what: "invalid hash \"x\"".into(),
-        });
-        assert_eq!(e.status, StatusCode::INTERNAL_SERVER_ERROR);
-        assert!(e.message.contains("postgres://h/db"), "{}", e.message);
-    }
-}
-
 /// Gives every error response the JSON body `{"error": "one line"}`, whoever made it:
 /// an extractor's rejection (a path segment that is not UTF-8, say) answers in plain
 /// text, and that must not break the contract.
@@ -129,4 +114,19 @@ pub(crate) async fn json_errors(r: Response) -> Response {
         HeaderValue::from_static("application/json"),
     );
     Response::from_parts(parts, json.into_body())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_corrupt_database_is_a_server_error_on_every_backend() {
+        let e = ApiError::from(Error::Corrupt {
+            location: "postgres://h/db".into(),
+            what: "invalid hash \"x\"".into(),
+        });
+        assert_eq!(e.status, StatusCode::INTERNAL_SERVER_ERROR);
+        assert!(e.message.contains("postgres://h/db"), "{}", e.message);
+    }
 }
