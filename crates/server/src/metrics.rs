@@ -253,6 +253,7 @@ pub(crate) async fn scrape(State(app): State<AppState>) -> Result<Response, ApiE
     out.push_str("# HELP batchdb_instances Instances by state.\n# TYPE batchdb_instances gauge\n");
     for (state, n) in [
         ("pending", counts.pending),
+        ("waiting", counts.waiting),
         ("running", counts.running),
         ("result", counts.result),
         ("fail", counts.fail),

@@ -47,6 +47,7 @@ async fn metrics_count_the_whole_event_log() {
     assert_eq!(m["batchdb_instances{state=\"fail\"}"], 1.0);
     assert_eq!(m["batchdb_instances{state=\"cancelled\"}"], 1.0);
     assert_eq!(m["batchdb_instances{state=\"running\"}"], 0.0);
+    assert_eq!(m["batchdb_instances{state=\"waiting\"}"], 0.0);
     assert_eq!(m["batchdb_runs_total"], 2.0);
     assert_eq!(m["batchdb_results_total"], 1.0);
     assert_eq!(m["batchdb_failures_total"], 1.0);
