@@ -366,38 +366,33 @@ async fn list(n: usize, reps: usize) -> Row {
     )
 }
 
-/// Mean time of one claim + finish with `n` pending.
-async fn claim_finish_cost(n: usize, ops: usize) -> f64 {
+/// Mean time of one claim + finish with `n` pending (and `waiting` instances waiting
+/// for dependencies beside them).
+async fn claim_finish_cost(n: usize, waiting: usize, ops: usize) -> f64 {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("q.sqlite");
     let q = SqliteQueue::open(&path).await.unwrap();
     fill(&path, n);
+    if waiting > 0 {
+        batches::fill_waiting(&path, waiting);
+    }
     let req = {
         let mut o = ClaimRequest::new("bench", 1, Duration::from_secs(60));
         o.order = Order::Newest;
-        o.cache = None;
-        o.cache_all = false;
         o
     };
     let t = Instant::now();
     for _ in 0..ops {
         let c = q.claim(&req).await.unwrap();
-        let r = {
-            let mut o = AttemptReport::default();
-            o.end = std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map_or(0, |d| d.as_millis() as i64);
-            o
-        };
-        q.finish(&c[0].token, &Outcome::Success(r)).await.unwrap();
+        q.finish(&c[0].token, &batches::success()).await.unwrap();
     }
     t.elapsed().as_secs_f64() / ops as f64
 }
 
 async fn scale(big: usize, ops: usize) -> Row {
     reset_peak();
-    let small = claim_finish_cost(1000, ops).await;
-    let large = claim_finish_cost(big, ops).await;
+    let small = claim_finish_cost(1000, 0, ops).await;
+    let large = claim_finish_cost(big, 0, ops).await;
     Row {
         scenario: format!("claim + finish with {big} pending vs 1000 pending"),
         ours: format!("{:.2} ms", large * 1000.0),

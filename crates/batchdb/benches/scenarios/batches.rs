@@ -11,7 +11,8 @@ fn in_batch(name: &str) -> PushOptions {
     o
 }
 
-fn success() -> Outcome {
+/// A successful attempt's outcome, ended now.
+pub fn success() -> Outcome {
     let mut r = AttemptReport::default();
     r.end = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -112,7 +113,7 @@ pub async fn fan_in(n: usize) -> Row {
 }
 
 /// Adds `n` waiting instances straight through SQL (fast set-up).
-fn fill_waiting(path: &Path, n: usize) {
+pub fn fill_waiting(path: &Path, n: usize) {
     let conn = rusqlite::Connection::open(path).unwrap();
     conn.execute_batch("BEGIN").unwrap();
     {
@@ -131,33 +132,17 @@ fn fill_waiting(path: &Path, n: usize) {
     conn.execute_batch("COMMIT").unwrap();
 }
 
-/// Mean claim + finish with 1,000 pending and `waiting` waiting instances.
-async fn claim_cost(waiting: usize, ops: usize) -> f64 {
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("q.sqlite");
-    let q = SqliteQueue::open(&path).await.unwrap();
-    fill(&path, 1000);
-    fill_waiting(&path, waiting);
-    let req = ClaimRequest::new("bench", 1, Duration::from_secs(60));
-    let t = Instant::now();
-    for _ in 0..ops {
-        let c = q.claim(&req).await.unwrap();
-        q.finish(&c[0].token, &success()).await.unwrap();
-    }
-    t.elapsed().as_secs_f64() / ops as f64
-}
-
 /// Claim + finish beside `waiting` waiting instances, against none (alternating).
 pub async fn claim_beside_waiting(waiting: usize, ops: usize, reps: usize) -> Row {
     reset_peak();
     let (mut ours, mut base) = (Vec::new(), Vec::new());
     for r in 0..reps * 2 {
         if r % 2 == 0 {
-            ours.push(claim_cost(waiting, ops).await);
-            base.push(claim_cost(0, ops).await);
+            ours.push(claim_finish_cost(1000, waiting, ops).await);
+            base.push(claim_finish_cost(1000, 0, ops).await);
         } else {
-            base.push(claim_cost(0, ops).await);
-            ours.push(claim_cost(waiting, ops).await);
+            base.push(claim_finish_cost(1000, 0, ops).await);
+            ours.push(claim_finish_cost(1000, waiting, ops).await);
         }
     }
     let (o, b) = (median(ours), median(base));

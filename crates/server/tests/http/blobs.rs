@@ -11,6 +11,16 @@ async fn blob_server() -> (Server, String, Vec<u8>) {
     (s, key, payload)
 }
 
+/// Where the server's directory store keeps blob `key`.
+fn blob_path(s: &Server, key: &str) -> std::path::PathBuf {
+    s.dir
+        .path()
+        .join("blobs")
+        .join(&key[0..2])
+        .join(&key[2..4])
+        .join(key)
+}
+
 fn header(r: &reqwest::Response, name: &str) -> String {
     r.headers()
         .get(name)
@@ -149,13 +159,7 @@ async fn if_none_match_is_304() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_corrupt_blob_never_ends_cleanly() {
     let (s, key, _) = blob_server().await;
-    let path = s
-        .dir
-        .path()
-        .join("blobs")
-        .join(&key[0..2])
-        .join(&key[2..4])
-        .join(&key);
+    let path = blob_path(&s, &key);
     let mut bytes = std::fs::read(&path).unwrap();
     bytes[50_000] ^= 0xff;
     // the store's files are read-only; replace it
@@ -176,13 +180,7 @@ async fn a_corrupt_blob_never_ends_cleanly() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_symlink_planted_at_a_blob_path_serves_nothing() {
     let (s, key, _) = blob_server().await;
-    let path = s
-        .dir
-        .path()
-        .join("blobs")
-        .join(&key[0..2])
-        .join(&key[2..4])
-        .join(&key);
+    let path = blob_path(&s, &key);
     let secret = s.dir.path().join("secret");
     std::fs::write(&secret, b"the target's bytes, never to be served").unwrap();
     std::fs::remove_file(&path).unwrap();
