@@ -5,6 +5,7 @@
 use std::io;
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use tokio::io::AsyncWriteExt;
@@ -68,8 +69,11 @@ async fn store_output(
 /// process group, or anywhere with its attempt id) gets SIGTERM, and up to `grace` to
 /// end; whatever is left then is killed (SIGKILL) and the output cut, even if
 /// something outside the attempt's reach still holds it open. Then the killer is
-/// released. An execution that left nothing costs one look (and a timer).
-async fn settle(killer: Arc<dyn Killer>, grace: Duration, cut: Cut) {
+/// released. An execution that left nothing costs one look (and a timer). If its
+/// output is still open when the grace ends although that look found nothing (a
+/// process caught mid-`exec`, say), everything carrying the attempt's mark is killed
+/// before the cut, so no leftover outlives a job that ended.
+async fn settle(killer: Arc<dyn Killer>, grace: Duration, cut: Cut, drained: Arc<AtomicBool>) {
     let alive = |k: &Arc<dyn Killer>| {
         let k = k.clone();
         async move {
@@ -108,6 +112,10 @@ async fn settle(killer: Arc<dyn Killer>, grace: Duration, cut: Cut) {
         .await;
     }
     tokio::time::sleep_until(until).await;
+    if !left && !drained.load(Ordering::SeqCst) {
+        let k = killer.clone();
+        let _ = tokio::task::spawn_blocking(move || k.stop_all()).await;
+    }
     cut.cut();
 }
 
@@ -223,6 +231,14 @@ impl Worker {
                 None => None,
             }
         };
+        // Set once both outputs reached their end (nothing holds them any more).
+        let drained = Arc::new(AtomicBool::new(false));
+        let drained_set = drained.clone();
+        let streams = async move {
+            let both = tokio::join!(outputs, errors);
+            drained_set.store(true, Ordering::SeqCst);
+            both
+        };
         let (group, settle_cut) = (killer.clone(), cut.clone());
         let grace = self.opts.kill_grace;
         let waiting = async move {
@@ -230,10 +246,13 @@ impl Worker {
             // The job is its process group: once the leader exits, stragglers (which
             // may still hold its output open) are stopped too; whatever is left after
             // the grace period (even outside the group) is killed and the output cut.
-            tokio::spawn(settle(group, grace, settle_cut));
+            tokio::spawn(settle(group, grace, settle_cut, drained));
             st
         };
-        let work = async { tokio::join!(feed, outputs, errors, waiting) };
+        let work = async {
+            let (f, (o, e), w) = tokio::join!(feed, streams, waiting);
+            (f, o, e, w)
+        };
         let (results, stopped) = self.supervise(claim, &killer, &cut, timeout, work).await;
         if let Some((o, e)) = &live {
             let _ = std::fs::remove_file(o);

@@ -272,7 +272,7 @@ pub async fn a_leftover_outside_the_group_holding_the_output_is_killed_after_the
     let (pid, took) = run_leaving(&b.db(), &detached("sleep 302")).await;
     assert!(took >= Duration::from_millis(900), "{took:?}");
     assert!(
-        gone(pid, "302", Duration::from_secs(2)).await,
+        gone(pid, "302", Duration::from_secs(3)).await,
         "sleep 302 still runs"
     );
 }
