@@ -119,6 +119,25 @@ async fn settle(killer: Arc<dyn Killer>, grace: Duration, cut: Cut, drained: Arc
     cut.cut();
 }
 
+/// Stores a job's stdout and (if separate) stderr as they stream, and sets `drained`
+/// once both reached their end (nothing holds them open any more).
+async fn store_outputs<R: tokio::io::AsyncRead + Send + Unpin>(
+    blobs: Arc<dyn BlobStore>,
+    mut stdout: R,
+    stderr: Option<R>,
+    drained: Arc<AtomicBool>,
+) -> (Result<Stored>, Option<Result<Stored>>) {
+    let errors = async {
+        match stderr {
+            Some(mut s) => Some(store_output(blobs.as_ref(), &mut s).await),
+            None => None,
+        }
+    };
+    let both = tokio::join!(store_output(blobs.as_ref(), &mut stdout), errors);
+    drained.store(true, Ordering::SeqCst);
+    both
+}
+
 fn open_live(path: &PathBuf) -> Option<std::fs::File> {
     std::fs::File::create(path)
         .map_err(|e| tracing::warn!("live output {}: {e}", path.display()))
@@ -195,7 +214,7 @@ impl Worker {
         let blobs = self.blobs.clone();
         // Thrown when the job is over but something still holds its pipes open.
         let cut = Cut::default();
-        let mut stdout = CutReader::new(Inspect::new(exec.stdout, Mirror(live_out)), cut.clone());
+        let stdout = CutReader::new(Inspect::new(exec.stdout, Mirror(live_out)), cut.clone());
         let stderr = exec
             .stderr
             .map(|e| CutReader::new(Inspect::new(e, Mirror(live_err)), cut.clone()));
@@ -222,23 +241,8 @@ impl Worker {
             let _ = stdin.shutdown().await;
             Ok(())
         };
-        let out_store = blobs.clone();
-        let outputs = async move { store_output(out_store.as_ref(), &mut stdout).await };
-        let err_store = blobs.clone();
-        let errors = async move {
-            match stderr {
-                Some(mut s) => Some(store_output(err_store.as_ref(), &mut s).await),
-                None => None,
-            }
-        };
-        // Set once both outputs reached their end (nothing holds them any more).
         let drained = Arc::new(AtomicBool::new(false));
-        let drained_set = drained.clone();
-        let streams = async move {
-            let both = tokio::join!(outputs, errors);
-            drained_set.store(true, Ordering::SeqCst);
-            both
-        };
+        let streams = store_outputs(blobs, stdout, stderr, drained.clone());
         let (group, settle_cut) = (killer.clone(), cut.clone());
         let grace = self.opts.kill_grace;
         let waiting = async move {
