@@ -290,4 +290,18 @@ pub struct ServeArgs {
     /// Require the token on reads too (lists, blobs, events, metrics).
     #[arg(long, requires = "token")]
     pub auth_reads: bool,
+    /// The most connections open at once; at the limit, the connection idle the
+    /// longest is closed to make room.
+    #[arg(long, default_value_t = 4096)]
+    pub max_connections: usize,
+    /// The most event streams (/events, /api/output) open at once; beyond, 503.
+    #[arg(long, default_value_t = 2048)]
+    pub max_streams: usize,
+    /// Seconds a client may take to send a request's headers (or stay idle between
+    /// requests).
+    #[arg(long, default_value_t = 30.0)]
+    pub header_timeout: f64,
+    /// Seconds a request body may go without a byte before the request fails.
+    #[arg(long, default_value_t = 60.0)]
+    pub body_timeout: f64,
 }

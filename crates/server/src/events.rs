@@ -3,15 +3,15 @@
 
 use std::collections::VecDeque;
 use std::convert::Infallible;
+use std::sync::Arc;
 use std::time::Duration;
 
 use axum::extract::rejection::QueryRejection;
 use axum::extract::{Path, Query, State};
-use axum::http::HeaderMap;
+use axum::http::{HeaderMap, StatusCode};
 use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use batchdb::queue::State as InstanceState;
-use futures_util::StreamExt;
 use serde::Deserialize;
 use serde::de::IgnoredAny;
 use tokio::io::{AsyncReadExt, AsyncSeekExt};
@@ -19,6 +19,7 @@ use tokio::io::{AsyncReadExt, AsyncSeekExt};
 use crate::AppState;
 use crate::api::instance_id;
 use crate::error::ApiError;
+use crate::metrics::Published;
 
 /// How often an idle stream sends a comment, so proxies keep it open.
 const KEEP_ALIVE: Duration = Duration::from_secs(15);
@@ -61,24 +62,98 @@ pub(crate) async fn sse(
     if after < 0 {
         return Err(ApiError::bad_request(format!("invalid after {after}")));
     }
-    let events = Box::pin(app.db.events(after, true));
-    let stream = futures_util::stream::unfold((events, false), |(mut events, done)| async move {
-        if done {
-            return None;
-        }
-        let ev = match events.next().await? {
-            Ok(ev) => SseEvent::default()
-                .id(ev.id.to_string())
-                .json_data(&ev)
-                .map(|e| (e, false))
-                .unwrap_or_else(|e| (error_event(&e.to_string()), true)),
-            Err(e) => (error_event(&e.to_string()), true),
-        };
-        Some((Ok::<_, Infallible>(ev.0), (events, ev.1)))
+    let permit = stream_permit(&app)?;
+    let tail = Tail {
+        rx: app.metrics.subscribe(),
+        app,
+        after,
+        page: VecDeque::new(),
+        live: false,
+        done: false,
+        _permit: permit,
+    };
+    let stream = futures_util::stream::unfold(tail, |mut t| async move {
+        let ev = t.next().await?;
+        Some((Ok::<_, Infallible>(ev), t))
     });
     Ok(Sse::new(stream)
         .keep_alive(KeepAlive::new().interval(KEEP_ALIVE))
         .into_response())
+}
+
+/// One of the [`crate::Limits::max_streams`] event-stream permits, or 503.
+fn stream_permit(app: &AppState) -> Result<tokio::sync::OwnedSemaphorePermit, ApiError> {
+    app.streams.clone().try_acquire_owned().map_err(|_| {
+        ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!(
+                "too many event streams open (limit {}); try again later",
+                app.opts.limits.max_streams
+            ),
+        )
+    })
+}
+
+/// How many events a catching-up stream reads from the log at once.
+const PAGE: usize = 512;
+
+/// One `/events` stream: it reads the log itself until it has caught up, then takes
+/// each new event from the server's one follower ([`crate::metrics::Metrics`]), and
+/// reads the log again only if it fell too far behind.
+struct Tail {
+    app: AppState,
+    rx: tokio::sync::broadcast::Receiver<Arc<Published>>,
+    /// The last event id sent.
+    after: i64,
+    page: VecDeque<batchdb::queue::Event>,
+    /// Caught up: new events come from `rx`.
+    live: bool,
+    done: bool,
+    _permit: tokio::sync::OwnedSemaphorePermit,
+}
+
+impl Tail {
+    async fn next(&mut self) -> Option<SseEvent> {
+        use tokio::sync::broadcast::error::RecvError;
+        loop {
+            if self.done {
+                return None;
+            }
+            if let Some(ev) = self.page.pop_front() {
+                self.after = ev.id;
+                return Some(
+                    match SseEvent::default().id(ev.id.to_string()).json_data(&ev) {
+                        Ok(e) => e,
+                        Err(e) => self.fail(&e.to_string()),
+                    },
+                );
+            }
+            if !self.live {
+                // Subscribed before this read: whatever commits after it arrives
+                // through `rx` (and what it already holds is skipped by id).
+                match self.app.db.event_page(self.after, PAGE).await {
+                    Ok(evs) if evs.is_empty() => self.live = true,
+                    Ok(evs) => self.page = evs.into(),
+                    Err(e) => return Some(self.fail(&e.to_string())),
+                }
+                continue;
+            }
+            match self.rx.recv().await {
+                Ok(p) if p.id <= self.after => {}
+                Ok(p) => {
+                    self.after = p.id;
+                    return Some(SseEvent::default().id(p.id.to_string()).data(&p.json));
+                }
+                Err(RecvError::Lagged(_)) => self.live = false,
+                Err(RecvError::Closed) => return None,
+            }
+        }
+    }
+
+    fn fail(&mut self, msg: &str) -> SseEvent {
+        self.done = true;
+        error_event(msg)
+    }
 }
 
 fn error_event(msg: &str) -> SseEvent {
@@ -110,7 +185,9 @@ pub(crate) async fn output(
     p.map_err(|e| ApiError::bad_request(e.body_text()))?;
     let id = instance_id(&id)?;
     app.db.instance(id).await?;
+    let permit = stream_permit(&app)?;
     let follow = Follow {
+        _permit: permit,
         app,
         id,
         attempt: 0,
@@ -142,6 +219,7 @@ const STREAMS: [&str; 2] = ["stdout", "stderr"];
 
 /// The state of one output follower.
 struct Follow {
+    _permit: tokio::sync::OwnedSemaphorePermit,
     app: AppState,
     id: i64,
     attempt: i64,

@@ -19,6 +19,7 @@
 mod api;
 mod auth;
 mod blob;
+mod conn;
 mod dashboard;
 mod error;
 mod events;
@@ -26,11 +27,13 @@ mod metrics;
 
 use std::future::Future;
 use std::sync::Arc;
+use std::time::Duration;
 
 use axum::Router;
 use axum::routing::{get, post};
 use batchdb::{BatchDb, Error};
 
+pub use conn::Limits;
 pub use error::ApiError;
 
 /// How the server behaves; everything but the database.
@@ -50,6 +53,8 @@ pub struct ServeOptions {
     /// `[::1]`): set it when listening on a loopback address, so that a web page in
     /// the user's browser cannot reach the server through DNS rebinding.
     pub local_hosts_only: bool,
+    /// Caps on connections and event streams, and the timeouts of stalled clients.
+    pub limits: Limits,
 }
 
 impl ServeOptions {
@@ -89,6 +94,8 @@ pub(crate) struct App {
     pub opts: ServeOptions,
     pub prefix: String,
     pub metrics: metrics::Metrics,
+    /// One permit per open event stream ([`Limits::max_streams`]).
+    pub streams: Arc<tokio::sync::Semaphore>,
 }
 
 /// The shared state handlers receive.
@@ -103,6 +110,7 @@ pub fn router(db: BatchDb, opts: ServeOptions) -> Result<Router, Error> {
     let prefix = opts.normalized_prefix()?;
     let app = Arc::new(App {
         metrics: metrics::Metrics::new(db.clone()),
+        streams: Arc::new(tokio::sync::Semaphore::new(opts.limits.max_streams)),
         db,
         opts,
         prefix: prefix.clone(),
@@ -143,33 +151,25 @@ pub fn router(db: BatchDb, opts: ServeOptions) -> Result<Router, Error> {
         .with_state(app))
 }
 
-/// Serves `router(db, opts)` on `listener` until `shutdown` completes; then stops
-/// accepting, gives open requests a moment to end, and returns.
+/// Serves `router(db, opts)` on `listener`, within `opts.limits` (see [`Limits`]),
+/// until `shutdown` completes; then stops accepting, gives open requests a moment
+/// (2 s) to end, and returns.
 pub async fn serve(
     listener: tokio::net::TcpListener,
     db: BatchDb,
     opts: ServeOptions,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), Error> {
-    let addr = listener
-        .local_addr()
-        .map_err(|e| Error::io("read the address of", "listener", e))?;
+    let limits = opts.limits;
     let app = router(db, opts)?;
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    let server = axum::serve(listener, app).with_graceful_shutdown(async move {
+    // Event streams never end by themselves: once asked to stop, other requests get
+    // a short grace period.
+    let accepting = conn::accept_loop(listener, app, limits, stop_rx, Duration::from_secs(2));
+    let stopping = async move {
         shutdown.await;
         let _ = stop_tx.send(true);
-    });
-    let mut stopped = stop_rx.clone();
-    tokio::select! {
-        r = server => r.map_err(|e| Error::io("serve HTTP on", addr.to_string(), e)),
-        // Event streams never end by themselves: once asked to stop, give other
-        // requests a short grace period, then return.
-        _ = async {
-            if stopped.wait_for(|s| *s).await.is_err() {
-                std::future::pending::<()>().await;
-            }
-            tokio::time::sleep(std::time::Duration::from_secs(2)).await;
-        } => Ok(()),
-    }
+    };
+    tokio::join!(accepting, stopping);
+    Ok(())
 }

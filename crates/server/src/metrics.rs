@@ -3,7 +3,7 @@
 
 use std::collections::HashMap;
 use std::fmt::Write as _;
-use std::sync::{Mutex, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use axum::extract::State;
@@ -157,14 +157,29 @@ impl Tally {
     }
 }
 
-/// The metrics of one server: a follower task over the event log and its tally.
+/// The server's one follower of the event log: it keeps the metrics tally and fans
+/// each event out to every `/events` stream (so an idle stream costs no query).
 #[derive(Debug)]
 pub(crate) struct Metrics {
     db: BatchDb,
     tally: std::sync::Arc<Mutex<Tally>>,
     progress: tokio::sync::watch::Sender<i64>,
+    fanout: tokio::sync::broadcast::Sender<Arc<Published>>,
     task: OnceLock<AbortOnDrop>,
 }
+
+/// An event as the follower read it: its id and its JSON line.
+#[derive(Debug)]
+pub(crate) struct Published {
+    /// The event's id in the log.
+    pub id: i64,
+    /// The event as `batchdb events` prints it.
+    pub json: String,
+}
+
+/// How many events a stream may fall behind the follower before it reads the log
+/// itself to catch up.
+const FANOUT: usize = 1024;
 
 #[derive(Debug)]
 struct AbortOnDrop(tokio::task::JoinHandle<()>);
@@ -181,6 +196,7 @@ impl Metrics {
             db,
             tally: Default::default(),
             progress: tokio::sync::watch::channel(0).0,
+            fanout: tokio::sync::broadcast::channel(FANOUT).0,
             task: OnceLock::new(),
         }
     }
@@ -195,8 +211,16 @@ impl Metrics {
             let db = self.db.clone();
             let tally = self.tally.clone();
             let progress = self.progress.clone();
-            AbortOnDrop(rt.spawn(follow(db, tally, progress)))
+            let fanout = self.fanout.clone();
+            AbortOnDrop(rt.spawn(follow(db, tally, progress, fanout)))
         });
+    }
+
+    /// Every event the follower reads from now on (ids only increase; a receiver
+    /// that falls [`FANOUT`] events behind gets `Lagged`).
+    pub(crate) fn subscribe(&self) -> tokio::sync::broadcast::Receiver<Arc<Published>> {
+        self.start();
+        self.fanout.subscribe()
     }
 }
 
@@ -204,6 +228,7 @@ async fn follow(
     db: BatchDb,
     tally: std::sync::Arc<Mutex<Tally>>,
     progress: tokio::sync::watch::Sender<i64>,
+    fanout: tokio::sync::broadcast::Sender<Arc<Published>>,
 ) {
     let mut after = 0;
     loop {
@@ -215,6 +240,11 @@ async fn follow(
                     after = ev.id;
                     if let Ok(mut t) = tally.lock() {
                         t.apply(&ev);
+                    }
+                    if fanout.receiver_count() > 0 {
+                        if let Ok(json) = serde_json::to_string(&ev) {
+                            let _ = fanout.send(Arc::new(Published { id: ev.id, json }));
+                        }
                     }
                     progress.send_replace(ev.id);
                 }

@@ -1,0 +1,345 @@
+//! Connections: how `serve` accepts them, bounds their number, times out the ones
+//! that stall, and closes them.
+//!
+//! - A client has [`Limits::header_timeout`] to send a request's headers, counted
+//!   from the connection's start or from the end of its previous response: a
+//!   connection that sends nothing (or a header byte now and then) is closed then.
+//! - A request body must make progress: no byte for [`Limits::body_timeout`] ends
+//!   the request with an error (a slow but moving upload of any size goes through).
+//! - At most [`Limits::max_connections`] connections are open. When a new one
+//!   arrives at the limit, the connection idle the longest (no request in progress:
+//!   between requests, or still sending its headers) is closed to make room; when
+//!   every connection is busy, new ones wait in the listen backlog until one ends.
+//!   Either way a warning is logged (at most every 10 s), so a flood of idle
+//!   connections never locks a real client out.
+
+use std::collections::HashMap;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use axum::Router;
+use axum::body::Body;
+use axum::extract::Request;
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use tokio::sync::{Notify, watch};
+use tokio_util::sync::CancellationToken;
+use tower::ServiceExt;
+
+/// Bounds on what clients may hold of a server; [`Limits::default`] is what
+/// `batchdb serve` uses unless told otherwise.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Limits {
+    /// The most connections open at once (at least 2).
+    pub max_connections: usize,
+    /// The most event streams (`/events`, `/api/output/{id}`) open at once; one more
+    /// is answered 503.
+    pub max_streams: usize,
+    /// How long a connection may take to send a request's headers, and how long it
+    /// may stay idle between requests.
+    pub header_timeout: Duration,
+    /// How long a request body may go without a byte before the request fails.
+    pub body_timeout: Duration,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_connections: 4096,
+            max_streams: 2048,
+            header_timeout: Duration::from_secs(30),
+            body_timeout: Duration::from_secs(60),
+        }
+    }
+}
+
+impl Limits {
+    /// These limits with the given connection and stream caps and timeouts.
+    #[must_use]
+    pub fn new(
+        (max_connections, max_streams): (usize, usize),
+        header_timeout: Duration,
+        body_timeout: Duration,
+    ) -> Limits {
+        Limits {
+            max_connections,
+            max_streams,
+            header_timeout,
+            body_timeout,
+        }
+    }
+}
+
+/// What the accept loop knows of one open connection.
+struct Entry {
+    /// Requests in progress (from the call until the response body is dropped).
+    busy: Arc<AtomicUsize>,
+    /// When it last became idle (ms since the loop started).
+    idle_since: Arc<AtomicU64>,
+    /// Closes it at once.
+    close: CancellationToken,
+}
+
+/// The open connections.
+#[derive(Default)]
+struct Conns {
+    map: Mutex<HashMap<u64, Entry>>,
+    /// Signalled when a connection ends.
+    ended: Notify,
+}
+
+impl Conns {
+    fn len(&self) -> usize {
+        self.map.lock().map_or(0, |m| m.len())
+    }
+
+    fn remove(&self, id: u64) {
+        if let Ok(mut m) = self.map.lock() {
+            m.remove(&id);
+        }
+        self.ended.notify_one();
+    }
+
+    /// Closes the connection idle the longest, if one is idle; whether one was.
+    fn evict_idle(&self) -> bool {
+        let Ok(mut m) = self.map.lock() else {
+            return false;
+        };
+        let victim = m
+            .iter()
+            .filter(|(_, e)| e.busy.load(Ordering::SeqCst) == 0)
+            .min_by_key(|(_, e)| e.idle_since.load(Ordering::SeqCst))
+            .map(|(id, _)| *id);
+        match victim.and_then(|id| m.remove(&id)) {
+            Some(e) => {
+                e.close.cancel();
+                true
+            }
+            None => false,
+        }
+    }
+}
+
+/// Logs a warning at most every 10 s.
+struct Throttled(Option<Instant>);
+
+impl Throttled {
+    fn warn(&mut self, msg: std::fmt::Arguments<'_>) {
+        if self
+            .0
+            .is_none_or(|t| t.elapsed() >= Duration::from_secs(10))
+        {
+            self.0 = Some(Instant::now());
+            tracing::warn!("{msg}");
+        }
+    }
+}
+
+/// Accepts connections on `listener` and serves `router` on each, within `limits`,
+/// until `stop` turns true; then asks every connection to close once its request in
+/// progress is answered, and returns when none is left or after `grace`.
+pub(crate) async fn accept_loop(
+    listener: tokio::net::TcpListener,
+    router: Router,
+    limits: Limits,
+    mut stop: watch::Receiver<bool>,
+    grace: Duration,
+) {
+    let conns = Arc::new(Conns::default());
+    accept(&listener, &router, limits, &mut stop, &conns).await;
+    drop(listener);
+    let _ = tokio::time::timeout(grace, async {
+        while conns.len() > 0 {
+            conns.ended.notified().await;
+        }
+    })
+    .await;
+}
+
+async fn accept(
+    listener: &tokio::net::TcpListener,
+    router: &Router,
+    limits: Limits,
+    stop: &mut watch::Receiver<bool>,
+    conns: &Arc<Conns>,
+) {
+    let epoch = Instant::now();
+    let mut full = Throttled(None);
+    let mut next_id = 0u64;
+    loop {
+        while conns.len() >= limits.max_connections.max(2) {
+            if conns.evict_idle() {
+                full.warn(format_args!(
+                    "connection limit ({}) reached: closing the connection idle the longest",
+                    limits.max_connections
+                ));
+                break;
+            }
+            full.warn(format_args!(
+                "connection limit ({}) reached and every connection busy: new connections wait",
+                limits.max_connections
+            ));
+            tokio::select! {
+                () = conns.ended.notified() => {}
+                _ = stop.changed() => return,
+            }
+        }
+        if *stop.borrow() {
+            return;
+        }
+        let accepted = tokio::select! {
+            r = listener.accept() => r,
+            _ = stop.changed() => return,
+        };
+        let stream = match accepted {
+            Ok((s, _)) => s,
+            Err(e) => {
+                // Out of descriptors, say: wait a little rather than spin.
+                full.warn(format_args!("accept error: {e}"));
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let _ = stream.set_nodelay(true);
+        next_id += 1;
+        let entry = Entry {
+            busy: Arc::default(),
+            idle_since: Arc::new(AtomicU64::new(millis(epoch))),
+            close: CancellationToken::new(),
+        };
+        let task = Connection {
+            id: next_id,
+            busy: entry.busy.clone(),
+            idle_since: entry.idle_since.clone(),
+            close: entry.close.clone(),
+            conns: conns.clone(),
+            epoch,
+        };
+        if let Ok(mut m) = conns.map.lock() {
+            m.insert(next_id, entry);
+        }
+        tokio::spawn(task.serve(stream, router.clone(), limits, stop.clone()));
+    }
+}
+
+fn millis(epoch: Instant) -> u64 {
+    u64::try_from(epoch.elapsed().as_millis()).unwrap_or(u64::MAX)
+}
+
+/// One connection's task.
+struct Connection {
+    id: u64,
+    busy: Arc<AtomicUsize>,
+    idle_since: Arc<AtomicU64>,
+    close: CancellationToken,
+    conns: Arc<Conns>,
+    epoch: Instant,
+}
+
+impl Connection {
+    async fn serve(
+        self,
+        stream: tokio::net::TcpStream,
+        router: Router,
+        limits: Limits,
+        mut stop: watch::Receiver<bool>,
+    ) {
+        let (busy, idle_since, epoch) = (self.busy.clone(), self.idle_since.clone(), self.epoch);
+        let service = hyper::service::service_fn(move |req: Request<Incoming>| {
+            let guard = Busy::enter(busy.clone(), idle_since.clone(), epoch);
+            let req = req.map(|b| {
+                Body::new(tower_http::timeout::TimeoutBody::new(
+                    limits.body_timeout,
+                    b,
+                ))
+            });
+            let router = router.clone();
+            async move {
+                let resp = router.oneshot(req).await?;
+                Ok::<_, std::convert::Infallible>(resp.map(|body| {
+                    Body::new(Tracked {
+                        body,
+                        _guard: guard,
+                    })
+                }))
+            }
+        });
+        let conn = hyper::server::conn::http1::Builder::new()
+            .timer(TokioTimer::new())
+            .header_read_timeout(limits.header_timeout)
+            .serve_connection(TokioIo::new(stream), service);
+        tokio::pin!(conn);
+        tokio::select! {
+            r = conn.as_mut() => {
+                if let Err(e) = r {
+                    tracing::debug!("connection: {e}");
+                }
+            }
+            () = self.close.cancelled() => {}
+            () = async { let _ = stop.wait_for(|s| *s).await; } => {
+                conn.as_mut().graceful_shutdown();
+                tokio::select! {
+                    _ = conn.as_mut() => {}
+                    () = self.close.cancelled() => {}
+                }
+            }
+        }
+        self.conns.remove(self.id);
+    }
+}
+
+/// A request in progress on a connection: counted from the call until its response
+/// body is dropped (sent, or the connection gone).
+struct Busy {
+    busy: Arc<AtomicUsize>,
+    idle_since: Arc<AtomicU64>,
+    epoch: Instant,
+}
+
+impl Busy {
+    fn enter(busy: Arc<AtomicUsize>, idle_since: Arc<AtomicU64>, epoch: Instant) -> Busy {
+        busy.fetch_add(1, Ordering::SeqCst);
+        Busy {
+            busy,
+            idle_since,
+            epoch,
+        }
+    }
+}
+
+impl Drop for Busy {
+    fn drop(&mut self) {
+        self.idle_since.store(millis(self.epoch), Ordering::SeqCst);
+        self.busy.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+/// A response body that keeps its request counted as in progress until dropped.
+struct Tracked {
+    body: Body,
+    _guard: Busy,
+}
+
+impl http_body::Body for Tracked {
+    type Data = axum::body::Bytes;
+    type Error = axum::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<Self::Data>, Self::Error>>> {
+        Pin::new(&mut self.body).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.body.size_hint()
+    }
+}
