@@ -156,6 +156,67 @@ fn serve_flags_prefix_token_and_signals() {
     assert!(s.proc.wait().success());
 }
 
+/// `cmd` run under `ulimit -n files` (which sets the hard limit too, so the
+/// server cannot raise it).
+fn with_open_files(cmd: &std::process::Command, files: u32) -> std::process::Command {
+    let mut c = std::process::Command::new("sh");
+    c.arg("-c")
+        .arg(format!("ulimit -n {files} && exec \"$@\""))
+        .arg("sh")
+        .arg(cmd.get_program())
+        .args(cmd.get_args());
+    for (k, v) in cmd.get_envs() {
+        match v {
+            Some(v) => c.env(k, v),
+            None => c.env_remove(k),
+        };
+    }
+    c
+}
+
+#[test]
+fn serve_answers_a_real_client_through_an_idle_connection_flood_past_its_descriptors() {
+    let env = Env::new();
+    let cmd = env.command(&[
+        "serve",
+        "--listen",
+        "127.0.0.1:0",
+        "--max-connections",
+        "64",
+        "--header-timeout",
+        "120",
+    ]);
+    let mut proc = env.start(with_open_files(&cmd, 128), None);
+    let out = proc.wait_stdout("/\n");
+    let addr: SocketAddr = out
+        .lines()
+        .find_map(|l| l.strip_prefix("listening on http://"))
+        .and_then(|u| u.trim_end_matches('/').parse().ok())
+        .unwrap_or_else(|| panic!("no listening line in {out:?}"));
+    // Three times the descriptors the server has, none of which will time out
+    // during the test: without a cap it runs out of descriptors and accepts nothing.
+    let mut flood = Vec::new();
+    for i in 0..400 {
+        let mut c = TcpStream::connect(addr).expect("connect");
+        if i % 2 == 0 {
+            c.write_all(b"GET / HTTP/1.1\r\nX-Slow: ").expect("write");
+        }
+        flood.push(c);
+    }
+    for _ in 0..3 {
+        let (status, head, _) = http(addr, "GET", "/healthz", &[], b"");
+        assert_eq!(status, 200, "{head}");
+    }
+    let (status, _, body) = http(addr, "POST", "/create", &[], b"echo hi");
+    assert_eq!(status, 200);
+    assert_eq!(text(&body).trim(), sha256(b"echo hi"));
+    drop(flood);
+    let log = proc.stderr();
+    assert!(log.contains("connection limit (64) reached"), "{log}");
+    proc.signal("TERM");
+    assert!(proc.wait().success());
+}
+
 #[test]
 fn serve_upload_of_1_gib_streams_in_flat_memory() {
     const MIB: usize = 1 << 20;

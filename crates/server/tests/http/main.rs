@@ -14,6 +14,7 @@
 //! - `auth`: token, reads with a token, cross-origin and Host checks
 //! - `upload`: streamed bodies, clients that go away mid-upload
 //! - `metrics`: Prometheus text derived from the event log
+//! - `limits`: header and body timeouts, the connection and event-stream caps
 
 mod util;
 
@@ -22,6 +23,7 @@ mod bad_input;
 mod batches;
 mod blobs;
 mod events;
+mod limits;
 mod metrics;
 mod routes;
 mod upload;
