@@ -59,13 +59,16 @@ pub enum Error {
         source: std::io::Error,
     },
     /// The SQLite database failed.
-    #[error("sqlite database {path}: {source}")]
+    #[error("sqlite database {path}: {source}{}", hint.as_deref().map(|h| format!(" ({h})")).unwrap_or_default())]
     Sqlite {
         /// The database file.
         path: PathBuf,
         /// The underlying error.
         #[source]
         source: rusqlite::Error,
+        /// What the operating system says about the failure, when it explains it
+        /// (a full disk behind an I/O error).
+        hint: Option<String>,
     },
     /// A PostgreSQL statement or connection failed.
     #[cfg(feature = "postgres")]

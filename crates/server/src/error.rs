@@ -116,6 +116,48 @@ pub(crate) async fn json_errors(r: Response) -> Response {
     Response::from_parts(parts, json.into_body())
 }
 
+/// The longest request target (path and query) answered; longer is 414.
+pub(crate) const MAX_URI: usize = 8 * 1024;
+/// The most request header fields answered; more is 431.
+pub(crate) const MAX_HEADERS: usize = 100;
+/// The most bytes of request header fields (names and values) answered; more is 431.
+pub(crate) const MAX_HEADER_BYTES: usize = 32 * 1024;
+
+/// Answers requests past the size limits with 414 or 431 and the JSON error body.
+/// The connection layer lets larger heads through to here (up to the protocol
+/// parser's own hard limits: 64 KiB of target, 256 fields, about 400 KiB in all,
+/// beyond which the parser answers with a bare status), so the limits clients meet
+/// are these.
+pub(crate) async fn request_limits(
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let target = req.uri().path_and_query().map_or(0, |p| p.as_str().len());
+    if target > MAX_URI {
+        return ApiError::new(
+            StatusCode::URI_TOO_LONG,
+            format!("request target of {target} bytes: at most {MAX_URI} are accepted"),
+        )
+        .into_response();
+    }
+    let headers = req.headers();
+    let bytes: usize = headers
+        .iter()
+        .map(|(k, v)| k.as_str().len() + v.len())
+        .sum();
+    if headers.len() > MAX_HEADERS || bytes > MAX_HEADER_BYTES {
+        return ApiError::new(
+            StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            format!(
+                "{} header fields of {bytes} bytes: at most {MAX_HEADERS} fields and {MAX_HEADER_BYTES} bytes are accepted",
+                headers.len()
+            ),
+        )
+        .into_response();
+    }
+    next.run(req).await
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -148,6 +148,7 @@ pub fn router(db: BatchDb, opts: ServeOptions) -> Result<Router, Error> {
             app.clone(),
             auth::guard,
         ))
+        .layer(axum::middleware::from_fn(error::request_limits))
         .with_state(app))
 }
 

@@ -418,3 +418,90 @@ fn gc_removes_what_killed_processes_left_behind() {
     );
     worker.signal("KILL");
 }
+
+#[test]
+fn a_read_only_shm_left_by_a_reader_does_not_block_writers_once_the_database_is_writable() {
+    let env = Env::new();
+    env.add("echo before");
+    chmod(env.root(), 0o755);
+    chown_tree_to_nobody(&env.db_dir());
+    let db = env.db_dir().join("batchdb.sqlite");
+    // A reader of a read-only database: SQLite creates -shm with the database's mode.
+    chmod(&db, 0o444);
+    let out = as_nobody(&env, &["status"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let mut shm = db.as_os_str().to_owned();
+    shm.push("-shm");
+    let shm = std::path::PathBuf::from(shm);
+    let mode = std::fs::metadata(&shm)
+        .expect("the reader left -shm")
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o200, 0, "the -shm file is read-only: {mode:o}");
+    // The database is writable again: so is the queue.
+    chmod(&db, 0o644);
+    let out = as_nobody(&env, &["add", "echo after"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(env.list("pending").len(), 2);
+    assert_consistent(&env);
+}
+
+/// A tmpfs of `size` mounted at `path` for as long as it lives.
+struct Mounted(std::path::PathBuf);
+
+impl Mounted {
+    fn tmpfs(path: std::path::PathBuf, size: &str) -> Mounted {
+        std::fs::create_dir_all(&path).unwrap();
+        let st = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(&path)
+            .status()
+            .expect("mount");
+        assert!(
+            st.success(),
+            "mounting a tmpfs needs root (the test suite runs as root)"
+        );
+        Mounted(path)
+    }
+}
+
+impl Drop for Mounted {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+    }
+}
+
+#[test]
+fn reads_on_a_full_disk_say_the_disk_is_full() {
+    let env = Env::new();
+    let small = Mounted::tmpfs(env.file("small"), "4m");
+    let dir = small.0.join("db");
+    let bdb = |args: &[&str]| {
+        let mut c = Command::new(BIN);
+        c.arg("--dir").arg(&dir).args(args).stdin(Stdio::null());
+        env.output_within(c, None, DEADLINE)
+    };
+    assert!(bdb(&["add", "echo hi"]).status.success());
+    // Fill the file system (the -wal and -shm files are gone with the last process).
+    let _ = Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "head -c 8388608 /dev/zero > '{}' 2>/dev/null",
+            small.0.join("filler").display()
+        ))
+        .status();
+    for args in [&["status"][..], &["list", "pending"], &["verify"]] {
+        let msg = one_line_error(&bdb(args));
+        assert!(msg.contains("is full"), "{args:?}: {msg}");
+    }
+    std::fs::remove_file(small.0.join("filler")).unwrap();
+    assert!(bdb(&["status"]).status.success());
+}

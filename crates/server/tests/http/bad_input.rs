@@ -199,3 +199,36 @@ async fn rejections_of_any_kind_answer_the_json_error_body() {
     assert_eq!(r.status(), 400);
     assert!(r.json::<serde_json::Value>().await.unwrap()["error"].is_string());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn oversized_request_heads_get_414_or_431_with_the_json_error_body() {
+    let s = Server::start().await;
+    let json_error = |status: u16, head: &str, body: &[u8], want: u16, needle: &str| {
+        assert_eq!(status, want, "{head}");
+        assert!(
+            head.to_ascii_lowercase()
+                .contains("content-type: application/json"),
+            "{head}"
+        );
+        let v: serde_json::Value = serde_json::from_slice(body).expect("a JSON body");
+        let msg = v["error"].as_str().expect("an error message");
+        assert!(msg.contains(needle), "{msg}");
+    };
+    let long = format!(
+        "GET /list/job?x={} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n",
+        "a".repeat(20_000)
+    );
+    let (status, head, body) = raw(s.addr, long.as_bytes()).await;
+    json_error(status, &head, &body, 414, "request target");
+    let many: String = (0..150).map(|i| format!("X-H{i}: v\r\n")).collect();
+    let req =
+        format!("GET /healthz HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n{many}\r\n");
+    let (status, head, body) = raw(s.addr, req.as_bytes()).await;
+    json_error(status, &head, &body, 431, "header fields");
+    let big = format!(
+        "GET /healthz HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\nX-Big: {}\r\n\r\n",
+        "b".repeat(40_000)
+    );
+    let (status, head, body) = raw(s.addr, big.as_bytes()).await;
+    json_error(status, &head, &body, 431, "bytes");
+}

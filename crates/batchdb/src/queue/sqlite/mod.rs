@@ -28,6 +28,7 @@ use super::changes::Changes;
 use super::migrations::{self, SCHEMA_VERSION};
 
 mod exec;
+mod files;
 mod group_commit;
 mod watch;
 
@@ -91,14 +92,30 @@ fn on(e: TxError, path: &Path) -> Error {
             location: location(),
             what: e.to_string(),
         },
-        source => Error::Sqlite {
-            path: path.to_path_buf(),
-            source,
-        },
+        source => {
+            let io = matches!(
+                source.sqlite_error_code(),
+                Some(
+                    rusqlite::ErrorCode::DiskFull
+                        | rusqlite::ErrorCode::SystemIoFailure
+                        | rusqlite::ErrorCode::CannotOpen
+                )
+            );
+            Error::Sqlite {
+                path: path.to_path_buf(),
+                hint: if io {
+                    files::disk_full_hint(path)
+                } else {
+                    None
+                },
+                source,
+            }
+        }
     })
 }
 
 fn open_conn(path: &Path) -> rusqlite::Result<Connection> {
+    files::repair_side_files(path);
     let conn = Connection::open_with_flags(
         path,
         OpenFlags::SQLITE_OPEN_READ_WRITE
