@@ -90,6 +90,18 @@ struct Conns {
     map: Mutex<HashMap<u64, Entry>>,
     /// Signalled when a connection ends.
     ended: Notify,
+    /// Connections ended so far.
+    removed: AtomicU64,
+}
+
+/// Returns freed heap memory to the system: after thousands of connections (an SSE
+/// flood, say) have closed, glibc's allocator would otherwise keep their buffers.
+fn give_back_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    tokio::task::spawn_blocking(|| {
+        // SAFETY: malloc_trim only releases free memory held by the allocator.
+        unsafe { libc::malloc_trim(0) };
+    });
 }
 
 impl Conns {
@@ -98,10 +110,15 @@ impl Conns {
     }
 
     fn remove(&self, id: u64) {
-        if let Ok(mut m) = self.map.lock() {
+        let left = self.map.lock().map_or(1, |mut m| {
             m.remove(&id);
-        }
+            m.len()
+        });
         self.ended.notify_one();
+        let n = self.removed.fetch_add(1, Ordering::Relaxed) + 1;
+        if left == 0 || n % 1024 == 0 {
+            give_back_memory();
+        }
     }
 
     /// Closes the connection idle the longest, if one is idle; whether one was.
