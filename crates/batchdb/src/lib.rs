@@ -48,6 +48,7 @@ pub mod integrity;
 mod io;
 mod lines;
 pub mod queue;
+mod retention;
 pub mod runner;
 pub mod template;
 pub mod worker;
@@ -64,6 +65,7 @@ pub use config::{BlobLocation, Config, DbLocation};
 pub use error::{Error, Result};
 pub use hash::{Hash, Hasher};
 pub use lines::CHUNK_BYTES;
+pub use retention::prune_interval;
 
 use blob::{BlobInfo, BlobReader, BlobStore, DirStore};
 use queue::{

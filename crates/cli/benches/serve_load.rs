@@ -138,6 +138,7 @@ async fn listeners(addr: SocketAddr, n: usize) -> Vec<tokio::task::JoinHandle<()
 #[derive(Clone, Copy, PartialEq)]
 enum Load {
     Healthz,
+    Create,
     CreateAndList,
 }
 
@@ -166,7 +167,7 @@ async fn run(addr: SocketAddr, conns: usize, dur: Duration, load: Load, round: u
                         b"GET /api/list/pending?limit=50 HTTP/1.1\r\nHost: localhost\r\n\r\n"
                             .to_vec()
                     }
-                    Load::CreateAndList => {
+                    Load::Create | Load::CreateAndList => {
                         let body = format!("echo {round} {c} {i}");
                         format!(
                             "POST /create HTTP/1.1\r\nHost: localhost\r\nContent-Length: {}\r\n\r\n{body}",
@@ -231,28 +232,25 @@ async fn main() {
     let with_streams = vm_kib(pid, "VmRSS:");
     let per_stream = (with_streams.saturating_sub(before)) as f64 / listening as f64;
     let dur = Duration::from_secs(secs);
-    let (mut ours, mut base) = (Vec::new(), Vec::new());
+    let (mut mix, mut create, mut base) = (Vec::new(), Vec::new(), Vec::new());
     for r in 0..rounds {
-        let order = if r % 2 == 0 {
-            [
-                Load::Healthz,
-                Load::CreateAndList,
-                Load::CreateAndList,
-                Load::Healthz,
-            ]
-        } else {
-            [
-                Load::CreateAndList,
-                Load::Healthz,
-                Load::Healthz,
-                Load::CreateAndList,
-            ]
-        };
+        let mut order = [
+            Load::Healthz,
+            Load::CreateAndList,
+            Load::Create,
+            Load::Create,
+            Load::CreateAndList,
+            Load::Healthz,
+        ];
+        if r % 2 == 1 {
+            order.reverse();
+        }
         for (k, load) in order.into_iter().enumerate() {
-            let s = run(served.addr, conns, dur, load, r * 4 + k).await;
+            let s = run(served.addr, conns, dur, load, r * 6 + k).await;
             match load {
                 Load::Healthz => base.push(s),
-                Load::CreateAndList => ours.push(s),
+                Load::Create => create.push(s),
+                Load::CreateAndList => mix.push(s),
             }
         }
     }
@@ -268,14 +266,23 @@ async fn main() {
             v.iter().map(|s| s.errors).sum::<usize>(),
         )
     };
-    let (o, o50, o99, oerr) = summary(&ours);
     let (b, b50, b99, berr) = summary(&base);
-    let creates = o * 0.8;
+    let hwm = vm_kib(pid, "VmHWM:") as f64 / 1024.0;
+    let setting = format!(
+        "{conns} keep-alive clients, {listening} SSE listeners ({alive} still open at the end, {per_stream:.1} KiB each)"
+    );
+    let baseline =
+        format!("{b:.0} req/s GET /healthz, p50 {b50:.1} ms, p99 {b99:.1} ms, {berr} errors");
     println!("| scenario | batchdb | baseline (same run) | ratio | peak RSS |");
     println!("|---|---|---|---|---|");
-    println!(
-        "| serve: {conns} keep-alive clients, 4 POST /create (durable) : 1 GET /api/list/pending page, {listening} SSE listeners ({alive} still open at the end, {per_stream:.1} KiB each) | {o:.0} req/s ({creates:.0} creates/s), p50 {o50:.1} ms, p99 {o99:.1} ms, {oerr} errors | {b:.0} req/s GET /healthz, p50 {b50:.1} ms, p99 {b99:.1} ms, {berr} errors | {:.2} | {:.0} MiB |",
-        o / b,
-        vm_kib(pid, "VmHWM:") as f64 / 1024.0
-    );
+    for (what, v) in [
+        ("POST /create (durable)", &create),
+        ("4 POST /create : 1 GET /api/list/pending?limit=50", &mix),
+    ] {
+        let (o, o50, o99, oerr) = summary(v);
+        println!(
+            "| serve: {what}; {setting} | {o:.0} req/s, p50 {o50:.1} ms, p99 {o99:.1} ms, {oerr} errors | {baseline} | {:.2} | {hwm:.0} MiB |",
+            o / b
+        );
+    }
 }

@@ -112,6 +112,10 @@ pub enum Command {
     Verify,
     /// Serve the HTTP API and the live dashboard.
     Serve(ServeArgs),
+    /// Remove ended instances older than a cutoff, with their attempts, events,
+    /// result-cache entries and the jobs, batches and inline outputs left unused;
+    /// `gc` then reclaims the blobs they named.
+    Prune(PruneArgs),
     /// Remove blobs that no row names.
     Gc {
         /// Only print what would be removed.
@@ -121,6 +125,22 @@ pub enum Command {
         #[arg(long, default_value_t = 3600.0)]
         grace: f64,
     },
+}
+
+/// `batchdb prune`.
+#[derive(Debug, Args)]
+pub struct PruneArgs {
+    /// Remove instances that ended more than this long ago: `30d`, `12h`, `90m`,
+    /// `45s`, `1h 30m`.
+    #[arg(long, value_name = "DURATION")]
+    pub older_than: String,
+    /// Only instances in this state: result, fail or cancelled (repeatable; default
+    /// all three).
+    #[arg(long = "state", value_name = "STATE")]
+    pub states: Vec<String>,
+    /// Print how many instances would be removed; remove nothing.
+    #[arg(long)]
+    pub dry_run: bool,
 }
 
 /// Where a payload comes from.
@@ -273,6 +293,10 @@ pub struct RunArgs {
     /// Serve every job from the result cache when possible.
     #[arg(long)]
     pub cached: bool,
+    /// Also prune, now and periodically, instances that ended more than DURATION
+    /// ago (as `batchdb prune --older-than DURATION` does).
+    #[arg(long, value_name = "DURATION")]
+    pub prune_after: Option<String>,
 }
 
 /// `batchdb serve`.
@@ -304,4 +328,8 @@ pub struct ServeArgs {
     /// Seconds a request body may go without a byte before the request fails.
     #[arg(long, default_value_t = 60.0)]
     pub body_timeout: f64,
+    /// Also prune, now and periodically, instances that ended more than DURATION
+    /// ago (as `batchdb prune --older-than DURATION` does).
+    #[arg(long, value_name = "DURATION")]
+    pub prune_after: Option<String>,
 }

@@ -42,6 +42,11 @@ pub(crate) const STEPS: &[Step] = &[
         sqlite: include_str!("schema/v5.sqlite.sql"),
         postgres: include_str!("schema/v5.postgres.sql"),
     },
+    Step {
+        what: "result-cache entries found by instance (prune removes them with it)",
+        sqlite: "CREATE INDEX cache_instance ON cache(instance);",
+        postgres: "CREATE INDEX cache_instance ON cache(instance);",
+    },
 ];
 
 /// The schema version this build writes and understands, on every backend.

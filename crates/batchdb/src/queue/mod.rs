@@ -19,6 +19,7 @@ mod options;
 pub(crate) mod policy;
 #[cfg(feature = "postgres")]
 mod postgres;
+mod prune;
 mod row;
 mod sql;
 mod sqlite;
@@ -36,6 +37,7 @@ pub use options::{MAX_SECS, PushRequest, secs};
 pub use policy::{AttemptEnd, MAX_LOST};
 #[cfg(feature = "postgres")]
 pub use postgres::{PG_SCHEMA_VERSION, PgQueue};
+pub use prune::{PruneCounts, PruneRequest, PruneStep};
 pub use sqlite::SqliteQueue;
 pub use types::*;
 
@@ -172,6 +174,18 @@ pub trait Queue: Send + Sync + fmt::Debug {
 
     /// How many instances are in each state.
     async fn counts(&self) -> Result<Counts>;
+
+    /// Runs one bounded step of a prune (one short write transaction; see
+    /// [`PruneStep`]) and returns what it removed and the step after it (`None`: the
+    /// prune is done). Start at [`PruneStep::START`].
+    async fn prune_step(
+        &self,
+        req: &PruneRequest,
+        step: PruneStep,
+    ) -> Result<(PruneCounts, Option<PruneStep>)>;
+
+    /// How many instances the first pass of `req` would remove (a dry run).
+    async fn prune_count(&self, req: &PruneRequest) -> Result<u64>;
 
     /// Up to `limit` events with an id greater than `after`, in id order.
     async fn events(&self, after: i64, limit: usize) -> Result<Vec<Event>>;

@@ -15,6 +15,7 @@ mod isolation;
 mod model;
 #[cfg(feature = "postgres")]
 mod postgres;
+mod prune;
 mod queue;
 #[cfg(feature = "s3")]
 mod s3_store;
@@ -68,6 +69,11 @@ macro_rules! suite {
                     the_cache_key_covers_the_dependency_results,
                     batches_count_and_select_their_instances,
                     wait_follows_the_log_from_another_handle,
+                ]);
+                suite!(@tests $backend, prune: [
+                    prune_removes_ended_instances_before_the_cutoff_and_keeps_the_rest,
+                    prune_keeps_what_a_kept_instance_depends_on_then_removes_the_chain,
+                    prune_removes_the_cache_entries_and_inline_outputs_only_it_referenced,
                 ]);
                 suite!(@tests $backend, blob: [
                     roundtrip_sizes,

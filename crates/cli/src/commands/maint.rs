@@ -1,4 +1,4 @@
-//! `verify` and `gc`.
+//! `verify`, `prune` and `gc`.
 
 use super::*;
 
@@ -55,4 +55,74 @@ pub(super) async fn gc(db: &BatchDb, dry_run: bool, grace: f64) -> Result<ExitCo
         sum.blobs, sum.removed, sum.bytes
     );
     Ok(ExitCode::SUCCESS)
+}
+
+/// A `--older-than` / `--prune-after` duration (`30d`, `12h`, `1h 30m`, `45s`).
+pub(super) fn duration(what: &'static str, s: &str) -> Result<Duration> {
+    humantime::parse_duration(s.trim()).map_err(|e| Error::Config {
+        what,
+        value: s.into(),
+        why: format!("{e}; expected a duration such as 30d, 12h, 90m or 45s"),
+    })
+}
+
+/// `prune`: ended instances older than the cutoff removed, bounded step by step;
+/// one JSON line of what was removed (or, with `--dry-run`, would be).
+pub(super) async fn prune(db: &BatchDb, p: PruneArgs) -> Result<ExitCode> {
+    let age = duration("older-than", &p.older_than)?;
+    let age_ms = i64::try_from(age.as_millis()).unwrap_or(i64::MAX);
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX));
+    let mut req = PruneRequest::before(now.saturating_sub(age_ms));
+    if !p.states.is_empty() {
+        (req.result, req.fail, req.cancelled) = (false, false, false);
+        for s in &p.states {
+            match s.as_str() {
+                "result" => req.result = true,
+                "fail" => req.fail = true,
+                "cancelled" => req.cancelled = true,
+                other => {
+                    return Err(Error::Config {
+                        what: "state",
+                        value: other.into(),
+                        why: "expected result, fail or cancelled".into(),
+                    });
+                }
+            }
+        }
+    }
+    if p.dry_run {
+        let n = db.prune_count(&req).await?;
+        line(format_args!(
+            "{}",
+            serde_json::json!({ "dry_run": true, "instances": n })
+        ))?;
+        return Ok(ExitCode::SUCCESS);
+    }
+    let counts = db.prune(&req).await?;
+    let mut json = serde_json::to_value(counts).unwrap_or_default();
+    json["dry_run"] = false.into();
+    line(format_args!("{json}"))?;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Runs `batchdb prune --older-than AGE` now and periodically until aborted,
+/// logging each run that removed something (and each failure).
+pub(super) fn prune_in_background(db: &BatchDb, age: Duration) -> tokio::task::JoinHandle<()> {
+    let db = db.clone();
+    tokio::spawn(async move {
+        db.prune_periodically(age, |r| match r {
+            Ok(c) if c.instances > 0 => tracing::info!(
+                "pruned {} instances ended more than {} ago ({} events, {} jobs)",
+                c.instances,
+                humantime::format_duration(age),
+                c.events,
+                c.jobs
+            ),
+            Ok(_) => {}
+            Err(e) => tracing::warn!("prune: {e}"),
+        })
+        .await;
+    })
 }

@@ -8,7 +8,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use batchdb::integrity::GcOptions;
-use batchdb::queue::{Finished, ListKind, Order, PushOptions, PushRequest, Selector, State};
+use batchdb::queue::{
+    Finished, ListKind, Order, PruneRequest, PushOptions, PushRequest, Selector, State,
+};
 use batchdb::runner::ShellRunner;
 use batchdb::worker::{Report, WorkerOptions};
 use batchdb::{BatchDb, BlobLocation, Config, DbLocation, Error, Hash, Result};
@@ -16,7 +18,8 @@ use futures_util::StreamExt;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 
 use crate::args::{
-    AddArgs, Cli, Command, MapArgs, PayloadArgs, PushArgs, QueueArgs, RunArgs, ServeArgs, WaitArgs,
+    AddArgs, Cli, Command, MapArgs, PayloadArgs, PruneArgs, PushArgs, QueueArgs, RunArgs,
+    ServeArgs, WaitArgs,
 };
 use crate::time::{parse_at, secs};
 
@@ -57,6 +60,7 @@ pub async fn dispatch(cli: Cli) -> Result<ExitCode> {
         } => control::retry(&db, selectors, all_failed, with_dependents).await,
         Command::Verify => maint::verify(&db).await,
         Command::Gc { dry_run, grace } => maint::gc(&db, dry_run, grace).await,
+        Command::Prune(p) => maint::prune(&db, p).await,
         Command::Status { batch: None } => list::status(&db).await,
         Command::Status { batch: Some(b) } => batch::status(&db, &b).await,
     }

@@ -37,7 +37,13 @@ pub(super) async fn run(db: &BatchDb, r: RunArgs) -> Result<ExitCode> {
         o.until_empty = r.until_empty;
         o
     };
+    let prune_age = r
+        .prune_after
+        .as_deref()
+        .map(|d| maint::duration("prune-after", d))
+        .transpose()?;
     let worker = db.worker(runner, opts);
+    let pruner = prune_age.map(|age| maint::prune_in_background(db, age));
     let shutdown = worker.shutdown_handle();
     let stop = shutdown.clone();
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<Report>();
@@ -70,6 +76,9 @@ pub(super) async fn run(db: &BatchDb, r: RunArgs) -> Result<ExitCode> {
         }
     }
     signals.abort();
+    if let Some(p) = pruner {
+        p.abort();
+    }
     work.await
         .map_err(|e| Error::Task(format!("worker: {e}")))??;
     match print_error {

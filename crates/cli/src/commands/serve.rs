@@ -12,6 +12,11 @@ pub(super) async fn serve(db: BatchDb, s: ServeArgs) -> Result<ExitCode> {
         });
     }
     let limits = limits(&s)?;
+    let prune_age = s
+        .prune_after
+        .as_deref()
+        .map(|d| super::maint::duration("prune-after", d))
+        .transpose()?;
     let listener = tokio::net::TcpListener::bind(&s.listen)
         .await
         .map_err(|e| Error::io("listen on", &s.listen, e))?;
@@ -47,7 +52,12 @@ pub(super) async fn serve(db: BatchDb, s: ServeArgs) -> Result<ExitCode> {
             _ => std::future::pending::<()>().await,
         }
     };
-    batchdb_server::serve(listener, db, opts, shutdown).await?;
+    let pruner = prune_age.map(|age| super::maint::prune_in_background(&db, age));
+    let served = batchdb_server::serve(listener, db, opts, shutdown).await;
+    if let Some(p) = pruner {
+        p.abort();
+    }
+    served?;
     Ok(ExitCode::SUCCESS)
 }
 

@@ -10,6 +10,7 @@
 //! - `scheduling`: retries, retry, cancel, priorities, delay
 //! - `inspection`: show, logs -f, events, the result cache
 //! - `faults`: the bad-input and fault matrix: full disk, read-only stores, huge streams
+//! - `retention`: `prune` and `--prune-after`, then `gc`
 //! - `serve`: `batchdb serve` as a process: flags, a 1 GiB upload, SSE, the dashboard in Chromium
 
 mod util;
@@ -20,6 +21,7 @@ mod consistency;
 mod faults;
 mod inspection;
 mod output_contract;
+mod retention;
 mod scheduling;
 mod serve;
 mod worker;

@@ -46,7 +46,8 @@ mod listen;
 mod url;
 
 use super::batch::{BatchCounts, DependencyResult, Selected};
-use super::sql::{DbError, deps, read, retry, write};
+use super::prune::{PruneCounts, PruneRequest, PruneStep};
+use super::sql::{DbError, deps, prune, read, retry, write};
 use crate::error::{Error, Result};
 use crate::hash::Hash;
 use exec::Pg;
@@ -335,6 +336,19 @@ impl Queue for PgQueue {
 
     async fn counts(&self) -> Result<Counts> {
         self.read(async |c| read::counts(&mut Pg(c)).await).await
+    }
+
+    async fn prune_step(
+        &self,
+        req: &PruneRequest,
+        step: PruneStep,
+    ) -> Result<(PruneCounts, Option<PruneStep>)> {
+        in_tx!(self, |tx| { prune::step(tx, req, step).await })
+    }
+
+    async fn prune_count(&self, req: &PruneRequest) -> Result<u64> {
+        self.read(async |c| prune::count(&mut Pg(c), req).await)
+            .await
     }
 
     async fn events(&self, after: i64, limit: usize) -> Result<Vec<Event>> {

@@ -14,9 +14,17 @@ use crate::queue::{DependencyResult, EventKind, PushOptions, Selector, State};
 
 type R<T, E> = Result<T, <E as Conn>::Error>;
 
-static INSERT_BATCH: Sql =
-    Sql::new("INSERT INTO batches(name, created) VALUES ($1, $2) ON CONFLICT (name) DO NOTHING");
-static BATCH_ID: Sql = Sql::new("SELECT id FROM batches WHERE name = $1");
+// PostgreSQL locks an existing batch's row (as `write`'s INSERT_JOB does a job's), so a
+// concurrent prune cannot remove a batch this push joins.
+static INSERT_BATCH: Sql = Sql::each(
+    "INSERT INTO batches(name, created) VALUES ($1, $2) ON CONFLICT (name) DO NOTHING",
+    "INSERT INTO batches(name, created) VALUES ($1, $2)
+     ON CONFLICT (name) DO UPDATE SET name = batches.name WHERE false",
+);
+static BATCH_ID: Sql = Sql::each(
+    "SELECT id FROM batches WHERE name = $1",
+    "SELECT id FROM batches WHERE name = $1 FOR KEY SHARE",
+);
 // The instances a dependency names, locked: an instance that ends while this push
 // commits either ends first (and is seen ended here) or sees the new dependency rows.
 static DEP_BY_ID: Sql =

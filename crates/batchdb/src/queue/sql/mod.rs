@@ -33,6 +33,7 @@ use crate::error::Error;
 use crate::hash::Hash;
 
 pub(crate) mod deps;
+pub(crate) mod prune;
 pub(crate) mod read;
 pub(crate) mod retry;
 pub(crate) mod write;

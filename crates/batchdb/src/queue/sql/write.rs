@@ -17,13 +17,20 @@ use crate::queue::types::{
 
 type R<T, E> = Result<T, <E as Conn>::Error>;
 
-static INSERT_JOB: Sql = Sql::new(
+// On PostgreSQL an existing job's row is locked (DO UPDATE ... WHERE false writes
+// nothing but locks), so a concurrent prune cannot remove the job this push reuses.
+static INSERT_JOB: Sql = Sql::each(
     "INSERT INTO jobs(key, size, created, payload) VALUES ($1, $2, $3, $4)
      ON CONFLICT (key) DO NOTHING",
+    "INSERT INTO jobs(key, size, created, payload) VALUES ($1, $2, $3, $4)
+     ON CONFLICT (key) DO UPDATE SET size = jobs.size WHERE false",
 );
 static REPAIR_PAYLOAD: Sql =
     Sql::new("UPDATE jobs SET payload = $2 WHERE key = $1 AND payload IS NULL");
-static JOB_EXISTS: Sql = Sql::new("SELECT 1 FROM jobs WHERE key = $1");
+static JOB_EXISTS: Sql = Sql::each(
+    "SELECT 1 FROM jobs WHERE key = $1",
+    "SELECT 1 FROM jobs WHERE key = $1 FOR KEY SHARE",
+);
 // SQLite reads the new id as its rowid: RETURNING would make it keep a statement
 // journal for every insert (a temp-file write per row; a bulk add ran at 0.67 of its
 // speed with it).
@@ -53,8 +60,11 @@ static RECORD_ATTEMPT: Sql = Sql::new(
        stdout_size = $8, stderr = $9, stderr_size = $10, message = $11, cached = $12
      WHERE instance = $1 AND attempt = $2",
 );
-static INSERT_INLINE: Sql =
-    Sql::new("INSERT INTO inline_blobs(key, data) VALUES ($1, $2) ON CONFLICT DO NOTHING");
+static INSERT_INLINE: Sql = Sql::each(
+    "INSERT INTO inline_blobs(key, data) VALUES ($1, $2) ON CONFLICT DO NOTHING",
+    "INSERT INTO inline_blobs(key, data) VALUES ($1, $2)
+     ON CONFLICT (key) DO UPDATE SET key = inline_blobs.key WHERE false",
+);
 static END_INSTANCE: Sql = Sql::new(
     "UPDATE instances SET state = $2, ended = COALESCE($3, ended),
        run_at = COALESCE($4, run_at), failures = failures + $5, lease_until = NULL,

@@ -33,7 +33,8 @@ mod group_commit;
 mod watch;
 
 use super::batch::{BatchCounts, DependencyResult, Selected};
-use super::sql::{DbError, deps, read, retry, write};
+use super::prune::{PruneCounts, PruneRequest, PruneStep};
+use super::sql::{DbError, deps, prune, read, retry, write};
 use group_commit::*;
 
 /// How often other processes' commits are looked for while someone waits, where the
@@ -380,6 +381,29 @@ impl Queue for SqliteQueue {
     async fn counts(&self) -> Result<Counts> {
         self.with_conn(|c| exec::run(c, |mut l| async move { read::counts(&mut l).await }))
             .await
+    }
+
+    async fn prune_step(
+        &self,
+        req: &PruneRequest,
+        step: PruneStep,
+    ) -> Result<(PruneCounts, Option<PruneStep>)> {
+        let req = *req;
+        self.write(move |tx| {
+            exec::run(
+                tx,
+                |mut l| async move { prune::step(&mut l, &req, step).await },
+            )
+        })
+        .await
+    }
+
+    async fn prune_count(&self, req: &PruneRequest) -> Result<u64> {
+        let req = *req;
+        self.with_conn(move |c| {
+            exec::run(c, |mut l| async move { prune::count(&mut l, &req).await })
+        })
+        .await
     }
 
     async fn events(&self, after: i64, limit: usize) -> Result<Vec<Event>> {
