@@ -23,6 +23,8 @@ use futures_util::StreamExt;
 
 #[path = "scenarios/batches.rs"]
 mod batches;
+#[path = "scenarios/prune.rs"]
+mod prune;
 
 struct Row {
     scenario: String,
@@ -568,13 +570,15 @@ async fn main() {
         let other = open_url(&url, g).await;
         let samples = if quick { 10 } else { 30 };
         rows.push(wakeup_on(db, other, samples, "PostgreSQL + S3", 20.0).await);
+        let big = if quick { 100_000 } else { 1_000_000 };
+        rows.push(prune::prune_postgres(&pg, g, big).await);
         print_rows(rows);
         return;
     }
     let quick = std::env::args().any(|a| a == "quick");
     let k = if quick { 1 } else { 5 };
     let reps = if quick { 1 } else { 3 };
-    // `only=NAME` (enqueue, drain, output, list, scale, wakeup, batches, bulk) runs one
+    // `only=NAME` (enqueue, drain, output, list, scale, wakeup, batches, prune, bulk) runs one
     // scenario.
     let only: Option<String> =
         std::env::args().find_map(|a| a.strip_prefix("only=").map(String::from));
@@ -606,6 +610,9 @@ async fn main() {
     // Last: their 100,000 payloads in memory would inflate the peak RSS of the others.
     if want("batches") {
         rows.push(batches::fan_out(if quick { 20_000 } else { 100_000 }, reps).await);
+    }
+    if want("prune") {
+        rows.push(prune::prune_sqlite(if quick { 100_000 } else { 1_000_000 }).await);
     }
     if want("bulk") {
         rows.push(enqueue_bulk(if quick { 20_000 } else { 100_000 }, reps).await);

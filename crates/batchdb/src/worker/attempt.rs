@@ -120,20 +120,25 @@ async fn settle(killer: Arc<dyn Killer>, grace: Duration, cut: Cut, drained: Arc
 }
 
 /// Stores a job's stdout and (if separate) stderr as they stream, and sets `drained`
-/// once both reached their end (nothing holds them open any more).
+/// once both reached their end (nothing holds them open any more). Each reader is
+/// dropped as soon as its own store ends, so a failed store closes that pipe at once
+/// (the job then gets EPIPE instead of blocking on it).
 async fn store_outputs<R: tokio::io::AsyncRead + Send + Unpin>(
     blobs: Arc<dyn BlobStore>,
-    mut stdout: R,
+    stdout: R,
     stderr: Option<R>,
     drained: Arc<AtomicBool>,
 ) -> (Result<Stored>, Option<Result<Stored>>) {
-    let errors = async {
-        match stderr {
-            Some(mut s) => Some(store_output(blobs.as_ref(), &mut s).await),
-            None => None,
-        }
+    let out_store = blobs.clone();
+    let outputs = async move {
+        let mut stdout = stdout;
+        store_output(out_store.as_ref(), &mut stdout).await
     };
-    let both = tokio::join!(store_output(blobs.as_ref(), &mut stdout), errors);
+    let errors = async move {
+        let mut stderr = stderr?;
+        Some(store_output(blobs.as_ref(), &mut stderr).await)
+    };
+    let both = tokio::join!(outputs, errors);
     drained.store(true, Ordering::SeqCst);
     both
 }

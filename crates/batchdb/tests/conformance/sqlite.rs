@@ -80,7 +80,7 @@ async fn a_version_1_database_is_migrated_on_open() {
     rusqlite::Connection::open(&path)
         .unwrap()
         .execute_batch(
-            "DROP INDEX instances_batch; ALTER TABLE instances DROP COLUMN batch;
+            "DROP INDEX cache_instance; DROP INDEX instances_batch; ALTER TABLE instances DROP COLUMN batch;
              ALTER TABLE instances DROP COLUMN deps; ALTER TABLE instances DROP COLUMN waiting_on;
              ALTER TABLE instances DROP COLUMN note; DROP TABLE batches; DROP TABLE deps;
              ALTER TABLE jobs DROP COLUMN payload; DROP TABLE inline_blobs;
@@ -153,7 +153,7 @@ async fn a_version_3_database_is_migrated_and_its_running_attempt_taken_over() {
         rusqlite::Connection::open(&path)
             .unwrap()
             .execute_batch(concat!(
-                "DROP INDEX instances_batch; ALTER TABLE instances DROP COLUMN batch; ALTER TABLE instances DROP COLUMN deps; ALTER TABLE instances DROP COLUMN waiting_on; ALTER TABLE instances DROP COLUMN note; DROP TABLE batches; DROP TABLE deps; ",
+                "DROP INDEX cache_instance; DROP INDEX instances_batch; ALTER TABLE instances DROP COLUMN batch; ALTER TABLE instances DROP COLUMN deps; ALTER TABLE instances DROP COLUMN waiting_on; ALTER TABLE instances DROP COLUMN note; DROP TABLE batches; DROP TABLE deps; ",
                 "ALTER TABLE attempts DROP COLUMN attempt_id; PRAGMA user_version = 3"
             ))
             .unwrap();

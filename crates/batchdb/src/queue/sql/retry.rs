@@ -28,7 +28,10 @@ static CANCELLED_DEPENDENTS: Sql = Sql::new(
      ORDER BY d.instance",
 );
 static PREDECESSOR: Sql = Sql::new("SELECT id FROM instances WHERE retried_by = $1");
-static RETRIED_AS: Sql = Sql::new("SELECT retried_by FROM instances WHERE id = $1");
+// Only a retry still there (a pruned one is no instance to wait for).
+static RETRIED_AS: Sql = Sql::new(
+    "SELECT i.retried_by FROM instances i JOIN instances n ON n.id = i.retried_by WHERE i.id = $1",
+);
 
 /// Pushes the selected failed or cancelled instances again (see
 /// [`Queue::retry`](crate::queue::Queue::retry)), each in its batch and with its
