@@ -65,7 +65,7 @@ pub use config::{BlobLocation, Config, DbLocation};
 pub use error::{Error, Result};
 pub use hash::{Hash, Hasher};
 pub use lines::CHUNK_BYTES;
-pub use retention::prune_interval;
+pub use retention::{PRUNE_PAUSE, prune_interval};
 
 use blob::{BlobInfo, BlobReader, BlobStore, DirStore};
 use queue::{

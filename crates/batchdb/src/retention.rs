@@ -11,7 +11,9 @@ impl BatchDb {
     /// Removes the ended instances `req` names and what goes with them (see
     /// [`PruneRequest`] and [`crate::queue::PruneStep`]): one short write transaction
     /// per step, so workers wait at most one step for the database. Blobs the removed
-    /// rows named are left for [`BatchDb::gc`]. Returns what was removed.
+    /// rows named are left for [`BatchDb::gc`]. Between steps it pauses
+    /// [`PRUNE_PAUSE`], so that other processes waiting for the write lock get it.
+    /// Returns what was removed.
     pub async fn prune(&self, req: &PruneRequest) -> Result<PruneCounts> {
         let mut total = PruneCounts::default();
         let mut step = Some(PruneStep::START);
@@ -19,6 +21,9 @@ impl BatchDb {
             let (counts, next) = self.queue.prune_step(req, s).await?;
             total.add(&counts);
             step = next;
+            if step.is_some() {
+                tokio::time::sleep(PRUNE_PAUSE).await;
+            }
         }
         Ok(total)
     }
@@ -47,6 +52,9 @@ impl BatchDb {
         }
     }
 }
+
+/// The pause between two steps of a prune.
+pub const PRUNE_PAUSE: Duration = Duration::from_millis(2);
 
 /// How often [`BatchDb::prune_periodically`] runs for instances older than `age`: a
 /// tenth of it, between one second and ten minutes.

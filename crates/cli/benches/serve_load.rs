@@ -5,7 +5,8 @@
 //! the baseline; phases alternate A/B/B/A.
 //!
 //! `cargo bench -p batchdb-cli --bench serve_load [-- quick]`. The table it prints is
-//! kept in `docs/performance.md`.
+//! kept in `docs/performance.md`. `BATCHDB_BENCH_BIN=PATH` measures another build of
+//! `batchdb` (an older one, for a before/after) in the same way.
 
 use std::net::SocketAddr;
 use std::process::{Child, Command, Stdio};
@@ -30,7 +31,8 @@ impl Drop for Served {
 }
 
 fn start(dir: &std::path::Path) -> Served {
-    let mut child = Command::new(BIN)
+    let bin = std::env::var("BATCHDB_BENCH_BIN").unwrap_or_else(|_| BIN.to_string());
+    let mut child = Command::new(bin)
         .arg("--dir")
         .arg(dir)
         .args(["serve", "--listen", "127.0.0.1:0"])

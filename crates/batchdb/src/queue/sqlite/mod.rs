@@ -47,6 +47,23 @@ pub const FALLBACK_POLL: Duration = Duration::from_millis(500);
 /// How long a statement waits for another process's write lock before failing.
 const BUSY_TIMEOUT: Duration = Duration::from_secs(30);
 
+/// How often a statement waiting for another process's lock looks again.
+const BUSY_POLL: Duration = Duration::from_millis(1);
+
+/// The busy handler: look again every [`BUSY_POLL`] for up to [`BUSY_TIMEOUT`].
+/// SQLite's own (`busy_timeout`) backs off to 100 ms sleeps, so a process that takes
+/// the lock again and again for short transactions (a `prune`, a busy worker) could
+/// keep a waiting claim asleep for 100 ms at a time though the lock was free for
+/// most of it.
+fn busy(retries: i32) -> bool {
+    let limit = BUSY_TIMEOUT.as_millis() / BUSY_POLL.as_millis().max(1);
+    if u128::try_from(retries).unwrap_or(0) >= limit {
+        return false;
+    }
+    std::thread::sleep(BUSY_POLL);
+    true
+}
+
 /// The SQLite queue backend. Cheap to clone; clones share one connection.
 #[derive(Debug, Clone)]
 pub struct SqliteQueue {
@@ -123,8 +140,8 @@ fn open_conn(path: &Path) -> rusqlite::Result<Connection> {
             | OpenFlags::SQLITE_OPEN_CREATE
             | OpenFlags::SQLITE_OPEN_NO_MUTEX,
     )?;
-    conn.busy_timeout(BUSY_TIMEOUT)?;
-    // journal_mode needs a lock the first time; busy_timeout covers it.
+    conn.busy_handler(Some(busy))?;
+    // journal_mode needs a lock the first time; the busy handler covers it.
     conn.query_row("PRAGMA journal_mode=WAL", [], |_| Ok(()))?;
     // A 16 MiB page cache (SQLite's default is 2 MiB): a bulk add of 10,000 jobs
     // otherwise spills pages to the WAL mid-transaction and reads them back.
