@@ -562,16 +562,25 @@ async fn main() {
         let g = tokio::task::spawn_blocking(batchdb_testkit::garage::garage)
             .await
             .unwrap();
+        let only: Option<String> =
+            std::env::args().find_map(|a| a.strip_prefix("only=").map(String::from));
+        let want = |name: &str| only.as_deref().is_none_or(|o| o == name);
         let mut rows = Vec::new();
-        for w in [1, 2, 4] {
-            rows.push(drain_distributed(&pg, g, w, n, reps).await);
+        if want("drain") {
+            for w in [1, 2, 4] {
+                rows.push(drain_distributed(&pg, g, w, n, reps).await);
+            }
         }
-        let (url, db) = open_distributed(&pg, g).await;
-        let other = open_url(&url, g).await;
-        let samples = if quick { 10 } else { 30 };
-        rows.push(wakeup_on(db, other, samples, "PostgreSQL + S3", 20.0).await);
-        let big = if quick { 100_000 } else { 1_000_000 };
-        rows.push(prune::prune_postgres(&pg, g, big).await);
+        if want("wakeup") {
+            let (url, db) = open_distributed(&pg, g).await;
+            let other = open_url(&url, g).await;
+            let samples = if quick { 10 } else { 30 };
+            rows.push(wakeup_on(db, other, samples, "PostgreSQL + S3", 20.0).await);
+        }
+        if want("prune") {
+            let big = if quick { 100_000 } else { 1_000_000 };
+            rows.push(prune::prune_postgres(&pg, g, big).await);
+        }
         print_rows(rows);
         return;
     }
