@@ -14,11 +14,11 @@ const ENDED: [&str; 4] = [
      SELECT $HEX(i), i, 'result', 0, 0, $FALSE, 1, i + 1 FROM $SERIES",
     "INSERT INTO attempts(instance, attempt, worker, start, \"end\", outcome, exit_code, stdout, stdout_size)
      SELECT i, 1, 'w', i, i + 1, 'result', 0, $HEX(i + 100000000), 8 FROM $SERIES",
-    "INSERT INTO events(time, kind, job, created, instance)
-     SELECT i, k.kind, $HEX(i), CASE WHEN k.kind = 'create' THEN NULL ELSE i END,
-            CASE WHEN k.kind = 'create' THEN NULL ELSE i END
-     FROM $SERIES, (SELECT 'create' AS kind UNION ALL SELECT 'push' UNION ALL SELECT 'start'
-                    UNION ALL SELECT 'result') AS k",
+    "INSERT INTO events(id, time, kind, job, created, instance)
+     SELECT (i - 1) * 4 + k.n, i, k.kind, $HEX(i), CASE WHEN k.n = 1 THEN NULL ELSE i END,
+            CASE WHEN k.n = 1 THEN NULL ELSE i END
+     FROM $SERIES, (SELECT 1 AS n, 'create' AS kind UNION ALL SELECT 2, 'push'
+                    UNION ALL SELECT 3, 'start' UNION ALL SELECT 4, 'result') AS k",
 ];
 
 /// Fills the fresh SQLite queue at `path` with `n` ended instances.
@@ -52,7 +52,15 @@ pub fn fill_ended_postgres(pg: &batchdb_testkit::postgres::Postgres, db: &str, n
             .replace("$SERIES", &format!("generate_series(1, {n}) AS i"));
         pg.sql(db, &format!("SET search_path TO batchdb; {sql}"));
     }
-    pg.sql(db, "ANALYZE");
+    // Event ids and push times are handed out from counters on PostgreSQL.
+    pg.sql(
+        db,
+        &format!(
+            "UPDATE batchdb.counters SET value = {} WHERE name = 'event';
+             UPDATE batchdb.counters SET value = {n} WHERE name = 'created'; ANALYZE",
+            4 * n
+        ),
+    );
 }
 
 /// Claim + finish latencies (seconds) on `q` until `stop` is set or `ops` are done.
