@@ -289,7 +289,10 @@ impl Connection {
             .timer(TokioTimer::new())
             .header_read_timeout(limits.header_timeout)
             .max_headers(256)
-            .serve_connection(TokioIo::new(stream), service);
+            .serve_connection(
+                TokioIo::new(crate::bare::JsonParseErrors::new(stream)),
+                service,
+            );
         tokio::pin!(conn);
         tokio::select! {
             r = conn.as_mut() => {

@@ -124,10 +124,9 @@ pub(crate) const MAX_HEADERS: usize = 100;
 pub(crate) const MAX_HEADER_BYTES: usize = 32 * 1024;
 
 /// Answers requests past the size limits with 414 or 431 and the JSON error body.
-/// The connection layer lets larger heads through to here (up to the protocol
-/// parser's own hard limits: 64 KiB of target, 256 fields, about 400 KiB in all,
-/// beyond which the parser answers with a bare status), so the limits clients meet
-/// are these.
+/// The connection layer lets larger heads through to here, up to the HTTP parser's
+/// own hard limits (64 KiB of target, 256 fields, about 400 KiB in all); past those
+/// the parser answers by itself, and `bare` gives that answer the JSON body too.
 pub(crate) async fn request_limits(
     req: axum::extract::Request,
     next: axum::middleware::Next,

@@ -18,6 +18,7 @@
 
 mod api;
 mod auth;
+mod bare;
 mod blob;
 mod conn;
 mod dashboard;
