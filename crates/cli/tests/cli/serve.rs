@@ -217,6 +217,74 @@ fn serve_answers_a_real_client_through_an_idle_connection_flood_past_its_descrip
     assert!(proc.wait().success());
 }
 
+/// A process's resident memory (VmRSS) in KiB.
+fn vm_rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("proc status");
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .expect("VmRSS")
+}
+
+/// A process's CPU time (user + system) in clock ticks.
+fn cpu_ticks(pid: u32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("proc stat");
+    let rest = stat.rsplit(')').next().unwrap_or("");
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    f[11].parse::<u64>().unwrap_or(0) + f[12].parse::<u64>().unwrap_or(0)
+}
+
+#[test]
+fn serve_idle_event_streams_cost_no_cpu_and_their_memory_is_given_back() {
+    let env = Env::new();
+    env.add("echo hi");
+    let mut s = serve(&env, &[], &[]);
+    let pid = s.proc.pid();
+    let (status, _, _) = http(s.addr, "GET", "/healthz", &[], b"");
+    assert_eq!(status, 200);
+    let before = vm_rss_kib(pid);
+    let mut streams = Vec::new();
+    for _ in 0..1000 {
+        let mut c = TcpStream::connect(s.addr).expect("connect");
+        c.write_all(b"GET /events HTTP/1.1\r\nHost: localhost\r\n\r\n")
+            .expect("write");
+        streams.push(c);
+    }
+    // Every stream answered (the log's two events each), then idle.
+    for c in &mut streams {
+        c.set_read_timeout(Some(DEADLINE)).expect("timeout");
+        let mut got = Vec::new();
+        let mut buf = [0u8; 4096];
+        while !String::from_utf8_lossy(&got).contains("\"push\"") {
+            let n = c.read(&mut buf).expect("read the stream");
+            assert_ne!(n, 0, "stream closed");
+            got.extend_from_slice(&buf[..n]);
+        }
+    }
+    let open = vm_rss_kib(pid);
+    let idle_from = cpu_ticks(pid);
+    std::thread::sleep(Duration::from_secs(3));
+    let idle = cpu_ticks(pid) - idle_from;
+    // Before, each stream read the log every second: 1,000 of them kept a good part of
+    // a core busy. Now one follower reads it for all.
+    assert!(
+        idle <= 10,
+        "{idle} ticks of CPU in 3 s with 1,000 idle streams"
+    );
+    let per_stream = (open.saturating_sub(before)) / 1000;
+    assert!(per_stream <= 40, "{per_stream} KiB per open stream");
+    drop(streams);
+    // Once they close, what they held goes back to the system.
+    let back = wait_until("the streams' memory to be given back", || {
+        let now = vm_rss_kib(pid);
+        (now < before + (open - before) / 2).then_some(now)
+    });
+    assert!(back < open);
+    s.proc.signal("TERM");
+    assert!(s.proc.wait().success());
+}
+
 #[test]
 fn serve_upload_of_1_gib_streams_in_flat_memory() {
     const MIB: usize = 1 << 20;
