@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use crate::BatchDb;
 use crate::error::Result;
-use crate::queue::{PruneCounts, PruneRequest, PruneStep, now_ms};
+use crate::queue::{PruneCounts, PruneRequest, PruneStep};
 
 impl BatchDb {
     /// Removes the ended instances `req` names and what goes with them (see
@@ -45,9 +45,7 @@ impl BatchDb {
     ) {
         let every = prune_interval(age);
         loop {
-            let age_ms = i64::try_from(age.as_millis()).unwrap_or(i64::MAX);
-            let req = PruneRequest::before(now_ms().saturating_sub(age_ms));
-            report(self.prune(&req).await);
+            report(self.prune(&PruneRequest::older_than(age)).await);
             tokio::time::sleep(every).await;
         }
     }

@@ -316,17 +316,17 @@ pub struct ServeArgs {
     pub auth_reads: bool,
     /// The most connections open at once; at the limit, the connection idle the
     /// longest is closed to make room.
-    #[arg(long, default_value_t = 4096)]
+    #[arg(long, default_value_t = batchdb_server::Limits::DEFAULT.max_connections)]
     pub max_connections: usize,
     /// The most event streams (/events, /api/output) open at once; beyond, 503.
-    #[arg(long, default_value_t = 2048)]
+    #[arg(long, default_value_t = batchdb_server::Limits::DEFAULT.max_streams)]
     pub max_streams: usize,
     /// Seconds a client may take to send a request's headers (or stay idle between
     /// requests).
-    #[arg(long, default_value_t = 30.0)]
+    #[arg(long, default_value_t = batchdb_server::Limits::DEFAULT.header_timeout.as_secs_f64())]
     pub header_timeout: f64,
     /// Seconds a request body may go without a byte before the request fails.
-    #[arg(long, default_value_t = 60.0)]
+    #[arg(long, default_value_t = batchdb_server::Limits::DEFAULT.body_timeout.as_secs_f64())]
     pub body_timeout: f64,
     /// Also prune, now and periodically, instances that ended more than DURATION
     /// ago (as `batchdb prune --older-than DURATION` does).

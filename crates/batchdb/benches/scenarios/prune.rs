@@ -89,12 +89,6 @@ fn pct(v: &mut [f64], p: f64) -> f64 {
         * 1000.0
 }
 
-fn now() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as i64)
-}
-
 /// Prunes the `n` ended instances `db` holds (beside 100,000 pending ones), with a
 /// worker claiming and finishing throughout; against the same claims before it.
 pub async fn prune_under_claims(db: BatchDb, q: Arc<dyn Queue>, n: usize, what: &str) -> Row {
@@ -110,7 +104,10 @@ pub async fn prune_under_claims(db: BatchDb, q: Arc<dyn Queue>, n: usize, what: 
     let t = Instant::now();
     let claimer = tokio::spawn(claims(q.clone(), usize::MAX, stop.clone()));
     // Everything that ended before now.
-    let counts = db.prune(&PruneRequest::before(now())).await.unwrap();
+    let counts = db
+        .prune(&PruneRequest::older_than(Duration::ZERO))
+        .await
+        .unwrap();
     let took = t.elapsed().as_secs_f64();
     stop.store(true, std::sync::atomic::Ordering::SeqCst);
     let mut during = claimer.await.unwrap();

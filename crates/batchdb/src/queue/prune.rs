@@ -9,7 +9,11 @@
 //! Each step is one short write transaction over a bounded range of ids, so workers
 //! claiming and finishing in between wait at most one step.
 
+use std::time::Duration;
+
 use serde::Serialize;
+
+use super::now_ms;
 
 /// Which ended instances `prune` removes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -38,6 +42,13 @@ impl PruneRequest {
             cancelled: true,
             chunk: 1000,
         }
+    }
+
+    /// Every ended state, ended more than `age` ago by this machine's clock.
+    #[must_use]
+    pub fn older_than(age: Duration) -> PruneRequest {
+        let age_ms = i64::try_from(age.as_millis()).unwrap_or(i64::MAX);
+        PruneRequest::before(now_ms().saturating_sub(age_ms))
     }
 }
 

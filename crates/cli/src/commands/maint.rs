@@ -70,11 +70,7 @@ pub(super) fn duration(what: &'static str, s: &str) -> Result<Duration> {
 /// one JSON line of what was removed (or, with `--dry-run`, would be).
 pub(super) async fn prune(db: &BatchDb, p: PruneArgs) -> Result<ExitCode> {
     let age = duration("older-than", &p.older_than)?;
-    let age_ms = i64::try_from(age.as_millis()).unwrap_or(i64::MAX);
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX));
-    let mut req = PruneRequest::before(now.saturating_sub(age_ms));
+    let mut req = PruneRequest::older_than(age);
     if !p.states.is_empty() {
         (req.result, req.fail, req.cancelled) = (false, false, false);
         for s in &p.states {

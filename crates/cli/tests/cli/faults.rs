@@ -282,12 +282,18 @@ fn chown_tree_to_nobody(path: &std::path::Path) {
     assert!(st.success());
 }
 
-#[test]
-fn read_only_blob_directory_is_a_clear_error() {
+/// A queue holding one job ("echo before"), owned by the user [`as_nobody`] runs as.
+fn nobodys_queue() -> Env {
     let env = Env::new();
     env.add("echo before");
     chmod(env.root(), 0o755);
     chown_tree_to_nobody(&env.db_dir());
+    env
+}
+
+#[test]
+fn read_only_blob_directory_is_a_clear_error() {
+    let env = nobodys_queue();
     let blobs = env.db_dir().join("blobs");
     chmod(&blobs.join("tmp"), 0o555);
     // Larger than what is kept inline in the database, so it needs a blob file.
@@ -305,10 +311,7 @@ fn read_only_blob_directory_is_a_clear_error() {
 
 #[test]
 fn read_only_database_is_a_clear_error() {
-    let env = Env::new();
-    env.add("echo before");
-    chmod(env.root(), 0o755);
-    chown_tree_to_nobody(&env.db_dir());
+    let env = nobodys_queue();
     let db = env.db_dir().join("batchdb.sqlite");
     chmod(&db, 0o444);
     chmod(&env.db_dir(), 0o555);
@@ -421,10 +424,7 @@ fn gc_removes_what_killed_processes_left_behind() {
 
 #[test]
 fn a_read_only_shm_left_by_a_reader_does_not_block_writers_once_the_database_is_writable() {
-    let env = Env::new();
-    env.add("echo before");
-    chmod(env.root(), 0o755);
-    chown_tree_to_nobody(&env.db_dir());
+    let env = nobodys_queue();
     let db = env.db_dir().join("batchdb.sqlite");
     // A reader of a read-only database: SQLite creates -shm with the database's mode.
     chmod(&db, 0o444);

@@ -107,14 +107,15 @@ fn http(
     (status, head, body)
 }
 
-/// A process's peak resident memory (VmHWM) in KiB.
-fn vm_hwm_kib(pid: u32) -> u64 {
+/// A memory figure of a process in KiB, by its `/proc/PID/status` name: `VmHWM`
+/// (peak resident) or `VmRSS` (resident now).
+fn vm_kib(pid: u32, field: &str) -> u64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("proc status");
     status
         .lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .expect("VmHWM")
+        .unwrap_or_else(|| panic!("{field} of {pid}"))
 }
 
 #[test]
@@ -217,16 +218,6 @@ fn serve_answers_a_real_client_through_an_idle_connection_flood_past_its_descrip
     assert!(proc.wait().success());
 }
 
-/// A process's resident memory (VmRSS) in KiB.
-fn vm_rss_kib(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("proc status");
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .expect("VmRSS")
-}
-
 /// A process's CPU time (user + system) in clock ticks.
 fn cpu_ticks(pid: u32) -> u64 {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("proc stat");
@@ -243,7 +234,7 @@ fn serve_idle_event_streams_cost_no_cpu_and_their_memory_is_given_back() {
     let pid = s.proc.pid();
     let (status, _, _) = http(s.addr, "GET", "/healthz", &[], b"");
     assert_eq!(status, 200);
-    let before = vm_rss_kib(pid);
+    let before = vm_kib(pid, "VmRSS");
     let mut streams = Vec::new();
     for _ in 0..1000 {
         let mut c = TcpStream::connect(s.addr).expect("connect");
@@ -262,7 +253,7 @@ fn serve_idle_event_streams_cost_no_cpu_and_their_memory_is_given_back() {
             got.extend_from_slice(&buf[..n]);
         }
     }
-    let open = vm_rss_kib(pid);
+    let open = vm_kib(pid, "VmRSS");
     let idle_from = cpu_ticks(pid);
     std::thread::sleep(Duration::from_secs(3));
     let idle = cpu_ticks(pid) - idle_from;
@@ -277,7 +268,7 @@ fn serve_idle_event_streams_cost_no_cpu_and_their_memory_is_given_back() {
     drop(streams);
     // Once they close, what they held goes back to the system.
     let back = wait_until("the streams' memory to be given back", || {
-        let now = vm_rss_kib(pid);
+        let now = vm_kib(pid, "VmRSS");
         (now < before + (open - before) / 2).then_some(now)
     });
     assert!(back < open);
@@ -291,7 +282,7 @@ fn serve_upload_of_1_gib_streams_in_flat_memory() {
     const SIZE: usize = 1024 * MIB;
     let env = Env::new();
     let s = serve(&env, &[], &[]);
-    let before = vm_hwm_kib(s.proc.pid());
+    let before = vm_kib(s.proc.pid(), "VmHWM");
     let mut conn = TcpStream::connect(s.addr).expect("connect");
     conn.set_read_timeout(Some(Duration::from_secs(600)))
         .expect("timeout");
@@ -316,7 +307,7 @@ fn serve_upload_of_1_gib_streams_in_flat_memory() {
     assert!(resp.starts_with("HTTP/1.1 200"), "{resp}");
     let key = hasher.finish().to_hex();
     assert!(resp.ends_with(&format!("\r\n\r\n{key}\n")), "{resp}");
-    let after = vm_hwm_kib(s.proc.pid());
+    let after = vm_kib(s.proc.pid(), "VmHWM");
     println!("1 GiB upload: batchdb serve peak RSS (VmHWM) {before} KiB before, {after} KiB after");
     // Flat: far below the upload's size (a buffered body would need over 1 GiB).
     assert!(

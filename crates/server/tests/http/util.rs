@@ -172,6 +172,23 @@ pub async fn assert_error(r: reqwest::Response, status: u16, needle: &str) {
     );
 }
 
+/// Asserts a [`raw`] exchange answered `status` with the JSON error body, its
+/// message mentioning `needle`.
+pub fn assert_raw_error((got, head, body): (u16, String, Vec<u8>), status: u16, needle: &str) {
+    assert_eq!(got, status, "{head}");
+    assert!(
+        head.to_ascii_lowercase()
+            .contains("content-type: application/json"),
+        "{head}"
+    );
+    let v: Value = serde_json::from_slice(&body).expect("a JSON body");
+    let msg = v["error"].as_str().expect("an error message");
+    assert!(
+        msg.contains(needle),
+        "error {msg:?} does not mention {needle:?}"
+    );
+}
+
 /// One raw HTTP/1.1 exchange: sends `request` as is and reads the response until
 /// the server closes. Returns (status, head, body).
 pub async fn raw(addr: std::net::SocketAddr, request: &[u8]) -> (u16, String, Vec<u8>) {
