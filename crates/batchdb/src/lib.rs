@@ -47,6 +47,7 @@ mod hash;
 pub mod integrity;
 mod io;
 mod lines;
+pub mod preview;
 pub mod queue;
 mod retention;
 pub mod runner;
