@@ -4,22 +4,25 @@ use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand};
 
+/// The heading of the options every command takes, apart from each command's own.
+const GLOBAL: &str = "Global options";
+
 /// Queue batch jobs and stream their results into a content-addressed blob store.
 #[derive(Debug, Parser)]
-#[command(name = "batchdb", version, about)]
+#[command(name = "batchdb", version)]
 pub struct Cli {
     /// Directory holding the SQLite database, the blob directory and live output
     /// [default: $XDG_DATA_HOME/batchdb or ~/.local/share/batchdb]
-    #[arg(long, env = "BATCHDB_DIR", global = true)]
+    #[arg(long, env = "BATCHDB_DIR", global = true, help_heading = GLOBAL)]
     pub dir: Option<PathBuf>,
     /// Queue database: a SQLite file path or a postgres:// URL [default: DIR/batchdb.sqlite]
-    #[arg(long, env = "BATCHDB_DB", global = true)]
+    #[arg(long, env = "BATCHDB_DB", global = true, help_heading = GLOBAL)]
     pub db: Option<String>,
     /// Blob store: a directory path or an s3://bucket/prefix URL [default: DIR/blobs]
-    #[arg(long, env = "BATCHDB_BLOBS", global = true)]
+    #[arg(long, env = "BATCHDB_BLOBS", global = true, help_heading = GLOBAL)]
     pub blobs: Option<String>,
     /// More log output on stderr (-v info, -vv debug)
-    #[arg(short, long, action = clap::ArgAction::Count, global = true)]
+    #[arg(short, long, action = clap::ArgAction::Count, global = true, help_heading = GLOBAL)]
     pub verbose: u8,
     /// What to do.
     #[command(subcommand)]
@@ -116,6 +119,19 @@ pub enum Command {
     /// result-cache entries and the jobs, batches and inline outputs left unused;
     /// `gc` then reclaims the blobs they named.
     Prune(PruneArgs),
+    /// Print a shell completion script for SHELL to stdout.
+    Completions {
+        /// bash, zsh, fish, elvish or powershell
+        shell: clap_complete::Shell,
+    },
+    /// Write the manual pages (batchdb.1 and one per command) into DIR, or print
+    /// batchdb.1 to stdout without --dir.
+    Man {
+        /// The directory to write the pages into (created if missing), e.g.
+        /// ~/.local/share/man/man1.
+        #[arg(long, value_name = "DIR")]
+        dir: Option<PathBuf>,
+    },
     /// Remove blobs that no row names.
     Gc {
         /// Only print what would be removed.
@@ -201,6 +217,8 @@ pub struct MapArgs {
     pub dry_run: bool,
     #[command(flatten)]
     pub queue: QueueArgs,
+    #[command(flatten)]
+    pub progress: ProgressArgs,
     /// The command template, then optionally `::: ARG...` lists (GNU parallel's
     /// replacement strings: {} {.} {/} {//} {/.} {#} {1} {2.} ...).
     #[arg(
@@ -224,6 +242,14 @@ pub struct WaitArgs {
     /// Give up after SECS (exit 2).
     #[arg(long, value_name = "SECS")]
     pub timeout: Option<f64>,
+    #[command(flatten)]
+    pub progress: ProgressArgs,
+}
+
+/// Whether a long command shows a live progress line on stderr (by default: when
+/// stderr is a terminal).
+#[derive(Debug, Args)]
+pub struct ProgressArgs {
     /// Show a progress line on stderr even when it is not a terminal.
     #[arg(long, conflicts_with = "no_progress")]
     pub progress: bool,
@@ -246,6 +272,8 @@ pub struct AddArgs {
     pub payload: PayloadArgs,
     #[command(flatten)]
     pub queue: QueueArgs,
+    #[command(flatten)]
+    pub progress: ProgressArgs,
 }
 
 /// `batchdb push`.
@@ -297,6 +325,8 @@ pub struct RunArgs {
     /// ago (as `batchdb prune --older-than DURATION` does).
     #[arg(long, value_name = "DURATION")]
     pub prune_after: Option<String>,
+    #[command(flatten)]
+    pub progress: ProgressArgs,
 }
 
 /// `batchdb serve`.

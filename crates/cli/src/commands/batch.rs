@@ -1,9 +1,8 @@
 //! `batches`, `status --batch`, `wait`.
 
-use std::io::IsTerminal;
+use batchdb::WaitOutcome;
 
-use batchdb::{WaitOutcome, WaitProgress};
-
+use super::progress::{self, Progress};
 use super::*;
 
 /// `batches`: one JSON line per batch, with its counts.
@@ -41,39 +40,16 @@ pub(super) async fn wait(db: &BatchDb, w: WaitArgs) -> Result<ExitCode> {
         sels.push(Selector::Batch(b.clone()));
     }
     let timeout = w.timeout.map(|t| secs("timeout", t)).transpose()?;
-    let show = w.progress || (!w.no_progress && std::io::stderr().is_terminal());
-    let bar = show.then(progress_bar);
+    let line = Progress::new(&w.progress, progress::BAR);
     let outcome = db
         .wait(&sels, timeout, |p| {
-            if let Some(bar) = &bar {
-                draw(bar, p);
-            }
+            line.set(p.ended, Some(p.total), || {
+                format!("ended, {} running, {} failed", p.running, p.failed)
+            });
         })
         .await?;
-    if let Some(bar) = &bar {
-        bar.finish();
-    }
+    line.finish();
     report(&outcome)
-}
-
-/// A progress line on stderr, redrawn at most 10 times a second (drawn even when
-/// stderr is not a terminal: the caller decided it should be shown).
-fn progress_bar() -> indicatif::ProgressBar {
-    let target =
-        indicatif::ProgressDrawTarget::term_like_with_hz(Box::new(console::Term::stderr()), 10);
-    let bar = indicatif::ProgressBar::with_draw_target(None, target);
-    let style = indicatif::ProgressStyle::with_template(
-        "{bar:30} {pos}/{len} ended, {msg} [{elapsed_precise}, {per_sec}, ETA {eta}]",
-    )
-    .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar());
-    bar.set_style(style);
-    bar
-}
-
-fn draw(bar: &indicatif::ProgressBar, p: &WaitProgress) {
-    bar.set_length(p.total);
-    bar.set_position(p.ended);
-    bar.set_message(format!("{} running, {} failed", p.running, p.failed));
 }
 
 /// Prints the failures and picks the exit code.

@@ -3,7 +3,11 @@
 use batchdb::template::Template;
 use tokio::io::AsyncBufReadExt;
 
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use super::progress::{self, Progress};
 use super::*;
+use crate::args::ProgressArgs;
 
 /// Where a map's inputs come from.
 enum Inputs {
@@ -91,20 +95,7 @@ fn split(words: &[String]) -> Result<(String, Option<Vec<Vec<String>>>)> {
 pub(super) async fn map(db: &BatchDb, m: MapArgs) -> Result<ExitCode> {
     let (template, lists) = split(&m.template)?;
     let template = Template::parse(&template);
-    let mut inputs = match lists {
-        Some(lists) => {
-            let empty = lists.iter().any(Vec::is_empty);
-            let next = (!empty).then(|| vec![0; lists.len()]);
-            Inputs::Product { lists, next }
-        }
-        None => {
-            let p = PayloadArgs {
-                file: m.file.clone(),
-                payload: Vec::new(),
-            };
-            Inputs::Lines(tokio::io::BufReader::new(payload(&p).await?))
-        }
-    };
+    let (mut inputs, mut line) = inputs(&m, lists).await?;
     let mut opts = push_options(&m.queue)?;
     let mut out = std::io::BufWriter::new(std::io::stdout().lock());
     if !m.dry_run {
@@ -131,17 +122,94 @@ pub(super) async fn map(db: &BatchDb, m: MapArgs) -> Result<ExitCode> {
             }
         }
         if chunk.len() == batchdb::BULK_CHUNK || (!more && !chunk.is_empty()) {
-            for inst in db.add_many(std::mem::take(&mut chunk), &opts).await? {
-                if !m.quiet {
-                    writeln!(out, "pushed {} {}", inst.job, inst.created).map_err(stdout_err)?;
-                }
-            }
-            out.flush().map_err(stdout_err)?;
+            let added = db.add_many(std::mem::take(&mut chunk), &opts).await?;
+            line.advance(added.len() as u64);
+            line.progress
+                .print(&mut out, |out| {
+                    if !m.quiet {
+                        for inst in &added {
+                            writeln!(out, "pushed {} {}", inst.job, inst.created)?;
+                        }
+                    }
+                    out.flush()
+                })
+                .map_err(stdout_err)?;
         }
         if !more {
             break;
         }
     }
+    line.progress.finish();
     out.flush().map_err(stdout_err)?;
     Ok(ExitCode::SUCCESS)
+}
+
+/// A map's progress: jobs added out of the combinations, or bytes of its input file
+/// read, or a count.
+struct MapProgress {
+    progress: Progress,
+    added: u64,
+    /// How many jobs the `:::` lists make.
+    total: Option<u64>,
+    /// Bytes of the input file read so far, and its size.
+    read: Option<(Arc<AtomicU64>, u64)>,
+}
+
+impl MapProgress {
+    fn advance(&mut self, n: u64) {
+        self.added += n;
+        let added = self.added;
+        match &self.read {
+            Some((read, size)) => {
+                self.progress
+                    .set(read.load(Ordering::Relaxed), Some(*size), || {
+                        format!("{added} added")
+                    })
+            }
+            None => self.progress.set(added, self.total, || "added".into()),
+        }
+    }
+}
+
+/// The inputs of a map, and its progress line (never shown for `--dry-run`).
+async fn inputs(m: &MapArgs, lists: Option<Vec<Vec<String>>>) -> Result<(Inputs, MapProgress)> {
+    let flags = ProgressArgs {
+        progress: m.progress.progress && !m.dry_run,
+        no_progress: m.progress.no_progress || m.dry_run,
+    };
+    if let Some(lists) = lists {
+        let empty = lists.iter().any(Vec::is_empty);
+        let next = (!empty).then(|| vec![0; lists.len()]);
+        let total = lists
+            .iter()
+            .map(|l| l.len() as u64)
+            .try_fold(1u64, u64::checked_mul);
+        let progress = Progress::new(&flags, progress::BAR);
+        let line = MapProgress {
+            progress,
+            added: 0,
+            total,
+            read: None,
+        };
+        return Ok((Inputs::Product { lists, next }, line));
+    }
+    let p = PayloadArgs {
+        file: m.file.clone(),
+        payload: Vec::new(),
+    };
+    let size = progress::file_size(m.file.as_deref());
+    let (reader, read) = progress::Counted::new(payload(&p).await?);
+    let template = if size.is_some() {
+        progress::BYTES
+    } else {
+        progress::COUNT
+    };
+    let line = MapProgress {
+        progress: Progress::new(&flags, template),
+        added: 0,
+        total: None,
+        read: size.map(|s| (read, s)),
+    };
+    let reader: Box<dyn AsyncRead + Send + Unpin> = Box::new(reader);
+    Ok((Inputs::Lines(tokio::io::BufReader::new(reader)), line))
 }

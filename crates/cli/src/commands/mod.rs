@@ -28,13 +28,20 @@ mod batch;
 mod control;
 mod list;
 mod maint;
+mod manual;
 mod map;
+mod progress;
 mod run;
 mod serve;
 mod show;
 
 /// Runs the command `cli` names and returns the process's exit code.
 pub async fn dispatch(cli: Cli) -> Result<ExitCode> {
+    match &cli.command {
+        Command::Completions { shell } => return manual::completions(*shell),
+        Command::Man { dir } => return manual::man(dir.as_deref()),
+        _ => {}
+    }
     let cfg = config(&cli)?;
     let db = BatchDb::open(&cfg).await?;
     match cli.command {
@@ -63,6 +70,7 @@ pub async fn dispatch(cli: Cli) -> Result<ExitCode> {
         Command::Prune(p) => maint::prune(&db, p).await,
         Command::Status { batch: None } => list::status(&db).await,
         Command::Status { batch: Some(b) } => batch::status(&db, &b).await,
+        Command::Completions { .. } | Command::Man { .. } => unreachable!("answered above"),
     }
 }
 

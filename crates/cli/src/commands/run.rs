@@ -1,6 +1,10 @@
 //! `run`: the worker, printing each ended attempt.
 
+use std::io::IsTerminal;
+
+use super::progress::{self, Progress};
 use super::*;
+use crate::args::ProgressArgs;
 
 /// The shortest lease `run` takes: renewed every third of it, a shorter one would
 /// spend the worker on heartbeats.
@@ -64,10 +68,24 @@ pub(super) async fn run(db: &BatchDb, r: RunArgs) -> Result<ExitCode> {
         }
     });
     let work = tokio::spawn(worker.run(Some(tx)));
+    let mut line = RunProgress::new(db, &r.progress, r.print);
     let mut print_error = None;
-    while let Some(rep) = rx.recv().await {
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    loop {
+        let rep = tokio::select! {
+            rep = rx.recv() => match rep {
+                Some(rep) => rep,
+                None => break,
+            },
+            _ = tick.tick(), if line.progress.shown() => {
+                line.refresh().await;
+                continue;
+            }
+        };
+        line.ended(&rep);
         if print_error.is_none() {
-            if let Err(e) = print_report(db, &rep, r.print).await {
+            let printed = print_report(db, &rep, r.print, &line.progress).await;
+            if let Err(e) = printed {
                 // Nowhere to report to: give running jobs back and stop, but keep
                 // recording what still finishes.
                 stop.force();
@@ -75,6 +93,10 @@ pub(super) async fn run(db: &BatchDb, r: RunArgs) -> Result<ExitCode> {
             }
         }
     }
+    if line.progress.shown() {
+        line.refresh().await;
+    }
+    line.progress.finish();
     signals.abort();
     if let Some(p) = pruner {
         p.abort();
@@ -87,39 +109,106 @@ pub(super) async fn run(db: &BatchDb, r: RunArgs) -> Result<ExitCode> {
     }
 }
 
-async fn print_report(db: &BatchDb, rep: &Report, print: bool) -> Result<()> {
+/// The progress line of `run`: what this worker ended, out of that plus what is
+/// pending, waiting or running (the counts refreshed every second).
+struct RunProgress<'a> {
+    db: &'a BatchDb,
+    progress: Progress,
+    done: u64,
+    failed: u64,
+    /// `done` plus what was left at the last refresh.
+    total: u64,
+    running: u64,
+}
+
+impl<'a> RunProgress<'a> {
+    /// Not shown with `--print` when stdout is a terminal: the results' bytes are
+    /// the progress there, and would garble the line.
+    fn new(db: &'a BatchDb, flags: &ProgressArgs, print: bool) -> RunProgress<'a> {
+        let flags = ProgressArgs {
+            progress: flags.progress,
+            no_progress: flags.no_progress || (print && std::io::stdout().is_terminal()),
+        };
+        RunProgress {
+            db,
+            progress: Progress::new(&flags, progress::BAR),
+            done: 0,
+            failed: 0,
+            total: 0,
+            running: 0,
+        }
+    }
+
+    async fn refresh(&mut self) {
+        // A count that fails now is tried again at the next tick; the line only lags.
+        if let Ok(c) = self.db.counts().await {
+            self.total = self.done + c.pending + c.waiting + c.running;
+            self.running = c.running;
+        }
+        self.draw();
+    }
+
+    fn ended(&mut self, rep: &Report) {
+        match rep.finished {
+            Some(Finished::Result | Finished::Cancelled) => self.done += 1,
+            Some(Finished::Fail) => {
+                self.done += 1;
+                self.failed += 1;
+            }
+            _ => return,
+        }
+        self.draw();
+    }
+
+    fn draw(&self) {
+        let (running, failed) = (self.running, self.failed);
+        self.progress
+            .set(self.done, Some(self.total.max(self.done)), || {
+                format!("done, {running} running, {failed} failed")
+            });
+    }
+}
+
+async fn print_report(db: &BatchDb, rep: &Report, print: bool, line: &Progress) -> Result<()> {
     let msg = rep
         .report
         .message
         .as_deref()
         .unwrap_or("")
         .replace('\n', " ");
+    let say = |text: String| {
+        let mut out = std::io::stdout().lock();
+        line.print(&mut out, |o| writeln!(o, "{text}").and_then(|()| o.flush()))
+            .map_err(stdout_err)
+    };
     match rep.finished {
         Some(Finished::Result) => {
             let Some(out) = rep.report.stdout else {
                 return Ok(());
             };
-            line(format_args!("RESULT {} {}", rep.job, out.hash))?;
+            say(format!("RESULT {} {}", rep.job, out.hash))?;
             if print {
                 copy_to(db.get(&out.hash).await?, tokio::io::stdout(), &out.hash).await?;
             }
         }
-        Some(Finished::Fail) => line(format_args!("FAIL {} {} {msg}", rep.job, rep.created))?,
+        Some(Finished::Fail) => say(format!("FAIL {} {} {msg}", rep.job, rep.created))?,
         Some(Finished::Retry(at)) => {
             let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH);
             let now = now.map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX));
             let wait = (at - now).max(0) as f64 / 1000.0;
-            eprintln!(
+            line.note(&format!(
                 "batchdb: retry {} {} in {wait:.1}s: {msg}",
                 rep.job, rep.created
-            );
+            ));
         }
-        Some(Finished::Cancelled) => eprintln!("batchdb: cancelled {} {}", rep.job, rep.created),
-        Some(Finished::Released) => eprintln!(
+        Some(Finished::Cancelled) => {
+            line.note(&format!("batchdb: cancelled {} {}", rep.job, rep.created));
+        }
+        Some(Finished::Released) => line.note(&format!(
             "batchdb: released {} {} back to pending",
             rep.job, rep.created
-        ),
-        None => eprintln!("batchdb: {} {}: {msg}", rep.job, rep.created),
+        )),
+        None => line.note(&format!("batchdb: {} {}: {msg}", rep.job, rep.created)),
     }
     Ok(())
 }

@@ -10,6 +10,7 @@
 //! - `scheduling`: retries, retry, cancel, priorities, delay
 //! - `inspection`: show, logs -f, events, the result cache
 //! - `faults`: the bad-input and fault matrix: full disk, read-only stores, huge streams
+//! - `progress`: the live progress line, on a pseudo-terminal and never elsewhere
 //! - `retention`: `prune` and `--prune-after`, then `gc`
 //! - `serve`: `batchdb serve` as a process: flags, a 1 GiB upload, SSE, the dashboard in Chromium
 
@@ -21,6 +22,7 @@ mod consistency;
 mod faults;
 mod inspection;
 mod output_contract;
+mod progress;
 mod retention;
 mod scheduling;
 mod serve;
