@@ -125,12 +125,12 @@ pub enum Command {
         shell: clap_complete::Shell,
     },
     /// Write the manual pages (batchdb.1 and one per command) into DIR, or print
-    /// batchdb.1 to stdout without --dir.
+    /// batchdb.1 to stdout without it.
     Man {
         /// The directory to write the pages into (created if missing), e.g.
         /// ~/.local/share/man/man1.
-        #[arg(long, value_name = "DIR")]
-        dir: Option<PathBuf>,
+        #[arg(value_name = "DIR")]
+        out: Option<PathBuf>,
     },
     /// Remove blobs that no row names.
     Gc {

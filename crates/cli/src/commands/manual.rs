@@ -21,7 +21,7 @@ pub(super) fn completions(shell: clap_complete::Shell) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-/// `man [--dir DIR]`: `batchdb.1` on stdout, or it and one page per command
+/// `man [DIR]`: `batchdb.1` on stdout, or it and one page per command
 /// (`batchdb-add.1`, …) written into DIR, each one line `wrote PATH`.
 pub(super) fn man(dir: Option<&Path>) -> Result<ExitCode> {
     let mut cmd = Cli::command();

@@ -39,7 +39,7 @@ mod show;
 pub async fn dispatch(cli: Cli) -> Result<ExitCode> {
     match &cli.command {
         Command::Completions { shell } => return manual::completions(*shell),
-        Command::Man { dir } => return manual::man(dir.as_deref()),
+        Command::Man { out } => return manual::man(out.as_deref()),
         _ => {}
     }
     let cfg = config(&cli)?;

@@ -9,6 +9,7 @@
 //! - `worker`: parallelism, several workers, kill -9 takeover, timeouts, signals
 //! - `scheduling`: retries, retry, cancel, priorities, delay
 //! - `inspection`: show, logs -f, events, the result cache
+//! - `manual`: completions, man pages and `--help`, from the clap definitions
 //! - `faults`: the bad-input and fault matrix: full disk, read-only stores, huge streams
 //! - `progress`: the live progress line, on a pseudo-terminal and never elsewhere
 //! - `retention`: `prune` and `--prune-after`, then `gc`
@@ -21,6 +22,7 @@ mod batches;
 mod consistency;
 mod faults;
 mod inspection;
+mod manual;
 mod output_contract;
 mod progress;
 mod retention;
