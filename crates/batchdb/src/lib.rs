@@ -371,6 +371,12 @@ impl BatchDb {
         self.queue.list_page(kind, (after, limit), batch).await
     }
 
+    /// Up to `q.limit` instances matching `q`, newest first (see
+    /// [`Queue::recent_page`]).
+    pub async fn recent(&self, q: &queue::RecentQuery) -> Result<Vec<queue::InstanceSummary>> {
+        self.queue.recent_page(q).await
+    }
+
     /// Up to `limit` events after event `after`, in order.
     pub async fn event_page(&self, after: i64, limit: usize) -> Result<Vec<Event>> {
         self.queue.events(after, limit).await

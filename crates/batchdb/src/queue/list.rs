@@ -251,3 +251,57 @@ impl InstanceDetail {
             .unwrap_or_else(|| self.state.as_str().to_string())
     }
 }
+
+/// One instance as a person looks at it (`ps`, the dashboard): what it is, where it
+/// stands, and its last attempt's timing and exit.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[non_exhaustive]
+pub struct InstanceSummary {
+    /// Instance id.
+    pub id: i64,
+    /// The job key.
+    pub job: Hash,
+    /// Push time (epoch ms).
+    pub created: i64,
+    /// Where it stands.
+    pub state: State,
+    /// Attempts started so far.
+    pub attempts: i64,
+    /// The batch it belongs to, if any.
+    pub batch: Option<String>,
+    /// When its last attempt started (epoch ms).
+    pub start: Option<i64>,
+    /// When its last attempt ended (epoch ms); `None` while it runs.
+    pub end: Option<i64>,
+    /// The last attempt's exit code, if it exited.
+    pub exit_code: Option<i32>,
+    /// The signal that ended the last attempt, if any.
+    pub signal: Option<i32>,
+}
+
+/// Which instances a newest-first page ([`Queue::recent_page`](super::Queue::recent_page))
+/// holds.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct RecentQuery {
+    /// Only instances in these states (all, when empty).
+    pub states: Vec<State>,
+    /// Only the instances of this batch.
+    pub batch: Option<String>,
+    /// Only instances with ids below this (the previous page's last id), for paging.
+    pub before: Option<i64>,
+    /// At most this many rows.
+    pub limit: usize,
+}
+
+impl RecentQuery {
+    /// The newest `limit` instances, in any state and batch.
+    pub fn newest(limit: usize) -> RecentQuery {
+        RecentQuery {
+            states: Vec::new(),
+            batch: None,
+            before: None,
+            limit,
+        }
+    }
+}

@@ -138,6 +138,11 @@ pub trait Queue: Send + Sync + fmt::Debug {
         batch: Option<&str>,
     ) -> Result<Vec<ListRow>>;
 
+    /// Up to `q.limit` instances that match `q`, newest (highest id) first, each with
+    /// its last attempt's timing and exit; the last row's id is the next page's
+    /// `before`.
+    async fn recent_page(&self, q: &RecentQuery) -> Result<Vec<InstanceSummary>>;
+
     /// Up to `limit` batches with ids above `after` (only the one called `name`, if
     /// given), in id order, with their counts by state.
     async fn batches_page(

@@ -17,6 +17,7 @@ mod model;
 mod postgres;
 mod prune;
 mod queue;
+mod recent;
 #[cfg(feature = "s3")]
 mod s3_store;
 mod sqlite;
@@ -74,6 +75,11 @@ macro_rules! suite {
                     prune_removes_ended_instances_before_the_cutoff_and_keeps_the_rest,
                     prune_keeps_what_a_kept_instance_depends_on_then_removes_the_chain,
                     prune_removes_the_cache_entries_and_inline_outputs_only_it_referenced,
+                ]);
+                suite!(@tests $backend, recent: [
+                    recent_pages_go_newest_first_and_page_by_id,
+                    recent_pages_filter_by_states_and_batch,
+                    recent_rows_carry_the_last_attempt,
                 ]);
                 suite!(@tests $backend, blob: [
                     roundtrip_sizes,

@@ -47,7 +47,7 @@ mod url;
 
 use super::batch::{BatchCounts, DependencyResult, Selected};
 use super::prune::{PruneCounts, PruneRequest, PruneStep};
-use super::sql::{DbError, deps, prune, read, retry, write};
+use super::sql::{DbError, deps, prune, read, recent, retry, write};
 use crate::error::{Error, Result};
 use crate::hash::Hash;
 use exec::Pg;
@@ -295,6 +295,11 @@ impl Queue for PgQueue {
     ) -> Result<Vec<ListRow>> {
         let limit = i64::try_from(limit).unwrap_or(i64::MAX);
         self.read(async |c| read::list_page(&mut Pg(c), kind, (after, limit), batch).await)
+            .await
+    }
+
+    async fn recent_page(&self, q: &RecentQuery) -> Result<Vec<InstanceSummary>> {
+        self.read(async |c| recent::recent_page(&mut Pg(c), q).await)
             .await
     }
 

@@ -35,6 +35,7 @@ use crate::hash::Hash;
 pub(crate) mod deps;
 pub(crate) mod prune;
 pub(crate) mod read;
+pub(crate) mod recent;
 pub(crate) mod retry;
 pub(crate) mod write;
 

@@ -34,7 +34,7 @@ mod watch;
 
 use super::batch::{BatchCounts, DependencyResult, Selected};
 use super::prune::{PruneCounts, PruneRequest, PruneStep};
-use super::sql::{DbError, deps, prune, read, retry, write};
+use super::sql::{DbError, deps, prune, read, recent, retry, write};
 use group_commit::*;
 
 /// How often other processes' commits are looked for while someone waits, where the
@@ -338,6 +338,17 @@ impl Queue for SqliteQueue {
             exec::run(c, |mut l| async move {
                 read::list_page(&mut l, kind, (after, limit), batch.as_deref()).await
             })
+        })
+        .await
+    }
+
+    async fn recent_page(&self, q: &RecentQuery) -> Result<Vec<InstanceSummary>> {
+        let q = q.clone();
+        self.with_conn(move |c| {
+            exec::run(
+                c,
+                |mut l| async move { recent::recent_page(&mut l, &q).await },
+            )
         })
         .await
     }

@@ -1,0 +1,71 @@
+//! Newest-first pages of instances, once for every backend: what `ps` and the
+//! dashboard show.
+
+use super::{Conn, Sql, args};
+use crate::queue::row::Row;
+use crate::queue::{InstanceSummary, RecentQuery};
+
+type R<T, C> = Result<T, <C as Conn>::Error>;
+
+/// Walks the primary key backwards from the cursor.
+static RECENT: Sql = Sql::new(
+    "SELECT i.id, i.job, i.created, i.state, i.attempts, b.name, a.start, a.\"end\",
+       a.exit_code, a.signal
+     FROM instances i
+     LEFT JOIN attempts a ON a.instance = i.id AND a.attempt = i.attempts
+     LEFT JOIN batches b ON b.id = i.batch
+     WHERE i.id < $1
+       AND (CAST($3 AS TEXT) IS NULL OR i.batch = (SELECT id FROM batches WHERE name = $3))
+     ORDER BY i.id DESC LIMIT $2",
+);
+/// One state: walks the (state, id) index backwards from the cursor.
+static RECENT_IN_STATE: Sql = Sql::new(
+    "SELECT i.id, i.job, i.created, i.state, i.attempts, b.name, a.start, a.\"end\",
+       a.exit_code, a.signal
+     FROM instances i
+     LEFT JOIN attempts a ON a.instance = i.id AND a.attempt = i.attempts
+     LEFT JOIN batches b ON b.id = i.batch
+     WHERE i.state = $4 AND i.id < $1
+       AND (CAST($3 AS TEXT) IS NULL OR i.batch = (SELECT id FROM batches WHERE name = $3))
+     ORDER BY i.id DESC LIMIT $2",
+);
+
+/// Up to `q.limit` instances, newest (highest id) first (see
+/// [`Queue::recent_page`](crate::queue::Queue::recent_page)). Several states are read
+/// one index range each and merged.
+pub(crate) async fn recent_page<C: Conn>(c: &mut C, q: &RecentQuery) -> R<Vec<InstanceSummary>, C> {
+    let before = q.before.unwrap_or(i64::MAX);
+    let limit = i64::try_from(q.limit).unwrap_or(i64::MAX);
+    let batch = q.batch.as_deref();
+    if q.states.is_empty() {
+        return c
+            .rows(&RECENT, &args![before, limit, batch], |r| summary(r))
+            .await;
+    }
+    let mut rows = Vec::new();
+    let mut states = q.states.clone();
+    states.sort_by_key(|s| s.as_str());
+    states.dedup();
+    for state in states {
+        let a = args![before, limit, batch, state.as_str()];
+        rows.extend(c.rows(&RECENT_IN_STATE, &a, |r| summary(r)).await?);
+    }
+    rows.sort_by_key(|r| std::cmp::Reverse(r.id));
+    rows.truncate(q.limit);
+    Ok(rows)
+}
+
+fn summary<R: Row>(r: &R) -> Result<InstanceSummary, R::Error> {
+    Ok(InstanceSummary {
+        id: r.req_int(0)?,
+        job: r.hash(1)?,
+        created: r.req_int(2)?,
+        state: r.state(3)?,
+        attempts: r.req_int(4)?,
+        batch: r.text(5)?,
+        start: r.int(6)?,
+        end: r.int(7)?,
+        exit_code: r.int32(8)?,
+        signal: r.int32(9)?,
+    })
+}
