@@ -105,12 +105,19 @@ pub enum Command {
         #[arg(long)]
         with_dependents: bool,
     },
-    /// Print how many instances are in each state, as JSON.
+    /// Print how many instances are in each state: one readable line on a terminal,
+    /// JSON otherwise (or with --json).
     Status {
         /// Only this batch's instances.
         #[arg(long)]
         batch: Option<String>,
+        /// Print JSON even on a terminal.
+        #[arg(long)]
+        json: bool,
     },
+    /// Show the newest instances as a table: id, state, age, run time, attempts,
+    /// exit code and the first line of the payload.
+    Ps(PsArgs),
     /// Re-hash every blob and check every row's references; problems as JSON lines.
     Verify,
     /// Serve the HTTP API and the live dashboard.
@@ -141,6 +148,21 @@ pub enum Command {
         #[arg(long, default_value_t = 3600.0)]
         grace: f64,
     },
+}
+
+/// `batchdb ps`.
+#[derive(Debug, Args)]
+pub struct PsArgs {
+    /// Only instances in this state: waiting, pending, running, result, fail or
+    /// cancelled (repeatable).
+    #[arg(long = "state", value_name = "STATE")]
+    pub states: Vec<String>,
+    /// Only the instances of batch NAME.
+    #[arg(long, value_name = "NAME")]
+    pub batch: Option<String>,
+    /// Show at most N instances, the newest.
+    #[arg(long, value_name = "N", default_value_t = 50)]
+    pub limit: usize,
 }
 
 /// `batchdb prune`.

@@ -19,11 +19,9 @@ pub(super) async fn batches(db: &BatchDb) -> Result<ExitCode> {
 }
 
 /// `status --batch NAME`: that batch's counts, in the `status` shape.
-pub(super) async fn status(db: &BatchDb, name: &str) -> Result<ExitCode> {
+pub(super) async fn status(db: &BatchDb, name: &str, json: bool) -> Result<ExitCode> {
     let b = db.batch(name).await?;
-    let json = serde_json::to_string(&b.counts).map_err(|e| stdout_err(e.into()))?;
-    line(format_args!("{json}"))?;
-    Ok(ExitCode::SUCCESS)
+    super::list::print_counts(&b.counts, json)
 }
 
 /// `wait [SELECTOR...] [--batch NAME] [--timeout SECS]`: exit 0 when every named

@@ -33,9 +33,19 @@ pub(super) async fn events(db: &BatchDb, follow: bool, after: i64) -> Result<Exi
 }
 
 /// `status`: instance counts by state.
-pub(super) async fn status(db: &BatchDb) -> Result<ExitCode> {
-    let c = db.counts().await?;
-    let json = serde_json::to_string(&c).map_err(|e| stdout_err(e.into()))?;
-    line(format_args!("{json}"))?;
+pub(super) async fn status(db: &BatchDb, json: bool) -> Result<ExitCode> {
+    print_counts(&db.counts().await?, json)
+}
+
+/// Counts by state: one readable line on a terminal, else (or with `json`) the JSON
+/// object scripts read.
+pub(super) fn print_counts(c: &batchdb::queue::Counts, json: bool) -> Result<ExitCode> {
+    use std::io::IsTerminal;
+    if !json && std::io::stdout().is_terminal() {
+        line(format_args!("{}", super::ps::status_line(c)))?;
+    } else {
+        let text = serde_json::to_string(c).map_err(|e| stdout_err(e.into()))?;
+        line(format_args!("{text}"))?;
+    }
     Ok(ExitCode::SUCCESS)
 }

@@ -31,6 +31,7 @@ mod maint;
 mod manual;
 mod map;
 mod progress;
+mod ps;
 mod run;
 mod serve;
 mod show;
@@ -68,8 +69,12 @@ pub async fn dispatch(cli: Cli) -> Result<ExitCode> {
         Command::Verify => maint::verify(&db).await,
         Command::Gc { dry_run, grace } => maint::gc(&db, dry_run, grace).await,
         Command::Prune(p) => maint::prune(&db, p).await,
-        Command::Status { batch: None } => list::status(&db).await,
-        Command::Status { batch: Some(b) } => batch::status(&db, &b).await,
+        Command::Status { batch: None, json } => list::status(&db, json).await,
+        Command::Status {
+            batch: Some(b),
+            json,
+        } => batch::status(&db, &b, json).await,
+        Command::Ps(a) => ps::ps(&db, a).await,
         Command::Completions { .. } | Command::Man { .. } => unreachable!("answered above"),
     }
 }

@@ -12,6 +12,7 @@
 //! - `manual`: completions, man pages and `--help`, from the clap definitions
 //! - `faults`: the bad-input and fault matrix: full disk, read-only stores, huge streams
 //! - `progress`: the live progress line, on a pseudo-terminal and never elsewhere
+//! - `ps`: the `ps` table and `status` line for people
 //! - `retention`: `prune` and `--prune-after`, then `gc`
 //! - `serve`: `batchdb serve` as a process: flags, a 1 GiB upload, SSE, the dashboard in Chromium
 
@@ -25,6 +26,7 @@ mod inspection;
 mod manual;
 mod output_contract;
 mod progress;
+mod ps;
 mod retention;
 mod scheduling;
 mod serve;

@@ -3,43 +3,7 @@
 //! never otherwise, and `--progress` / `--no-progress` override the detection. What
 //! goes to stdout is the same either way.
 
-use std::process::Command;
-
 use crate::util::*;
-
-/// Runs `batchdb --dir DB ARGS... > STDOUT_FILE` with stdin, stderr (and, without a
-/// redirection, stdout) on a pseudo-terminal; returns what the terminal showed.
-fn on_terminal(env: &Env, args: &str, stdout_file: Option<&str>) -> String {
-    let quote = |s: &str| format!("'{}'", s.replace('\'', r"'\''"));
-    let db = env.db_dir();
-    let mut line = format!(
-        "{} --dir {} {args}",
-        quote(BIN),
-        quote(&db.to_string_lossy())
-    );
-    if let Some(f) = stdout_file {
-        line.push_str(&format!(" > {}", quote(f)));
-    }
-    let mut script = Command::new("script");
-    script
-        .args([
-            "--quiet",
-            "--return",
-            "--flush",
-            "--command",
-            &line,
-            "/dev/null",
-        ])
-        .current_dir(env.root());
-    let out = env.output_within(script, None, DEADLINE);
-    assert!(
-        out.status.success(),
-        "{line} on a terminal exited with {}:\n{}",
-        out.status,
-        text(&out.stdout)
-    );
-    text(&out.stdout)
-}
 
 /// Forty `echo` jobs, one per line of `in.txt`.
 fn forty_lines(env: &Env) {
@@ -51,7 +15,7 @@ fn forty_lines(env: &Env) {
 fn the_progress_line_is_drawn_on_a_terminal_and_stdout_is_unchanged() {
     let env = Env::new();
     forty_lines(&env);
-    let shown = on_terminal(&env, "add --lines -q -f in.txt", Some("add.out"));
+    let shown = env.on_terminal("add --lines -q -f in.txt", Some("add.out"));
     assert!(
         shown.contains("40 added"),
         "add --lines on a terminal showed: {shown:?}"
@@ -63,18 +27,14 @@ fn the_progress_line_is_drawn_on_a_terminal_and_stdout_is_unchanged() {
     );
     assert_eq!(env.read("add.out").lines().count(), 40);
 
-    let shown = on_terminal(
-        &env,
-        "map -q --batch b 'echo {}' ::: x y z",
-        Some("map.out"),
-    );
+    let shown = env.on_terminal("map -q --batch b 'echo {}' ::: x y z", Some("map.out"));
     assert!(
         shown.contains("3/3 added"),
         "map on a terminal showed: {shown:?}"
     );
     assert_eq!(env.read("map.out"), "batch b\n");
 
-    let shown = on_terminal(&env, "run -j 2 --until-empty", Some("run.out"));
+    let shown = env.on_terminal("run -j 2 --until-empty", Some("run.out"));
     assert!(
         shown.contains("43/43 done, 0 running, 0 failed"),
         "run showed: {shown:?}"
@@ -86,7 +46,7 @@ fn the_progress_line_is_drawn_on_a_terminal_and_stdout_is_unchanged() {
         "{results}"
     );
 
-    let shown = on_terminal(&env, "wait --batch b", Some("wait.out"));
+    let shown = env.on_terminal("wait --batch b", Some("wait.out"));
     assert!(
         shown.contains("3/3 ended, 0 running, 0 failed"),
         "wait showed: {shown:?}"
@@ -99,7 +59,7 @@ fn the_progress_line_shares_a_terminal_with_stdout_without_losing_a_line() {
     let env = Env::new();
     forty_lines(&env);
     env.ok(&["add", "--lines", "-q", "-f", "in.txt"]);
-    let shown = on_terminal(&env, "run -j 2 --until-empty", None);
+    let shown = env.on_terminal("run -j 2 --until-empty", None);
     assert!(shown.contains("40/40 done"), "{shown:?}");
     let results = shown.matches("RESULT ").count();
     assert_eq!(
@@ -133,7 +93,7 @@ fn the_progress_line_is_never_drawn_when_stderr_is_not_a_terminal() {
 
     // --no-progress wins over a terminal.
     env.ok(&["add", "--lines", "-q", "-f", "in.txt", "--priority", "1"]);
-    let shown = on_terminal(&env, "run --until-empty --no-progress", Some("run.out"));
+    let shown = env.on_terminal("run --until-empty --no-progress", Some("run.out"));
     assert_eq!(shown, "", "run --no-progress on a terminal drew: {shown:?}");
 }
 
