@@ -51,6 +51,10 @@ pub struct VerifySummary {
     pub blobs: u64,
     /// Bytes re-hashed.
     pub bytes: u64,
+    /// Payloads and outputs kept inline in the queue, re-hashed.
+    pub inline: u64,
+    /// Their bytes.
+    pub inline_bytes: u64,
     /// Row references checked.
     pub references: u64,
     /// Problems found.
@@ -101,7 +105,9 @@ impl BatchDb {
             sum.problems += 1;
             problem(p);
         };
-        for message in self.queue().check().await? {
+        let check = self.queue().check().await?;
+        (sum.inline, sum.inline_bytes) = (check.inline, check.inline_bytes);
+        for message in check.problems {
             report(Problem::Database { message }, &mut sum);
         }
         let mut blobs = self.blobs().list();

@@ -53,8 +53,23 @@ pub struct Garage {
 /// The Garage server shared by every test of this test binary, started on first use.
 /// Panics (never skips) if the `garage` binary is missing or the server fails to start.
 pub fn garage() -> &'static Garage {
-    static SHARED: OnceLock<Garage> = OnceLock::new();
-    SHARED.get_or_init(Garage::start_new)
+    SHARED.get_or_init(|| {
+        crate::process::at_exit(stop_shared);
+        Garage::start_new()
+    })
+}
+
+static SHARED: OnceLock<Garage> = OnceLock::new();
+
+/// At exit: stops the shared server and removes its directory.
+extern "C" fn stop_shared() {
+    if let Some(g) = SHARED.get() {
+        let mut child = g.child.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(mut c) = child.take() {
+            crate::process::stop_within(&mut c, libc::SIGKILL);
+        }
+        let _ = std::fs::remove_dir_all(&g.dir);
+    }
 }
 
 /// The `garage` binary: `$BATCHDB_GARAGE_BIN`, else `garage` on `PATH`, else

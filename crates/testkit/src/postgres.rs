@@ -28,8 +28,23 @@ pub struct Postgres {
 
 /// The cluster shared by every test of this test binary (started on first use).
 pub fn shared() -> &'static Postgres {
-    static SHARED: OnceLock<Postgres> = OnceLock::new();
-    SHARED.get_or_init(|| Postgres::start_new(false))
+    SHARED.get_or_init(|| {
+        crate::process::at_exit(stop_shared);
+        Postgres::start_new(false)
+    })
+}
+
+static SHARED: OnceLock<Postgres> = OnceLock::new();
+
+/// At exit: stops the shared cluster and removes its directory.
+extern "C" fn stop_shared() {
+    if let Some(pg) = SHARED.get() {
+        let mut child = pg.child.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(mut c) = child.take() {
+            crate::process::stop_within(&mut c, libc::SIGINT);
+        }
+        let _ = std::fs::remove_dir_all(pg._dir.path());
+    }
 }
 
 /// The directory holding `initdb` and `postgres`: `$BATCHDB_PG_BIN`, else the newest

@@ -27,6 +27,37 @@ pub fn sweep_stale(prefix: &str) {
     }
 }
 
+/// Runs `cleanup` when the test binary exits (libtest ends through `exit`, which runs
+/// `atexit` handlers, whether the tests passed or not): how the shared servers, which
+/// live in statics and are never dropped, stop and remove their directories at the
+/// end of the run instead of at the next one. `cleanup` must not panic.
+pub fn at_exit(cleanup: extern "C" fn()) {
+    // SAFETY: atexit only records the function pointer; the handler is a plain
+    // `extern "C" fn` that catches nothing and is documented not to panic.
+    unsafe {
+        libc::atexit(cleanup);
+    }
+}
+
+/// Asks `child` to stop with `signal`, waits up to 5 s, then kills it: at exit, a
+/// server that hangs must not hang the test binary.
+pub fn stop_within(child: &mut Child, signal: i32) {
+    let Ok(pid) = i32::try_from(child.id()) else {
+        return;
+    };
+    // SAFETY: plain kill(2) on our own child's pid.
+    unsafe { libc::kill(pid, signal) };
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    while std::time::Instant::now() < deadline {
+        if !matches!(child.try_wait(), Ok(None)) {
+            return;
+        }
+        thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
 /// A TCP port on 127.0.0.1 that was free a moment ago.
 pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")

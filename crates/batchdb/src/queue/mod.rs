@@ -199,9 +199,9 @@ pub trait Queue: Send + Sync + fmt::Debug {
     async fn last_event_id(&self) -> Result<i64>;
 
     /// Checks the database's own consistency (SQLite: `PRAGMA integrity_check`) and
-    /// that every inline payload hashes to its job key; returns the problems found,
-    /// none if it is sound.
-    async fn check(&self) -> Result<Vec<String>>;
+    /// that every payload and output kept inline hashes to its key; returns the
+    /// problems found (none if it is sound) and how much inline data it re-hashed.
+    async fn check(&self) -> Result<Check>;
 
     /// Whether any row names blob `hash` of the blob store (as a job's payload kept in
     /// the store, or an attempt's output).

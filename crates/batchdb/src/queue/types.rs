@@ -571,3 +571,15 @@ pub struct BlobReference {
     /// Who names it: `job <key>`, or `instance <id> attempt <n> stdout|stderr`.
     pub owner: String,
 }
+
+/// What [`Queue::check`](super::Queue::check) found.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Check {
+    /// Each problem, in words; empty when the database is sound.
+    pub problems: Vec<String>,
+    /// Payloads and outputs kept inline that were re-hashed.
+    pub inline: u64,
+    /// Their bytes.
+    pub inline_bytes: u64,
+}

@@ -25,7 +25,7 @@ async fn many_processes_may_migrate_a_fresh_database_at_once() {
         o.await.expect("join").expect("open while others migrate");
     }
     let q = PgQueue::open(&url).await.unwrap();
-    assert!(q.check().await.unwrap().is_empty());
+    assert!(q.check().await.unwrap().problems.is_empty());
     let db = url.rsplit('/').next().unwrap().to_string();
     let versions = tokio::task::spawn_blocking(move || {
         shared().sql(&db, "SELECT count(*) FROM batchdb.schema_migrations")
@@ -158,7 +158,7 @@ async fn check_rehashes_inline_payloads_and_outputs() {
     q.finish(&claims[0].token, &Outcome::Success(report))
         .await
         .unwrap();
-    assert!(q.check().await.unwrap().is_empty());
+    assert!(q.check().await.unwrap().problems.is_empty());
     assert_eq!(
         q.inline_blob(&out.hash).await.unwrap(),
         Some(b"a\n".to_vec())
@@ -172,7 +172,7 @@ async fn check_rehashes_inline_payloads_and_outputs() {
     })
     .await
     .unwrap();
-    let problems = q.check().await.unwrap();
+    let problems = q.check().await.unwrap().problems;
     assert_eq!(problems.len(), 2, "{problems:?}");
     assert!(problems[0].starts_with("job ") && problems[0].contains("inline payload"));
     assert!(problems[1].starts_with(&format!("inline blob {}", out.hash)));

@@ -200,9 +200,10 @@ async fn open_reads_the_aws_environment() {
     }
     let bucket = std::env::var("BATCHDB_TEST_S3_BUCKET").unwrap();
     let prefix = std::env::var("BATCHDB_TEST_S3_PREFIX").unwrap();
+    let dir = tempfile::tempdir().unwrap();
     let config = batchdb::Config {
         blobs: batchdb::BlobLocation::parse(&format!("s3://{bucket}/{prefix}")).unwrap(),
-        ..batchdb::Config::in_dir(tempfile::tempdir().unwrap().keep())
+        ..batchdb::Config::in_dir(dir.path())
     };
     let db = batchdb::BatchDb::open(&config).await.unwrap();
     let store = S3Store::open(&bucket, &prefix).await.unwrap();

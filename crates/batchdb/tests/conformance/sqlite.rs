@@ -42,7 +42,7 @@ async fn many_openers_migrate_a_new_file_at_once() {
     }
     for t in tasks {
         let q = t.await.unwrap().expect("every concurrent opener succeeds");
-        assert!(q.check().await.unwrap().is_empty());
+        assert!(q.check().await.unwrap().problems.is_empty());
     }
     let v: i64 = rusqlite::Connection::open(&path)
         .unwrap()

@@ -17,8 +17,8 @@ pub(super) async fn verify(db: &BatchDb) -> Result<ExitCode> {
         return Err(e);
     }
     eprintln!(
-        "batchdb: verified {} blobs ({} bytes) and {} references: {} problems",
-        sum.blobs, sum.bytes, sum.references, sum.problems
+        "batchdb: verified {} blobs ({} bytes), {} inline blobs ({} bytes) and {} references: {} problems",
+        sum.blobs, sum.bytes, sum.inline, sum.inline_bytes, sum.references, sum.problems
     );
     if sum.problems > 0 {
         return Ok(ExitCode::FAILURE);

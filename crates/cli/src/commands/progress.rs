@@ -15,12 +15,12 @@ use super::*;
 use crate::args::ProgressArgs;
 
 /// A bar that is filling: done/total, what is running and failed, rate and ETA.
-pub(super) const BAR: &str = "{bar:30} {pos}/{len} {msg} [{elapsed_precise}, {per_sec}, ETA {eta}]";
+pub(super) const BAR: &str = "{bar:20} {pos}/{len} {msg} · {rate} · ETA {eta}";
 /// A count with no known total.
-pub(super) const COUNT: &str = "{spinner} {pos} {msg} [{elapsed_precise}, {per_sec}]";
+pub(super) const COUNT: &str = "{spinner} {pos} {msg} · {rate} · {elapsed}";
 /// Bytes of an input file read so far, for inputs whose size is known.
 pub(super) const BYTES: &str =
-    "{bar:30} {bytes}/{total_bytes} read, {msg} [{elapsed_precise}, {bytes_per_sec}, ETA {eta}]";
+    "{bar:20} {bytes}/{total_bytes} read, {msg} · {bytes_per_sec} · ETA {eta}";
 
 /// The progress line of one command, or nothing when it is not shown.
 pub(super) struct Progress {
@@ -39,7 +39,13 @@ impl Progress {
                 ProgressDrawTarget::term_like_with_hz(Box::new(console::Term::stderr()), 10);
             let bar = ProgressBar::with_draw_target(None, target);
             let style = ProgressStyle::with_template(template)
-                .unwrap_or_else(|_| ProgressStyle::default_bar());
+                .unwrap_or_else(|_| ProgressStyle::default_bar())
+                .with_key(
+                    "rate",
+                    |s: &indicatif::ProgressState, w: &mut dyn std::fmt::Write| {
+                        let _ = write!(w, "{:.1}/s", s.per_sec());
+                    },
+                );
             bar.set_style(style);
             bar.enable_steady_tick(Duration::from_millis(100));
             bar

@@ -208,3 +208,28 @@ fn a_failed_cached_job_is_never_served_from_the_cache() {
     assert!(env.list("result").is_empty());
     assert_eq!(env.list("fail").len(), 3);
 }
+
+#[test]
+fn verify_counts_the_payloads_and_outputs_it_rehashed_inline() {
+    let env = Env::new();
+    env.add("echo hi");
+    env.run_until_empty(&[]);
+    let out = env.cmd(&["verify"]);
+    assert_success(&out, &["verify"]);
+    let said = text(&out.stderr);
+    let number = |after: &str| -> u64 {
+        let (_, rest) = said.split_once(after).unwrap_or_else(|| panic!("{said}"));
+        rest.split(|c: char| !c.is_ascii_digit())
+            .find(|w| !w.is_empty())
+            .and_then(|n| n.parse().ok())
+            .unwrap_or_else(|| panic!("{said}"))
+    };
+    assert!(
+        said.starts_with("batchdb: verified 0 blobs (0 bytes), "),
+        "{said}"
+    );
+    // The payload (7 bytes) and its stdout (3 bytes) at least.
+    assert!(number("bytes), ") >= 2, "{said}");
+    assert!(number("inline blobs (") >= 10, "{said}");
+    assert!(said.trim_end().ends_with(": 0 problems"), "{said}");
+}

@@ -16,6 +16,7 @@
 //! - `retention`: `prune` and `--prune-after`, then `gc`
 //! - `serve`: `batchdb serve` as a process: flags, a 1 GiB upload, SSE, the dashboard in Chromium
 
+mod tty;
 mod util;
 
 mod bad_input;

@@ -367,17 +367,17 @@ impl Queue for PgQueue {
             .await
     }
 
-    async fn check(&self) -> Result<Vec<String>> {
+    async fn check(&self) -> Result<Check> {
         self.read(async |c| {
-            let mut problems = Vec::new();
+            let mut check = Check::default();
             for (sql, what) in CHECKS {
                 let n: i64 = c.query_one(sql, &[]).await?.try_get(0)?;
                 if n > 0 {
-                    problems.push(format!("{n} {what}"));
+                    check.problems.push(format!("{n} {what}"));
                 }
             }
-            problems.extend(read::check_inline(&mut Pg(c)).await?);
-            Ok(problems)
+            read::check_inline(&mut Pg(c), &mut check).await?;
+            Ok(check)
         })
         .await
     }

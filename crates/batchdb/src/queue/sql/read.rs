@@ -6,9 +6,9 @@ use crate::error::Error;
 use crate::hash::Hash;
 use crate::queue::row::Row;
 use crate::queue::{
-    AttemptReport, AttemptRow, BatchCounts, BlobReference, ClaimToken, Counts, Event, FailRow,
-    FailValue, Heartbeat, InstanceDetail, JobRow, ListKind, ListRow, PendingRow, ResultRow,
-    ResultValue, Selected, Selector, State,
+    AttemptReport, AttemptRow, BatchCounts, BlobReference, Check, ClaimToken, Counts, Event,
+    FailRow, FailValue, Heartbeat, InstanceDetail, JobRow, ListKind, ListRow, PendingRow,
+    ResultRow, ResultValue, Selected, Selector, State,
 };
 
 type R<T, C> = Result<T, <C as Conn>::Error>;
@@ -429,24 +429,26 @@ pub(crate) async fn references_page<C: Conn>(
     Ok((out, more.then_some(end)))
 }
 
-/// Problems with the bytes kept inline: each payload and output must hash to its key.
-/// Streams every row (there may be millions).
-pub(crate) async fn check_inline<C: Conn>(c: &mut C) -> R<Vec<String>, C> {
-    let mut problems = Vec::new();
+/// Re-hashes the bytes kept inline into `check`: each payload and output must hash to
+/// its key. Streams every row (there may be millions).
+pub(crate) async fn check_inline<C: Conn>(c: &mut C, check: &mut Check) -> R<(), C> {
     for (sql, what) in [
         (&INLINE_PAYLOADS, "job {key}: its inline payload"),
         (&INLINE_OUTPUTS, "inline blob {key}"),
     ] {
         c.each(sql, &[], |r| {
             let key = r.req_text(0)?;
-            let actual = Hash::of(&r.bytes(1)?.unwrap_or_default());
+            let bytes = r.bytes(1)?.unwrap_or_default();
+            check.inline += 1;
+            check.inline_bytes += bytes.len() as u64;
+            let actual = Hash::of(&bytes);
             if actual.to_hex() != key {
                 let owner = what.replace("{key}", &key);
-                problems.push(format!("{owner} hashes to {actual}"));
+                check.problems.push(format!("{owner} hashes to {actual}"));
             }
             Ok(())
         })
         .await?;
     }
-    Ok(problems)
+    Ok(())
 }

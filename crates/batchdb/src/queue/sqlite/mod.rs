@@ -449,16 +449,19 @@ impl Queue for SqliteQueue {
             .await
     }
 
-    async fn check(&self) -> Result<Vec<String>> {
+    async fn check(&self) -> Result<Check> {
         self.with_conn(|conn| {
             let mut stmt = conn.prepare("PRAGMA integrity_check")?;
             let rows = stmt.query_map([], |r| r.get::<_, String>(0))?;
             let out: Vec<String> = rows.collect::<rusqlite::Result<_>>()?;
-            let mut problems: Vec<String> = out.into_iter().filter(|l| l != "ok").collect();
-            problems.extend(exec::run(conn, |mut l| async move {
-                read::check_inline(&mut l).await
-            })?);
-            Ok(problems)
+            let problems: Vec<String> = out.into_iter().filter(|l| l != "ok").collect();
+            let check = exec::run(conn, |mut l| async move {
+                let mut check = Check::default();
+                check.problems = problems;
+                read::check_inline(&mut l, &mut check).await?;
+                Ok(check)
+            })?;
+            Ok(check)
         })
         .await
     }
