@@ -34,7 +34,20 @@ impl Hash {
 
     /// The 64-character lowercase hex form.
     pub fn to_hex(&self) -> String {
-        hex::encode(self.0)
+        self.with_hex(str::to_owned)
+    }
+
+    /// Calls `f` with the 64-character lowercase hex form, built on the stack (every
+    /// row written names hashes in hex: this is on the bulk add's hot path).
+    pub(crate) fn with_hex<T>(&self, f: impl FnOnce(&str) -> T) -> T {
+        const DIGITS: &[u8; 16] = b"0123456789abcdef";
+        let mut buf = [0u8; 64];
+        for (pair, b) in buf.chunks_exact_mut(2).zip(self.0) {
+            pair[0] = DIGITS[usize::from(b >> 4)];
+            pair[1] = DIGITS[usize::from(b & 0x0f)];
+        }
+        // Hex digits are ASCII, so this is always valid UTF-8.
+        f(std::str::from_utf8(&buf).unwrap_or_default())
     }
 }
 
@@ -86,23 +99,19 @@ impl FromStr for Hash {
 
 impl fmt::Display for Hash {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.to_hex())
+        self.with_hex(|h| f.write_str(h))
     }
 }
 
 impl fmt::Debug for Hash {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "Hash({})", self.to_hex())
+        self.with_hex(|h| write!(f, "Hash({h})"))
     }
 }
 
 impl Serialize for Hash {
     fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        let mut buf = [0u8; 64];
-        // Cannot fail: the buffer is exactly twice the digest's length.
-        let _ = hex::encode_to_slice(self.0, &mut buf);
-        // Hex digits are ASCII, so this is always valid UTF-8.
-        s.serialize_str(std::str::from_utf8(&buf).unwrap_or_default())
+        self.with_hex(|h| s.serialize_str(h))
     }
 }
 
