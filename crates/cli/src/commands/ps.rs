@@ -31,8 +31,14 @@ pub(super) async fn ps(db: &BatchDb, a: PsArgs) -> Result<ExitCode> {
     }
     let mut table = vec![header];
     let mut states = vec![None];
-    for r in &rows {
-        let mut row = cells(db, r, now).await?;
+    // Previews read concurrently: on S3 each is a ranged GET of a payload's head.
+    let previews: Vec<Result<String>> = futures_util::stream::iter(&rows)
+        .map(|r| preview(db, &r.job))
+        .buffered(8)
+        .collect()
+        .await;
+    for (r, preview) in rows.iter().zip(previews) {
+        let mut row = cells(r, preview?, now);
         if batches {
             row.insert(row.len() - 1, r.batch.clone().unwrap_or_else(|| "-".into()));
         }
@@ -54,13 +60,17 @@ pub(super) async fn ps(db: &BatchDb, a: PsArgs) -> Result<ExitCode> {
 
 const HEADER: [&str; 7] = ["ID", "STATE", "AGE", "TIME", "TRIES", "EXIT", "COMMAND"];
 
+/// The preview of payload `job`; a payload that is gone (its blob lost) says so.
+async fn preview(db: &BatchDb, job: &Hash) -> Result<String> {
+    match db.preview(job).await {
+        Ok(p) => Ok(p),
+        Err(Error::BlobNotFound(_)) => Ok("(payload missing)".into()),
+        Err(e) => Err(e),
+    }
+}
+
 /// One row's cells, in [`HEADER`]'s order.
-async fn cells(db: &BatchDb, r: &InstanceSummary, now: i64) -> Result<Vec<String>> {
-    let preview = match db.preview(&r.job).await {
-        Ok(p) => p,
-        Err(Error::BlobNotFound(_)) => "(payload missing)".into(),
-        Err(e) => return Err(e),
-    };
+fn cells(r: &InstanceSummary, preview: String, now: i64) -> Vec<String> {
     let time = match (r.start, r.end, r.state) {
         (Some(s), None, State::Running) => span(now - s),
         (Some(s), Some(e), _) => span(e - s),
@@ -71,7 +81,7 @@ async fn cells(db: &BatchDb, r: &InstanceSummary, now: i64) -> Result<Vec<String
         (None, Some(s)) => format!("sig {s}"),
         (None, None) => "-".into(),
     };
-    Ok(vec![
+    vec![
         r.id.to_string(),
         r.state.as_str().into(),
         span(now - r.created),
@@ -79,7 +89,7 @@ async fn cells(db: &BatchDb, r: &InstanceSummary, now: i64) -> Result<Vec<String
         r.attempts.to_string(),
         exit,
         preview,
-    ])
+    ]
 }
 
 /// How the table is drawn: in colour, and cut to a width (a terminal's).

@@ -185,3 +185,24 @@ fn strip_ansi(text: &str) -> String {
     }
     out
 }
+
+#[test]
+fn ps_says_when_a_payload_is_gone_instead_of_failing() {
+    let env = Env::new();
+    // Over 16 KiB: kept in the blob store, not inline.
+    let big = format!("echo big # {}", "x".repeat(20_000));
+    let (key, _) = env.add(&big);
+    env.add("echo small");
+    let blob = env
+        .db_dir()
+        .join("blobs")
+        .join(&key[0..2])
+        .join(&key[2..4])
+        .join(&key);
+    std::fs::remove_file(&blob).expect("remove the payload's blob");
+    let table = env.ok(&["ps"]);
+    let rows: Vec<&str> = table.lines().skip(1).collect();
+    assert_eq!(rows.len(), 2, "{table}");
+    assert!(rows[0].ends_with("echo small"), "{table}");
+    assert!(rows[1].ends_with("(payload missing)"), "{table}");
+}

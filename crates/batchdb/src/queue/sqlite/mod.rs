@@ -456,8 +456,10 @@ impl Queue for SqliteQueue {
             let out: Vec<String> = rows.collect::<rusqlite::Result<_>>()?;
             let problems: Vec<String> = out.into_iter().filter(|l| l != "ok").collect();
             let check = exec::run(conn, |mut l| async move {
-                let mut check = Check::default();
-                check.problems = problems;
+                let mut check = Check {
+                    problems,
+                    ..Check::default()
+                };
                 read::check_inline(&mut l, &mut check).await?;
                 Ok(check)
             })?;
