@@ -11,13 +11,16 @@
 //! - `inspection`: show, logs -f, events, the result cache
 //! - `faults`: the bad-input and fault matrix: full disk, read-only stores, huge streams
 //! - `retention`: `prune` and `--prune-after`, then `gc`
-//! - `serve`: `batchdb serve` as a process: flags, a 1 GiB upload, SSE, the dashboard in Chromium
+//! - `serve`: `batchdb serve` as a process: flags, a 1 GiB upload, SSE
+//! - `dashboard`: the dashboard in headless Chromium: previews, filter, charts, the
+//!   instance panel, safety of payload text, 100,000 results
 
 mod util;
 
 mod bad_input;
 mod batches;
 mod consistency;
+mod dashboard;
 mod faults;
 mod inspection;
 mod output_contract;
