@@ -51,15 +51,28 @@ fn kinds(kind: &str) -> Result<(ListKind, EventKind), ApiError> {
     }
 }
 
+/// How many instances are in `list`'s state now.
+async fn existing(app: &AppState, list: ListKind) -> Result<u64, ApiError> {
+    let c = app.db.counts().await?;
+    Ok(match list {
+        ListKind::Result => c.result,
+        ListKind::Fail => c.fail,
+        _ => c.cancelled,
+    })
+}
+
 /// Candidates `(event id, instance id)`, newest first, from events below `before`:
-/// up to `want`, and the event id to continue below (`None`: the log's start).
+/// up to `want`, and the event id to continue below (`None`: the log's start). When
+/// the newest window does not hold them all, it stops once it found as many
+/// instances as are in the list's state now (none: it reads no further).
 async fn candidates(
     app: &AppState,
-    ev: EventKind,
+    (list, ev): (ListKind, EventKind),
     before: Option<i64>,
     want: usize,
 ) -> Result<(Vec<(i64, i64)>, Option<i64>), ApiError> {
     let db = &app.db;
+    let mut exist = u64::MAX;
     let mut hi = match before {
         Some(b) => b - 1,
         None => db.last_event_id().await?,
@@ -76,11 +89,20 @@ async fn candidates(
                     if found.len() == want {
                         return Ok((found, Some(e.id)));
                     }
+                    if found.len() as u64 >= exist && before.is_none() {
+                        return Ok((found, None));
+                    }
                 }
             }
         }
         hi = lo;
         windows += 1;
+        if windows == 1 && before.is_none() && hi > 0 {
+            exist = existing(app, list).await?;
+            if found.len() as u64 >= exist {
+                return Ok((found, None));
+            }
+        }
     }
     Ok((found, (hi > 0).then_some(hi + 1)))
 }
@@ -115,7 +137,7 @@ pub(crate) async fn recent(
     } else {
         TEXT_CANDIDATES
     };
-    let (found, mut next) = candidates(&app, ev, p.before, want).await?;
+    let (found, mut next) = candidates(&app, (list, ev), p.before, want).await?;
     let db = &app.db;
     let mut fetched = futures_util::stream::iter(found)
         .map(|(eid, id)| async move {

@@ -210,11 +210,13 @@ async function loadDone(kind, more) {
 
 // The tables' first pages: everything's newest, or one batch's rows.
 async function loadRows() {
-  await loadPending(false);
   // Running instances may sit past the first page of a long queue.
-  const running = await getJSON("/api/list/pending?" + listQuery({ running: true, limit: 100 }));
-  for (const r of running.rows) place(fromList("pending", r));
-  await Promise.all(["result", "fail", "cancelled"].map((k) => loadDone(k, false)));
+  const running = async () => {
+    const page = await getJSON("/api/list/pending?" + listQuery({ running: true, limit: 100 }));
+    for (const r of page.rows) place(fromList("pending", r));
+  };
+  await Promise.all([loadPending(false), running()].concat(
+    ["result", "fail", "cancelled"].map((k) => loadDone(k, false))));
   empties();
 }
 
