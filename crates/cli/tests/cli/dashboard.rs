@@ -429,6 +429,16 @@ fn open_dashboard(b: &Browser, s: &Served) -> f64 {
         .expect("a time")
 }
 
+/// Clicks the element `css` finds at this moment (rows are redrawn when events
+/// arrive, so an element found earlier may be gone).
+fn click_now(b: &Browser, css: &str) {
+    let found = b.js(&format!(
+        "const e = document.querySelector({}); if (e) e.click(); return !!e;",
+        serde_json::to_string(css).expect("json")
+    ));
+    assert_eq!(found, true, "no element {css}");
+}
+
 /// The texts of the preview cells of `table`'s rows.
 fn previews(b: &Browser, table: &str) -> Vec<String> {
     let v = b.js(&format!(
@@ -592,7 +602,10 @@ fn dashboard_with_50_mixed_jobs_shows_previews_filters_charts_and_payload_text_s
         ))
         .as_i64()
         .expect("the script row");
-    b.click(&format!("#results tr[data-id=\"{xss_id}\"] button.output"));
+    click_now(
+        &b,
+        &format!("#results tr[data-id=\"{xss_id}\"] button.output"),
+    );
     b.wait_js(
         "the panel's payload, attempts and output",
         "return document.getElementById('payload-text').textContent.length > 0
@@ -615,7 +628,7 @@ fn dashboard_with_50_mixed_jobs_shows_previews_filters_charts_and_payload_text_s
     assert_eq!(attempt[1], "result");
     assert_eq!(attempt[2], "0", "exit code");
     // The failure with an attribute-breaking payload, in the panel: its exit code.
-    b.click("#failures tbody tr td.job");
+    click_now(&b, "#failures tbody tr td.job");
     assert_eq!(b.js(safe), true);
 
     // The filter: text in the preview (on the server), then a state.
@@ -660,6 +673,18 @@ fn dashboard_with_50_mixed_jobs_shows_previews_filters_charts_and_payload_text_s
     );
     b.click("#output-close");
     b.js("window.scrollTo(0, 0);");
+    // Tall enough for every table, for a person to look at.
+    b.cmd(
+        "POST",
+        "/window/rect",
+        Some(json!({"width": 1400, "height": 3000})),
+    );
+    click_now(&b, "#running tbody tr td.job");
+    b.wait_js(
+        "the running instance's panel",
+        "return document.querySelectorAll('#attempts tbody tr').length === 1
+           && document.getElementById('stdout').textContent.includes('running item');",
+    );
     let png = artifact("dashboard-50.png");
     b.screenshot(&png);
     println!("dashboard screenshot: {}", png.display());

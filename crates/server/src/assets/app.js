@@ -214,6 +214,8 @@ async function loadRows() {
   const running = async () => {
     const page = await getJSON("/api/list/pending?" + listQuery({ running: true, limit: 100 }));
     for (const r of page.rows) place(fromList("pending", r));
+    // List rows carry no start time: read the few running ones in full.
+    if (page.rows.length <= BURST) for (const r of page.rows) refresh(r.id);
   };
   await Promise.all([loadPending(false), running()].concat(
     ["result", "fail", "cancelled"].map((k) => loadDone(k, false))));

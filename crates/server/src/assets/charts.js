@@ -27,7 +27,10 @@ function bucketLabel(bounds, i) {
 
 function makeCharts(s) {
   const xs = s.time.map((t) => t / 1000);
-  const line = (label, stroke, fill) => ({ label, stroke, fill, width: 2, points: { show: false } });
+  // Lines with a dot on every minute that counted something.
+  const line = (label, stroke, fill) => ({ label, stroke, fill, width: 2,
+    points: { show: true, size: 6, fill: stroke,
+      filter: (u, si) => u.data[si].flatMap((v, i) => v > 0 ? [i] : []) } });
   const bars = uPlot.paths.bars({ size: [0.7, 40] });
   const counts = { x: { time: true }, y: { range: (u, min, max) => [0, Math.max(1, max)] } };
   window.__batchdbCharts.throughput = new uPlot({
