@@ -1,192 +1,11 @@
 //! The dashboard driven in headless Chromium through chromedriver's WebDriver API,
 //! against a real `batchdb serve` process.
 
-use std::net::{SocketAddr, TcpStream};
-use std::path::PathBuf;
+use serde_json::json;
 
-use serde_json::{Value, json};
-
-use crate::serve::{Served, http, serve};
+use crate::browser::*;
+use crate::serve::serve;
 use crate::util::*;
-
-const CHROMIUM: &str = "/usr/bin/chromium";
-const CHROMEDRIVER: &str = "/usr/bin/chromedriver";
-
-/// A WebDriver session in headless Chromium, through chromedriver.
-struct Browser {
-    driver: SocketAddr,
-    session: String,
-    _chromedriver: Proc,
-}
-
-impl Browser {
-    fn start(env: &Env) -> Browser {
-        for bin in [CHROMIUM, CHROMEDRIVER] {
-            assert!(
-                std::path::Path::new(bin).exists(),
-                "{bin} is missing: the dashboard test needs Debian's chromium and \
-                 chromium-driver (apt-get install -y chromium chromium-driver)"
-            );
-        }
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .expect("a free port")
-            .port();
-        let mut cmd = std::process::Command::new(CHROMEDRIVER);
-        cmd.arg(format!("--port={port}"))
-            .current_dir(env.root())
-            .stdin(std::process::Stdio::null());
-        let proc = env.start(cmd, None);
-        let driver: SocketAddr = format!("127.0.0.1:{port}").parse().expect("addr");
-        wait_until("chromedriver to be ready", || {
-            TcpStream::connect(driver).ok()?;
-            let (status, _, body) = http(driver, "GET", "/status", &[], b"");
-            let v: Value = serde_json::from_slice(&body).ok()?;
-            (status == 200 && v["value"]["ready"] == true).then_some(())
-        });
-        let profile = env.file("chrome-profile");
-        let caps = json!({"capabilities": {"alwaysMatch": {
-            "browserName": "chrome",
-            "goog:chromeOptions": {
-                "binary": CHROMIUM,
-                "args": [
-                    "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
-                    "--disable-background-networking", "--disable-component-update",
-                    "--disable-sync", "--disable-quic", "--window-size=1400,1200",
-                    format!("--user-data-dir={}", profile.display()),
-                ],
-            },
-        }}});
-        let mut b = Browser {
-            driver,
-            session: String::new(),
-            _chromedriver: proc,
-        };
-        let v = b.call("POST", "/session", Some(caps));
-        b.session = v["sessionId"]
-            .as_str()
-            .unwrap_or_else(|| panic!("no session in {v}"))
-            .to_string();
-        b
-    }
-
-    /// A WebDriver command; returns its `value`, failing the test on an error.
-    fn call(&self, method: &str, path: &str, body: Option<Value>) -> Value {
-        let body = body.map(|b| b.to_string()).unwrap_or_default();
-        let (status, _, out) = http(
-            self.driver,
-            method,
-            path,
-            &[("Content-Type", "application/json")],
-            body.as_bytes(),
-        );
-        let v: Value = serde_json::from_slice(&out)
-            .unwrap_or_else(|e| panic!("{method} {path}: {e}: {}", text(&out)));
-        assert_eq!(status, 200, "{method} {path}: {v}");
-        v["value"].clone()
-    }
-
-    fn cmd(&self, method: &str, path: &str, body: Option<Value>) -> Value {
-        self.call(method, &format!("/session/{}{path}", self.session), body)
-    }
-
-    fn js(&self, script: &str) -> Value {
-        self.cmd(
-            "POST",
-            "/execute/sync",
-            Some(json!({"script": script, "args": []})),
-        )
-    }
-
-    /// Waits until `script` returns something other than null or false.
-    fn wait_js(&self, what: &str, script: &str) -> Value {
-        wait_until(what, || {
-            let v = self.js(script);
-            (!v.is_null() && v != false).then_some(v)
-        })
-    }
-
-    fn find(&self, css: &str) -> String {
-        let v = self.cmd(
-            "POST",
-            "/element",
-            Some(json!({"using": "css selector", "value": css})),
-        );
-        v.as_object()
-            .and_then(|o| o.values().next())
-            .and_then(|id| id.as_str())
-            .unwrap_or_else(|| panic!("no element {css}: {v}"))
-            .to_string()
-    }
-
-    fn click(&self, css: &str) {
-        let el = self.find(css);
-        self.cmd("POST", &format!("/element/{el}/click"), Some(json!({})));
-    }
-
-    fn type_into(&self, css: &str, text: &str) {
-        let el = self.find(css);
-        self.cmd(
-            "POST",
-            &format!("/element/{el}/value"),
-            Some(json!({ "text": text })),
-        );
-    }
-
-    fn screenshot(&self, path: &std::path::Path) {
-        let b64 = self.cmd("GET", "/screenshot", None);
-        let png = base64_decode(b64.as_str().expect("base64 screenshot"));
-        assert!(png.starts_with(b"\x89PNG"), "not a PNG");
-        std::fs::create_dir_all(path.parent().expect("dir")).expect("artifact dir");
-        std::fs::write(path, png).expect("write screenshot");
-    }
-}
-
-impl Drop for Browser {
-    fn drop(&mut self) {
-        if !self.session.is_empty() {
-            let _ = http(
-                self.driver,
-                "DELETE",
-                &format!("/session/{}", self.session),
-                &[],
-                b"",
-            );
-        }
-    }
-}
-
-fn base64_decode(s: &str) -> Vec<u8> {
-    let val = |c: u8| -> Option<u32> {
-        Some(match c {
-            b'A'..=b'Z' => c - b'A',
-            b'a'..=b'z' => c - b'a' + 26,
-            b'0'..=b'9' => c - b'0' + 52,
-            b'+' => 62,
-            b'/' => 63,
-            _ => return None,
-        } as u32)
-    };
-    let mut out = Vec::with_capacity(s.len() * 3 / 4);
-    let (mut acc, mut bits) = (0u32, 0);
-    for c in s.bytes().filter_map(val) {
-        acc = (acc << 6) | c;
-        bits += 6;
-        if bits >= 8 {
-            bits -= 8;
-            out.push((acc >> bits) as u8);
-        }
-    }
-    out
-}
-
-/// Where test artifacts go: `target/test-artifacts/` of the workspace.
-fn artifact(name: &str) -> PathBuf {
-    let target = std::env::var_os("CARGO_TARGET_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../target"));
-    target.join("test-artifacts").join(name)
-}
 
 /// The instance id of the one row of `table` (pending, running, results, failures)
 /// for `job`, once the page shows it.
@@ -199,15 +18,6 @@ fn row_id(b: &Browser, table: &str, job: &str) -> i64 {
     b.wait_js(&format!("a {table} row of {job}"), &script)
         .as_i64()
         .expect("id")
-}
-
-fn text_of(b: &Browser, css: &str) -> String {
-    b.js(&format!(
-        "return document.querySelector('{css}').textContent;"
-    ))
-    .as_str()
-    .unwrap_or("")
-    .to_string()
 }
 
 #[test]
@@ -410,45 +220,6 @@ fn dashboard_batch_view_in_headless_chromium() {
     println!("dashboard screenshot: {}", png.display());
 }
 
-/// Opens the dashboard of `s` and waits until its tables, counts and charts are
-/// filled; returns the milliseconds from navigation start to then, as the page
-/// measured it (`performance.now()`).
-fn open_dashboard(b: &Browser, s: &Served) -> f64 {
-    b.cmd(
-        "POST",
-        "/url",
-        Some(json!({ "url": format!("http://{}{}/", s.addr, s.prefix) })),
-    );
-    let filled = b.wait_js(
-        "the tables, counts and charts to be filled",
-        "return document.body.dataset.loaded || null;",
-    );
-    filled
-        .as_str()
-        .and_then(|v| v.parse().ok())
-        .expect("a time")
-}
-
-/// Clicks the element `css` finds at this moment (rows are redrawn when events
-/// arrive, so an element found earlier may be gone).
-fn click_now(b: &Browser, css: &str) {
-    let found = b.js(&format!(
-        "const e = document.querySelector({}); if (e) e.click(); return !!e;",
-        serde_json::to_string(css).expect("json")
-    ));
-    assert_eq!(found, true, "no element {css}");
-}
-
-/// The texts of the preview cells of `table`'s rows.
-fn previews(b: &Browser, table: &str) -> Vec<String> {
-    let v = b.js(&format!(
-        "return [...document.querySelectorAll('#{table} tbody tr td.job')].map((td) => {{
-           if (!/^[0-9a-f]{{64}}$/.test(td.title)) return 'no hash in the tooltip';
-           return td.querySelector('.preview').textContent; }});"
-    ));
-    serde_json::from_value(v).expect("strings")
-}
-
 /// A script payload and an attribute-breaking one: shown as text, never run.
 const SCRIPT_PAYLOAD: &str = "echo '<script>window.__xss = 1</script>'";
 const IMG_PAYLOAD: &str = "echo '\"><img src=x onerror=\"window.__xss = 2\">' >&2; exit 9";
@@ -512,16 +283,6 @@ fn fifty_mixed_jobs(env: &Env) -> Proc {
         (running.iter().filter(|r| r["running"] == true).count() == 2).then_some(())
     });
     worker
-}
-
-/// The sum of series `i` of chart `name`, from the uPlot instance's own data.
-fn chart_sum(b: &Browser, name: &str, i: usize) -> i64 {
-    b.js(&format!(
-        "const c = window.__batchdbCharts['{name}'];
-         return c ? c.data[{i}].reduce((a, v) => a + (v || 0), 0) : -1;"
-    ))
-    .as_i64()
-    .expect("a number")
 }
 
 #[test]
@@ -688,147 +449,16 @@ fn dashboard_with_50_mixed_jobs_shows_previews_filters_charts_and_payload_text_s
     let png = artifact("dashboard-50.png");
     b.screenshot(&png);
     println!("dashboard screenshot: {}", png.display());
+
+    // Live: the running two end; their rows move and the charts count them.
     env.touch("go");
-}
-
-/// Distinct jobs the bulk results are instances of.
-const BULK_JOBS: i64 = 100;
-
-/// Fills the fresh SQLite queue of `env` with `n` results straight through SQL (the
-/// `sqlite3` shell): instances of [`BULK_JOBS`] jobs with inline payloads
-/// `echo bulk job J` (instance I of job I % 100), one attempt each (run times 5 ms to
-/// 0.6 s), four events each, spread over the last 50 minutes.
-fn fill_results(env: &Env, n: i64) {
-    env.ok(&["status"]); // creates and migrates the database
-    let t0 = now_ms() - 3_000_000;
-    let step = 3_000_000 / n;
-    let jobs: Vec<String> = (0..BULK_JOBS)
-        .map(|j| {
-            let payload = format!("echo bulk job {j}");
-            format!("({j}, '{}', '{payload}')", sha256(payload.as_bytes()))
-        })
-        .collect();
-    let key = format!("(SELECT key FROM b WHERE j = i % {BULK_JOBS})");
-    let sql = format!(
-        "BEGIN;
-         CREATE TEMP TABLE b(j INTEGER PRIMARY KEY, key TEXT, payload TEXT);
-         INSERT INTO b VALUES {jobs};
-         CREATE TEMP TABLE s(i INTEGER PRIMARY KEY);
-         WITH RECURSIVE r(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM r WHERE i < {n})
-           INSERT INTO s SELECT i FROM r;
-         INSERT INTO jobs(key, size, created, payload)
-           SELECT key, length(payload), {t0} - 1000 + j, CAST(payload AS BLOB) FROM b;
-         INSERT INTO instances(job, created, state, priority, run_at, cached, attempts, ended)
-           SELECT {key}, {t0} + i * {step}, 'result', 0, 0, 0, 1,
-                  {t0} + i * {step} + 5 + (i % 7) * 100 FROM s;
-         INSERT INTO attempts(instance, attempt, worker, start, \"end\", outcome, exit_code, stdout, stdout_size)
-           SELECT i, 1, 'bulk', {t0} + i * {step}, {t0} + i * {step} + 5 + (i % 7) * 100,
-                  'result', 0, printf('%064x', i + 100000000), 8 FROM s;
-         INSERT INTO events(id, time, kind, job, created, instance)
-           SELECT {BULK_JOBS} + (i - 1) * 3 + k.n,
-                  {t0} + i * {step} + CASE WHEN k.n = 3 THEN 5 + (i % 7) * 100 ELSE 0 END,
-                  k.kind, {key}, {t0} + i * {step}, i
-           FROM s, (SELECT 1 AS n, 'push' AS kind UNION ALL SELECT 2, 'start'
-                    UNION ALL SELECT 3, 'result') AS k;
-         INSERT INTO events(id, time, kind, job) SELECT j + 1, {t0} - 1000 + j, 'create', key FROM b;
-         COMMIT;",
-        jobs = jobs.join(",")
-    );
-    let out = std::process::Command::new("sqlite3")
-        .arg(env.db_dir().join("batchdb.sqlite"))
-        .arg(sql)
-        .output()
-        .expect("sqlite3 (apt-get install -y sqlite3)");
-    assert!(out.status.success(), "sqlite3: {}", text(&out.stderr));
-}
-
-/// The API requests the page made, slowest first, as `path ms` lines.
-fn slowest_requests(b: &Browser) -> String {
-    let v = b.js("return performance.getEntriesByType('resource')
-           .filter((e) => e.name.includes('/api/'))
-           .sort((a, b) => b.duration - a.duration).slice(0, 6)
-           .map((e) => new URL(e.name).pathname + new URL(e.name).search + ' '
-             + Math.round(e.duration) + ' ms').join(', ');");
-    v.as_str().unwrap_or("").to_string()
-}
-
-#[test]
-fn dashboard_with_100000_results_loads_in_under_a_second() {
-    let env = Env::new();
-    let n = 100_000;
-    let t = std::time::Instant::now();
-    fill_results(&env, n);
-    println!("filled {n} results in {:?}", t.elapsed());
-    let s = serve(&env, &[], &[]);
-    // The server's event-log follower counts the log once when it starts (the charts
-    // and /metrics read it); that is start-up work, measured on its own.
-    let t = std::time::Instant::now();
-    let (status, _, _) = http(s.addr, "GET", "/api/series", &[], b"");
-    assert_eq!(status, 200);
-    println!(
-        "series after start (the follower read {} events) in {:?}",
-        n * 3 + BULK_JOBS,
-        t.elapsed()
-    );
-    let b = Browser::start(&env);
-    let mut figures = Vec::new();
-    for _ in 0..3 {
-        let filled = open_dashboard(&b, &s);
-        let nav = b.js("const n = performance.getEntriesByType('navigation')[0];
-             return [n.responseEnd, n.domContentLoadedEventEnd, n.loadEventEnd];");
-        println!(
-            "page with {n} results: navigation response {:.0} ms, DOMContentLoaded {:.0} ms, \
-             load {:.0} ms, tables + counts + charts filled {filled:.0} ms",
-            nav[0].as_f64().unwrap_or(-1.0),
-            nav[1].as_f64().unwrap_or(-1.0),
-            nav[2].as_f64().unwrap_or(-1.0),
-        );
-        println!("  slowest requests: {}", slowest_requests(&b));
-        figures.push(filled);
-    }
-    assert_eq!(
-        b.js("return document.getElementById('count-result').textContent;"),
-        n.to_string()
-    );
-    let shown = previews(&b, "results");
-    assert_eq!(shown.len(), 100);
-    assert_eq!(shown[0], format!("echo bulk job {}", n % BULK_JOBS));
-    assert_eq!(chart_sum(&b, "throughput", 1), n);
-    assert_eq!(chart_sum(&b, "runtime", 1), n);
-    // Paging beyond the newest rows: the next 100, older.
-    b.click("#results-more");
     b.wait_js(
-        "the second page",
-        "return document.querySelectorAll('#results tbody tr').length === 200;",
+        "the two results, live",
+        "return document.querySelectorAll('#results tbody tr').length === 33
+           && document.querySelectorAll('#running tbody tr').length === 0;",
     );
-    let ids = b.js("return [...document.querySelectorAll('#results tbody tr')].map((tr) => Number(tr.dataset.id));");
-    let mut ids: Vec<i64> = serde_json::from_value(ids).expect("ids");
-    ids.sort_unstable();
-    assert_eq!(
-        ids,
-        ((n - 199)..=n).collect::<Vec<_>>(),
-        "the newest 200, each once"
-    );
-    // The filter: one job's rows among the newest 1,000 (the server examines that
-    // many per request for a text), found by the text of its payload; "older" goes on.
-    b.type_into("#q", "bulk job 42");
-    b.wait_js(
-        "the filtered rows",
-        "const p = [...document.querySelectorAll('#results tbody tr .preview')];
-         return p.length === 10 && p.every((e) => e.textContent === 'echo bulk job 42');",
-    );
-    b.click("#results-more");
-    b.wait_js(
-        "more filtered rows, older",
-        "const p = [...document.querySelectorAll('#results tbody tr .preview')];
-         return p.length === 20 && p.every((e) => e.textContent === 'echo bulk job 42');",
-    );
-    let best = figures.iter().copied().fold(f64::INFINITY, f64::min);
-    println!("page load with {n} results: best {best:.0} ms of {figures:?}");
-    assert!(
-        best < 3000.0,
-        "the page took {best:.0} ms to fill with {n} results"
-    );
-    let png = artifact("dashboard-100k.png");
-    b.screenshot(&png);
+    wait_until("the charts to count them", || {
+        (chart_sum(&b, "throughput", 1) == 33).then_some(())
+    });
+    assert_eq!(chart_sum(&b, "runtime", 1), 42);
 }
