@@ -214,3 +214,62 @@ pub(crate) async fn series(
     let body = app.metrics.with_series(|s| s.window(now, minutes, open))?;
     Ok(Json(body).into_response())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const M: i64 = MINUTE_MS;
+
+    #[test]
+    fn window_counts_each_minute_and_walks_depth_back_from_now() {
+        let mut s = Series::default();
+        let t = 1_000 * M;
+        // minute 997: 3 pushed; 998: one result (2 s), one failure; 1000: one cancel
+        for _ in 0..3 {
+            s.record(t - 3 * M, Change::Push);
+        }
+        s.record(t - 2 * M + 5, Change::Result(Some(2_000)));
+        s.record(t - 2 * M + 9, Change::Fail(None));
+        s.record(t + 10, Change::Cancel);
+        let w = s.window(t + 30_000, 5, 0);
+        assert_eq!(w.time, [996, 997, 998, 999, 1000].map(|m| m * M));
+        assert_eq!(w.results, [0, 0, 1, 0, 0]);
+        assert_eq!(w.failures, [0, 0, 1, 0, 0]);
+        assert_eq!(w.cancelled, [0, 0, 0, 0, 1]);
+        assert_eq!(w.depth, [0, 3, 1, 1, 0]);
+        assert_eq!(w.runtime.counts.iter().sum::<u64>(), 1);
+        assert_eq!(w.runtime.counts[bucket(2_000)], 1);
+        assert_eq!(w.runtime.bounds[bucket(2_000)], 2.5);
+    }
+
+    #[test]
+    fn buckets_older_than_a_day_are_dropped_and_never_grow_back() {
+        let mut s = Series::default();
+        s.record(0, Change::Push);
+        s.record(KEEP_MINUTES * M, Change::Push);
+        assert_eq!(s.minutes.len(), 1, "the oldest minute left the window");
+        s.record(30_000, Change::Push);
+        assert_eq!(
+            s.minutes.len(),
+            1,
+            "a late event past the window is not kept"
+        );
+        s.record(M, Change::Push);
+        assert_eq!(
+            s.minutes.len(),
+            2,
+            "the window holds the day's 1440 minutes"
+        );
+        let w = s.window(KEEP_MINUTES * M, 2, 2);
+        assert_eq!(w.depth, [1, 2]);
+    }
+
+    #[test]
+    fn run_times_past_every_bound_land_in_the_last_bucket() {
+        assert_eq!(bucket(-5), 0);
+        assert_eq!(bucket(5), 0);
+        assert_eq!(bucket(3_600_000), BUCKETS.len() - 1);
+        assert_eq!(bucket(3_600_001), BUCKETS.len());
+    }
+}

@@ -47,6 +47,7 @@ impl Browser {
         let profile = env.file("chrome-profile");
         let caps = json!({"capabilities": {"alwaysMatch": {
             "browserName": "chrome",
+            "goog:loggingPrefs": {"browser": "ALL"},
             "goog:chromeOptions": {
                 "binary": CHROMIUM,
                 "args": [
@@ -131,6 +132,18 @@ impl Browser {
             &format!("/element/{el}/value"),
             Some(json!({ "text": text })),
         );
+    }
+
+    /// The browser console's messages since the last call (errors, CSP reports).
+    pub(crate) fn console(&self) -> Vec<String> {
+        let v = self.cmd("POST", "/se/log", Some(json!({"type": "browser"})));
+        v.as_array()
+            .map(|a| {
+                a.iter()
+                    .map(|e| format!("{} {}", e["level"], e["message"]))
+                    .collect()
+            })
+            .unwrap_or_default()
     }
 
     pub(crate) fn screenshot(&self, path: &std::path::Path) {

@@ -293,6 +293,14 @@ fn dashboard_with_50_mixed_jobs_shows_previews_filters_charts_and_payload_text_s
     let b = Browser::start(&env);
     let ms = open_dashboard(&b, &s);
     println!("dashboard with 50 jobs filled in {ms:.0} ms");
+    // Nothing was refused by the page's policy, nothing failed.
+    let console = b.console();
+    assert!(
+        !console
+            .iter()
+            .any(|m| m.contains("SEVERE") || m.contains("Content Security Policy")),
+        "{console:?}"
+    );
 
     // Every table shows each row's payload's first line, its job key in the tooltip.
     b.wait_js(
@@ -461,4 +469,11 @@ fn dashboard_with_50_mixed_jobs_shows_previews_filters_charts_and_payload_text_s
         (chart_sum(&b, "throughput", 1) == 33).then_some(())
     });
     assert_eq!(chart_sum(&b, "runtime", 1), 42);
+    let console = b.console();
+    assert!(
+        !console
+            .iter()
+            .any(|m| m.contains("SEVERE") || m.contains("Content Security Policy")),
+        "{console:?}"
+    );
 }
