@@ -248,10 +248,10 @@ async fn page(
     let mut rows = Vec::new();
     let mut cursor = q.after;
     let mut scanned = 0;
-    let (chunk, budget) = if !q.text.is_empty() {
-        (PAGE.min(limit.max(100)), TEXT_SCAN_BUDGET)
-    } else {
+    let (chunk, budget) = if q.text.is_empty() {
         (PAGE, SCAN_BUDGET)
+    } else {
+        (PAGE.min(limit.max(100)), TEXT_SCAN_BUDGET)
     };
     loop {
         let want = if q.filter.is_empty() && q.text.is_empty() {

@@ -151,7 +151,7 @@ pub(crate) async fn recent(
         })
         .buffered(CONCURRENT);
     let mut out: Vec<ListRow> = Vec::new();
-    let mut known = std::collections::HashMap::new();
+    let mut known = std::collections::HashMap::default();
     while let Some(got) = fetched.next().await {
         let (eid, row, previews) = got?;
         let Some(row) = row else { continue };

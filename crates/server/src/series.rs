@@ -59,6 +59,8 @@ pub(crate) struct Series {
 }
 
 fn bucket(ms: i64) -> usize {
+    // Run times are far below 2^52 ms: the conversion is exact.
+    #[allow(clippy::cast_precision_loss)]
     let secs = ms.max(0) as f64 / 1000.0;
     BUCKETS
         .iter()
@@ -143,9 +145,13 @@ impl Series {
         for m in self.minutes.range(last + 1..).map(|(_, m)| m) {
             depth += net(m);
         }
-        for i in (0..len).rev() {
+        for (i, k) in (first..=last)
+            .rev()
+            .zip((0..len).rev())
+            .map(|(k, i)| (i, k))
+        {
             body.depth[i] = u64::try_from(depth.max(0)).unwrap_or(0);
-            if let Some(m) = self.minutes.get(&(first + i as i64)) {
+            if let Some(m) = self.minutes.get(&k) {
                 depth += net(m);
             }
         }
