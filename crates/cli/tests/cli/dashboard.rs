@@ -390,6 +390,17 @@ fn dashboard_with_50_mixed_jobs_shows_previews_filters_charts_and_payload_text_s
         text_of(&b, "#show-cmd"),
         format!("batchdb show id:{xss_id}")
     );
+    // Copied, or (where the page may not write the clipboard) selected for Ctrl+C.
+    click_now(&b, "#copy-show");
+    let copied = b.wait_js(
+        "the copy button's answer",
+        "const m = document.getElementById('message').textContent;
+         return (m.startsWith('copied: batchdb show id:') || m.startsWith('selected')) && m;",
+    );
+    if copied.as_str().is_some_and(|m| m.starts_with("selected")) {
+        let sel = b.js("return String(window.getSelection());");
+        assert_eq!(sel, format!("batchdb show id:{xss_id}").as_str());
+    }
     let attempt = b.js(
         "return [...document.querySelectorAll('#attempts tbody tr td')].map((td) => td.textContent);",
     );
