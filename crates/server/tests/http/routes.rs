@@ -282,9 +282,13 @@ async fn prefix_mounts_every_route() {
     assert_eq!(s.get("/healthz").await.status(), 200);
     let page = s.get("/").await.text().await.unwrap();
     assert!(page.contains("/batch/assets/app.js"), "{page}");
+    assert!(page.contains("/batch/assets/uPlot.iife.min.js"), "{page}");
+    for path in ["/assets/charts.js", "/assets/uPlot.min.css", "/api/series"] {
+        assert_eq!(s.get(path).await.status(), 200, "{path}");
+    }
     // nothing outside the prefix
     let root = format!("http://{}", s.addr);
-    for path in ["/list/job", "/create", "/", "/healthz"] {
+    for path in ["/list/job", "/create", "/", "/healthz", "/assets/charts.js"] {
         let r = s.client.get(format!("{root}{path}")).send().await.unwrap();
         assert_eq!(r.status(), 404, "{path}");
     }
