@@ -87,13 +87,22 @@ async function flush() {
   }));
 }
 
+let counts = null; // the latest /api/counts
+
+async function loadCountsOnly() {
+  try {
+    counts = await getJSON("/api/counts");
+    for (const k of ["pending", "waiting", "running", "result", "fail", "cancelled"]) $("count-" + k).textContent = counts[k];
+  } catch (e) { say("counts: " + e.message); }
+}
+
+async function loadBatches() {
+  try { showBatches(await getJSON("/api/batches")); } catch (e) { say("batches: " + e.message); }
+}
+
 async function loadCounts() {
   countsTimer = null;
-  try {
-    const c = await getJSON("/api/counts");
-    for (const k of ["pending", "waiting", "running", "result", "fail", "cancelled"]) $("count-" + k).textContent = c[k];
-  } catch (e) { say("counts: " + e.message); }
-  try { showBatches(await getJSON("/api/batches")); } catch (e) { say("batches: " + e.message); }
+  await Promise.all([loadCountsOnly(), loadBatches()]);
 }
 
 // ---- batches ------------------------------------------------------------
@@ -217,8 +226,10 @@ async function loadRows() {
     // List rows carry no start time: read the few running ones in full.
     if (page.rows.length <= BURST) for (const r of page.rows) refresh(r.id);
   };
-  await Promise.all([loadPending(false), running()].concat(
-    ["result", "fail", "cancelled"].map((k) => loadDone(k, false))));
+  const some = (k) => !counts || counts[k] > 0;
+  await Promise.all([some("pending") || some("waiting") ? loadPending(false) : null,
+    some("running") ? running() : null].concat(
+    ["result", "fail", "cancelled"].filter(some).map((k) => loadDone(k, false))));
   empties();
 }
 
@@ -234,8 +245,10 @@ async function reloadTables() {
 
 async function load() {
   try {
-    lastEvent = (await getJSON("/api/last-event")).id;
-    await Promise.all([loadRows(), loadCounts(), loadCharts()]);
+    // The counts first: a state with no instances needs no table read.
+    const [last] = await Promise.all([getJSON("/api/last-event"), loadCountsOnly()]);
+    lastEvent = last.id;
+    await Promise.all([loadRows(), loadBatches(), loadCharts()]);
     empties();
     document.body.dataset.loaded = String(performance.now());
     follow();
