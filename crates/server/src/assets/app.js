@@ -218,7 +218,7 @@ async function loadDone(kind, more) {
 }
 
 // The tables' first pages: everything's newest, or one batch's rows.
-async function loadRows() {
+async function loadRows(fresh) {
   // Running instances may sit past the first page of a long queue.
   const running = async () => {
     const page = await getJSON("/api/list/pending?" + listQuery({ running: true, limit: 100 }));
@@ -226,7 +226,8 @@ async function loadRows() {
     // List rows carry no start time: read the few running ones in full.
     if (page.rows.length <= BURST) for (const r of page.rows) refresh(r.id);
   };
-  const some = (k) => !counts || counts[k] > 0;
+  // Just after reading the counts, a state with none needs no read.
+  const some = (k) => !fresh || !counts || counts[k] > 0;
   await Promise.all([some("pending") || some("waiting") ? loadPending(false) : null,
     some("running") ? running() : null].concat(
     ["result", "fail", "cancelled"].filter(some).map((k) => loadDone(k, false))));
@@ -240,7 +241,7 @@ async function reloadTables() {
   keep.results = KEEP_DONE;
   keep.failures = KEEP_DONE;
   for (const k of Object.keys(next)) next[k] = null;
-  try { await loadRows(); } catch (e) { say("loading: " + e.message); }
+  try { await loadRows(false); } catch (e) { say("loading: " + e.message); }
 }
 
 async function load() {
@@ -248,7 +249,7 @@ async function load() {
     // The counts first: a state with no instances needs no table read.
     const [last] = await Promise.all([getJSON("/api/last-event"), loadCountsOnly()]);
     lastEvent = last.id;
-    await Promise.all([loadRows(), loadBatches(), loadCharts()]);
+    await Promise.all([loadRows(true), loadBatches(), loadCharts()]);
     empties();
     document.body.dataset.loaded = String(performance.now());
     follow();
