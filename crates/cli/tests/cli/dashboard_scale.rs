@@ -204,4 +204,25 @@ fn live_events_read_only_the_instances_they_name(env: &Env, b: &Browser) {
     assert_eq!(after[0], before[0], "no recent page was read again");
     assert_eq!(after[1], before[1], "no list page was read again");
     assert!(after[2] - before[2] >= 5, "each new instance was read");
+
+    // A burst naming more than 40 instances at once (as a busy queue makes) reloads
+    // the first page of each table once instead of reading each instance.
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    let before = requests(b, &["/api/recent/", "/api/list/", "/api/instance/"]);
+    b.js("for (let id = 99_900; id < 99_960; id++) refresh(id);");
+    let after = wait_until("the burst's reload", || {
+        let now = requests(b, &["/api/recent/", "/api/list/", "/api/instance/"]);
+        (now[0] - before[0] == 3 && now[1] - before[1] == 2).then_some(now)
+    });
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    assert_eq!(
+        requests(b, &["/api/recent/", "/api/list/", "/api/instance/"]),
+        after
+    );
+    assert_eq!(after[2], before[2], "no instance read one by one");
+    b.wait_js(
+        "the first page again",
+        "return document.querySelectorAll('#results tbody tr').length === 100;",
+    );
+    println!("live: a burst naming 60 instances read 3 recent pages and 2 list pages");
 }
