@@ -73,6 +73,13 @@ impl Browser {
 
     /// A WebDriver command; returns its `value`, failing the test on an error.
     pub(crate) fn call(&self, method: &str, path: &str, body: Option<Value>) -> Value {
+        let (status, v) = self.try_call(method, path, body);
+        assert_eq!(status, 200, "{method} {path}: {v}");
+        v["value"].clone()
+    }
+
+    /// A WebDriver command's status and whole answer.
+    fn try_call(&self, method: &str, path: &str, body: Option<Value>) -> (u16, Value) {
         let body = body.map(|b| b.to_string()).unwrap_or_default();
         let (status, _, out) = http(
             self.driver,
@@ -83,8 +90,7 @@ impl Browser {
         );
         let v: Value = serde_json::from_slice(&out)
             .unwrap_or_else(|e| panic!("{method} {path}: {e}: {}", text(&out)));
-        assert_eq!(status, 200, "{method} {path}: {v}");
-        v["value"].clone()
+        (status, v)
     }
 
     pub(crate) fn cmd(&self, method: &str, path: &str, body: Option<Value>) -> Value {
@@ -120,9 +126,22 @@ impl Browser {
             .to_string()
     }
 
+    /// Clicks `css` as a mouse would; when the page redrew the element between
+    /// finding and clicking it (rows are redrawn as events arrive), finds it again.
     pub(crate) fn click(&self, css: &str) {
-        let el = self.find(css);
-        self.cmd("POST", &format!("/element/{el}/click"), Some(json!({})));
+        for _ in 0..5 {
+            let el = self.find(css);
+            let path = format!("/session/{}/element/{el}/click", self.session);
+            let (status, v) = self.try_call("POST", &path, Some(json!({})));
+            if status == 200 {
+                return;
+            }
+            assert_eq!(
+                v["value"]["error"], "stale element reference",
+                "click {css}: {v}"
+            );
+        }
+        panic!("{css} was redrawn under every click");
     }
 
     pub(crate) fn type_into(&self, css: &str, text: &str) {

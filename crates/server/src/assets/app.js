@@ -1,7 +1,7 @@
 // The batchdb dashboard: loads the first page of each table once, then follows
 // /events (SSE). Each event refreshes only the instance it names (batched every
 // 250 ms); a burst naming more than 40 instances at once reloads only the first page
-// of each table instead. Rows, charts and the instance panel are in rows.js,
+// of each table instead, at most every 2 s. Rows, charts and the instance panel are in rows.js,
 // charts.js and panel.js. Everything is shown with textContent: job output and
 // payloads are never parsed as HTML.
 "use strict";
@@ -69,12 +69,19 @@ function refresh(id) {
 }
 
 const BURST = 40; // instances per flush refreshed one by one; more reload first pages
+const RELOAD_EVERY = 2000; // ms between two such reloads, however busy the queue
+let lastReload = 0;
+let reloadDue = false;
 
 async function flush() {
   flushTimer = null;
   const ids = [...dirty];
   dirty.clear();
-  if (ids.length > BURST) {
+  if (ids.length > BURST || reloadDue) {
+    const wait = lastReload + RELOAD_EVERY - Date.now();
+    reloadDue = wait > 0;
+    if (reloadDue) { flushTimer = setTimeout(flush, wait); return; }
+    lastReload = Date.now();
     await reloadTables();
     if (panel && ids.includes(panel.id)) refreshPanel();
     return;
