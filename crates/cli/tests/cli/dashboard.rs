@@ -285,15 +285,12 @@ fn fifty_mixed_jobs(env: &Env) -> Proc {
     worker
 }
 
-#[test]
-fn dashboard_with_50_mixed_jobs_shows_previews_filters_charts_and_payload_text_safely() {
-    let env = Env::new();
-    let _worker = fifty_mixed_jobs(&env);
-    let s = serve(&env, &[], &[]);
-    let b = Browser::start(&env);
-    let ms = open_dashboard(&b, &s);
-    println!("dashboard with 50 jobs filled in {ms:.0} ms");
-    // Nothing was refused by the page's policy, nothing failed.
+/// True when no payload text ran or became an element.
+const SAFE: &str = "return window.__xss === undefined
+    && document.querySelectorAll('main img, main script').length === 0;";
+
+/// No console error and no report of the page's policy refusing something.
+fn assert_clean_console(b: &Browser) {
     let console = b.console();
     assert!(
         !console
@@ -301,18 +298,32 @@ fn dashboard_with_50_mixed_jobs_shows_previews_filters_charts_and_payload_text_s
             .any(|m| m.contains("SEVERE") || m.contains("Content Security Policy")),
         "{console:?}"
     );
+}
 
+/// The id of the row of `table` whose preview is `text`.
+fn row_of(b: &Browser, table: &str, text: &str) -> i64 {
+    b.js(&format!(
+        "for (const tr of document.querySelectorAll('#{table} tbody tr'))
+           if (tr.querySelector('.preview').textContent === {}) return Number(tr.dataset.id);
+         return null;",
+        serde_json::to_string(text).expect("json")
+    ))
+    .as_i64()
+    .unwrap_or_else(|| panic!("no {table} row shows {text:?}"))
+}
+
+fn assert_previews_in_every_table(b: &Browser) {
     // Every table shows each row's payload's first line, its job key in the tooltip.
     b.wait_js(
         "both running rows",
         "return document.querySelectorAll('#running tbody tr').length === 2;",
     );
-    let running = previews(&b, "running");
+    let running = previews(b, "running");
     assert!(
         running.iter().all(|p| p.starts_with("echo running item-")),
         "{running:?}"
     );
-    let mut pending = previews(&b, "pending");
+    let mut pending = previews(b, "pending");
     pending.sort();
     assert_eq!(
         pending,
@@ -322,25 +333,25 @@ fn dashboard_with_50_mixed_jobs_shows_previews_filters_charts_and_payload_text_s
             "echo pending item-3"
         ]
     );
-    let results = previews(&b, "results");
+    let results = previews(b, "results");
     assert_eq!(results.len(), 31);
     assert!(results.contains(&"echo result item-7; sleep 0.$(( 7 % 5 ))".to_string()));
     assert!(results.contains(&SCRIPT_PAYLOAD.to_string()), "{results:?}");
-    let failures = previews(&b, "failures");
+    let failures = previews(b, "failures");
     assert_eq!(failures.len(), 13);
     assert!(failures.contains(&IMG_PAYLOAD.to_string()), "{failures:?}");
     assert!(failures.contains(&"echo cancelled item-4".to_string()));
-    let batches = previews(&b, "batches");
+    let batches = previews(b, "batches");
     assert!(
         batches.is_empty(),
         "the batch table lists batches, not instances"
     );
 
     // Payload text is only text: nothing ran, no element was made from it.
-    let safe = "return window.__xss === undefined
-        && document.querySelectorAll('main img, main script').length === 0;";
-    assert_eq!(b.js(safe), true);
+    assert_eq!(b.js(SAFE), true);
+}
 
+fn assert_charts_count_the_jobs(b: &Browser) {
     // Charts: drawn from the series the server counted from the event log.
     b.wait_js(
         "the charts' data",
@@ -351,12 +362,12 @@ fn dashboard_with_50_mixed_jobs_shows_previews_filters_charts_and_payload_text_s
     // (Counted by the server's follower of the log; the page reads them again
     // every 30 s at most if its first read came before the follower was done.)
     wait_until("31 results per minute", || {
-        (chart_sum(&b, "throughput", 1) == 31).then_some(())
+        (chart_sum(b, "throughput", 1) == 31).then_some(())
     });
-    assert_eq!(chart_sum(&b, "throughput", 2), 9, "failures per minute");
-    assert_eq!(chart_sum(&b, "throughput", 3), 4, "cancelled per minute");
+    assert_eq!(chart_sum(b, "throughput", 2), 9, "failures per minute");
+    assert_eq!(chart_sum(b, "throughput", 3), 4, "cancelled per minute");
     assert_eq!(
-        chart_sum(&b, "runtime", 1),
+        chart_sum(b, "runtime", 1),
         40,
         "run times of results and failures"
     );
@@ -364,19 +375,13 @@ fn dashboard_with_50_mixed_jobs_shows_previews_filters_charts_and_payload_text_s
     assert_eq!(depth_now, 5, "3 pending and 2 running are not ended");
     let canvases = b.js("return document.querySelectorAll('#charts-section canvas').length;");
     assert_eq!(canvases, 3);
+}
 
+fn assert_panel_shows_payload_attempts_output_and_command(b: &Browser) {
     // The instance panel of the script payload: payload, attempts, output, command.
-    let xss_id = b
-        .js(&format!(
-            "for (const tr of document.querySelectorAll('#results tbody tr'))
-               if (tr.querySelector('.preview').textContent === {}) return Number(tr.dataset.id);
-             return null;",
-            serde_json::to_string(SCRIPT_PAYLOAD).expect("json")
-        ))
-        .as_i64()
-        .expect("the script row");
+    let xss_id = row_of(b, "results", SCRIPT_PAYLOAD);
     click_now(
-        &b,
+        b,
         &format!("#results tr[data-id=\"{xss_id}\"] button.output"),
     );
     b.wait_js(
@@ -385,17 +390,11 @@ fn dashboard_with_50_mixed_jobs_shows_previews_filters_charts_and_payload_text_s
            && document.querySelectorAll('#attempts tbody tr').length === 1
            && document.getElementById('stdout').textContent.length > 0;",
     );
-    assert_eq!(text_of(&b, "#payload-text"), SCRIPT_PAYLOAD);
-    assert_eq!(
-        text_of(&b, "#stdout"),
-        "<script>window.__xss = 1</script>\n"
-    );
-    assert_eq!(
-        text_of(&b, "#show-cmd"),
-        format!("batchdb show id:{xss_id}")
-    );
+    assert_eq!(text_of(b, "#payload-text"), SCRIPT_PAYLOAD);
+    assert_eq!(text_of(b, "#stdout"), "<script>window.__xss = 1</script>\n");
+    assert_eq!(text_of(b, "#show-cmd"), format!("batchdb show id:{xss_id}"));
     // Copied, or (where the page may not write the clipboard) selected for Ctrl+C.
-    click_now(&b, "#copy-show");
+    click_now(b, "#copy-show");
     let copied = b.wait_js(
         "the copy button's answer",
         "const m = document.getElementById('message').textContent;
@@ -412,9 +411,18 @@ fn dashboard_with_50_mixed_jobs_shows_previews_filters_charts_and_payload_text_s
     assert_eq!(attempt[1], "result");
     assert_eq!(attempt[2], "0", "exit code");
     // The failure with an attribute-breaking payload, in the panel: its exit code.
-    click_now(&b, "#failures tbody tr td.job");
-    assert_eq!(b.js(safe), true);
+    let img_id = row_of(b, "failures", IMG_PAYLOAD);
+    click_now(b, &format!("#failures tr[data-id=\"{img_id}\"] td.job"));
+    b.wait_js(
+        "the failure's panel",
+        "const a = document.querySelectorAll('#attempts tbody tr td');
+         return a.length > 2 && a[1].textContent === 'fail' && a[2].textContent === '9';",
+    );
+    assert_eq!(text_of(b, "#payload-text"), IMG_PAYLOAD);
+    assert_eq!(b.js(SAFE), true);
+}
 
+fn assert_filter_by_text_and_state(b: &Browser) {
     // The filter: text in the preview (on the server), then a state.
     b.type_into("#q", "item-1");
     b.wait_js(
@@ -422,15 +430,15 @@ fn dashboard_with_50_mixed_jobs_shows_previews_filters_charts_and_payload_text_s
         "const p = [...document.querySelectorAll('#results tbody tr .preview')];
          return p.length === 11 && p.every((e) => e.textContent.includes('item-1'));",
     );
-    let mut failed = previews(&b, "failures");
+    let mut failed = previews(b, "failures");
     failed.sort();
     assert_eq!(
         failed,
         ["echo broken item-1 >&2; exit 1", "echo cancelled item-1"]
     );
-    assert_eq!(previews(&b, "pending"), ["echo pending item-1"]);
+    assert_eq!(previews(b, "pending"), ["echo pending item-1"]);
     assert_eq!(
-        previews(&b, "running"),
+        previews(b, "running"),
         ["echo running item-1; while [ ! -e go ]; do sleep 0.1; done"]
     );
     let el = b.find("#q");
@@ -441,7 +449,7 @@ fn dashboard_with_50_mixed_jobs_shows_previews_filters_charts_and_payload_text_s
         "const p = [...document.querySelectorAll('#results tbody tr .preview')];
          return p.length === 1 && p[0].textContent.includes('<script>');",
     );
-    assert_eq!(b.js(safe), true);
+    assert_eq!(b.js(SAFE), true);
     b.cmd("POST", &format!("/element/{el}/clear"), Some(json!({})));
     b.js("const s = document.getElementById('state'); s.value = 'fail'; s.dispatchEvent(new Event('change'));");
     b.wait_js(
@@ -455,6 +463,10 @@ fn dashboard_with_50_mixed_jobs_shows_previews_filters_charts_and_payload_text_s
         "everything again",
         "return document.querySelectorAll('#results tbody tr').length === 31;",
     );
+}
+
+/// `target/test-artifacts/dashboard-50.png`: every table, a running instance's panel.
+fn screenshot_of_every_table(b: &Browser) {
     b.click("#output-close");
     b.js("window.scrollTo(0, 0);");
     // Tall enough for every table, for a person to look at.
@@ -463,7 +475,7 @@ fn dashboard_with_50_mixed_jobs_shows_previews_filters_charts_and_payload_text_s
         "/window/rect",
         Some(json!({"width": 1400, "height": 3000})),
     );
-    click_now(&b, "#running tbody tr td.job");
+    click_now(b, "#running tbody tr td.job");
     b.wait_js(
         "the running instance's panel",
         "return document.querySelectorAll('#attempts tbody tr').length === 1
@@ -472,6 +484,22 @@ fn dashboard_with_50_mixed_jobs_shows_previews_filters_charts_and_payload_text_s
     let png = artifact("dashboard-50.png");
     b.screenshot(&png);
     println!("dashboard screenshot: {}", png.display());
+}
+
+#[test]
+fn dashboard_with_50_mixed_jobs_shows_previews_filters_charts_and_payload_text_safely() {
+    let env = Env::new();
+    let _worker = fifty_mixed_jobs(&env);
+    let s = serve(&env, &[], &[]);
+    let b = Browser::start(&env);
+    let ms = open_dashboard(&b, &s);
+    println!("dashboard with 50 jobs filled in {ms:.0} ms");
+    assert_clean_console(&b);
+    assert_previews_in_every_table(&b);
+    assert_charts_count_the_jobs(&b);
+    assert_panel_shows_payload_attempts_output_and_command(&b);
+    assert_filter_by_text_and_state(&b);
+    screenshot_of_every_table(&b);
 
     // Live: the running two end; their rows move and the charts count them.
     env.touch("go");
@@ -484,11 +512,5 @@ fn dashboard_with_50_mixed_jobs_shows_previews_filters_charts_and_payload_text_s
         (chart_sum(&b, "throughput", 1) == 33).then_some(())
     });
     assert_eq!(chart_sum(&b, "runtime", 1), 42);
-    let console = b.console();
-    assert!(
-        !console
-            .iter()
-            .any(|m| m.contains("SEVERE") || m.contains("Content Security Policy")),
-        "{console:?}"
-    );
+    assert_clean_console(&b);
 }
