@@ -481,6 +481,7 @@ fn screenshot_of_every_table(b: &Browser) {
         "return document.querySelectorAll('#attempts tbody tr').length === 1
            && document.getElementById('stdout').textContent.includes('running item');",
     );
+    b.js("document.getElementById('message').hidden = true;");
     let png = artifact("dashboard-50.png");
     b.screenshot(&png);
     println!("dashboard screenshot: {}", png.display());
