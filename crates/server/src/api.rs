@@ -7,23 +7,28 @@ use axum::extract::rejection::{JsonRejection, QueryRejection};
 use axum::extract::{Path, Query, State};
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use batchdb::queue::{EventKind, Instance, ListKind, ListRow, PushOptions, PushRequest, Selector};
+use batchdb::queue::{Instance, ListKind, ListRow, PushOptions, PushRequest, Selector};
 use batchdb::{Error, Hash};
 use futures_util::{Stream, TryStreamExt};
 use serde::Deserialize;
 use serde::de::IgnoredAny;
+use std::collections::HashMap;
 use tokio_util::io::StreamReader;
 
 use crate::AppState;
 use crate::error::ApiError;
+use crate::rows::{self, Previewed, TextFilter, job_of};
 
 /// Rows fetched per query while streaming or filtering.
-const PAGE: usize = 1000;
+pub(crate) const PAGE: usize = 1000;
 /// The largest `limit` one page may ask for.
 pub(crate) const MAX_LIMIT: usize = 10_000;
 /// At most this many rows are examined for one filtered page; the page then ends
 /// early (with a `next` cursor) rather than scan a million rows for one request.
 const SCAN_BUDGET: usize = 100_000;
+/// At most this many rows are examined for one page filtered by text (each needs its
+/// payload's preview).
+const TEXT_SCAN_BUDGET: usize = 5_000;
 
 /// How an instance is queued: the CLI's queue options, as query parameters of
 /// `POST /create` or fields of `POST /api/push`.
@@ -88,7 +93,7 @@ impl QueueParams {
     }
 }
 
-fn query<T>(q: Result<Query<T>, QueryRejection>) -> Result<T, ApiError> {
+pub(crate) fn query<T>(q: Result<Query<T>, QueryRejection>) -> Result<T, ApiError> {
     q.map(|Query(t)| t)
         .map_err(|e| ApiError::bad_request(e.body_text()))
 }
@@ -140,6 +145,9 @@ pub(crate) struct ListParams {
     running: Option<bool>,
     /// Only the instances of this batch.
     batch: Option<String>,
+    /// `/api/list` only: rows whose payload preview contains this text (any case) or
+    /// whose job key starts with it.
+    text: Option<String>,
     #[serde(rename = "access_token")]
     _access_token: Option<IgnoredAny>,
 }
@@ -190,6 +198,7 @@ struct ListQuery {
     after: i64,
     limit: Option<usize>,
     filter: Filter,
+    text: TextFilter,
 }
 
 fn list_query(kind: &str, p: ListParams) -> Result<ListQuery, ApiError> {
@@ -223,33 +232,53 @@ fn list_query(kind: &str, p: ListParams) -> Result<ListQuery, ApiError> {
             job,
             running: p.running,
         },
+        text: TextFilter::new(p.text.as_deref()),
     })
 }
 
 /// One page: up to `limit` matching rows after `after`, and the cursor to continue
-/// from (`None` once the end was reached).
+/// from (`None` once the end was reached). The previews a text filter read are left
+/// in `known`.
 async fn page(
     app: &AppState,
     q: &ListQuery,
     limit: usize,
+    known: &mut HashMap<Hash, Option<String>>,
 ) -> Result<(Vec<ListRow>, Option<i64>), Error> {
     let mut rows = Vec::new();
     let mut cursor = q.after;
     let mut scanned = 0;
+    let (chunk, budget) = if q.text.is_empty() {
+        (PAGE, SCAN_BUDGET)
+    } else {
+        (PAGE.min(limit.max(100)), TEXT_SCAN_BUDGET)
+    };
     loop {
-        let want = if q.filter.is_empty() {
+        let want = if q.filter.is_empty() && q.text.is_empty() {
             limit - rows.len()
         } else {
-            PAGE
+            chunk
         };
         let got = app
             .db
             .list_page(q.kind, (cursor, want), q.batch.as_deref())
             .await?;
         let n = got.len();
+        let got: Vec<ListRow> = got.into_iter().filter(|r| q.filter.matches(r)).collect();
+        if !q.text.is_empty() {
+            let missing: Vec<Hash> = got
+                .iter()
+                .map(job_of)
+                .filter(|j| !known.contains_key(j))
+                .collect();
+            known.extend(rows::previews(&app.db, missing).await);
+        }
         for row in got {
             cursor = row.cursor();
-            if q.filter.matches(&row) {
+            let job = job_of(&row);
+            if q.text
+                .matches(&job, known.get(&job).and_then(Option::as_deref))
+            {
                 rows.push(row);
                 if rows.len() == limit {
                     return Ok((rows, Some(cursor)));
@@ -260,7 +289,7 @@ async fn page(
         if n < want {
             return Ok((rows, None));
         }
-        if scanned >= SCAN_BUDGET {
+        if scanned >= budget {
             return Ok((rows, Some(cursor)));
         }
     }
@@ -316,11 +345,16 @@ pub(crate) async fn list_lines(
     p: Result<Query<ListParams>, QueryRejection>,
 ) -> Result<Response, ApiError> {
     let q = list_query(&kind, query(p)?)?;
+    if !q.text.is_empty() {
+        return Err(ApiError::bad_request(
+            "the text filter applies to /api/list only",
+        ));
+    }
     let Some(limit) = q.limit else {
         let body = Body::from_stream(line_stream(app, q));
         return Ok(([(header::CONTENT_TYPE, NDJSON)], body).into_response());
     };
-    let (rows, next) = page(&app, &q, limit).await?;
+    let (rows, next) = page(&app, &q, limit, &mut HashMap::new()).await?;
     let mut buf = Vec::new();
     for row in &rows {
         serde_json::to_writer(&mut buf, row)
@@ -355,84 +389,26 @@ fn filter_query(f: &Filter) -> String {
 }
 
 /// `GET /api/list/{type}`: one page as `{"rows": [...], "next": cursor | null}`
-/// (`limit` defaults to 100). Pass `next` as `after` for the following page; a
-/// filtered page may hold fewer rows than `limit` while `next` is not null.
+/// (`limit` defaults to 100), each row in its list shape plus `preview` (the
+/// payload's first line, at most 120 bytes). Pass `next` as `after` for the following
+/// page; a filtered page may hold fewer rows than `limit` while `next` is not null
+/// (a `text` filter examines at most 5,000 rows per page).
 pub(crate) async fn list_json(
     State(app): State<AppState>,
     Path(kind): Path<String>,
     p: Result<Query<ListParams>, QueryRejection>,
 ) -> Result<Response, ApiError> {
     let q = list_query(&kind, query(p)?)?;
-    let (rows, next) = page(&app, &q, q.limit.unwrap_or(100)).await?;
+    let mut known = HashMap::new();
+    let (rows, next) = page(&app, &q, q.limit.unwrap_or(100), &mut known).await?;
+    let missing: Vec<Hash> = rows
+        .iter()
+        .map(job_of)
+        .filter(|j| !known.contains_key(j))
+        .collect();
+    known.extend(rows::previews(&app.db, missing).await);
+    let rows = rows::attach(rows, &known);
     Ok(Json(serde_json::json!({ "rows": rows, "next": next })).into_response())
-}
-
-/// Parameters of `GET /api/recent/{type}`.
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub(crate) struct RecentParams {
-    /// At most this many rows (1..=500, default 50).
-    limit: Option<usize>,
-    #[serde(rename = "access_token")]
-    _access_token: Option<IgnoredAny>,
-}
-
-/// Event-log windows examined per recent request, 1000 events each.
-const RECENT_WINDOWS: i64 = 100;
-
-/// `GET /api/recent/{result|fail|cancelled}`: the newest terminal rows, newest first,
-/// as `{"rows": [...]}` in the list shapes. Found by reading the event log backwards
-/// (at most the last 100 000 events), so it costs the same on a queue of any length.
-pub(crate) async fn recent(
-    State(app): State<AppState>,
-    Path(kind): Path<String>,
-    p: Result<Query<RecentParams>, QueryRejection>,
-) -> Result<Response, ApiError> {
-    let (list, ev) = match kind.as_str() {
-        "result" => (ListKind::Result, EventKind::Result),
-        "fail" => (ListKind::Fail, EventKind::Fail),
-        "cancelled" => (ListKind::Cancelled, EventKind::Cancel),
-        _ => {
-            return Err(ApiError::not_found(
-                "unknown recent type: expected result, fail or cancelled",
-            ));
-        }
-    };
-    let limit = query(p)?.limit.unwrap_or(50);
-    if limit == 0 || limit > 500 {
-        return Err(ApiError::bad_request(format!(
-            "invalid limit {limit}: expected 1 to 500"
-        )));
-    }
-    let db = &app.db;
-    let mut hi = db.last_event_id().await?;
-    let mut ids = Vec::new();
-    let mut windows = 0;
-    while hi > 0 && ids.len() < limit && windows < RECENT_WINDOWS {
-        let lo = (hi - PAGE as i64).max(0);
-        let evs = db.event_page(lo, PAGE).await?;
-        for e in evs.iter().rev().filter(|e| e.id <= hi && e.event == ev) {
-            if let Some(id) = e.instance {
-                if !ids.contains(&id) {
-                    ids.push(id);
-                    if ids.len() == limit {
-                        break;
-                    }
-                }
-            }
-        }
-        hi = lo;
-        windows += 1;
-    }
-    let mut rows = Vec::with_capacity(ids.len());
-    for id in ids {
-        if let Some(row) = db.list_page(list, (id - 1, 1), None).await?.pop() {
-            if row.cursor() == id {
-                rows.push(row);
-            }
-        }
-    }
-    Ok(Json(serde_json::json!({ "rows": rows })).into_response())
 }
 
 /// An instance id in a path: `N` or `id:N`.
@@ -449,13 +425,20 @@ pub(crate) fn instance_id(s: &str) -> Result<i64, ApiError> {
 
 /// `GET /api/instance/{id}`: everything about one instance, as `show --json` prints
 /// it: state, options and every attempt (exit code, signal, times, stdout and
-/// stderr blob ids and sizes, outcome).
+/// stderr blob ids and sizes, outcome), plus `preview`, its payload's first line.
 pub(crate) async fn instance(
     State(app): State<AppState>,
     Path(id): Path<String>,
 ) -> Result<Response, ApiError> {
     let id = instance_id(&id)?;
-    Ok(Json(app.db.instance(id).await?).into_response())
+    let detail = app.db.instance(id).await?;
+    let preview = rows::previews(&app.db, [detail.job]).await;
+    let preview = preview.get(&detail.job).cloned().flatten();
+    Ok(Json(Previewed {
+        row: detail,
+        preview,
+    })
+    .into_response())
 }
 
 /// The body of `POST /api/push`.

@@ -45,10 +45,7 @@ fn check(app: &AppState, req: &Request) -> Result<(), ApiError> {
     };
     let path = req.uri().path();
     let rel = path.strip_prefix(app.prefix.as_str()).unwrap_or(path);
-    let public = matches!(
-        rel,
-        "" | "/" | "/healthz" | "/assets/app.js" | "/assets/app.css"
-    );
+    let public = matches!(rel, "" | "/" | "/healthz") || rel.starts_with("/assets/");
     if read && (public || !app.opts.auth_reads) {
         return Ok(());
     }

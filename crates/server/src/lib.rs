@@ -6,8 +6,8 @@
 //!
 //! - the old batchdb-web-api routes: `POST /create`, `GET /list/{type}`,
 //!   `GET /blob/{id}` (with `Range`, `ETag` and immutable caching);
-//! - a JSON API under `/api/` (push, cancel, retry, instance, counts, paged lists,
-//!   recent results, live output);
+//! - a JSON API under `/api/` (push, cancel, retry, instance, counts, paged lists
+//!   and recent results with payload previews, chart series, live output);
 //! - `GET /events`, the persisted event log as Server-Sent Events;
 //! - `GET /metrics` (Prometheus text) and `GET /healthz`;
 //! - the dashboard at `/`.
@@ -25,6 +25,9 @@ mod dashboard;
 mod error;
 mod events;
 mod metrics;
+mod recent;
+mod rows;
+mod series;
 
 use std::future::Future;
 use std::sync::Arc;
@@ -122,6 +125,7 @@ pub fn router(db: BatchDb, opts: ServeOptions) -> Result<Router, Error> {
         .route(&p("/"), get(dashboard::index))
         .route(&p("/assets/app.js"), get(dashboard::script))
         .route(&p("/assets/app.css"), get(dashboard::style))
+        .route(&p("/assets/{name}"), get(dashboard::asset_named))
         .route(&p("/create"), post(api::create))
         .route(&p("/list/{kind}"), get(api::list_lines))
         .route(&p("/blob/{id}"), get(blob::get_blob))
@@ -133,7 +137,8 @@ pub fn router(db: BatchDb, opts: ServeOptions) -> Result<Router, Error> {
         .route(&p("/api/batch/{name}"), get(api::batch))
         .route(&p("/api/last-event"), get(api::last_event))
         .route(&p("/api/list/{kind}"), get(api::list_json))
-        .route(&p("/api/recent/{kind}"), get(api::recent))
+        .route(&p("/api/recent/{kind}"), get(recent::recent))
+        .route(&p("/api/series"), get(series::series))
         .route(&p("/api/instance/{id}"), get(api::instance))
         .route(&p("/api/output/{id}"), get(events::output))
         .route(&p("/api/push"), post(api::push))

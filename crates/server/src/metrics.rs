@@ -15,9 +15,10 @@ use futures_util::StreamExt;
 
 use crate::AppState;
 use crate::error::ApiError;
+use crate::series::{Change, Series};
 
 /// Histogram bucket bounds, in seconds.
-const BUCKETS: [f64; 16] = [
+pub(crate) const BUCKETS: [f64; 16] = [
     0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 900.0, 3600.0,
 ];
 
@@ -77,6 +78,8 @@ struct Tally {
     due: HashMap<i64, i64>,
     /// instance -> when its current attempt started (epoch ms), until it ends.
     started: HashMap<i64, i64>,
+    /// The charts' per-minute buckets.
+    series: Series,
 }
 
 fn ms_to_secs(ms: i64) -> f64 {
@@ -97,6 +100,7 @@ impl Tally {
             EventKind::Create => self.creates += 1,
             EventKind::Push => {
                 self.pushes += 1;
+                self.series.record(ev.time, Change::Push);
                 let due = num("run_at").or(ev.created).unwrap_or(ev.time);
                 if self.due.len() < MAX_TRACKED {
                     self.due.insert(inst, due);
@@ -116,16 +120,19 @@ impl Tally {
                 if ev.data.get("cached").and_then(|v| v.as_bool()) == Some(true) {
                     self.cached += 1;
                 }
-                self.ended(inst, ev.time, true);
+                let ran = self.ended(inst, ev.time, true);
+                self.series.record(ev.time, Change::Result(ran));
             }
             EventKind::Fail => {
                 self.failures += 1;
                 self.attempt_failures += 1;
-                self.ended(inst, ev.time, true);
+                let ran = self.ended(inst, ev.time, true);
+                self.series.record(ev.time, Change::Fail(ran));
             }
             EventKind::Cancel => {
                 self.cancels += 1;
                 self.ended(inst, ev.time, false);
+                self.series.record(ev.time, Change::Cancel);
             }
             EventKind::Retry => {
                 if ev.data.get("from").is_some() {
@@ -147,13 +154,15 @@ impl Tally {
         }
     }
 
-    fn ended(&mut self, inst: i64, time: i64, observe: bool) {
+    /// Forgets `inst`'s due and start times; returns how long its attempt ran (ms),
+    /// if its start was seen.
+    fn ended(&mut self, inst: i64, time: i64, observe: bool) -> Option<i64> {
         self.due.remove(&inst);
-        if let Some(start) = self.started.remove(&inst) {
-            if observe {
-                self.run_duration.observe(ms_to_secs(time - start));
-            }
+        let start = self.started.remove(&inst)?;
+        if observe {
+            self.run_duration.observe(ms_to_secs(time - start));
         }
+        Some(time - start)
     }
 }
 
@@ -214,6 +223,24 @@ impl Metrics {
             let fanout = self.fanout.clone();
             AbortOnDrop(rt.spawn(follow(db, tally, progress, fanout)))
         });
+    }
+
+    /// Waits (up to `limit`) until the follower has read the log up to event `last`.
+    pub(crate) async fn caught_up(&self, last: i64, limit: Duration) {
+        self.start();
+        let mut rx = self.progress.subscribe();
+        let _ = tokio::time::timeout(limit, rx.wait_for(|seen| *seen >= last)).await;
+    }
+
+    /// `f` applied to the charts' buckets as the follower has counted them.
+    pub(crate) fn with_series<T>(&self, f: impl FnOnce(&Series) -> T) -> Result<T, ApiError> {
+        let t = self.tally.lock().map_err(|_| {
+            ApiError::new(
+                axum::http::StatusCode::INTERNAL_SERVER_ERROR,
+                "metrics lock poisoned",
+            )
+        })?;
+        Ok(f(&t.series))
     }
 
     /// Every event the follower reads from now on (ids only increase; a receiver

@@ -14,14 +14,20 @@
 //! - `progress`: the live progress line, on a pseudo-terminal and never elsewhere
 //! - `ps`: the `ps` table and `status` line for people
 //! - `retention`: `prune` and `--prune-after`, then `gc`
-//! - `serve`: `batchdb serve` as a process: flags, a 1 GiB upload, SSE, the dashboard in Chromium
+//! - `serve`: `batchdb serve` as a process: flags, a 1 GiB upload, SSE
+//! - `dashboard`: the dashboard in headless Chromium: previews, filter, charts, the
+//!   instance panel, safety of payload text (`browser`: the WebDriver harness)
+//! - `dashboard_scale`: the dashboard over 100,000 results: load time, paging, live updates
 
 mod tty;
 mod util;
 
 mod bad_input;
 mod batches;
+mod browser;
 mod consistency;
+mod dashboard;
+mod dashboard_scale;
 mod faults;
 mod inspection;
 mod manual;

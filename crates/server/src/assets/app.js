@@ -1,12 +1,13 @@
-// The batchdb dashboard: loads the queue's state once, then follows /events (SSE)
-// and refreshes the instances each event names. Everything is shown with
-// textContent: job output and payloads are never parsed as HTML.
+// The batchdb dashboard: loads the first page of each table once, then follows
+// /events (SSE). Each event refreshes only the instance it names (batched every
+// 250 ms); a burst naming more than 40 instances at once reloads only the first page
+// of each table instead, at most every 2 s. Rows, charts and the instance panel are in rows.js,
+// charts.js and panel.js. Everything is shown with textContent: job output and
+// payloads are never parsed as HTML.
 "use strict";
 
 const base = document.querySelector('meta[name="batchdb-base"]').content;
 let token = localStorage.getItem("batchdb-token") || "";
-const MAX_OUTPUT = 1 << 20; // characters shown per stream
-const KEEP_DONE = 100; // rows kept in the results and failures tables
 
 const $ = (id) => document.getElementById(id);
 
@@ -21,10 +22,10 @@ function withToken(url) {
   return url + (url.includes("?") ? "&" : "?") + "access_token=" + encodeURIComponent(token);
 }
 
-async function api(method, path, body, type) {
+async function api(method, path, body, type, headers) {
   const r = await fetch(base + path, {
     method,
-    headers: authHeaders(type ? { "Content-Type": type } : {}),
+    headers: authHeaders(Object.assign(type ? { "Content-Type": type } : {}, headers || {})),
     body,
   });
   if (!r.ok) {
@@ -46,138 +47,6 @@ function say(text, ok) {
   if (ok) setTimeout(() => { if (m.textContent === text) m.hidden = true; }, 4000);
 }
 
-// ---- rows ---------------------------------------------------------------
-
-// One model for every table, built from list rows or from /api/instance.
-function fromList(kind, r) {
-  if (kind === "pending") {
-    return { id: r.id, job: r.job, created: r.created,
-      state: r.running ? "running" : r.waiting ? "waiting" : "pending",
-      priority: r.priority, run_at: r.run_at, attempts: r.attempts, batch: filter };
-  }
-  const v = r.value;
-  const m = { id: v.id, job: r.key[0], created: v.created, start: v.start, end: v.end,
-    attempts: v.attempts, exit_code: v.exit_code, stderr: v.stderr, batch: filter };
-  if (kind === "result") return Object.assign(m, { state: "result", stdout: v.hash, cached: v.cached });
-  return Object.assign(m, { state: kind === "cancelled" ? "cancelled" : "fail", stdout: v.stdout,
-    message: v.message, signal: v.signal });
-}
-
-function fromDetail(d) {
-  const a = d.attempts.length ? d.attempts[d.attempts.length - 1] : null;
-  return { id: d.id, job: d.job, created: d.created, state: d.state, priority: d.priority,
-    run_at: d.run_at, attempts: d.attempts.length, start: a && a.start, end: a && a.end,
-    exit_code: a && a.exit_code, signal: a && a.signal, message: d.note || (a && a.message),
-    batch: d.batch || null,
-    stdout: a && a.stdout && a.stdout.hash, stderr: a && a.stderr && a.stderr.hash,
-    cached: a && a.cached };
-}
-
-const time = (ms) => ms ? new Date(ms).toLocaleTimeString() : "";
-const short = (h) => h ? h.slice(0, 12) + "…" : "";
-function took(m) {
-  if (!m.start || !m.end) return "";
-  const s = (m.end - m.start) / 1000;
-  return s < 60 ? s.toFixed(s < 10 ? 2 : 1) + " s" : Math.round(s / 60) + " min";
-}
-
-function cell(tr, text, cls, title) {
-  const td = document.createElement("td");
-  td.textContent = text == null ? "" : String(text);
-  if (cls) td.className = cls;
-  if (title) td.title = title;
-  tr.appendChild(td);
-  return td;
-}
-
-function button(td, label, cls, action) {
-  const b = document.createElement("button");
-  b.type = "button";
-  b.textContent = label;
-  b.className = cls;
-  b.addEventListener("click", action);
-  td.appendChild(b);
-  td.appendChild(document.createTextNode(" "));
-}
-
-const TABLE = { waiting: "pending", pending: "pending", running: "running", result: "results",
-  fail: "failures", cancelled: "failures" };
-const OPEN = new Set(["waiting", "pending", "running"]);
-let filter = null; // the batch the tables show, if one was picked
-const rows = new Map(); // instance id -> model
-
-function render(m) {
-  const tr = document.createElement("tr");
-  tr.dataset.id = m.id;
-  tr.dataset.state = m.state;
-  cell(tr, m.id, "mono");
-  cell(tr, short(m.job), "hash", m.job);
-  if (m.state === "pending" || m.state === "waiting") {
-    cell(tr, time(m.created));
-    cell(tr, m.state === "waiting" ? "after its dependencies" : m.run_at > Date.now() ? time(m.run_at) : "now");
-    cell(tr, m.priority);
-  } else if (m.state === "running") {
-    cell(tr, time(m.created));
-    cell(tr, time(m.start));
-    cell(tr, m.attempts);
-  } else if (m.state === "result") {
-    cell(tr, time(m.end));
-    cell(tr, took(m) + (m.cached ? " (cached)" : ""));
-    cell(tr, short(m.stdout), "hash", m.stdout);
-  } else {
-    cell(tr, time(m.end));
-    const s = cell(tr, "");
-    const b = document.createElement("span");
-    b.className = "badge " + m.state;
-    b.textContent = m.state;
-    s.appendChild(b);
-    cell(tr, m.message || "", "msg", m.message || "");
-  }
-  const act = cell(tr, "");
-  if (m.state === "running" || (!OPEN.has(m.state) && m.attempts > 0)) {
-    button(act, "output", "output", () => openOutput(m.id));
-  }
-  if (OPEN.has(m.state)) {
-    button(act, "cancel", "cancel", () => act_on("cancel", m.id));
-  }
-  if (m.state === "fail" || m.state === "cancelled") {
-    button(act, "retry", "retry", () => act_on("retry", m.id));
-  }
-  return tr;
-}
-
-// Places a row in the table its state belongs to, replacing any older one.
-function place(m, flash) {
-  const old = document.querySelector('table.rows tr[data-id="' + m.id + '"]');
-  if (old) old.remove();
-  rows.set(m.id, m);
-  const table = $(TABLE[m.state]);
-  if (!table || (filter && m.batch !== filter)) { empties(); return; }
-  const body = table.tBodies[0];
-  const tr = render(m);
-  if (flash) tr.classList.add("flash");
-  const done = !OPEN.has(m.state);
-  // Pending and running: in push order. Ended: newest end first.
-  let before = null;
-  for (const other of body.rows) {
-    const o = rows.get(Number(other.dataset.id));
-    if (!o) continue;
-    if (done ? (o.end || 0) < (m.end || 0) || ((o.end || 0) === (m.end || 0) && o.id < m.id) : o.id > m.id) {
-      before = other;
-      break;
-    }
-  }
-  body.insertBefore(tr, before);
-  if (done) while (body.rows.length > KEEP_DONE) body.deleteRow(body.rows.length - 1);
-  empties();
-}
-
-function empties() {
-  for (const p of document.querySelectorAll(".empty")) {
-    p.hidden = $(p.dataset.for).tBodies[0].rows.length > 0;
-  }
-}
-
 async function act_on(what, id) {
   try {
     await api("POST", "/api/" + what + "/id:" + id);
@@ -196,28 +65,51 @@ let countsTimer = null;
 
 function refresh(id) {
   dirty.add(id);
-  if (!flushTimer) flushTimer = setTimeout(flush, 100);
+  if (!flushTimer) flushTimer = setTimeout(flush, 250);
 }
+
+const BURST = 40; // instances per flush refreshed one by one; more reload first pages
+const RELOAD_EVERY = 2000; // ms between two such reloads, however busy the queue
+let lastReload = 0;
+let reloadDue = false;
 
 async function flush() {
   flushTimer = null;
   const ids = [...dirty];
   dirty.clear();
+  if (ids.length > BURST || reloadDue) {
+    const wait = lastReload + RELOAD_EVERY - Date.now();
+    reloadDue = wait > 0;
+    if (reloadDue) { flushTimer = setTimeout(flush, wait); return; }
+    lastReload = Date.now();
+    await reloadTables();
+    if (panel && ids.includes(panel.id)) refreshPanel();
+    return;
+  }
   await Promise.all(ids.map(async (id) => {
     try {
       place(fromDetail(await getJSON("/api/instance/" + id)), true);
-      if (output && output.id === id) showMeta(rows.get(id));
+      if (panel && panel.id === id) refreshPanel();
     } catch (e) { say("instance #" + id + ": " + e.message); }
   }));
 }
 
+let counts = null; // the latest /api/counts
+
+async function loadCountsOnly() {
+  try {
+    counts = await getJSON("/api/counts");
+    for (const k of ["pending", "waiting", "running", "result", "fail", "cancelled"]) $("count-" + k).textContent = counts[k];
+  } catch (e) { say("counts: " + e.message); }
+}
+
+async function loadBatches() {
+  try { showBatches(await getJSON("/api/batches")); } catch (e) { say("batches: " + e.message); }
+}
+
 async function loadCounts() {
   countsTimer = null;
-  try {
-    const c = await getJSON("/api/counts");
-    for (const k of ["pending", "waiting", "running", "result", "fail", "cancelled"]) $("count-" + k).textContent = c[k];
-  } catch (e) { say("counts: " + e.message); }
-  try { showBatches(await getJSON("/api/batches")); } catch (e) { say("batches: " + e.message); }
+  await Promise.all([loadCountsOnly(), loadBatches()]);
 }
 
 // ---- batches ------------------------------------------------------------
@@ -275,17 +167,6 @@ async function batchAct(what, name, query) {
   }
 }
 
-// Shows only batch `name`'s instances (null: everything), reloading the tables.
-function pick(name) {
-  filter = name;
-  $("filter").hidden = !name;
-  $("filter-name").textContent = name || "";
-  for (const id of ["pending", "running", "results", "failures"]) $(id).tBodies[0].textContent = "";
-  rows.clear();
-  pendingNext = null;
-  loadRows().catch((e) => say("loading: " + e.message));
-}
-
 function countsSoon() {
   if (!countsTimer) countsTimer = setTimeout(loadCounts, 200);
 }
@@ -304,104 +185,85 @@ function follow() {
     lastEvent = ev.id;
     if (ev.instance) refresh(ev.instance);
     countsSoon();
+    chartsSoon();
   };
 }
 
-let pendingNext = null;
+// Where the next page of each table starts (null: no more).
+const next = { pending: null, results: null, failures: null, cancelled: null };
 
-const inBatch = () => filter ? "&batch=" + encodeURIComponent(filter) : "";
-
-async function loadPending() {
-  const page = await getJSON("/api/list/pending?limit=200" + inBatch() + (pendingNext ? "&after=" + pendingNext : ""));
-  for (const r of page.rows) place(fromList("pending", r));
-  pendingNext = page.next;
-  $("pending-more").hidden = pendingNext == null;
+function listQuery(extra) {
+  const q = new URLSearchParams(extra);
+  if (filter.batch) q.set("batch", filter.batch);
+  if (filter.text) q.set("text", filter.text);
+  return q.toString();
 }
 
-// The tables: everything's newest, or one batch's rows.
-async function loadRows() {
-  await loadPending();
+async function loadPending(more) {
+  const q = { limit: 200 };
+  if (more && next.pending) q.after = next.pending;
+  const page = await getJSON("/api/list/pending?" + listQuery(q));
+  for (const r of page.rows) place(fromList("pending", r));
+  next.pending = page.next;
+  $("pending-more").hidden = next.pending == null;
+}
+
+// One page of ended rows, newest first: from the end of the event log, or (for one
+// batch, whose rows the list finds by batch) in push order.
+async function loadDone(kind, more) {
+  const q = { limit: KEEP_DONE };
+  const cursor = next[kind === "result" ? "results" : kind === "fail" ? "failures" : "cancelled"];
+  if (more && cursor) q[filter.batch ? "after" : "before"] = cursor;
+  const route = filter.batch ? "/api/list/" : "/api/recent/";
+  const page = await getJSON(route + kind + "?" + listQuery(q));
+  const table = kind === "result" ? "results" : "failures";
+  if (more) keep[table] += page.rows.length;
+  for (const r of page.rows) place(fromList(kind, r));
+  next[kind === "result" ? "results" : kind === "fail" ? "failures" : "cancelled"] = page.next;
+  $("results-more").hidden = next.results == null;
+  $("failures-more").hidden = next.failures == null && next.cancelled == null;
+}
+
+// The tables' first pages: everything's newest, or one batch's rows.
+async function loadRows(fresh) {
   // Running instances may sit past the first page of a long queue.
-  const running = await getJSON("/api/list/pending?running=true&limit=100" + inBatch());
-  for (const r of running.rows) place(fromList("pending", r));
-  for (const kind of ["result", "fail", "cancelled"]) {
-    const recent = filter
-      ? await getJSON("/api/list/" + kind + "?limit=" + KEEP_DONE + inBatch())
-      : await getJSON("/api/recent/" + kind + "?limit=" + KEEP_DONE);
-    for (const r of recent.rows) place(fromList(kind, r));
-  }
+  const running = async () => {
+    const page = await getJSON("/api/list/pending?" + listQuery({ running: true, limit: 100 }));
+    for (const r of page.rows) place(fromList("pending", r));
+    // List rows carry no start time: read the few running ones in full.
+    if (page.rows.length <= BURST) for (const r of page.rows) refresh(r.id);
+  };
+  // Just after reading the counts, a state with none needs no read.
+  const some = (k) => !fresh || !counts || counts[k] > 0;
+  await Promise.all([some("pending") || some("waiting") ? loadPending(false) : null,
+    some("running") ? running() : null].concat(
+    ["result", "fail", "cancelled"].filter(some).map((k) => loadDone(k, false))));
   empties();
+}
+
+// Empties the tables and loads their first pages again.
+async function reloadTables() {
+  for (const id of ["pending", "running", "results", "failures"]) $(id).tBodies[0].textContent = "";
+  rows.clear();
+  keep.results = KEEP_DONE;
+  keep.failures = KEEP_DONE;
+  for (const k of Object.keys(next)) next[k] = null;
+  try { await loadRows(false); } catch (e) { say("loading: " + e.message); }
 }
 
 async function load() {
   try {
-    lastEvent = (await getJSON("/api/last-event")).id;
-    await loadRows();
-    await loadCounts();
+    // The counts first: a state with no instances needs no table read.
+    const [last] = await Promise.all([getJSON("/api/last-event"), loadCountsOnly()]);
+    lastEvent = last.id;
+    await Promise.all([loadRows(true), loadBatches(), loadCharts()]);
     empties();
+    document.body.dataset.loaded = String(performance.now());
     follow();
   } catch (e) {
     say("loading: " + e.message);
     $("live").textContent = "offline";
   }
-}
-
-// ---- output -------------------------------------------------------------
-
-let output = null; // { id, source }
-
-function showMeta(m) {
-  if (!m) return;
-  const parts = ["state " + m.state, "job " + m.job, "pushed " + time(m.created)];
-  if (m.attempts) parts.push("attempts " + m.attempts);
-  if (m.exit_code != null) parts.push("exit code " + m.exit_code);
-  if (m.signal != null) parts.push("signal " + m.signal);
-  if (m.message) parts.push(m.message);
-  $("output-meta").textContent = parts.join(" · ");
-  for (const s of ["stdout", "stderr"]) {
-    const a = $(s + "-link");
-    a.hidden = !m[s];
-    if (m[s]) a.href = withToken(base + "/blob/" + m[s]);
-  }
-}
-
-function append(pre, text) {
-  if (pre.textContent.length >= MAX_OUTPUT) return;
-  const room = MAX_OUTPUT - pre.textContent.length;
-  pre.appendChild(document.createTextNode(text.length > room ? text.slice(0, room) + "\n… (cut here; download the blob for the rest)" : text));
-  pre.scrollTop = pre.scrollHeight;
-}
-
-function closeOutput() {
-  if (output && output.source) output.source.close();
-  output = null;
-  $("output-panel").hidden = true;
-  document.querySelector("main").classList.remove("with-output");
-}
-
-async function openOutput(id) {
-  closeOutput();
-  output = { id, source: null };
-  $("output-panel").hidden = false;
-  document.querySelector("main").classList.add("with-output");
-  $("output-title").textContent = "#" + id;
-  $("stdout").textContent = "";
-  $("stderr").textContent = "";
-  try {
-    const m = fromDetail(await getJSON("/api/instance/" + id));
-    rows.set(id, Object.assign(rows.get(id) || {}, m));
-    showMeta(m);
-  } catch (e) { say("instance #" + id + ": " + e.message); }
-  const src = new EventSource(withToken(base + "/api/output/" + id));
-  output.source = src;
-  src.addEventListener("attempt", () => { $("stdout").textContent = ""; $("stderr").textContent = ""; });
-  src.addEventListener("stdout", (e) => append($("stdout"), JSON.parse(e.data).text));
-  src.addEventListener("stderr", (e) => append($("stderr"), JSON.parse(e.data).text));
-  src.addEventListener("end", () => { src.close(); refresh(id); });
-  src.addEventListener("error", (e) => {
-    src.close();
-    if (e.data) say("output of #" + id + ": " + e.data);
-  });
 }
 
 // ---- forms --------------------------------------------------------------
@@ -433,9 +295,16 @@ async function addJob(ev) {
 
 document.addEventListener("DOMContentLoaded", () => {
   $("add-form").addEventListener("submit", addJob);
-  $("output-close").addEventListener("click", closeOutput);
-  $("pending-more").addEventListener("click", () => loadPending().catch((e) => say(e.message)));
+  $("output-close").addEventListener("click", closePanel);
+  $("copy-show").addEventListener("click", copyShow);
+  $("pending-more").addEventListener("click", () => loadPending(true).catch((e) => say(e.message)));
+  $("results-more").addEventListener("click", () => loadDone("result", true).catch((e) => say(e.message)));
+  $("failures-more").addEventListener("click", () => Promise.all(["fail", "cancelled"].map((k) => loadDone(k, true))).catch((e) => say(e.message)));
   $("filter-clear").addEventListener("click", () => pick(null));
+  $("q").addEventListener("input", filterSoon);
+  $("filter-bar").addEventListener("submit", (ev) => { ev.preventDefault(); applyFilter(); });
+  $("state").addEventListener("change", applyFilter);
+  window.addEventListener("resize", sizeCharts);
   $("token").value = token;
   $("token-form").addEventListener("submit", (ev) => {
     ev.preventDefault();
@@ -445,7 +314,6 @@ document.addEventListener("DOMContentLoaded", () => {
     say("token saved", true);
     for (const t of document.querySelectorAll("table.rows tbody")) t.textContent = "";
     rows.clear();
-    pendingNext = null;
     load();
   });
   load();

@@ -66,6 +66,8 @@ async fn reads_can_need_the_token_too() {
         "/api/list/pending",
         "/api/counts",
         "/api/instance/1",
+        "/api/recent/result",
+        "/api/series",
         "/events",
         "/metrics",
         blob.as_str(),
@@ -89,7 +91,14 @@ async fn reads_can_need_the_token_too() {
         assert_eq!(r.status(), 200, "{path}");
     }
     // the page and its files hold no data; health checks need no token
-    for path in ["/", "/assets/app.js", "/assets/app.css", "/healthz"] {
+    for path in [
+        "/",
+        "/assets/app.js",
+        "/assets/app.css",
+        "/assets/charts.js",
+        "/assets/uPlot.iife.min.js",
+        "/healthz",
+    ] {
         assert_eq!(s.get(path).await.status(), 200, "{path}");
     }
 }

@@ -4,12 +4,14 @@
 //!
 //! The tests that need the `batchdb` binary itself (a 1 GiB upload measured on a real
 //! `batchdb serve` process, an event made by a separate CLI process, the headless
-//! Chromium dashboard test) live in `crates/cli/tests/cli/serve.rs`.
+//! Chromium dashboard test) live in `crates/cli/tests/cli/serve.rs` and `dashboard.rs`.
 //!
 //! - `routes`: the old routes, the JSON API, paging, filters, prefix, dashboard files
 //! - `batches`: batch and after on push, the batch routes and filter
 //! - `bad_input`: 400 / 404 / 405 and the error body
 //! - `blobs`: Range, ETag, If-None-Match, HEAD
+//! - `dashboard`: what the dashboard reads: payload previews, the text filter, paging
+//!   back through recent rows, the chart series, the vendored chart library
 //! - `events`: SSE from the event log, Last-Event-ID, live output
 //! - `auth`: token, reads with a token, cross-origin and Host checks
 //! - `upload`: streamed bodies, clients that go away mid-upload
@@ -22,6 +24,7 @@ mod auth;
 mod bad_input;
 mod batches;
 mod blobs;
+mod dashboard;
 mod events;
 mod limits;
 mod metrics;

@@ -259,7 +259,10 @@ async fn recent_lists_newest_terminal_rows_first() {
         .collect();
     assert_eq!(ids, vec![5, 4, 3]);
     let all = cli_shape(&s, ListKind::Result).await;
-    assert_eq!(rows[0], all[4]);
+    let mut newest = rows[0].clone();
+    assert_eq!(newest["preview"], "echo 4");
+    newest.as_object_mut().unwrap().remove("preview");
+    assert_eq!(newest, all[4]);
     let fails = s.json("/api/recent/fail").await;
     assert_eq!(fails["rows"].as_array().unwrap().len(), 1);
     assert_eq!(s.json("/api/recent/cancelled").await["rows"], json!([]));
@@ -279,9 +282,13 @@ async fn prefix_mounts_every_route() {
     assert_eq!(s.get("/healthz").await.status(), 200);
     let page = s.get("/").await.text().await.unwrap();
     assert!(page.contains("/batch/assets/app.js"), "{page}");
+    assert!(page.contains("/batch/assets/uPlot.iife.min.js"), "{page}");
+    for path in ["/assets/charts.js", "/assets/uPlot.min.css", "/api/series"] {
+        assert_eq!(s.get(path).await.status(), 200, "{path}");
+    }
     // nothing outside the prefix
     let root = format!("http://{}", s.addr);
-    for path in ["/list/job", "/create", "/", "/healthz"] {
+    for path in ["/list/job", "/create", "/", "/healthz", "/assets/charts.js"] {
         let r = s.client.get(format!("{root}{path}")).send().await.unwrap();
         assert_eq!(r.status(), 404, "{path}");
     }
