@@ -2,6 +2,9 @@
 //! with every control character escaped, so it can be printed in a table cell or a
 //! web page without breaking either.
 
+use std::collections::HashMap;
+
+use futures_util::StreamExt;
 use tokio::io::AsyncReadExt;
 
 use crate::hash::Hash;
@@ -60,7 +63,28 @@ impl BatchDb {
             .map_err(|e| crate::Error::io("read the preview of", format!("blob {job}"), e))?;
         Ok(preview(&head))
     }
+
+    /// The [`preview`] of each distinct payload in `jobs`, read [`PREVIEWS_AT_ONCE`]
+    /// at a time (on S3 each is a ranged GET of a payload's head); each payload's
+    /// own error (e.g. [`Error::BlobNotFound`](crate::Error::BlobNotFound) for a
+    /// lost blob) is kept beside it rather than failing the others.
+    pub async fn previews(
+        &self,
+        jobs: impl IntoIterator<Item = Hash>,
+    ) -> HashMap<Hash, Result<String>> {
+        let mut distinct: Vec<Hash> = jobs.into_iter().collect();
+        distinct.sort_unstable();
+        distinct.dedup();
+        futures_util::stream::iter(distinct)
+            .map(|job| async move { (job, self.preview(&job).await) })
+            .buffered(PREVIEWS_AT_ONCE)
+            .collect()
+            .await
+    }
 }
+
+/// Payload heads [`BatchDb::previews`] reads at once.
+pub const PREVIEWS_AT_ONCE: usize = 8;
 
 #[cfg(test)]
 mod tests {

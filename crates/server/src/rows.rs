@@ -8,12 +8,7 @@ use std::collections::HashMap;
 
 use batchdb::queue::ListRow;
 use batchdb::{BatchDb, Hash};
-use futures_util::StreamExt;
 use serde::Serialize;
-
-/// Previews read at once for one page (each reads at most
-/// [`batchdb::preview::PREVIEW_READ`] bytes of a payload).
-const CONCURRENT: usize = 8;
 
 /// A row as the API answers it: the row's own fields, and `preview`.
 #[derive(Debug, Serialize)]
@@ -36,29 +31,22 @@ pub(crate) fn job_of(row: &ListRow) -> Hash {
     }
 }
 
-/// The preview of each distinct job in `jobs`, read [`CONCURRENT`] at a time; a
-/// payload that cannot be read maps to `None` (and is logged).
+/// The preview of each distinct job in `jobs` ([`BatchDb::previews`]); a payload that
+/// cannot be read maps to `None` (and is logged).
 pub(crate) async fn previews(
     db: &BatchDb,
     jobs: impl IntoIterator<Item = Hash>,
 ) -> HashMap<Hash, Option<String>> {
-    let mut distinct: Vec<Hash> = jobs.into_iter().collect();
-    distinct.sort_unstable();
-    distinct.dedup();
-    futures_util::stream::iter(distinct)
-        .map(|job| async move {
-            let p = match db.preview(&job).await {
-                Ok(p) => Some(p),
-                Err(e) => {
-                    tracing::debug!("preview of {job}: {e}");
-                    None
-                }
-            };
+    db.previews(jobs)
+        .await
+        .into_iter()
+        .map(|(job, p)| {
+            let p = p
+                .inspect_err(|e| tracing::debug!("preview of {job}: {e}"))
+                .ok();
             (job, p)
         })
-        .buffered(CONCURRENT)
         .collect()
-        .await
 }
 
 /// Each row with its job's preview from `known`.

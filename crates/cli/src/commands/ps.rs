@@ -1,6 +1,7 @@
 //! `ps`: the newest instances as an aligned table for a person to read (scripts use
 //! `list`), and `status` as one readable line on a terminal.
 
+use std::collections::HashMap;
 use std::io::IsTerminal;
 
 use batchdb::queue::{Counts, InstanceSummary, RecentQuery};
@@ -31,14 +32,19 @@ pub(super) async fn ps(db: &BatchDb, a: PsArgs) -> Result<ExitCode> {
     }
     let mut table = vec![header];
     let mut states = vec![None];
-    // Previews read concurrently: on S3 each is a ranged GET of a payload's head.
-    let previews: Vec<Result<String>> = futures_util::stream::iter(&rows)
-        .map(|r| preview(db, &r.job))
-        .buffered(8)
-        .collect()
-        .await;
-    for (r, preview) in rows.iter().zip(previews) {
-        let mut row = cells(r, preview?, now);
+    // A payload whose blob is gone says so; any other error fails `ps`.
+    let previews: HashMap<Hash, String> = db
+        .previews(rows.iter().map(|r| r.job))
+        .await
+        .into_iter()
+        .map(|(job, p)| match p {
+            Err(Error::BlobNotFound(_)) => Ok((job, "(payload missing)".into())),
+            p => p.map(|p| (job, p)),
+        })
+        .collect::<Result<_>>()?;
+    for r in &rows {
+        let preview = previews.get(&r.job).cloned().unwrap_or_default();
+        let mut row = cells(r, preview, now);
         if batches {
             row.insert(row.len() - 1, r.batch.clone().unwrap_or_else(|| "-".into()));
         }
@@ -59,15 +65,6 @@ pub(super) async fn ps(db: &BatchDb, a: PsArgs) -> Result<ExitCode> {
 }
 
 const HEADER: [&str; 7] = ["ID", "STATE", "AGE", "TIME", "TRIES", "EXIT", "COMMAND"];
-
-/// The preview of payload `job`; a payload that is gone (its blob lost) says so.
-async fn preview(db: &BatchDb, job: &Hash) -> Result<String> {
-    match db.preview(job).await {
-        Ok(p) => Ok(p),
-        Err(Error::BlobNotFound(_)) => Ok("(payload missing)".into()),
-        Err(e) => Err(e),
-    }
-}
 
 /// One row's cells, in [`HEADER`]'s order.
 fn cells(r: &InstanceSummary, preview: String, now: i64) -> Vec<String> {

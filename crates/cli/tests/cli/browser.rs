@@ -165,12 +165,14 @@ impl Browser {
             .unwrap_or_default()
     }
 
-    pub(crate) fn screenshot(&self, path: &std::path::Path) {
+    pub(crate) fn screenshot(&self, name: &str) {
+        let path = artifact(name);
         let b64 = self.cmd("GET", "/screenshot", None);
         let png = base64_decode(b64.as_str().expect("base64 screenshot"));
         assert!(png.starts_with(b"\x89PNG"), "not a PNG");
         std::fs::create_dir_all(path.parent().expect("dir")).expect("artifact dir");
-        std::fs::write(path, png).expect("write screenshot");
+        std::fs::write(&path, png).expect("write screenshot");
+        println!("dashboard screenshot: {}", path.display());
     }
 }
 

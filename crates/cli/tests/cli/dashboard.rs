@@ -124,9 +124,7 @@ fn dashboard_in_headless_chromium() {
             || errors.contains("cancel requested"),
         "the page reported an error: {errors}"
     );
-    let png = artifact("dashboard.png");
-    b.screenshot(&png);
-    println!("dashboard screenshot: {}", png.display());
+    b.screenshot("dashboard.png");
 }
 
 #[test]
@@ -215,9 +213,7 @@ fn dashboard_batch_view_in_headless_chromium() {
         &format!("{} === '2/4';", row("later", 2).trim_end_matches(';')),
     );
     assert_eq!(env.list("pending").len(), 2);
-    let png = artifact("dashboard-batches.png");
-    b.screenshot(&png);
-    println!("dashboard screenshot: {}", png.display());
+    b.screenshot("dashboard-batches.png");
 }
 
 /// A script payload and an attribute-breaking one: shown as text, never run.
@@ -482,9 +478,7 @@ fn screenshot_of_every_table(b: &Browser) {
            && document.getElementById('stdout').textContent.includes('running item');",
     );
     b.js("document.getElementById('message').hidden = true;");
-    let png = artifact("dashboard-50.png");
-    b.screenshot(&png);
-    println!("dashboard screenshot: {}", png.display());
+    b.screenshot("dashboard-50.png");
 }
 
 #[test]

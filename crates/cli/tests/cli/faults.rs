@@ -136,12 +136,7 @@ fn five_gib_payload_from_a_pipe_in_flat_memory() {
     assert_eq!(jobs.len(), 1);
     assert_eq!(jobs[0]["key"], key.as_str());
     assert_eq!(jobs[0]["size"], size);
-    let blob = env
-        .db_dir()
-        .join("blobs")
-        .join(&key[0..2])
-        .join(&key[2..4])
-        .join(&key);
+    let blob = env.blob_path(&key);
     assert_eq!(std::fs::metadata(blob).unwrap().len(), size);
 }
 

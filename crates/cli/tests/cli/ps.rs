@@ -193,12 +193,7 @@ fn ps_says_when_a_payload_is_gone_instead_of_failing() {
     let big = format!("echo big # {}", "x".repeat(20_000));
     let (key, _) = env.add(&big);
     env.add("echo small");
-    let blob = env
-        .db_dir()
-        .join("blobs")
-        .join(&key[0..2])
-        .join(&key[2..4])
-        .join(&key);
+    let blob = env.blob_path(&key);
     std::fs::remove_file(&blob).expect("remove the payload's blob");
     let table = env.ok(&["ps"]);
     let rows: Vec<&str> = table.lines().skip(1).collect();

@@ -86,6 +86,15 @@ impl Env {
         self.root.join("db")
     }
 
+    /// Where the blob directory keeps blob `key` (64 hex digits).
+    pub fn blob_path(&self, key: &str) -> PathBuf {
+        self.db_dir()
+            .join("blobs")
+            .join(&key[0..2])
+            .join(&key[2..4])
+            .join(key)
+    }
+
     /// A file in the working directory.
     pub fn file(&self, name: &str) -> PathBuf {
         self.root.join(name)

@@ -7,28 +7,27 @@ use crate::queue::{InstanceSummary, RecentQuery};
 
 type R<T, C> = Result<T, <C as Conn>::Error>;
 
+/// The page's statement, narrowed by `$where` (besides the batch, `$3`).
+macro_rules! recent_sql {
+    ($where:literal) => {
+        concat!(
+            "SELECT i.id, i.job, i.created, i.state, i.attempts, b.name, a.start, a.\"end\",
+               a.exit_code, a.signal
+             FROM instances i
+             LEFT JOIN attempts a ON a.instance = i.id AND a.attempt = i.attempts
+             LEFT JOIN batches b ON b.id = i.batch
+             WHERE ",
+            $where,
+            " AND (CAST($3 AS TEXT) IS NULL OR i.batch = (SELECT id FROM batches WHERE name = $3))
+             ORDER BY i.id DESC LIMIT $2"
+        )
+    };
+}
+
 /// Walks the primary key backwards from the cursor.
-static RECENT: Sql = Sql::new(
-    "SELECT i.id, i.job, i.created, i.state, i.attempts, b.name, a.start, a.\"end\",
-       a.exit_code, a.signal
-     FROM instances i
-     LEFT JOIN attempts a ON a.instance = i.id AND a.attempt = i.attempts
-     LEFT JOIN batches b ON b.id = i.batch
-     WHERE i.id < $1
-       AND (CAST($3 AS TEXT) IS NULL OR i.batch = (SELECT id FROM batches WHERE name = $3))
-     ORDER BY i.id DESC LIMIT $2",
-);
+static RECENT: Sql = Sql::new(recent_sql!("i.id < $1"));
 /// One state: walks the (state, id) index backwards from the cursor.
-static RECENT_IN_STATE: Sql = Sql::new(
-    "SELECT i.id, i.job, i.created, i.state, i.attempts, b.name, a.start, a.\"end\",
-       a.exit_code, a.signal
-     FROM instances i
-     LEFT JOIN attempts a ON a.instance = i.id AND a.attempt = i.attempts
-     LEFT JOIN batches b ON b.id = i.batch
-     WHERE i.state = $4 AND i.id < $1
-       AND (CAST($3 AS TEXT) IS NULL OR i.batch = (SELECT id FROM batches WHERE name = $3))
-     ORDER BY i.id DESC LIMIT $2",
-);
+static RECENT_IN_STATE: Sql = Sql::new(recent_sql!("i.state = $4 AND i.id < $1"));
 
 /// Up to `q.limit` instances, newest (highest id) first (see
 /// [`Queue::recent_page`](crate::queue::Queue::recent_page)). Several states are read
