@@ -223,6 +223,34 @@ pub struct QueueArgs {
     /// (repeatable).
     #[arg(long, value_name = "SELECTOR")]
     pub after_any: Vec<String>,
+    /// Run in DIR (`.`: this directory, made absolute); not part of the job key, part
+    /// of the result-cache key.
+    #[arg(long, value_name = "DIR")]
+    pub cwd: Option<PathBuf>,
+    /// Set KEY to VALUE for the job (repeatable; `--env KEY` takes this shell's value);
+    /// part of the result-cache key.
+    #[arg(long, value_name = "KEY=VALUE")]
+    pub env: Vec<String>,
+    /// Set the variables of FILE (KEY=VALUE lines; blank lines and # comments
+    /// skipped; `--env` wins over it).
+    #[arg(long, value_name = "FILE")]
+    pub env_file: Option<PathBuf>,
+    /// Limit the job's memory to SIZE (512M, 8G): past it the job is killed and
+    /// fails with "out of memory".
+    #[arg(long, value_name = "SIZE")]
+    pub memory: Option<String>,
+    /// Limit the job to N CPUs' worth of time (fractions allowed: 0.5).
+    #[arg(long, value_name = "N")]
+    pub cpus: Option<f64>,
+    /// Limit the job to N processes and threads at once.
+    #[arg(long, value_name = "N")]
+    pub pids: Option<u64>,
+    /// Run only on a worker with NAME=AMOUNT free (`gpu=2`, `mem=8G`; repeatable).
+    #[arg(long, value_name = "NAME=AMOUNT")]
+    pub needs: Vec<String>,
+    /// Run at most N instances carrying KEY at once, across every worker.
+    #[arg(long, value_name = "KEY=N")]
+    pub concurrency: Option<String>,
 }
 
 /// `batchdb map`.

@@ -53,6 +53,41 @@ pub(crate) struct QueueParams {
     after: Option<Selectors>,
     /// Wait for every instance these selectors name to end.
     after_any: Option<Selectors>,
+    /// The working directory (absolute).
+    cwd: Option<String>,
+    /// Environment variables: a JSON object, or `KEY=VALUE` lines.
+    env: Option<EnvParam>,
+    /// The memory limit (`512M`).
+    memory: Option<String>,
+    /// The CPU limit, in CPUs.
+    cpus: Option<f64>,
+    /// The limit on processes at once.
+    pids: Option<u64>,
+    /// What it needs from a worker: `NAME=AMOUNT` strings, or one comma-separated.
+    needs: Option<Selectors>,
+    /// Its concurrency key, `KEY=N`.
+    concurrency: Option<String>,
+}
+
+/// Environment variables as a JSON object, or as `KEY=VALUE` lines (as a query
+/// parameter carries them).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+pub(crate) enum EnvParam {
+    /// `{"KEY": "VALUE"}`.
+    Map(std::collections::BTreeMap<String, String>),
+    /// `KEY=VALUE` lines.
+    Lines(String),
+}
+
+impl EnvParam {
+    fn list(v: Option<&EnvParam>) -> Vec<String> {
+        match v {
+            None => Vec::new(),
+            Some(EnvParam::Map(m)) => m.iter().map(|(k, v)| format!("{k}={v}")).collect(),
+            Some(EnvParam::Lines(s)) => s.lines().map(str::to_string).collect(),
+        }
+    }
 }
 
 /// Selectors as a JSON array, or one string of comma-separated selectors (as a
@@ -88,6 +123,13 @@ impl QueueParams {
             batch: self.batch.clone(),
             after: Selectors::list(self.after.as_ref()),
             after_any: Selectors::list(self.after_any.as_ref()),
+            cwd: self.cwd.clone(),
+            env: EnvParam::list(self.env.as_ref()),
+            memory: self.memory.clone(),
+            cpus: self.cpus,
+            pids: self.pids,
+            needs: Selectors::list(self.needs.as_ref()),
+            concurrency: self.concurrency.clone(),
         }
         .options()?)
     }
@@ -441,43 +483,23 @@ pub(crate) async fn instance(
     .into_response())
 }
 
-/// The body of `POST /api/push`.
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub(crate) struct PushBody {
-    /// The job key.
-    job: String,
-    priority: Option<i64>,
-    delay: Option<f64>,
-    run_at: Option<i64>,
-    timeout: Option<f64>,
-    retries: Option<u32>,
-    cached: Option<bool>,
-    batch: Option<String>,
-    after: Option<Selectors>,
-    after_any: Option<Selectors>,
-}
-
-/// `POST /api/push` with `{"job": key, "priority"?, "delay"?, "run_at"?,
-/// "timeout"?, "retries"?, "cached"?, "batch"?, "after"?, "after_any"?}`: pushes
-/// another instance of a stored job; answers `{"id", "job", "created"}`.
+/// `POST /api/push` with `{"job": key}` and any of the queue options
+/// ([`QueueParams`]: `"priority"`, `"delay"`, `"run_at"`, `"timeout"`, `"retries"`,
+/// `"cached"`, `"batch"`, `"after"`, `"after_any"`, `"cwd"`, `"env"`, `"memory"`,
+/// `"cpus"`, `"pids"`, `"needs"`, `"concurrency"`): pushes another instance of a
+/// stored job; answers `{"id", "job", "created"}`.
 pub(crate) async fn push(
     State(app): State<AppState>,
-    b: Result<Json<PushBody>, JsonRejection>,
+    b: Result<Json<serde_json::Map<String, serde_json::Value>>, JsonRejection>,
 ) -> Result<Response, ApiError> {
-    let b = json_body(b)?;
-    let job: Hash = b.job.parse()?;
-    let q = QueueParams {
-        priority: b.priority,
-        delay: b.delay,
-        run_at: b.run_at,
-        timeout: b.timeout,
-        retries: b.retries,
-        cached: b.cached,
-        batch: b.batch,
-        after: b.after,
-        after_any: b.after_any,
+    let mut b = json_body(b)?;
+    let job = match b.remove("job") {
+        Some(serde_json::Value::String(j)) => j,
+        _ => return Err(ApiError::bad_request("expected \"job\": a job key")),
     };
+    let job: Hash = job.parse()?;
+    let q: QueueParams = serde_json::from_value(serde_json::Value::Object(b))
+        .map_err(|e| ApiError::bad_request(format!("Failed to deserialize the JSON body: {e}")))?;
     let inst = app.db.push(&job, &q.options()?).await?;
     Ok(Json(inst).into_response())
 }

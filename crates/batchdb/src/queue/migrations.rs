@@ -47,6 +47,11 @@ pub(crate) const STEPS: &[Step] = &[
         sqlite: "CREATE INDEX cache_instance ON cache(instance);",
         postgres: "CREATE INDEX cache_instance ON cache(instance);",
     },
+    Step {
+        what: "execution context, needs, concurrency keys, accounting, live workers",
+        sqlite: include_str!("schema/v7.sqlite.sql"),
+        postgres: include_str!("schema/v7.postgres.sql"),
+    },
 ];
 
 /// The schema version this build writes and understands, on every backend.

@@ -13,6 +13,7 @@
 mod attempt_id;
 mod batch;
 mod changes;
+mod context;
 mod list;
 mod migrations;
 mod options;
@@ -31,6 +32,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 
 pub use batch::*;
+pub use context::*;
 pub use list::*;
 pub use migrations::SCHEMA_VERSION;
 pub use options::{MAX_SECS, PushRequest, secs};

@@ -4,6 +4,7 @@
 use std::time::Duration;
 
 use super::batch::{Dependency, check_batch_name};
+use super::context::{Concurrency, ExecContext, Needs, parse_size};
 use super::types::{PushOptions, Selector, now_ms};
 use crate::error::{Error, Result};
 
@@ -22,6 +23,19 @@ pub fn secs(what: &'static str, v: f64) -> Result<Duration> {
         return Err(bad());
     }
     Duration::try_from_secs_f64(v).map_err(|_| bad())
+}
+
+/// CPUs (fractions allowed, at least 0.01, at most 4096) in thousandths.
+fn millicpus(cpus: f64) -> Result<u64> {
+    if !(0.01..=4096.0).contains(&cpus) {
+        return Err(Error::Config {
+            what: "cpu limit",
+            value: cpus.to_string(),
+            why: "expected a number of CPUs from 0.01 to 4096".into(),
+        });
+    }
+    #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)] // in range
+    Ok((cpus * 1000.0).round() as u64)
 }
 
 /// A push as a front end received it, before validation.
@@ -46,6 +60,20 @@ pub struct PushRequest {
     /// Selectors whose instances must all end first, whatever the outcome
     /// (`--after-any`).
     pub after_any: Vec<String>,
+    /// The working directory, absolute (a front end makes `.` absolute).
+    pub cwd: Option<String>,
+    /// Environment variables, each `KEY=VALUE` (a later one wins).
+    pub env: Vec<String>,
+    /// The memory limit, as [`parse_size`] reads it (`512M`).
+    pub memory: Option<String>,
+    /// The CPU limit in CPUs (fractions allowed).
+    pub cpus: Option<f64>,
+    /// The limit on processes at once.
+    pub pids: Option<u64>,
+    /// What it needs from a worker, each `NAME=AMOUNT`.
+    pub needs: Vec<String>,
+    /// Its concurrency key, `KEY=N`.
+    pub concurrency: Option<String>,
 }
 
 impl PushRequest {
@@ -82,7 +110,74 @@ impl PushRequest {
             cached: self.cached,
             batch: self.batch.clone(),
             after: self.dependencies()?,
+            context: self.context()?,
+            needs: self.needs()?,
+            concurrency: self
+                .concurrency
+                .as_deref()
+                .map(Concurrency::parse)
+                .transpose()?,
         })
+    }
+
+    /// The working directory, environment and limits asked for.
+    fn context(&self) -> Result<ExecContext> {
+        let mut c = ExecContext::default();
+        if let Some(d) = &self.cwd {
+            if !d.starts_with('/') || d.contains('\0') {
+                return Err(Error::Config {
+                    what: "working directory",
+                    value: d.clone(),
+                    why: "expected an absolute path".into(),
+                });
+            }
+            c.cwd = Some(d.clone());
+        }
+        for kv in &self.env {
+            let (k, v) = kv.split_once('=').unwrap_or((kv, ""));
+            if !kv.contains('=') {
+                return Err(Error::Config {
+                    what: "environment variable",
+                    value: kv.clone(),
+                    why: "expected KEY=VALUE".into(),
+                });
+            }
+            ExecContext::check_env(k, v)?;
+            c.env.insert(k.into(), v.into());
+        }
+        c.limits.memory = self
+            .memory
+            .as_deref()
+            .map(|m| parse_size("memory limit", m))
+            .transpose()?;
+        if c.limits.memory == Some(0) {
+            return Err(Error::Config {
+                what: "memory limit",
+                value: "0".into(),
+                why: "a limit must be above 0".into(),
+            });
+        }
+        c.limits.millicpus = self.cpus.map(millicpus).transpose()?;
+        c.limits.pids = match self.pids {
+            Some(0) => {
+                return Err(Error::Config {
+                    what: "pids limit",
+                    value: "0".into(),
+                    why: "a limit must be at least 1".into(),
+                });
+            }
+            p => p,
+        };
+        Ok(c)
+    }
+
+    /// The needs asked for.
+    fn needs(&self) -> Result<Needs> {
+        let mut n = Needs::default();
+        for spec in &self.needs {
+            n.add(spec)?;
+        }
+        Ok(n)
     }
 
     /// The dependencies asked for, each selector parsed; a batch name or selector

@@ -6,6 +6,7 @@
 
 use std::time::Duration;
 
+use super::context::ExecContext;
 use super::types::{
     AttemptReport, ClaimRequest, ClaimToken, EventKind, Finished, Outcome, State, cache_key,
 };
@@ -215,10 +216,11 @@ pub(crate) fn claim_cache_key(
     job: &Hash,
     (cached, timeout): (bool, Option<Duration>),
     inputs: Option<&Hash>,
+    context: &ExecContext,
 ) -> Option<Hash> {
     let spec = req.cache.as_ref()?;
-    wants_cache(req, cached)
-        .then(|| cache_key(job, &spec.runner, timeout.or(spec.default_timeout), inputs))
+    let timeout = timeout.or(spec.default_timeout);
+    wants_cache(req, cached).then(|| cache_key(job, &spec.runner, timeout, inputs, context))
 }
 
 /// What a dependency in `state` means for an instance that waits for it (`any`:

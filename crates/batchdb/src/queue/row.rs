@@ -4,6 +4,7 @@
 
 use std::time::Duration;
 
+use super::context::{ExecContext, Needs};
 use super::types::{AttemptReport, Claim, ClaimToken, State};
 use crate::blob::BlobInfo;
 use crate::hash::Hash;
@@ -105,10 +106,15 @@ pub(crate) trait Row {
 /// (A macro, so that backends can `concat!` it into their claim statements.)
 macro_rules! claim_cols {
     () => {
-        "id, job, created, failures, timeout_ms, retries, cached, attempts, deps"
+        "id, job, created, failures, timeout_ms, retries, cached, attempts, deps, run_at, \
+         context, needs, conc_key, conc_limit"
     };
 }
 pub(crate) use claim_cols;
+
+/// How many columns [`claim_cols!`] selects (what a statement selects after them
+/// starts at this index).
+pub(crate) const CLAIM_COLS: usize = 14;
 
 /// An instance a claim may hand out.
 pub(crate) struct Candidate {
@@ -121,6 +127,12 @@ pub(crate) struct Candidate {
     pub cached: bool,
     pub attempts: i64,
     pub deps: u64,
+    /// When it became due (epoch ms): how long it has waited.
+    pub run_at: i64,
+    pub context: ExecContext,
+    pub needs: Needs,
+    /// Its concurrency key and that key's limit.
+    pub conc: Option<(String, i64)>,
 }
 
 /// Reads a row selected as [`claim_cols!`].
@@ -135,6 +147,13 @@ pub(crate) fn candidate<R: Row>(r: &R) -> Result<Candidate, R::Error> {
         cached: r.flag(6)?,
         attempts: r.req_int(7)?,
         deps: r.unsigned(8)?.unwrap_or(0),
+        run_at: r.req_int(9)?,
+        context: ExecContext::from_text(r.str(10)?).map_err(R::corrupt)?,
+        needs: Needs::from_text(r.str(11)?).map_err(R::corrupt)?,
+        conc: match r.text(12)? {
+            Some(k) => Some((k, r.req_int(13)?)),
+            None => None,
+        },
     })
 }
 
@@ -161,6 +180,9 @@ impl Candidate {
             takeover,
             lost: None,
             cache_hit,
+            context: self.context.clone(),
+            needs: self.needs.clone(),
+            assigned: super::Resources::default(),
         }
     }
 }

@@ -42,6 +42,12 @@ pub struct PushOptions {
     /// What the instance waits for before it can run: it stays `waiting` (never
     /// claimed) until each dependency is met.
     pub after: Vec<super::Dependency>,
+    /// Where and with what it runs: working directory, environment, limits.
+    pub context: super::ExecContext,
+    /// What it needs from the worker that runs it (`gpu=2`, `mem=8G`).
+    pub needs: super::Needs,
+    /// Its concurrency key: at most that many instances carrying it run at once.
+    pub concurrency: Option<super::Concurrency>,
 }
 
 /// A job to record: its payload's hash and size and, for a small payload kept in the
@@ -128,6 +134,16 @@ pub struct ClaimRequest {
     pub cache: Option<CacheSpec>,
     /// Treat every instance as `cached`, not only those pushed with `cached`.
     pub cache_all: bool,
+    /// What the worker has in all (`run --resource`): an instance whose needs could
+    /// never fit here is skipped, and one that could may reserve what it needs once
+    /// it has waited [`reserve_after`](Self::reserve_after).
+    pub resources: super::Resources,
+    /// What the worker has free now: an instance is claimed only if its needs fit,
+    /// and the claim gives it units out of this.
+    pub free: super::Resources,
+    /// How long an instance whose needs do not fit may wait before smaller ones stop
+    /// being claimed around it (they may not take what it needs).
+    pub reserve_after: Duration,
 }
 
 impl ClaimRequest {
@@ -141,9 +157,16 @@ impl ClaimRequest {
             order: Order::Newest,
             cache: None,
             cache_all: false,
+            resources: super::Resources::default(),
+            free: super::Resources::default(),
+            reserve_after: RESERVE_AFTER,
         }
     }
 }
+
+/// How long, by default, an instance whose needs do not fit may wait before it
+/// reserves what it needs (see [`ClaimRequest::reserve_after`]).
+pub const RESERVE_AFTER: Duration = Duration::from_secs(60);
 
 /// What, besides the payload, decides a job's outcome for the result cache.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -169,19 +192,25 @@ impl CacheSpec {
 /// sha256 of `"batchdb-cache-v1\0" job-hex "\0" runner "\0" timeout-ms-or-"none"`,
 /// followed by `"\0" inputs-hex` for an instance with dependencies (`inputs`: the
 /// sha256 of its `BATCHDB_DEPS` file, its dependencies' results in order), so a
-/// cached result is reused only when every input is byte-identical.
+/// cached result is reused only when every input is byte-identical; and by
+/// `"\0context\0" json` for an instance with a working directory or environment of its
+/// own (`{"cwd":...,"env":{...}}`, keys sorted; limits are not part of it).
 pub fn cache_key(
     job: &Hash,
     runner: &str,
     timeout: Option<Duration>,
     inputs: Option<&Hash>,
+    context: &super::ExecContext,
 ) -> Hash {
     let t = timeout.map_or_else(|| "none".to_string(), |d| d.as_millis().to_string());
-    let key = format!("batchdb-cache-v1\0{job}\0{runner}\0{t}");
-    match inputs {
-        None => Hash::of(key.as_bytes()),
-        Some(i) => Hash::of(format!("{key}\0{i}").as_bytes()),
+    let mut key = format!("batchdb-cache-v1\0{job}\0{runner}\0{t}");
+    if let Some(i) = inputs {
+        key = format!("{key}\0{i}");
     }
+    if let Some(c) = context.cache_text() {
+        key = format!("{key}\0context\0{c}");
+    }
+    Hash::of(key.as_bytes())
 }
 
 /// Names one attempt: the instance id and its fencing token.
@@ -227,6 +256,13 @@ pub struct Claim {
     /// If the result cache already held a result, the instance was finished from it
     /// inside the claim and nothing must run: this is that result.
     pub cache_hit: Option<AttemptReport>,
+    /// Where and with what it runs.
+    pub context: super::ExecContext,
+    /// What it needs from the worker.
+    pub needs: super::Needs,
+    /// What the claim gave it out of [`ClaimRequest::free`] (give it back when the
+    /// attempt ends).
+    pub assigned: super::Resources,
 }
 
 /// An attempt whose worker stopped renewing its lease, as the claim that took its
@@ -284,6 +320,8 @@ pub struct AttemptReport {
     pub message: Option<String>,
     /// Whether this result was served from the result cache.
     pub cached: bool,
+    /// What the attempt used (peak memory, CPU), where the runner measured it.
+    pub usage: Option<super::Usage>,
     /// The cache key this attempt fills on success.
     pub cache_key: Option<Hash>,
     /// Outputs small enough to keep in the queue (at most [`crate::INLINE_MAX`] bytes

@@ -52,6 +52,10 @@ pub struct RunContext {
     /// For an instance with dependencies: a file of `JOBKEY RESULTID` lines, one per
     /// dependency result, in the dependencies' push order (`BATCHDB_DEPS`).
     pub deps_file: Option<std::path::PathBuf>,
+    /// Where and with what to run it: working directory, environment (over the
+    /// worker's, including the `BATCHDB_RESOURCE_*` variables of what it was given),
+    /// limits.
+    pub exec: crate::queue::ExecContext,
 }
 
 /// How an execution ended.

@@ -268,7 +268,8 @@ impl Worker {
             let _ = std::fs::remove_file(e);
         }
         let inputs = deps.as_ref().map(|d| d.digest);
-        let key = cache_key(&claim.job, &self.runner.spec(), timeout, inputs.as_ref());
+        let spec = self.runner.spec();
+        let key = cache_key(&claim.job, &spec, timeout, inputs.as_ref(), &claim.context);
         drop(deps);
         self.conclude(claim, report, results, stopped, (timeout, key))
     }
@@ -283,6 +284,7 @@ impl Worker {
             worker: self.opts.name.clone(),
             attempt_id: claim.attempt_id.clone(),
             deps_file: deps.map(|d| d.path.clone()),
+            exec: claim.context.clone(),
         }
     }
 

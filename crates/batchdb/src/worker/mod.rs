@@ -194,17 +194,13 @@ impl Worker {
         let slots = this.opts.concurrency.max(1);
         let mut tasks: JoinSet<()> = JoinSet::new();
         let mut db_errors = 0u32;
-        let req = ClaimRequest {
-            worker: this.opts.name.clone(),
-            limit: slots,
-            lease: this.opts.lease,
-            order: this.opts.order,
-            cache: Some(CacheSpec {
-                runner: this.runner.spec(),
-                default_timeout: this.opts.timeout,
-            }),
-            cache_all: this.opts.cache_all,
-        };
+        let mut req = ClaimRequest::new(this.opts.name.clone(), slots, this.opts.lease);
+        req.order = this.opts.order;
+        req.cache = Some(CacheSpec {
+            runner: this.runner.spec(),
+            default_timeout: this.opts.timeout,
+        });
+        req.cache_all = this.opts.cache_all;
         loop {
             while tasks.try_join_next().is_some() {}
             if this.shutdown.level() >= 1 {

@@ -354,7 +354,13 @@ pub async fn the_cache_key_covers_the_dependency_results(b: &Backend) {
             let deps = b.queue.dependency_results(r.id, 0, 100).await.unwrap();
             let lines: String = deps.iter().map(|d| d.line()).collect();
             let inputs = Hash::of(lines.as_bytes());
-            let key = batchdb::queue::cache_key(&job(2).hash, "shell:sh", None, Some(&inputs));
+            let key = batchdb::queue::cache_key(
+                &job(2).hash,
+                "shell:sh",
+                None,
+                Some(&inputs),
+                &Default::default(),
+            );
             let mut done = ended(50 + out, true);
             if let Outcome::Success(rep) = &mut done {
                 rep.cache_key = Some(key);

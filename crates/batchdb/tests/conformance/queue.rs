@@ -645,7 +645,8 @@ pub async fn result_cache_serves_and_dedupes(b: &Backend) {
         b.queue.claim(&creq).await.unwrap().is_empty(),
         "duplicate waits for the first"
     );
-    let key = batchdb::queue::cache_key(&job(1).hash, &spec.runner, None, None);
+    let none = Default::default();
+    let key = batchdb::queue::cache_key(&job(1).hash, &spec.runner, None, None, &none);
     let mut ok = success(7);
     if let Outcome::Success(r) = &mut ok {
         r.cache_key = Some(key);
@@ -680,6 +681,7 @@ pub async fn result_cache_serves_and_dedupes(b: &Backend) {
             "shell:bash",
             None,
             None,
+            &none,
         ));
     }
     b.queue.finish(&miss[0].token, &bad).await.unwrap();

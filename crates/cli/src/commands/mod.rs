@@ -2,7 +2,7 @@
 //! they share.
 
 use std::io::Write;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
@@ -154,8 +154,65 @@ fn push_options(q: &QueueArgs) -> Result<PushOptions> {
         batch: q.batch.clone(),
         after: q.after.clone(),
         after_any: q.after_any.clone(),
+        cwd: q.cwd.as_deref().map(absolute_dir).transpose()?,
+        env: environment(q)?,
+        memory: q.memory.clone(),
+        cpus: q.cpus,
+        pids: q.pids,
+        needs: q.needs.clone(),
+        concurrency: q.concurrency.clone(),
     }
     .options()
+}
+
+/// `--cwd DIR` as an absolute path (this directory joined in front of a relative
+/// one; not resolved further, as the directory is entered on the worker's machine).
+fn absolute_dir(dir: &Path) -> Result<String> {
+    let abs = std::path::absolute(dir).map_err(|e| Error::io("resolve", dir, e))?;
+    abs.into_os_string()
+        .into_string()
+        .map_err(|p| Error::Config {
+            what: "working directory",
+            value: p.to_string_lossy().into_owned(),
+            why: "the path is not UTF-8".into(),
+        })
+}
+
+/// The variables of `--env-file` then `--env` (a later one wins), each `KEY=VALUE`;
+/// `--env KEY` takes this process's value of KEY.
+fn environment(q: &QueueArgs) -> Result<Vec<String>> {
+    let mut out = Vec::new();
+    if let Some(f) = &q.env_file {
+        let text = std::fs::read_to_string(f).map_err(|e| Error::io("read", f, e))?;
+        for (n, line) in text.lines().enumerate() {
+            let line = line.trim();
+            if line.is_empty() || line.starts_with('#') {
+                continue;
+            }
+            let line = line.strip_prefix("export ").unwrap_or(line);
+            if !line.contains('=') {
+                return Err(Error::Config {
+                    what: "environment file line",
+                    value: format!("{}:{}: {line}", f.display(), n + 1),
+                    why: "expected KEY=VALUE".into(),
+                });
+            }
+            out.push(line.to_string());
+        }
+    }
+    for kv in &q.env {
+        if kv.contains('=') {
+            out.push(kv.clone());
+            continue;
+        }
+        let v = std::env::var(kv).map_err(|_| Error::Config {
+            what: "environment variable",
+            value: kv.clone(),
+            why: "expected KEY=VALUE, or the name of a variable set here".into(),
+        })?;
+        out.push(format!("{kv}={v}"));
+    }
+    Ok(out)
 }
 
 async fn copy_to(

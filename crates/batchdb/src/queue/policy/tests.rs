@@ -195,38 +195,64 @@ fn a_claim_uses_the_cache_only_when_asked_and_the_runner_is_named() {
         runner: "shell:sh".into(),
         default_timeout: Some(Duration::from_secs(9)),
     };
-    let req = |cache: Option<CacheSpec>, cache_all: bool| ClaimRequest {
-        worker: "w".into(),
-        limit: 1,
-        lease: Duration::from_secs(30),
-        order: crate::queue::Order::Newest,
-        cache,
-        cache_all,
+    let req = |cache: Option<CacheSpec>, cache_all: bool| {
+        let mut r = ClaimRequest::new("w", 1, Duration::from_secs(30));
+        r.cache = cache;
+        r.cache_all = cache_all;
+        r
     };
+    let none = ExecContext::default();
     let named = req(Some(spec.clone()), false);
     let nine = Some(Duration::from_secs(9));
-    assert_eq!(claim_cache_key(&named, &job, (false, None), None), None);
     assert_eq!(
-        claim_cache_key(&named, &job, (true, None), None),
-        Some(cache_key(&job, "shell:sh", nine, None))
+        claim_cache_key(&named, &job, (false, None), None, &none),
+        None
+    );
+    assert_eq!(
+        claim_cache_key(&named, &job, (true, None), None, &none),
+        Some(cache_key(&job, "shell:sh", nine, None, &none))
     );
     // The instance's own timeout wins over the worker's default.
     let one = Some(Duration::from_secs(1));
     assert_eq!(
-        claim_cache_key(&named, &job, (true, one), None),
-        Some(cache_key(&job, "shell:sh", one, None))
+        claim_cache_key(&named, &job, (true, one), None, &none),
+        Some(cache_key(&job, "shell:sh", one, None, &none))
     );
-    assert!(claim_cache_key(&req(Some(spec), true), &job, (false, None), None).is_some());
+    assert!(claim_cache_key(&req(Some(spec), true), &job, (false, None), None, &none).is_some());
     assert_eq!(
-        claim_cache_key(&req(None, true), &job, (true, None), None),
+        claim_cache_key(&req(None, true), &job, (true, None), None, &none),
         None
     );
     // Dependencies' results are part of the key: other inputs, another key.
     let (a, b) = (Hash::of(b"inputs a"), Hash::of(b"inputs b"));
-    let with = |i| claim_cache_key(&named, &job, (true, None), Some(i));
+    let with = |i| claim_cache_key(&named, &job, (true, None), Some(i), &none);
     assert_ne!(with(&a), with(&b));
-    assert_ne!(with(&a), claim_cache_key(&named, &job, (true, None), None));
-    assert_eq!(with(&a), Some(cache_key(&job, "shell:sh", nine, Some(&a))));
+    assert_ne!(
+        with(&a),
+        claim_cache_key(&named, &job, (true, None), None, &none)
+    );
+    assert_eq!(
+        with(&a),
+        Some(cache_key(&job, "shell:sh", nine, Some(&a), &none))
+    );
+    // So are the working directory and environment, not the limits.
+    let mut ctx = ExecContext::default();
+    ctx.cwd = Some("/srv".into());
+    let in_srv = claim_cache_key(&named, &job, (true, None), None, &ctx);
+    assert_ne!(
+        in_srv,
+        claim_cache_key(&named, &job, (true, None), None, &none)
+    );
+    ctx.limits.memory = Some(1 << 30);
+    assert_eq!(
+        in_srv,
+        claim_cache_key(&named, &job, (true, None), None, &ctx)
+    );
+    ctx.env.insert("A".into(), "1".into());
+    assert_ne!(
+        in_srv,
+        claim_cache_key(&named, &job, (true, None), None, &ctx)
+    );
 }
 
 #[test]

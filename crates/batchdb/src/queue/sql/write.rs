@@ -9,7 +9,7 @@ use super::{Conn, Sql, Tx, args};
 use crate::error::Error;
 use crate::hash::Hash;
 use crate::queue::policy::{self, AttemptEnd, Transition};
-use crate::queue::row::{Candidate, Row, candidate};
+use crate::queue::row::{CLAIM_COLS, Candidate, Row, candidate};
 use crate::queue::types::{
     AttemptReport, Claim, ClaimRequest, ClaimToken, EventKind, Finished, Heartbeat, Instance,
     LostAttempt, NewJob, Order, Outcome, PushOptions, Selector, State,
@@ -36,11 +36,12 @@ static JOB_EXISTS: Sql = Sql::each(
 // speed with it).
 static INSERT_INSTANCE: Sql = Sql::each(
     "INSERT INTO instances(job, created, state, priority, run_at, timeout_ms, retries, cached,
-       batch, deps, waiting_on, note, ended)
-     VALUES ($1, $2, $8, $3, $4, $5, $6, $7, $9, $10, $11, $12, $13)",
+       batch, deps, waiting_on, note, ended, context, needs, conc_key, conc_limit)
+     VALUES ($1, $2, $8, $3, $4, $5, $6, $7, $9, $10, $11, $12, $13, $14, $15, $16, $17)",
     "INSERT INTO instances(job, created, state, priority, run_at, timeout_ms, retries, cached,
-       batch, deps, waiting_on, note, ended)
-     VALUES ($1, $2, $8, $3, $4, $5, $6, $7, $9, $10, $11, $12, $13) RETURNING id",
+       batch, deps, waiting_on, note, ended, context, needs, conc_key, conc_limit)
+     VALUES ($1, $2, $8, $3, $4, $5, $6, $7, $9, $10, $11, $12, $13, $14, $15, $16, $17)
+     RETURNING id",
 );
 static START_ATTEMPT: Sql = Sql::new(
     "UPDATE instances SET state = 'running', attempts = $2, lease_until = $3, cache_key = $4
@@ -57,7 +58,8 @@ static CACHE_LOOKUP: Sql = Sql::new(
 );
 static RECORD_ATTEMPT: Sql = Sql::new(
     "UPDATE attempts SET \"end\" = $3, outcome = $4, exit_code = $5, signal = $6, stdout = $7,
-       stdout_size = $8, stderr = $9, stderr_size = $10, message = $11, cached = $12
+       stdout_size = $8, stderr = $9, stderr_size = $10, message = $11, cached = $12,
+       max_rss = $13, cpu_user_ms = $14, cpu_sys_ms = $15
      WHERE instance = $1 AND attempt = $2",
 );
 static INSERT_INLINE: Sql = Sql::each(
@@ -156,7 +158,11 @@ pub(crate) async fn insert_instance<T: Tx>(
                 ndeps,
                 r.unmet,
                 r.broken.as_deref(),
-                ended
+                ended,
+                opts.context.to_text(),
+                opts.needs.to_text(),
+                opts.concurrency.as_ref().map(|c| c.key.as_str()),
+                opts.concurrency.as_ref().map(|c| i64::from(c.limit))
             ],
         )
         .await?;
@@ -268,8 +274,8 @@ async fn record_attempt<T: Tx>(
     outcome: AttemptEnd,
     r: &AttemptReport,
 ) -> R<(), T> {
-    let size =
-        |b: Option<crate::blob::BlobInfo>| b.map(|b| i64::try_from(b.size).unwrap_or(i64::MAX));
+    let n = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
+    let size = |b: Option<crate::blob::BlobInfo>| b.map(|b| n(b.size));
     tx.execute(
         &RECORD_ATTEMPT,
         &args![
@@ -284,7 +290,10 @@ async fn record_attempt<T: Tx>(
             r.stderr.map(|b| b.hash),
             size(r.stderr),
             r.message.as_deref(),
-            r.cached
+            r.cached,
+            r.usage.map(|u| n(u.max_rss)),
+            r.usage.map(|u| n(u.user_ms)),
+            r.usage.map(|u| n(u.sys_ms))
         ],
     )
     .await?;
@@ -435,7 +444,7 @@ async fn take_over<T: Tx>(tx: &mut T, req: &ClaimRequest, out: &mut Vec<Claim>) 
     let mut terminal = false;
     let expired = tx
         .rows(T::claim_sql().expired, &args![now, limit], |r| {
-            Ok((candidate(r)?, r.flag(9)?))
+            Ok((candidate(r)?, r.flag(CLAIM_COLS)?))
         })
         .await?;
     for (c, cancel) in expired {
@@ -502,7 +511,13 @@ async fn claim_pending<T: Tx>(tx: &mut T, req: &ClaimRequest, out: &mut Vec<Clai
             } else {
                 None
             };
-            let key = policy::claim_cache_key(req, &c.job, (c.cached, c.timeout), inputs.as_ref());
+            let key = policy::claim_cache_key(
+                req,
+                &c.job,
+                (c.cached, c.timeout),
+                inputs.as_ref(),
+                &c.context,
+            );
             if let Some(k) = key {
                 // One claimer at a time per key, so identical runs start once even
                 // when workers claim at the same moment; a key another claimer holds
