@@ -354,9 +354,14 @@ impl BatchDb {
         Ok(ids)
     }
 
-    /// How many instances are in each state.
+    /// How many instances are in each state, and how many pending ones need more than
+    /// any live worker has.
     pub async fn counts(&self) -> Result<Counts> {
-        self.queue.counts().await
+        let mut c = self.queue.counts().await?;
+        if c.pending > 0 {
+            c.unrunnable = self.queue.unrunnable().await?;
+        }
+        Ok(c)
     }
 
     /// One page of a list: up to `limit` rows of `kind` after cursor `after` (0 for

@@ -375,6 +375,14 @@ pub struct RunArgs {
     /// ago (as `batchdb prune --older-than DURATION` does).
     #[arg(long, value_name = "DURATION")]
     pub prune_after: Option<String>,
+    /// What this worker has for jobs that --needs it (repeatable): named units
+    /// (`gpu=0,1,2,3`) or an amount (`mem=64G`, `licences=5`).
+    #[arg(long, value_name = "NAME=UNITS|AMOUNT")]
+    pub resource: Vec<String>,
+    /// Seconds a job whose needs do not fit may wait before smaller jobs stop being
+    /// started around it (it then gets the next free units).
+    #[arg(long, value_name = "SECS", default_value_t = 60.0)]
+    pub reserve_after: f64,
     #[command(flatten)]
     pub progress: ProgressArgs,
 }

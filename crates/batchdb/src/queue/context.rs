@@ -133,7 +133,7 @@ pub fn parse_size(what: &'static str, s: &str) -> Result<u64> {
     let v: f64 = num.parse().map_err(|_| bad())?;
     let bytes =
         (v * f64::from(1u32 << (shift / 2)) * f64::from(1u32 << (shift - shift / 2))).round();
-    if !bytes.is_finite() || bytes < 0.0 || bytes >= 18_446_744_073_709_551_615.0 {
+    if !(0.0..18_446_744_073_709_551_615.0).contains(&bytes) {
         return Err(bad());
     }
     #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)] // checked above
@@ -293,19 +293,18 @@ impl Resources {
         let quantity = (k != "gpu" && !v.contains(','))
             .then(|| parse_size("resource", v).ok())
             .flatten();
-        let r = match quantity {
-            Some(q) => Resource::Quantity(q),
-            None => {
-                let units: Vec<String> = v.split(',').map(String::from).collect();
-                if units.iter().any(String::is_empty) {
-                    return Err(Error::Config {
-                        what: "resource",
-                        value: spec.into(),
-                        why: "expected NAME=AMOUNT or NAME=UNIT,UNIT,... with no empty unit".into(),
-                    });
-                }
-                Resource::Units(units)
+        let r = if let Some(q) = quantity {
+            Resource::Quantity(q)
+        } else {
+            let units: Vec<String> = v.split(',').map(String::from).collect();
+            if units.iter().any(String::is_empty) {
+                return Err(Error::Config {
+                    what: "resource",
+                    value: spec.into(),
+                    why: "expected NAME=AMOUNT or NAME=UNIT,UNIT,... with no empty unit".into(),
+                });
             }
+            Resource::Units(units)
         };
         if self.0.insert(k.to_string(), r).is_some() {
             return Err(Error::Config {
@@ -327,6 +326,7 @@ impl Resources {
 
     /// Takes `needs` out of these (they must [`fit`](Self::fits)): returns what was
     /// taken (for units, the first free names, in order).
+    #[must_use]
     pub fn take(&mut self, needs: &Needs) -> Resources {
         let mut taken = Resources::default();
         for (k, n) in &needs.0 {
@@ -360,9 +360,50 @@ impl Resources {
         }
     }
 
+    /// Removes `taken` (what a claim gave out of a copy of these) from these.
+    pub fn remove(&mut self, taken: &Resources) {
+        for (k, t) in &taken.0 {
+            match (self.0.get_mut(k), t) {
+                (Some(Resource::Units(u)), Resource::Units(gone)) => {
+                    u.retain(|x| !gone.contains(x));
+                }
+                (Some(Resource::Quantity(q)), Resource::Quantity(gone)) => {
+                    *q = q.saturating_sub(*gone);
+                }
+                _ => {}
+            }
+        }
+    }
+
     /// Nothing declared.
     pub fn is_empty(&self) -> bool {
         self.0.is_empty()
+    }
+
+    /// The variables a job given these gets: `BATCHDB_RESOURCE_<NAME>` (upper case,
+    /// `.` and `-` as `_`) with the units given, comma-separated, or the amount; and
+    /// for `gpu`, `CUDA_VISIBLE_DEVICES` and `HIP_VISIBLE_DEVICES` with its units.
+    pub fn env(&self) -> Vec<(String, String)> {
+        let mut out = Vec::new();
+        for (k, r) in &self.0 {
+            let v = match r {
+                Resource::Units(u) => u.join(","),
+                Resource::Quantity(q) => q.to_string(),
+            };
+            let name: String = k
+                .chars()
+                .map(|c| match c {
+                    '.' | '-' => '_',
+                    c => c.to_ascii_uppercase(),
+                })
+                .collect();
+            if k == "gpu" {
+                out.push(("CUDA_VISIBLE_DEVICES".into(), v.clone()));
+                out.push(("HIP_VISIBLE_DEVICES".into(), v.clone()));
+            }
+            out.push((format!("BATCHDB_RESOURCE_{name}"), v));
+        }
+        out
     }
 }
 
@@ -449,6 +490,18 @@ mod tests {
         assert!(r.fits(&need));
         r.give_back(&taken2);
         assert_eq!(r.0["mem"], Resource::Quantity(64 << 30));
+        let mut copy = r.clone();
+        let given = copy.take(&need);
+        r.remove(&given);
+        assert_eq!(r, copy, "removing what a copy gave leaves the same");
+        let env = given.env();
+        assert!(
+            env.contains(&("BATCHDB_RESOURCE_GPU".into(), "2,3".into())),
+            "{env:?}"
+        );
+        assert!(env.contains(&("CUDA_VISIBLE_DEVICES".into(), "2,3".into())));
+        assert!(env.contains(&("HIP_VISIBLE_DEVICES".into(), "2,3".into())));
+        assert!(env.contains(&("BATCHDB_RESOURCE_MEM".into(), (8u64 << 30).to_string())));
         let mut other = Needs::default();
         other.add("fpga=1").unwrap();
         assert!(!r.fits(&other), "a resource the worker lacks never fits");

@@ -231,6 +231,15 @@ pub struct InstanceDetail {
     /// Why it ended without an attempt saying so (a dependency failed).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub note: Option<String>,
+    /// Where and with what it runs (`cwd`, `env`, `limits`, each shown when set).
+    #[serde(flatten)]
+    pub context: super::ExecContext,
+    /// What it needs from a worker.
+    #[serde(skip_serializing_if = "super::Needs::is_empty")]
+    pub needs: super::Needs,
+    /// Its concurrency key.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub concurrency: Option<super::Concurrency>,
     /// Every attempt, oldest first.
     pub attempts: Vec<AttemptRow>,
 }

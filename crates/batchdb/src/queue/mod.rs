@@ -182,6 +182,17 @@ pub trait Queue: Send + Sync + fmt::Debug {
     /// How many instances are in each state.
     async fn counts(&self) -> Result<Counts>;
 
+    /// Records that worker `name` is alive and has `resources` in all, for `ttl`
+    /// from now (a worker renews it while it runs).
+    async fn worker_seen(&self, name: &str, resources: &Resources, ttl: Duration) -> Result<()>;
+
+    /// Removes worker `name`'s entry (it stopped), and every entry that lapsed.
+    async fn worker_gone(&self, name: &str) -> Result<()>;
+
+    /// How many pending instances need more than any live worker has in all: they
+    /// wait until a worker that has it starts.
+    async fn unrunnable(&self) -> Result<u64>;
+
     /// Runs one bounded step of a prune (one short write transaction; see
     /// [`PruneStep`]) and returns what it removed and the step after it (`None`: the
     /// prune is done). Start at [`PruneStep::START`].

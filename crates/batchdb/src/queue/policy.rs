@@ -6,7 +6,9 @@
 
 use std::time::Duration;
 
-use super::context::ExecContext;
+use std::collections::BTreeSet;
+
+use super::context::{ExecContext, Needs, Resources};
 use super::types::{
     AttemptReport, ClaimRequest, ClaimToken, EventKind, Finished, Outcome, State, cache_key,
 };
@@ -221,6 +223,48 @@ pub(crate) fn claim_cache_key(
     let spec = req.cache.as_ref()?;
     let timeout = timeout.or(spec.default_timeout);
     wants_cache(req, cached).then(|| cache_key(job, &spec.runner, timeout, inputs, context))
+}
+
+/// What a claim does with a pending instance that needs resources.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Fit {
+    /// Its needs fit what the worker has free: claim it.
+    Run,
+    /// Leave it pending: it does not fit now, could never fit this worker, or needs
+    /// something reserved for an instance that waited longer.
+    Skip,
+    /// It does not fit now but could here, and it has waited long enough: the worker
+    /// keeps what it needs from smaller instances until it fits.
+    Reserve,
+}
+
+/// What a claim does with an instance needing `needs` from a worker that has `total`
+/// in all and `free` now, when the resources named in `reserved` are kept for an
+/// instance that waited longer, and `starving` says whether this one has waited past
+/// the claim's `reserve_after`.
+///
+/// The policy is backfill with one reservation: smaller instances run around a large
+/// one while it waits, but once it has waited `reserve_after` the worker gives what
+/// it needs to nothing else until enough is free for it, so it cannot starve.
+pub(crate) fn fit(
+    needs: &Needs,
+    (total, free): (&Resources, &Resources),
+    reserved: &BTreeSet<String>,
+    starving: bool,
+) -> Fit {
+    if needs.is_empty() {
+        return Fit::Run;
+    }
+    if needs.0.keys().any(|k| reserved.contains(k)) || !total.fits(needs) {
+        return Fit::Skip;
+    }
+    if free.fits(needs) {
+        Fit::Run
+    } else if starving {
+        Fit::Reserve
+    } else {
+        Fit::Skip
+    }
 }
 
 /// What a dependency in `state` means for an instance that waits for it (`any`:

@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use super::context::{ExecContext, Needs};
+use super::context::{Concurrency, ExecContext, Needs};
 use super::types::{AttemptReport, Claim, ClaimToken, State};
 use crate::blob::BlobInfo;
 use crate::hash::Hash;
@@ -29,6 +29,11 @@ pub(crate) trait Row {
     /// The backend's error for a value batchdb never writes (it maps to
     /// [`crate::Error::Corrupt`]).
     fn corrupt(what: String) -> Self::Error;
+
+    /// [`corrupt`](Row::corrupt), called on a row (where its type has no name).
+    fn invalid(&self, what: String) -> Self::Error {
+        Self::corrupt(what)
+    }
 
     /// A text column (NULL is `None`).
     fn text(&self, i: usize) -> Result<Option<String>, Self::Error> {
@@ -84,6 +89,25 @@ pub(crate) trait Row {
             .transpose()
     }
 
+    /// An execution-context column (JSON; NULL is the empty context).
+    fn exec_context(&self, i: usize) -> Result<ExecContext, Self::Error> {
+        ExecContext::from_text(self.str(i)?).map_err(Self::corrupt)
+    }
+
+    /// A needs column (`name=amount,...`; NULL is no needs).
+    fn needs(&self, i: usize) -> Result<Needs, Self::Error> {
+        Needs::from_text(self.str(i)?).map_err(Self::corrupt)
+    }
+
+    /// A concurrency key in column `i` and its limit in column `i + 1`.
+    fn concurrency(&self, i: usize) -> Result<Option<Concurrency>, Self::Error> {
+        let Some(key) = self.text(i)? else {
+            return Ok(None);
+        };
+        let limit = self.unsigned(i + 1)?.unwrap_or(1);
+        Ok(Some(Concurrency { key, limit }))
+    }
+
     /// A state column.
     fn state(&self, i: usize) -> Result<State, Self::Error> {
         self.parsed(i)
@@ -131,8 +155,7 @@ pub(crate) struct Candidate {
     pub run_at: i64,
     pub context: ExecContext,
     pub needs: Needs,
-    /// Its concurrency key and that key's limit.
-    pub conc: Option<(String, i64)>,
+    pub conc: Option<Concurrency>,
 }
 
 /// Reads a row selected as [`claim_cols!`].
@@ -148,12 +171,9 @@ pub(crate) fn candidate<R: Row>(r: &R) -> Result<Candidate, R::Error> {
         attempts: r.req_int(7)?,
         deps: r.unsigned(8)?.unwrap_or(0),
         run_at: r.req_int(9)?,
-        context: ExecContext::from_text(r.str(10)?).map_err(R::corrupt)?,
-        needs: Needs::from_text(r.str(11)?).map_err(R::corrupt)?,
-        conc: match r.text(12)? {
-            Some(k) => Some((k, r.req_int(13)?)),
-            None => None,
-        },
+        context: r.exec_context(10)?,
+        needs: r.needs(11)?,
+        conc: r.concurrency(12)?,
     })
 }
 

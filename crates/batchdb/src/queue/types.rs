@@ -503,6 +503,16 @@ pub struct Counts {
     pub fail: u64,
     /// Cancelled.
     pub cancelled: u64,
+    /// Of the pending, how many need more than any live worker has in all (they
+    /// wait for a worker that has it); filled by [`crate::BatchDb::counts`], shown
+    /// only when not 0.
+    #[serde(skip_serializing_if = "is_zero")]
+    pub unrunnable: u64,
+}
+
+#[allow(clippy::trivially_copy_pass_by_ref)] // serde's signature
+fn is_zero(n: &u64) -> bool {
+    *n == 0
 }
 
 impl Counts {

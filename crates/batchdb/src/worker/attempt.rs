@@ -284,7 +284,12 @@ impl Worker {
             worker: self.opts.name.clone(),
             attempt_id: claim.attempt_id.clone(),
             deps_file: deps.map(|d| d.path.clone()),
-            exec: claim.context.clone(),
+            exec: {
+                // What the claim gave it, on top of its own variables.
+                let mut exec = claim.context.clone();
+                exec.env.extend(claim.assigned.env());
+                exec
+            },
         }
     }
 

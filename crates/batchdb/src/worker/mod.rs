@@ -14,7 +14,7 @@ use crate::error::{Error, Result};
 use crate::hash::Hash;
 use crate::queue::{
     AttemptEnd, AttemptReport, CacheSpec, Claim, ClaimRequest, ClaimToken, Finished, Order,
-    Outcome, Queue, millis, now_ms, policy,
+    Outcome, Queue, RESERVE_AFTER, Resources, millis, now_ms, policy,
 };
 use crate::runner::{Reader, Runner};
 
@@ -22,6 +22,10 @@ mod attempt;
 mod classify;
 mod deps;
 mod supervise;
+
+/// How often a worker renews its entry among the live workers (it lapses after three
+/// times this without renewal).
+const ANNOUNCE_EVERY: Duration = Duration::from_secs(10);
 
 /// Payloads up to this size are verified before their job starts.
 const PREFETCH: u64 = 8 << 20;
@@ -57,6 +61,12 @@ pub struct WorkerOptions {
     pub name: String,
     /// Where running jobs' output is mirrored for live readers (`logs -f`).
     pub live_dir: Option<PathBuf>,
+    /// What this worker has to give jobs that need it (`--resource gpu=0,1`): it
+    /// claims an instance only when its needs fit what is free.
+    pub resources: Resources,
+    /// How long an instance whose needs do not fit may wait before this worker stops
+    /// claiming smaller ones around it (see [`ClaimRequest::reserve_after`]).
+    pub reserve_after: Duration,
 }
 
 impl Default for WorkerOptions {
@@ -74,6 +84,8 @@ impl Default for WorkerOptions {
             until_empty: false,
             name: default_worker_name(),
             live_dir: None,
+            resources: Resources::default(),
+            reserve_after: RESERVE_AFTER,
         }
     }
 }
@@ -159,6 +171,8 @@ pub struct Worker {
     shutdown: Shutdown,
     /// Set when the worker cannot go on (its runner cannot start).
     fatal: std::sync::Mutex<Option<Error>>,
+    /// What of [`WorkerOptions::resources`] no running attempt holds.
+    free: std::sync::Mutex<Resources>,
 }
 
 impl Worker {
@@ -173,9 +187,10 @@ impl Worker {
             queue,
             blobs,
             runner,
-            opts,
             shutdown: Shutdown::new(),
             fatal: std::sync::Mutex::new(None),
+            free: std::sync::Mutex::new(opts.resources.clone()),
+            opts,
         }
     }
 
@@ -201,7 +216,14 @@ impl Worker {
             default_timeout: this.opts.timeout,
         });
         req.cache_all = this.opts.cache_all;
+        req.resources = this.opts.resources.clone();
+        req.reserve_after = this.opts.reserve_after;
+        let mut announce = Instant::now();
         loop {
+            if Instant::now() >= announce {
+                announce = Instant::now() + ANNOUNCE_EVERY;
+                this.announce().await;
+            }
             while tasks.try_join_next().is_some() {}
             if this.shutdown.level() >= 1 {
                 break;
@@ -212,6 +234,7 @@ impl Worker {
             if free > 0 {
                 let req = ClaimRequest {
                     limit: free,
+                    free: this.free_now(),
                     ..req.clone()
                 };
                 match this.queue.claim(&req).await {
@@ -219,6 +242,7 @@ impl Worker {
                         db_errors = 0;
                         for claim in claims {
                             claimed_any = true;
+                            this.hold(&claim.assigned, true);
                             if let Some(hit) = claim.cache_hit.clone() {
                                 send(reports.as_ref(), &claim, hit, Some(Finished::Result));
                                 continue;
@@ -273,6 +297,9 @@ impl Worker {
             }
         }
         while tasks.join_next().await.is_some() {}
+        if let Err(e) = this.queue.worker_gone(&this.opts.name).await {
+            tracing::warn!("removing this worker's entry failed: {e}");
+        }
         match this.fatal.lock().ok().and_then(|mut f| f.take()) {
             Some(e) => Err(e),
             None => Ok(()),
@@ -290,7 +317,40 @@ impl Worker {
             None => None,
             Some(outcome) => self.finish_with_retry(&t, &outcome).await,
         };
+        self.hold(&claim.assigned, false);
         send(reports.as_ref(), &claim, report, finished);
+    }
+
+    /// What of the worker's resources no running attempt holds.
+    fn free_now(&self) -> Resources {
+        self.free.lock().map(|f| f.clone()).unwrap_or_default()
+    }
+
+    /// Marks `assigned` as held by an attempt (`held`), or free again.
+    fn hold(&self, assigned: &Resources, held: bool) {
+        if assigned.is_empty() {
+            return;
+        }
+        if let Ok(mut f) = self.free.lock() {
+            if held {
+                f.remove(assigned);
+            } else {
+                f.give_back(assigned);
+            }
+        }
+    }
+
+    /// Records (renews) this worker's entry among the live workers, with what it has.
+    async fn announce(&self) {
+        let ttl = ANNOUNCE_EVERY * 3;
+        let name = &self.opts.name;
+        if let Err(e) = self
+            .queue
+            .worker_seen(name, &self.opts.resources, ttl)
+            .await
+        {
+            tracing::warn!("announcing this worker failed: {e}");
+        }
     }
 
     /// Records the outcome, retrying while the queue is unreachable. Gives up when

@@ -18,6 +18,7 @@ mod postgres;
 mod prune;
 mod queue;
 mod recent;
+mod resources;
 #[cfg(feature = "s3")]
 mod s3_store;
 mod sqlite;
@@ -80,6 +81,13 @@ macro_rules! suite {
                     recent_pages_go_newest_first_and_page_by_id,
                     recent_pages_filter_by_states_and_batch,
                     recent_rows_carry_the_last_attempt,
+                ]);
+                suite!(@tests $backend, resources: [
+                    needs_aware_claims_land_only_where_they_fit,
+                    a_starving_instance_reserves_units_until_it_fits,
+                    concurrency_keys_never_run_more_than_their_limit_under_racing_claims,
+                    a_lost_workers_concurrency_slot_passes_to_the_takeover,
+                    unrunnable_counts_what_no_live_worker_has,
                 ]);
                 suite!(@tests $backend, blob: [
                     roundtrip_sizes,

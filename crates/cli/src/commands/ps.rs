@@ -220,6 +220,10 @@ pub(super) fn status_line(c: &Counts) -> String {
         (c.result, if c.result == 1 { "result" } else { "results" }),
         (c.fail, "failed"),
         (c.cancelled, "cancelled"),
+        (
+            c.unrunnable,
+            "unrunnable for now (no live worker has what they need)",
+        ),
     ];
     parts.extend(
         rest.iter()

@@ -39,6 +39,10 @@ pub(super) async fn run(db: &BatchDb, r: RunArgs) -> Result<ExitCode> {
         o.backoff = secs("backoff", r.backoff)?;
         o.cache_all = r.cached;
         o.until_empty = r.until_empty;
+        for spec in &r.resource {
+            o.resources.add(spec)?;
+        }
+        o.reserve_after = secs("reserve-after", r.reserve_after)?;
         o
     };
     let prune_age = r

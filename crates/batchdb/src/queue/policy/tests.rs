@@ -236,8 +236,10 @@ fn a_claim_uses_the_cache_only_when_asked_and_the_runner_is_named() {
         Some(cache_key(&job, "shell:sh", nine, Some(&a), &none))
     );
     // So are the working directory and environment, not the limits.
-    let mut ctx = ExecContext::default();
-    ctx.cwd = Some("/srv".into());
+    let mut ctx = ExecContext {
+        cwd: Some("/srv".into()),
+        ..ExecContext::default()
+    };
     let in_srv = claim_cache_key(&named, &job, (true, None), None, &ctx);
     assert_ne!(
         in_srv,
@@ -308,4 +310,48 @@ fn attempt_ends_round_trip_through_their_names() {
         assert_eq!(AttemptEnd::parse(e.as_str()), Some(e));
     }
     assert_eq!(AttemptEnd::parse("running"), None);
+}
+
+#[test]
+fn needs_run_where_they_fit_and_a_starving_instance_reserves_what_it_needs() {
+    let res = |specs: &[&str]| {
+        let mut r = Resources::default();
+        for s in specs {
+            r.add(s).unwrap();
+        }
+        r
+    };
+    let needs = |specs: &[&str]| {
+        let mut n = Needs::default();
+        for s in specs {
+            n.add(s).unwrap();
+        }
+        n
+    };
+    let total = res(&["gpu=0,1", "mem=16G"]);
+    let one_free = res(&["gpu=1", "mem=16G"]);
+    let none: BTreeSet<String> = BTreeSet::new();
+    let gpu: BTreeSet<String> = ["gpu".to_string()].into();
+    let (big, small) = (needs(&["gpu=2"]), needs(&["gpu=1"]));
+    assert_eq!(
+        fit(&Needs::default(), (&total, &one_free), &gpu, false),
+        Fit::Run
+    );
+    assert_eq!(fit(&small, (&total, &one_free), &none, false), Fit::Run);
+    assert_eq!(fit(&big, (&total, &one_free), &none, false), Fit::Skip);
+    assert_eq!(fit(&big, (&total, &one_free), &none, true), Fit::Reserve);
+    assert_eq!(fit(&big, (&total, &total), &none, true), Fit::Run);
+    // Reserved for a larger one that waited: a small one is not claimed around it.
+    assert_eq!(fit(&small, (&total, &one_free), &gpu, false), Fit::Skip);
+    assert_eq!(
+        fit(&needs(&["mem=1G"]), (&total, &one_free), &gpu, false),
+        Fit::Run
+    );
+    // More than this worker could ever give: skipped, never reserved for.
+    let huge = needs(&["gpu=3"]);
+    assert_eq!(fit(&huge, (&total, &total), &none, true), Fit::Skip);
+    assert_eq!(
+        fit(&needs(&["fpga=1"]), (&total, &total), &none, true),
+        Fit::Skip
+    );
 }

@@ -145,14 +145,20 @@ static EXPIRED: Sql = Sql::new(concat!(
 static PENDING_NEWEST: Sql = Sql::new(concat!(
     "SELECT ",
     claim_cols!(),
-    " FROM instances WHERE state = 'pending' AND run_at <= $1
+    " FROM instances WHERE state = 'pending' AND run_at <= $1 AND ($4 OR needs IS NULL)
      ORDER BY priority DESC, created DESC, id DESC LIMIT $2 OFFSET $3 FOR UPDATE SKIP LOCKED"
 ));
 static PENDING_OLDEST: Sql = Sql::new(concat!(
     "SELECT ",
     claim_cols!(),
-    " FROM instances WHERE state = 'pending' AND run_at <= $1
+    " FROM instances WHERE state = 'pending' AND run_at <= $1 AND ($4 OR needs IS NULL)
      ORDER BY priority DESC, created ASC, id ASC LIMIT $2 OFFSET $3 FOR UPDATE SKIP LOCKED"
+));
+static STARVING: Sql = Sql::new(concat!(
+    "SELECT ",
+    claim_cols!(),
+    " FROM instances WHERE state = 'pending' AND needs IS NOT NULL AND run_at <= $1
+     ORDER BY priority DESC, run_at ASC LIMIT $2 FOR UPDATE SKIP LOCKED"
 ));
 static LOCK_KEY: Sql = Sql::new("SELECT pg_try_advisory_xact_lock(hashtextextended($1, 0))");
 
@@ -182,6 +188,7 @@ impl sql::Tx for Tx<'_> {
             expired: &EXPIRED,
             newest: &PENDING_NEWEST,
             oldest: &PENDING_OLDEST,
+            starving: &STARVING,
         }
     }
 

@@ -46,8 +46,9 @@ mod listen;
 mod url;
 
 use super::batch::{BatchCounts, DependencyResult, Selected};
+use super::context::Resources;
 use super::prune::{PruneCounts, PruneRequest, PruneStep};
-use super::sql::{DbError, deps, prune, read, recent, retry, write};
+use super::sql::{DbError, claim, deps, prune, read, recent, retry, workers, write};
 use crate::error::{Error, Result};
 use crate::hash::Hash;
 use exec::Pg;
@@ -261,7 +262,7 @@ impl Queue for PgQueue {
             return Ok(Vec::new());
         }
         // Every commit here is durable; whether the claim needed it does not matter.
-        in_tx!(self, |tx| { Ok(write::claim(tx, req).await?.0) })
+        in_tx!(self, |tx| { Ok(claim::claim(tx, req).await?.0) })
     }
 
     async fn heartbeat(&self, claim: &ClaimToken, lease: Duration) -> Result<Heartbeat> {
@@ -341,6 +342,20 @@ impl Queue for PgQueue {
 
     async fn counts(&self) -> Result<Counts> {
         self.read(async |c| read::counts(&mut Pg(c)).await).await
+    }
+
+    async fn worker_seen(&self, name: &str, resources: &Resources, ttl: Duration) -> Result<()> {
+        in_tx!(self, |tx| { workers::seen(tx, name, resources, ttl).await })
+    }
+
+    async fn worker_gone(&self, name: &str) -> Result<()> {
+        in_tx!(self, |tx| { workers::gone(tx, name).await })
+    }
+
+    async fn unrunnable(&self) -> Result<u64> {
+        let now = now_ms();
+        self.read(async |c| workers::unrunnable(&mut Pg(c), now).await)
+            .await
     }
 
     async fn prune_step(

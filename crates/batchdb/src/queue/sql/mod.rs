@@ -32,11 +32,13 @@ pub(crate) use super::types::millis;
 use crate::error::Error;
 use crate::hash::Hash;
 
+pub(crate) mod claim;
 pub(crate) mod deps;
 pub(crate) mod prune;
 pub(crate) mod read;
 pub(crate) mod recent;
 pub(crate) mod retry;
+pub(crate) mod workers;
 pub(crate) mod write;
 
 /// One statement, written once. See the module documentation for the rendering rules.
@@ -360,10 +362,14 @@ pub(crate) struct ClaimSql {
     /// `$2`; `cancel_requested` follows the claim columns.
     pub(crate) expired: &'static Sql,
     /// Due pending instances (`run_at <= $1`) by priority, newest first within one;
-    /// a window of `$2` rows after skipping `$3`.
+    /// a window of `$2` rows after skipping `$3`; only those without needs unless
+    /// `$4` (the worker has resources).
     pub(crate) newest: &'static Sql,
     /// The same, oldest first.
     pub(crate) oldest: &'static Sql,
+    /// Pending instances with needs, due since `$1` or longer, by priority then
+    /// longest due first, at most `$2` (through the `instances_needs` index).
+    pub(crate) starving: &'static Sql,
 }
 
 /// Runs a future that completes without waiting (the SQLite executor's), on this

@@ -71,7 +71,7 @@ static FAILS_PAGE: Sql = Sql::new(
 );
 static INSTANCE: Sql = Sql::new(
     "SELECT i.job, i.created, i.state, i.priority, i.run_at, i.timeout_ms, i.retries, i.cached,
-       b.name, i.deps, i.waiting_on, i.note
+       b.name, i.deps, i.waiting_on, i.note, i.context, i.needs, i.conc_key, i.conc_limit
      FROM instances i LEFT JOIN batches b ON b.id = i.batch WHERE i.id = $1",
 );
 static ATTEMPTS: Sql = Sql::new(
@@ -274,6 +274,9 @@ pub(crate) async fn instance_detail<C: Conn>(c: &mut C, id: i64) -> R<Option<Ins
                 deps: r.unsigned(9)?.unwrap_or(0),
                 waiting_on: r.unsigned(10)?.unwrap_or(0),
                 note: r.text(11)?,
+                context: r.exec_context(12)?,
+                needs: r.needs(13)?,
+                concurrency: r.concurrency(14)?,
                 attempts: Vec::new(),
             })
         })

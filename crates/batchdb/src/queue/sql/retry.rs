@@ -14,7 +14,8 @@ use crate::queue::{EventKind, Instance, PushOptions, Selector};
 type R<T, E> = Result<T, <E as Conn>::Error>;
 
 static RETRYABLE: Sql = Sql::new(
-    "SELECT job, priority, timeout_ms, retries, cached, batch FROM instances
+    "SELECT job, priority, timeout_ms, retries, cached, batch, context, needs, conc_key,
+       conc_limit FROM instances
      WHERE id = $1 AND state IN ('fail', 'cancelled') AND retried_by IS NULL FOR UPDATE",
 );
 static RETRIED_BY: Sql = Sql::new("UPDATE instances SET retried_by = $2 WHERE id = $1");
@@ -131,6 +132,9 @@ async fn retry_one<T: Tx>(tx: &mut T, id: i64) -> R<Option<Instance>, T> {
                 timeout: r.unsigned::<u64>(2)?.map(Duration::from_millis),
                 retries: r.unsigned(3)?,
                 cached: r.flag(4)?,
+                context: r.exec_context(6)?,
+                needs: r.needs(7)?,
+                concurrency: r.concurrency(8)?,
                 ..PushOptions::default()
             };
             Ok((r.hash(0)?, opts, r.int(5)?))

@@ -9,10 +9,10 @@ use super::{Conn, Sql, Tx, args};
 use crate::error::Error;
 use crate::hash::Hash;
 use crate::queue::policy::{self, AttemptEnd, Transition};
-use crate::queue::row::{CLAIM_COLS, Candidate, Row, candidate};
+use crate::queue::row::Row;
 use crate::queue::types::{
-    AttemptReport, Claim, ClaimRequest, ClaimToken, EventKind, Finished, Heartbeat, Instance,
-    LostAttempt, NewJob, Order, Outcome, PushOptions, Selector, State,
+    AttemptReport, ClaimToken, EventKind, Finished, Heartbeat, Instance, NewJob, Outcome,
+    PushOptions, Selector, State,
 };
 
 type R<T, E> = Result<T, <E as Conn>::Error>;
@@ -43,19 +43,6 @@ static INSERT_INSTANCE: Sql = Sql::each(
      VALUES ($1, $2, $8, $3, $4, $5, $6, $7, $9, $10, $11, $12, $13, $14, $15, $16, $17)
      RETURNING id",
 );
-static START_ATTEMPT: Sql = Sql::new(
-    "UPDATE instances SET state = 'running', attempts = $2, lease_until = $3, cache_key = $4
-     WHERE id = $1",
-);
-static INSERT_ATTEMPT: Sql = Sql::new(
-    "INSERT INTO attempts(instance, attempt, worker, start, attempt_id)
-     VALUES ($1, $2, $3, $4, $5)",
-);
-static CACHE_LOOKUP: Sql = Sql::new(
-    "SELECT a.exit_code, a.stdout, a.stdout_size, a.stderr, a.stderr_size
-     FROM cache c JOIN attempts a ON a.instance = c.instance AND a.attempt = c.attempt
-     WHERE c.key = $1 AND a.outcome = 'result'",
-);
 static RECORD_ATTEMPT: Sql = Sql::new(
     "UPDATE attempts SET \"end\" = $3, outcome = $4, exit_code = $5, signal = $6, stdout = $7,
        stdout_size = $8, stderr = $9, stderr_size = $10, message = $11, cached = $12,
@@ -81,12 +68,6 @@ static LOCK_INSTANCE: Sql = Sql::new(
     "SELECT job, created, state, attempts, cancel_requested FROM instances
      WHERE id = $1 FOR UPDATE",
 );
-static COUNT_LOST: Sql =
-    Sql::new("SELECT COUNT(*) FROM attempts WHERE instance = $1 AND outcome = 'lost'");
-static LOST_ATTEMPT: Sql =
-    Sql::new("SELECT worker, attempt_id FROM attempts WHERE instance = $1 AND attempt = $2");
-static KEY_IN_FLIGHT: Sql =
-    Sql::new("SELECT 1 FROM instances WHERE state = 'running' AND cache_key = $1");
 static HEARTBEAT: Sql = Sql::new(
     "UPDATE instances SET lease_until = $3
      WHERE id = $1 AND state = 'running' AND attempts = $2
@@ -229,46 +210,8 @@ pub(crate) async fn push<T: Tx>(tx: &mut T, job: &Hash, opts: &PushOptions) -> R
     insert_instance(tx, job, opts, &resolved).await
 }
 
-/// Starts a new attempt of candidate `c`: a new fencing token and attempt id.
-async fn start_attempt<T: Tx>(
-    tx: &mut T,
-    c: &Candidate,
-    req: &ClaimRequest,
-    cache_key: Option<Hash>,
-) -> R<(ClaimToken, String), T> {
-    let now = tx.now();
-    let token = c.attempts + 1;
-    let attempt_id = crate::queue::attempt_id::new_attempt_id();
-    let until = now.saturating_add(super::millis(req.lease));
-    tx.execute(&START_ATTEMPT, &args![c.id, token, until, cache_key])
-        .await?;
-    tx.execute(
-        &INSERT_ATTEMPT,
-        &args![c.id, token, req.worker.as_str(), now, attempt_id.as_str()],
-    )
-    .await?;
-    let data = serde_json::json!({"attempt": token, "worker": req.worker});
-    tx.event(EventKind::Start, &c.job, Some((c.id, c.created)), data)
-        .await?;
-    Ok((ClaimToken { id: c.id, token }, attempt_id))
-}
-
-/// The cached result under `key`, if there is one.
-async fn cache_lookup<T: Tx>(tx: &mut T, key: &Hash) -> R<Option<AttemptReport>, T> {
-    tx.opt(&CACHE_LOOKUP, &args![key], |r| {
-        Ok(AttemptReport {
-            exit_code: r.int32(0)?,
-            stdout: r.blob(1, 2)?,
-            stderr: r.blob(3, 4)?,
-            cached: true,
-            ..AttemptReport::default()
-        })
-    })
-    .await
-}
-
 /// Records how attempt `t` ended, and keeps its inline outputs.
-async fn record_attempt<T: Tx>(
+pub(super) async fn record_attempt<T: Tx>(
     tx: &mut T,
     t: &ClaimToken,
     outcome: AttemptEnd,
@@ -306,7 +249,7 @@ async fn record_attempt<T: Tx>(
 
 /// Carries out transition `tr` of attempt `t` (see [`policy::finish`]); the caller
 /// has checked the fencing token.
-async fn apply<T: Tx>(
+pub(super) async fn apply<T: Tx>(
     tx: &mut T,
     t: &ClaimToken,
     (job, created): (&Hash, i64),
@@ -422,138 +365,4 @@ pub(crate) async fn cancel<T: Tx>(tx: &mut T, sel: &Selector) -> R<Vec<Instance>
         });
     }
     Ok(out)
-}
-
-/// One claim (see [`Queue::claim`](crate::queue::Queue::claim)): expired leases taken
-/// over (or ended), then due pending instances. Also says whether the claim ended an
-/// instance or served one from the cache (either must be durable).
-pub(crate) async fn claim<T: Tx>(tx: &mut T, req: &ClaimRequest) -> R<(Vec<Claim>, bool), T> {
-    let mut out = Vec::new();
-    let terminal = take_over(tx, req, &mut out).await?;
-    claim_pending(tx, req, &mut out).await?;
-    // A result served from the cache must be as durable as any other.
-    let served = out.iter().any(|c| c.cache_hit.is_some());
-    Ok((out, served || terminal))
-}
-
-/// Takes over attempts whose worker stopped renewing its lease (or ends them, as
-/// [`policy::expired`] says). Returns whether it ended an instance.
-async fn take_over<T: Tx>(tx: &mut T, req: &ClaimRequest, out: &mut Vec<Claim>) -> R<bool, T> {
-    let now = tx.now();
-    let limit = i64::try_from(req.limit).unwrap_or(i64::MAX);
-    let mut terminal = false;
-    let expired = tx
-        .rows(T::claim_sql().expired, &args![now, limit], |r| {
-            Ok((candidate(r)?, r.flag(CLAIM_COLS)?))
-        })
-        .await?;
-    for (c, cancel) in expired {
-        let old = ClaimToken {
-            id: c.id,
-            token: c.attempts,
-        };
-        let lost_before = tx.one(&COUNT_LOST, &args![c.id], |r| r.req_int(0)).await?;
-        let lost = match policy::expired(now, cancel, lost_before) {
-            policy::Expired::TakeOver(lost) => lost,
-            policy::Expired::Cancel(end) | policy::Expired::GiveUp(end) => {
-                let tr = policy::finish(&old, &end, cancel);
-                apply(tx, &old, (&c.job, c.created), &tr).await?;
-                terminal = true;
-                continue;
-            }
-        };
-        let lost_attempt = tx
-            .one(&LOST_ATTEMPT, &args![old.id, old.token], |r| {
-                Ok(LostAttempt::new(
-                    old.id,
-                    old.token,
-                    r.req_text(0)?,
-                    r.text(1)?,
-                ))
-            })
-            .await?;
-        record_attempt(tx, &old, AttemptEnd::Lost, &lost).await?;
-        let token = start_attempt(tx, &c, req, None).await?;
-        let mut claim = c.claim(token, now, true, None);
-        claim.lost = Some(lost_attempt);
-        out.push(claim);
-    }
-    Ok(terminal)
-}
-
-/// Claims due pending instances, by priority then order, a window at a time. A cached
-/// run is served from the cache, or skipped while an identical run is in flight (it
-/// stays pending, so the next window starts past it).
-async fn claim_pending<T: Tx>(tx: &mut T, req: &ClaimRequest, out: &mut Vec<Claim>) -> R<(), T> {
-    let now = tx.now();
-    let remaining = req.limit.saturating_sub(out.len());
-    let window = remaining * 4 + 16;
-    let mut claimed = 0;
-    let mut skipped = 0usize;
-    let mut in_batch: Vec<Hash> = Vec::new();
-    while claimed < remaining {
-        let offset = i64::try_from(skipped).unwrap_or(i64::MAX);
-        let win = i64::try_from(window).unwrap_or(i64::MAX);
-        let sql = match req.order {
-            Order::Newest => T::claim_sql().newest,
-            Order::Oldest => T::claim_sql().oldest,
-        };
-        let candidates = tx
-            .rows(sql, &args![now, win, offset], |r| candidate(r))
-            .await?;
-        let last_window = candidates.len() < window;
-        for c in candidates {
-            if claimed == remaining {
-                break;
-            }
-            let inputs = if c.deps > 0 && policy::wants_cache(req, c.cached) {
-                Some(deps::inputs(tx, c.id).await?)
-            } else {
-                None
-            };
-            let key = policy::claim_cache_key(
-                req,
-                &c.job,
-                (c.cached, c.timeout),
-                inputs.as_ref(),
-                &c.context,
-            );
-            if let Some(k) = key {
-                // One claimer at a time per key, so identical runs start once even
-                // when workers claim at the same moment; a key another claimer holds
-                // is in flight (never wait: two claimers could deadlock on two keys).
-                if !tx.try_lock_key(&k).await? {
-                    skipped += 1;
-                    continue;
-                }
-                if let Some(mut hit) = cache_lookup(tx, &k).await? {
-                    let token = start_attempt(tx, &c, req, None).await?;
-                    hit.start = now;
-                    hit.end = now;
-                    let served = Outcome::Success(hit.clone());
-                    let tr = policy::finish(&token.0, &served, false);
-                    apply(tx, &token.0, (&c.job, c.created), &tr).await?;
-                    out.push(c.claim(token, now, false, Some(hit)));
-                    continue;
-                }
-                let in_flight = in_batch.contains(&k)
-                    || tx
-                        .opt(&KEY_IN_FLIGHT, &args![&k], |_| Ok(()))
-                        .await?
-                        .is_some();
-                if in_flight {
-                    skipped += 1;
-                    continue;
-                }
-                in_batch.push(k);
-            }
-            let token = start_attempt(tx, &c, req, key).await?;
-            claimed += 1;
-            out.push(c.claim(token, now, false, None));
-        }
-        if last_window {
-            break;
-        }
-    }
-    Ok(())
 }

@@ -132,15 +132,22 @@ static PENDING_NEWEST: Sql = Sql::new(concat!(
     "SELECT ",
     claim_cols!(),
     " FROM instances INDEXED BY instances_pending_newest
-     WHERE state = 'pending' AND run_at <= $1
+     WHERE state = 'pending' AND run_at <= $1 AND ($4 OR needs IS NULL)
      ORDER BY priority DESC, created DESC, id DESC LIMIT $2 OFFSET $3"
 ));
 static PENDING_OLDEST: Sql = Sql::new(concat!(
     "SELECT ",
     claim_cols!(),
     " FROM instances INDEXED BY instances_pending_oldest
-     WHERE state = 'pending' AND run_at <= $1
+     WHERE state = 'pending' AND run_at <= $1 AND ($4 OR needs IS NULL)
      ORDER BY priority DESC, created ASC, id ASC LIMIT $2 OFFSET $3"
+));
+static STARVING: Sql = Sql::new(concat!(
+    "SELECT ",
+    claim_cols!(),
+    " FROM instances INDEXED BY instances_needs
+     WHERE state = 'pending' AND needs IS NOT NULL AND run_at <= $1
+     ORDER BY priority DESC, run_at ASC LIMIT $2"
 ));
 
 impl sql::Tx for Lite<'_> {
@@ -178,6 +185,7 @@ impl sql::Tx for Lite<'_> {
             expired: &EXPIRED,
             newest: &PENDING_NEWEST,
             oldest: &PENDING_OLDEST,
+            starving: &STARVING,
         }
     }
 

@@ -33,8 +33,9 @@ mod group_commit;
 mod watch;
 
 use super::batch::{BatchCounts, DependencyResult, Selected};
+use super::context::Resources;
 use super::prune::{PruneCounts, PruneRequest, PruneStep};
-use super::sql::{DbError, deps, prune, read, recent, retry, write};
+use super::sql::{DbError, claim, deps, prune, read, recent, retry, workers, write};
 use group_commit::*;
 
 /// How often other processes' commits are looked for while someone waits, where the
@@ -276,7 +277,7 @@ impl Queue for SqliteQueue {
         let req = req.clone();
         // Lazy unless the claim ended an instance or served one from the cache.
         self.write_with(Sync::Lazy, move |tx| {
-            exec::run(tx, |mut l| async move { write::claim(&mut l, &req).await })
+            exec::run(tx, |mut l| async move { claim::claim(&mut l, &req).await })
         })
         .await
     }
@@ -409,6 +410,38 @@ impl Queue for SqliteQueue {
     async fn counts(&self) -> Result<Counts> {
         self.with_conn(|c| exec::run(c, |mut l| async move { read::counts(&mut l).await }))
             .await
+    }
+
+    async fn worker_seen(&self, name: &str, resources: &Resources, ttl: Duration) -> Result<()> {
+        let (name, resources) = (name.to_string(), resources.clone());
+        self.write(move |tx| {
+            exec::run(tx, |mut l| async move {
+                workers::seen(&mut l, &name, &resources, ttl).await
+            })
+        })
+        .await
+    }
+
+    async fn worker_gone(&self, name: &str) -> Result<()> {
+        let name = name.to_string();
+        self.write(move |tx| {
+            exec::run(
+                tx,
+                |mut l| async move { workers::gone(&mut l, &name).await },
+            )
+        })
+        .await
+    }
+
+    async fn unrunnable(&self) -> Result<u64> {
+        let now = now_ms();
+        self.with_conn(move |c| {
+            exec::run(
+                c,
+                |mut l| async move { workers::unrunnable(&mut l, now).await },
+            )
+        })
+        .await
     }
 
     async fn prune_step(
