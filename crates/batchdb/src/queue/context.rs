@@ -496,11 +496,11 @@ mod tests {
         assert_eq!(r, copy, "removing what a copy gave leaves the same");
         let env = given.env();
         assert!(
-            env.contains(&("BATCHDB_RESOURCE_GPU".into(), "2,3".into())),
+            env.contains(&("BATCHDB_RESOURCE_GPU".into(), "0,1".into())),
             "{env:?}"
         );
-        assert!(env.contains(&("CUDA_VISIBLE_DEVICES".into(), "2,3".into())));
-        assert!(env.contains(&("HIP_VISIBLE_DEVICES".into(), "2,3".into())));
+        assert!(env.contains(&("CUDA_VISIBLE_DEVICES".into(), "0,1".into())));
+        assert!(env.contains(&("HIP_VISIBLE_DEVICES".into(), "0,1".into())));
         assert!(env.contains(&("BATCHDB_RESOURCE_MEM".into(), (8u64 << 30).to_string())));
         let mut other = Needs::default();
         other.add("fpga=1").unwrap();
