@@ -359,7 +359,7 @@ impl BatchDb {
     pub async fn counts(&self) -> Result<Counts> {
         let mut c = self.queue.counts().await?;
         if c.pending > 0 {
-            c.unrunnable = self.queue.unrunnable().await?;
+            c.unrunnable = self.queue.unrunnable(None).await?;
         }
         Ok(c)
     }

@@ -240,7 +240,7 @@ pub struct QueueArgs {
     #[arg(long, value_name = "SIZE")]
     pub memory: Option<String>,
     /// Limit the job to N CPUs' worth of time (fractions allowed: 0.5).
-    #[arg(long, value_name = "N")]
+    #[arg(long, value_name = "N", allow_hyphen_values = true)]
     pub cpus: Option<f64>,
     /// Limit the job to N processes and threads at once.
     #[arg(long, value_name = "N")]
@@ -381,7 +381,7 @@ pub struct RunArgs {
     pub resource: Vec<String>,
     /// Seconds a job whose needs do not fit may wait before smaller jobs stop being
     /// started around it (it then gets the next free units).
-    #[arg(long, value_name = "SECS", default_value_t = 60.0)]
+    #[arg(long, value_name = "SECS", default_value_t = 60.0, allow_hyphen_values = true)]
     pub reserve_after: f64,
     #[command(flatten)]
     pub progress: ProgressArgs,

@@ -189,9 +189,10 @@ pub trait Queue: Send + Sync + fmt::Debug {
     /// Removes worker `name`'s entry (it stopped), and every entry that lapsed.
     async fn worker_gone(&self, name: &str) -> Result<()>;
 
-    /// How many pending instances need more than any live worker has in all: they
-    /// wait until a worker that has it starts.
-    async fn unrunnable(&self) -> Result<u64>;
+    /// How many pending instances need more than any live worker has in all (they
+    /// wait until a worker that has it starts); given `worker`, more than that worker
+    /// has in all.
+    async fn unrunnable(&self, worker: Option<&Resources>) -> Result<u64>;
 
     /// Runs one bounded step of a prune (one short write transaction; see
     /// [`PruneStep`]) and returns what it removed and the step after it (`None`: the

@@ -282,12 +282,8 @@ impl Worker {
             if claimed_any && tasks.len() < slots {
                 continue;
             }
-            if this.opts.until_empty && tasks.is_empty() && !claimed_any {
-                match this.queue.counts().await {
-                    Ok(c) if c.pending == 0 && c.running == 0 => break,
-                    Ok(_) => {}
-                    Err(e) => tracing::warn!("counting instances failed: {e}"),
-                }
+            if this.opts.until_empty && tasks.is_empty() && !claimed_any && this.empty().await {
+                break;
             }
             // Sleep until the queue changes, a slot frees up, or a delayed job may be due.
             tokio::select! {
@@ -319,6 +315,23 @@ impl Worker {
         };
         self.hold(&claim.assigned, false);
         send(reports.as_ref(), &claim, report, finished);
+    }
+
+    /// Whether nothing is running and nothing pending that this worker could ever run
+    /// (a pending instance needing more than it has waits for another worker).
+    async fn empty(&self) -> bool {
+        let counted = async {
+            let c = self.queue.counts().await?;
+            if c.running > 0 || c.pending == 0 {
+                return Ok::<_, Error>(c.pending == 0 && c.running == 0);
+            }
+            let unfit = self.queue.unrunnable(Some(&self.opts.resources)).await?;
+            Ok(c.pending == unfit)
+        };
+        counted.await.unwrap_or_else(|e| {
+            tracing::warn!("counting instances failed: {e}");
+            false
+        })
     }
 
     /// What of the worker's resources no running attempt holds.

@@ -209,25 +209,31 @@ pub async fn unrunnable_counts_what_no_live_worker_has(b: &Backend) {
     q.add(&job(1), &needing(&["gpu=4"])).await.unwrap();
     q.add(&job(2), &needing(&["gpu=1"])).await.unwrap();
     q.add(&job(3), &opts()).await.unwrap();
-    assert_eq!(q.unrunnable().await.unwrap(), 2, "no worker is live");
+    assert_eq!(q.unrunnable(None).await.unwrap(), 2, "no worker is live");
     q.worker_seen("a", &resources(&["gpu=0,1"]), LONG)
         .await
         .unwrap();
-    assert_eq!(q.unrunnable().await.unwrap(), 1);
+    assert_eq!(q.unrunnable(None).await.unwrap(), 1);
     q.worker_seen("b", &resources(&["gpu=0,1,2,3"]), Duration::ZERO)
         .await
         .unwrap();
     tokio::time::sleep(Duration::from_millis(20)).await;
     assert_eq!(
-        q.unrunnable().await.unwrap(),
+        q.unrunnable(None).await.unwrap(),
         1,
         "a lapsed entry has nothing"
     );
     q.worker_seen("b", &resources(&["gpu=0,1,2,3"]), LONG)
         .await
         .unwrap();
-    assert_eq!(q.unrunnable().await.unwrap(), 0);
+    assert_eq!(q.unrunnable(None).await.unwrap(), 0);
+    let small = resources(&["gpu=0"]);
+    assert_eq!(
+        q.unrunnable(Some(&small)).await.unwrap(),
+        1,
+        "for one worker"
+    );
     q.worker_gone("b").await.unwrap();
     q.worker_gone("a").await.unwrap();
-    assert_eq!(q.unrunnable().await.unwrap(), 2);
+    assert_eq!(q.unrunnable(None).await.unwrap(), 2);
 }

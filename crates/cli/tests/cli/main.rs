@@ -13,6 +13,8 @@
 //! - `faults`: the bad-input and fault matrix: full disk, read-only stores, huge streams
 //! - `progress`: the live progress line, on a pseudo-terminal and never elsewhere
 //! - `ps`: the `ps` table and `status` line for people
+//! - `resources`: context options stored and shown, resource units handed out, concurrency
+//!   keys across worker processes, what no worker could run
 //! - `retention`: `prune` and `--prune-after`, then `gc`
 //! - `serve`: `batchdb serve` as a process: flags, a 1 GiB upload, SSE
 //! - `dashboard`: the dashboard in headless Chromium: previews, filter, charts, the
@@ -34,6 +36,7 @@ mod manual;
 mod output_contract;
 mod progress;
 mod ps;
+mod resources;
 mod retention;
 mod scheduling;
 mod serve;

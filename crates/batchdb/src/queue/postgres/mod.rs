@@ -352,9 +352,9 @@ impl Queue for PgQueue {
         in_tx!(self, |tx| { workers::gone(tx, name).await })
     }
 
-    async fn unrunnable(&self) -> Result<u64> {
+    async fn unrunnable(&self, worker: Option<&Resources>) -> Result<u64> {
         let now = now_ms();
-        self.read(async |c| workers::unrunnable(&mut Pg(c), now).await)
+        self.read(async |c| workers::unrunnable(&mut Pg(c), now, worker).await)
             .await
     }
 

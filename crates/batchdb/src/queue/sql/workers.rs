@@ -45,19 +45,19 @@ pub(crate) async fn gone<T: Tx>(tx: &mut T, name: &str) -> R<(), T> {
 }
 
 /// How many pending instances need what no live worker has in all (they wait until
-/// one that has it starts).
-pub(crate) async fn unrunnable<C: Conn>(c: &mut C, now: i64) -> R<u64, C> {
-    let live = c
-        .rows(&LIVE, &args![now], |r| {
-            let text = r.req_text(0)?;
-            serde_json::from_str::<Resources>(&text)
-                .map_err(|e| r.invalid(format!("worker resources {text:?}: {e}")))
-        })
-        .await?;
+/// one that has it starts), or, given `worker`, more than that worker has.
+pub(crate) async fn unrunnable<C: Conn>(
+    c: &mut C,
+    now: i64,
+    worker: Option<&Resources>,
+) -> R<u64, C> {
+    let live = match worker {
+        Some(w) => vec![w.clone()],
+        None => live(c, now).await?,
+    };
     let pending = c
         .rows(&PENDING_NEEDS, &[], |r| {
-            let needs = r.needs(0)?;
-            Ok((needs, r.unsigned::<u64>(1)?.unwrap_or(0)))
+            Ok((r.needs(0)?, r.unsigned::<u64>(1)?.unwrap_or(0)))
         })
         .await?;
     Ok(pending
@@ -65,4 +65,14 @@ pub(crate) async fn unrunnable<C: Conn>(c: &mut C, now: i64) -> R<u64, C> {
         .filter(|(needs, _)| !live.iter().any(|w| w.fits(needs)))
         .map(|(_, n)| n)
         .sum())
+}
+
+/// What each live worker has.
+async fn live<C: Conn>(c: &mut C, now: i64) -> R<Vec<Resources>, C> {
+    c.rows(&LIVE, &args![now], |r| {
+        let text = r.req_text(0)?;
+        serde_json::from_str::<Resources>(&text)
+            .map_err(|e| r.invalid(format!("worker resources {text:?}: {e}")))
+    })
+    .await
 }

@@ -433,13 +433,12 @@ impl Queue for SqliteQueue {
         .await
     }
 
-    async fn unrunnable(&self) -> Result<u64> {
-        let now = now_ms();
+    async fn unrunnable(&self, worker: Option<&Resources>) -> Result<u64> {
+        let (now, worker) = (now_ms(), worker.cloned());
         self.with_conn(move |c| {
-            exec::run(
-                c,
-                |mut l| async move { workers::unrunnable(&mut l, now).await },
-            )
+            exec::run(c, |mut l| async move {
+                workers::unrunnable(&mut l, now, worker.as_ref()).await
+            })
         })
         .await
     }

@@ -1,0 +1,197 @@
+//! What a job runs with and what running it takes, as processes: the context options
+//! stored and shown, counted resources handed out unit by unit, concurrency keys held
+//! across worker processes (by a count the jobs keep), and what no worker could run.
+
+use std::collections::HashSet;
+
+use crate::util::*;
+
+#[test]
+fn context_options_are_stored_with_the_instance_and_shown() {
+    let env = Env::new();
+    std::fs::write(
+        env.file("vars"),
+        "# settings\nFROM_FILE=1\n\nexport A=file\n",
+    )
+    .unwrap();
+    let mut cmd = env.command(&[
+        "add",
+        "--cwd",
+        ".",
+        "--env",
+        "A=1",
+        "--env",
+        "FROM_SHELL",
+        "--env-file",
+        "vars",
+        "--memory",
+        "512M",
+        "--cpus",
+        "1.5",
+        "--pids",
+        "20",
+        "--needs",
+        "gpu=1",
+        "--needs",
+        "mem=2G",
+        "--concurrency",
+        "api=2",
+        "--",
+        "true",
+    ]);
+    cmd.env("FROM_SHELL", "shell value");
+    let out = env.output_within(cmd, None, std::time::Duration::from_secs(30));
+    assert_success(&out, &["add"]);
+    let (_, created) = parse_add_output(&text(&out.stdout));
+    let show = env.show_json(&created.to_string());
+    let root = env.root().canonicalize().unwrap();
+    assert_eq!(show["cwd"], root.to_str().unwrap(), "{show}");
+    assert_eq!(
+        show["env"],
+        serde_json::json!({"A": "1", "FROM_FILE": "1", "FROM_SHELL": "shell value"}),
+        "--env wins over the file"
+    );
+    assert_eq!(
+        show["limits"],
+        serde_json::json!({"memory": 512 << 20, "millicpus": 1500, "pids": 20})
+    );
+    assert_eq!(
+        show["needs"],
+        serde_json::json!({"gpu": 1, "mem": 2u64 << 30})
+    );
+    assert_eq!(
+        show["concurrency"],
+        serde_json::json!({"key": "api", "limit": 2})
+    );
+    // An instance without any of them shows none of them.
+    let (_, plain) = env.add("true");
+    let show = env.show_json(&plain.to_string());
+    for field in ["cwd", "env", "limits", "needs", "concurrency"] {
+        assert!(show.get(field).is_none(), "{field} in {show}");
+    }
+}
+
+#[test]
+fn bad_context_options_are_one_line_errors_and_add_nothing() {
+    let env = Env::new();
+    std::fs::write(env.file("bad.env"), "NOEQUALS\n").unwrap();
+    let bad: &[&[&str]] = &[
+        &["--memory", "0"],
+        &["--memory", "lots"],
+        &["--cpus", "0"],
+        &["--cpus", "-1"],
+        &["--pids", "0"],
+        &["--needs", "gpu=0"],
+        &["--needs", "gpu"],
+        &["--needs", "g/pu=1"],
+        &["--needs", "gpu=1", "--needs", "gpu=2"],
+        &["--concurrency", "api=0"],
+        &["--concurrency", "api"],
+        &["--env", "=x"],
+        &["--env", "UNSET_IN_THIS_SHELL_X"],
+        &["--env-file", "bad.env"],
+        &["--env-file", "missing.env"],
+    ];
+    for opts in bad {
+        let mut args = vec!["add"];
+        args.extend_from_slice(opts);
+        args.extend_from_slice(&["--", "true"]);
+        let out = env.cmd(&args);
+        assert_one_line_error(&out, &args);
+    }
+    let bad_run: &[&[&str]] = &[
+        &["--resource", "gpu=0,,1"],
+        &["--resource", "gpu"],
+        &["--resource", "gpu=0", "--resource", "gpu=1"],
+        &["--reserve-after", "-1"],
+    ];
+    for opts in bad_run {
+        let mut args = vec!["run", "--until-empty"];
+        args.extend_from_slice(opts);
+        assert_one_line_error(&env.cmd(&args), &args);
+    }
+    assert!(env.list("pending").is_empty());
+}
+
+#[test]
+fn a_worker_gives_each_job_its_own_units_and_the_gpu_variables() {
+    let env = Env::new();
+    // A unit handed to two jobs at once would make the second mkdir fail.
+    let job = "u=$BATCHDB_RESOURCE_GPU; echo \"$u $CUDA_VISIBLE_DEVICES $HIP_VISIBLE_DEVICES\"; \
+               for x in $(echo $u | tr , ' '); do mkdir held.$x || exit 9; done; sleep 0.3; \
+               for x in $(echo $u | tr , ' '); do rmdir held.$x; done";
+    for n in 0..6 {
+        env.add_with(&["--needs", "gpu=1"], &format!("{job} # {n}"));
+    }
+    env.add_with(&["--needs", "gpu=2"], job);
+    env.run_until_empty(&["-j", "3", "--resource", "gpu=0,1,2"]);
+    let results = env.list("result");
+    assert_eq!(results.len(), 7, "{:?}", env.list("fail"));
+    let mut pairs = 0;
+    for r in &results {
+        let out = text(&env.get(r["value"]["hash"].as_str().unwrap()));
+        let words: Vec<&str> = out.split_whitespace().collect();
+        assert_eq!(words.len(), 3, "{out}");
+        assert!(words.iter().all(|w| *w == words[0]), "{out}");
+        let units: HashSet<&str> = words[0].split(',').collect();
+        assert!(units.iter().all(|u| ["0", "1", "2"].contains(u)), "{out}");
+        if units.len() == 2 {
+            pairs += 1;
+        }
+    }
+    assert_eq!(pairs, 1, "the job needing two got two units");
+}
+
+#[test]
+fn concurrency_keys_hold_across_worker_processes_by_a_count_the_jobs_keep() {
+    let env = Env::new();
+    // Each job counts itself in and out under a lock, and keeps the highest count.
+    let count = |d: &str| {
+        format!(
+            "flock count.lock sh -c 'n=$(( $(cat count 2>/dev/null || echo 0) {d} )); \
+             echo $n > count; m=$(cat most 2>/dev/null || echo 0); \
+             if [ $n -gt $m ]; then echo $n > most; fi'"
+        )
+    };
+    let job = format!("{}; sleep 0.2; {}", count("+ 1"), count("- 1"));
+    for n in 0..15 {
+        env.add_with(&["--concurrency", "api=2"], &format!("{job} # {n}"));
+    }
+    let workers: Vec<Proc> = (0..3)
+        .map(|_| env.spawn(&["run", "-j", "3", "--until-empty"]))
+        .collect();
+    for mut w in workers {
+        w.wait_ok();
+    }
+    assert_eq!(env.list("result").len(), 15);
+    assert_eq!(env.read("count").trim(), "0");
+    assert_eq!(
+        env.read("most").trim(),
+        "2",
+        "never more than 2, and 2 reached"
+    );
+}
+
+#[test]
+fn status_counts_what_no_live_worker_could_run_and_until_empty_leaves_it() {
+    let env = Env::new();
+    env.add_with(&["--needs", "gpu=2"], "echo big");
+    env.add("echo plain");
+    let status: serde_json::Value =
+        serde_json::from_str(env.ok(&["status", "--json"]).trim()).unwrap();
+    assert_eq!(status["unrunnable"], 1, "{status}");
+    // A one-GPU worker runs what it can and exits, leaving the big one pending.
+    env.run_until_empty(&["--resource", "gpu=0"]);
+    assert_eq!(env.list("result").len(), 1);
+    assert_eq!(env.list("pending").len(), 1);
+    let line = env.on_terminal("status", None);
+    assert!(
+        line.contains("1 unrunnable for now"),
+        "status on a terminal: {line}"
+    );
+    env.run_until_empty(&["--resource", "gpu=0,1"]);
+    assert_eq!(env.list("result").len(), 2);
+    let status: serde_json::Value =
+        serde_json::from_str(env.ok(&["status", "--json"]).trim()).unwrap();
+    assert!(status.get("unrunnable").is_none(), "{status}");
+}
