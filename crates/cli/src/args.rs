@@ -381,7 +381,12 @@ pub struct RunArgs {
     pub resource: Vec<String>,
     /// Seconds a job whose needs do not fit may wait before smaller jobs stop being
     /// started around it (it then gets the next free units).
-    #[arg(long, value_name = "SECS", default_value_t = 60.0, allow_hyphen_values = true)]
+    #[arg(
+        long,
+        value_name = "SECS",
+        default_value_t = 60.0,
+        allow_hyphen_values = true
+    )]
     pub reserve_after: f64,
     #[command(flatten)]
     pub progress: ProgressArgs,

@@ -24,6 +24,7 @@ mod auth;
 mod bad_input;
 mod batches;
 mod blobs;
+mod context;
 mod dashboard;
 mod events;
 mod limits;
