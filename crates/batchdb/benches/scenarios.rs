@@ -25,6 +25,8 @@ use futures_util::StreamExt;
 mod batches;
 #[path = "scenarios/prune.rs"]
 mod prune;
+#[path = "scenarios/resources.rs"]
+mod resources;
 
 struct Row {
     scenario: String,
@@ -587,7 +589,7 @@ async fn main() {
     let quick = std::env::args().any(|a| a == "quick");
     let k = if quick { 1 } else { 5 };
     let reps = if quick { 1 } else { 3 };
-    // `only=NAME` (enqueue, drain, output, list, scale, wakeup, batches, prune, bulk) runs one
+    // `only=NAME` (enqueue, drain, output, list, scale, wakeup, batches, needs, prune, bulk) runs one
     // scenario.
     let only: Option<String> =
         std::env::args().find_map(|a| a.strip_prefix("only=").map(String::from));
@@ -619,6 +621,9 @@ async fn main() {
     // Last: their 100,000 payloads in memory would inflate the peak RSS of the others.
     if want("batches") {
         rows.push(batches::fan_out(if quick { 20_000 } else { 100_000 }, reps).await);
+    }
+    if want("needs") {
+        rows.extend(resources::needs_aware_claims(100_000, 200, reps).await);
     }
     if want("prune") {
         rows.push(prune::prune_sqlite(if quick { 100_000 } else { 1_000_000 }).await);

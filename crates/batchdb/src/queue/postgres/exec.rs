@@ -158,7 +158,7 @@ static STARVING: Sql = Sql::new(concat!(
     "SELECT ",
     claim_cols!(),
     " FROM instances WHERE state = 'pending' AND needs IS NOT NULL AND run_at <= $1
-     ORDER BY priority DESC, run_at ASC LIMIT $2 FOR UPDATE SKIP LOCKED"
+     ORDER BY run_at LIMIT $2 FOR UPDATE SKIP LOCKED"
 ));
 static LOCK_KEY: Sql = Sql::new("SELECT pg_try_advisory_xact_lock(hashtextextended($1, 0))");
 

@@ -7,8 +7,8 @@ ALTER TABLE instances ADD COLUMN needs TEXT;
 ALTER TABLE instances ADD COLUMN conc_key TEXT;
 ALTER TABLE instances ADD COLUMN conc_limit BIGINT;
 CREATE INDEX instances_conc ON instances(conc_key) WHERE state = 'running';
--- Pending instances with needs, longest due first: those a claim reserves for.
-CREATE INDEX instances_needs ON instances(priority DESC, run_at) WHERE state = 'pending' AND needs IS NOT NULL;
+-- Pending instances with needs, longest due first: those a claim may reserve for.
+CREATE INDEX instances_needs ON instances(run_at) WHERE state = 'pending' AND needs IS NOT NULL;
 -- What each attempt used (peak memory in bytes, CPU in ms) and the resource units
 -- it was given (JSON).
 ALTER TABLE attempts ADD COLUMN max_rss BIGINT;

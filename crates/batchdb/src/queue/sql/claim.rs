@@ -45,6 +45,9 @@ static RUNNING_WITH_KEY: Sql =
 /// up for this round (the next claim looks again).
 pub(crate) const SCAN_MAX: usize = 10_000;
 
+/// The longest window of candidates one statement of a claim reads.
+const WINDOW_MAX: usize = 1024;
+
 /// How many starving instances one claim considers reserving for.
 const STARVING_WINDOW: i64 = 8;
 
@@ -227,7 +230,9 @@ async fn claim_starving<T: Tx>(
 async fn claim_pending<T: Tx>(tx: &mut T, round: &mut Round<'_>, out: &mut Vec<Claim>) -> R<(), T> {
     let req = round.req;
     let remaining = req.limit.saturating_sub(out.len());
-    let window = remaining * 4 + 16;
+    // Each window after a full one is twice as long: instances that must be skipped
+    // (in flight, not fitting) cost a few statements, not one per window's worth.
+    let mut window = remaining * 4 + 16;
     let mut claimed = 0;
     let mut skipped = 0usize;
     let has_resources = !req.resources.is_empty();
@@ -254,6 +259,7 @@ async fn claim_pending<T: Tx>(tx: &mut T, round: &mut Round<'_>, out: &mut Vec<C
         if last_window {
             break;
         }
+        window = (window * 2).min(WINDOW_MAX);
     }
     Ok(())
 }

@@ -367,8 +367,9 @@ pub(crate) struct ClaimSql {
     pub(crate) newest: &'static Sql,
     /// The same, oldest first.
     pub(crate) oldest: &'static Sql,
-    /// Pending instances with needs, due since `$1` or longer, by priority then
-    /// longest due first, at most `$2` (through the `instances_needs` index).
+    /// Pending instances with needs, due since `$1` or longer, longest due first, at
+    /// most `$2` (through the `instances_needs` index, which ends the scan at the
+    /// first one due later).
     pub(crate) starving: &'static Sql,
 }
 

@@ -147,7 +147,7 @@ static STARVING: Sql = Sql::new(concat!(
     claim_cols!(),
     " FROM instances INDEXED BY instances_needs
      WHERE state = 'pending' AND needs IS NOT NULL AND run_at <= $1
-     ORDER BY priority DESC, run_at ASC LIMIT $2"
+     ORDER BY run_at LIMIT $2"
 ));
 
 impl sql::Tx for Lite<'_> {
