@@ -195,3 +195,48 @@ fn status_counts_what_no_live_worker_could_run_and_until_empty_leaves_it() {
         serde_json::from_str(env.ok(&["status", "--json"]).trim()).unwrap();
     assert!(status.get("unrunnable").is_none(), "{status}");
 }
+
+#[test]
+fn a_concurrency_slot_of_a_worker_killed_with_sigkill_passes_to_the_takeover() {
+    let env = Env::new();
+    let (_, first) = env.add_with(
+        &["--concurrency", "db=1"],
+        &format!(
+            "touch started.$BATCHDB_ATTEMPT; {}; echo first",
+            wait_file_sh("go")
+        ),
+    );
+    let (_, second) = env.add_with(&["--concurrency", "db=1"], "echo second");
+    let mut worker = env.spawn(&["run", "-j", "2", "--lease", "1", "--order", "oldest"]);
+    env.wait_file("started.1");
+    // The second instance waits for the slot, although the worker has a free one.
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    let status: serde_json::Value =
+        serde_json::from_str(env.ok(&["status", "--json"]).trim()).unwrap();
+    assert_eq!(
+        (status["running"].as_u64(), status["pending"].as_u64()),
+        (Some(1), Some(1)),
+        "held to db=1"
+    );
+    worker.signal("KILL");
+    worker.wait();
+    env.touch("go");
+    env.run_until_empty(&["-j", "2", "--lease", "1", "--order", "oldest"]);
+    let a = env.show_json(&first.to_string());
+    let b = env.show_json(&second.to_string());
+    let outcomes: Vec<&str> = a["attempts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t["outcome"].as_str().unwrap())
+        .collect();
+    assert_eq!(outcomes, ["lost", "result"], "{a}");
+    assert_eq!(
+        (a["state"].as_str(), b["state"].as_str()),
+        (Some("result"), Some("result"))
+    );
+    // The takeover held the slot: the second started only once the first ended.
+    let first_end = a["attempts"][1]["end"].as_i64().unwrap();
+    let second_start = b["attempts"][0]["start"].as_i64().unwrap();
+    assert!(second_start >= first_end, "{first_end} > {second_start}");
+}
