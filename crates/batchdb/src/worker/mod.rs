@@ -27,6 +27,10 @@ mod supervise;
 /// times this without renewal).
 const ANNOUNCE_EVERY: Duration = Duration::from_secs(10);
 
+/// The longest a worker waits to announce itself or remove its entry (the registry
+/// only feeds `status`; claims never wait for it).
+const REGISTRY_WAIT: Duration = Duration::from_secs(1);
+
 /// Payloads up to this size are verified before their job starts.
 const PREFETCH: u64 = 8 << 20;
 
@@ -220,13 +224,13 @@ impl Worker {
         req.reserve_after = this.opts.reserve_after;
         let mut announce = Instant::now();
         loop {
-            if Instant::now() >= announce {
-                announce = Instant::now() + ANNOUNCE_EVERY;
-                this.announce().await;
-            }
             while tasks.try_join_next().is_some() {}
             if this.shutdown.level() >= 1 {
                 break;
+            }
+            if Instant::now() >= announce && db_errors == 0 {
+                announce = Instant::now() + ANNOUNCE_EVERY;
+                this.announce().await;
             }
             let seen = this.queue.change_seq();
             let free = slots - tasks.len();
@@ -293,8 +297,15 @@ impl Worker {
             }
         }
         while tasks.join_next().await.is_some() {}
-        if let Err(e) = this.queue.worker_gone(&this.opts.name).await {
-            tracing::warn!("removing this worker's entry failed: {e}");
+        // Best effort, and never a wait past a stop (not at all while the queue is
+        // unreachable): the entry lapses by itself.
+        if db_errors == 0 {
+            let gone = this.queue.worker_gone(&this.opts.name);
+            match tokio::time::timeout(REGISTRY_WAIT, gone).await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => tracing::warn!("removing this worker's entry failed: {e}"),
+                Err(_) => tracing::warn!("removing this worker's entry timed out"),
+            }
         }
         match this.fatal.lock().ok().and_then(|mut f| f.take()) {
             Some(e) => Err(e),
@@ -356,13 +367,13 @@ impl Worker {
     /// Records (renews) this worker's entry among the live workers, with what it has.
     async fn announce(&self) {
         let ttl = ANNOUNCE_EVERY * 3;
-        let name = &self.opts.name;
-        if let Err(e) = self
+        let seen = self
             .queue
-            .worker_seen(name, &self.opts.resources, ttl)
-            .await
-        {
-            tracing::warn!("announcing this worker failed: {e}");
+            .worker_seen(&self.opts.name, &self.opts.resources, ttl);
+        match tokio::time::timeout(REGISTRY_WAIT, seen).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::warn!("announcing this worker failed: {e}"),
+            Err(_) => tracing::warn!("announcing this worker timed out"),
         }
     }
 

@@ -187,7 +187,12 @@ async fn a_version_3_database_is_migrated_and_its_running_attempt_taken_over() {
         tokio::task::spawn_blocking(move || {
             shared().sql(
                 &db,
-                "DROP INDEX batchdb.cache_instance; DROP TABLE batchdb.batches; DROP TABLE batchdb.deps;
+                "DROP TABLE batchdb.workers;
+                 ALTER TABLE batchdb.instances DROP COLUMN context, DROP COLUMN needs,
+                   DROP COLUMN conc_key, DROP COLUMN conc_limit;
+                 ALTER TABLE batchdb.attempts DROP COLUMN max_rss, DROP COLUMN cpu_user_ms,
+                   DROP COLUMN cpu_sys_ms, DROP COLUMN resources;
+                 DROP INDEX batchdb.cache_instance; DROP TABLE batchdb.batches; DROP TABLE batchdb.deps;
                  ALTER TABLE batchdb.instances DROP COLUMN batch, DROP COLUMN deps,
                    DROP COLUMN waiting_on, DROP COLUMN note;
                  ALTER TABLE batchdb.attempts DROP COLUMN attempt_id;

@@ -80,7 +80,12 @@ async fn a_version_1_database_is_migrated_on_open() {
     rusqlite::Connection::open(&path)
         .unwrap()
         .execute_batch(
-            "DROP INDEX cache_instance; DROP INDEX instances_batch; ALTER TABLE instances DROP COLUMN batch;
+            "DROP TABLE workers; DROP INDEX instances_conc; DROP INDEX instances_needs;
+             ALTER TABLE instances DROP COLUMN context; ALTER TABLE instances DROP COLUMN needs;
+             ALTER TABLE instances DROP COLUMN conc_key; ALTER TABLE instances DROP COLUMN conc_limit;
+             ALTER TABLE attempts DROP COLUMN max_rss; ALTER TABLE attempts DROP COLUMN cpu_user_ms;
+             ALTER TABLE attempts DROP COLUMN cpu_sys_ms; ALTER TABLE attempts DROP COLUMN resources;
+             DROP INDEX cache_instance; DROP INDEX instances_batch; ALTER TABLE instances DROP COLUMN batch;
              ALTER TABLE instances DROP COLUMN deps; ALTER TABLE instances DROP COLUMN waiting_on;
              ALTER TABLE instances DROP COLUMN note; DROP TABLE batches; DROP TABLE deps;
              ALTER TABLE jobs DROP COLUMN payload; DROP TABLE inline_blobs;
@@ -153,6 +158,11 @@ async fn a_version_3_database_is_migrated_and_its_running_attempt_taken_over() {
         rusqlite::Connection::open(&path)
             .unwrap()
             .execute_batch(concat!(
+                "DROP TABLE workers; DROP INDEX instances_conc; DROP INDEX instances_needs; ",
+                "ALTER TABLE instances DROP COLUMN context; ALTER TABLE instances DROP COLUMN needs; ",
+                "ALTER TABLE instances DROP COLUMN conc_key; ALTER TABLE instances DROP COLUMN conc_limit; ",
+                "ALTER TABLE attempts DROP COLUMN max_rss; ALTER TABLE attempts DROP COLUMN cpu_user_ms; ",
+                "ALTER TABLE attempts DROP COLUMN cpu_sys_ms; ALTER TABLE attempts DROP COLUMN resources; ",
                 "DROP INDEX cache_instance; DROP INDEX instances_batch; ALTER TABLE instances DROP COLUMN batch; ALTER TABLE instances DROP COLUMN deps; ALTER TABLE instances DROP COLUMN waiting_on; ALTER TABLE instances DROP COLUMN note; DROP TABLE batches; DROP TABLE deps; ",
                 "ALTER TABLE attempts DROP COLUMN attempt_id; PRAGMA user_version = 3"
             ))
