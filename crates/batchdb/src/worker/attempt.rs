@@ -192,6 +192,9 @@ impl Worker {
         };
         let exec = match self.runner.spawn(&ctx) {
             Ok(x) => x,
+            // Its directory, its limits or its cgroup: the job's failure, not the
+            // worker's (which goes on with the next job).
+            Err(Error::AttemptSetup(m)) => return self.fail(claim, report, m),
             Err(e) => {
                 // The runner cannot start: the worker's fault, not the job's. Give the
                 // instance back and stop this worker.
@@ -318,6 +321,7 @@ impl Worker {
         }
         report.exit_code = ended.status.code;
         report.signal = ended.status.signal;
+        report.usage = ended.status.usage;
         for (name, stored) in [("stdout", Some(out)), ("stderr", err)] {
             match stored {
                 Some(Ok(Stored { info, inline })) => {

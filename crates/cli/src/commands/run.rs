@@ -12,7 +12,16 @@ const MIN_LEASE: Duration = Duration::from_millis(100);
 
 pub(super) async fn run(db: &BatchDb, r: RunArgs) -> Result<ExitCode> {
     let order: Order = r.order.parse()?;
-    let runner = Arc::new(ShellRunner::new(&r.shell)?);
+    let mode: batchdb::runner::LimitMode = r.limits.parse()?;
+    let enforcer = batchdb::runner::Enforcer::new(mode)?;
+    // The worker's startup line: how it enforces limits (shown with -v; a worker
+    // that enforces none says so at warning level).
+    if enforcer.enforces() {
+        tracing::info!("limits: {enforcer}");
+    } else {
+        tracing::warn!("limits: {enforcer}");
+    }
+    let runner = Arc::new(ShellRunner::new(&r.shell)?.with_limits(enforcer));
     if r.jobs == 0 {
         return Err(Error::Config {
             what: "jobs",
