@@ -9,9 +9,9 @@ ALTER TABLE instances ADD COLUMN conc_limit INTEGER;
 CREATE INDEX instances_conc ON instances(conc_key) WHERE state = 'running';
 -- What each attempt used (peak memory in bytes, CPU in ms) and the resource units
 -- it was given (JSON).
-ALTER TABLE attempts ADD COLUMN max_rss INTEGER;
-ALTER TABLE attempts ADD COLUMN cpu_user_ms INTEGER;
-ALTER TABLE attempts ADD COLUMN cpu_sys_ms INTEGER;
+ALTER TABLE attempts ADD COLUMN max_rss BIGINT;
+ALTER TABLE attempts ADD COLUMN cpu_user_ms BIGINT;
+ALTER TABLE attempts ADD COLUMN cpu_sys_ms BIGINT;
 ALTER TABLE attempts ADD COLUMN resources TEXT;
 -- Live workers and what they declared (JSON), so a job no live worker could ever
 -- run is shown as such; `until` is when the entry lapses unless renewed.
