@@ -273,7 +273,7 @@ impl Group {
         made.map(|()| g)
     }
 
-    fn make(&mut self, h: &Hierarchy, id: &str, l: &Limits) -> io::Result<()> {
+    fn make(&mut self, h: &Hierarchy, id: &str, limits: &Limits) -> io::Result<()> {
         let write = |dir: &Path, file: &str, value: String| {
             std::fs::write(dir.join(file), value)
                 .map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", dir.join(file).display())))
@@ -284,18 +284,18 @@ impl Group {
                 std::fs::create_dir(&d)?;
                 self.dirs.push(d.clone());
                 self.cpu_counters = Some(d.clone());
-                if let Some(m) = l.memory {
-                    write(&d, "memory.max", m.to_string())?;
+                if let Some(bytes) = limits.memory {
+                    write(&d, "memory.max", bytes.to_string())?;
                     // Swap would let the job dodge the limit.
                     if d.join("memory.swap.max").exists() {
                         write(&d, "memory.swap.max", "0".into())?;
                     }
                 }
-                if let Some(c) = l.millicpus {
-                    write(&d, "cpu.max", format!("{} {PERIOD_US}", quota(c)))?;
+                if let Some(millicpus) = limits.millicpus {
+                    write(&d, "cpu.max", format!("{} {PERIOD_US}", quota(millicpus)))?;
                 }
-                if let Some(p) = l.pids {
-                    write(&d, "pids.max", p.to_string())?;
+                if let Some(n) = limits.pids {
+                    write(&d, "pids.max", n.to_string())?;
                 }
             }
             Hierarchy::V1 {
@@ -313,21 +313,21 @@ impl Group {
                     self.dirs.push(d);
                 }
                 self.cpu_counters = cpuacct.as_ref().map(|c| c.join(id));
-                let (m, c, p) = (memory.join(id), cpu.join(id), pids.join(id));
-                if let Some(bytes) = l.memory {
-                    write(&m, "memory.limit_in_bytes", bytes.to_string())?;
+                let (mem_dir, cpu_dir) = (memory.join(id), cpu.join(id));
+                if let Some(bytes) = limits.memory {
+                    write(&mem_dir, "memory.limit_in_bytes", bytes.to_string())?;
                     // Swap would let the job dodge the limit (memsw counts memory
                     // plus swap; it exists where swap accounting is on).
-                    if m.join("memory.memsw.limit_in_bytes").exists() {
-                        write(&m, "memory.memsw.limit_in_bytes", bytes.to_string())?;
+                    if mem_dir.join("memory.memsw.limit_in_bytes").exists() {
+                        write(&mem_dir, "memory.memsw.limit_in_bytes", bytes.to_string())?;
                     }
                 }
-                if let Some(mc) = l.millicpus {
-                    write(&c, "cpu.cfs_period_us", PERIOD_US.to_string())?;
-                    write(&c, "cpu.cfs_quota_us", quota(mc).to_string())?;
+                if let Some(millicpus) = limits.millicpus {
+                    write(&cpu_dir, "cpu.cfs_period_us", PERIOD_US.to_string())?;
+                    write(&cpu_dir, "cpu.cfs_quota_us", quota(millicpus).to_string())?;
                 }
-                if let Some(n) = l.pids {
-                    write(&p, "pids.max", n.to_string())?;
+                if let Some(n) = limits.pids {
+                    write(&pids.join(id), "pids.max", n.to_string())?;
                 }
             }
         }

@@ -160,7 +160,7 @@ pub fn size(bytes: u64) -> String {
     for (unit, shift) in UNITS {
         let div = 1u64 << shift;
         if bytes >= div {
-            if bytes.is_multiple_of(div) {
+            if bytes % div == 0 {
                 return format!("{} {unit}", bytes / div);
             }
             #[allow(clippy::cast_precision_loss)] // for people, one decimal

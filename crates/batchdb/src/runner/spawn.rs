@@ -321,6 +321,30 @@ extern "C" fn child_main(arg: *mut libc::c_void) -> libc::c_int {
     }
 }
 
+/// This process's environment with `env` over it, as `KEY=VALUE` C strings.
+fn environ(env: &[(OsString, OsString)]) -> io::Result<Vec<CString>> {
+    let inherited = std::env::vars_os().filter(|(k, _)| !env.iter().any(|(ek, _)| ek == k));
+    inherited
+        .chain(env.iter().cloned())
+        .map(|(k, v)| {
+            let mut kv = k;
+            kv.push("=");
+            kv.push(v);
+            cstr(&kv)
+        })
+        .collect()
+}
+
+/// Pointers to `strings`, followed by a null pointer (an `argv`/`envp` array; the
+/// cgroup list ignores the null, counted by length).
+fn pointers(strings: &[CString]) -> Vec<*const libc::c_char> {
+    strings
+        .iter()
+        .map(|c| c.as_ptr())
+        .chain(std::iter::once(std::ptr::null()))
+        .collect()
+}
+
 /// Writes `0` to the `cgroup.procs` file `path` (moving the calling process into
 /// that group) with raw system calls; -1 with errno set on failure.
 ///
@@ -367,29 +391,12 @@ pub(crate) fn spawn_with(
     setup: &Setup,
 ) -> Result<Spawned, Failed> {
     let path = cstr(program.as_os_str())?;
-    let mut argv_c = vec![cstr(arg0)?];
-    for a in args {
-        argv_c.push(cstr(a)?);
-    }
-    let mut env_c = Vec::new();
-    for (k, v) in std::env::vars_os() {
-        if !env.iter().any(|(ek, _)| *ek == k) {
-            let mut kv = k;
-            kv.push("=");
-            kv.push(v);
-            env_c.push(cstr(&kv)?);
-        }
-    }
-    for (k, v) in env {
-        let mut kv = k.clone();
-        kv.push("=");
-        kv.push(v);
-        env_c.push(cstr(&kv)?);
-    }
-    let mut argv: Vec<*const libc::c_char> = argv_c.iter().map(|c| c.as_ptr()).collect();
-    argv.push(std::ptr::null());
-    let mut envp: Vec<*const libc::c_char> = env_c.iter().map(|c| c.as_ptr()).collect();
-    envp.push(std::ptr::null());
+    let argv_c = std::iter::once(arg0)
+        .chain(args.iter().map(OsString::as_os_str))
+        .map(cstr)
+        .collect::<io::Result<Vec<_>>>()?;
+    let env_c = environ(env)?;
+    let (argv, envp) = (pointers(&argv_c), pointers(&env_c));
     let cwd = setup
         .cwd
         .as_ref()
@@ -400,7 +407,7 @@ pub(crate) fn spawn_with(
         .iter()
         .map(|p| cstr(p.as_os_str()))
         .collect::<io::Result<Vec<_>>>()?;
-    let cgroup: Vec<*const libc::c_char> = cgroup_c.iter().map(|c| c.as_ptr()).collect();
+    let cgroup = pointers(&cgroup_c);
     let rlimits: Vec<Rlimit> = setup
         .rlimits
         .iter()
@@ -412,7 +419,6 @@ pub(crate) fn spawn_with(
             },
         })
         .collect();
-
     let (in_r, in_w) = pipe()?;
     let (out_r, out_w) = pipe()?;
     // A larger stdout pipe (the default is 64 KiB) lets a job that writes a lot run
@@ -432,7 +438,7 @@ pub(crate) fn spawn_with(
         parent: unsafe { libc::getpid() },
         cwd: cwd.as_ref().map_or(std::ptr::null(), |c| c.as_ptr()),
         cgroup: cgroup.as_ptr(),
-        ncgroup: cgroup.len(),
+        ncgroup: cgroup_c.len(),
         rlimits: rlimits.as_ptr(),
         nrlimits: rlimits.len(),
         err: 0,
