@@ -5,7 +5,7 @@
 ALTER TABLE instances ADD COLUMN context TEXT;
 ALTER TABLE instances ADD COLUMN needs TEXT;
 ALTER TABLE instances ADD COLUMN conc_key TEXT;
-ALTER TABLE instances ADD COLUMN conc_limit INTEGER;
+ALTER TABLE instances ADD COLUMN conc_limit BIGINT;
 CREATE INDEX instances_conc ON instances(conc_key) WHERE state = 'running';
 -- What each attempt used (peak memory in bytes, CPU in ms) and the resource units
 -- it was given (JSON).
@@ -18,6 +18,6 @@ ALTER TABLE attempts ADD COLUMN resources TEXT;
 CREATE TABLE workers(
   name TEXT PRIMARY KEY,
   resources TEXT NOT NULL,
-  seen INTEGER NOT NULL,
-  until INTEGER NOT NULL
+  seen BIGINT NOT NULL,
+  until BIGINT NOT NULL
 );
