@@ -244,10 +244,13 @@ fn mkdir(p: &Path) -> io::Result<()> {
     }
 }
 
-/// One attempt's group (one directory per v1 hierarchy), removed by [`Group::remove`].
+/// One attempt's group (one directory per v1 hierarchy), removed by [`Group::remove`]
+/// (or, with a single try, when dropped).
 #[derive(Debug)]
 pub(crate) struct Group {
     v2: bool,
+    /// `/batchdb/<attempt id>`: how its members' `/proc/<pid>/cgroup` lines end.
+    suffix: String,
     /// Every directory made, memory's first.
     dirs: Vec<PathBuf>,
     /// Where the CPU counters are (v2: the group; v1: cpuacct's, if mounted).
@@ -262,6 +265,7 @@ impl Group {
     pub(crate) fn create(h: &Hierarchy, id: &str, limits: &Limits) -> io::Result<Group> {
         let mut g = Group {
             v2: matches!(h, Hierarchy::V2(_)),
+            suffix: format!("/batchdb/{id}"),
             dirs: Vec::new(),
             cpu_counters: None,
             memory: limits.memory,
@@ -378,6 +382,40 @@ impl Group {
             .is_some_and(|n| n > 0)
     }
 
+    /// The processes in it now (in any of its directories).
+    pub(crate) fn members(&self) -> Vec<i32> {
+        let mut pids: Vec<i32> = self
+            .dirs
+            .iter()
+            .filter_map(|d| std::fs::read_to_string(d.join("cgroup.procs")).ok())
+            .flat_map(|t| {
+                t.lines()
+                    .filter_map(|l| l.trim().parse().ok())
+                    .collect::<Vec<i32>>()
+            })
+            .collect();
+        pids.sort_unstable();
+        pids.dedup();
+        pids
+    }
+
+    /// Kills (SIGKILL) every process in it, looking again until none is left (a
+    /// process may fork while it is being killed), for up to about a second. Each
+    /// kill goes through the process's `/proc` directory after checking it is still
+    /// in this group, so a reused pid is never hit.
+    pub(crate) fn kill_all(&self) {
+        for _round in 0..50 {
+            let mut found = false;
+            for pid in self.members() {
+                found |= super::sweep::kill_if_in_group(pid, &self.suffix);
+            }
+            if !found {
+                return;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+    }
+
     /// Removes its directories, waiting up to a second for exiting processes to
     /// leave them (a group with processes cannot be removed). What is still there
     /// then is logged and left.
@@ -395,6 +433,20 @@ impl Group {
                 }
                 _ => {
                     self.dirs.pop();
+                }
+            }
+        }
+    }
+}
+
+impl Drop for Group {
+    /// One try at removing what is left (the attempt was dropped mid-way): an empty
+    /// group goes, one with processes is logged and left.
+    fn drop(&mut self) {
+        while let Some(d) = self.dirs.pop() {
+            if let Err(e) = std::fs::remove_dir(&d) {
+                if e.kind() != io::ErrorKind::NotFound {
+                    tracing::warn!("cgroup {} not removed: {e}", d.display());
                 }
             }
         }

@@ -237,6 +237,16 @@ struct ShellKiller {
     group: Arc<std::sync::Mutex<Option<Group>>>,
 }
 
+impl ShellKiller {
+    /// `f` of the attempt's cgroup; the default where it has none.
+    fn in_group<T: Default>(&self, f: impl FnOnce(&Group) -> T) -> T {
+        match self.group.lock().ok().as_deref() {
+            Some(Some(g)) => f(g),
+            _ => T::default(),
+        }
+    }
+}
+
 /// An execution younger than this looks for leftovers only among processes started
 /// after it (see [`sweep::any_left`]); far too short a time for the pid counter to
 /// wrap round.
@@ -247,6 +257,7 @@ impl Killer for ShellKiller {
         let recent = self.started.elapsed() < RECENT;
         !self.leader.exited()
             || sweep::any_left(self.leader.pid(), &Mark::Id(&self.attempt_id), recent)
+            || self.in_group(|g| !g.members().is_empty())
     }
 
     fn stop(&self, how: Stop) {
@@ -259,10 +270,14 @@ impl Killer for ShellKiller {
     fn stop_all(&self) {
         self.leader.signal_group(libc::SIGKILL);
         sweep::kill_marked(&Mark::Id(&self.attempt_id));
+        self.in_group(Group::kill_all);
     }
 
     fn release(&self) {
         self.leader.release();
+        // Whatever is still in the attempt's cgroup (it left the process group and
+        // dropped the attempt id) goes too, so the group can be removed.
+        self.in_group(Group::kill_all);
         let group = self.group.lock().ok().and_then(|mut g| g.take());
         if let Some(mut g) = group {
             g.remove();
@@ -702,7 +717,17 @@ impl<F> Runner for FnRunner<F>
 where
     F: Fn(&RunContext) -> io::Result<Duplex> + Send + Sync + 'static,
 {
+    /// Calls the closure, which sees the instance's directory and environment in
+    /// `ctx.exec` (it runs in the worker's process: applying them is its business).
+    /// Limits cannot be enforced in the worker's process: an instance with limits
+    /// fails its attempt ([`Error::AttemptSetup`]) rather than run unlimited.
     fn spawn(&self, ctx: &RunContext) -> Result<Execution> {
+        if !ctx.exec.limits.is_none() {
+            return Err(Error::AttemptSetup(format!(
+                "limits not enforced: runner {:?} runs jobs in the worker's process",
+                self.name
+            )));
+        }
         let (stdin, stdout) = (self.f)(ctx).map_err(|e| Error::Spawn {
             command: self.name.clone(),
             source: e,

@@ -111,12 +111,42 @@ async fn settle(killer: Arc<dyn Killer>, grace: Duration, cut: Cut, drained: Arc
         })
         .await;
     }
-    tokio::time::sleep_until(until).await;
+    // Until the grace ends the output may still be open: once it has drained there
+    // is nothing left to cut (and the worker's run need not wait for this).
+    while !drained.load(Ordering::SeqCst) {
+        let now = Instant::now();
+        if now >= until {
+            break;
+        }
+        tokio::time::sleep((until - now).min(Duration::from_millis(50))).await;
+    }
     if !left && !drained.load(Ordering::SeqCst) {
         let k = killer.clone();
         let _ = tokio::task::spawn_blocking(move || k.stop_all()).await;
     }
     cut.cut();
+}
+
+/// The [`settle`] tasks of a worker's ended attempts, awaited before its run ends.
+#[derive(Debug, Default, Clone)]
+pub(super) struct Settling(Arc<std::sync::Mutex<Vec<tokio::task::JoinHandle<()>>>>);
+
+impl Settling {
+    /// Keeps `task` (and forgets those already done).
+    fn add(&self, task: tokio::task::JoinHandle<()>) {
+        if let Ok(mut tasks) = self.0.lock() {
+            tasks.retain(|t| !t.is_finished());
+            tasks.push(task);
+        }
+    }
+
+    /// Waits for every task kept so far (each ends within its grace period).
+    pub(super) async fn wait(&self) {
+        let tasks = self.0.lock().map(|mut t| std::mem::take(&mut *t));
+        for t in tasks.unwrap_or_default() {
+            let _ = t.await;
+        }
+    }
 }
 
 /// Stores a job's stdout and (if separate) stderr as they stream, and sets `drained`
@@ -253,12 +283,13 @@ impl Worker {
         let streams = store_outputs(blobs, stdout, stderr, drained.clone());
         let (group, settle_cut) = (killer.clone(), cut.clone());
         let grace = self.opts.kill_grace;
+        let settling = self.settling.clone();
         let waiting = async move {
             let st = exec.wait.await;
             // The job is its process group: once the leader exits, stragglers (which
             // may still hold its output open) are stopped too; whatever is left after
             // the grace period (even outside the group) is killed and the output cut.
-            tokio::spawn(settle(group, grace, settle_cut, drained));
+            settling.add(tokio::spawn(settle(group, grace, settle_cut, drained)));
             st
         };
         let work = async {

@@ -159,6 +159,10 @@ pub struct Worker {
     shutdown: Shutdown,
     /// Set when the worker cannot go on (its runner cannot start).
     fatal: std::sync::Mutex<Option<Error>>,
+    /// What ended attempts left running being settled (see `attempt::settle`):
+    /// [`Worker::run`] waits for them before it returns, so nothing an attempt
+    /// left (nor its cgroup) outlives the worker's run.
+    settling: attempt::Settling,
 }
 
 impl Worker {
@@ -176,6 +180,7 @@ impl Worker {
             opts,
             shutdown: Shutdown::new(),
             fatal: std::sync::Mutex::new(None),
+            settling: attempt::Settling::default(),
         }
     }
 
@@ -188,7 +193,10 @@ impl Worker {
     /// running). Each ended attempt is sent to `reports` (if given) after its row is
     /// committed. While the queue is unreachable it retries with backoff (logging
     /// each failure), forever. Returns an error if the runner cannot start a job: the
-    /// instance is given back to pending and the worker stops.
+    /// instance is given back to pending and the worker stops. A job whose own setup
+    /// fails ([`Error::AttemptSetup`]: its working directory, a limit this worker
+    /// cannot enforce, its cgroup) is not that: its attempt fails, and the worker
+    /// goes on.
     pub async fn run(self, reports: Option<mpsc::UnboundedSender<Report>>) -> Result<()> {
         let this = Arc::new(self);
         let slots = this.opts.concurrency.max(1);
@@ -273,6 +281,7 @@ impl Worker {
             }
         }
         while tasks.join_next().await.is_some() {}
+        this.settling.wait().await;
         match this.fatal.lock().ok().and_then(|mut f| f.take()) {
             Some(e) => Err(e),
             None => Ok(()),

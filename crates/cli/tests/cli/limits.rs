@@ -297,3 +297,28 @@ fn accounting_is_within_ten_percent_of_time_v_from_rusage_and_from_the_cgroup() 
         assert_eq!(user + sys, cpu, "{a}");
     }
 }
+
+#[test]
+fn a_process_that_escaped_the_group_and_the_attempt_id_dies_with_the_attempts_cgroup() {
+    let env = Env::new();
+    // It leaves the process group (setsid) and drops the attempt id (env -i): only
+    // the attempt's cgroup still holds it.
+    let (_, created) = env.add_with(
+        &["--memory", "1G"],
+        "echo $BATCHDB_ATTEMPT_ID; setsid env -i sleep 3017.25 </dev/null >/dev/null 2>&1 & sleep 0.2",
+    );
+    let (_, err) = run_verbose(&env, &[]);
+    let dirs = cgroup_dirs(&err);
+    let r = env.row("result", created);
+    let id = text(&env.get(r["value"]["hash"].as_str().unwrap()))
+        .trim()
+        .to_string();
+    assert_eq!(live_with_cmdline("sleep 3017.25"), Vec::<u32>::new());
+    for dir in &dirs {
+        assert!(
+            !dir.join(&id).exists(),
+            "{} removed",
+            dir.join(&id).display()
+        );
+    }
+}
