@@ -346,7 +346,8 @@ impl Group {
 
     /// What its processes used so far: peak memory (v2 `memory.peak`, v1
     /// `memory.max_usage_in_bytes`), user and system CPU (v2 `cpu.stat`, v1
-    /// `cpuacct.usage_user`/`usage_sys`). `None` where a counter cannot be read.
+    /// `cpuacct.usage` split as [`split_v1`] says). `None` where a counter cannot be
+    /// read.
     pub(crate) fn usage(&self) -> Option<Usage> {
         let mem = self.dirs.first()?;
         let cpu = self.cpu_counters.as_ref()?;
@@ -361,7 +362,8 @@ impl Group {
             .parse()
             .ok()?;
         let ns = |f| read(cpu, f).and_then(|t| t.trim().parse::<u64>().ok());
-        let (user, sys) = (ns("cpuacct.usage_user")?, ns("cpuacct.usage_sys")?);
+        let total = ns("cpuacct.usage")?;
+        let (user, sys) = split_v1(total, ns("cpuacct.usage_user")?, ns("cpuacct.usage_sys")?);
         Some(Usage::new(peak, user / 1_000_000, sys / 1_000_000))
     }
 
@@ -459,6 +461,19 @@ fn quota(millicpus: u64) -> u64 {
     (millicpus.saturating_mul(PERIOD_US) / 1000).max(1000)
 }
 
+/// v1's CPU time `(user, system)` in ns: the total is `cpuacct.usage` (the group's
+/// tasks' run time, as rusage counts it); `cpuacct.usage_user`/`usage_sys` only
+/// split it, since their sum can also hold interrupt time the kernel handled while a
+/// task of the group was current (seen 12 % over, under heavy I/O elsewhere).
+pub(crate) fn split_v1(total: u64, user: u64, sys: u64) -> (u64, u64) {
+    let both = u128::from(user) + u128::from(sys);
+    if both == 0 {
+        return (total, 0);
+    }
+    let u = u64::try_from(u128::from(total) * u128::from(user) / both).unwrap_or(total);
+    (u, total - u.min(total))
+}
+
 /// `(user, system)` milliseconds from a v2 `cpu.stat` text.
 pub(crate) fn parse_cpu_stat(text: &str) -> Option<(u64, u64)> {
     let field = |name: &str| {
@@ -534,6 +549,8 @@ mod tests {
         let v2 = "low 0\nhigh 0\nmax 7\noom 1\noom_kill 1\noom_group_kill 0\n";
         assert_eq!(parse_oom_kills(v2), Some(1));
         assert_eq!(parse_oom_kills("oom 1\n"), None);
+        assert_eq!(split_v1(1000, 300, 100), (750, 250));
+        assert_eq!(split_v1(1000, 0, 0), (1000, 0));
         assert_eq!(quota(1500), 150_000);
         assert_eq!(quota(1), 1000, "the kernel's smallest quota");
     }

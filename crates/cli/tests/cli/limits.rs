@@ -276,7 +276,7 @@ fn accounting_is_within_ten_percent_of_time_v_from_rusage_and_from_the_cgroup() 
     let (_, limited) = env.add_with(&["--memory", "1G"], &job);
     let (_, err) = run_verbose(&env, &[]);
     cgroup_dirs(&err);
-    for created in [plain, limited] {
+    for (path, created) in [("rusage", plain), ("cgroup", limited)] {
         let row = env.row("result", created);
         let v = &row["value"];
         let report = text(&env.get(v["stderr"].as_str().expect("stderr")));
@@ -285,8 +285,8 @@ fn accounting_is_within_ten_percent_of_time_v_from_rusage_and_from_the_cgroup() 
             v["max_rss"].as_u64().expect("max_rss"),
             v["cpu_ms"].as_u64().expect("cpu_ms"),
         );
-        within_ten_percent("max_rss", rss, want_rss);
-        within_ten_percent("cpu_ms", cpu, want_cpu);
+        within_ten_percent(&format!("{path} max_rss"), rss, want_rss);
+        within_ten_percent(&format!("{path} cpu_ms"), cpu, want_cpu);
         let a = last_attempt(&env, created);
         assert_eq!(a["max_rss"], rss, "{a}");
         assert_eq!(a["cpu_ms"], cpu, "{a}");
