@@ -127,9 +127,10 @@ async fn settle(killer: Arc<dyn Killer>, grace: Duration, cut: Cut, drained: Arc
     cut.cut();
 }
 
-/// The [`settle`] tasks of a worker's ended attempts, awaited before its run ends.
+/// The settling of a worker's ended attempts (see
+/// [`Worker::settling`](super::Worker::settling)).
 #[derive(Debug, Default, Clone)]
-pub(super) struct Settling(Arc<std::sync::Mutex<Vec<tokio::task::JoinHandle<()>>>>);
+pub struct Settling(Arc<std::sync::Mutex<Vec<tokio::task::JoinHandle<()>>>>);
 
 impl Settling {
     /// Keeps `task` (and forgets those already done).
@@ -140,8 +141,9 @@ impl Settling {
         }
     }
 
-    /// Waits for every task kept so far (each ends within its grace period).
-    pub(super) async fn wait(&self) {
+    /// Waits until every attempt ended so far is settled: what it left running
+    /// stopped, its cgroup removed (each within the kill grace after it ended).
+    pub async fn wait(&self) {
         let tasks = self.0.lock().map(|mut t| std::mem::take(&mut *t));
         for t in tasks.unwrap_or_default() {
             let _ = t.await;

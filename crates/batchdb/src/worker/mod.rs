@@ -19,6 +19,8 @@ use crate::queue::{
 use crate::runner::{Reader, Runner};
 
 mod attempt;
+
+pub use attempt::Settling;
 mod classify;
 mod deps;
 mod supervise;
@@ -159,10 +161,8 @@ pub struct Worker {
     shutdown: Shutdown,
     /// Set when the worker cannot go on (its runner cannot start).
     fatal: std::sync::Mutex<Option<Error>>,
-    /// What ended attempts left running being settled (see `attempt::settle`):
-    /// [`Worker::run`] waits for them before it returns, so nothing an attempt
-    /// left (nor its cgroup) outlives the worker's run.
-    settling: attempt::Settling,
+    /// What ended attempts left running, being settled (see [`Worker::settling`]).
+    settling: Settling,
 }
 
 impl Worker {
@@ -180,8 +180,17 @@ impl Worker {
             opts,
             shutdown: Shutdown::new(),
             fatal: std::sync::Mutex::new(None),
-            settling: attempt::Settling::default(),
+            settling: Settling::default(),
         }
+    }
+
+    /// The settling of this worker's ended attempts: what each left running is
+    /// stopped, and its cgroup removed, in the background, within the kill grace
+    /// after it ended ([`Worker::run`] returns without waiting for that). Await
+    /// [`Settling::wait`] before the runtime ends (the process exits), so that
+    /// nothing an attempt left outlives the worker; `batchdb run` does.
+    pub fn settling(&self) -> Settling {
+        self.settling.clone()
     }
 
     /// The handle that stops this worker.
@@ -281,7 +290,6 @@ impl Worker {
             }
         }
         while tasks.join_next().await.is_some() {}
-        this.settling.wait().await;
         match this.fatal.lock().ok().and_then(|mut f| f.take()) {
             Some(e) => Err(e),
             None => Ok(()),

@@ -56,6 +56,7 @@ pub(super) async fn run(db: &BatchDb, r: RunArgs) -> Result<ExitCode> {
         .map(|d| maint::duration("prune-after", d))
         .transpose()?;
     let worker = db.worker(runner, opts);
+    let settling = worker.settling();
     let pruner = prune_age.map(|age| maint::prune_in_background(db, age));
     let shutdown = worker.shutdown_handle();
     let stop = shutdown.clone();
@@ -110,8 +111,11 @@ pub(super) async fn run(db: &BatchDb, r: RunArgs) -> Result<ExitCode> {
     if let Some(p) = pruner {
         p.abort();
     }
-    work.await
-        .map_err(|e| Error::Task(format!("worker: {e}")))??;
+    let worked = work.await;
+    // What the last attempts left running is stopped (and their cgroups removed)
+    // before this process exits, within the kill grace.
+    settling.wait().await;
+    worked.map_err(|e| Error::Task(format!("worker: {e}")))??;
     match print_error {
         Some(e) => Err(e),
         None => Ok(ExitCode::SUCCESS),
