@@ -322,3 +322,25 @@ fn a_process_that_escaped_the_group_and_the_attempt_id_dies_with_the_attempts_cg
         );
     }
 }
+
+#[test]
+fn a_job_with_cpus_is_throttled_to_its_share() {
+    let env = Env::new();
+    // Two seconds of a busy loop: unlimited it takes about two CPU seconds (or
+    // whatever a loaded machine gives it); at --cpus 0.2, at most 0.2 s per second.
+    let burn = "timeout 2 sh -c 'while :; do :; done'; true";
+    let (_, created) = env.add_with(&["--cpus", "0.2"], burn);
+    let (_, err) = run_verbose(&env, &[]);
+    cgroup_dirs(&err);
+    let v = env.row("result", created)["value"].clone();
+    let (cpu, wall) = (
+        v["cpu_ms"].as_u64().expect("cpu_ms"),
+        v["end"].as_i64().unwrap() - v["start"].as_i64().unwrap(),
+    );
+    assert!(wall >= 2000, "{v}");
+    // 0.2 of the wall time, plus one period's slack.
+    #[allow(clippy::cast_sign_loss)]
+    let most = (wall as u64) / 5 + 100;
+    assert!(cpu <= most, "cpu {cpu} ms over {wall} ms of wall time: {v}");
+    assert!(cpu >= 200, "it ran: {v}");
+}
