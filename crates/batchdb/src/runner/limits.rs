@@ -70,8 +70,10 @@ pub(crate) struct Prepared {
 
 impl Enforcer {
     /// Decides how to enforce limits as `mode` asks: for `auto` and `cgroup`, finds a
-    /// cgroup hierarchy this worker may write (see [`cgroup`]). Errors only for
-    /// `cgroup` without one ([`Error::Config`], saying why).
+    /// cgroup hierarchy this worker may write (cgroup v2 with `memory`, `cpu` and
+    /// `pids` available to the worker's group, else the v1 hierarchies), and makes
+    /// its `batchdb` directory under the worker's group. Errors only for `cgroup`
+    /// without one ([`Error::Config`], saying why).
     pub fn new(mode: LimitMode) -> Result<Enforcer> {
         Ok(Enforcer(match mode {
             LimitMode::Rlimit => How::Rlimit,
