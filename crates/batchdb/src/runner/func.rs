@@ -93,3 +93,32 @@ where
         format!("fn:{}", self.name)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn limits_it_cannot_enforce_fail_the_attempt() {
+        let runner = FnRunner::new("fake", |_ctx| {
+            Ok((
+                Box::pin(tokio::io::sink()) as Writer,
+                Box::pin(tokio::io::empty()) as Reader,
+            ))
+        });
+        let mut exec = crate::queue::ExecContext::default();
+        exec.limits.pids = Some(20);
+        let ctx = RunContext {
+            job: crate::hash::Hash::of(b"x"),
+            instance: 1,
+            created: 1,
+            attempt: 1,
+            worker: "w".into(),
+            attempt_id: "a".into(),
+            deps_file: None,
+            exec,
+        };
+        let err = runner.spawn(&ctx).err().expect("refused");
+        assert!(matches!(err, Error::AttemptSetup(_)), "{err}");
+    }
+}

@@ -297,6 +297,22 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn its_usage_counts_the_children_it_waited_for() {
+        // The shell itself does little; the child it waits for touches 64 MiB and
+        // burns some CPU.
+        let leader = start(
+            "head -c 67108864 /dev/zero | tail -c 1 >/dev/null; i=0; while [ $i -lt 20000 ]; do i=$((i+1)); done",
+        );
+        assert_eq!(leader.usage(), None, "not before it ends");
+        assert_eq!(leader.wait().await.unwrap(), (Some(0), None));
+        let u = leader.usage().expect("usage at its end");
+        assert!(u.max_rss > 1 << 20, "{u:?}");
+        assert!(u.cpu_ms() > 0, "{u:?}");
+        leader.release();
+        assert_eq!(leader.usage(), Some(u), "kept");
+    }
+
+    #[tokio::test]
     async fn a_group_signal_reaches_what_the_leader_left_behind() {
         // The leader exits at once and leaves a member of its group running.
         let leader = start("sleep 30 & echo $! > /dev/null; exit 0");

@@ -657,6 +657,48 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn the_setup_runs_in_the_child_and_a_failed_step_is_named() {
+        let sh_with = |script: &str, setup: &Setup| {
+            spawn_with(
+                Path::new("/bin/sh"),
+                OsStr::new("sh"),
+                &["-c".into(), script.into()],
+                &[],
+                setup,
+            )
+        };
+        let dir = tempfile::tempdir().unwrap();
+        let setup = Setup {
+            cwd: Some(dir.path().to_path_buf()),
+            rlimits: vec![(libc::RLIMIT_DATA, 1 << 30)],
+            ..Setup::default()
+        };
+        let child = sh_with("pwd; ulimit -d", &setup).unwrap();
+        let wait = Leader::new(child.pid, Some(child.pidfd));
+        drop(child.stdin);
+        let want = format!("{}\n{}\n", dir.path().display(), 1 << 20);
+        assert_eq!(
+            read_all(child.stdout).await,
+            want,
+            "cwd, and RLIMIT_DATA in KiB"
+        );
+        assert_eq!(wait.wait().await.unwrap(), (Some(0), None));
+        let missing = Setup {
+            cwd: Some("/nonexistent/batchdb".into()),
+            ..Setup::default()
+        };
+        let failed = sh_with("true", &missing).err().expect("no such directory");
+        assert_eq!(failed.stage, Stage::Cwd);
+        assert_eq!(failed.error.raw_os_error(), Some(libc::ENOENT));
+        let no_group = Setup {
+            cgroup_procs: vec!["/nonexistent/cgroup.procs".into()],
+            ..Setup::default()
+        };
+        let failed = sh_with("true", &no_group).err().expect("no such cgroup");
+        assert_eq!(failed.stage, Stage::Cgroup);
+    }
+
+    #[tokio::test]
     async fn sigpipe_is_default_in_the_child() {
         // Rust ignores SIGPIPE; a job must not inherit that (`yes | head` must end).
         let child = sh("yes | head -c 10 >/dev/null; echo done", &[]).unwrap();
