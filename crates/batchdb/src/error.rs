@@ -129,6 +129,12 @@ pub enum Error {
         #[source]
         source: std::io::Error,
     },
+    /// The job's process could not be set up as its instance asks: its working
+    /// directory cannot be entered, a limit cannot be enforced by this worker, or the
+    /// attempt's cgroup cannot be made or joined. The attempt's failure (recorded
+    /// with this message), not the worker's.
+    #[error("{0}")]
+    AttemptSetup(String),
     /// A configuration value is not usable.
     #[error("invalid {what} {value:?}: {why}")]
     Config {

@@ -371,6 +371,12 @@ pub struct RunArgs {
     /// Serve every job from the result cache when possible.
     #[arg(long)]
     pub cached: bool,
+    /// How jobs' --memory, --cpus and --pids are enforced: auto (a cgroup per
+    /// attempt where one can be made; else jobs with limits fail), cgroup (refuse to
+    /// start without one), rlimit (RLIMIT_DATA, RLIMIT_NPROC; jobs with --cpus fail)
+    /// or none (jobs with limits fail).
+    #[arg(long, value_name = "HOW", default_value = "auto")]
+    pub limits: String,
     /// Also prune, now and periodically, instances that ended more than DURATION
     /// ago (as `batchdb prune --older-than DURATION` does).
     #[arg(long, value_name = "DURATION")]

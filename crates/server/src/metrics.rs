@@ -29,28 +29,68 @@ const MAX_TRACKED: usize = 1_000_000;
 /// How long a scrape waits for the follower to reach the log's end.
 const CATCH_UP: Duration = Duration::from_secs(5);
 
-#[derive(Debug, Default, Clone)]
+/// Peak-memory histogram bucket bounds, in bytes: 1 MiB to 64 GiB, by fours.
+pub(crate) const BYTE_BUCKETS: [f64; 9] = [
+    1_048_576.0,
+    4_194_304.0,
+    16_777_216.0,
+    67_108_864.0,
+    268_435_456.0,
+    1_073_741_824.0,
+    4_294_967_296.0,
+    17_179_869_184.0,
+    68_719_476_736.0,
+];
+
+#[derive(Debug, Clone)]
 struct Histogram {
-    counts: [u64; BUCKETS.len()],
+    bounds: &'static [f64],
+    counts: Vec<u64>,
     count: u64,
     sum: f64,
 }
 
+impl Default for Histogram {
+    /// Bounded by [`BUCKETS`] (seconds).
+    fn default() -> Self {
+        Histogram::with(&BUCKETS)
+    }
+}
+
+/// A histogram bounded by [`BYTE_BUCKETS`].
+#[derive(Debug, Clone)]
+struct Bytes(Histogram);
+
+impl Default for Bytes {
+    fn default() -> Self {
+        Bytes(Histogram::with(&BYTE_BUCKETS))
+    }
+}
+
 impl Histogram {
-    fn observe(&mut self, secs: f64) {
-        let secs = secs.max(0.0);
-        for (i, b) in BUCKETS.iter().enumerate() {
-            if secs <= *b {
+    fn with(bounds: &'static [f64]) -> Histogram {
+        Histogram {
+            bounds,
+            counts: vec![0; bounds.len()],
+            count: 0,
+            sum: 0.0,
+        }
+    }
+
+    fn observe(&mut self, value: f64) {
+        let value = value.max(0.0);
+        for (i, b) in self.bounds.iter().enumerate() {
+            if value <= *b {
                 self.counts[i] += 1;
             }
         }
         self.count += 1;
-        self.sum += secs;
+        self.sum += value;
     }
 
     fn render(&self, out: &mut String, name: &str, help: &str) {
         let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} histogram");
-        for (i, b) in BUCKETS.iter().enumerate() {
+        for (i, b) in self.bounds.iter().enumerate() {
             let _ = writeln!(out, "{name}_bucket{{le=\"{b}\"}} {}", self.counts[i]);
         }
         let _ = writeln!(out, "{name}_bucket{{le=\"+Inf\"}} {}", self.count);
@@ -74,6 +114,10 @@ struct Tally {
     cancels: u64,
     run_duration: Histogram,
     queue_wait: Histogram,
+    /// CPU seconds (user plus system) of each attempt whose end carries its usage.
+    job_cpu: Histogram,
+    /// Peak memory of each attempt whose end carries its usage.
+    job_rss: Bytes,
     /// instance -> when it became due (epoch ms), until it starts.
     due: HashMap<i64, i64>,
     /// instance -> when its current attempt started (epoch ms), until it ends.
@@ -96,6 +140,11 @@ impl Tally {
             return;
         };
         let num = |k: &str| ev.data.get(k).and_then(|v| v.as_i64());
+        // An attempt's end (result, failure, retry, release) with what it used.
+        if let (Some(cpu), Some(rss)) = (num("cpu_ms"), num("max_rss")) {
+            self.job_cpu.observe(ms_to_secs(cpu));
+            self.job_rss.0.observe(rss as f64);
+        }
         match ev.event {
             EventKind::Create => self.creates += 1,
             EventKind::Push => {
@@ -295,6 +344,8 @@ async fn follow(
 ///   event log;
 /// - `batchdb_run_duration_seconds` (start to result or failure of an attempt) and
 ///   `batchdb_queue_wait_seconds` (due to start): histograms;
+/// - `batchdb_job_cpu_seconds` and `batchdb_job_max_rss_bytes`: histograms of what
+///   each attempt that ran used (from its end event's `cpu_ms` and `max_rss`);
 /// - `batchdb_events_seen`: the newest event id counted.
 ///
 /// A scrape first waits (up to 5 s) until the follower has read the log as far as it
@@ -370,6 +421,16 @@ pub(crate) async fn scrape(State(app): State<AppState>) -> Result<Response, ApiE
         &mut out,
         "batchdb_queue_wait_seconds",
         "Time from an instance being due (pushed, or its retry time) to its attempt starting.",
+    );
+    t.job_cpu.render(
+        &mut out,
+        "batchdb_job_cpu_seconds",
+        "CPU time (user plus system) of each attempt that ran, as its worker measured it.",
+    );
+    t.job_rss.0.render(
+        &mut out,
+        "batchdb_job_max_rss_bytes",
+        "Peak memory of each attempt that ran, as its worker measured it.",
     );
     let _ = writeln!(
         out,

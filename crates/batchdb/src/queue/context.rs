@@ -409,8 +409,9 @@ impl Resources {
 
 /// What one attempt used, measured by the worker (from the attempt's cgroup where it
 /// has one, which counts every descendant; else from the main process's rusage,
-/// which counts the descendants it waited for).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+/// which counts the descendants it waited for). Serialized as `max_rss`, `cpu_ms`
+/// (their sum), `user_ms` and `sys_ms`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
 #[non_exhaustive]
 pub struct Usage {
     /// Peak memory (resident set), in bytes.
@@ -434,6 +435,18 @@ impl Usage {
     /// User plus system CPU time, in milliseconds.
     pub fn cpu_ms(&self) -> u64 {
         self.user_ms.saturating_add(self.sys_ms)
+    }
+}
+
+impl Serialize for Usage {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+        use serde::ser::SerializeStruct;
+        let mut st = s.serialize_struct("Usage", 4)?;
+        st.serialize_field("max_rss", &self.max_rss)?;
+        st.serialize_field("cpu_ms", &self.cpu_ms())?;
+        st.serialize_field("user_ms", &self.user_ms)?;
+        st.serialize_field("sys_ms", &self.sys_ms)?;
+        st.end()
     }
 }
 

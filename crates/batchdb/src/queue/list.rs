@@ -108,6 +108,11 @@ pub struct ResultValue {
     pub attempts: i64,
     /// Served from the result cache.
     pub cached: bool,
+    /// Peak memory of the attempt in bytes, where it was measured (see
+    /// [`Usage`](super::Usage)); `null` for a result served from the cache.
+    pub max_rss: Option<u64>,
+    /// User plus system CPU time of the attempt in ms, where it was measured.
+    pub cpu_ms: Option<u64>,
 }
 
 /// A `result` row.
@@ -144,6 +149,11 @@ pub struct FailValue {
     pub signal: Option<i32>,
     /// Attempts made.
     pub attempts: i64,
+    /// Peak memory of the last attempt in bytes, where it was measured (`null` if
+    /// none ran, or it could not start).
+    pub max_rss: Option<u64>,
+    /// User plus system CPU time of the last attempt in ms, where it was measured.
+    pub cpu_ms: Option<u64>,
 }
 
 /// A `fail` or `cancelled` row.

@@ -129,6 +129,10 @@ pub(crate) fn finish<'a>(
         "exit_code": report.exit_code,
         "message": report.message,
     });
+    if let Some(u) = report.usage {
+        data["max_rss"] = serde_json::json!(u.max_rss);
+        data["cpu_ms"] = serde_json::json!(u.cpu_ms());
+    }
     let (state, event, finished) = match attempt {
         AttemptEnd::Result => {
             data["hash"] = serde_json::json!(report.stdout.map(|b| b.hash));

@@ -320,7 +320,10 @@ pub struct AttemptReport {
     pub message: Option<String>,
     /// Whether this result was served from the result cache.
     pub cached: bool,
-    /// What the attempt used (peak memory, CPU), where the runner measured it.
+    /// What the attempt used (peak memory, CPU), where the runner measured it;
+    /// serialized as its fields (`max_rss`, `cpu_ms`, `user_ms`, `sys_ms`) beside
+    /// the others.
+    #[serde(flatten)]
     pub usage: Option<super::Usage>,
     /// The cache key this attempt fills on success.
     pub cache_key: Option<Hash>,

@@ -17,6 +17,8 @@ use std::sync::{Arc, Mutex};
 
 use tokio::io::unix::AsyncFd;
 
+use crate::queue::Usage;
+
 /// Exit code, or the signal that ended the process.
 pub(crate) type Status = (Option<i32>, Option<i32>);
 
@@ -29,6 +31,8 @@ pub(crate) struct Leader {
     reaped: Mutex<bool>,
     /// How it ended, once seen (so later looks need no system call).
     status: std::sync::OnceLock<Status>,
+    /// What it used (with the children it waited for), seen with its end.
+    usage: std::sync::OnceLock<Usage>,
 }
 
 impl Leader {
@@ -40,7 +44,14 @@ impl Leader {
             pidfd,
             reaped: Mutex::new(false),
             status: std::sync::OnceLock::new(),
+            usage: std::sync::OnceLock::new(),
         })
+    }
+
+    /// What it used, counting the descendants it waited for (as `wait4` reports, and
+    /// `/usr/bin/time`): known once [`Leader::wait`] has seen it end.
+    pub(crate) fn usage(&self) -> Option<Usage> {
+        self.usage.get().copied()
     }
 
     /// Its pid, which is also its process group's id.
@@ -128,11 +139,19 @@ impl Leader {
     }
 
     /// `waitid(WEXITED | flags)` on this child: `None` if (with WNOHANG) it still runs.
+    /// Keeps the usage the kernel reports with the first status seen.
     fn waitid(&self, flags: libc::c_int) -> io::Result<Option<Status>> {
-        match &self.pidfd {
-            Some(fd) => waitid(libc::P_PIDFD, id_t(fd.as_raw_fd()), flags),
-            None => waitid(libc::P_PID, id_t(self.pid), flags),
+        let (idtype, id) = match &self.pidfd {
+            Some(fd) => (libc::P_PIDFD, id_t(fd.as_raw_fd())),
+            None => (libc::P_PID, id_t(self.pid)),
+        };
+        // SAFETY: zeroed is a valid rusage.
+        let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
+        let status = waitid_usage(idtype, id, flags, Some(&mut ru))?;
+        if status.is_some() {
+            self.usage.get_or_init(|| usage_of(&ru));
         }
+        Ok(status)
     }
 }
 
@@ -161,11 +180,46 @@ pub(crate) fn waitid(
     id: libc::id_t,
     flags: libc::c_int,
 ) -> io::Result<Option<Status>> {
+    waitid_usage(idtype, id, flags, None)
+}
+
+/// Peak RSS and CPU times from a `rusage`.
+fn usage_of(ru: &libc::rusage) -> Usage {
+    let ms = |t: libc::timeval| {
+        let (s, us) = (u64::try_from(t.tv_sec), u64::try_from(t.tv_usec));
+        s.unwrap_or(0).saturating_mul(1000) + us.unwrap_or(0) / 1000
+    };
+    let kib = u64::try_from(ru.ru_maxrss).unwrap_or(0);
+    Usage::new(kib.saturating_mul(1024), ms(ru.ru_utime), ms(ru.ru_stime))
+}
+
+/// [`waitid`] through the raw system call, whose fifth argument (which glibc's
+/// wrapper does not offer) receives the child's usage, counting the descendants it
+/// waited for; the kernel fills it with `WNOWAIT` too.
+fn waitid_usage(
+    idtype: libc::idtype_t,
+    id: libc::id_t,
+    flags: libc::c_int,
+    mut usage: Option<&mut libc::rusage>,
+) -> io::Result<Option<Status>> {
     loop {
         // SAFETY: info is written by the kernel; zeroed is a valid siginfo_t.
         let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
-        // SAFETY: waitid on our own child.
-        let r = unsafe { libc::waitid(idtype, id, &raw mut info, libc::WEXITED | flags) };
+        let ru: *mut libc::rusage = match usage.as_deref_mut() {
+            Some(r) => r,
+            None => std::ptr::null_mut(),
+        };
+        // SAFETY: waitid on our own child; both pointers are valid or null.
+        let r = unsafe {
+            libc::syscall(
+                libc::SYS_waitid,
+                idtype,
+                id,
+                &raw mut info,
+                libc::WEXITED | flags,
+                ru,
+            )
+        };
         if r != 0 {
             let e = io::Error::last_os_error();
             if e.kind() == io::ErrorKind::Interrupted {
@@ -240,6 +294,22 @@ mod tests {
         assert_eq!(state(leader.pid()), None, "reaped");
         // After the release a group signal is never sent (the id may be reused).
         leader.signal_group(libc::SIGKILL);
+    }
+
+    #[tokio::test]
+    async fn its_usage_counts_the_children_it_waited_for() {
+        // The shell itself does little; the child it waits for touches 64 MiB and
+        // burns some CPU.
+        let leader = start(
+            "head -c 67108864 /dev/zero | tail -c 1 >/dev/null; i=0; while [ $i -lt 20000 ]; do i=$((i+1)); done",
+        );
+        assert_eq!(leader.usage(), None, "not before it ends");
+        assert_eq!(leader.wait().await.unwrap(), (Some(0), None));
+        let u = leader.usage().expect("usage at its end");
+        assert!(u.max_rss > 1 << 20, "{u:?}");
+        assert!(u.cpu_ms() > 0, "{u:?}");
+        leader.release();
+        assert_eq!(leader.usage(), Some(u), "kept");
     }
 
     #[tokio::test]

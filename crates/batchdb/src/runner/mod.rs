@@ -20,13 +20,19 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use crate::error::{Error, Result};
 use crate::hash::Hash;
 
+mod cgroup;
+mod func;
 mod leader;
+mod limits;
 mod spawn;
 mod sweep;
 
+pub use func::{Duplex, FnRunner};
+pub use limits::{Enforcer, LimitMode, size as format_size};
 pub use sweep::ATTEMPT_ID_VAR;
 
-use crate::queue::LostAttempt;
+use crate::queue::{LostAttempt, Usage};
+use cgroup::Group;
 use leader::Leader;
 use sweep::Mark;
 
@@ -65,6 +71,19 @@ pub struct ExitStatus {
     pub code: Option<i32>,
     /// The signal that ended it, if one did.
     pub signal: Option<i32>,
+    /// What it used, where the runner measures it ([`ShellRunner`] always does:
+    /// from the attempt's cgroup if it has one, which counts every descendant, else
+    /// from the main process's rusage, which counts the descendants it waited for).
+    #[serde(skip)]
+    pub usage: Option<Usage>,
+    /// The memory limit in bytes, when the kernel killed a process of the execution
+    /// for going past it (seen in the attempt's cgroup): the attempt failed for that.
+    #[serde(skip)]
+    pub oom: Option<u64>,
+    /// A memory limit enforced as an rlimit: an allocation past it fails inside the
+    /// job, which the runner cannot tell from the job's other failures.
+    #[serde(skip)]
+    pub rlimit_memory: Option<u64>,
 }
 
 impl ExitStatus {
@@ -161,13 +180,18 @@ pub struct ShellRunner {
     argv: Vec<String>,
     /// `argv[0]` found on `PATH`, looked up at the first spawn.
     program: std::sync::OnceLock<Option<std::path::PathBuf>>,
+    /// How instances' limits are enforced.
+    limits: Arc<Enforcer>,
 }
 
 impl Default for ShellRunner {
+    /// `sh`, enforcing no limits (an attempt with limits fails: see
+    /// [`ShellRunner::with_limits`]).
     fn default() -> Self {
         ShellRunner {
             argv: vec!["sh".into()],
             program: std::sync::OnceLock::default(),
+            limits: Arc::new(Enforcer::off()),
         }
     }
 }
@@ -186,7 +210,21 @@ impl ShellRunner {
         Ok(ShellRunner {
             argv,
             program: std::sync::OnceLock::default(),
+            limits: Arc::new(Enforcer::off()),
         })
+    }
+
+    /// The same runner, enforcing instances' limits through `limits`. Without this, a
+    /// runner enforces none, and an attempt of an instance with limits fails.
+    #[must_use]
+    pub fn with_limits(mut self, limits: Enforcer) -> ShellRunner {
+        self.limits = Arc::new(limits);
+        self
+    }
+
+    /// How this runner enforces limits.
+    pub fn limits(&self) -> &Enforcer {
+        &self.limits
     }
 }
 
@@ -197,6 +235,18 @@ struct ShellKiller {
     leader: Arc<Leader>,
     attempt_id: String,
     started: std::time::Instant,
+    /// The attempt's cgroup, removed at the release.
+    group: Arc<std::sync::Mutex<Option<Group>>>,
+}
+
+impl ShellKiller {
+    /// `f` of the attempt's cgroup; the default where it has none.
+    fn in_group<T: Default>(&self, f: impl FnOnce(&Group) -> T) -> T {
+        match self.group.lock().ok().as_deref() {
+            Some(Some(g)) => f(g),
+            _ => T::default(),
+        }
+    }
 }
 
 /// An execution younger than this looks for leftovers only among processes started
@@ -209,6 +259,7 @@ impl Killer for ShellKiller {
         let recent = self.started.elapsed() < RECENT;
         !self.leader.exited()
             || sweep::any_left(self.leader.pid(), &Mark::Id(&self.attempt_id), recent)
+            || self.in_group(|g| !g.members().is_empty())
     }
 
     fn stop(&self, how: Stop) {
@@ -221,10 +272,18 @@ impl Killer for ShellKiller {
     fn stop_all(&self) {
         self.leader.signal_group(libc::SIGKILL);
         sweep::kill_marked(&Mark::Id(&self.attempt_id));
+        self.in_group(Group::kill_all);
     }
 
     fn release(&self) {
         self.leader.release();
+        // Whatever is still in the attempt's cgroup (it left the process group and
+        // dropped the attempt id) goes too, so the group can be removed.
+        self.in_group(Group::kill_all);
+        let group = self.group.lock().ok().and_then(|mut g| g.take());
+        if let Some(mut g) = group {
+            g.remove();
+        }
     }
 }
 
@@ -252,8 +311,23 @@ fn force_fork() -> bool {
 }
 
 impl ShellRunner {
+    /// The instance's environment ([`crate::queue::ExecContext::env`]) and, over
+    /// it, the `BATCHDB_*` variables every execution gets.
+    fn env(ctx: &RunContext) -> Vec<(std::ffi::OsString, std::ffi::OsString)> {
+        let ours = Self::batchdb_env(ctx);
+        let mut env: Vec<(std::ffi::OsString, std::ffi::OsString)> = ctx
+            .exec
+            .env
+            .iter()
+            .filter(|(k, _)| !ours.iter().any(|(o, _)| o == k))
+            .map(|(k, v)| (k.into(), v.into()))
+            .collect();
+        env.extend(ours.into_iter().map(|(k, v)| (k.into(), v)));
+        env
+    }
+
     /// The `BATCHDB_*` variables every execution gets.
-    fn env(ctx: &RunContext) -> Vec<(&'static str, std::ffi::OsString)> {
+    fn batchdb_env(ctx: &RunContext) -> Vec<(&'static str, std::ffi::OsString)> {
         let mut env = vec![
             ("BATCHDB_JOB", ctx.job.to_hex().into()),
             ("BATCHDB_INSTANCE", ctx.instance.to_string().into()),
@@ -268,18 +342,21 @@ impl ShellRunner {
         env
     }
 
-    /// The execution around a started leader and the parent's ends of its pipes.
+    /// The execution around a started leader and the parent's ends of its pipes;
+    /// `group` is the attempt's cgroup (if any), removed at the killer's release.
     fn execution(
         &self,
         ctx: &RunContext,
-        leader: Arc<Leader>,
+        (leader, group, rlimit_memory): (Arc<Leader>, Option<Group>, Option<u64>),
         (stdin, stdout, stderr): (OwnedFd, OwnedFd, OwnedFd),
     ) -> Result<Execution> {
         use tokio::net::unix::pipe;
+        let group = Arc::new(std::sync::Mutex::new(group));
         let killer = Arc::new(ShellKiller {
             leader: leader.clone(),
             attempt_id: ctx.attempt_id.clone(),
             started: std::time::Instant::now(),
+            group: group.clone(),
         });
         let pipes = (|| {
             Ok::<_, io::Error>((
@@ -302,7 +379,19 @@ impl ShellRunner {
             stderr: Some(Box::pin(stderr)),
             wait: Box::pin(async move {
                 let (code, signal) = leader.wait().await?;
-                Ok(ExitStatus { code, signal })
+                // Read when the main process has ended (the group is removed only
+                // at the release, after what it left behind is stopped).
+                let (group_usage, oom) = match group.lock().ok().as_deref() {
+                    Some(Some(g)) => (g.usage(), g.oom_killed().then(|| g.memory.unwrap_or(0))),
+                    _ => (None, None),
+                };
+                Ok(ExitStatus {
+                    code,
+                    signal,
+                    usage: group_usage.or_else(|| leader.usage()),
+                    oom,
+                    rlimit_memory,
+                })
             }),
             killer,
         })
@@ -315,27 +404,106 @@ impl ShellRunner {
         }
     }
 
-    /// Starts `program` through [`spawn::spawn`] (no fork of the worker).
+    /// What the job's process sets up before its exec (its working directory, its
+    /// cgroup, its rlimits), with the cgroup itself and any rlimit memory limit. A
+    /// limit this worker cannot enforce, a cgroup it cannot make or a directory that
+    /// is not there is the attempt's failure ([`Error::AttemptSetup`]).
+    fn setup(&self, ctx: &RunContext) -> Result<(spawn::Setup, Option<Group>, Option<u64>)> {
+        let prepared = self
+            .limits
+            .prepare(&ctx.attempt_id, &ctx.exec.limits)
+            .map_err(Error::AttemptSetup)?;
+        let cwd = ctx.exec.cwd.as_ref().map(std::path::PathBuf::from);
+        if let Some(d) = &cwd {
+            // Checked here too (the child's chdir is what counts), so the fork path
+            // names the directory as well.
+            let entered = std::fs::metadata(d).and_then(|m| {
+                if m.is_dir() {
+                    Ok(())
+                } else {
+                    Err(io::Error::from_raw_os_error(libc::ENOTDIR))
+                }
+            });
+            if let Err(e) = entered {
+                let mut group = prepared.group;
+                if let Some(g) = group.as_mut() {
+                    g.remove();
+                }
+                return Err(cwd_err(d, &e));
+            }
+        }
+        let setup = spawn::Setup {
+            cwd,
+            cgroup_procs: prepared
+                .group
+                .as_ref()
+                .map(Group::procs_files)
+                .unwrap_or_default(),
+            rlimits: prepared.rlimits,
+        };
+        Ok((setup, prepared.group, prepared.rlimit_memory))
+    }
+
+    /// Starts `program` through [`spawn::spawn_with`] (no fork of the worker).
     fn spawn_fast(&self, ctx: &RunContext, program: &std::path::Path) -> Result<Execution> {
-        let env: Vec<(std::ffi::OsString, std::ffi::OsString)> = Self::env(ctx)
-            .into_iter()
-            .map(|(k, v)| (k.into(), v))
-            .collect();
+        let env = Self::env(ctx);
         let args: Vec<std::ffi::OsString> = self.argv[1..].iter().map(Into::into).collect();
         let (program, arg0) = (
             program.to_path_buf(),
             std::ffi::OsString::from(&self.argv[0]),
         );
-        let child = spawn::on_spawner_thread(move || spawn::spawn(&program, &arg0, &args, &env))
-            .and_then(|r| r)
-            .map_err(|e| self.spawn_err(e))?;
+        let (setup, mut group, rlimit_memory) = self.setup(ctx)?;
+        let started = spawn::on_spawner_thread(move || {
+            let r = spawn::spawn_with(&program, &arg0, &args, &env, &setup);
+            (r, setup)
+        });
+        let child = match started {
+            Ok((Ok(child), _)) => child,
+            Ok((Err(failed), setup)) => {
+                if let Some(g) = group.as_mut() {
+                    g.remove();
+                }
+                return Err(self.setup_err(&setup, failed));
+            }
+            Err(e) => {
+                if let Some(g) = group.as_mut() {
+                    g.remove();
+                }
+                return Err(self.spawn_err(e));
+            }
+        };
         let leader = Leader::new(child.pid, Some(child.pidfd));
-        self.execution(ctx, leader, (child.stdin, child.stdout, child.stderr))
+        self.execution(
+            ctx,
+            (leader, group, rlimit_memory),
+            (child.stdin, child.stdout, child.stderr),
+        )
+    }
+
+    /// A failed start as the error it is: the attempt's ([`Error::AttemptSetup`]:
+    /// its directory, cgroup or rlimits), else the runner's ([`Error::Spawn`]).
+    fn setup_err(&self, setup: &spawn::Setup, failed: spawn::Failed) -> Error {
+        let e = failed.error;
+        match failed.stage {
+            spawn::Stage::Cwd => match &setup.cwd {
+                Some(d) => cwd_err(d, &e),
+                None => self.spawn_err(e),
+            },
+            spawn::Stage::Cgroup => {
+                Error::AttemptSetup(format!("cannot join the attempt's cgroup: {e}"))
+            }
+            spawn::Stage::Rlimit => Error::AttemptSetup(format!("cannot set its rlimits: {e}")),
+            spawn::Stage::Start => self.spawn_err(e),
+        }
     }
 
     /// Starts the command through fork + exec (`std`), waited for by pid.
     fn spawn_fork(&self, ctx: &RunContext) -> Result<Execution> {
         use std::os::unix::process::CommandExt;
+        if resolve(&self.argv[0]).is_none() {
+            return Err(self.spawn_err(io::Error::from(io::ErrorKind::NotFound)));
+        }
+        let (setup, mut group, rlimit_memory) = self.setup(ctx)?;
         let mut cmd = std::process::Command::new(&self.argv[0]);
         cmd.args(&self.argv[1..])
             .stdin(Stdio::piped())
@@ -343,9 +511,14 @@ impl ShellRunner {
             .stderr(Stdio::piped())
             .envs(Self::env(ctx))
             .process_group(0);
+        if let Some(d) = &setup.cwd {
+            cmd.current_dir(d);
+        }
         let parent = leader::pid_of(std::process::id());
+        let procs = fork_setup(&setup).map_err(|e| self.spawn_err(e))?;
         // SAFETY: the closure runs in the forked child before exec and only makes
-        // async-signal-safe calls (prctl, signal, getppid, _exit).
+        // async-signal-safe calls (prctl, signal, getppid, open, write, close,
+        // setrlimit, _exit) on memory prepared before the fork.
         unsafe {
             cmd.pre_exec(move || {
                 // If this worker dies (even by SIGKILL), the job's shell dies with it.
@@ -355,12 +528,42 @@ impl ShellRunner {
                 if libc::getppid() != parent {
                     libc::_exit(137);
                 }
+                for p in &procs.0 {
+                    if spawn::join_cgroup(p.as_ptr()) != 0 {
+                        return Err(io::Error::last_os_error());
+                    }
+                }
+                for r in &procs.1 {
+                    if libc::setrlimit(r.0, &raw const r.1) != 0 {
+                        return Err(io::Error::last_os_error());
+                    }
+                }
                 Ok(())
             });
         }
-        let mut child = spawn::on_spawner_thread(move || cmd.spawn())
-            .and_then(|r| r)
-            .map_err(|e| self.spawn_err(e))?;
+        let spawned = spawn::on_spawner_thread(move || cmd.spawn()).and_then(|r| r);
+        let mut child = match spawned {
+            Ok(c) => c,
+            Err(e) => {
+                if let Some(g) = group.as_mut() {
+                    g.remove();
+                }
+                // The command was found: a failure of the steps before the exec is
+                // the attempt's (std does not say which step it was).
+                return Err(
+                    if setup.cwd.is_some()
+                        || !setup.cgroup_procs.is_empty()
+                        || !setup.rlimits.is_empty()
+                    {
+                        Error::AttemptSetup(format!(
+                            "cannot start the job in its working directory, cgroup or rlimits: {e}"
+                        ))
+                    } else {
+                        self.spawn_err(e)
+                    },
+                );
+            }
+        };
         // From here the worker alone waits for it, by pid (std's Child never does
         // unless asked, and is dropped below).
         let leader = Leader::new(leader::pid_of(child.id()), None);
@@ -369,8 +572,46 @@ impl ShellRunner {
             leader.release();
             return Err(self.spawn_err(io::Error::other("child pipe missing")));
         };
-        self.execution(ctx, leader, (stdin.into(), stdout.into(), stderr.into()))
+        self.execution(
+            ctx,
+            (leader, group, rlimit_memory),
+            (stdin.into(), stdout.into(), stderr.into()),
+        )
     }
+}
+
+/// The `cgroup.procs` paths and rlimits of `setup` as the forked child uses them.
+type ForkSetup = (Vec<std::ffi::CString>, Vec<(u32, libc::rlimit)>);
+
+fn fork_setup(setup: &spawn::Setup) -> io::Result<ForkSetup> {
+    use std::os::unix::ffi::OsStrExt;
+    let procs = setup
+        .cgroup_procs
+        .iter()
+        .map(|p| std::ffi::CString::new(p.as_os_str().as_bytes()).map_err(io::Error::other))
+        .collect::<io::Result<Vec<_>>>()?;
+    let rlimits = setup
+        .rlimits
+        .iter()
+        .map(|&(r, v)| {
+            (
+                r,
+                libc::rlimit {
+                    rlim_cur: v,
+                    rlim_max: v,
+                },
+            )
+        })
+        .collect();
+    Ok((procs, rlimits))
+}
+
+/// The attempt's failure for working directory `dir` that cannot be entered.
+fn cwd_err(dir: &std::path::Path, e: &io::Error) -> Error {
+    Error::AttemptSetup(format!(
+        "cannot enter working directory {}: {e}",
+        dir.display()
+    ))
 }
 
 impl Runner for ShellRunner {
@@ -384,6 +625,13 @@ impl Runner for ShellRunner {
     /// is started from one thread that lives as long as the process (the signal fires
     /// when the *thread* that started a process ends). A command that cannot be found
     /// fails the spawn itself ([`Error::Spawn`]).
+    ///
+    /// The instance's environment goes over the worker's (the `BATCHDB_*` variables
+    /// over both); its working directory is entered and its limits applied (see
+    /// [`Enforcer`]) before the exec, so the job's own code never runs without them.
+    /// A directory that cannot be entered, a limit that cannot be enforced or a
+    /// cgroup that cannot be made or joined is [`Error::AttemptSetup`]: the attempt
+    /// fails, not the worker.
     fn spawn(&self, ctx: &RunContext) -> Result<Execution> {
         if spawn::supported() && !force_fork() {
             if let Some(program) = self.program.get_or_init(|| resolve(&self.argv[0])) {
@@ -415,82 +663,5 @@ impl Runner for ShellRunner {
             },
         };
         sweep::kill_marked(&mark);
-    }
-}
-
-/// The streams a [`FnRunner`] closure returns: where the payload is written, and
-/// where the output is read from.
-pub type Duplex = (Writer, Reader);
-
-/// A runner built from a closure returning a writer/reader pair, like the seed's
-/// `opts.run` returning a duplex stream. The execution succeeds (exit code 0) when
-/// the reader reaches its end without error; it has no stderr.
-///
-/// ```
-/// use batchdb::runner::FnRunner;
-/// use tokio::io::AsyncWriteExt;
-/// // A fake runner whose output is always "ok\n".
-/// let runner = FnRunner::new("fake", |_ctx| {
-///     let (mut tx, rx) = tokio::io::duplex(64);
-///     tokio::spawn(async move { let _ = tx.write_all(b"ok\n").await; });
-///     Ok((Box::pin(tokio::io::sink()), Box::pin(rx)))
-/// });
-/// ```
-pub struct FnRunner<F> {
-    name: String,
-    f: F,
-}
-
-impl<F> FnRunner<F>
-where
-    F: Fn(&RunContext) -> io::Result<Duplex> + Send + Sync + 'static,
-{
-    /// A runner named `name` (its cache spec) that calls `f` for every execution.
-    pub fn new(name: impl Into<String>, f: F) -> Self {
-        FnRunner {
-            name: name.into(),
-            f,
-        }
-    }
-}
-
-impl<F> fmt::Debug for FnRunner<F> {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("FnRunner")
-            .field("name", &self.name)
-            .finish_non_exhaustive()
-    }
-}
-
-struct NoKiller;
-impl Killer for NoKiller {
-    fn stop(&self, _how: Stop) {}
-}
-
-impl<F> Runner for FnRunner<F>
-where
-    F: Fn(&RunContext) -> io::Result<Duplex> + Send + Sync + 'static,
-{
-    fn spawn(&self, ctx: &RunContext) -> Result<Execution> {
-        let (stdin, stdout) = (self.f)(ctx).map_err(|e| Error::Spawn {
-            command: self.name.clone(),
-            source: e,
-        })?;
-        Ok(Execution {
-            stdin: Some(stdin),
-            stdout,
-            stderr: None,
-            wait: Box::pin(async {
-                Ok(ExitStatus {
-                    code: Some(0),
-                    signal: None,
-                })
-            }),
-            killer: Arc::new(NoKiller),
-        })
-    }
-
-    fn spec(&self) -> String {
-        format!("fn:{}", self.name)
     }
 }

@@ -10,8 +10,10 @@
 //! 1. the parent prepares everything the child needs (paths, argv, envp as C strings,
 //!    pipes) and blocks every signal;
 //! 2. the child, on a stack of its own, sets `PR_SET_PDEATHSIG` (and exits if the
-//!    worker already died), starts a process group of its own, moves the pipes to
-//!    fds 0–2, resets signal handlers and the mask, and execs. It only makes raw system
+//!    worker already died), starts a process group of its own, enters the job's
+//!    working directory, joins the attempt's cgroup (writing `0` to each
+//!    `cgroup.procs`), sets its rlimits ([`Setup`]), moves the pipes to fds 0–2,
+//!    resets signal handlers and the mask, and execs. It only makes raw system
 //!    calls: no allocation, no locks, nothing that could touch the parent's state;
 //! 3. an error before the exec is passed back through memory both share.
 //!
@@ -150,6 +152,75 @@ fn pipe() -> io::Result<(OwnedFd, OwnedFd)> {
     Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
 }
 
+/// What the child sets up before its exec, beside its pipes and process group.
+#[derive(Debug, Default)]
+pub(crate) struct Setup {
+    /// The working directory to enter (`None`: the worker's).
+    pub cwd: Option<std::path::PathBuf>,
+    /// The `cgroup.procs` files to write `0` to (joining the attempt's cgroup).
+    pub cgroup_procs: Vec<std::path::PathBuf>,
+    /// `(resource, value)` pairs for `setrlimit` (soft and hard).
+    pub rlimits: Vec<(u32, u64)>,
+}
+
+/// Which step of starting a job failed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Stage {
+    /// Anything but the three below (pipes, clone, the exec itself...).
+    Start,
+    /// Entering the working directory.
+    Cwd,
+    /// Joining the attempt's cgroup.
+    Cgroup,
+    /// Setting an rlimit.
+    Rlimit,
+}
+
+impl Stage {
+    fn code(self) -> i32 {
+        match self {
+            Stage::Start => 0,
+            Stage::Cwd => 1,
+            Stage::Cgroup => 2,
+            Stage::Rlimit => 3,
+        }
+    }
+
+    fn of(code: i32) -> Stage {
+        match code {
+            1 => Stage::Cwd,
+            2 => Stage::Cgroup,
+            3 => Stage::Rlimit,
+            _ => Stage::Start,
+        }
+    }
+}
+
+/// A job that could not be started: the step, and why.
+#[derive(Debug)]
+pub(crate) struct Failed {
+    /// The step that failed.
+    pub stage: Stage,
+    /// Why.
+    pub error: io::Error,
+}
+
+impl From<io::Error> for Failed {
+    fn from(error: io::Error) -> Failed {
+        Failed {
+            stage: Stage::Start,
+            error,
+        }
+    }
+}
+
+/// An rlimit as the child sets it.
+#[repr(C)]
+struct Rlimit {
+    resource: u32,
+    limit: libc::rlimit,
+}
+
 /// What the child reads (all prepared by the parent) and writes (its error).
 #[repr(C)]
 struct ChildArgs {
@@ -160,8 +231,18 @@ struct ChildArgs {
     fds: [RawFd; 3],
     /// The worker's pid: if the child's parent is another, the worker already died.
     parent: libc::pid_t,
+    /// The directory to enter, or null.
+    cwd: *const libc::c_char,
+    /// The `cgroup.procs` files to join, `ncgroup` of them.
+    cgroup: *const *const libc::c_char,
+    ncgroup: usize,
+    /// The rlimits to set, `nrlimits` of them.
+    rlimits: *const Rlimit,
+    nrlimits: usize,
     /// errno of the step that failed, or 0.
     err: i32,
+    /// The [`Stage`] code of the step that failed.
+    stage: i32,
 }
 
 /// Runs in the child, on its own stack, sharing the parent's memory until it execs:
@@ -176,6 +257,10 @@ extern "C" fn child_main(arg: *mut libc::c_void) -> libc::c_int {
             let errno = *libc::__errno_location();
             std::ptr::write_volatile(&raw mut a.err, if errno == 0 { libc::EIO } else { errno });
             libc::_exit(127)
+        };
+        let fail_at = |a: &mut ChildArgs, stage: Stage| -> ! {
+            std::ptr::write_volatile(&raw mut a.stage, stage.code());
+            fail(a)
         };
         // Caught signals go back to their default action (a handler must never run
         // here, on the parent's memory), and SIGPIPE and SIGXFSZ too (Rust and the CLI
@@ -206,6 +291,20 @@ extern "C" fn child_main(arg: *mut libc::c_void) -> libc::c_int {
         if libc::setpgid(0, 0) != 0 {
             fail(a);
         }
+        if !a.cwd.is_null() && libc::chdir(a.cwd) != 0 {
+            fail_at(a, Stage::Cwd);
+        }
+        for i in 0..a.ncgroup {
+            if join_cgroup(*a.cgroup.add(i)) != 0 {
+                fail_at(a, Stage::Cgroup);
+            }
+        }
+        for i in 0..a.nrlimits {
+            let r = &*a.rlimits.add(i);
+            if libc::setrlimit(r.resource, &raw const r.limit) != 0 {
+                fail_at(a, Stage::Rlimit);
+            }
+        }
         for (target, fd) in (0..).zip(a.fds) {
             if fd == target {
                 // dup2 onto itself would keep close-on-exec: clear it instead.
@@ -222,40 +321,104 @@ extern "C" fn child_main(arg: *mut libc::c_void) -> libc::c_int {
     }
 }
 
+/// This process's environment with `env` over it, as `KEY=VALUE` C strings.
+fn environ(env: &[(OsString, OsString)]) -> io::Result<Vec<CString>> {
+    let inherited = std::env::vars_os().filter(|(k, _)| !env.iter().any(|(ek, _)| ek == k));
+    inherited
+        .chain(env.iter().cloned())
+        .map(|(k, v)| {
+            let mut kv = k;
+            kv.push("=");
+            kv.push(v);
+            cstr(&kv)
+        })
+        .collect()
+}
+
+/// Pointers to `strings`, followed by a null pointer (an `argv`/`envp` array; the
+/// cgroup list ignores the null, counted by length).
+fn pointers(strings: &[CString]) -> Vec<*const libc::c_char> {
+    strings
+        .iter()
+        .map(|c| c.as_ptr())
+        .chain(std::iter::once(std::ptr::null()))
+        .collect()
+}
+
+/// Writes `0` to the `cgroup.procs` file `path` (moving the calling process into
+/// that group) with raw system calls; -1 with errno set on failure.
+///
+/// # Safety
+/// `path` is a NUL-terminated string. Async-signal-safe.
+pub(crate) unsafe fn join_cgroup(path: *const libc::c_char) -> i32 {
+    // SAFETY: plain system calls on a descriptor opened here.
+    unsafe {
+        let fd = libc::open(path, libc::O_WRONLY | libc::O_CLOEXEC);
+        if fd < 0 {
+            return -1;
+        }
+        let n = libc::write(fd, b"0".as_ptr().cast(), 1);
+        let errno = *libc::__errno_location();
+        libc::close(fd);
+        if n != 1 {
+            *libc::__errno_location() = errno;
+            return -1;
+        }
+        0
+    }
+}
+
 /// Starts `program` (an executable's path) with `args` (argv[1..]) and this process's
 /// environment plus `env`, its stdin, stdout and stderr piped, in a process group of
 /// its own, with `PR_SET_PDEATHSIG` = SIGKILL. Check [`supported`] first.
+#[cfg(test)]
 pub(crate) fn spawn(
     program: &Path,
     arg0: &OsStr,
     args: &[OsString],
     env: &[(OsString, OsString)],
 ) -> io::Result<Spawned> {
-    let path = cstr(program.as_os_str())?;
-    let mut argv_c = vec![cstr(arg0)?];
-    for a in args {
-        argv_c.push(cstr(a)?);
-    }
-    let mut env_c = Vec::new();
-    for (k, v) in std::env::vars_os() {
-        if !env.iter().any(|(ek, _)| *ek == k) {
-            let mut kv = k;
-            kv.push("=");
-            kv.push(v);
-            env_c.push(cstr(&kv)?);
-        }
-    }
-    for (k, v) in env {
-        let mut kv = k.clone();
-        kv.push("=");
-        kv.push(v);
-        env_c.push(cstr(&kv)?);
-    }
-    let mut argv: Vec<*const libc::c_char> = argv_c.iter().map(|c| c.as_ptr()).collect();
-    argv.push(std::ptr::null());
-    let mut envp: Vec<*const libc::c_char> = env_c.iter().map(|c| c.as_ptr()).collect();
-    envp.push(std::ptr::null());
+    spawn_with(program, arg0, args, env, &Setup::default()).map_err(|f| f.error)
+}
 
+/// [`spawn`], with `setup` carried out in the child before its exec; a failure says
+/// which step failed.
+pub(crate) fn spawn_with(
+    program: &Path,
+    arg0: &OsStr,
+    args: &[OsString],
+    env: &[(OsString, OsString)],
+    setup: &Setup,
+) -> Result<Spawned, Failed> {
+    let path = cstr(program.as_os_str())?;
+    let argv_c = std::iter::once(arg0)
+        .chain(args.iter().map(OsString::as_os_str))
+        .map(cstr)
+        .collect::<io::Result<Vec<_>>>()?;
+    let env_c = environ(env)?;
+    let (argv, envp) = (pointers(&argv_c), pointers(&env_c));
+    let cwd = setup
+        .cwd
+        .as_ref()
+        .map(|d| cstr(d.as_os_str()))
+        .transpose()?;
+    let cgroup_c = setup
+        .cgroup_procs
+        .iter()
+        .map(|p| cstr(p.as_os_str()))
+        .collect::<io::Result<Vec<_>>>()?;
+    let cgroup = pointers(&cgroup_c);
+    let rlimits: Vec<Rlimit> = setup
+        .rlimits
+        .iter()
+        .map(|&(resource, v)| Rlimit {
+            resource,
+            limit: libc::rlimit {
+                rlim_cur: v,
+                rlim_max: v,
+            },
+        })
+        .collect();
     let (in_r, in_w) = pipe()?;
     let (out_r, out_w) = pipe()?;
     // A larger stdout pipe (the default is 64 KiB) lets a job that writes a lot run
@@ -273,7 +436,13 @@ pub(crate) fn spawn(
         fds: [in_r.as_raw_fd(), out_w.as_raw_fd(), err_w.as_raw_fd()],
         // SAFETY: getpid has no preconditions.
         parent: unsafe { libc::getpid() },
+        cwd: cwd.as_ref().map_or(std::ptr::null(), |c| c.as_ptr()),
+        cgroup: cgroup.as_ptr(),
+        ncgroup: cgroup_c.len(),
+        rlimits: rlimits.as_ptr(),
+        nrlimits: rlimits.len(),
         err: 0,
+        stage: 0,
     };
     let stack = Stack::new()?;
     // SAFETY: the mask is restored right after clone returns; the child only reads
@@ -290,7 +459,7 @@ pub(crate) fn spawn(
         let clone_err = io::Error::last_os_error();
         restore_mask(old);
         if pid < 0 {
-            return Err(clone_err);
+            return Err(clone_err.into());
         }
         pid
     };
@@ -299,7 +468,12 @@ pub(crate) fn spawn(
     let err = unsafe { std::ptr::read_volatile(&raw const args.err) };
     if err != 0 {
         reap(pid);
-        return Err(io::Error::from_raw_os_error(err));
+        // SAFETY: as above.
+        let stage = unsafe { std::ptr::read_volatile(&raw const args.stage) };
+        return Err(Failed {
+            stage: Stage::of(stage),
+            error: io::Error::from_raw_os_error(err),
+        });
     }
     // SAFETY: pidfd_open has no memory-safety preconditions.
     let pidfd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
@@ -311,7 +485,7 @@ pub(crate) fn spawn(
         // process and no other.
         unsafe { libc::kill(pid, libc::SIGKILL) };
         reap(pid);
-        return Err(e);
+        return Err(e.into());
     }
     drop((in_r, out_w, err_w));
     Ok(Spawned {
@@ -480,6 +654,48 @@ mod tests {
             .err()
             .expect("a directory cannot run");
         assert_eq!(err.raw_os_error(), Some(libc::EACCES), "{err}");
+    }
+
+    #[tokio::test]
+    async fn the_setup_runs_in_the_child_and_a_failed_step_is_named() {
+        let sh_with = |script: &str, setup: &Setup| {
+            spawn_with(
+                Path::new("/bin/sh"),
+                OsStr::new("sh"),
+                &["-c".into(), script.into()],
+                &[],
+                setup,
+            )
+        };
+        let dir = tempfile::tempdir().unwrap();
+        let setup = Setup {
+            cwd: Some(dir.path().to_path_buf()),
+            rlimits: vec![(libc::RLIMIT_DATA, 1 << 30)],
+            ..Setup::default()
+        };
+        let child = sh_with("pwd; ulimit -d", &setup).unwrap();
+        let wait = Leader::new(child.pid, Some(child.pidfd));
+        drop(child.stdin);
+        let want = format!("{}\n{}\n", dir.path().display(), 1 << 20);
+        assert_eq!(
+            read_all(child.stdout).await,
+            want,
+            "cwd, and RLIMIT_DATA in KiB"
+        );
+        assert_eq!(wait.wait().await.unwrap(), (Some(0), None));
+        let missing = Setup {
+            cwd: Some("/nonexistent/batchdb".into()),
+            ..Setup::default()
+        };
+        let failed = sh_with("true", &missing).err().expect("no such directory");
+        assert_eq!(failed.stage, Stage::Cwd);
+        assert_eq!(failed.error.raw_os_error(), Some(libc::ENOENT));
+        let no_group = Setup {
+            cgroup_procs: vec!["/nonexistent/cgroup.procs".into()],
+            ..Setup::default()
+        };
+        let failed = sh_with("true", &no_group).err().expect("no such cgroup");
+        assert_eq!(failed.stage, Stage::Cgroup);
     }
 
     #[tokio::test]

@@ -247,6 +247,24 @@ pub(crate) fn kill_marked(mark: &Mark<'_>) {
     }
 }
 
+/// Kills (SIGKILL) process `pid` if `/proc/<pid>/cgroup` (read through the same
+/// `/proc` descriptor the signal goes through) has a group ending in `group`: a pid
+/// that was reused by a process outside it is left alone. Whether it was signalled.
+pub(crate) fn kill_if_in_group(pid: i32, group: &str) -> bool {
+    let Ok(p) = Proc::open(pid) else {
+        return false;
+    };
+    let inside = p.read("cgroup").is_ok_and(|text| {
+        String::from_utf8_lossy(&text)
+            .lines()
+            .any(|l| l.ends_with(group))
+    });
+    if inside {
+        p.signal(libc::SIGKILL);
+    }
+    inside
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

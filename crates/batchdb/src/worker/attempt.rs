@@ -111,12 +111,44 @@ async fn settle(killer: Arc<dyn Killer>, grace: Duration, cut: Cut, drained: Arc
         })
         .await;
     }
-    tokio::time::sleep_until(until).await;
+    // Until the grace ends the output may still be open: once it has drained there
+    // is nothing left to cut (and the worker's run need not wait for this).
+    while !drained.load(Ordering::SeqCst) {
+        let now = Instant::now();
+        if now >= until {
+            break;
+        }
+        tokio::time::sleep((until - now).min(Duration::from_millis(50))).await;
+    }
     if !left && !drained.load(Ordering::SeqCst) {
         let k = killer.clone();
         let _ = tokio::task::spawn_blocking(move || k.stop_all()).await;
     }
     cut.cut();
+}
+
+/// The settling of a worker's ended attempts (see
+/// [`Worker::settling`](super::Worker::settling)).
+#[derive(Debug, Default, Clone)]
+pub struct Settling(Arc<std::sync::Mutex<Vec<tokio::task::JoinHandle<()>>>>);
+
+impl Settling {
+    /// Keeps `task` (and forgets those already done).
+    fn add(&self, task: tokio::task::JoinHandle<()>) {
+        if let Ok(mut tasks) = self.0.lock() {
+            tasks.retain(|t| !t.is_finished());
+            tasks.push(task);
+        }
+    }
+
+    /// Waits until every attempt ended so far is settled: what it left running
+    /// stopped, its cgroup removed (each within the kill grace after it ended).
+    pub async fn wait(&self) {
+        let tasks = self.0.lock().map(|mut t| std::mem::take(&mut *t));
+        for t in tasks.unwrap_or_default() {
+            let _ = t.await;
+        }
+    }
 }
 
 /// Stores a job's stdout and (if separate) stderr as they stream, and sets `drained`
@@ -192,6 +224,9 @@ impl Worker {
         };
         let exec = match self.runner.spawn(&ctx) {
             Ok(x) => x,
+            // Its directory, its limits or its cgroup: the job's failure, not the
+            // worker's (which goes on with the next job).
+            Err(Error::AttemptSetup(m)) => return self.fail(claim, report, m),
             Err(e) => {
                 // The runner cannot start: the worker's fault, not the job's. Give the
                 // instance back and stop this worker.
@@ -250,12 +285,13 @@ impl Worker {
         let streams = store_outputs(blobs, stdout, stderr, drained.clone());
         let (group, settle_cut) = (killer.clone(), cut.clone());
         let grace = self.opts.kill_grace;
+        let settling = self.settling.clone();
         let waiting = async move {
             let st = exec.wait.await;
             // The job is its process group: once the leader exits, stragglers (which
             // may still hold its output open) are stopped too; whatever is left after
             // the grace period (even outside the group) is killed and the output cut.
-            tokio::spawn(settle(group, grace, settle_cut, drained));
+            settling.add(tokio::spawn(settle(group, grace, settle_cut, drained)));
             st
         };
         let work = async {
@@ -323,6 +359,7 @@ impl Worker {
         }
         report.exit_code = ended.status.code;
         report.signal = ended.status.signal;
+        report.usage = ended.status.usage;
         for (name, stored) in [("stdout", Some(out)), ("stderr", err)] {
             match stored {
                 Some(Ok(Stored { info, inline })) => {

@@ -74,10 +74,23 @@ pub(super) fn classify(e: Ended) -> Verdict {
     if e.store_failed {
         return Verdict::StoreRetry(format!("{}; output not stored", e.problems.join("; ")));
     }
+    if let Some(limit) = e.status.oom {
+        return Verdict::Fail(format!(
+            "out of memory (limit {})",
+            crate::runner::format_size(limit)
+        ));
+    }
     let mut problems = Vec::new();
     problems.extend(e.wait_error);
     if !e.status.success() {
         problems.push(e.status.to_string());
+        if let Some(limit) = e.status.rlimit_memory {
+            problems.push(format!(
+                "memory limited to {} (RLIMIT_DATA): an allocation past it fails inside \
+                 the job",
+                crate::runner::format_size(limit)
+            ));
+        }
     }
     problems.extend(e.problems);
     if problems.is_empty() {
@@ -94,8 +107,41 @@ mod tests {
     fn exited(code: i32) -> ExitStatus {
         ExitStatus {
             code: Some(code),
-            signal: None,
+            ..ExitStatus::default()
         }
+    }
+
+    #[test]
+    fn an_oom_kill_is_out_of_memory_and_an_rlimit_is_named() {
+        let killed = ExitStatus {
+            signal: Some(9),
+            oom: Some(64 << 20),
+            ..ExitStatus::default()
+        };
+        let ended = |status| Ended {
+            status,
+            ..Ended::default()
+        };
+        assert_eq!(
+            classify(ended(killed)),
+            Verdict::Fail("out of memory (limit 64 MiB)".into())
+        );
+        let limited = ExitStatus {
+            rlimit_memory: Some(64 << 20),
+            ..exited(1)
+        };
+        let Verdict::Fail(m) = classify(ended(limited)) else {
+            panic!("a failure")
+        };
+        assert_eq!(
+            m,
+            "exit code 1; memory limited to 64 MiB (RLIMIT_DATA): an allocation past it fails inside the job"
+        );
+        let fine = ExitStatus {
+            rlimit_memory: Some(64 << 20),
+            ..exited(0)
+        };
+        assert_eq!(classify(ended(fine)), Verdict::Success);
     }
 
     #[test]
@@ -155,8 +201,8 @@ mod tests {
             Verdict::Fail("waiting for runner: gone; exit code 3; feeding payload: broken".into())
         );
         let killed = ExitStatus {
-            code: None,
             signal: Some(9),
+            ..ExitStatus::default()
         };
         assert_eq!(
             classify(Ended {

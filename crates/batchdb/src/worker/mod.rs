@@ -19,6 +19,8 @@ use crate::queue::{
 use crate::runner::{Reader, Runner};
 
 mod attempt;
+
+pub use attempt::Settling;
 mod classify;
 mod deps;
 mod supervise;
@@ -177,6 +179,8 @@ pub struct Worker {
     fatal: std::sync::Mutex<Option<Error>>,
     /// What of [`WorkerOptions::resources`] no running attempt holds.
     free: std::sync::Mutex<Resources>,
+    /// What ended attempts left running, being settled (see [`Worker::settling`]).
+    settling: Settling,
 }
 
 impl Worker {
@@ -195,7 +199,17 @@ impl Worker {
             fatal: std::sync::Mutex::new(None),
             free: std::sync::Mutex::new(opts.resources.clone()),
             opts,
+            settling: Settling::default(),
         }
+    }
+
+    /// The settling of this worker's ended attempts: what each left running is
+    /// stopped, and its cgroup removed, in the background, within the kill grace
+    /// after it ended ([`Worker::run`] returns without waiting for that). Await
+    /// [`Settling::wait`] before the runtime ends (the process exits), so that
+    /// nothing an attempt left outlives the worker; `batchdb run` does.
+    pub fn settling(&self) -> Settling {
+        self.settling.clone()
     }
 
     /// The handle that stops this worker.
@@ -207,7 +221,10 @@ impl Worker {
     /// running). Each ended attempt is sent to `reports` (if given) after its row is
     /// committed. While the queue is unreachable it retries with backoff (logging
     /// each failure), forever. Returns an error if the runner cannot start a job: the
-    /// instance is given back to pending and the worker stops.
+    /// instance is given back to pending and the worker stops. A job whose own setup
+    /// fails ([`Error::AttemptSetup`]: its working directory, a limit this worker
+    /// cannot enforce, its cgroup) is not that: its attempt fails, and the worker
+    /// goes on.
     pub async fn run(self, reports: Option<mpsc::UnboundedSender<Report>>) -> Result<()> {
         let this = Arc::new(self);
         let slots = this.opts.concurrency.max(1);

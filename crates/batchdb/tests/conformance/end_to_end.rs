@@ -230,6 +230,10 @@ pub async fn shell_runner_keeps_stdout_stderr_and_exit_code(b: &Backend) {
         b"partial\n"
     );
     assert_eq!(read(&db, &a.report.stderr.unwrap().hash).await, b"oops\n");
+    // What each attempt used is recorded and read back (peak memory of a shell: a
+    // few hundred KiB at least).
+    let usage = a.report.usage.expect("usage recorded");
+    assert!(usage.max_rss > 100 << 10, "{usage:?}");
     let d = db.instance(env.id).await.unwrap();
     let out = read(&db, &d.last_attempt().unwrap().report.stdout.unwrap().hash).await;
     assert_eq!(

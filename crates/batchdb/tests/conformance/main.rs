@@ -40,6 +40,7 @@ macro_rules! suite {
                     created_is_unique_across_jobs,
                     add_writes_job_and_instance_together,
                     claim_order_newest_and_oldest,
+                    an_attempts_usage_is_recorded_listed_and_in_its_event,
                     claim_priority_first,
                     delayed_instance_waits_for_run_at,
                     running_instance_listed_as_running,

@@ -219,6 +219,30 @@ pub async fn add_writes_job_and_instance_together(b: &Backend) {
     assert_eq!(evs[2].created, Some(i2.created));
 }
 
+pub async fn an_attempts_usage_is_recorded_listed_and_in_its_event(b: &Backend) {
+    // Past 32 bits, both figures (bytes of memory; ms of CPU).
+    let usage = batchdb::queue::Usage::new(5 << 30, 3_000_000_000, 7);
+    let inst = b.queue.add(&job(1), &opts()).await.unwrap();
+    let c = b.queue.claim(&req("w", 1, LONG)).await.unwrap();
+    let mut ok = success(1);
+    if let Outcome::Success(r) = &mut ok {
+        r.usage = Some(usage);
+    }
+    b.queue.finish(&c[0].token, &ok).await.unwrap();
+    let d = b.queue.instance(inst.id).await.unwrap();
+    assert_eq!(d.last_attempt().unwrap().report.usage, Some(usage));
+    let rows = rows(b, ListKind::Result).await;
+    let ListRow::Result(r) = &rows[0] else {
+        panic!("a result row: {rows:?}")
+    };
+    assert_eq!(r.value.max_rss, Some(5 << 30));
+    assert_eq!(r.value.cpu_ms, Some(3_000_000_007));
+    let evs = b.queue.events(0, 100).await.unwrap();
+    let end = evs.iter().find(|e| e.event == EventKind::Result).unwrap();
+    assert_eq!(end.data["max_rss"], 5u64 << 30);
+    assert_eq!(end.data["cpu_ms"], 3_000_000_007u64);
+}
+
 pub async fn claim_order_newest_and_oldest(b: &Backend) {
     let mut ids = Vec::new();
     for n in 0..4 {

@@ -12,7 +12,16 @@ const MIN_LEASE: Duration = Duration::from_millis(100);
 
 pub(super) async fn run(db: &BatchDb, r: RunArgs) -> Result<ExitCode> {
     let order: Order = r.order.parse()?;
-    let runner = Arc::new(ShellRunner::new(&r.shell)?);
+    let mode: batchdb::runner::LimitMode = r.limits.parse()?;
+    let enforcer = batchdb::runner::Enforcer::new(mode)?;
+    // The worker's startup line: how it enforces limits (shown with -v; a worker
+    // that enforces none says so at warning level).
+    if enforcer.enforces() {
+        tracing::info!("limits: {enforcer}");
+    } else {
+        tracing::warn!("limits: {enforcer}");
+    }
+    let runner = Arc::new(ShellRunner::new(&r.shell)?.with_limits(enforcer));
     if r.jobs == 0 {
         return Err(Error::Config {
             what: "jobs",
@@ -51,6 +60,7 @@ pub(super) async fn run(db: &BatchDb, r: RunArgs) -> Result<ExitCode> {
         .map(|d| maint::duration("prune-after", d))
         .transpose()?;
     let worker = db.worker(runner, opts);
+    let settling = worker.settling();
     let pruner = prune_age.map(|age| maint::prune_in_background(db, age));
     let shutdown = worker.shutdown_handle();
     let stop = shutdown.clone();
@@ -105,8 +115,11 @@ pub(super) async fn run(db: &BatchDb, r: RunArgs) -> Result<ExitCode> {
     if let Some(p) = pruner {
         p.abort();
     }
-    work.await
-        .map_err(|e| Error::Task(format!("worker: {e}")))??;
+    let worked = work.await;
+    // What the last attempts left running is stopped (and their cgroups removed)
+    // before this process exits, within the kill grace.
+    settling.wait().await;
+    worked.map_err(|e| Error::Task(format!("worker: {e}")))??;
     match print_error {
         Some(e) => Err(e),
         None => Ok(ExitCode::SUCCESS),

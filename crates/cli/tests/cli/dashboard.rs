@@ -406,6 +406,12 @@ fn assert_panel_shows_payload_attempts_output_and_command(b: &Browser) {
     assert_eq!(attempt[0], "1");
     assert_eq!(attempt[1], "result");
     assert_eq!(attempt[2], "0", "exit code");
+    // What the attempt used: its peak memory and CPU.
+    let used = attempt[5].as_str().expect("text");
+    assert!(
+        used.contains(" MiB · ") && used.ends_with(" s CPU"),
+        "{used}"
+    );
     // The failure with an attribute-breaking payload, in the panel: its exit code.
     let img_id = row_of(b, "failures", IMG_PAYLOAD);
     click_now(b, &format!("#failures tr[data-id=\"{img_id}\"] td.job"));

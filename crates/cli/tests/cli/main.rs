@@ -7,6 +7,8 @@
 //!   job never stalls the queue, every listed result is readable and hashes right
 //! - `bad_input`: one-line errors, non-zero exits, nothing written
 //! - `worker`: parallelism, several workers, kill -9 takeover, timeouts, signals
+//! - `limits`: `--cwd`, `--env`, `--memory`, `--pids`, `--cpus` under a cgroup and
+//!   rlimits; accounting against `/usr/bin/time -v`
 //! - `scheduling`: retries, retry, cancel, priorities, delay
 //! - `inspection`: show, logs -f, events, the result cache
 //! - `manual`: completions, man pages and `--help`, from the clap definitions
@@ -32,6 +34,7 @@ mod dashboard;
 mod dashboard_scale;
 mod faults;
 mod inspection;
+mod limits;
 mod manual;
 mod output_contract;
 mod progress;

@@ -1,5 +1,6 @@
-// The instance panel: the payload, every attempt (exit code, signal, times, outcome),
-// stdout and stderr (live while it runs, from /api/output), and a `batchdb show`
+// The instance panel: the payload, what it runs with (directory, environment,
+// limits, needs, concurrency key), every attempt (exit code, signal, times, outcome,
+// peak memory and CPU), stdout and stderr (live while it runs, from /api/output), and a `batchdb show`
 // command to copy. Payload and output are shown only as text.
 "use strict";
 
@@ -25,6 +26,44 @@ function showMeta(m, d) {
   }
 }
 
+// Bytes as people read them: "12.3 MiB".
+function bytes(n) {
+  const units = ["bytes", "KiB", "MiB", "GiB", "TiB"];
+  let i = 0;
+  while (n >= 1024 && i < units.length - 1) { n /= 1024; i++; }
+  return (i === 0 ? n : n.toFixed(1)) + " " + units[i];
+}
+
+// What an attempt used: "12.3 MiB · 0.04 s CPU" (empty where not measured).
+function used(a) {
+  if (a.max_rss == null) return "";
+  return bytes(a.max_rss) + " · " + (a.cpu_ms / 1000).toFixed(2) + " s CPU";
+}
+
+// "k=v, k=v" of an object, or the value itself.
+function pairs(v) {
+  if (v == null || typeof v !== "object") return String(v);
+  return Object.entries(v).map(([k, x]) => k + "=" + (typeof x === "object" ? JSON.stringify(x) : x)).join(", ");
+}
+
+// What it runs with, from the detail's context, needs and concurrency (when set).
+function showContext(d) {
+  const parts = [];
+  const c = (d && d.context) || {};
+  if (c.cwd) parts.push("cwd " + c.cwd);
+  if (c.env && Object.keys(c.env).length) parts.push("env " + pairs(c.env));
+  const l = c.limits || {};
+  const limits = [];
+  if (l.memory != null) limits.push("memory " + bytes(l.memory));
+  if (l.millicpus != null) limits.push("cpus " + l.millicpus / 1000);
+  if (l.pids != null) limits.push("pids " + l.pids);
+  if (limits.length) parts.push("limits " + limits.join(", "));
+  if (d && d.needs && Object.keys(d.needs).length) parts.push("needs " + pairs(d.needs));
+  if (d && d.concurrency) parts.push("concurrency " + pairs(d.concurrency));
+  $("output-context").textContent = parts.join(" · ");
+  $("output-context").hidden = parts.length === 0;
+}
+
 function showAttempts(d) {
   const body = $("attempts").tBodies[0];
   body.textContent = "";
@@ -35,6 +74,7 @@ function showAttempts(d) {
     cell(tr, a.exit_code != null ? a.exit_code : a.signal != null ? "signal " + a.signal : "", "mono");
     cell(tr, time(a.start));
     cell(tr, a.end ? span(a.end - a.start) : span(Date.now() - a.start) + " so far");
+    cell(tr, used(a), "used");
     cell(tr, a.message || "", "msg", a.message || "");
     body.appendChild(tr);
   }
@@ -82,6 +122,7 @@ async function refreshPanel() {
     $("output-state").className = "badge " + m.state;
     $("output-state").textContent = m.state;
     showMeta(m, d);
+    showContext(d);
     showAttempts(d);
     return d;
   } catch (e) { say("instance #" + id + ": " + e.message); }
@@ -109,7 +150,7 @@ async function openPanel(id) {
   sizeCharts();
   $("output-title").textContent = "#" + id;
   $("show-cmd").textContent = "batchdb show id:" + id;
-  for (const p of ["stdout", "stderr", "payload-text", "output-meta", "output-state"]) $(p).textContent = "";
+  for (const p of ["stdout", "stderr", "payload-text", "output-meta", "output-context", "output-state"]) $(p).textContent = "";
   const d = await refreshPanel();
   if (d && panel && panel.id === id) showPayload(d.job);
   if (panel && panel.id === id) followOutput(id);

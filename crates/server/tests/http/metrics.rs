@@ -58,6 +58,15 @@ async fn metrics_count_the_whole_event_log() {
     assert_eq!(m["batchdb_run_duration_seconds_bucket{le=\"+Inf\"}"], 2.0);
     assert_eq!(m["batchdb_queue_wait_seconds_count"], 2.0);
     assert!(m["batchdb_run_duration_seconds_sum"] >= 0.0);
+    // What the two attempts that ran used, from their end events.
+    assert_eq!(m["batchdb_job_cpu_seconds_count"], 2.0);
+    assert_eq!(m["batchdb_job_max_rss_bytes_count"], 2.0);
+    assert_eq!(m["batchdb_job_max_rss_bytes_bucket{le=\"+Inf\"}"], 2.0);
+    assert!(
+        m["batchdb_job_max_rss_bytes_sum"] > 0.0,
+        "a shell's peak memory"
+    );
+    assert!(m["batchdb_job_cpu_seconds_sum"] >= 0.0);
     // buckets are cumulative
     let mut last = 0.0;
     for b in ["0.005", "0.1", "1", "60", "3600", "+Inf"] {
@@ -82,9 +91,26 @@ async fn metrics_count_the_whole_event_log() {
         "batchdb_failures_total",
         "batchdb_run_duration_seconds_count",
         "batchdb_queue_wait_seconds_count",
+        "batchdb_job_cpu_seconds_count",
+        "batchdb_job_max_rss_bytes_sum",
         "batchdb_events_seen",
     ] {
         assert_eq!(m2[k], m[k], "{k}");
     }
     late.abort();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn result_and_fail_rows_carry_what_the_attempt_used() {
+    let s = Server::start().await;
+    s.add("echo fine").await;
+    s.add("exit 2").await;
+    s.run_until_empty().await;
+    for kind in ["result", "fail"] {
+        let rows = s.lines(&format!("/list/{kind}")).await;
+        assert_eq!(rows.len(), 1, "{rows:?}");
+        let v = &rows[0]["value"];
+        assert!(v["max_rss"].as_u64().is_some_and(|b| b > 0), "{v}");
+        assert!(v["cpu_ms"].as_u64().is_some(), "{v}");
+    }
 }

@@ -8,7 +8,7 @@ use crate::queue::row::Row;
 use crate::queue::{
     AttemptReport, AttemptRow, BatchCounts, BlobReference, Check, ClaimToken, Counts, Event,
     FailRow, FailValue, Heartbeat, InstanceDetail, JobRow, ListKind, ListRow, PendingRow,
-    ResultRow, ResultValue, Selected, Selector, State,
+    ResultRow, ResultValue, Selected, Selector, State, Usage,
 };
 
 type R<T, C> = Result<T, <C as Conn>::Error>;
@@ -55,7 +55,7 @@ static PENDING_PAGE: Sql = Sql::each(
 );
 static RESULTS_PAGE: Sql = Sql::new(
     "SELECT i.id, i.job, i.created, a.start, a.\"end\", a.stdout, a.stdout_size, a.stderr,
-       a.exit_code, i.attempts, a.cached
+       a.exit_code, i.attempts, a.cached, a.max_rss, a.cpu_user_ms + a.cpu_sys_ms
      FROM instances i JOIN attempts a ON a.instance = i.id AND a.attempt = i.attempts
      WHERE i.state = 'result' AND i.id > $1
        AND (CAST($3 AS TEXT) IS NULL OR i.batch = (SELECT id FROM batches WHERE name = $3))
@@ -63,7 +63,8 @@ static RESULTS_PAGE: Sql = Sql::new(
 );
 static FAILS_PAGE: Sql = Sql::new(
     "SELECT i.id, i.job, i.created, a.start, a.\"end\", a.stdout, a.stderr, a.exit_code,
-       a.signal, COALESCE(i.note, a.message), i.attempts
+       a.signal, COALESCE(i.note, a.message), i.attempts, a.max_rss,
+       a.cpu_user_ms + a.cpu_sys_ms
      FROM instances i LEFT JOIN attempts a ON a.instance = i.id AND a.attempt = i.attempts
      WHERE i.state = $3 AND i.id > $1
        AND (CAST($4 AS TEXT) IS NULL OR i.batch = (SELECT id FROM batches WHERE name = $4))
@@ -76,7 +77,7 @@ static INSTANCE: Sql = Sql::new(
 );
 static ATTEMPTS: Sql = Sql::new(
     "SELECT attempt, worker, outcome, start, \"end\", exit_code, signal, stdout, stdout_size,
-       stderr, stderr_size, message, cached
+       stderr, stderr_size, message, cached, max_rss, cpu_user_ms, cpu_sys_ms
      FROM attempts WHERE instance = $1 ORDER BY attempt",
 );
 static EVENTS: Sql = Sql::new(
@@ -230,6 +231,8 @@ fn result_row<R: Row>(r: &R) -> Result<ListRow, R::Error> {
             exit_code: r.int32(8)?,
             attempts: r.req_int(9)?,
             cached: r.flag(10)?,
+            max_rss: r.unsigned(11)?,
+            cpu_ms: r.unsigned(12)?,
         },
     }))
 }
@@ -252,6 +255,8 @@ fn fail_row<R: Row>(r: &R) -> Result<ListRow, R::Error> {
                 .text(9)?
                 .unwrap_or_else(|| "cancelled before it ran".into()),
             attempts: r.req_int(10)?,
+            max_rss: r.unsigned(11)?,
+            cpu_ms: r.unsigned(12)?,
         },
     }))
 }
@@ -299,6 +304,10 @@ pub(crate) async fn instance_detail<C: Conn>(c: &mut C, id: i64) -> R<Option<Ins
                     stderr: r.blob(9, 10)?,
                     message: r.text(11)?,
                     cached: r.flag(12)?,
+                    usage: match (r.unsigned(13)?, r.unsigned(14)?, r.unsigned(15)?) {
+                        (Some(rss), Some(user), Some(sys)) => Some(Usage::new(rss, user, sys)),
+                        _ => None,
+                    },
                     ..AttemptReport::default()
                 },
             })
