@@ -240,3 +240,38 @@ fn a_concurrency_slot_of_a_worker_killed_with_sigkill_passes_to_the_takeover() {
     let second_start = b["attempts"][0]["start"].as_i64().unwrap();
     assert!(second_start >= first_end, "{first_end} > {second_start}");
 }
+
+#[test]
+fn the_working_directory_and_environment_are_part_of_the_cache_key() {
+    let env = Env::new();
+    std::fs::create_dir(env.file("a")).unwrap();
+    std::fs::create_dir(env.file("b")).unwrap();
+    let job = "pwd; echo \"$GREETING\"";
+    let run = |opts: &[&str]| {
+        let mut args = vec!["--cached"];
+        args.extend_from_slice(opts);
+        env.add_with(&args, job);
+        env.run_until_empty(&[]);
+    };
+    run(&["--cwd", "a", "--env", "GREETING=hi"]);
+    run(&["--cwd", "b", "--env", "GREETING=hi"]);
+    run(&["--cwd", "a", "--env", "GREETING=hello"]);
+    run(&["--cwd", "a", "--env", "GREETING=hi", "--memory", "1G"]);
+    let results = env.list("result");
+    let cached: Vec<bool> = results
+        .iter()
+        .map(|r| r["value"]["cached"].as_bool().unwrap())
+        .collect();
+    assert_eq!(
+        cached,
+        [false, false, false, true],
+        "limits are not in the key"
+    );
+    let out = |i: usize| text(&env.get(results[i]["value"]["hash"].as_str().unwrap()));
+    let root = env.root().canonicalize().unwrap();
+    let root = root.to_str().unwrap();
+    assert_eq!(out(0), format!("{root}/a\nhi\n"));
+    assert_eq!(out(1), format!("{root}/b\nhi\n"));
+    assert_eq!(out(2), format!("{root}/a\nhello\n"));
+    assert_eq!(out(3), out(0));
+}
