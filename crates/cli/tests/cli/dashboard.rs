@@ -233,12 +233,24 @@ fn fifty_mixed_jobs(env: &Env) -> Proc {
     ];
     args.extend(items.iter().map(String::as_str));
     env.ok(&args);
-    env.add(SCRIPT_PAYLOAD);
+    let context = [
+        "--cwd",
+        ".",
+        "--env",
+        "GREETING=hi",
+        "--memory",
+        "512M",
+        "--needs",
+        "gpu=1",
+        "--concurrency",
+        "api=2",
+    ];
+    env.add_with(&context, SCRIPT_PAYLOAD);
     let mut args = vec!["map", "-q", "echo broken item-{} >&2; exit {}", ":::"];
     args.extend(items[..8].iter().map(String::as_str));
     env.ok(&args);
     env.add(IMG_PAYLOAD);
-    env.run_until_empty(&["-j", "2"]);
+    env.run_until_empty(&["-j", "2", "--resource", "gpu=0"]);
     env.ok(&[
         "map",
         "-q",
@@ -408,10 +420,23 @@ fn assert_panel_shows_payload_attempts_output_and_command(b: &Browser) {
     assert_eq!(attempt[2], "0", "exit code");
     // What the attempt used: its peak memory and CPU.
     let used = attempt[5].as_str().expect("text");
+    // (From the attempt's memory cgroup, as it has a limit: what was charged to it.)
+    let size = used.split(" · ").next().unwrap_or("");
     assert!(
-        used.contains(" MiB · ") && used.ends_with(" s CPU"),
+        (size.ends_with(" KiB") || size.ends_with(" MiB")) && used.ends_with(" s CPU"),
         "{used}"
     );
+    // What it ran with: directory, environment, limits, needs, concurrency key.
+    let context = text_of(b, "#output-context");
+    for part in [
+        "cwd /",
+        "env GREETING=hi",
+        "limits memory 512.0 MiB",
+        "needs gpu=1",
+        "concurrency api=2",
+    ] {
+        assert!(context.contains(part), "{part:?} in {context:?}");
+    }
     // The failure with an attribute-breaking payload, in the panel: its exit code.
     let img_id = row_of(b, "failures", IMG_PAYLOAD);
     click_now(b, &format!("#failures tr[data-id=\"{img_id}\"] td.job"));

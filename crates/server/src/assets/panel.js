@@ -46,10 +46,11 @@ function pairs(v) {
   return Object.entries(v).map(([k, x]) => k + "=" + (typeof x === "object" ? JSON.stringify(x) : x)).join(", ");
 }
 
-// What it runs with, from the detail's context, needs and concurrency (when set).
+// What it runs with, from the detail's cwd, env, limits, needs and concurrency (each
+// there only when set).
 function showContext(d) {
   const parts = [];
-  const c = (d && d.context) || {};
+  const c = d || {};
   if (c.cwd) parts.push("cwd " + c.cwd);
   if (c.env && Object.keys(c.env).length) parts.push("env " + pairs(c.env));
   const l = c.limits || {};
@@ -59,7 +60,7 @@ function showContext(d) {
   if (l.pids != null) limits.push("pids " + l.pids);
   if (limits.length) parts.push("limits " + limits.join(", "));
   if (d && d.needs && Object.keys(d.needs).length) parts.push("needs " + pairs(d.needs));
-  if (d && d.concurrency) parts.push("concurrency " + pairs(d.concurrency));
+  if (d && d.concurrency) parts.push("concurrency " + d.concurrency.key + "=" + d.concurrency.limit);
   $("output-context").textContent = parts.join(" · ");
   $("output-context").hidden = parts.length === 0;
 }
