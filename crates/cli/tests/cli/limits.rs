@@ -149,10 +149,11 @@ fn a_job_with_limits_fails_where_the_worker_enforces_none() {
 #[test]
 fn a_fork_bomb_stops_at_its_pids_limit_and_the_worker_runs_the_next_job() {
     let env = Env::new();
-    // The bomb forks for a second, then the job reads its own group's peak (with
-    // builtins: no fork is left for anything else).
+    // The job starts its `sleep` before the bomb (once the bomb holds every pid, a
+    // fork of the job's own shell would fail and end it with "Cannot fork"), lets the
+    // bomb fork for a second, then reads its own group's peak with builtins only.
     let bomb = "g=$(grep ':pids:' /proc/self/cgroup | cut -d: -f3); \
-                f() { f | f & }; f; sleep 1; \
+                sleep 1 & s=$!; f() { f | f & }; f; wait $s; \
                 read peak < /sys/fs/cgroup/pids$g/pids.peak; echo $peak";
     let (_, created) = env.add_with(&["--pids", "20"], bomb);
     let (_, next) = env.add("echo next");
