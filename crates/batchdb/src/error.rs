@@ -158,6 +158,32 @@ pub enum Error {
         #[source]
         source: object_store::Error,
     },
+    /// A call to a batchdb server (a remote worker's `--server`) failed: it could not
+    /// be reached, or it answered with an error.
+    #[error("server {url}: {message}")]
+    Server {
+        /// The server's URL.
+        url: String,
+        /// The HTTP status, if it answered.
+        status: Option<u16>,
+        /// What failed, with the server's own message if it gave one.
+        message: String,
+    },
+    /// The server speaks another worker protocol than this build: run the same
+    /// batchdb version on both (retrying cannot help).
+    #[error(
+        "server {url} speaks worker protocol {theirs} (batchdb {version}), this worker {ours}: run the same batchdb version on both"
+    )]
+    Protocol {
+        /// The server's URL.
+        url: String,
+        /// The server's protocol.
+        theirs: String,
+        /// The server's batchdb version, if it said.
+        version: String,
+        /// This build's protocol.
+        ours: u32,
+    },
     /// A background task panicked or was cancelled.
     #[error("internal task failed: {0}")]
     Task(String),

@@ -49,6 +49,8 @@ mod io;
 mod lines;
 pub mod preview;
 pub mod queue;
+#[cfg(feature = "remote")]
+pub mod remote;
 mod retention;
 pub mod runner;
 pub mod template;
@@ -410,6 +412,16 @@ impl BatchDb {
             opts.live_dir.clone_from(&self.live_dir);
         }
         Worker::new(self.queue.clone(), self.blobs.clone(), runner, opts)
+    }
+
+    /// What a worker on this database calls (the queue, the blob store, live output
+    /// files in [`BatchDb::live_dir`]): `batchdb serve` answers remote workers with it.
+    pub fn worker_port(&self) -> worker::LocalPort {
+        worker::LocalPort::new(
+            self.queue.clone(),
+            self.blobs.clone(),
+            self.live_dir.clone(),
+        )
     }
 }
 

@@ -394,6 +394,28 @@ pub struct RunArgs {
         allow_hyphen_values = true
     )]
     pub reserve_after: f64,
+    /// Work for the `batchdb serve` at URL (`https://host:5000`) instead of opening
+    /// the database: every queue and blob call goes through its worker endpoints, so
+    /// this machine needs no database, bucket or shared filesystem.
+    #[arg(
+        long,
+        env = "BATCHDB_SERVER",
+        value_name = "URL",
+        conflicts_with = "prune_after"
+    )]
+    pub server: Option<String>,
+    /// The server's worker token (its --worker-token, or its --token without one).
+    #[arg(
+        long,
+        env = "BATCHDB_TOKEN",
+        hide_env_values = true,
+        requires = "server"
+    )]
+    pub token: Option<String>,
+    /// Trust only the certificate authorities in this PEM file for an https
+    /// --server (a private CA).
+    #[arg(long, value_name = "FILE", requires = "server")]
+    pub ca_cert: Option<PathBuf>,
     #[command(flatten)]
     pub progress: ProgressArgs,
 }
@@ -413,6 +435,10 @@ pub struct ServeArgs {
     /// Require the token on reads too (lists, blobs, events, metrics).
     #[arg(long, requires = "token")]
     pub auth_reads: bool,
+    /// The token remote workers (`batchdb run --server`) must present; it authorises
+    /// the worker endpoints and nothing else. Without it, they need --token (if set).
+    #[arg(long, env = "BATCHDB_WORKER_TOKEN", hide_env_values = true)]
+    pub worker_token: Option<String>,
     /// The most connections open at once; at the limit, the connection idle the
     /// longest is closed to make room.
     #[arg(long, default_value_t = batchdb_server::Limits::DEFAULT.max_connections)]

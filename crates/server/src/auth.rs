@@ -40,11 +40,14 @@ fn check(app: &AppState, req: &Request) -> Result<(), ApiError> {
             "cross-origin request refused",
         ));
     }
+    let path = req.uri().path();
+    let rel = path.strip_prefix(app.prefix.as_str()).unwrap_or(path);
+    if crate::worker::is_worker_path(rel) {
+        return worker_check(app, headers);
+    }
     let Some(token) = app.opts.token.as_deref() else {
         return Ok(());
     };
-    let path = req.uri().path();
-    let rel = path.strip_prefix(app.prefix.as_str()).unwrap_or(path);
     let public = matches!(rel, "" | "/" | "/healthz") || rel.starts_with("/assets/");
     if read && (public || !app.opts.auth_reads) {
         return Ok(());
@@ -62,6 +65,30 @@ fn check(app: &AppState, req: &Request) -> Result<(), ApiError> {
         None => Err(ApiError::new(
             StatusCode::UNAUTHORIZED,
             "this request needs the server's token: Authorization: Bearer <token>",
+        )),
+    }
+}
+
+/// The worker endpoints: the worker token where one is set (and only it), else the
+/// client token where one is set, else open. Reads need it too (a payload is data).
+fn worker_check(app: &AppState, headers: &HeaderMap) -> Result<(), ApiError> {
+    let Some(token) = app
+        .opts
+        .worker_token
+        .as_deref()
+        .or(app.opts.token.as_deref())
+    else {
+        return Ok(());
+    };
+    match bearer(headers) {
+        Some(g) if same(g.as_bytes(), token.as_bytes()) => Ok(()),
+        Some(_) => Err(ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            "wrong worker token",
+        )),
+        None => Err(ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            "the worker endpoints need the server's worker token: Authorization: Bearer <token>",
         )),
     }
 }

@@ -28,6 +28,7 @@ mod metrics;
 mod recent;
 mod rows;
 mod series;
+mod worker;
 
 use std::future::Future;
 use std::sync::Arc;
@@ -59,6 +60,11 @@ pub struct ServeOptions {
     pub local_hosts_only: bool,
     /// Caps on connections and event streams, and the timeouts of stalled clients.
     pub limits: Limits,
+    /// With a worker token, the worker endpoints (`/worker/...`, what `batchdb run
+    /// --server` calls) need `Authorization: Bearer <worker token>`, and the worker
+    /// token authorises nothing else. Without one, they need [`token`](Self::token)
+    /// if that is set.
+    pub worker_token: Option<String>,
 }
 
 impl ServeOptions {
@@ -143,7 +149,8 @@ pub fn router(db: BatchDb, opts: ServeOptions) -> Result<Router, Error> {
         .route(&p("/api/output/{id}"), get(events::output))
         .route(&p("/api/push"), post(api::push))
         .route(&p("/api/cancel/{selector}"), post(api::cancel))
-        .route(&p("/api/retry/{selector}"), post(api::retry));
+        .route(&p("/api/retry/{selector}"), post(api::retry))
+        .merge(worker_routes(&prefix));
     if !prefix.is_empty() {
         r = r.route(&prefix, get(dashboard::to_index));
     }
@@ -156,6 +163,28 @@ pub fn router(db: BatchDb, opts: ServeOptions) -> Result<Router, Error> {
         ))
         .layer(axum::middleware::from_fn(error::request_limits))
         .with_state(app))
+}
+
+/// The worker endpoints (`worker.rs`), behind the protocol check.
+fn worker_routes(prefix: &str) -> Router<AppState> {
+    let p = |path: &str| format!("{prefix}/worker{path}");
+    Router::new()
+        .route(&p("/hello"), get(worker::hello))
+        .route(&p("/claim"), post(worker::claim))
+        .route(&p("/wait"), post(worker::wait))
+        .route(&p("/heartbeat"), post(worker::heartbeat))
+        .route(&p("/status"), post(worker::status))
+        .route(&p("/finish"), post(worker::finish))
+        .route(&p("/recorded"), post(worker::recorded))
+        .route(&p("/blob/{hash}"), get(worker::blob))
+        .route(&p("/output"), post(worker::output))
+        .route(&p("/live/{id}/{attempt}/{stream}"), post(worker::live))
+        .route(&p("/deps"), post(worker::deps))
+        .route(&p("/idle"), post(worker::idle))
+        .route(&p("/counts"), get(worker::counts))
+        .route(&p("/seen"), post(worker::seen))
+        .route(&p("/gone"), post(worker::gone))
+        .layer(axum::middleware::from_fn(worker::protocol))
 }
 
 /// Serves `router(db, opts)` on `listener`, within `opts.limits` (see [`Limits`]),

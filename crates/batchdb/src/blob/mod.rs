@@ -31,7 +31,7 @@ use crate::hash::Hash;
 pub type BlobReader = Pin<Box<dyn AsyncRead + Send>>;
 
 /// What a completed write stored.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, serde::Deserialize)]
 pub struct BlobInfo {
     /// The sha256 of the content, which is also its name.
     pub hash: Hash,

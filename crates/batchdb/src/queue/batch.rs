@@ -1,7 +1,7 @@
 //! Batches and dependencies as the [`Queue`](super::Queue) speaks of them: a batch
 //! name, a dependency of a push, a batch's counts, a dependency's result.
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use super::types::{Counts, Selector, State};
 use crate::error::{Error, Result};
@@ -100,7 +100,7 @@ pub struct Selected {
 
 /// A dependency of an instance that ended with a result: what a dependent reads
 /// (`BATCHDB_DEPS`) and what its result-cache key covers.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[non_exhaustive]
 pub struct DependencyResult {
     /// The dependency's instance id (the paging cursor; dependencies come in id

@@ -118,7 +118,7 @@ impl FromStr for Order {
 }
 
 /// A worker's request for work.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[non_exhaustive]
 pub struct ClaimRequest {
     /// Who claims (shown in attempts; any unique string).
@@ -169,7 +169,7 @@ impl ClaimRequest {
 pub const RESERVE_AFTER: Duration = Duration::from_secs(60);
 
 /// What, besides the payload, decides a job's outcome for the result cache.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[non_exhaustive]
 pub struct CacheSpec {
     /// The runner's command line (or a library runner's name).
@@ -214,7 +214,7 @@ pub fn cache_key(
 }
 
 /// Names one attempt: the instance id and its fencing token.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ClaimToken {
     /// The instance id.
     pub id: i64,
@@ -224,7 +224,7 @@ pub struct ClaimToken {
 }
 
 /// An instance handed to a worker.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[non_exhaustive]
 pub struct Claim {
     /// The attempt's id and fencing token.
@@ -267,7 +267,7 @@ pub struct Claim {
 
 /// An attempt whose worker stopped renewing its lease, as the claim that took its
 /// instance over found it.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[non_exhaustive]
 pub struct LostAttempt {
     /// The instance id.
@@ -293,7 +293,7 @@ impl LostAttempt {
 }
 
 /// What a heartbeat learned.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[non_exhaustive]
 pub struct Heartbeat {
     /// Someone asked to cancel this instance: kill it and finish it as cancelled.
@@ -301,7 +301,7 @@ pub struct Heartbeat {
 }
 
 /// What one attempt produced.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[non_exhaustive]
 pub struct AttemptReport {
     /// Start time (epoch ms).
@@ -350,7 +350,7 @@ impl AttemptReport {
 }
 
 /// How an attempt ends.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Outcome {
     /// The run succeeded: the instance becomes a result.
     Success(AttemptReport),
@@ -369,7 +369,7 @@ pub enum Outcome {
 }
 
 /// What [`Queue::finish`](super::Queue::finish) did.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Finished {
     /// A result row now exists.
     Result,
@@ -491,7 +491,7 @@ impl fmt::Display for Selector {
 }
 
 /// How many instances are in each state.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[non_exhaustive]
 pub struct Counts {
     /// Pending (including delayed and retry-waiting).
@@ -509,7 +509,7 @@ pub struct Counts {
     /// Of the pending, how many need more than any live worker has in all (they
     /// wait for a worker that has it); filled by [`crate::BatchDb::counts`], shown
     /// only when not 0.
-    #[serde(skip_serializing_if = "is_zero")]
+    #[serde(default, skip_serializing_if = "is_zero")]
     pub unrunnable: u64,
 }
 

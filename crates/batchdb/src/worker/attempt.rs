@@ -3,7 +3,6 @@
 //! while it runs, what it left behind settled after it ends.
 
 use std::io;
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
@@ -11,9 +10,9 @@ use std::time::Duration;
 use tokio::io::AsyncWriteExt;
 use tokio::time::Instant;
 
-use super::Worker;
 use super::classify::{Ended, Stopped, Verdict, classify};
-use crate::blob::{BlobInfo, BlobStore};
+use super::{LiveSink, OutputStream, Worker, WorkerPort};
+use crate::blob::BlobInfo;
 use crate::error::{Error, Result};
 use crate::hash::Hash;
 use crate::io::{Cut, CutReader, Inspect, Inspector};
@@ -44,7 +43,7 @@ struct Stored {
 /// a longer one streams into the blob store. A read error is [`Error::Stream`] (the
 /// job's failure); anything else comes from the store.
 async fn store_output(
-    store: &dyn BlobStore,
+    store: &dyn WorkerPort,
     reader: &mut (dyn tokio::io::AsyncRead + Send + Unpin),
 ) -> Result<Stored> {
     use tokio::io::AsyncReadExt;
@@ -61,7 +60,7 @@ async fn store_output(
         });
     }
     let mut rest = std::io::Cursor::new(head).chain(reader);
-    let info = store.put(&mut rest).await?;
+    let info = store.put_output(&mut rest).await?;
     Ok(Stored { info, inline: None })
 }
 
@@ -156,7 +155,7 @@ impl Settling {
 /// dropped as soon as its own store ends, so a failed store closes that pipe at once
 /// (the job then gets EPIPE instead of blocking on it).
 async fn store_outputs<R: tokio::io::AsyncRead + Send + Unpin>(
-    blobs: Arc<dyn BlobStore>,
+    blobs: Arc<dyn WorkerPort>,
     stdout: R,
     stderr: Option<R>,
     drained: Arc<AtomicBool>,
@@ -175,15 +174,9 @@ async fn store_outputs<R: tokio::io::AsyncRead + Send + Unpin>(
     both
 }
 
-fn open_live(path: &PathBuf) -> Option<std::fs::File> {
-    std::fs::File::create(path)
-        .map_err(|e| tracing::warn!("live output {}: {e}", path.display()))
-        .ok()
-}
-
-/// Mirrors every byte of a job's output into a local file for live readers. A
-/// failure to mirror never fails the job: the mirror is dropped instead.
-struct Mirror(Option<std::fs::File>);
+/// Mirrors every byte of a job's output for live readers (see [`WorkerPort::live`]).
+/// A failure to mirror never fails the job: the mirror is dropped instead.
+struct Mirror(Option<LiveSink>);
 
 impl Inspector for Mirror {
     fn chunk(&mut self, bytes: &[u8]) {
@@ -240,18 +233,9 @@ impl Worker {
             }
         };
         let killer = exec.killer.clone();
-        let live = self.opts.live_dir.as_ref().map(|d| {
-            let (id, n) = (claim.token.id, claim.token.token);
-            (
-                d.join(format!("{id}.{n}.stdout")),
-                d.join(format!("{id}.{n}.stderr")),
-            )
-        });
-        let (live_out, live_err) = match &live {
-            Some((o, e)) => (open_live(o), open_live(e)),
-            None => (None, None),
-        };
-        let blobs = self.blobs.clone();
+        let live_out = self.port.live(&claim.token, OutputStream::Stdout);
+        let live_err = self.port.live(&claim.token, OutputStream::Stderr);
+        let blobs = self.port.clone();
         // Thrown when the job is over but something still holds its pipes open.
         let cut = Cut::default();
         let stdout = CutReader::new(Inspect::new(exec.stdout, Mirror(live_out)), cut.clone());
@@ -299,10 +283,6 @@ impl Worker {
             (f, o, e, w)
         };
         let (results, stopped) = self.supervise(claim, &killer, &cut, timeout, work).await;
-        if let Some((o, e)) = &live {
-            let _ = std::fs::remove_file(o);
-            let _ = std::fs::remove_file(e);
-        }
         let inputs = deps.as_ref().map(|d| d.digest);
         let spec = self.runner.spec();
         let key = cache_key(&claim.job, &spec, timeout, inputs.as_ref(), &claim.context);

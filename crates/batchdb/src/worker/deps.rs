@@ -51,7 +51,7 @@ impl Worker {
         let mut after = 0;
         loop {
             let page = self
-                .queue
+                .port
                 .dependency_results(claim.token.id, after, PAGE)
                 .await?;
             let Some(last) = page.last() else { break };

@@ -13,17 +13,20 @@ use crate::blob::BlobStore;
 use crate::error::{Error, Result};
 use crate::hash::Hash;
 use crate::queue::{
-    AttemptEnd, AttemptReport, CacheSpec, Claim, ClaimRequest, ClaimToken, Finished, Order,
-    Outcome, Queue, RESERVE_AFTER, Resources, millis, now_ms, policy,
+    AttemptReport, CacheSpec, Claim, ClaimRequest, ClaimToken, Finished, Order, Outcome, Queue,
+    RESERVE_AFTER, Resources, millis, now_ms, policy,
 };
 use crate::runner::{Reader, Runner};
 
 mod attempt;
 
 pub use attempt::Settling;
+pub use port::{LiveSink, LocalPort, OutputStream, WorkerPort};
 mod classify;
 mod deps;
+mod port;
 mod supervise;
+pub mod wire;
 
 /// How often a worker renews its entry among the live workers (it lapses after three
 /// times this without renewal).
@@ -65,7 +68,8 @@ pub struct WorkerOptions {
     pub until_empty: bool,
     /// The worker's name in attempts (default `host:pid:random`).
     pub name: String,
-    /// Where running jobs' output is mirrored for live readers (`logs -f`).
+    /// Where running jobs' output is mirrored for live readers (`logs -f`), for a
+    /// worker built by [`Worker::new`] (a [`LocalPort`]).
     pub live_dir: Option<PathBuf>,
     /// What this worker has to give jobs that need it (`--resource gpu=0,1`): it
     /// claims an instance only when its needs fit what is free.
@@ -168,10 +172,9 @@ impl Default for Shutdown {
     }
 }
 
-/// A worker over one queue and one blob store.
+/// A worker over one queue and one blob store, reached through a [`WorkerPort`].
 pub struct Worker {
-    queue: Arc<dyn Queue>,
-    blobs: Arc<dyn BlobStore>,
+    port: Arc<dyn WorkerPort>,
     runner: Arc<dyn Runner>,
     opts: WorkerOptions,
     shutdown: Shutdown,
@@ -184,16 +187,27 @@ pub struct Worker {
 }
 
 impl Worker {
-    /// A worker; call [`Worker::run`] to start it.
+    /// A worker over `queue` and `blobs` (a [`LocalPort`] with
+    /// [`WorkerOptions::live_dir`]); call [`Worker::run`] to start it.
     pub fn new(
         queue: Arc<dyn Queue>,
         blobs: Arc<dyn BlobStore>,
         runner: Arc<dyn Runner>,
         opts: WorkerOptions,
     ) -> Worker {
+        let port = LocalPort::new(queue, blobs, opts.live_dir.clone());
+        Worker::with_port(Arc::new(port), runner, opts)
+    }
+
+    /// A worker whose queue and blob calls go through `port` (a remote worker's is
+    /// HTTP to `batchdb serve`); call [`Worker::run`] to start it.
+    pub fn with_port(
+        port: Arc<dyn WorkerPort>,
+        runner: Arc<dyn Runner>,
+        opts: WorkerOptions,
+    ) -> Worker {
         Worker {
-            queue,
-            blobs,
+            port,
             runner,
             shutdown: Shutdown::new(),
             fatal: std::sync::Mutex::new(None),
@@ -249,7 +263,7 @@ impl Worker {
                 announce = Instant::now() + ANNOUNCE_EVERY;
                 this.announce().await;
             }
-            let seen = this.queue.change_seq();
+            let seen = this.port.change_seq();
             let free = slots - tasks.len();
             let mut claimed_any = false;
             if free > 0 {
@@ -258,30 +272,20 @@ impl Worker {
                     free: this.free_now(),
                     ..req.clone()
                 };
-                match this.queue.claim(&req).await {
+                match this.port.claim(&req).await {
                     Ok(claims) => {
                         db_errors = 0;
                         for claim in claims {
                             claimed_any = true;
-                            this.hold(&claim.assigned, true);
-                            if let Some(hit) = claim.cache_hit.clone() {
-                                send(reports.as_ref(), &claim, hit, Some(Finished::Result));
-                                continue;
-                            }
-                            if let Some(lost) = claim.lost.clone() {
-                                // Whatever the lost attempt left running here must stop
-                                // before the instance runs again. Aimed by the lost
-                                // attempt's own id (Runner::stop_lost): it never reaches
-                                // a live attempt, here or of any other database.
-                                let runner = this.runner.clone();
-                                let _ = tokio::task::spawn_blocking(move || {
-                                    runner.stop_lost(&lost);
-                                })
-                                .await;
-                            }
-                            let (w, r) = (this.clone(), reports.clone());
-                            tasks.spawn(async move { w.run_one(claim, r).await });
+                            this.start(claim, &mut tasks, reports.as_ref()).await;
                         }
+                    }
+                    Err(e @ Error::Protocol { .. }) => {
+                        // A server of another version: retrying cannot help.
+                        if let Ok(mut f) = this.fatal.lock() {
+                            f.get_or_insert(e);
+                        }
+                        break;
                     }
                     Err(e) => {
                         db_errors += 1;
@@ -308,7 +312,7 @@ impl Worker {
             }
             // Sleep until the queue changes, a slot frees up, or a delayed job may be due.
             tokio::select! {
-                () = this.queue.wait_change(seen, Duration::from_secs(1)) => {}
+                () = this.port.wait_change(seen, Duration::from_secs(1)) => {}
                 Some(_) = tasks.join_next(), if !tasks.is_empty() => {}
                 () = this.shutdown.wait_level(1) => {}
             }
@@ -317,7 +321,7 @@ impl Worker {
         // Best effort, and never a wait past a stop (not at all while the queue is
         // unreachable): the entry lapses by itself.
         if db_errors == 0 {
-            let gone = this.queue.worker_gone(&this.opts.name);
+            let gone = this.port.worker_gone(&this.opts.name);
             match tokio::time::timeout(REGISTRY_WAIT, gone).await {
                 Ok(Ok(())) => {}
                 Ok(Err(e)) => tracing::warn!("removing this worker's entry failed: {e}"),
@@ -328,6 +332,33 @@ impl Worker {
             Some(e) => Err(e),
             None => Ok(()),
         }
+    }
+
+    /// Starts claim `claim` in `tasks` (or reports its cache hit).
+    async fn start(
+        self: &Arc<Self>,
+        claim: Claim,
+        tasks: &mut JoinSet<()>,
+        reports: Option<&mpsc::UnboundedSender<Report>>,
+    ) {
+        self.hold(&claim.assigned, true);
+        if let Some(hit) = claim.cache_hit.clone() {
+            send(reports, &claim, hit, Some(Finished::Result));
+            return;
+        }
+        if let Some(lost) = claim.lost.clone() {
+            // Whatever the lost attempt left running here must stop before the
+            // instance runs again. Aimed by the lost attempt's own id
+            // (Runner::stop_lost): it never reaches a live attempt, here or of any
+            // other database.
+            let runner = self.runner.clone();
+            let _ = tokio::task::spawn_blocking(move || {
+                runner.stop_lost(&lost);
+            })
+            .await;
+        }
+        let (w, r) = (self.clone(), reports.cloned());
+        tasks.spawn(async move { w.run_one(claim, r).await });
     }
 
     async fn run_one(
@@ -348,18 +379,13 @@ impl Worker {
     /// Whether nothing is running and nothing pending that this worker could ever run
     /// (a pending instance needing more than it has waits for another worker).
     async fn empty(&self) -> bool {
-        let counted = async {
-            let c = self.queue.counts().await?;
-            if c.running > 0 || c.pending == 0 {
-                return Ok::<_, Error>(c.pending == 0 && c.running == 0);
-            }
-            let unfit = self.queue.unrunnable(Some(&self.opts.resources)).await?;
-            Ok(c.pending == unfit)
-        };
-        counted.await.unwrap_or_else(|e| {
-            tracing::warn!("counting instances failed: {e}");
-            false
-        })
+        self.port
+            .idle(&self.opts.resources)
+            .await
+            .unwrap_or_else(|e| {
+                tracing::warn!("counting instances failed: {e}");
+                false
+            })
     }
 
     /// What of the worker's resources no running attempt holds.
@@ -385,7 +411,7 @@ impl Worker {
     async fn announce(&self) {
         let ttl = ANNOUNCE_EVERY * 3;
         let seen = self
-            .queue
+            .port
             .worker_seen(&self.opts.name, &self.opts.resources, ttl);
         match tokio::time::timeout(REGISTRY_WAIT, seen).await {
             Ok(Ok(())) => {}
@@ -401,7 +427,7 @@ impl Worker {
         let give_up = Instant::now() + self.opts.lease;
         let mut n = 0;
         loop {
-            match self.queue.finish(t, outcome).await {
+            match self.port.finish(t, outcome).await {
                 Ok(f) => return Some(f),
                 Err(e @ Error::Fenced { .. }) => {
                     if n > 0 {
@@ -463,27 +489,14 @@ impl Worker {
 
     /// What attempt `t` recorded, if it has ended (for a finish whose reply was lost).
     async fn recorded(&self, t: &ClaimToken) -> Option<Finished> {
-        let detail = self.queue.instance(t.id).await.ok()?;
-        let attempt = detail.attempts.iter().find(|a| a.attempt == t.token)?;
-        let latest = detail.attempts.last().map(|a| a.attempt) == Some(t.token);
-        match AttemptEnd::parse(attempt.outcome.as_deref()?)? {
-            AttemptEnd::Result => Some(Finished::Result),
-            AttemptEnd::Fail => Some(Finished::Fail),
-            AttemptEnd::Cancelled => Some(Finished::Cancelled),
-            AttemptEnd::Retry if latest => Some(Finished::Retry(detail.run_at)),
-            AttemptEnd::Released if latest => Some(Finished::Released),
-            _ => None,
-        }
+        self.port.recorded(t).await.ok().flatten()
     }
 
     /// Opens a job's payload: up to [`PREFETCH`] bytes are read (and so verified)
     /// before this returns; a larger payload streams.
     async fn prefetch(&self, job: &Hash) -> Result<Reader> {
         use tokio::io::AsyncReadExt;
-        if let Some(bytes) = crate::checked_inline(self.queue.as_ref(), job).await? {
-            return Ok(Box::pin(std::io::Cursor::new(bytes)));
-        }
-        let r = self.blobs.get(job).await?;
+        let r = self.port.blob(job).await?;
         let mut head = Vec::new();
         let mut limited = r.take(PREFETCH + 1);
         limited

@@ -68,7 +68,7 @@ impl Worker {
         };
         let running = |c: &Clocks| c.stopped.is_none();
         loop {
-            let seen = self.queue.change_seq();
+            let seen = self.port.change_seq();
             let check_at = c.last_check + CHECK_EVERY;
             let stop_now = tokio::select! {
                 res = &mut work => return (res, c.stopped),
@@ -99,7 +99,7 @@ impl Worker {
                 () = async {
                     // At most one look every CHECK_EVERY, however busy the queue is.
                     tokio::time::sleep_until(check_at).await;
-                    self.queue.wait_change(seen, hb_every).await;
+                    self.port.wait_change(seen, hb_every).await;
                 }, if running(&c) => self.look(claim, &mut c).await,
                 () = self.shutdown.wait_level(2), if running(&c) => Some(Stopped::Shutdown),
             };
@@ -128,7 +128,7 @@ impl Worker {
             .saturating_duration_since(before)
             .max(Duration::from_millis(1));
         let id = claim.token.id;
-        let beat = self.queue.heartbeat(&claim.token, self.opts.lease);
+        let beat = self.port.heartbeat(&claim.token, self.opts.lease);
         match tokio::time::timeout(left, beat).await {
             Ok(Ok(hb)) => {
                 c.lease_end = before + self.opts.lease;
@@ -154,7 +154,7 @@ impl Worker {
             .lease_end
             .saturating_duration_since(c.last_check)
             .max(Duration::from_millis(1));
-        match tokio::time::timeout(left, self.queue.status(&claim.token)).await {
+        match tokio::time::timeout(left, self.port.status(&claim.token)).await {
             Ok(Ok(hb)) if hb.cancel_requested => Some(Stopped::Cancel),
             Ok(Err(Error::Fenced { .. })) => Some(Stopped::Lost),
             // Still ours; or the look failed or timed out: the next one tells.

@@ -44,8 +44,16 @@ pub async fn dispatch(cli: Cli) -> Result<ExitCode> {
         _ => {}
     }
     let cfg = config(&cli)?;
+    let command = cli.command;
+    if let Command::Run(r) = command {
+        // A remote worker opens no database: the server does.
+        if r.server.is_some() {
+            return run::run_remote(r).await;
+        }
+        return run::run(&BatchDb::open(&cfg).await?, r).await;
+    }
     let db = BatchDb::open(&cfg).await?;
-    match cli.command {
+    match command {
         Command::Add(a) if a.lines => add::add_lines(&db, a).await,
         Command::Add(a) => add::add(&db, a).await,
         Command::Create(p) => add::create(&db, p).await,
@@ -54,7 +62,6 @@ pub async fn dispatch(cli: Cli) -> Result<ExitCode> {
         Command::List { kind, batch } => list::list(&db, kind, batch).await,
         Command::Batches => batch::batches(&db).await,
         Command::Wait(w) => batch::wait(&db, w).await,
-        Command::Run(r) => run::run(&db, r).await,
         Command::Serve(s) => serve::serve(db, s).await,
         Command::Get { hash } => show::get(&db, hash).await,
         Command::Show { selector, json } => show::show(&db, &selector, json).await,
@@ -75,7 +82,9 @@ pub async fn dispatch(cli: Cli) -> Result<ExitCode> {
             json,
         } => batch::status(&db, &b, json).await,
         Command::Ps(a) => ps::ps(&db, a).await,
-        Command::Completions { .. } | Command::Man { .. } => unreachable!("answered above"),
+        Command::Completions { .. } | Command::Man { .. } | Command::Run(_) => {
+            unreachable!("answered above")
+        }
     }
 }
 

@@ -2,6 +2,9 @@
 
 use std::io::IsTerminal;
 
+use batchdb::remote::{RemoteOptions, RemotePort};
+use batchdb::worker::{Worker, WorkerPort};
+
 use super::progress::{self, Progress};
 use super::*;
 use crate::args::ProgressArgs;
@@ -10,7 +13,55 @@ use crate::args::ProgressArgs;
 /// spend the worker on heartbeats.
 const MIN_LEASE: Duration = Duration::from_millis(100);
 
+/// `batchdb run`: a worker on the database this process opens.
 pub(super) async fn run(db: &BatchDb, r: RunArgs) -> Result<ExitCode> {
+    let (runner, opts) = worker_setup(&r)?;
+    let prune_age = r
+        .prune_after
+        .as_deref()
+        .map(|d| maint::duration("prune-after", d))
+        .transpose()?;
+    let worker = db.worker(runner, opts);
+    let pruner = prune_age.map(|age| maint::prune_in_background(db, age));
+    let port: Arc<dyn WorkerPort> = Arc::new(db.worker_port());
+    drive(worker, port, &r, pruner).await
+}
+
+/// `batchdb run --server URL`: a worker whose every queue and blob call goes to
+/// that server.
+pub(super) async fn run_remote(r: RunArgs) -> Result<ExitCode> {
+    let (runner, opts) = worker_setup(&r)?;
+    let mut remote = RemoteOptions::new(r.server.clone().unwrap_or_default());
+    remote.token.clone_from(&r.token);
+    remote.ca_cert.clone_from(&r.ca_cert);
+    if remote.url.starts_with("http://") && !loopback_url(&remote.url) {
+        eprintln!(
+            "batchdb: warning: {} is plain HTTP: the token, payloads and outputs cross the network in clear text (use https://)",
+            remote.url
+        );
+    }
+    let port = Arc::new(RemotePort::connect(&remote).await?);
+    tracing::info!("working for {}", remote.url);
+    let worker = Worker::with_port(port.clone(), runner, opts);
+    drive(worker, port, &r, None).await
+}
+
+/// Whether `url`'s host is a loopback name or address.
+fn loopback_url(url: &str) -> bool {
+    let rest = url.split_once("://").map_or(url, |(_, r)| r);
+    let authority = rest.split('/').next().unwrap_or("");
+    let host = match authority.strip_prefix('[') {
+        Some(v6) => v6.split(']').next().unwrap_or(""),
+        None => authority.rsplit_once(':').map_or(authority, |(h, _)| h),
+    };
+    host == "localhost"
+        || host
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
+}
+
+/// The runner and the worker options `r` asks for, checked.
+fn worker_setup(r: &RunArgs) -> Result<(Arc<ShellRunner>, WorkerOptions)> {
     let order: Order = r.order.parse()?;
     let mode: batchdb::runner::LimitMode = r.limits.parse()?;
     let enforcer = batchdb::runner::Enforcer::new(mode)?;
@@ -54,14 +105,18 @@ pub(super) async fn run(db: &BatchDb, r: RunArgs) -> Result<ExitCode> {
         o.reserve_after = secs("reserve-after", r.reserve_after)?;
         o
     };
-    let prune_age = r
-        .prune_after
-        .as_deref()
-        .map(|d| maint::duration("prune-after", d))
-        .transpose()?;
-    let worker = db.worker(runner, opts);
+    Ok((runner, opts))
+}
+
+/// Runs `worker` until it stops, printing each ended attempt (reading results and
+/// counts through `port`).
+async fn drive(
+    worker: Worker,
+    port: Arc<dyn WorkerPort>,
+    r: &RunArgs,
+    pruner: Option<tokio::task::JoinHandle<()>>,
+) -> Result<ExitCode> {
     let settling = worker.settling();
-    let pruner = prune_age.map(|age| maint::prune_in_background(db, age));
     let shutdown = worker.shutdown_handle();
     let stop = shutdown.clone();
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<Report>();
@@ -82,7 +137,7 @@ pub(super) async fn run(db: &BatchDb, r: RunArgs) -> Result<ExitCode> {
         }
     });
     let work = tokio::spawn(worker.run(Some(tx)));
-    let mut line = RunProgress::new(db, &r.progress, r.print);
+    let mut line = RunProgress::new(port.as_ref(), &r.progress, r.print);
     let mut print_error = None;
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     loop {
@@ -98,7 +153,7 @@ pub(super) async fn run(db: &BatchDb, r: RunArgs) -> Result<ExitCode> {
         };
         line.ended(&rep);
         if print_error.is_none() {
-            let printed = print_report(db, &rep, r.print, &line.progress).await;
+            let printed = print_report(port.as_ref(), &rep, r.print, &line.progress).await;
             if let Err(e) = printed {
                 // Nowhere to report to: give running jobs back and stop, but keep
                 // recording what still finishes.
@@ -129,7 +184,7 @@ pub(super) async fn run(db: &BatchDb, r: RunArgs) -> Result<ExitCode> {
 /// The progress line of `run`: what this worker ended, out of that plus what is
 /// pending, waiting or running (the counts refreshed every second).
 struct RunProgress<'a> {
-    db: &'a BatchDb,
+    port: &'a dyn WorkerPort,
     progress: Progress,
     done: u64,
     failed: u64,
@@ -141,13 +196,13 @@ struct RunProgress<'a> {
 impl<'a> RunProgress<'a> {
     /// Not shown with `--print` when stdout is a terminal: the results' bytes are
     /// the progress there, and would garble the line.
-    fn new(db: &'a BatchDb, flags: &ProgressArgs, print: bool) -> RunProgress<'a> {
+    fn new(port: &'a dyn WorkerPort, flags: &ProgressArgs, print: bool) -> RunProgress<'a> {
         let flags = ProgressArgs {
             progress: flags.progress,
             no_progress: flags.no_progress || (print && std::io::stdout().is_terminal()),
         };
         RunProgress {
-            db,
+            port,
             progress: Progress::new(&flags, progress::BAR),
             done: 0,
             failed: 0,
@@ -158,7 +213,7 @@ impl<'a> RunProgress<'a> {
 
     async fn refresh(&mut self) {
         // A count that fails now is tried again at the next tick; the line only lags.
-        if let Ok(c) = self.db.counts().await {
+        if let Ok(c) = self.port.counts().await {
             self.total = self.done + c.pending + c.waiting + c.running;
             self.running = c.running;
         }
@@ -186,7 +241,12 @@ impl<'a> RunProgress<'a> {
     }
 }
 
-async fn print_report(db: &BatchDb, rep: &Report, print: bool, line: &Progress) -> Result<()> {
+async fn print_report(
+    port: &dyn WorkerPort,
+    rep: &Report,
+    print: bool,
+    line: &Progress,
+) -> Result<()> {
     let msg = rep
         .report
         .message
@@ -205,7 +265,7 @@ async fn print_report(db: &BatchDb, rep: &Report, print: bool, line: &Progress) 
             };
             say(format!("RESULT {} {}", rep.job, out.hash))?;
             if print {
-                copy_to(db.get(&out.hash).await?, tokio::io::stdout(), &out.hash).await?;
+                copy_to(port.blob(&out.hash).await?, tokio::io::stdout(), &out.hash).await?;
             }
         }
         Some(Finished::Fail) => say(format!("FAIL {} {} {msg}", rep.job, rep.created))?,

@@ -4,12 +4,14 @@ use super::*;
 
 /// `batchdb serve`: the HTTP API and dashboard until SIGINT or SIGTERM.
 pub(super) async fn serve(db: BatchDb, s: ServeArgs) -> Result<ExitCode> {
-    if s.token.as_deref().is_some_and(|t| t.trim().is_empty()) {
-        return Err(Error::Config {
-            what: "token",
-            value: String::new(),
-            why: "empty; give a token or none".into(),
-        });
+    for (what, t) in [("token", &s.token), ("worker-token", &s.worker_token)] {
+        if t.as_deref().is_some_and(|t| t.trim().is_empty()) {
+            return Err(Error::Config {
+                what,
+                value: String::new(),
+                why: "empty; give a token or none".into(),
+            });
+        }
     }
     let limits = limits(&s)?;
     let prune_age = s
@@ -29,6 +31,7 @@ pub(super) async fn serve(db: BatchDb, s: ServeArgs) -> Result<ExitCode> {
         auth_reads: s.auth_reads,
         local_hosts_only: addr.ip().is_loopback(),
         limits,
+        worker_token: s.worker_token,
     };
     let prefix = opts.normalized_prefix()?;
     if opts.token.is_none() && !addr.ip().is_loopback() {

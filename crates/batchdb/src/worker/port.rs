@@ -1,0 +1,277 @@
+//! What a worker needs of the queue and the blob store, as one trait: [`WorkerPort`].
+//!
+//! [`LocalPort`] is the queue and blob store themselves (the worker's process opens
+//! the database); `remote::RemotePort` (feature `remote`) makes the same calls over
+//! HTTP to `batchdb serve`, whose worker endpoints answer each of them with a
+//! [`LocalPort`]. The worker's rules (leases, fencing, retries, the cache) are the
+//! queue's either way: a port only carries the calls.
+
+use std::fmt;
+use std::io::Write;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use serde::{Deserialize, Serialize};
+use tokio::io::AsyncRead;
+
+use crate::blob::{BlobInfo, BlobStore};
+use crate::error::Result;
+use crate::hash::Hash;
+use crate::queue::{
+    AttemptEnd, Claim, ClaimRequest, ClaimToken, Counts, DependencyResult, Finished, Heartbeat,
+    Outcome, Queue, Resources,
+};
+use crate::runner::Reader;
+
+/// One of a job's two output streams.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OutputStream {
+    /// Standard output (the result).
+    Stdout,
+    /// Standard error.
+    Stderr,
+}
+
+impl OutputStream {
+    /// `stdout` or `stderr`.
+    pub fn name(self) -> &'static str {
+        match self {
+            OutputStream::Stdout => "stdout",
+            OutputStream::Stderr => "stderr",
+        }
+    }
+
+    /// The stream called `name` (`stdout` or `stderr`).
+    pub fn parse(name: &str) -> Option<OutputStream> {
+        match name {
+            "stdout" => Some(OutputStream::Stdout),
+            "stderr" => Some(OutputStream::Stderr),
+            _ => None,
+        }
+    }
+}
+
+/// Where a running attempt's output is mirrored as it is written, for live readers
+/// (`logs -f`, the dashboard). A write error drops the mirror, never the job.
+pub type LiveSink = Box<dyn Write + Send>;
+
+/// Every call a [`Worker`](super::Worker) makes to the queue and the blob store.
+///
+/// Guarantees every port gives (the conformance suite runs the worker over the local
+/// port; the remote port's process tests run it over HTTP):
+/// - [`claim`](Self::claim), [`heartbeat`](Self::heartbeat), [`status`](Self::status)
+///   and [`finish`](Self::finish) mean what the [`Queue`] methods of those names mean:
+///   a stale attempt gets [`crate::Error::Fenced`] and records nothing.
+/// - [`blob`](Self::blob) streams a payload or an output checked against its hash: a
+///   corrupt one ends in an error, never in a clean end of stream.
+/// - [`put_output`](Self::put_output) returns only once the output is durable.
+#[async_trait]
+pub trait WorkerPort: Send + Sync + fmt::Debug {
+    /// See [`Queue::claim`].
+    async fn claim(&self, req: &ClaimRequest) -> Result<Vec<Claim>>;
+
+    /// See [`Queue::heartbeat`].
+    async fn heartbeat(&self, t: &ClaimToken, lease: Duration) -> Result<Heartbeat>;
+
+    /// See [`Queue::status`].
+    async fn status(&self, t: &ClaimToken) -> Result<Heartbeat>;
+
+    /// See [`Queue::finish`].
+    async fn finish(&self, t: &ClaimToken, outcome: &Outcome) -> Result<Finished>;
+
+    /// What attempt `t` recorded, if it has ended (for a finish whose reply was lost:
+    /// its retry is fenced, and this says whether the first try committed).
+    async fn recorded(&self, t: &ClaimToken) -> Result<Option<Finished>>;
+
+    /// Blob `hash` (a job's payload, an output), kept inline in the queue or in the
+    /// blob store, streamed and checked against its hash.
+    async fn blob(&self, hash: &Hash) -> Result<Reader>;
+
+    /// How many instances are in each state (for `run`'s progress line).
+    async fn counts(&self) -> Result<Counts>;
+
+    /// See [`Queue::dependency_results`].
+    async fn dependency_results(
+        &self,
+        id: i64,
+        after: i64,
+        limit: usize,
+    ) -> Result<Vec<DependencyResult>>;
+
+    /// Stores an output longer than [`crate::INLINE_MAX`] bytes, streamed to its end;
+    /// returns once it is durable.
+    async fn put_output(&self, reader: &mut (dyn AsyncRead + Send + Unpin)) -> Result<BlobInfo>;
+
+    /// Where attempt `t`'s `stream` is mirrored while it runs, if anywhere. Dropping
+    /// the sink ends the mirror (its reader then sees the attempt's recorded output).
+    fn live(&self, t: &ClaimToken, stream: OutputStream) -> Option<LiveSink>;
+
+    /// Whether nothing is running and nothing is pending that a worker with
+    /// `resources` could ever run (`run --until-empty` stops then).
+    async fn idle(&self, resources: &Resources) -> Result<bool>;
+
+    /// See [`Queue::worker_seen`].
+    async fn worker_seen(&self, name: &str, resources: &Resources, ttl: Duration) -> Result<()>;
+
+    /// See [`Queue::worker_gone`].
+    async fn worker_gone(&self, name: &str) -> Result<()>;
+
+    /// See [`Queue::change_seq`].
+    fn change_seq(&self) -> u64;
+
+    /// See [`Queue::wait_change`].
+    async fn wait_change(&self, seen: u64, timeout: Duration);
+
+    /// Where the worker's queue is, for messages.
+    fn location(&self) -> String;
+}
+
+/// The port of a worker that opens the queue and the blob store itself; also what
+/// `batchdb serve` answers remote workers' calls with.
+#[derive(Debug, Clone)]
+pub struct LocalPort {
+    queue: Arc<dyn Queue>,
+    blobs: Arc<dyn BlobStore>,
+    live_dir: Option<PathBuf>,
+}
+
+impl LocalPort {
+    /// The port over `queue` and `blobs`, mirroring running jobs' output into files
+    /// in `live_dir` (`<instance>.<attempt>.stdout` and `.stderr`), if given.
+    pub fn new(
+        queue: Arc<dyn Queue>,
+        blobs: Arc<dyn BlobStore>,
+        live_dir: Option<PathBuf>,
+    ) -> LocalPort {
+        LocalPort {
+            queue,
+            blobs,
+            live_dir,
+        }
+    }
+}
+
+/// A live output file, removed when dropped.
+struct LiveFile {
+    file: std::fs::File,
+    path: PathBuf,
+}
+
+impl Write for LiveFile {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.file.write(buf)
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.file.flush()
+    }
+}
+
+impl Drop for LiveFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+#[async_trait]
+impl WorkerPort for LocalPort {
+    async fn claim(&self, req: &ClaimRequest) -> Result<Vec<Claim>> {
+        self.queue.claim(req).await
+    }
+
+    async fn heartbeat(&self, t: &ClaimToken, lease: Duration) -> Result<Heartbeat> {
+        self.queue.heartbeat(t, lease).await
+    }
+
+    async fn status(&self, t: &ClaimToken) -> Result<Heartbeat> {
+        self.queue.status(t).await
+    }
+
+    async fn finish(&self, t: &ClaimToken, outcome: &Outcome) -> Result<Finished> {
+        self.queue.finish(t, outcome).await
+    }
+
+    async fn recorded(&self, t: &ClaimToken) -> Result<Option<Finished>> {
+        let detail = self.queue.instance(t.id).await?;
+        let Some(attempt) = detail.attempts.iter().find(|a| a.attempt == t.token) else {
+            return Ok(None);
+        };
+        let latest = detail.attempts.last().map(|a| a.attempt) == Some(t.token);
+        let end = attempt.outcome.as_deref().and_then(AttemptEnd::parse);
+        Ok(match end {
+            Some(AttemptEnd::Result) => Some(Finished::Result),
+            Some(AttemptEnd::Fail) => Some(Finished::Fail),
+            Some(AttemptEnd::Cancelled) => Some(Finished::Cancelled),
+            Some(AttemptEnd::Retry) if latest => Some(Finished::Retry(detail.run_at)),
+            Some(AttemptEnd::Released) if latest => Some(Finished::Released),
+            _ => None,
+        })
+    }
+
+    async fn blob(&self, hash: &Hash) -> Result<Reader> {
+        if let Some(bytes) = crate::checked_inline(self.queue.as_ref(), hash).await? {
+            return Ok(Box::pin(std::io::Cursor::new(bytes)));
+        }
+        self.blobs.get(hash).await
+    }
+
+    async fn counts(&self) -> Result<Counts> {
+        self.queue.counts().await
+    }
+
+    async fn dependency_results(
+        &self,
+        id: i64,
+        after: i64,
+        limit: usize,
+    ) -> Result<Vec<DependencyResult>> {
+        self.queue.dependency_results(id, after, limit).await
+    }
+
+    async fn put_output(&self, reader: &mut (dyn AsyncRead + Send + Unpin)) -> Result<BlobInfo> {
+        self.blobs.put(reader).await
+    }
+
+    fn live(&self, t: &ClaimToken, stream: OutputStream) -> Option<LiveSink> {
+        let dir = self.live_dir.as_ref()?;
+        let path = dir.join(format!("{}.{}.{}", t.id, t.token, stream.name()));
+        match std::fs::File::create(&path) {
+            Ok(file) => Some(Box::new(LiveFile { file, path })),
+            Err(e) => {
+                tracing::warn!("live output {}: {e}", path.display());
+                None
+            }
+        }
+    }
+
+    async fn idle(&self, resources: &Resources) -> Result<bool> {
+        let c = self.queue.counts().await?;
+        if c.running > 0 || c.pending == 0 {
+            return Ok(c.pending == 0 && c.running == 0);
+        }
+        let unfit = self.queue.unrunnable(Some(resources)).await?;
+        Ok(c.pending == unfit)
+    }
+
+    async fn worker_seen(&self, name: &str, resources: &Resources, ttl: Duration) -> Result<()> {
+        self.queue.worker_seen(name, resources, ttl).await
+    }
+
+    async fn worker_gone(&self, name: &str) -> Result<()> {
+        self.queue.worker_gone(name).await
+    }
+
+    fn change_seq(&self) -> u64 {
+        self.queue.change_seq()
+    }
+
+    async fn wait_change(&self, seen: u64, timeout: Duration) {
+        self.queue.wait_change(seen, timeout).await;
+    }
+
+    fn location(&self) -> String {
+        self.queue.location()
+    }
+}
