@@ -39,6 +39,7 @@ mod manual;
 mod output_contract;
 mod progress;
 mod ps;
+mod remote;
 mod resources;
 mod retention;
 mod scheduling;
