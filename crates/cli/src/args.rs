@@ -457,4 +457,12 @@ pub struct ServeArgs {
     /// ago (as `batchdb prune --older-than DURATION` does).
     #[arg(long, value_name = "DURATION")]
     pub prune_after: Option<String>,
+    /// Serve HTTPS with the certificate in FILE (PEM; the server's certificate
+    /// first, then any intermediates). Needs --tls-key.
+    #[arg(long, value_name = "FILE", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+    /// The private key of --tls-cert's certificate (PEM: PKCS#8, PKCS#1 or SEC1).
+    /// Needs --tls-cert.
+    #[arg(long, value_name = "FILE", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
 }

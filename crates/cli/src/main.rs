@@ -60,8 +60,20 @@ fn usage_error(e: &clap::Error) -> ExitCode {
         return ExitCode::from(2);
     }
     let text = e.render().to_string();
-    let first = text.lines().next().unwrap_or("invalid command line");
-    let what = first.strip_prefix("error: ").unwrap_or(first);
+    let mut lines = text.lines();
+    let first = lines.next().unwrap_or("invalid command line");
+    let mut what = first.strip_prefix("error: ").unwrap_or(first).to_string();
+    // "the following required arguments were not provided:" lists them below,
+    // indented: name them on the one line.
+    if what.ends_with(':') {
+        let listed: Vec<&str> = lines
+            .take_while(|l| l.starts_with(char::is_whitespace) && !l.trim().is_empty())
+            .map(str::trim)
+            .collect();
+        if !listed.is_empty() {
+            what = format!("{what} {}", listed.join(", "));
+        }
+    }
     eprintln!("batchdb: {what} (see --help)");
     ExitCode::from(2)
 }

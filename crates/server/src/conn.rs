@@ -12,6 +12,8 @@
 //!   every connection is busy, new ones wait in the listen backlog until one ends.
 //!   Either way a warning is logged (at most every 10 s), so a flood of idle
 //!   connections never locks a real client out.
+//! - With TLS, each connection's task first does the handshake, which must end
+//!   within [`Limits::header_timeout`]; until then the connection counts as idle.
 
 use std::collections::HashMap;
 use std::pin::Pin;
@@ -25,7 +27,9 @@ use axum::body::Body;
 use axum::extract::Request;
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioIo, TokioTimer};
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::{Notify, watch};
+use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 use tower::ServiceExt;
 
@@ -133,7 +137,10 @@ impl Conns {
         let victim = m
             .iter()
             .filter(|(_, e)| e.busy.load(Ordering::SeqCst) == 0)
-            .min_by_key(|(_, e)| e.idle_since.load(Ordering::SeqCst))
+            // Ties (a burst accepted within one millisecond) go to the oldest: the
+            // connection just accepted, still in its TLS handshake or sending its
+            // first request, is the last to go.
+            .min_by_key(|(id, e)| (e.idle_since.load(Ordering::SeqCst), **id))
             .map(|(id, _)| *id);
         match victim.and_then(|id| m.remove(&id)) {
             Some(e) => {
@@ -161,17 +168,25 @@ impl Throttled {
 }
 
 /// Accepts connections on `listener` and serves `router` on each, within `limits`,
-/// until `stop` turns true; then asks every connection to close once its request in
-/// progress is answered, and returns when none is left or after `grace`.
+/// over TLS with `tls`, until `stop` turns true; then asks every connection to close
+/// once its request in progress is answered, and returns when none is left or after
+/// `grace`.
 pub(crate) async fn accept_loop(
     listener: tokio::net::TcpListener,
-    router: Router,
+    (router, tls): (Router, Option<TlsAcceptor>),
     limits: Limits,
     mut stop: watch::Receiver<bool>,
     grace: Duration,
 ) {
     let conns = Arc::new(Conns::default());
-    accept(&listener, &router, limits, &mut stop, &conns).await;
+    accept(
+        &listener,
+        (&router, tls.as_ref()),
+        limits,
+        &mut stop,
+        &conns,
+    )
+    .await;
     drop(listener);
     let _ = tokio::time::timeout(grace, async {
         while conns.len() > 0 {
@@ -183,7 +198,7 @@ pub(crate) async fn accept_loop(
 
 async fn accept(
     listener: &tokio::net::TcpListener,
-    router: &Router,
+    (router, tls): (&Router, Option<&TlsAcceptor>),
     limits: Limits,
     stop: &mut watch::Receiver<bool>,
     conns: &Arc<Conns>,
@@ -243,7 +258,7 @@ async fn accept(
         if let Ok(mut m) = conns.map.lock() {
             m.insert(next_id, entry);
         }
-        tokio::spawn(task.serve(stream, router.clone(), limits, stop.clone()));
+        tokio::spawn(task.run(stream, (router.clone(), tls.cloned()), limits, stop.clone()));
     }
 }
 
@@ -262,13 +277,40 @@ struct Connection {
 }
 
 impl Connection {
-    async fn serve(
+    /// Serves the connection (after the TLS handshake, with `tls`) until it ends or
+    /// is closed; then removes it from the open ones.
+    async fn run(
         self,
         stream: tokio::net::TcpStream,
-        router: Router,
+        (router, tls): (Router, Option<TlsAcceptor>),
         limits: Limits,
         mut stop: watch::Receiver<bool>,
     ) {
+        match tls {
+            None => self.serve(stream, router, limits, stop.clone()).await,
+            Some(acceptor) => {
+                let shaken = tokio::select! {
+                    s = crate::tls::handshake(&acceptor, stream, limits.header_timeout) => s,
+                    () = self.close.cancelled() => None,
+                    () = async { let _ = stop.wait_for(|s| *s).await; } => None,
+                };
+                if let Some(s) = shaken {
+                    self.serve(s, router, limits, stop.clone()).await;
+                }
+            }
+        }
+        self.conns.remove(self.id);
+    }
+
+    async fn serve<S>(
+        &self,
+        stream: S,
+        router: Router,
+        limits: Limits,
+        mut stop: watch::Receiver<bool>,
+    ) where
+        S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
         let (busy, idle_since, epoch) = (self.busy.clone(), self.idle_since.clone(), self.epoch);
         let service = hyper::service::service_fn(move |req: Request<Incoming>| {
             let guard = Busy::enter(busy.clone(), idle_since.clone(), epoch);
@@ -313,7 +355,6 @@ impl Connection {
                 }
             }
         }
-        self.conns.remove(self.id);
     }
 }
 

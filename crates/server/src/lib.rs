@@ -28,6 +28,7 @@ mod metrics;
 mod recent;
 mod rows;
 mod series;
+mod tls;
 mod worker;
 
 use std::future::Future;
@@ -40,6 +41,7 @@ use batchdb::{BatchDb, Error};
 
 pub use conn::Limits;
 pub use error::ApiError;
+pub use tls::TlsConfig;
 
 /// How the server behaves; everything but the database.
 #[derive(Debug, Clone, Default)]
@@ -65,6 +67,9 @@ pub struct ServeOptions {
     /// token authorises nothing else. Without one, they need [`token`](Self::token)
     /// if that is set.
     pub worker_token: Option<String>,
+    /// Serve HTTPS with this certificate and key; `None` for plain HTTP. The TLS
+    /// handshake must end within [`Limits::header_timeout`].
+    pub tls: Option<TlsConfig>,
 }
 
 impl ServeOptions {
@@ -188,8 +193,8 @@ fn worker_routes(prefix: &str) -> Router<AppState> {
 }
 
 /// Serves `router(db, opts)` on `listener`, within `opts.limits` (see [`Limits`]),
-/// until `shutdown` completes; then stops accepting, gives open requests a moment
-/// (2 s) to end, and returns.
+/// over TLS when `opts.tls` is set, until `shutdown` completes; then stops
+/// accepting, gives open requests a moment (2 s) to end, and returns.
 pub async fn serve(
     listener: tokio::net::TcpListener,
     db: BatchDb,
@@ -197,11 +202,18 @@ pub async fn serve(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), Error> {
     let limits = opts.limits;
+    let tls = opts.tls.as_ref().map(TlsConfig::acceptor);
     let app = router(db, opts)?;
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     // Event streams never end by themselves: once asked to stop, other requests get
     // a short grace period.
-    let accepting = conn::accept_loop(listener, app, limits, stop_rx, Duration::from_secs(2));
+    let accepting = conn::accept_loop(
+        listener,
+        (app, tls),
+        limits,
+        stop_rx,
+        Duration::from_secs(2),
+    );
     let stopping = async move {
         shutdown.await;
         let _ = stop_tx.send(true);

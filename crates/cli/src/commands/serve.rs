@@ -19,6 +19,11 @@ pub(super) async fn serve(db: BatchDb, s: ServeArgs) -> Result<ExitCode> {
         .as_deref()
         .map(|d| super::maint::duration("prune-after", d))
         .transpose()?;
+    // A bad certificate or key stops here, before anything listens.
+    let tls = match (&s.tls_cert, &s.tls_key) {
+        (Some(cert), Some(key)) => Some(batchdb_server::TlsConfig::from_pem_files(cert, key)?),
+        _ => None,
+    };
     let listener = tokio::net::TcpListener::bind(&s.listen)
         .await
         .map_err(|e| Error::io("listen on", &s.listen, e))?;
@@ -32,6 +37,7 @@ pub(super) async fn serve(db: BatchDb, s: ServeArgs) -> Result<ExitCode> {
         local_hosts_only: addr.ip().is_loopback(),
         limits,
         worker_token: s.worker_token,
+        tls,
     };
     let prefix = opts.normalized_prefix()?;
     if opts.token.is_none() && !addr.ip().is_loopback() {
@@ -39,7 +45,13 @@ pub(super) async fn serve(db: BatchDb, s: ServeArgs) -> Result<ExitCode> {
             "batchdb: warning: listening on {addr} without --token: anyone who can reach it can queue shell commands"
         );
     }
-    line(format_args!("listening on http://{addr}{prefix}/"))?;
+    if opts.tls.is_none() && !addr.ip().is_loopback() {
+        eprintln!(
+            "batchdb: warning: listening on {addr} without TLS (--tls-cert/--tls-key): tokens and payloads cross the network in clear text"
+        );
+    }
+    let scheme = if opts.tls.is_some() { "https" } else { "http" };
+    line(format_args!("listening on {scheme}://{addr}{prefix}/"))?;
     let shutdown = async {
         use tokio::signal::unix::{SignalKind, signal};
         match (

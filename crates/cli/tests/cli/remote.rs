@@ -54,7 +54,10 @@ fn is_root() -> bool {
 fn remote_command(url: &str, args: &[&str], cwd: &Path, nobody: Option<&PublicBinary>) -> Command {
     let mut c = match nobody {
         Some(bin) => {
-            assert!(is_root(), "this test runs a worker as nobody: run it as root");
+            assert!(
+                is_root(),
+                "this test runs a worker as nobody: run it as root"
+            );
             let mut c = Command::new("setpriv");
             c.args([
                 &format!("--reuid={NOBODY}"),
@@ -67,7 +70,12 @@ fn remote_command(url: &str, args: &[&str], cwd: &Path, nobody: Option<&PublicBi
         }
         None => Command::new(BIN),
     };
-    for k in ["BATCHDB_DIR", "BATCHDB_DB", "BATCHDB_BLOBS", "BATCHDB_TOKEN"] {
+    for k in [
+        "BATCHDB_DIR",
+        "BATCHDB_DB",
+        "BATCHDB_BLOBS",
+        "BATCHDB_TOKEN",
+    ] {
         c.env_remove(k);
     }
     c.current_dir(cwd)
@@ -111,7 +119,12 @@ fn a_remote_worker_that_cannot_read_the_database_drains_500_jobs_beside_a_local_
         .output()
         .expect("setpriv");
     assert!(!peek.status.success(), "nobody can read the database");
-    let remote = remote_command(&url(&server), &["-j", "4", "--until-empty"], Path::new("/"), Some(&bin));
+    let remote = remote_command(
+        &url(&server),
+        &["-j", "4", "--until-empty"],
+        Path::new("/"),
+        Some(&bin),
+    );
     let mut remote = env.start(remote, None);
     let mut local = env.spawn(&["run", "-j", "2", "--until-empty"]);
     let remote_out = remote.wait_ok_within(DEADLINE);
@@ -147,7 +160,12 @@ fn kill_9_of_a_remote_worker_mid_job_is_taken_over_within_the_lease_with_one_res
     remote.signal("KILL");
     remote.wait();
     // A second remote worker takes the instance over once the lease has expired.
-    let cmd = remote_command(&url(&server), &["--lease", "1", "--until-empty"], env.root(), None);
+    let cmd = remote_command(
+        &url(&server),
+        &["--lease", "1", "--until-empty"],
+        env.root(),
+        None,
+    );
     let mut second = env.start(cmd, None);
     second.wait_ok_within(DEADLINE);
     let row = wait_row(&env, "result", created);
@@ -201,7 +219,11 @@ fn kill_9_and_restart_of_the_server_mid_job_records_the_result_exactly_once() {
     let hash = row["value"]["hash"].as_str().expect("hash");
     assert_eq!(env.get(hash), b"before\nafter\n");
     let shown = env.show_json(&created.to_string());
-    assert_eq!(shown["attempts"].as_array().map(Vec::len), Some(1), "{shown}");
+    assert_eq!(
+        shown["attempts"].as_array().map(Vec::len),
+        Some(1),
+        "{shown}"
+    );
 }
 
 #[test]
@@ -231,12 +253,22 @@ fn worker_tokens_authorise_the_worker_endpoints_only_and_a_wrong_one_is_a_one_li
     let (_, created) = env.add("echo via token");
     let server = serve(
         &env,
-        &["--token", "client-secret", "--worker-token", "worker-secret"],
+        &[
+            "--token",
+            "client-secret",
+            "--worker-token",
+            "worker-secret",
+        ],
         &[],
     );
     // A wrong token, and the client token, are refused at once: one line, exit 1.
     for token in ["wrong", "client-secret"] {
-        let cmd = remote_command(&url(&server), &["--until-empty", "--token", token], env.root(), None);
+        let cmd = remote_command(
+            &url(&server),
+            &["--until-empty", "--token", token],
+            env.root(),
+            None,
+        );
         let out = env.output_within(cmd, None, DEADLINE);
         let msg = assert_one_line_error(&out, &["run", "--server", "--token", token]);
         assert!(msg.contains("401") && msg.contains("worker token"), "{msg}");
@@ -255,7 +287,10 @@ fn worker_tokens_authorise_the_worker_endpoints_only_and_a_wrong_one_is_a_one_li
     let out = env.output_within(cmd, None, DEADLINE);
     assert_success(&out, &["run", "--server"]);
     let row = env.row("result", created);
-    assert_eq!(env.get(row["value"]["hash"].as_str().expect("hash")), b"via token\n");
+    assert_eq!(
+        env.get(row["value"]["hash"].as_str().expect("hash")),
+        b"via token\n"
+    );
 }
 
 /// A stand-in server of another version: answers `/worker/hello` with protocol 999.
@@ -289,7 +324,9 @@ fn a_server_of_another_version_is_a_clear_error_not_a_retry_loop() {
     let out = env.output_within(cmd, None, Duration::from_secs(30));
     let msg = assert_one_line_error(&out, &["run", "--server"]);
     assert!(
-        msg.contains("protocol 999") && msg.contains("99.0.0") && msg.contains("same batchdb version"),
+        msg.contains("protocol 999")
+            && msg.contains("99.0.0")
+            && msg.contains("same batchdb version"),
         "{msg}"
     );
 }
@@ -309,6 +346,12 @@ fn bad_server_urls_and_an_unreachable_server_are_one_line_errors() {
     let msg = assert_one_line_error(&out, &["run", "--server"]);
     assert!(msg.contains(&addr.to_string()), "{msg}");
     // --prune-after belongs to the server.
-    let out = env.cmd(&["run", "--server", "http://127.0.0.1:1", "--prune-after", "1d"]);
+    let out = env.cmd(&[
+        "run",
+        "--server",
+        "http://127.0.0.1:1",
+        "--prune-after",
+        "1d",
+    ]);
     assert!(!out.status.success());
 }

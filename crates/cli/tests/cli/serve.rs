@@ -1,5 +1,6 @@
-//! `batchdb serve` as a real process: its flags, a 1 GiB upload in flat
-//! memory, an event made by a separate CLI process arriving over SSE. The dashboard
+//! `batchdb serve` as a real process: its flags, TLS with a private CA's
+//! certificate, a 1 GiB upload in flat memory, an event made by a separate CLI
+//! process arriving over SSE. The dashboard
 //! in headless Chromium is in `dashboard.rs`.
 //!
 //! Every other route is tested in-process in `crates/server/tests/http`.
@@ -20,7 +21,7 @@ pub(crate) struct Served {
 }
 
 /// Starts `batchdb serve --listen 127.0.0.1:0 ARGS...` and waits for its
-/// `listening on http://ADDR/PREFIX/` line.
+/// `listening on http://ADDR/PREFIX/` line (`https://` with TLS).
 pub(crate) fn serve(env: &Env, args: &[&str], vars: &[(&str, &str)]) -> Served {
     let mut cmd = env.command(&["serve", "--listen", "127.0.0.1:0"]);
     cmd.args(args).env_remove("BATCHDB_TOKEN");
@@ -31,7 +32,10 @@ pub(crate) fn serve(env: &Env, args: &[&str], vars: &[(&str, &str)]) -> Served {
     let out = proc.wait_stdout("/\n");
     let url = out
         .lines()
-        .find_map(|l| l.strip_prefix("listening on http://"))
+        .find_map(|l| {
+            l.strip_prefix("listening on http://")
+                .or_else(|| l.strip_prefix("listening on https://"))
+        })
         .unwrap_or_else(|| panic!("no listening line in {out:?}"));
     let (addr, prefix) = url.split_once('/').expect("a path in the url");
     Served {
@@ -190,7 +194,10 @@ fn serve_answers_a_real_client_through_an_idle_connection_flood_past_its_descrip
     let out = proc.wait_stdout("/\n");
     let addr: SocketAddr = out
         .lines()
-        .find_map(|l| l.strip_prefix("listening on http://"))
+        .find_map(|l| {
+            l.strip_prefix("listening on http://")
+                .or_else(|| l.strip_prefix("listening on https://"))
+        })
         .and_then(|u| u.trim_end_matches('/').parse().ok())
         .unwrap_or_else(|| panic!("no listening line in {out:?}"));
     // Three times the descriptors the server has, none of which will time out
@@ -363,4 +370,168 @@ fn serve_events_show_what_a_separate_cli_process_does() {
     }
     // resumed after event 2: the first event sent is 3, and in order
     assert_eq!(ids, [3, 4]);
+}
+
+/// A private CA and a server certificate it signed for `localhost` and 127.0.0.1,
+/// written to `dir`: (the CA's PEM, the certificate file, the key file).
+fn private_ca(dir: &std::path::Path) -> (String, std::path::PathBuf, std::path::PathBuf) {
+    use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair};
+    let mut ca = CertificateParams::new(Vec::<String>::new()).expect("CA params");
+    ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca.distinguished_name
+        .push(DnType::CommonName, "batchdb test CA");
+    let ca_key = KeyPair::generate().expect("CA key");
+    let ca_pem = ca.self_signed(&ca_key).expect("CA certificate").pem();
+    let issuer = Issuer::new(ca, ca_key);
+    let mut server = CertificateParams::new(vec!["localhost".to_string(), "127.0.0.1".to_string()])
+        .expect("server params");
+    server.use_authority_key_identifier_extension = true;
+    let key = KeyPair::generate().expect("server key");
+    let cert = server.signed_by(&key, &issuer).expect("server certificate");
+    let (cert_file, key_file) = (dir.join("cert.pem"), dir.join("key.pem"));
+    std::fs::write(&cert_file, cert.pem()).expect("write cert.pem");
+    std::fs::write(&key_file, key.serialize_pem()).expect("write key.pem");
+    (ca_pem, cert_file, key_file)
+}
+
+/// `GET url` from a client that trusts only the CA in `ca_pem`: the status, or the
+/// error's text.
+fn get_trusting(ca_pem: &str, url: &str) -> Result<u16, String> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    rt.block_on(async {
+        let ca = reqwest::Certificate::from_pem(ca_pem.as_bytes()).expect("CA PEM");
+        let client = reqwest::Client::builder()
+            .tls_certs_only([ca])
+            .timeout(DEADLINE)
+            .build()
+            .expect("client");
+        match client.get(url).send().await {
+            Ok(r) => Ok(r.status().as_u16()),
+            Err(e) => Err(format!("{e:?}")),
+        }
+    })
+}
+
+#[test]
+fn serve_over_tls_with_a_private_ca() {
+    let env = Env::new();
+    let (ca_pem, cert, key) = private_ca(env.root());
+    let (cert, key) = (cert.to_string_lossy(), key.to_string_lossy());
+    let mut s = serve(&env, &["--tls-cert", &cert, "--tls-key", &key], &[]);
+    let out = s.proc.stdout();
+    assert!(
+        out.contains(&format!("listening on https://{}/", s.addr)),
+        "{out}"
+    );
+    let port = s.addr.port();
+    assert_eq!(
+        get_trusting(&ca_pem, &format!("https://localhost:{port}/healthz")),
+        Ok(200)
+    );
+    assert_eq!(
+        get_trusting(&ca_pem, &format!("https://127.0.0.1:{port}/healthz")),
+        Ok(200)
+    );
+    // Plain HTTP gets no HTTP answer.
+    let mut c = TcpStream::connect(s.addr).expect("connect");
+    c.set_read_timeout(Some(DEADLINE)).expect("timeout");
+    c.write_all(b"GET /healthz HTTP/1.1\r\nHost: localhost\r\n\r\n")
+        .expect("write");
+    let mut got = Vec::new();
+    let _ = c.read_to_end(&mut got);
+    assert!(!text(&got).starts_with("HTTP/"), "{got:?}");
+    // Loopback: no warning about clear text.
+    assert!(
+        !s.proc.stderr().contains("without TLS"),
+        "{}",
+        s.proc.stderr()
+    );
+    s.proc.signal("TERM");
+    assert!(s.proc.wait().success());
+}
+
+#[test]
+fn serve_tls_bad_files_and_flags() {
+    let env = Env::new();
+    let (_, cert, key) = private_ca(env.root());
+    let (cert, key) = (cert.to_string_lossy(), key.to_string_lossy());
+    let missing = env.root().join("missing.pem");
+    let missing = missing.to_string_lossy();
+    let garbage = env.root().join("garbage.pem");
+    std::fs::write(&garbage, "not a key\n").expect("write garbage");
+    let garbage = garbage.to_string_lossy();
+    for (c, k, file, why) in [
+        (&*cert, &*missing, &*missing, "no such file"),
+        (&*cert, &*garbage, &*garbage, "no private key"),
+        (&*missing, &*key, &*missing, "no such file"),
+        (&*key, &*key, &*key, "no certificate"),
+    ] {
+        let args = [
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--tls-cert",
+            c,
+            "--tls-key",
+            k,
+        ];
+        // The server does not start: the command ends with one line on stderr.
+        let out = env.cmd(&args);
+        let msg = assert_one_line_error(&out, &args);
+        assert!(msg.contains(file) && msg.contains(why), "{msg}");
+    }
+    // One without the other is a usage error.
+    for args in [
+        ["serve", "--listen", "127.0.0.1:0", "--tls-cert", &*cert],
+        ["serve", "--listen", "127.0.0.1:0", "--tls-key", &*key],
+    ] {
+        let out = env.cmd(&args);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {out:?}");
+        let err = text(&out.stderr);
+        assert_eq!(err.lines().count(), 1, "{err}");
+        let other = if args[3] == "--tls-cert" {
+            "--tls-key"
+        } else {
+            "--tls-cert"
+        };
+        assert!(
+            err.starts_with("batchdb: ") && err.contains(other) && err.contains("(see --help)"),
+            "{err}"
+        );
+        assert!(out.stdout.is_empty());
+    }
+}
+
+#[test]
+fn serve_warns_of_clear_text_on_a_non_loopback_address() {
+    let env = Env::new();
+    let started = |args: &[&str]| {
+        let mut cmd = env.command(&["serve", "--listen", "0.0.0.0:0"]);
+        cmd.args(args).env("BATCHDB_TOKEN", "tok3n");
+        let mut proc = env.start(cmd, None);
+        proc.wait_stdout("/\n");
+        let (out, err) = (proc.stdout(), proc.stderr());
+        proc.signal("TERM");
+        assert!(proc.wait().success());
+        (out, err)
+    };
+    let (out, err) = started(&[]);
+    assert!(out.contains("listening on http://0.0.0.0:"), "{out}");
+    assert!(
+        err.contains("batchdb: warning: listening on 0.0.0.0:")
+            && err.contains("without TLS (--tls-cert/--tls-key)"),
+        "{err}"
+    );
+    let (_, cert, key) = private_ca(env.root());
+    let (out, err) = started(&[
+        "--tls-cert",
+        &cert.to_string_lossy(),
+        "--tls-key",
+        &key.to_string_lossy(),
+    ]);
+    assert!(out.contains("listening on https://0.0.0.0:"), "{out}");
+    assert!(!err.contains("without TLS"), "{err}");
 }

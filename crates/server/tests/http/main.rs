@@ -17,6 +17,7 @@
 //! - `upload`: streamed bodies, clients that go away mid-upload
 //! - `metrics`: Prometheus text derived from the event log
 //! - `limits`: header and body timeouts, the connection and event-stream caps
+//! - `tls`: HTTPS with a certificate from a private CA, handshake timeout, bad PEM files
 
 mod util;
 
@@ -30,4 +31,5 @@ mod events;
 mod limits;
 mod metrics;
 mod routes;
+mod tls;
 mod upload;
