@@ -131,24 +131,30 @@ fn chain(e: &(dyn std::error::Error + 'static)) -> String {
     s
 }
 
+/// `url` without its trailing slashes, if it is an `http://` or `https://` URL with
+/// a host.
+pub fn check_url(url: &str) -> Result<String> {
+    let bad = |why: &str| Error::Config {
+        what: "server",
+        value: url.to_string(),
+        why: why.into(),
+    };
+    let rest = url
+        .strip_prefix("https://")
+        .or_else(|| url.strip_prefix("http://"))
+        .ok_or_else(|| bad("expected an http:// or https:// URL"))?;
+    if rest.is_empty() || rest.starts_with('/') {
+        return Err(bad("no host in it"));
+    }
+    Ok(url.trim_end_matches('/').to_string())
+}
+
 impl RemotePort {
     /// Connects to the server `opts` names and checks that it speaks this build's
     /// worker protocol ([`Error::Protocol`] if not); a wrong token, an untrusted
     /// certificate or an unreachable server is [`Error::Server`].
     pub async fn connect(opts: &RemoteOptions) -> Result<RemotePort> {
-        let url = opts.url.trim_end_matches('/').to_string();
-        let bad = |why: &str| Error::Config {
-            what: "server",
-            value: opts.url.clone(),
-            why: why.into(),
-        };
-        let rest = url
-            .strip_prefix("https://")
-            .or_else(|| url.strip_prefix("http://"))
-            .ok_or_else(|| bad("expected an http:// or https:// URL"))?;
-        if rest.is_empty() || rest.starts_with('/') {
-            return Err(bad("no host in it"));
-        }
+        let url = check_url(&opts.url)?;
         let mut b = reqwest::Client::builder()
             .connect_timeout(CONNECT_TIMEOUT)
             .tcp_nodelay(true)
@@ -392,13 +398,17 @@ impl WorkerPort for RemotePort {
             .await
     }
 
-    async fn put_output(&self, reader: &mut (dyn AsyncRead + Send + Unpin)) -> Result<BlobInfo> {
+    async fn put_output(
+        &self,
+        t: &ClaimToken,
+        reader: &mut (dyn AsyncRead + Send + Unpin),
+    ) -> Result<BlobInfo> {
         let (tx, rx) = mpsc::channel(4);
         let rb = self
-            .request(reqwest::Method::POST, "/output")
+            .request(reqwest::Method::POST, &format!("/output/{}/{}", t.id, t.token))
             .body(channel_body(rx));
         let sent = async {
-            let resp = self.send(rb, "storing an output", On::Plain).await?;
+            let resp = self.send(rb, "storing an output", On::Attempt(*t)).await?;
             resp.json::<BlobInfo>()
                 .await
                 .map_err(|e| self.server_error(None, format!("storing an output: {}", chain(&e))))

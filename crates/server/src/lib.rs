@@ -182,7 +182,7 @@ fn worker_routes(prefix: &str) -> Router<AppState> {
         .route(&p("/finish"), post(worker::finish))
         .route(&p("/recorded"), post(worker::recorded))
         .route(&p("/blob/{hash}"), get(worker::blob))
-        .route(&p("/output"), post(worker::output))
+        .route(&p("/output/{id}/{attempt}"), post(worker::output))
         .route(&p("/live/{id}/{attempt}/{stream}"), post(worker::live))
         .route(&p("/deps"), post(worker::deps))
         .route(&p("/idle"), post(worker::idle))

@@ -162,15 +162,23 @@ pub(crate) async fn blob(
     Ok(([(header::CONTENT_TYPE, "application/octet-stream")], body).into_response())
 }
 
-/// `POST /worker/output`: the body streamed into the blob store; answers its
-/// [`BlobInfo`](batchdb::blob::BlobInfo) once durable. A body that breaks off
-/// stores nothing.
-pub(crate) async fn output(State(app): State<AppState>, body: Body) -> Result<Response, ApiError> {
+/// `POST /worker/output/{id}/{attempt}`: an output of a current attempt, the body
+/// streamed into the blob store; answers its [`BlobInfo`](batchdb::blob::BlobInfo)
+/// once durable (409 if the attempt is not current). A body that breaks off stores
+/// nothing.
+pub(crate) async fn output(
+    State(app): State<AppState>,
+    Path((id, attempt)): Path<(i64, i64)>,
+    body: Body,
+) -> Result<Response, ApiError> {
+    let t = ClaimToken { id, token: attempt };
+    let port = app.db.worker_port();
+    port.status(&t).await?;
     let stream = body
         .into_data_stream()
         .map_err(|e| std::io::Error::other(format!("reading the request body: {e}")));
     let mut reader = StreamReader::new(stream);
-    let info = app.db.worker_port().put_output(&mut reader).await?;
+    let info = port.put_output(&t, &mut reader).await?;
     Ok(Json(info).into_response())
 }
 

@@ -16,7 +16,7 @@ use crate::blob::BlobInfo;
 use crate::error::{Error, Result};
 use crate::hash::Hash;
 use crate::io::{Cut, CutReader, Inspect, Inspector};
-use crate::queue::{AttemptReport, Claim, Outcome, cache_key, now_ms};
+use crate::queue::{AttemptReport, Claim, ClaimToken, Outcome, cache_key, now_ms};
 use crate::runner::{ExitStatus, Killer, Reader, RunContext, Stop};
 
 /// An attempt's report and outcome (`None`: lease lost, record nothing).
@@ -44,6 +44,7 @@ struct Stored {
 /// job's failure); anything else comes from the store.
 async fn store_output(
     store: &dyn WorkerPort,
+    t: &ClaimToken,
     reader: &mut (dyn tokio::io::AsyncRead + Send + Unpin),
 ) -> Result<Stored> {
     use tokio::io::AsyncReadExt;
@@ -60,7 +61,7 @@ async fn store_output(
         });
     }
     let mut rest = std::io::Cursor::new(head).chain(reader);
-    let info = store.put_output(&mut rest).await?;
+    let info = store.put_output(t, &mut rest).await?;
     Ok(Stored { info, inline: None })
 }
 
@@ -155,7 +156,7 @@ impl Settling {
 /// dropped as soon as its own store ends, so a failed store closes that pipe at once
 /// (the job then gets EPIPE instead of blocking on it).
 async fn store_outputs<R: tokio::io::AsyncRead + Send + Unpin>(
-    blobs: Arc<dyn WorkerPort>,
+    (blobs, t): (Arc<dyn WorkerPort>, ClaimToken),
     stdout: R,
     stderr: Option<R>,
     drained: Arc<AtomicBool>,
@@ -163,11 +164,11 @@ async fn store_outputs<R: tokio::io::AsyncRead + Send + Unpin>(
     let out_store = blobs.clone();
     let outputs = async move {
         let mut stdout = stdout;
-        store_output(out_store.as_ref(), &mut stdout).await
+        store_output(out_store.as_ref(), &t, &mut stdout).await
     };
     let errors = async move {
         let mut stderr = stderr?;
-        Some(store_output(blobs.as_ref(), &mut stderr).await)
+        Some(store_output(blobs.as_ref(), &t, &mut stderr).await)
     };
     let both = tokio::join!(outputs, errors);
     drained.store(true, Ordering::SeqCst);
@@ -266,7 +267,7 @@ impl Worker {
             Ok(())
         };
         let drained = Arc::new(AtomicBool::new(false));
-        let streams = store_outputs(blobs, stdout, stderr, drained.clone());
+        let streams = store_outputs((blobs, claim.token), stdout, stderr, drained.clone());
         let (group, settle_cut) = (killer.clone(), cut.clone());
         let grace = self.opts.kill_grace;
         let settling = self.settling.clone();

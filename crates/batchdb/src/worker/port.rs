@@ -101,9 +101,14 @@ pub trait WorkerPort: Send + Sync + fmt::Debug {
         limit: usize,
     ) -> Result<Vec<DependencyResult>>;
 
-    /// Stores an output longer than [`crate::INLINE_MAX`] bytes, streamed to its end;
-    /// returns once it is durable.
-    async fn put_output(&self, reader: &mut (dyn AsyncRead + Send + Unpin)) -> Result<BlobInfo>;
+    /// Stores an output of attempt `t` longer than [`crate::INLINE_MAX`] bytes,
+    /// streamed to its end; returns once it is durable. A port may refuse an attempt
+    /// that is no longer current ([`crate::Error::Fenced`]; the remote one does).
+    async fn put_output(
+        &self,
+        t: &ClaimToken,
+        reader: &mut (dyn AsyncRead + Send + Unpin),
+    ) -> Result<BlobInfo>;
 
     /// Where attempt `t`'s `stream` is mirrored while it runs, if anywhere. Dropping
     /// the sink ends the mirror (its reader then sees the attempt's recorded output).
@@ -230,7 +235,11 @@ impl WorkerPort for LocalPort {
         self.queue.dependency_results(id, after, limit).await
     }
 
-    async fn put_output(&self, reader: &mut (dyn AsyncRead + Send + Unpin)) -> Result<BlobInfo> {
+    async fn put_output(
+        &self,
+        _t: &ClaimToken,
+        reader: &mut (dyn AsyncRead + Send + Unpin),
+    ) -> Result<BlobInfo> {
         self.blobs.put(reader).await
     }
 

@@ -4,7 +4,8 @@
 //! ([`ClaimRequest`] → [`Claimed`]), `POST /worker/wait` ([`Wait`] → [`Seq`]),
 //! `POST /worker/heartbeat` ([`Beat`]), `POST /worker/status` and
 //! `POST /worker/recorded` ([`ClaimToken`]), `POST /worker/finish` ([`Finish`]),
-//! `GET /worker/blob/{hash}`, `POST /worker/output` (the bytes → [`BlobInfo`]),
+//! `GET /worker/blob/{hash}`, `POST /worker/output/{id}/{attempt}` (the bytes →
+//! [`BlobInfo`]),
 //! `POST /worker/live/{id}/{attempt}/{stdout|stderr}` (the bytes as they come),
 //! `POST /worker/deps` ([`Deps`]), `POST /worker/idle` ([`Resources`]),
 //! `GET /worker/counts`, `POST /worker/seen` ([`Seen`]), `POST /worker/gone`

@@ -2,7 +2,7 @@
 
 use std::io::IsTerminal;
 
-use batchdb::remote::{RemoteOptions, RemotePort};
+use batchdb::remote::{RemoteOptions, RemotePort, check_url};
 use batchdb::worker::{Worker, WorkerPort};
 
 use super::progress::{self, Progress};
@@ -31,7 +31,7 @@ pub(super) async fn run(db: &BatchDb, r: RunArgs) -> Result<ExitCode> {
 /// that server.
 pub(super) async fn run_remote(r: RunArgs) -> Result<ExitCode> {
     let (runner, opts) = worker_setup(&r)?;
-    let mut remote = RemoteOptions::new(r.server.clone().unwrap_or_default());
+    let mut remote = RemoteOptions::new(check_url(r.server.as_deref().unwrap_or_default())?);
     remote.token.clone_from(&r.token);
     remote.ca_cert.clone_from(&r.ca_cert);
     if remote.url.starts_with("http://") && !loopback_url(&remote.url) {

@@ -107,6 +107,11 @@ fn a_remote_worker_that_cannot_read_the_database_drains_500_jobs_beside_a_local_
     let server = serve(&env, &[], &[]);
     let bin = PublicBinary::new();
     // The database and the blobs are out of the remote worker's reach.
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(env.root(), std::fs::Permissions::from_mode(0o700))
+            .expect("chmod");
+    }
     let peek = Command::new("setpriv")
         .args([
             &format!("--reuid={NOBODY}"),
