@@ -405,7 +405,10 @@ impl WorkerPort for RemotePort {
     ) -> Result<BlobInfo> {
         let (tx, rx) = mpsc::channel(4);
         let rb = self
-            .request(reqwest::Method::POST, &format!("/output/{}/{}", t.id, t.token))
+            .request(
+                reqwest::Method::POST,
+                &format!("/output/{}/{}", t.id, t.token),
+            )
             .body(channel_body(rx));
         let sent = async {
             let resp = self.send(rb, "storing an output", On::Attempt(*t)).await?;

@@ -18,6 +18,9 @@
 //! - `metrics`: Prometheus text derived from the event log
 //! - `limits`: header and body timeouts, the connection and event-stream caps
 //! - `tls`: HTTPS with a certificate from a private CA, handshake timeout, bad PEM files
+//! - `worker`: the worker endpoints through the library's remote port: fencing (409),
+//!   a retried finish, the protocol check, oversized bodies, the worker token, a whole
+//!   worker over HTTP
 
 mod util;
 
@@ -33,3 +36,4 @@ mod metrics;
 mod routes;
 mod tls;
 mod upload;
+mod worker;
