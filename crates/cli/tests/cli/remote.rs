@@ -360,3 +360,92 @@ fn bad_server_urls_and_an_unreachable_server_are_one_line_errors() {
     ]);
     assert!(!out.status.success());
 }
+
+#[test]
+fn a_remote_worker_over_tls_trusts_only_the_given_ca() {
+    let env = Env::new();
+    let (ca_pem, cert, key) = crate::serve::private_ca(env.root());
+    let ca = env.file("ca.pem");
+    std::fs::write(&ca, &ca_pem).expect("write ca.pem");
+    let other_dir = env.file("other");
+    std::fs::create_dir(&other_dir).expect("mkdir");
+    let (other_pem, _, _) = crate::serve::private_ca(&other_dir);
+    let other = env.file("other-ca.pem");
+    std::fs::write(&other, other_pem).expect("write other-ca.pem");
+    let (cert, key) = (cert.to_string_lossy(), key.to_string_lossy());
+    let server = serve(&env, &["--tls-cert", &cert, "--tls-key", &key], &[]);
+    let https = format!("https://localhost:{}", server.addr.port());
+    let (_, created) = env.add("echo over tls");
+    // Another CA, or the system's roots: the certificate is refused, one line.
+    let wrong = other.to_string_lossy().to_string();
+    for args in [vec!["--ca-cert", wrong.as_str()], vec![]] {
+        let cmd = remote_command(&https, &args, env.root(), None);
+        let out = env.output_within(cmd, None, DEADLINE);
+        let msg = assert_one_line_error(&out, &["run", "--server", &https]);
+        assert!(msg.to_lowercase().contains("certificate"), "{msg}");
+    }
+    let ca = ca.to_string_lossy().to_string();
+    let cmd = remote_command(
+        &https,
+        &["--ca-cert", &ca, "--until-empty"],
+        env.root(),
+        None,
+    );
+    let out = env.output_within(cmd, None, DEADLINE);
+    assert_success(&out, &["run", "--server", &https]);
+    // No clear-text warning over https.
+    assert!(
+        !text(&out.stderr).contains("plain HTTP"),
+        "{}",
+        text(&out.stderr)
+    );
+    let row = env.row("result", created);
+    assert_eq!(
+        env.get(row["value"]["hash"].as_str().expect("hash")),
+        b"over tls\n"
+    );
+}
+
+#[test]
+fn a_worker_stopped_past_its_lease_is_fenced_off_and_the_takeover_records_the_result() {
+    let env = Env::new();
+    let (_, created) = env.add(&format!(
+        "echo attempt; touch started.$$; {}",
+        wait_file_sh("go")
+    ));
+    let server = serve(&env, &[], &[]);
+    let cmd = remote_command(&url(&server), &["--lease", "1"], env.root(), None);
+    let mut stale = env.start(cmd, None);
+    wait_until("the first attempt to start", || {
+        std::fs::read_dir(env.root())
+            .ok()?
+            .flatten()
+            .any(|e| e.file_name().to_string_lossy().starts_with("started."))
+            .then_some(())
+    });
+    // Frozen past its lease: another worker takes the instance over and finishes it.
+    stale.signal("STOP");
+    env.touch("go");
+    let cmd = remote_command(
+        &url(&server),
+        &["--lease", "5", "--until-empty"],
+        env.root(),
+        None,
+    );
+    let mut second = env.start(cmd, None);
+    second.wait_ok_within(DEADLINE);
+    let row = wait_row(&env, "result", created);
+    assert_eq!(row["value"]["attempts"], 2, "{row}");
+    // Thawed, the stale worker's calls are refused (409): it records nothing and
+    // stops that job.
+    stale.signal("CONT");
+    wait_until("the stale worker to give the job up", || {
+        stale.stderr().contains("lease lost").then_some(())
+    });
+    stale.signal("TERM");
+    stale.wait();
+    let shown = env.show_json(&created.to_string());
+    let attempts = shown["attempts"].as_array().expect("attempts");
+    assert_eq!(attempts.len(), 2, "{shown}");
+    assert_eq!(env.list("result").len(), 1);
+}

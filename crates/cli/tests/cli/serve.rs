@@ -374,7 +374,9 @@ fn serve_events_show_what_a_separate_cli_process_does() {
 
 /// A private CA and a server certificate it signed for `localhost` and 127.0.0.1,
 /// written to `dir`: (the CA's PEM, the certificate file, the key file).
-fn private_ca(dir: &std::path::Path) -> (String, std::path::PathBuf, std::path::PathBuf) {
+pub(crate) fn private_ca(
+    dir: &std::path::Path,
+) -> (String, std::path::PathBuf, std::path::PathBuf) {
     use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair};
     let mut ca = CertificateParams::new(Vec::<String>::new()).expect("CA params");
     ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
