@@ -296,3 +296,73 @@ fn a_worker_rides_out_an_s3_outage_mid_upload() {
         out
     });
 }
+
+/// `batchdb serve --listen ADDR` on the env's backends; waits for its listening line
+/// and returns the process and the address it listens on.
+fn serve_on(env: &Env, addr: &str) -> (Proc, String) {
+    let mut cmd = env.command(&["serve", "--listen", addr]);
+    cmd.env_remove("BATCHDB_TOKEN");
+    let mut p = env.start(cmd, None);
+    let out = p.wait_stdout("/\n");
+    let at = out
+        .lines()
+        .find_map(|l| l.strip_prefix("listening on http://"))
+        .map(|u| u.trim_end_matches('/').to_string())
+        .unwrap_or_else(|| panic!("no listening line in {out:?}"));
+    (p, at)
+}
+
+/// `batchdb run --server http://ADDR ARGS...` with no database, bucket or directory
+/// of its own (none of the env's variables reach it).
+fn remote_worker(env: &Env, addr: &str, args: &[&str]) -> Proc {
+    let mut c = Command::new(BIN);
+    for k in [
+        "BATCHDB_DIR",
+        "BATCHDB_DB",
+        "BATCHDB_BLOBS",
+        "BATCHDB_TOKEN",
+    ] {
+        c.env_remove(k);
+    }
+    for k in [
+        "AWS_ENDPOINT_URL",
+        "AWS_REGION",
+        "AWS_ACCESS_KEY_ID",
+        "AWS_SECRET_ACCESS_KEY",
+        "AWS_ALLOW_HTTP",
+    ] {
+        c.env_remove(k);
+    }
+    c.current_dir(env.root())
+        .args(["run", "--server", &format!("http://{addr}")])
+        .args(args);
+    env.start(c, None)
+}
+
+#[test]
+fn two_servers_on_postgres_and_s3_serve_remote_workers_and_one_comes_back_after_kill_9() {
+    let env = env_on(shared().create_database(), garage());
+    let lines: String = (1..=300).map(|i| format!("echo job-{i}\n")).collect();
+    let out = env.cmd_stdin(&["add", "--lines", "-q"], lines.as_bytes());
+    assert_success(&out, &["add", "--lines"]);
+    let (mut one, one_at) = serve_on(&env, "127.0.0.1:0");
+    let (_two, two_at) = serve_on(&env, "127.0.0.1:0");
+    let mut a = remote_worker(&env, &one_at, &["-j", "2", "--lease", "5", "--until-empty"]);
+    let mut b = remote_worker(&env, &two_at, &["-j", "2", "--lease", "5", "--until-empty"]);
+    wait_for(Duration::from_secs(300), "a hundred results", || {
+        counts(&env).get("result").copied().unwrap_or(0) >= 100
+    });
+    // The first server dies; its worker keeps retrying the URL and carries on once a
+    // server answers there again.
+    one.signal("KILL");
+    one.wait();
+    std::thread::sleep(Duration::from_secs(1));
+    let (_one_again, _) = serve_on(&env, &one_at);
+    let out_a = a.wait_ok_within(Duration::from_secs(300));
+    let out_b = b.wait_ok_within(Duration::from_secs(300));
+    let (na, nb) = (run_lines(&out_a).len(), run_lines(&out_b).len());
+    assert!(na > 0 && nb > 0, "both workers worked: {na}, {nb}");
+    let c = wait_drained(&env, 300, Duration::from_secs(60));
+    assert_eq!(c.get("result"), Some(&300), "{c:?}");
+    assert_each_ran_once(&env, 300, echoed);
+}
