@@ -237,10 +237,15 @@ impl RemotePort {
             }
             (404, On::Blob(h)) => return Err(Error::BlobNotFound(h)),
             (400, _) if message.starts_with("worker protocol") => {
+                // "worker protocol N, this server speaks M (batchdb V): ..."
+                let after = |key: &str, end: char| {
+                    let rest = &message[message.find(key)? + key.len()..];
+                    Some(rest[..rest.find(end)?].to_string())
+                };
                 return Err(Error::Protocol {
                     url: self.inner.base.clone(),
-                    theirs: "other".into(),
-                    version: message,
+                    theirs: after("this server speaks ", ' ').unwrap_or_else(|| "?".into()),
+                    version: after("(batchdb ", ')').unwrap_or_else(|| "?".into()),
                     ours: PROTOCOL,
                 });
             }

@@ -42,7 +42,10 @@ fn reap(child: &Child, start: Instant) -> (Duration, u64) {
     let r = unsafe { libc::wait4(pid, &raw mut status, 0, &raw mut ru) };
     assert_eq!(r, pid, "wait4");
     let took = start.elapsed();
-    assert!(libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0, "worker failed");
+    assert!(
+        libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0,
+        "worker failed"
+    );
     (took, u64::try_from(ru.ru_maxrss).unwrap_or(0))
 }
 

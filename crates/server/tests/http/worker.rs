@@ -259,3 +259,42 @@ async fn a_whole_worker_over_http_runs_large_payloads_outputs_and_dependencies()
         batchdb::Hash::of(format!("{}\n", out.hash).as_bytes())
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_output_upload_that_breaks_off_stores_nothing() {
+    use futures_util::StreamExt;
+    let s = Server::start().await;
+    s.add("echo x").await;
+    let p = port(&s, None).await;
+    let c = p.claim(&claim_req(30_000)).await.expect("claim").remove(0);
+    let path = format!(
+        "{}/worker/output/{}/{}",
+        s.prefix, c.token.id, c.token.token
+    );
+    // 1 MB announced, 100 KB sent, then the connection closes.
+    let head = format!(
+        "POST {path} HTTP/1.1\r\nHost: {}\r\nbatchdb-worker-protocol: {PROTOCOL}\r\nContent-Length: 1000000\r\n\r\n",
+        s.addr
+    );
+    let mut req = head.into_bytes();
+    req.extend(std::iter::repeat_n(b'z', 100_000));
+    let mut conn = tokio::net::TcpStream::connect(s.addr)
+        .await
+        .expect("connect");
+    tokio::io::AsyncWriteExt::write_all(&mut conn, &req)
+        .await
+        .expect("write");
+    drop(conn);
+    // Whatever the server got is not a blob, now or later.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let blobs: Vec<_> = s.db.blobs().list().collect().await;
+    assert!(blobs.is_empty(), "{blobs:?}");
+    let tmp = s.dir.path().join("blobs").join("tmp");
+    let left = std::fs::read_dir(&tmp).map(|d| d.count()).unwrap_or(0);
+    assert_eq!(left, 0, "temporary files left in {}", tmp.display());
+    // The same bytes, sent whole, are stored under their hash.
+    let mut whole: &[u8] = &[b'z'; 100_000];
+    let info = p.put_output(&c.token, &mut whole).await.expect("upload");
+    assert_eq!(info.hash, batchdb::Hash::of(&[b'z'; 100_000]));
+    assert!(s.db.blobs().contains(&info.hash).await.expect("contains"));
+}
