@@ -14,8 +14,7 @@
 
 use std::io;
 use std::path::Path;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Weak};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -24,7 +23,7 @@ use futures_util::TryStreamExt;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use tokio::io::{AsyncRead, AsyncReadExt};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 
 use crate::blob::BlobInfo;
 use crate::error::{Error, Result};
@@ -39,6 +38,9 @@ use crate::worker::{LiveSink, OutputStream, WorkerPort};
 
 /// How long a call other than `wait` and a stream may take.
 const CALL_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// How long one long poll for changes waits at the server.
+const POLL: Duration = Duration::from_secs(25);
 
 /// How long connecting may take.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -85,8 +87,10 @@ struct Inner {
     /// The URL without a trailing slash.
     base: String,
     token: Option<String>,
-    /// The server's change counter as last seen.
-    seq: AtomicU64,
+    /// A counter of the changes the server reported (see [`RemotePort::watch`]).
+    changes: watch::Receiver<u64>,
+    /// Small payloads that came with their claims, until the attempt reads them.
+    payloads: std::sync::Mutex<std::collections::HashMap<Hash, Vec<u8>>>,
 }
 
 /// How a non-success answer maps to an error beyond the generic one.
@@ -167,12 +171,14 @@ impl RemotePort {
             status: None,
             message: format!("building the HTTP client: {}", chain(&e)),
         })?;
+        let (tx, changes) = watch::channel(0);
         let port = RemotePort {
             inner: Arc::new(Inner {
                 client,
                 base: url,
                 token: opts.token.clone(),
-                seq: AtomicU64::new(0),
+                changes,
+                payloads: std::sync::Mutex::default(),
             }),
         };
         let hello: wire::Hello = port.get("/hello", "connecting", On::Plain).await?;
@@ -184,7 +190,56 @@ impl RemotePort {
                 ours: PROTOCOL,
             });
         }
+        tokio::spawn(Self::watch(Arc::downgrade(&port.inner), tx));
         Ok(port)
+    }
+
+    /// Follows the server's changes with one long poll at a time (`POST /worker/wait`,
+    /// up to [`POLL`]), for every waiter of this port: each answer whose counter
+    /// differs from the last one bumps the local counter waiters wait on. One
+    /// connection stays open while idle, and no waiter ever drops a request midway
+    /// (which would cost a new connection). Ends with the port.
+    async fn watch(inner: Weak<Inner>, tx: watch::Sender<u64>) {
+        let mut server_seq = 0u64;
+        let mut failures = 0u32;
+        loop {
+            let Some(inner) = inner.upgrade() else { return };
+            let port = RemotePort { inner };
+            let body = wire::Wait {
+                seen: server_seq,
+                timeout_ms: u64::try_from(millis(POLL)).unwrap_or(u64::MAX),
+            };
+            let rb = port
+                .request(reqwest::Method::POST, "/wait")
+                .json(&body)
+                .timeout(POLL + CALL_TIMEOUT);
+            let got = match port.send(rb, "waiting for a change", On::Plain).await {
+                Ok(resp) => resp.json::<wire::Seq>().await.map_err(|e| e.to_string()),
+                Err(e) => Err(e.to_string()),
+            };
+            drop(port);
+            match got {
+                Ok(s) => {
+                    failures = 0;
+                    if s.seq != server_seq {
+                        server_seq = s.seq;
+                        tx.send_modify(|v| *v += 1);
+                    }
+                }
+                Err(e) => {
+                    // The worker's own calls report the outage; here, only wait.
+                    failures += 1;
+                    tracing::debug!("{e}");
+                    let wait = crate::queue::policy::backoff(
+                        Duration::from_millis(100),
+                        Duration::from_secs(2),
+                        failures,
+                        1.0,
+                    );
+                    tokio::time::sleep(wait).await;
+                }
+            }
+        }
     }
 
     fn request(&self, method: reqwest::Method, path: &str) -> reqwest::RequestBuilder {
@@ -346,7 +401,14 @@ impl io::Write for LiveUpload {
 impl WorkerPort for RemotePort {
     async fn claim(&self, req: &ClaimRequest) -> Result<Vec<Claim>> {
         let got: wire::Claimed = self.post("/claim", req, "claiming", On::Plain).await?;
-        self.inner.seq.store(got.seq, Ordering::SeqCst);
+        if let Ok(mut kept) = self.inner.payloads.lock() {
+            for (c, p) in got.claims.iter().zip(&got.payloads) {
+                // Not hex: left out, and read by a request of its own.
+                if let Some(bytes) = p.as_deref().and_then(|h| hex::decode(h).ok()) {
+                    kept.insert(c.job, bytes);
+                }
+            }
+        }
         Ok(got.claims)
     }
 
@@ -381,6 +443,22 @@ impl WorkerPort for RemotePort {
     }
 
     async fn blob(&self, hash: &Hash) -> Result<Reader> {
+        let kept = self
+            .inner
+            .payloads
+            .lock()
+            .ok()
+            .and_then(|mut k| k.remove(hash));
+        if let Some(bytes) = kept {
+            let actual = Hash::of(&bytes);
+            if actual != *hash {
+                return Err(Error::BlobCorrupt {
+                    hash: *hash,
+                    actual,
+                });
+            }
+            return Ok(Box::pin(std::io::Cursor::new(bytes)));
+        }
         let rb = self.request(reqwest::Method::GET, &format!("/blob/{hash}"));
         let resp = self.send(rb, "reading a blob", On::Blob(*hash)).await?;
         let stream = resp.bytes_stream().map_err(io::Error::other);
@@ -481,30 +559,12 @@ impl WorkerPort for RemotePort {
     }
 
     fn change_seq(&self) -> u64 {
-        self.inner.seq.load(Ordering::SeqCst)
+        *self.inner.changes.borrow()
     }
 
     async fn wait_change(&self, seen: u64, timeout: Duration) {
-        let body = wire::Wait {
-            seen,
-            timeout_ms: u64::try_from(millis(timeout)).unwrap_or(u64::MAX),
-        };
-        let rb = self
-            .request(reqwest::Method::POST, "/wait")
-            .json(&body)
-            .timeout(timeout + CALL_TIMEOUT);
-        let started = tokio::time::Instant::now();
-        match self.send(rb, "waiting for a change", On::Plain).await {
-            Ok(resp) => {
-                if let Ok(s) = resp.json::<wire::Seq>().await {
-                    self.inner.seq.store(s.seq, Ordering::SeqCst);
-                    return;
-                }
-            }
-            Err(e) => tracing::debug!("{e}"),
-        }
-        // The server is away: wait out the rest here rather than spin.
-        tokio::time::sleep_until(started + timeout).await;
+        let mut rx = self.inner.changes.clone();
+        let _ = tokio::time::timeout(timeout, rx.wait_for(|v| *v > seen)).await;
     }
 
     fn location(&self) -> String {

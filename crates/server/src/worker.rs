@@ -72,7 +72,7 @@ pub(crate) async fn hello() -> Json<Hello> {
     })
 }
 
-/// `POST /worker/claim`: claims, with the change counter read before them.
+/// `POST /worker/claim`: claims.
 pub(crate) async fn claim(
     State(app): State<AppState>,
     b: Result<Json<ClaimRequest>, JsonRejection>,
@@ -85,21 +85,32 @@ pub(crate) async fn claim(
         )));
     }
     let port = app.db.worker_port();
-    let seq = port.change_seq();
     let claims = port.claim(&req).await?;
-    Ok(Json(wire::Claimed { seq, claims }).into_response())
+    // Small payloads travel with their claims: one request less per job.
+    let mut payloads = Vec::with_capacity(claims.len());
+    for c in &claims {
+        let inline = match c.cache_hit {
+            Some(_) => None,
+            None => port.inline_blob(&c.job).await?,
+        };
+        payloads.push(inline.map(hex::encode));
+    }
+    Ok(Json(wire::Claimed { claims, payloads }).into_response())
 }
 
-/// `POST /worker/wait`: returns once the queue changed after `seen` (or the wait,
-/// capped at 30 s, is over), with the counter now.
+/// `POST /worker/wait`: returns once the server's change counter differs from
+/// `seen` (at once if it already does; or when the wait, capped at 30 s, is over),
+/// with the counter now.
 pub(crate) async fn wait(
     State(app): State<AppState>,
     b: Result<Json<Wait>, JsonRejection>,
 ) -> Result<Response, ApiError> {
     let w = body(b)?;
     let port = app.db.worker_port();
-    port.wait_change(w.seen, millis(w.timeout_ms).min(MAX_WAIT))
-        .await;
+    if port.change_seq() == w.seen {
+        port.wait_change(w.seen, millis(w.timeout_ms).min(MAX_WAIT))
+            .await;
+    }
     Ok(Json(wire::Seq {
         seq: port.change_seq(),
     })

@@ -159,6 +159,14 @@ impl LocalPort {
     }
 }
 
+impl LocalPort {
+    /// Blob `hash` if the queue keeps it inline (a small payload or output), checked
+    /// against its hash; `None` if it is in the blob store (or nowhere).
+    pub async fn inline_blob(&self, hash: &Hash) -> Result<Option<Vec<u8>>> {
+        crate::checked_inline(self.queue.as_ref(), hash).await
+    }
+}
+
 /// A live output file, removed when dropped.
 struct LiveFile {
     file: std::fs::File,

@@ -1,7 +1,8 @@
 //! The worker endpoints' request and reply bodies (JSON), shared by `batchdb serve`
 //! and the remote port, and the protocol version both check. Routes, below the
 //! server's prefix: `GET /worker/hello` ([`Hello`]), `POST /worker/claim`
-//! ([`ClaimRequest`] → [`Claimed`]), `POST /worker/wait` ([`Wait`] → [`Seq`]),
+//! ([`ClaimRequest`] → [`Claimed`]), `POST /worker/wait` ([`Wait`] → [`Seq`]: a long
+//! poll that returns once the server's change counter differs from `seen`),
 //! `POST /worker/heartbeat` ([`Beat`]), `POST /worker/status` and
 //! `POST /worker/recorded` ([`ClaimToken`]), `POST /worker/finish` ([`Finish`]),
 //! `GET /worker/blob/{hash}`, `POST /worker/output/{id}/{attempt}` (the bytes →
@@ -35,17 +36,20 @@ pub struct Hello {
     pub protocol: u32,
 }
 
-/// A claim's reply: the server's change counter read before it claimed, and the
-/// claims.
+/// A claim's reply.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Claimed {
-    /// The server's change counter before the claim (what to wait past).
-    pub seq: u64,
     /// What was claimed.
     pub claims: Vec<Claim>,
+    /// For each claim to run, in order, its payload (hex) if the queue keeps it
+    /// inline (at most [`crate::INLINE_MAX`] bytes): it then needs no request of its
+    /// own. The worker checks it against the job key like any payload.
+    #[serde(default)]
+    pub payloads: Vec<Option<String>>,
 }
 
-/// Wait until the server's change counter moves past `seen`, or `timeout_ms`.
+/// Wait until the server's change counter differs from `seen` (it moved on, or the
+/// server restarted), or `timeout_ms` passed.
 #[derive(Debug, Clone, Copy, Serialize, Deserialize)]
 pub struct Wait {
     /// The counter the worker last saw.
