@@ -404,13 +404,9 @@ pub struct RunArgs {
         conflicts_with = "prune_after"
     )]
     pub server: Option<String>,
-    /// The server's worker token (its --worker-token, or its --token without one).
-    #[arg(
-        long,
-        env = "BATCHDB_TOKEN",
-        hide_env_values = true,
-        requires = "server"
-    )]
+    /// The server's worker token (its --worker-token, or its --token without one);
+    /// only with --server (`BATCHDB_TOKEN` in the environment is ignored without it).
+    #[arg(long, env = "BATCHDB_TOKEN", hide_env_values = true)]
     pub token: Option<String>,
     /// Trust only the certificate authorities in this PEM file for an https
     /// --server (a private CA).

@@ -46,8 +46,9 @@ pub async fn dispatch(cli: Cli) -> Result<ExitCode> {
     let cfg = config(&cli)?;
     let command = cli.command;
     if let Command::Run(r) = command {
-        // A remote worker opens no database: the server does.
-        if r.server.is_some() {
+        // A remote worker opens no database: the server does. (An empty
+        // `BATCHDB_SERVER` is no server.)
+        if r.server.as_deref().is_some_and(|s| !s.is_empty()) {
             return run::run_remote(r).await;
         }
         return run::run(&BatchDb::open(&cfg).await?, r).await;

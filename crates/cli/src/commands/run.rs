@@ -15,6 +15,15 @@ const MIN_LEASE: Duration = Duration::from_millis(100);
 
 /// `batchdb run`: a worker on the database this process opens.
 pub(super) async fn run(db: &BatchDb, r: RunArgs) -> Result<ExitCode> {
+    // `BATCHDB_TOKEN` may be in the environment for other commands; a --token given
+    // on this command line without --server is a mistake.
+    if r.token.is_some() && std::env::var("BATCHDB_TOKEN").ok() != r.token {
+        return Err(Error::Config {
+            what: "token",
+            value: "(hidden)".into(),
+            why: "--token is a remote worker's: give --server URL too".into(),
+        });
+    }
     let (runner, opts) = worker_setup(&r)?;
     let prune_age = r
         .prune_after

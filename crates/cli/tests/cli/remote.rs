@@ -449,3 +449,20 @@ fn a_worker_stopped_past_its_lease_is_fenced_off_and_the_takeover_records_the_re
     assert_eq!(attempts.len(), 2, "{shown}");
     assert_eq!(env.list("result").len(), 1);
 }
+
+#[test]
+fn a_token_in_the_environment_leaves_a_local_worker_alone_and_a_token_flag_needs_a_server() {
+    let env = Env::new();
+    let (_, created) = env.add("echo local");
+    // BATCHDB_TOKEN set for other commands (serve, the API), empty BATCHDB_SERVER.
+    let mut cmd = env.command(&["run", "--until-empty"]);
+    cmd.env("BATCHDB_TOKEN", "client-secret")
+        .env("BATCHDB_SERVER", "");
+    let out = env.output_within(cmd, None, DEADLINE);
+    assert_success(&out, &["run", "--until-empty"]);
+    env.row("result", created);
+    let out = env.cmd(&["run", "--until-empty", "--token", "t"]);
+    let msg = assert_one_line_error(&out, &["run", "--token"]);
+    assert!(msg.contains("--server"), "{msg}");
+    assert!(!msg.contains("\"t\""), "the token is not echoed: {msg}");
+}
