@@ -466,3 +466,31 @@ fn a_token_in_the_environment_leaves_a_local_worker_alone_and_a_token_flag_needs
     assert!(msg.contains("--server"), "{msg}");
     assert!(!msg.contains("\"t\""), "the token is not echoed: {msg}");
 }
+
+#[test]
+fn cancel_on_the_servers_side_stops_a_remote_job_at_once() {
+    let env = Env::new();
+    let (_, created) = env.add(&format!("touch started; {}", wait_file_sh("never")));
+    let server = serve(&env, &[], &[]);
+    // A long lease: the cancel must reach the job through the server's change
+    // notification, not a heartbeat.
+    let cmd = remote_command(
+        &url(&server),
+        &["--lease", "60", "--until-empty"],
+        env.root(),
+        None,
+    );
+    let mut remote = env.start(cmd, None);
+    env.wait_file("started");
+    let asked = std::time::Instant::now();
+    env.ok(&["cancel", &created.to_string()]);
+    let row = wait_row(&env, "cancelled", created);
+    assert!(
+        asked.elapsed() < Duration::from_secs(15),
+        "cancelled after {:?}: {row}",
+        asked.elapsed()
+    );
+    remote.wait_ok_within(DEADLINE);
+    let shown = env.show_json(&created.to_string());
+    assert_eq!(shown["state"], "cancelled", "{shown}");
+}
