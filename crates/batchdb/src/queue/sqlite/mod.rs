@@ -133,6 +133,15 @@ fn on(e: TxError, path: &Path) -> Error {
     })
 }
 
+/// Whether `e` is SQLite's "database is busy/locked".
+fn is_busy(e: &rusqlite::Error) -> bool {
+    matches!(
+        e,
+        rusqlite::Error::SqliteFailure(f, _)
+            if matches!(f.code, rusqlite::ErrorCode::DatabaseBusy | rusqlite::ErrorCode::DatabaseLocked)
+    )
+}
+
 fn open_conn(path: &Path) -> rusqlite::Result<Connection> {
     files::repair_side_files(path);
     let conn = Connection::open_with_flags(
@@ -186,9 +195,21 @@ impl SqliteQueue {
         }
         let p = path.clone();
         let conn = tokio::task::spawn_blocking(move || -> Result<Connection> {
-            let mut conn = open_conn(&p).map_err(|e| on(TxError::Db(e), &p))?;
-            migrate(&mut conn, &p.display().to_string()).map_err(|e| on(e, &p))?;
-            Ok(conn)
+            // Openers racing on a new file: setting up WAL can answer SQLITE_BUSY at
+            // once, without the busy handler (seen with 8 at once); open again.
+            let deadline = std::time::Instant::now() + BUSY_TIMEOUT;
+            loop {
+                let opened = open_conn(&p).map_err(TxError::Db).and_then(|mut conn| {
+                    migrate(&mut conn, &p.display().to_string())?;
+                    Ok(conn)
+                });
+                match opened {
+                    Err(TxError::Db(e)) if is_busy(&e) && std::time::Instant::now() < deadline => {
+                        std::thread::sleep(Duration::from_millis(5));
+                    }
+                    other => return other.map_err(|e| on(e, &p)),
+                }
+            }
         })
         .await
         .map_err(|e| Error::Task(e.to_string()))??;
