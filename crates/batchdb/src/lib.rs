@@ -428,19 +428,24 @@ impl BatchDb {
 /// Blob `hash` if the queue keeps it inline (a small payload or output), checked
 /// against the hash ([`Error::BlobCorrupt`] if it does not match).
 pub(crate) async fn checked_inline(queue: &dyn Queue, hash: &Hash) -> Result<Option<Vec<u8>>> {
-    match queue.inline_blob(hash).await? {
-        Some(bytes) => {
-            let actual = Hash::of(&bytes);
-            if actual != *hash {
-                return Err(Error::BlobCorrupt {
-                    hash: *hash,
-                    actual,
-                });
-            }
-            Ok(Some(bytes))
-        }
-        None => Ok(None),
+    queue
+        .inline_blob(hash)
+        .await?
+        .map(|bytes| checked(hash, bytes))
+        .transpose()
+}
+
+/// `bytes`, the whole of blob `hash`, if they hash to it ([`Error::BlobCorrupt`] if
+/// not).
+pub(crate) fn checked(hash: &Hash, bytes: Vec<u8>) -> Result<Vec<u8>> {
+    let actual = Hash::of(&bytes);
+    if actual != *hash {
+        return Err(Error::BlobCorrupt {
+            hash: *hash,
+            actual,
+        });
     }
+    Ok(bytes)
 }
 
 /// The error for a backend this build was compiled without.

@@ -450,13 +450,7 @@ impl WorkerPort for RemotePort {
             .ok()
             .and_then(|mut k| k.remove(hash));
         if let Some(bytes) = kept {
-            let actual = Hash::of(&bytes);
-            if actual != *hash {
-                return Err(Error::BlobCorrupt {
-                    hash: *hash,
-                    actual,
-                });
-            }
+            let bytes = crate::checked(hash, bytes)?;
             return Ok(Box::pin(std::io::Cursor::new(bytes)));
         }
         let rb = self.request(reqwest::Method::GET, &format!("/blob/{hash}"));
