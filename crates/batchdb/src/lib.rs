@@ -41,6 +41,7 @@
 
 mod batches;
 pub mod blob;
+mod bulk;
 mod config;
 mod error;
 mod hash;
@@ -64,10 +65,10 @@ use futures_util::Stream;
 use tokio::io::AsyncRead;
 
 pub use batches::{WaitFailure, WaitOutcome, WaitProgress};
+pub use bulk::{BULK_CHUNK, Bulk, CHUNK_BYTES};
 pub use config::{BlobLocation, Config, DbLocation};
 pub use error::{Error, Result};
 pub use hash::{Hash, Hasher};
-pub use lines::CHUNK_BYTES;
 pub use retention::{PRUNE_PAUSE, prune_interval};
 
 use blob::{BlobInfo, BlobReader, BlobStore, DirStore};
@@ -84,9 +85,6 @@ const PAGE: usize = 4096;
 /// Payloads up to this size are kept inline in the queue (in the job's row) instead of
 /// the blob store: one durable commit instead of a blob file, its fsyncs and a row.
 pub const INLINE_MAX: usize = 16 * 1024;
-
-/// Jobs per transaction in [`BatchDb::add_many`].
-pub const BULK_CHUNK: usize = 10_000;
 
 /// A batchdb database: a queue plus a blob store. Cheap to clone.
 #[derive(Debug, Clone)]
@@ -186,26 +184,20 @@ impl BatchDb {
             .ok_or_else(|| Error::Task("add_many returned nothing".into()))
     }
 
-    /// Adds many small payloads at once (a bulk add): each is kept inline or stored as
-    /// [`create`](Self::create) says, then every job row and instance row commits in
-    /// one transaction per [`BULK_CHUNK`] payloads. Returns the instances in order.
+    /// Adds many small payloads at once (a bulk add, see [`Bulk`]): each is kept
+    /// inline or stored as [`create`](Self::create) says, and the rows commit in
+    /// chunks of up to [`BULK_CHUNK`] jobs. Returns the instances in order.
     pub async fn add_many(
         &self,
         payloads: Vec<Vec<u8>>,
         opts: &PushOptions,
     ) -> Result<Vec<Instance>> {
         let mut out = Vec::with_capacity(payloads.len());
-        let mut chunk = Vec::new();
+        let mut bulk = self.bulk(opts);
         for p in payloads {
-            chunk.push(self.stage(&p[..]).await?);
-            if chunk.len() == BULK_CHUNK {
-                out.extend(self.queue.add_many(&chunk, opts).await?);
-                chunk.clear();
-            }
+            out.extend(bulk.push(&p[..]).await?);
         }
-        if !chunk.is_empty() {
-            out.extend(self.queue.add_many(&chunk, opts).await?);
-        }
+        out.extend(bulk.finish().await?);
         Ok(out)
     }
 

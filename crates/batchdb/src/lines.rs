@@ -1,8 +1,7 @@
 //! Bulk adds from a stream of lines (`add --lines`): one job per non-empty line, each
 //! line streamed as it is read — a line longer than [`crate::INLINE_MAX`] goes to the
-//! blob store without ever being held whole — and the jobs committed in chunks of
-//! [`crate::BULK_CHUNK`] jobs or [`CHUNK_BYTES`] of inline payloads, whichever comes
-//! first. Memory stays flat whatever the lines' lengths or number.
+//! blob store without ever being held whole — and the jobs committed in chunks as
+//! [`crate::Bulk`] does. Memory stays flat whatever the lines' lengths or number.
 
 use std::io;
 use std::pin::Pin;
@@ -10,12 +9,9 @@ use std::task::{Context, Poll};
 
 use tokio::io::{AsyncBufRead, AsyncBufReadExt, AsyncRead, ReadBuf};
 
+use crate::BatchDb;
 use crate::error::{Error, Result};
 use crate::queue::{Instance, NewJob, PushOptions};
-use crate::{BULK_CHUNK, BatchDb};
-
-/// Inline payload bytes per transaction of a bulk add, at most.
-pub const CHUNK_BYTES: usize = 16 << 20;
 
 /// One line of a buffered reader, as a reader: the bytes up to the next `\n` (which
 /// is consumed, not yielded) or the end of input, without a `\r` just before its end.
@@ -86,37 +82,31 @@ impl BatchDb {
         opts: &PushOptions,
         mut each: impl FnMut(&Instance) -> Result<()>,
     ) -> Result<u64> {
-        let (mut chunk, mut bytes, mut added) = (Vec::new(), 0usize, 0u64);
+        let (mut bulk, mut added) = (self.bulk(opts), 0u64);
         let read_err = |e| Error::Stream {
             what: "read payload lines".into(),
             source: e,
         };
-        loop {
-            let more = !input.fill_buf().await.map_err(read_err)?.is_empty();
-            if more {
-                let line = Line {
-                    inner: &mut input,
-                    held_cr: false,
-                    done: false,
-                };
-                let job: NewJob = self.stage(line).await?;
-                if job.info.size > 0 {
-                    bytes += job.inline.as_ref().map_or(0, Vec::len);
-                    chunk.push(job);
-                }
+        let mut report = |done: Vec<Instance>| -> Result<()> {
+            for inst in &done {
+                each(inst)?;
+                added += 1;
             }
-            if chunk.len() >= BULK_CHUNK || bytes >= CHUNK_BYTES || (!more && !chunk.is_empty()) {
-                for inst in self.queue.add_many(&chunk, opts).await? {
-                    each(&inst)?;
-                    added += 1;
-                }
-                chunk.clear();
-                bytes = 0;
-            }
-            if !more {
-                return Ok(added);
+            Ok(())
+        };
+        while !input.fill_buf().await.map_err(read_err)?.is_empty() {
+            let line = Line {
+                inner: &mut input,
+                held_cr: false,
+                done: false,
+            };
+            let job: NewJob = self.stage(line).await?;
+            if job.info.size > 0 {
+                report(bulk.push_staged(job).await?)?;
             }
         }
+        report(bulk.finish().await?)?;
+        Ok(added)
     }
 }
 

@@ -502,3 +502,37 @@ pub async fn add_many_queues_every_payload_in_one_go(b: &Backend) {
     assert_eq!(reports.len(), payloads.len());
     assert_eq!(db.counts().await.unwrap().result, payloads.len() as u64);
 }
+
+/// A bulk add of several chunks (each fills at `CHUNK_BYTES` of inline payloads)
+/// reports every instance exactly once, in push order, some of them while later
+/// payloads are still being pushed (the commits overlap the staging).
+pub async fn bulk_add_over_several_chunks_reports_each_instance_once_in_order(b: &Backend) {
+    let db = b.db();
+    let per_chunk = batchdb::CHUNK_BYTES / batchdb::INLINE_MAX;
+    let n = 2 * per_chunk + 7;
+    let payload = |i: usize| {
+        let mut p = format!("echo {i} ").into_bytes();
+        p.resize(batchdb::INLINE_MAX, b'#');
+        p
+    };
+    let mut bulk = db.bulk(&PushOptions::default());
+    let (mut reported, mut early) = (Vec::new(), 0);
+    for i in 0..n {
+        let done = bulk.push(&payload(i)[..]).await.unwrap();
+        if i + 1 < n {
+            early += done.len();
+        }
+        reported.extend(done);
+    }
+    reported.extend(bulk.finish().await.unwrap());
+    assert_eq!(reported.len(), n);
+    assert!(
+        early >= per_chunk,
+        "only {early} reported before the last push"
+    );
+    for (i, inst) in reported.iter().enumerate() {
+        assert_eq!(inst.job, Hash::of(&payload(i)), "instance {i}");
+    }
+    assert!(reported.windows(2).all(|w| w[0].created < w[1].created));
+    assert_eq!(db.counts().await.unwrap().pending, n as u64);
+}

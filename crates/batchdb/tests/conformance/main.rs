@@ -116,6 +116,7 @@ macro_rules! suite {
                     small_payloads_live_inline_and_large_ones_in_the_store,
                     small_outputs_live_inline_and_large_ones_in_the_store,
                     add_many_queues_every_payload_in_one_go,
+                    bulk_add_over_several_chunks_reports_each_instance_once_in_order,
                 ]);
                 suite!(@fresh $backend, isolation: [
                     workers_in_one_process_never_kill_each_others_jobs,

@@ -105,40 +105,38 @@ pub(super) async fn map(db: &BatchDb, m: MapArgs) -> Result<ExitCode> {
         writeln!(out, "batch {name}").map_err(stdout_err)?;
         out.flush().map_err(stdout_err)?;
     }
-    let (mut args, mut seq, mut chunk) = (Vec::new(), 0u64, Vec::new());
-    loop {
-        let more = inputs.next(&mut args).await?;
-        if more {
-            seq += 1;
-            let refs: Vec<&[u8]> = args.iter().map(Vec::as_slice).collect();
-            let mut payload = Vec::new();
-            template.expand_into(seq, &refs, &mut payload);
-            if m.dry_run {
-                out.write_all(&payload)
-                    .and_then(|()| out.write_all(b"\n"))
-                    .map_err(stdout_err)?;
-            } else {
-                chunk.push(payload);
-            }
+    let (mut args, mut seq, mut payload) = (Vec::new(), 0u64, Vec::new());
+    let mut bulk = db.bulk(&opts);
+    let mut report = |added: Vec<batchdb::queue::Instance>, out: &mut std::io::BufWriter<_>| {
+        if added.is_empty() {
+            return Ok(());
         }
-        if chunk.len() == batchdb::BULK_CHUNK || (!more && !chunk.is_empty()) {
-            let added = db.add_many(std::mem::take(&mut chunk), &opts).await?;
-            line.advance(added.len() as u64);
-            line.progress
-                .print(&mut out, |out| {
-                    if !m.quiet {
-                        for inst in &added {
-                            writeln!(out, "pushed {} {}", inst.job, inst.created)?;
-                        }
+        line.advance(added.len() as u64);
+        line.progress
+            .print(out, |out| {
+                if !m.quiet {
+                    for inst in &added {
+                        writeln!(out, "pushed {} {}", inst.job, inst.created)?;
                     }
-                    out.flush()
-                })
+                }
+                out.flush()
+            })
+            .map_err(stdout_err)
+    };
+    while inputs.next(&mut args).await? {
+        seq += 1;
+        let refs: Vec<&[u8]> = args.iter().map(Vec::as_slice).collect();
+        payload.clear();
+        template.expand_into(seq, &refs, &mut payload);
+        if m.dry_run {
+            out.write_all(&payload)
+                .and_then(|()| out.write_all(b"\n"))
                 .map_err(stdout_err)?;
-        }
-        if !more {
-            break;
+        } else {
+            report(bulk.push(&payload[..]).await?, &mut out)?;
         }
     }
+    report(bulk.finish().await?, &mut out)?;
     line.progress.finish();
     out.flush().map_err(stdout_err)?;
     Ok(ExitCode::SUCCESS)
