@@ -19,11 +19,16 @@ fn main() -> ExitCode {
         Err(e) => return usage_error(&e),
     };
     init_logging(cli.verbose);
-    let rt = match tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-    {
+    // A worker and a server run many tasks at once; every other command is one task
+    // (plus SQLite's blocking thread), and starts faster without the worker threads.
+    let mut builder = if matches!(cli.command, args::Command::Run(_) | args::Command::Serve(_)) {
+        let mut b = tokio::runtime::Builder::new_multi_thread();
+        b.worker_threads(2);
+        b
+    } else {
+        tokio::runtime::Builder::new_current_thread()
+    };
+    let rt = match builder.enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("batchdb: starting the async runtime: {e}");

@@ -162,6 +162,13 @@ fn open_conn(path: &Path) -> rusqlite::Result<Connection> {
 }
 
 fn migrate(conn: &mut Connection, location: &str) -> TxResult<()> {
+    // The common case, read without the write lock: the schema is this build's.
+    // (Every one-shot command opens the database; none of them need take the lock
+    // for this.) A file at another version is checked again under the lock.
+    let seen: i64 = conn.query_row("PRAGMA user_version", [], |r| r.get(0))?;
+    if seen == SCHEMA_VERSION {
+        return Ok(());
+    }
     let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
     let version: i64 = tx.query_row("PRAGMA user_version", [], |r| r.get(0))?;
     if version > SCHEMA_VERSION {
