@@ -1,0 +1,147 @@
+//! batchdb beside the tools people queue shell commands with, as a user runs them:
+//! `n` `echo` commands from a file (default 500), run 2 at a time, every output kept
+//! (except by `xargs`, the baseline: no queue, nothing kept). Whole processes, wall
+//! time from the first command to the last output, each run in a fresh directory;
+//! the order of the tools reverses every round.
+//!
+//! - `xargs -P 2`: `xargs -P 2 -d '\n' -I{} sh -c {} < jobs`
+//! - batchdb: `batchdb add --lines -q < jobs && batchdb run -j 2 --until-empty`
+//! - GNU parallel: `parallel -j 2 --results DIR < jobs`
+//! - task-spooler: `tsp -S 2`, then one `tsp sh -c LINE` per line, then `tsp -w` on
+//!   the last two jobs (a fresh server per run, its outputs in the run's directory)
+//!
+//! GNU parallel and task-spooler come from Debian (`parallel`, `task-spooler`); run as
+//! root, the bench installs whichever is missing, as `scripts/test` does.
+//!
+//! `cargo bench -p batchdb-cli --bench end_to_end [-- quick]`. The table it prints is
+//! kept in `docs/performance.md`.
+
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+const BIN: &str = env!("CARGO_BIN_EXE_batchdb");
+
+/// One tool's way of running the jobs in `jobs.txt` under `dir`, as a bash script.
+struct Tool {
+    name: &'static str,
+    script: &'static str,
+}
+
+const TOOLS: &[Tool] = &[
+    Tool {
+        name: "xargs -P 2 (nothing kept)",
+        script: r"xargs -P 2 -d '\n' -I{} sh -c {} < jobs.txt > /dev/null",
+    },
+    Tool {
+        name: "batchdb add --lines + run -j 2 --until-empty",
+        script: r#"export BATCHDB_DIR="$PWD/db"
+"$BATCHDB" add --lines -q < jobs.txt > /dev/null
+"$BATCHDB" run -j 2 --until-empty > /dev/null"#,
+    },
+    Tool {
+        name: "GNU parallel -j 2 --results",
+        script: r"parallel -j 2 --results out < jobs.txt > /dev/null",
+    },
+    Tool {
+        name: "task-spooler (tsp -S 2, one tsp per job)",
+        script: r#"export TS_SOCKET="$PWD/ts.sock" TMPDIR="$PWD" TS_MAXFINISHED=100000
+tsp -S 2
+while IFS= read -r line; do last=$(tsp sh -c "$line"); done < jobs.txt
+tsp -w "$last" > /dev/null || true
+tsp -w "$((last - 1))" > /dev/null || true
+test "$(tsp -l | grep -c finished)" -eq "$(wc -l < jobs.txt)"
+tsp -K"#,
+    },
+];
+
+/// Installs GNU parallel and task-spooler when missing (as root), or stops with what
+/// to install.
+fn ensure_tools() {
+    let has = |cmd: &str| {
+        Command::new("sh")
+            .args(["-c", &format!("command -v {cmd}")])
+            .stdout(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success())
+    };
+    let missing: Vec<&str> = [("parallel", "parallel"), ("tsp", "task-spooler")]
+        .into_iter()
+        .filter(|(cmd, _)| !has(cmd))
+        .map(|(_, pkg)| pkg)
+        .collect();
+    if missing.is_empty() {
+        return;
+    }
+    // SAFETY: getuid has no preconditions.
+    assert!(
+        unsafe { libc::getuid() } == 0,
+        "install the Debian packages {missing:?} (or run the bench as root)"
+    );
+    let apt = |args: &[&str]| {
+        let ok = Command::new("apt-get")
+            .args(args)
+            .env("DEBIAN_FRONTEND", "noninteractive")
+            .stdout(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success());
+        assert!(ok, "apt-get {args:?} failed");
+    };
+    apt(&["update", "-q"]);
+    let mut install = vec!["install", "-y", "-q", "--no-install-recommends"];
+    install.extend(&missing);
+    apt(&install);
+}
+
+/// Runs `tool` once in a fresh directory holding `jobs.txt`; its wall time.
+fn run(tool: &Tool, jobs: &Path) -> Duration {
+    let dir = tempfile::tempdir().expect("temp dir");
+    std::fs::copy(jobs, dir.path().join("jobs.txt")).expect("copy jobs");
+    let start = Instant::now();
+    let status = Command::new("bash")
+        .args(["-euo", "pipefail", "-c", tool.script])
+        .current_dir(dir.path())
+        .env("BATCHDB", BIN)
+        .stdout(Stdio::null())
+        .status()
+        .expect("bash");
+    let took = start.elapsed();
+    assert!(status.success(), "{} failed", tool.name);
+    took
+}
+
+fn median(mut v: Vec<Duration>) -> Duration {
+    v.sort();
+    v[v.len() / 2]
+}
+
+fn main() {
+    let quick = std::env::args().any(|a| a == "quick");
+    let (n, rounds) = if quick { (200, 2) } else { (500, 6) };
+    ensure_tools();
+    let jobs_dir = tempfile::tempdir().expect("temp dir");
+    let jobs = jobs_dir.path().join("jobs.txt");
+    let lines: String = (0..n).map(|i| format!("echo {i}\n")).collect();
+    std::fs::write(&jobs, lines).expect("write jobs");
+    let mut times: Vec<Vec<Duration>> = vec![Vec::new(); TOOLS.len()];
+    for round in 0..rounds {
+        let order: Vec<usize> = if round % 2 == 0 {
+            (0..TOOLS.len()).collect()
+        } else {
+            (0..TOOLS.len()).rev().collect()
+        };
+        for i in order {
+            times[i].push(run(&TOOLS[i], &jobs));
+        }
+    }
+    let base = median(times[0].clone()).as_secs_f64();
+    println!("{n} `echo` jobs, 2 at a time, median of {rounds} runs (order reversed each round)");
+    println!("| tool | wall time | jobs/s | against xargs -P 2 |");
+    println!("|---|---|---|---|");
+    for (tool, t) in TOOLS.iter().zip(times) {
+        let m = median(t).as_secs_f64();
+        #[allow(clippy::cast_precision_loss)]
+        let rate = n as f64 / m;
+        println!("| {} | {m:.2} s | {rate:.0} | {:.2} |", tool.name, base / m);
+    }
+}
