@@ -8,8 +8,8 @@
 //! A chunk is one transaction. Bigger chunks are cheaper per job — a job's key is a
 //! hash, so its index entries land on random pages, and every commit writes each page
 //! it touched once (10,000 jobs per transaction cost SQLite about twice the time per
-//! job of 50,000) — but hold the database's write lock longer (about a quarter of a
-//! second for [`BULK_CHUNK`] jobs on SQLite).
+//! job of 50,000) — but hold the database's write lock longer (about half a second for
+//! [`BULK_CHUNK`] jobs on SQLite here).
 
 use std::sync::Arc;
 
@@ -29,7 +29,8 @@ pub const CHUNK_BYTES: usize = 16 << 20;
 /// A bulk add in progress (see [`BatchDb::bulk`]): push payloads, then
 /// [`finish`](Self::finish). Every instance is reported exactly once, in push order,
 /// by the call during which its chunk's commit was found done. A failed commit is
-/// reported by the next call, and nothing pushed after its chunk commits. Dropping a
+/// reported by the next call that fills a chunk, or by `finish`, and then nothing
+/// pushed after its chunk has committed (drop the `Bulk` after an error). Dropping a
 /// `Bulk` lets a commit already in flight complete; the staged chunk is not added.
 pub struct Bulk {
     db: BatchDb,
@@ -71,6 +72,9 @@ impl Bulk {
         }
         let done = self.settle().await?;
         self.start_commit();
+        // Let the commit task start its transaction now, even on a current-thread
+        // runtime, where it would otherwise wait for this task to block.
+        tokio::task::yield_now().await;
         Ok(done)
     }
 
