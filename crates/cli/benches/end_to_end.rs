@@ -10,6 +10,13 @@
 //! - task-spooler: `tsp -S 2`, then one `tsp sh -c LINE` per line, then `tsp -w` on
 //!   the last two jobs (a fresh server per run, its outputs in the run's directory)
 //!
+//! Then one job writing 1 GiB to its stdout (`-- quick`: 256 MiB), run by a whole
+//! `batchdb run --until-empty` (the job queued beforehand, untimed), beside the two
+//! limits of what it does with those bytes, measured the same way: hashing them
+//! (`head -c N /dev/zero | openssl dgst -sha256`) and writing them durably (`head -c N
+//! /dev/zero > FILE && sync FILE`). Each run starts after a `sync`, so one run's
+//! writeback does not land in the next; the order reverses every round.
+//!
 //! GNU parallel and task-spooler come from Debian (`parallel`, `task-spooler`); run as
 //! root, the bench installs whichever is missing, as `scripts/test` does.
 //!
@@ -27,6 +34,26 @@ struct Tool {
     name: &'static str,
     script: &'static str,
 }
+
+/// The 1 GiB output scenario: an untimed set-up, then the timed script (`$BYTES` is
+/// the output's size).
+const BIG: &[(&str, &str, &str)] = &[
+    (
+        "batchdb run --until-empty",
+        r#"export BATCHDB_DIR="$PWD/db"; "$BATCHDB" add "head -c $BYTES /dev/zero" > /dev/null"#,
+        r#"BATCHDB_DIR="$PWD/db" "$BATCHDB" run --until-empty > /dev/null"#,
+    ),
+    (
+        "sha256 (openssl dgst)",
+        "",
+        "head -c $BYTES /dev/zero | openssl dgst -sha256 > /dev/null",
+    ),
+    (
+        "write + fsync",
+        "",
+        "head -c $BYTES /dev/zero > plain && sync plain",
+    ),
+];
 
 const TOOLS: &[Tool] = &[
     Tool {
@@ -93,21 +120,44 @@ fn ensure_tools() {
     apt(&install);
 }
 
-/// Runs `tool` once in a fresh directory holding `jobs.txt`; its wall time.
-fn run(tool: &Tool, jobs: &Path) -> Duration {
+/// Runs `setup` (untimed, then a `sync`) and `script` (timed) in a fresh directory
+/// holding `jobs.txt`; the wall time of `script`.
+fn run(name: &str, setup: &str, script: &str, jobs: &Path, bytes: u64) -> Duration {
     let dir = tempfile::tempdir().expect("temp dir");
     std::fs::copy(jobs, dir.path().join("jobs.txt")).expect("copy jobs");
+    let bash = |script: &str| {
+        Command::new("bash")
+            .args(["-euo", "pipefail", "-c", script])
+            .current_dir(dir.path())
+            .env("BATCHDB", BIN)
+            .env("BYTES", bytes.to_string())
+            .stdout(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success())
+    };
+    assert!(bash(&format!("{setup}\nsync")), "{name}: set-up failed");
     let start = Instant::now();
-    let status = Command::new("bash")
-        .args(["-euo", "pipefail", "-c", tool.script])
-        .current_dir(dir.path())
-        .env("BATCHDB", BIN)
-        .stdout(Stdio::null())
-        .status()
-        .expect("bash");
+    let ok = bash(script);
     let took = start.elapsed();
-    assert!(status.success(), "{} failed", tool.name);
+    assert!(ok, "{name} failed");
     took
+}
+
+/// Runs each of `n` scenarios `rounds` times, the order reversed every round; the
+/// times of each.
+fn rounds(n: usize, rounds: usize, mut one: impl FnMut(usize) -> Duration) -> Vec<Vec<Duration>> {
+    let mut times: Vec<Vec<Duration>> = vec![Vec::new(); n];
+    for round in 0..rounds {
+        let order: Vec<usize> = if round % 2 == 0 {
+            (0..n).collect()
+        } else {
+            (0..n).rev().collect()
+        };
+        for i in order {
+            times[i].push(one(i));
+        }
+    }
+    times
 }
 
 fn median(mut v: Vec<Duration>) -> Duration {
@@ -117,25 +167,17 @@ fn median(mut v: Vec<Duration>) -> Duration {
 
 fn main() {
     let quick = std::env::args().any(|a| a == "quick");
-    let (n, rounds) = if quick { (200, 2) } else { (500, 6) };
+    let (n, rounds_n) = if quick { (200, 2) } else { (500, 6) };
     ensure_tools();
     let jobs_dir = tempfile::tempdir().expect("temp dir");
     let jobs = jobs_dir.path().join("jobs.txt");
     let lines: String = (0..n).map(|i| format!("echo {i}\n")).collect();
     std::fs::write(&jobs, lines).expect("write jobs");
-    let mut times: Vec<Vec<Duration>> = vec![Vec::new(); TOOLS.len()];
-    for round in 0..rounds {
-        let order: Vec<usize> = if round % 2 == 0 {
-            (0..TOOLS.len()).collect()
-        } else {
-            (0..TOOLS.len()).rev().collect()
-        };
-        for i in order {
-            times[i].push(run(&TOOLS[i], &jobs));
-        }
-    }
+    let times = rounds(TOOLS.len(), rounds_n, |i| {
+        run(TOOLS[i].name, "", TOOLS[i].script, &jobs, 0)
+    });
     let base = median(times[0].clone()).as_secs_f64();
-    println!("{n} `echo` jobs, 2 at a time, median of {rounds} runs (order reversed each round)");
+    println!("{n} `echo` jobs, 2 at a time, median of {rounds_n} runs (order reversed each round)");
     println!("| tool | wall time | jobs/s | against xargs -P 2 |");
     println!("|---|---|---|---|");
     for (tool, t) in TOOLS.iter().zip(times) {
@@ -143,5 +185,27 @@ fn main() {
         #[allow(clippy::cast_precision_loss)]
         let rate = n as f64 / m;
         println!("| {} | {m:.2} s | {rate:.0} | {:.2} |", tool.name, base / m);
+    }
+    big_output(if quick { 256 } else { 1024 }, rounds_n, &jobs);
+}
+
+/// The 1 GiB output scenario (see the module's documentation).
+fn big_output(mib: u64, rounds_n: usize, jobs: &Path) {
+    let times = rounds(BIG.len(), rounds_n, |i| {
+        let (name, setup, script) = BIG[i];
+        run(name, setup, script, jobs, mib << 20)
+    });
+    #[allow(clippy::cast_precision_loss)]
+    let rates: Vec<f64> = times
+        .into_iter()
+        .map(|t| mib as f64 / median(t).as_secs_f64())
+        .collect();
+    let slower = rates[1].min(rates[2]);
+    println!();
+    println!("one job writing {mib} MiB to stdout, whole processes, median of {rounds_n} runs");
+    println!("| what | MiB/s | against the slower limit |");
+    println!("|---|---|---|");
+    for ((name, _, _), rate) in BIG.iter().zip(&rates) {
+        println!("| {name} | {rate:.0} | {:.2} |", rate / slower);
     }
 }
