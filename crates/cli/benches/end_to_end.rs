@@ -2,7 +2,7 @@
 //! `n` `echo` commands from a file (default 500), run 2 at a time, every output kept
 //! (except by `xargs`, the baseline: no queue, nothing kept). Whole processes, wall
 //! time from the first command to the last output, each run in a fresh directory;
-//! the order of the tools reverses every round.
+//! the order of the tools reverses every round. Every run starts after a `sync`.
 //!
 //! - `xargs -P 2`: `xargs -P 2 -d '\n' -I{} sh -c {} < jobs`
 //! - batchdb: `batchdb add --lines -q < jobs && batchdb run -j 2 --until-empty`
@@ -29,49 +29,56 @@ use std::time::{Duration, Instant};
 
 const BIN: &str = env!("CARGO_BIN_EXE_batchdb");
 
-/// One tool's way of running the jobs in `jobs.txt` under `dir`, as a bash script.
+/// One way of doing a scenario's work, as bash scripts run in a fresh directory
+/// holding `jobs.txt` (`$BYTES`: the 1 GiB scenario's output size).
 struct Tool {
     name: &'static str,
+    /// Run first, untimed (then a `sync`).
+    setup: &'static str,
+    /// The timed part.
     script: &'static str,
 }
 
-/// The 1 GiB output scenario: an untimed set-up, then the timed script (`$BYTES` is
-/// the output's size).
-const BIG: &[(&str, &str, &str)] = &[
-    (
-        "batchdb run --until-empty",
-        r#"export BATCHDB_DIR="$PWD/db"; "$BATCHDB" add "head -c $BYTES /dev/zero" > /dev/null"#,
-        r#"BATCHDB_DIR="$PWD/db" "$BATCHDB" run --until-empty > /dev/null"#,
-    ),
-    (
-        "sha256 (openssl dgst)",
-        "",
-        "head -c $BYTES /dev/zero | openssl dgst -sha256 > /dev/null",
-    ),
-    (
-        "write + fsync",
-        "",
-        "head -c $BYTES /dev/zero > plain && sync plain",
-    ),
+/// The 1 GiB output scenario: batchdb, then the two limits.
+const BIG: &[Tool] = &[
+    Tool {
+        name: "batchdb run --until-empty",
+        setup: r#"export BATCHDB_DIR="$PWD/db"; "$BATCHDB" add "head -c $BYTES /dev/zero" > /dev/null"#,
+        script: r#"BATCHDB_DIR="$PWD/db" "$BATCHDB" run --until-empty > /dev/null"#,
+    },
+    Tool {
+        name: "sha256 (openssl dgst)",
+        setup: "",
+        script: "head -c $BYTES /dev/zero | openssl dgst -sha256 > /dev/null",
+    },
+    Tool {
+        name: "write + fsync",
+        setup: "",
+        script: "head -c $BYTES /dev/zero > plain && sync plain",
+    },
 ];
 
 const TOOLS: &[Tool] = &[
     Tool {
         name: "xargs -P 2 (nothing kept)",
+        setup: "",
         script: r"xargs -P 2 -d '\n' -I{} sh -c {} < jobs.txt > /dev/null",
     },
     Tool {
         name: "batchdb add --lines + run -j 2 --until-empty",
+        setup: "",
         script: r#"export BATCHDB_DIR="$PWD/db"
 "$BATCHDB" add --lines -q < jobs.txt > /dev/null
 "$BATCHDB" run -j 2 --until-empty > /dev/null"#,
     },
     Tool {
         name: "GNU parallel -j 2 --results",
+        setup: "",
         script: r"parallel -j 2 --results out < jobs.txt > /dev/null",
     },
     Tool {
         name: "task-spooler (tsp -S 2, one tsp per job)",
+        setup: "",
         script: r#"export TS_SOCKET="$PWD/ts.sock" TMPDIR="$PWD" TS_MAXFINISHED=100000
 tsp -S 2
 while IFS= read -r line; do last=$(tsp sh -c "$line"); done < jobs.txt
@@ -120,9 +127,9 @@ fn ensure_tools() {
     apt(&install);
 }
 
-/// Runs `setup` (untimed, then a `sync`) and `script` (timed) in a fresh directory
-/// holding `jobs.txt`; the wall time of `script`.
-fn run(name: &str, setup: &str, script: &str, jobs: &Path, bytes: u64) -> Duration {
+/// Runs `tool` once in a fresh directory holding `jobs.txt`; the wall time of its
+/// script.
+fn run(tool: &Tool, jobs: &Path, bytes: u64) -> Duration {
     let dir = tempfile::tempdir().expect("temp dir");
     std::fs::copy(jobs, dir.path().join("jobs.txt")).expect("copy jobs");
     let bash = |script: &str| {
@@ -135,11 +142,15 @@ fn run(name: &str, setup: &str, script: &str, jobs: &Path, bytes: u64) -> Durati
             .status()
             .is_ok_and(|s| s.success())
     };
-    assert!(bash(&format!("{setup}\nsync")), "{name}: set-up failed");
+    assert!(
+        bash(&format!("{}\nsync", tool.setup)),
+        "{}: set-up failed",
+        tool.name
+    );
     let start = Instant::now();
-    let ok = bash(script);
+    let ok = bash(tool.script);
     let took = start.elapsed();
-    assert!(ok, "{name} failed");
+    assert!(ok, "{} failed", tool.name);
     took
 }
 
@@ -173,9 +184,7 @@ fn main() {
     let jobs = jobs_dir.path().join("jobs.txt");
     let lines: String = (0..n).map(|i| format!("echo {i}\n")).collect();
     std::fs::write(&jobs, lines).expect("write jobs");
-    let times = rounds(TOOLS.len(), rounds_n, |i| {
-        run(TOOLS[i].name, "", TOOLS[i].script, &jobs, 0)
-    });
+    let times = rounds(TOOLS.len(), rounds_n, |i| run(&TOOLS[i], &jobs, 0));
     let base = median(times[0].clone()).as_secs_f64();
     println!("{n} `echo` jobs, 2 at a time, median of {rounds_n} runs (order reversed each round)");
     println!("| tool | wall time | jobs/s | against xargs -P 2 |");
@@ -191,10 +200,7 @@ fn main() {
 
 /// The 1 GiB output scenario (see the module's documentation).
 fn big_output(mib: u64, rounds_n: usize, jobs: &Path) {
-    let times = rounds(BIG.len(), rounds_n, |i| {
-        let (name, setup, script) = BIG[i];
-        run(name, setup, script, jobs, mib << 20)
-    });
+    let times = rounds(BIG.len(), rounds_n, |i| run(&BIG[i], jobs, mib << 20));
     #[allow(clippy::cast_precision_loss)]
     let rates: Vec<f64> = times
         .into_iter()
@@ -205,7 +211,7 @@ fn big_output(mib: u64, rounds_n: usize, jobs: &Path) {
     println!("one job writing {mib} MiB to stdout, whole processes, median of {rounds_n} runs");
     println!("| what | MiB/s | against the slower limit |");
     println!("|---|---|---|");
-    for ((name, _, _), rate) in BIG.iter().zip(&rates) {
-        println!("| {name} | {rate:.0} | {:.2} |", rate / slower);
+    for (tool, rate) in BIG.iter().zip(&rates) {
+        println!("| {} | {rate:.0} | {:.2} |", tool.name, rate / slower);
     }
 }

@@ -126,7 +126,6 @@ pub(super) async fn map(db: &BatchDb, m: MapArgs) -> Result<ExitCode> {
     while inputs.next(&mut args).await? {
         seq += 1;
         let refs: Vec<&[u8]> = args.iter().map(Vec::as_slice).collect();
-        payload.clear();
         template.expand_into(seq, &refs, &mut payload);
         if m.dry_run {
             out.write_all(&payload)
