@@ -120,15 +120,8 @@ impl Proc {
 
     /// `(state, process group)` from `stat`; `None` if the process is gone.
     fn state_and_group(&self) -> Option<(u8, i32)> {
-        let stat = self.read("stat").ok()?;
-        // "pid (comm) state ppid pgrp ...": comm may hold spaces and parentheses,
-        // so fields are counted after the last ')'.
-        let close = stat.iter().rposition(|b| *b == b')')?;
-        let rest = std::str::from_utf8(&stat[close + 1..]).ok()?;
-        let mut fields = rest.split_ascii_whitespace();
-        let state = fields.next()?.bytes().next()?;
-        let pgrp = fields.nth(1)?.parse().ok()?;
-        Some((state, pgrp))
+        let st = Stat::parse(&self.read("stat").ok()?)?;
+        Some((st.state, st.pgrp))
     }
 
     /// Whether this process carries `mark` (false once it is gone).
@@ -196,13 +189,87 @@ fn newer(pid: i32, first: i32, last: i32) -> bool {
     }
 }
 
+/// What one `/proc/<pid>/stat` says about a process, for [`any_left`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Stat {
+    state: u8,
+    ppid: i32,
+    pgrp: i32,
+    /// Clock ticks since boot at its start.
+    start: u64,
+}
+
+impl Stat {
+    /// Parses a `stat` file's text: "pid (comm) state ppid pgrp ..."; comm may hold
+    /// spaces and parentheses, so fields are counted after the last ')'.
+    fn parse(stat: &[u8]) -> Option<Stat> {
+        let close = stat.iter().rposition(|b| *b == b')')?;
+        let rest = std::str::from_utf8(&stat[close + 1..]).ok()?;
+        let mut fields = rest.split_ascii_whitespace();
+        let state = fields.next()?.bytes().next()?;
+        let ppid = fields.next()?.parse().ok()?;
+        let pgrp = fields.next()?.parse().ok()?;
+        // starttime is the 22nd field of the line; state is its 3rd.
+        let start = fields.nth(22 - 3 - 3)?.parse().ok()?;
+        Some(Stat {
+            state,
+            ppid,
+            pgrp,
+            start,
+        })
+    }
+
+    /// `/proc/<pid>/stat`, read by its path: a look, never a signal, goes by it.
+    fn of(pid: i32, buf: &mut Vec<u8>) -> Option<Stat> {
+        buf.clear();
+        let mut f = std::fs::File::open(format!("/proc/{pid}/stat")).ok()?;
+        f.read_to_end(buf).ok()?;
+        Stat::parse(buf)
+    }
+
+    fn alive(&self) -> bool {
+        !matches!(self.state, b'Z' | b'X')
+    }
+}
+
+/// This process, its ancestors and pid 1: where an orphan of one of its jobs can be
+/// reparented (the nearest subreaper among its ancestors, else init).
+fn reapers(buf: &mut Vec<u8>) -> Vec<i32> {
+    // SAFETY: getpid has no preconditions.
+    let mut pid = unsafe { libc::getpid() };
+    let mut out = vec![1];
+    while pid > 1 && out.len() < 64 {
+        out.push(pid);
+        match Stat::of(pid, buf) {
+            Some(s) => pid = s.ppid,
+            None => break,
+        }
+    }
+    out
+}
+
 /// Whether a process other than `pgid` (the leader, a zombie by now) is alive in
 /// process group `pgid` or carries `mark`. Zombies do not count: they run nothing and
 /// hold nothing open. With `recent` (the leader started well under a second ago), only
-/// processes started after the leader are looked at — every process of its attempt
-/// was — which keeps the look cheap for short jobs; a look that misses something only
-/// leaves it running, it never signals anything.
+/// pids handed out after the leader's are listed, which keeps the look cheap for
+/// short jobs; a look that misses something only leaves it running, it never signals
+/// anything.
+///
+/// Every process of the attempt started after its leader and descends from it, so
+/// only such processes can carry its mark, and an environment is read only where the
+/// ancestry allows it. Walking up a process's parents while they too started after
+/// the leader ends either at the leader (a descendant), or at a process started
+/// before it. A descendant's parent is its creator, or — once that exited — the
+/// nearest subreaper above the worker, or init: one of [`reapers`]. So a walk that
+/// ends at any other older process (another worker's job, that worker) proves the
+/// process is not the attempt's, and its environment is not read.
 pub(crate) fn any_left(pgid: i32, mark: &Mark<'_>, recent: bool) -> bool {
+    let mut buf = Vec::with_capacity(512);
+    let Some(leader) = Stat::of(pgid, &mut buf) else {
+        // The leader is kept unreaped until the attempt settles; if its stat cannot
+        // be read, read every process's environment as before.
+        return any_marked(pgid, mark);
+    };
     let last = if recent { last_pid() } else { None };
     let pids: Box<dyn Iterator<Item = i32>> = match last {
         // Few pids handed out since: look at each (a missing one costs one failed
@@ -217,8 +284,43 @@ pub(crate) fn any_left(pgid: i32, mark: &Mark<'_>, recent: bool) -> bool {
                 .filter(move |pid| last.is_none_or(|last| newer(*pid, pgid, last))),
         ),
     };
-    let mut candidates = pids.filter_map(|pid| Proc::open(pid).ok());
-    candidates.any(|p| {
+    // Processes started no earlier than the leader, by pid.
+    let mut younger = std::collections::HashMap::new();
+    for pid in pids.filter(|p| *p != pgid) {
+        let Some(st) = Stat::of(pid, &mut buf) else {
+            continue;
+        };
+        if st.start < leader.start {
+            continue;
+        }
+        if st.alive() && st.pgrp == pgid {
+            return true;
+        }
+        younger.insert(pid, st);
+    }
+    let reapers = reapers(&mut buf);
+    let may_descend = |st: &Stat| {
+        let mut parent = st.ppid;
+        for _ in 0..=younger.len() {
+            if parent == pgid {
+                return true;
+            }
+            match younger.get(&parent) {
+                Some(p) => parent = p.ppid,
+                None => return reapers.contains(&parent),
+            }
+        }
+        // A cycle can only come from pids reused mid-look: look at it.
+        true
+    };
+    younger.iter().any(|(pid, st)| {
+        st.alive() && may_descend(st) && Proc::open(*pid).is_ok_and(|p| p.carries(mark))
+    })
+}
+
+/// [`any_left`] without the ancestry: every live process's group and environment.
+fn any_marked(pgid: i32, mark: &Mark<'_>) -> bool {
+    processes().any(|p| {
         if p.pid == pgid {
             return false;
         }
@@ -304,6 +406,38 @@ mod tests {
         // The counter wrapped after 10 was handed out.
         assert!(newer(30_000, 10_000, 50) && newer(3, 10_000, 50) && newer(50, 10_000, 50));
         assert!(!newer(51, 10_000, 50) && !newer(10_000, 10_000, 50));
+    }
+
+    #[test]
+    fn stat_is_parsed_after_the_last_parenthesis_of_the_command_name() {
+        let line = b"4242 (a) (b c)) S 17 4242 4242 0 -1 4194560 120 0 0 0 3 1 0 0 20 0 1 0 987654 1 2 3\n";
+        let st = Stat::parse(line).unwrap();
+        assert_eq!(
+            st,
+            Stat {
+                state: b'S',
+                ppid: 17,
+                pgrp: 4242,
+                start: 987_654,
+            }
+        );
+        assert!(Stat::parse(b"4242 (no end").is_none());
+    }
+
+    #[test]
+    fn this_process_and_its_parent_are_reapers_and_started_in_order() {
+        let mut buf = Vec::new();
+        // SAFETY: getpid/getppid have no preconditions.
+        let (me, parent) = unsafe { (libc::getpid(), libc::getppid()) };
+        let st = Stat::of(me, &mut buf).unwrap();
+        assert_eq!(st.ppid, parent);
+        let up = Stat::of(parent, &mut buf).unwrap();
+        assert!(up.start <= st.start, "{up:?} {st:?}");
+        let r = reapers(&mut buf);
+        assert!(
+            r.contains(&1) && r.contains(&me) && r.contains(&parent),
+            "{r:?}"
+        );
     }
 
     #[test]
