@@ -232,7 +232,7 @@ async fn claim_pending<T: Tx>(tx: &mut T, round: &mut Round<'_>, out: &mut Vec<C
     let remaining = req.limit.saturating_sub(out.len());
     // Each window after a full one is twice as long: instances that must be skipped
     // (in flight, not fitting) cost a few statements, not one per window's worth.
-    let mut window = remaining * 4 + 16;
+    let mut window = remaining;
     let mut claimed = 0;
     let mut skipped = 0usize;
     let has_resources = !req.resources.is_empty();

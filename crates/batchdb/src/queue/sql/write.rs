@@ -49,7 +49,18 @@ static RECORD_ATTEMPT: Sql = Sql::new(
        max_rss = $13, cpu_user_ms = $14, cpu_sys_ms = $15
      WHERE instance = $1 AND attempt = $2",
 );
-static INSERT_INLINE: Sql = Sql::each(
+static INSERT_INLINE: Sql =
+    Sql::new("INSERT INTO inline_blobs(key, data) VALUES ($1, $2) ON CONFLICT DO NOTHING");
+/// An inline output another transaction stored, kept to this one's commit: on
+/// PostgreSQL a share lock, which a prune's `FOR UPDATE` waits for (and then sees the
+/// attempt naming it), while any number of finishes naming the same output (the empty
+/// one, most of all) hold it at once. SQLite's one writer needs no lock.
+static HOLD_INLINE: Sql = Sql::each(
+    "SELECT 1 FROM inline_blobs WHERE key = $1",
+    "SELECT 1 FROM inline_blobs WHERE key = $1 FOR KEY SHARE",
+);
+/// The last resort of [`store_inline`]: the row stored or locked for update.
+static UPSERT_INLINE: Sql = Sql::each(
     "INSERT INTO inline_blobs(key, data) VALUES ($1, $2) ON CONFLICT DO NOTHING",
     "INSERT INTO inline_blobs(key, data) VALUES ($1, $2)
      ON CONFLICT (key) DO UPDATE SET key = inline_blobs.key WHERE false",
@@ -241,9 +252,28 @@ pub(super) async fn record_attempt<T: Tx>(
     )
     .await?;
     for data in &r.inline {
-        tx.execute(&INSERT_INLINE, &args![&Hash::of(data), data.as_slice()])
-            .await?;
+        store_inline(tx, data).await?;
     }
+    Ok(())
+}
+
+/// Stores inline output `data`, or keeps the row that holds it already until this
+/// transaction commits (see [`HOLD_INLINE`]). A prune that removed the row between the
+/// two statements makes it store the row again; after a few such rounds it takes the
+/// row's exclusive lock instead.
+async fn store_inline<T: Tx>(tx: &mut T, data: &[u8]) -> R<(), T> {
+    let key = Hash::of(data);
+    for _ in 0..4 {
+        if tx.execute(&INSERT_INLINE, &args![&key, data]).await? > 0
+            || tx
+                .opt(&HOLD_INLINE, &args![&key], |_| Ok(()))
+                .await?
+                .is_some()
+        {
+            return Ok(());
+        }
+    }
+    tx.execute(&UPSERT_INLINE, &args![&key, data]).await?;
     Ok(())
 }
 
