@@ -146,6 +146,12 @@ impl Postgres {
         pg
     }
 
+    /// The process id of the running server (the postmaster), if it is running.
+    pub fn pid(&self) -> Option<u32> {
+        let child = self.child.lock().unwrap_or_else(|p| p.into_inner());
+        child.as_ref().map(Child::id)
+    }
+
     /// The port the server listens on (127.0.0.1).
     pub fn port(&self) -> u16 {
         self.port
