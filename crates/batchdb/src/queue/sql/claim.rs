@@ -230,12 +230,18 @@ async fn claim_starving<T: Tx>(
 async fn claim_pending<T: Tx>(tx: &mut T, round: &mut Round<'_>, out: &mut Vec<Claim>) -> R<(), T> {
     let req = round.req;
     let remaining = req.limit.saturating_sub(out.len());
-    // Each window after a full one is twice as long: instances that must be skipped
-    // (in flight, not fitting) cost a few statements, not one per window's worth.
-    let mut window = remaining;
+    let has_resources = !req.resources.is_empty();
+    // The first window is the free slots (PostgreSQL locks every row it reads), or
+    // more for a worker with resources, which skips what does not fit. Each window
+    // after a full one is twice as long: instances that must be skipped (in flight,
+    // not fitting) cost a few statements, not one per window's worth.
+    let mut window = if has_resources {
+        remaining * 4 + 16
+    } else {
+        remaining
+    };
     let mut claimed = 0;
     let mut skipped = 0usize;
-    let has_resources = !req.resources.is_empty();
     while claimed < remaining && skipped < SCAN_MAX {
         let offset = i64::try_from(skipped).unwrap_or(i64::MAX);
         let win = i64::try_from(window).unwrap_or(i64::MAX);
