@@ -261,8 +261,16 @@ impl Queue for PgQueue {
         if req.limit == 0 {
             return Ok(Vec::new());
         }
-        // Every commit here is durable; whether the claim needed it does not matter.
-        in_tx!(self, |tx| { Ok(claim::claim(tx, req).await?.0) })
+        // Lazy unless the claim ended an instance or served one from the cache, as on
+        // SQLite: a claim lost to a crash of the server only means the instance runs
+        // again (its worker is fenced), and the next durable commit flushes it anyway.
+        in_tx!(self, |tx| {
+            let (claims, durable) = claim::claim(tx, req).await?;
+            if !durable {
+                tx.lazy().await?;
+            }
+            Ok(claims)
+        })
     }
 
     async fn heartbeat(&self, claim: &ClaimToken, lease: Duration) -> Result<Heartbeat> {

@@ -15,6 +15,16 @@ pub(super) struct Tx<'a> {
 }
 
 impl Tx<'_> {
+    /// Makes this transaction's commit return without waiting for the WAL flush
+    /// (`synchronous_commit` is read at commit): a crash of the database server may
+    /// undo it, and a later durable commit flushes it along with its own.
+    pub(super) async fn lazy(&self) -> TxResult<()> {
+        self.raw
+            .batch_execute("SET LOCAL synchronous_commit = off")
+            .await?;
+        Ok(())
+    }
+
     /// Numbers and appends the buffered events, announces the change, and commits.
     /// Returns whether anything changed.
     pub(super) async fn commit(self) -> TxResult<bool> {
