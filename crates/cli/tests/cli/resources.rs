@@ -145,15 +145,7 @@ fn a_worker_gives_each_job_its_own_units_and_the_gpu_variables() {
 #[test]
 fn concurrency_keys_hold_across_worker_processes_by_a_count_the_jobs_keep() {
     let env = Env::new();
-    // Each job counts itself in and out under a lock, and keeps the highest count.
-    let count = |d: &str| {
-        format!(
-            "flock count.lock sh -c 'n=$(( $(cat count 2>/dev/null || echo 0) {d} )); \
-             echo $n > count; m=$(cat most 2>/dev/null || echo 0); \
-             if [ $n -gt $m ]; then echo $n > most; fi'"
-        )
-    };
-    let job = format!("{}; sleep 0.2; {}", count("+ 1"), count("- 1"));
+    let job = counted_job();
     for n in 0..15 {
         env.add_with(&["--concurrency", "api=2"], &format!("{job} # {n}"));
     }
@@ -163,13 +155,7 @@ fn concurrency_keys_hold_across_worker_processes_by_a_count_the_jobs_keep() {
     for mut w in workers {
         w.wait_ok();
     }
-    assert_eq!(env.list("result").len(), 15);
-    assert_eq!(env.read("count").trim(), "0");
-    assert_eq!(
-        env.read("most").trim(),
-        "2",
-        "never more than 2, and 2 reached"
-    );
+    assert_counted(&env, 15, 2);
 }
 
 #[test]

@@ -667,3 +667,29 @@ pub fn live_with_cmdline(needle: &str) -> Vec<u32> {
         })
     })
 }
+
+/// A job that counts itself in and out of a count kept in the working directory
+/// (`count`, under `flock`), with 0.2 s between, and keeps the highest count it saw
+/// (`most`): how many ran at once, as the jobs themselves saw it.
+pub fn counted_job() -> String {
+    let count = |d: &str| {
+        format!(
+            "flock count.lock sh -c 'n=$(( $(cat count 2>/dev/null || echo 0) {d} )); \
+             echo $n > count; m=$(cat most 2>/dev/null || echo 0); \
+             if [ $n -gt $m ]; then echo $n > most; fi'"
+        )
+    };
+    format!("{}; sleep 0.2; {}", count("+ 1"), count("- 1"))
+}
+
+/// What `n` [`counted_job`]s saw: all ended as results, the count is back at 0, and
+/// at most `limit` ran at once, with `limit` reached.
+pub fn assert_counted(env: &Env, n: usize, limit: u32) {
+    assert_eq!(env.list("result").len(), n);
+    assert_eq!(env.read("count").trim(), "0");
+    assert_eq!(
+        env.read("most").trim(),
+        limit.to_string(),
+        "never more than {limit}, and {limit} reached"
+    );
+}
