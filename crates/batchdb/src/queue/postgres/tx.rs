@@ -4,6 +4,18 @@
 use super::*;
 use crate::queue::sql::NewEvent;
 
+/// The buffered events of a transaction appended at its end: the `event` counter
+/// advanced by `$1` (its row lock held until commit), the events numbered after it in
+/// order, and the change announced (`$8`, the channel).
+const APPEND_EVENTS: &str = "WITH c AS (UPDATE counters SET value = value + $1
+                          WHERE name = 'event' RETURNING value),
+          note AS (SELECT pg_notify($8, ''))
+     INSERT INTO events(id, time, kind, job, created, instance, data)
+     SELECT c.value - $1 + u.ord, u.time, u.kind, u.job, u.created, u.instance, u.data
+     FROM c, note, UNNEST($2::BIGINT[], $3::TEXT[], $4::TEXT[], $5::BIGINT[], $6::BIGINT[],
+                          $7::TEXT[]) WITH ORDINALITY AS u(time, kind, job, created, instance,
+                                                           data, ord)";
+
 /// A write transaction: statements are prepared once per connection and cached;
 /// events are buffered and numbered at commit.
 pub(super) struct Tx<'a> {
@@ -36,15 +48,6 @@ impl Tx<'_> {
         } = self;
         if !events.is_empty() {
             let n = i64::try_from(events.len()).unwrap_or(i64::MAX);
-            // Taken last, held until commit: ids are handed out in commit order.
-            let stmt = tx
-                .prepare_cached(
-                    "UPDATE counters SET value = value + $1 WHERE name = 'event' RETURNING value",
-                )
-                .await?;
-            let last: i64 = tx.query_one(&stmt, &[&n]).await?.try_get(0)?;
-            let first = last - n + 1;
-            let ids: Vec<i64> = (first..=last).collect();
             let times: Vec<i64> = events.iter().map(|e| e.time).collect();
             let kinds: Vec<&str> = events.iter().map(|e| e.kind.as_str()).collect();
             let jobs: Vec<String> = events.iter().map(|e| e.job.to_hex()).collect();
@@ -54,20 +57,16 @@ impl Tx<'_> {
                 .iter()
                 .map(|e| (!e.data.is_null()).then(|| e.data.to_string()))
                 .collect();
-            let stmt = tx
-                .prepare_cached(
-                    "INSERT INTO events(id, time, kind, job, created, instance, data)
-                     SELECT * FROM UNNEST($1::BIGINT[], $2::BIGINT[], $3::TEXT[], $4::TEXT[],
-                                          $5::BIGINT[], $6::BIGINT[], $7::TEXT[])",
-                )
-                .await?;
+            // One round trip: the counter taken last and held until commit (ids are
+            // handed out in commit order), the events numbered after it, the change
+            // announced.
+            let stmt = tx.prepare_cached(APPEND_EVENTS).await?;
             tx.execute(
                 &stmt,
-                &[&ids, &times, &kinds, &jobs, &created, &inst, &data],
+                &[&n, &times, &kinds, &jobs, &created, &inst, &data, &CHANNEL],
             )
             .await?;
-        }
-        if changed {
+        } else if changed {
             let stmt = tx.prepare_cached("SELECT pg_notify($1, '')").await?;
             tx.execute(&stmt, &[&CHANNEL]).await?;
         }
