@@ -144,18 +144,7 @@ fn a_worker_gives_each_job_its_own_units_and_the_gpu_variables() {
 
 #[test]
 fn concurrency_keys_hold_across_worker_processes_by_a_count_the_jobs_keep() {
-    let env = Env::new();
-    let job = counted_job();
-    for n in 0..15 {
-        env.add_with(&["--concurrency", "api=2"], &format!("{job} # {n}"));
-    }
-    let workers: Vec<Proc> = (0..3)
-        .map(|_| env.spawn(&["run", "-j", "3", "--until-empty"]))
-        .collect();
-    for mut w in workers {
-        w.wait_ok();
-    }
-    assert_counted(&env, 15, 2);
+    concurrency_key_holds_by_a_count_the_jobs_keep(&Env::new());
 }
 
 #[test]

@@ -668,10 +668,27 @@ pub fn live_with_cmdline(needle: &str) -> Vec<u32> {
     })
 }
 
+/// Three `run -j 3 --until-empty` workers on `env` drain 15 [`counted_job`]s pushed
+/// with `--concurrency api=2`; then [`assert_counted`] checks at most 2 ran at once,
+/// and 2 did.
+pub fn concurrency_key_holds_by_a_count_the_jobs_keep(env: &Env) {
+    let job = counted_job();
+    for n in 0..15 {
+        env.add_with(&["--concurrency", "api=2"], &format!("{job} # {n}"));
+    }
+    let workers: Vec<Proc> = (0..3)
+        .map(|_| env.spawn(&["run", "-j", "3", "--until-empty"]))
+        .collect();
+    for mut w in workers {
+        w.wait_ok_within(Duration::from_secs(300));
+    }
+    assert_counted(env, 15, 2);
+}
+
 /// A job that counts itself in and out of a count kept in the working directory
 /// (`count`, under `flock`), with 0.2 s between, and keeps the highest count it saw
 /// (`most`): how many ran at once, as the jobs themselves saw it.
-pub fn counted_job() -> String {
+fn counted_job() -> String {
     let count = |d: &str| {
         format!(
             "flock count.lock sh -c 'n=$(( $(cat count 2>/dev/null || echo 0) {d} )); \
@@ -684,7 +701,7 @@ pub fn counted_job() -> String {
 
 /// What `n` [`counted_job`]s saw: all ended as results, the count is back at 0, and
 /// at most `limit` ran at once, with `limit` reached.
-pub fn assert_counted(env: &Env, n: usize, limit: u32) {
+fn assert_counted(env: &Env, n: usize, limit: u32) {
     assert_eq!(env.list("result").len(), n);
     assert_eq!(env.read("count").trim(), "0");
     assert_eq!(

@@ -197,18 +197,7 @@ fn four_workers_on_postgres_and_s3_drain_2000_jobs_while_another_process_adds() 
 /// the jobs themselves count how many run at once.
 #[test]
 fn concurrency_keys_hold_across_worker_processes_on_postgres_by_a_count_the_jobs_keep() {
-    let env = env_on(shared().create_database(), garage());
-    let job = counted_job();
-    for n in 0..15 {
-        env.add_with(&["--concurrency", "api=2"], &format!("{job} # {n}"));
-    }
-    let workers: Vec<Proc> = (0..3)
-        .map(|_| env.spawn(&["run", "-j", "3", "--until-empty"]))
-        .collect();
-    for mut w in workers {
-        w.wait_ok_within(Duration::from_secs(300));
-    }
-    assert_counted(&env, 15, 2);
+    concurrency_key_holds_by_a_count_the_jobs_keep(&env_on(shared().create_database(), garage()));
 }
 
 #[test]
