@@ -28,6 +28,8 @@ use axum::extract::Request;
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::io::{AsyncRead, AsyncWrite};
+
+use crate::handoff;
 use tokio::sync::{Notify, watch};
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
@@ -284,45 +286,71 @@ impl Connection {
         stream: tokio::net::TcpStream,
         (router, tls): (Router, Option<TlsAcceptor>),
         limits: Limits,
-        mut stop: watch::Receiver<bool>,
+        stop: watch::Receiver<bool>,
     ) {
-        match tls {
-            None => self.serve(stream, router, limits, stop.clone()).await,
+        // Each boxed, so that once an event stream is handed over, what served the
+        // connection until then (hyper's state, the handshake's) is freed: a
+        // long-lived stream keeps only the small future of `handoff::stream`.
+        let handed = match tls {
+            None => Box::pin(self.serve(stream, router, limits, stop)).await,
             Some(acceptor) => {
-                let shaken = tokio::select! {
-                    s = crate::tls::handshake(&acceptor, stream, limits.header_timeout) => s,
-                    () = self.close.cancelled() => None,
-                    () = async { let _ = stop.wait_for(|s| *s).await; } => None,
-                };
-                if let Some(s) = shaken {
-                    self.serve(s, router, limits, stop.clone()).await;
-                }
+                Box::pin(self.serve_tls(&acceptor, stream, router, limits, stop)).await
             }
+        };
+        if let Some((io, handed)) = handed {
+            handoff::stream(io, handed, &self.close).await;
         }
         self.conns.remove(self.id);
     }
 
+    /// [`Connection::serve`] after the TLS handshake.
+    async fn serve_tls(
+        &self,
+        acceptor: &TlsAcceptor,
+        stream: tokio::net::TcpStream,
+        router: Router,
+        limits: Limits,
+        mut stop: watch::Receiver<bool>,
+    ) -> Option<(handoff::BoxedIo, Handed)> {
+        let shaken = tokio::select! {
+            s = crate::tls::handshake(acceptor, stream, limits.header_timeout) => s,
+            () = self.close.cancelled() => None,
+            () = async { let _ = stop.wait_for(|s| *s).await; } => None,
+        };
+        self.serve(shaken?, router, limits, stop).await
+    }
+
+    /// Serves HTTP on `stream` until the connection ends or is closed, or a
+    /// response is an event stream: then returns the stream and that response, for
+    /// [`handoff::stream`] to write.
     async fn serve<S>(
         &self,
         stream: S,
         router: Router,
         limits: Limits,
         mut stop: watch::Receiver<bool>,
-    ) where
+    ) -> Option<(handoff::BoxedIo, Handed)>
+    where
         S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
         let (busy, idle_since, epoch) = (self.busy.clone(), self.idle_since.clone(), self.epoch);
+        let (slot, mut handed) = handoff::Slot::new();
         let service = hyper::service::service_fn(move |req: Request<Incoming>| {
             let guard = Busy::enter(busy.clone(), idle_since.clone(), epoch);
+            let version = req.version();
             let req = req.map(|b| {
                 Body::new(tower_http::timeout::TimeoutBody::new(
                     limits.body_timeout,
                     b,
                 ))
             });
-            let router = router.clone();
+            let (router, slot) = (router.clone(), slot.clone());
             async move {
                 let resp = router.oneshot(req).await?;
+                let Some((resp, guard)) = slot.offer(version, resp, guard) else {
+                    // The connection's task writes it: hyper gets no answer.
+                    return std::future::pending().await;
+                };
                 Ok::<_, std::convert::Infallible>(resp.map(|body| {
                     Body::new(Tracked {
                         body,
@@ -331,32 +359,60 @@ impl Connection {
                 }))
             }
         });
-        let conn = hyper::server::conn::http1::Builder::new()
+        let (io, flushed) = handoff::Watched::new(crate::bare::JsonParseErrors::new(stream));
+        let mut conn = hyper::server::conn::http1::Builder::new()
             .timer(TokioTimer::new())
             .header_read_timeout(limits.header_timeout)
             .max_headers(256)
-            .serve_connection(
-                TokioIo::new(crate::bare::JsonParseErrors::new(stream)),
-                service,
-            );
-        tokio::pin!(conn);
-        tokio::select! {
-            r = conn.as_mut() => {
+            .serve_connection(TokioIo::new(io), service);
+        let handed = tokio::select! {
+            r = &mut conn => {
                 if let Err(e) = r {
                     tracing::debug!("connection: {e}");
                 }
+                None
             }
-            () = self.close.cancelled() => {}
+            h = &mut handed => h.ok(),
+            () = self.close.cancelled() => None,
             () = async { let _ = stop.wait_for(|s| *s).await; } => {
-                conn.as_mut().graceful_shutdown();
+                Pin::new(&mut conn).graceful_shutdown();
                 tokio::select! {
-                    _ = conn.as_mut() => {}
-                    () = self.close.cancelled() => {}
+                    _ = &mut conn => None,
+                    h = &mut handed => h.ok(),
+                    () = self.close.cancelled() => None,
                 }
             }
-        }
+        };
+        let handed = handed?;
+        // What hyper still holds (the end of an earlier response on this connection)
+        // goes out before the socket is taken back; hyper writes nothing else, its
+        // service having no answer.
+        let all_out = std::future::poll_fn(|cx| {
+            if flushed.load(Ordering::SeqCst) {
+                return Poll::Ready(true);
+            }
+            if Pin::new(&mut conn).poll(cx).is_ready() {
+                return Poll::Ready(false);
+            }
+            if flushed.load(Ordering::SeqCst) {
+                Poll::Ready(true)
+            } else {
+                Poll::Pending
+            }
+        });
+        let all_out = tokio::select! {
+            ok = all_out => ok,
+            () = self.close.cancelled() => false,
+        };
+        all_out.then(|| {
+            let io: handoff::BoxedIo = Box::new(conn.into_parts().io.into_inner().into_inner());
+            (io, handed)
+        })
     }
 }
+
+/// An event-stream response handed over by a connection's service.
+type Handed = handoff::Handed<Busy>;
 
 /// A request in progress on a connection: counted from the call until its response
 /// body is dropped (sent, or the connection gone).

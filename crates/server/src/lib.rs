@@ -24,6 +24,7 @@ mod conn;
 mod dashboard;
 mod error;
 mod events;
+mod handoff;
 mod metrics;
 mod recent;
 mod rows;

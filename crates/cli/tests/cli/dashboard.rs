@@ -445,6 +445,14 @@ fn assert_panel_shows_payload_attempts_output_and_command(b: &Browser) {
         "const a = document.querySelectorAll('#attempts tbody tr td');
          return a.length > 2 && a[1].textContent === 'fail' && a[2].textContent === '9';",
     );
+    // The payload comes by its own request, after or before the attempts.
+    b.wait_js(
+        "the failure's payload",
+        &format!(
+            "return document.querySelector('#payload-text').textContent === {};",
+            serde_json::to_string(IMG_PAYLOAD).expect("JSON string")
+        ),
+    );
     assert_eq!(text_of(b, "#payload-text"), IMG_PAYLOAD);
     assert_eq!(b.js(SAFE), true);
 }

@@ -4,6 +4,7 @@ use std::sync::Arc;
 
 use batchdb::runner::ShellRunner;
 use batchdb::worker::WorkerOptions;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::util::*;
 
@@ -144,4 +145,89 @@ async fn output_follows_a_running_job_live_then_ends() {
     }
     assert_eq!(again, stdout);
     assert_error(s.get("/api/output/12345").await, 404, "no instance").await;
+}
+
+/// Decodes a chunked body, checking its framing; the bytes it carried.
+fn dechunk(mut body: &[u8]) -> Vec<u8> {
+    let mut out = Vec::new();
+    loop {
+        let line_end = body
+            .windows(2)
+            .position(|w| w == b"\r\n")
+            .expect("chunk size line");
+        let size = usize::from_str_radix(std::str::from_utf8(&body[..line_end]).unwrap(), 16)
+            .expect("hex chunk size");
+        body = &body[line_end + 2..];
+        if size == 0 {
+            assert_eq!(body, b"\r\n", "the last chunk ends the body");
+            return out;
+        }
+        out.extend_from_slice(&body[..size]);
+        assert_eq!(&body[size..size + 2], b"\r\n");
+        body = &body[size + 2..];
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_event_stream_after_other_responses_on_one_connection_follows_them_and_closes_it() {
+    let s = Server::start().await;
+    let (_, id) = s.create("echo streamed").await;
+    s.run_until_empty().await;
+    // Two requests in one write (pipelined): the event stream's answer must come
+    // after the whole first answer, though the server takes the connection from the
+    // HTTP library to write it.
+    let request = format!(
+        "GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n\
+         GET /api/output/{id} HTTP/1.1\r\nHost: x\r\n\r\n"
+    );
+    let (status, head, rest) = raw(s.addr, request.as_bytes()).await;
+    assert_eq!(status, 200, "{head}");
+    let length: usize = head
+        .lines()
+        .find_map(|l| l.strip_prefix("content-length: "))
+        .expect("content-length")
+        .parse()
+        .unwrap();
+    let second = &rest[length..];
+    let split = second
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .expect("the event stream's head");
+    let sse_head = String::from_utf8_lossy(&second[..split]).into_owned();
+    assert!(sse_head.starts_with("HTTP/1.1 200 OK\r\n"), "{sse_head}");
+    for want in [
+        "content-type: text/event-stream",
+        "transfer-encoding: chunked",
+        "connection: close",
+    ] {
+        assert!(sse_head.lines().any(|l| l == want), "{want}: {sse_head}");
+    }
+    let events = String::from_utf8(dechunk(&second[split + 4..])).unwrap();
+    assert!(events.contains("event: stdout"), "{events}");
+    assert!(events.contains(r#"{"text":"streamed\n"}"#), "{events}");
+    assert!(events.contains("event: end"), "{events}");
+
+    // One after the other on a kept-alive connection, the same.
+    let mut c = tokio::net::TcpStream::connect(s.addr).await.unwrap();
+    c.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let mut got = Vec::new();
+    let mut buf = [0u8; 1024];
+    while !got.ends_with(b"\r\n\r\nok\n") {
+        let n = c.read(&mut buf).await.unwrap();
+        assert_ne!(n, 0, "closed after one answer");
+        got.extend_from_slice(&buf[..n]);
+    }
+    c.write_all(format!("GET /api/output/{id} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    let mut all = Vec::new();
+    tokio::time::timeout(DEADLINE, c.read_to_end(&mut all))
+        .await
+        .expect("the stream ends")
+        .unwrap();
+    let text = String::from_utf8_lossy(&all);
+    assert!(text.starts_with("HTTP/1.1 200 OK\r\n"), "{text}");
+    assert!(text.contains("event: end"), "{text}");
 }

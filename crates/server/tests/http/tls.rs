@@ -138,6 +138,20 @@ async fn https_answers_a_client_that_trusts_the_ca_and_refuses_others() {
         .expect("POST /create");
     assert_eq!(r.status(), 200);
     assert_eq!(s.db.counts().await.expect("counts").pending, 1);
+    // An event stream, written outside the HTTP library, is encrypted the same way.
+    let mut r = trusting
+        .get(format!("https://localhost:{port}/events"))
+        .send()
+        .await
+        .expect("GET /events");
+    assert_eq!(r.status(), 200);
+    let mut got = String::new();
+    while !got.contains(r#""event":"push""#) {
+        let chunk = r.chunk().await.expect("read the stream").expect("open");
+        got.push_str(&String::from_utf8_lossy(&chunk));
+    }
+    assert!(got.contains(r#""event":"create""#), "{got}");
+    drop(r);
 
     // A client that trusts another CA does not get through.
     let other = Ca::root("some other CA");
