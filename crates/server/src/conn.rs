@@ -17,7 +17,7 @@
 
 use std::collections::HashMap;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
@@ -338,15 +338,29 @@ impl Connection {
         let service = hyper::service::service_fn(move |req: Request<Incoming>| {
             let guard = Busy::enter(busy.clone(), idle_since.clone(), epoch);
             let version = req.version();
-            let req = req.map(|b| {
-                Body::new(tower_http::timeout::TimeoutBody::new(
-                    limits.body_timeout,
-                    b,
-                ))
-            });
+            // (Asked before the timeout's wrapper, which does not pass the question on.)
+            let bodiless = http_body::Body::is_end_stream(req.body());
+            let (req, read) = ReadToEnd::wrap(
+                req.map(|b| {
+                    Body::new(tower_http::timeout::TimeoutBody::new(
+                        limits.body_timeout,
+                        b,
+                    ))
+                }),
+                bodiless,
+            );
             let (router, slot) = (router.clone(), slot.clone());
             async move {
-                let resp = router.oneshot(req).await?;
+                let mut resp = router.oneshot(req).await?;
+                if read.is_some_and(|r| !r.load(Ordering::SeqCst)) {
+                    // Answered before its body was read (an error, say): the
+                    // connection cannot carry another request, and says so, lest
+                    // the client send one on it as it closes.
+                    resp.headers_mut().insert(
+                        axum::http::header::CONNECTION,
+                        axum::http::HeaderValue::from_static("close"),
+                    );
+                }
                 let Some((resp, guard)) = slot.offer(version, resp, guard) else {
                     // The connection's task writes it: hyper gets no answer.
                     return std::future::pending().await;
@@ -437,6 +451,52 @@ impl Drop for Busy {
     fn drop(&mut self) {
         self.idle_since.store(millis(self.epoch), Ordering::SeqCst);
         self.busy.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+/// A request body that records when it has been read to its end.
+struct ReadToEnd {
+    body: Body,
+    read: Arc<AtomicBool>,
+}
+
+impl ReadToEnd {
+    /// `req` with its body wrapped, and the flag that turns true once the body is
+    /// read to its end; no flag for a request without a body (`bodiless`).
+    fn wrap(req: Request, bodiless: bool) -> (Request, Option<Arc<AtomicBool>>) {
+        if bodiless {
+            return (req, None);
+        }
+        let read = Arc::new(AtomicBool::new(false));
+        let flag = read.clone();
+        (
+            req.map(|body| Body::new(ReadToEnd { body, read })),
+            Some(flag),
+        )
+    }
+}
+
+impl http_body::Body for ReadToEnd {
+    type Data = axum::body::Bytes;
+    type Error = axum::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<Self::Data>, Self::Error>>> {
+        let r = Pin::new(&mut self.body).poll_frame(cx);
+        if matches!(r, Poll::Ready(None)) || self.body.is_end_stream() {
+            self.read.store(true, Ordering::SeqCst);
+        }
+        r
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.body.size_hint()
     }
 }
 

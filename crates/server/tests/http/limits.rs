@@ -170,3 +170,64 @@ async fn many_streams_each_see_every_new_event_and_a_lagging_one_catches_up_with
         assert_eq!(m.id.as_deref(), Some("3"));
     }
 }
+
+/// Sends `request` on `c` and reads one response's head (lowercase), and what came
+/// after it in the same reads.
+async fn head_of(c: &mut tokio::net::TcpStream, request: &[u8]) -> (String, Vec<u8>) {
+    c.write_all(request).await.expect("write");
+    let mut got = Vec::new();
+    let mut buf = [0u8; 1024];
+    while !got.windows(4).any(|w| w == b"\r\n\r\n") {
+        let n = tokio::time::timeout(DEADLINE, c.read(&mut buf))
+            .await
+            .expect("an answer")
+            .expect("read");
+        assert_ne!(n, 0, "closed before an answer");
+        got.extend_from_slice(&buf[..n]);
+    }
+    let end = got.windows(4).position(|w| w == b"\r\n\r\n").unwrap_or(0);
+    let head = String::from_utf8_lossy(&got[..end]).to_lowercase();
+    (head, got[end + 4..].to_vec())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_answer_sent_before_its_request_body_was_read_says_the_connection_closes() {
+    let s = Server::with(ServeOptions {
+        token: Some("s3cret-token".into()),
+        ..ServeOptions::default()
+    })
+    .await;
+    // Refused before its body is read: the server cannot take another request on
+    // this connection, so its answer tells the client not to send one.
+    let mut c = tokio::net::TcpStream::connect(s.addr).await.unwrap();
+    let (head, _) = head_of(
+        &mut c,
+        b"POST /create HTTP/1.1\r\nHost: x\r\nContent-Length: 100000\r\n\r\necho partial",
+    )
+    .await;
+    assert!(head.starts_with("http/1.1 401"), "{head}");
+    assert!(head.lines().any(|l| l == "connection: close"), "{head}");
+    // A request whose body was read keeps its connection, and so does one without
+    // a body.
+    let mut c = tokio::net::TcpStream::connect(s.addr).await.unwrap();
+    for _ in 0..2 {
+        let (head, rest) = head_of(
+            &mut c,
+            b"POST /create HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer s3cret-token\r\n\
+              Content-Length: 6\r\n\r\necho 1",
+        )
+        .await;
+        assert!(head.starts_with("http/1.1 200"), "{head}");
+        assert!(!head.contains("connection: close"), "{head}");
+        let length: usize = head
+            .lines()
+            .find_map(|l| l.strip_prefix("content-length: "))
+            .expect("content-length")
+            .parse()
+            .unwrap();
+        let mut body = vec![0u8; length - rest.len()];
+        c.read_exact(&mut body).await.expect("body");
+    }
+    let (head, _) = head_of(&mut c, b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n").await;
+    assert!(!head.contains("connection: close"), "{head}");
+}
