@@ -151,3 +151,57 @@ impl<R: AsyncRead + Unpin> AsyncRead for CutReader<R> {
         Pin::new(&mut this.inner).poll_read(cx, buf)
     }
 }
+
+/// Whether [`blocking`] may run its work on the calling thread (see
+/// [`crate::set_inline_blocking`]).
+static INLINE_BLOCKING: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// See [`crate::set_inline_blocking`].
+pub(crate) fn set_inline_blocking(on: bool) {
+    INLINE_BLOCKING.store(on, std::sync::atomic::Ordering::Relaxed);
+}
+
+/// Whether blocking work runs on the calling thread: only when asked, and only on a
+/// current-thread runtime (on a multi-thread one it would stall a worker thread).
+fn runs_inline(asked: bool, flavor: &tokio::runtime::RuntimeFlavor) -> bool {
+    asked && *flavor == tokio::runtime::RuntimeFlavor::CurrentThread
+}
+
+/// Runs blocking `f` off the async threads, on tokio's blocking pool; or right here
+/// when [`crate::set_inline_blocking`] asked for it and this is a current-thread
+/// runtime.
+pub(crate) async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> T + Send + 'static,
+) -> crate::Result<T> {
+    let flavor = tokio::runtime::Handle::current().runtime_flavor();
+    if runs_inline(
+        INLINE_BLOCKING.load(std::sync::atomic::Ordering::Relaxed),
+        &flavor,
+    ) {
+        return Ok(f());
+    }
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| crate::Error::Task(e.to_string()))
+}
+
+#[cfg(test)]
+mod blocking_tests {
+    use super::*;
+    use tokio::runtime::RuntimeFlavor;
+
+    #[test]
+    fn blocking_work_runs_inline_only_when_asked_and_on_a_current_thread_runtime() {
+        assert!(runs_inline(true, &RuntimeFlavor::CurrentThread));
+        assert!(!runs_inline(false, &RuntimeFlavor::CurrentThread));
+        assert!(!runs_inline(true, &RuntimeFlavor::MultiThread));
+        assert!(!runs_inline(false, &RuntimeFlavor::MultiThread));
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 1)]
+    async fn on_a_multi_thread_runtime_blocking_work_leaves_the_async_thread() {
+        let here = std::thread::current().id();
+        let there = blocking(|| std::thread::current().id()).await.unwrap();
+        assert_ne!(here, there);
+    }
+}

@@ -79,6 +79,19 @@ use queue::{
 use runner::Runner;
 use worker::{Worker, WorkerOptions};
 
+/// Lets the blocking work of the SQLite queue and of opening a blob directory (each
+/// SQLite call, each `mkdir`) run on the calling thread when that thread drives a
+/// current-thread tokio runtime, instead of on tokio's blocking pool.
+///
+/// For a process that does one thing and exits — each one-shot `batchdb` command —
+/// this saves starting a blocking thread and two thread hand-offs per call. Any other
+/// task on that runtime waits while such work runs (a busy database may make it wait
+/// for seconds), so leave it off (the default) where a current-thread runtime has
+/// other work to do. It never applies on a multi-thread runtime.
+pub fn set_inline_blocking(on: bool) {
+    io::set_inline_blocking(on);
+}
+
 /// Rows fetched per round trip by the streaming listers.
 const PAGE: usize = 4096;
 
@@ -120,8 +133,9 @@ impl BatchDb {
             }
         };
         if let Some(d) = &config.live_dir {
-            tokio::fs::create_dir_all(d)
-                .await
+            let dir = d.clone();
+            crate::io::blocking(move || std::fs::create_dir_all(dir))
+                .await?
                 .map_err(|e| Error::io("create live output directory", d, e))?;
         }
         Ok(BatchDb {

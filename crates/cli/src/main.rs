@@ -19,13 +19,15 @@ fn main() -> ExitCode {
         Err(e) => return usage_error(&e),
     };
     init_logging(cli.verbose);
-    // A worker and a server run many tasks at once; every other command is one task
-    // (plus SQLite's blocking thread), and starts faster without the worker threads.
+    // A worker and a server run many tasks at once; every other command is one task,
+    // and starts faster without worker threads, and without a blocking thread for
+    // SQLite: its calls run on the one thread.
     let mut builder = if matches!(cli.command, args::Command::Run(_) | args::Command::Serve(_)) {
         let mut b = tokio::runtime::Builder::new_multi_thread();
         b.worker_threads(2);
         b
     } else {
+        batchdb::set_inline_blocking(true);
         tokio::runtime::Builder::new_current_thread()
     };
     let rt = match builder.enable_all().build() {

@@ -46,8 +46,9 @@ impl DirStore {
     pub async fn open(root: impl Into<PathBuf>) -> Result<DirStore> {
         let root = root.into();
         let tmp = root.join("tmp");
-        tokio::fs::create_dir_all(&tmp)
-            .await
+        let t = tmp.clone();
+        crate::io::blocking(move || std::fs::create_dir_all(&t))
+            .await?
             .map_err(|e| Error::io("create blob directory", &tmp, e))?;
         Ok(DirStore { root })
     }

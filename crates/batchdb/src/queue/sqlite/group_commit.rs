@@ -233,9 +233,7 @@ impl SqliteQueue {
         let mut recv = recv;
         let out = loop {
             let inner = self.inner.clone();
-            tokio::task::spawn_blocking(move || inner.commit_queued())
-                .await
-                .map_err(|e| Error::Task(e.to_string()))??;
+            crate::io::blocking(move || inner.commit_queued()).await??;
             match recv.try_recv() {
                 Ok(out) => break out,
                 Err(tokio::sync::oneshot::error::TryRecvError::Empty) => {}

@@ -196,12 +196,11 @@ impl SqliteQueue {
     pub async fn open(path: impl Into<PathBuf>) -> Result<SqliteQueue> {
         let path = path.into();
         if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
-            tokio::fs::create_dir_all(parent)
-                .await
+            std::fs::create_dir_all(parent)
                 .map_err(|e| Error::io("create database directory", parent, e))?;
         }
         let p = path.clone();
-        let conn = tokio::task::spawn_blocking(move || -> Result<Connection> {
+        let conn = crate::io::blocking(move || -> Result<Connection> {
             // Openers racing on a new file: setting up WAL can answer SQLITE_BUSY at
             // once, without the busy handler (seen with 8 at once); open again.
             let deadline = std::time::Instant::now() + BUSY_TIMEOUT;
@@ -218,8 +217,7 @@ impl SqliteQueue {
                 }
             }
         })
-        .await
-        .map_err(|e| Error::Task(e.to_string()))??;
+        .await??;
         Ok(SqliteQueue {
             inner: Arc::new(Inner {
                 path,
@@ -242,15 +240,14 @@ impl SqliteQueue {
         f: impl FnOnce(&mut Connection) -> TxResult<T> + Send + 'static,
     ) -> Result<T> {
         let inner = self.inner.clone();
-        tokio::task::spawn_blocking(move || {
+        crate::io::blocking(move || {
             let mut conn = inner
                 .conn
                 .lock()
                 .map_err(|_| Error::Task("sqlite connection lock poisoned".into()))?;
             f(&mut conn).map_err(|e| on(e, &inner.path))
         })
-        .await
-        .map_err(|e| Error::Task(e.to_string()))?
+        .await?
     }
 }
 
