@@ -28,12 +28,12 @@ use axum::extract::Request;
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::io::{AsyncRead, AsyncWrite};
-
-use crate::handoff;
 use tokio::sync::{Notify, watch};
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 use tower::ServiceExt;
+
+use crate::handoff;
 
 /// Bounds on what clients may hold of a server; [`Limits::default`] is what
 /// `batchdb serve` uses unless told otherwise.
@@ -398,24 +398,8 @@ impl Connection {
             }
         };
         let handed = handed?;
-        // What hyper still holds (the end of an earlier response on this connection)
-        // goes out before the socket is taken back; hyper writes nothing else, its
-        // service having no answer.
-        let all_out = std::future::poll_fn(|cx| {
-            if flushed.load(Ordering::SeqCst) {
-                return Poll::Ready(true);
-            }
-            if Pin::new(&mut conn).poll(cx).is_ready() {
-                return Poll::Ready(false);
-            }
-            if flushed.load(Ordering::SeqCst) {
-                Poll::Ready(true)
-            } else {
-                Poll::Pending
-            }
-        });
         let all_out = tokio::select! {
-            ok = all_out => ok,
+            ok = handoff::written_out(&mut conn, &flushed) => ok,
             () = self.close.cancelled() => false,
         };
         all_out.then(|| {

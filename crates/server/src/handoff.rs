@@ -178,6 +178,28 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Watched<S> {
     }
 }
 
+/// Polls `conn` (hyper's connection, whose service holds back its answer) until
+/// everything it had to write is flushed to the socket — `flushed` is
+/// [`Watched`]'s flag — so that the socket can be taken from it: true then; false
+/// if the connection ended first. hyper writes nothing new meanwhile: the only
+/// answer it waits for is the one handed over.
+pub(crate) async fn written_out<C: Future + Unpin>(conn: &mut C, flushed: &AtomicBool) -> bool {
+    std::future::poll_fn(|cx| {
+        if flushed.load(Ordering::SeqCst) {
+            return Poll::Ready(true);
+        }
+        if Pin::new(&mut *conn).poll(cx).is_ready() {
+            return Poll::Ready(false);
+        }
+        if flushed.load(Ordering::SeqCst) {
+            Poll::Ready(true)
+        } else {
+            Poll::Pending
+        }
+    })
+    .await
+}
+
 /// The response head as written on the wire: hyper's framing headers replaced by
 /// chunked framing and `connection: close`.
 fn head_bytes(head: &response::Parts) -> Vec<u8> {
