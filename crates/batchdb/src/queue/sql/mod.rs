@@ -77,7 +77,12 @@ impl Sql {
         self.text
     }
 
-    /// The SQLite text: `$n` becomes `?n`, `FOR UPDATE` is dropped.
+    /// The SQLite text: `$n` becomes `?n` (`CAST(?n AS INTEGER)` right after `LIMIT`
+    /// or `OFFSET`), `FOR UPDATE` is dropped.
+    ///
+    /// Why the cast: SQLite reads a bare bound `LIMIT` or `OFFSET` while it plans the
+    /// statement, and then re-prepares the statement every time a new value is bound
+    /// to it — with a new value on every run (a claim, a list page), every run.
     pub(crate) fn sqlite(&self) -> &str {
         self.rendered
             .get_or_init(|| render_sqlite(self.sqlite_text.unwrap_or(self.text)).into())
@@ -87,11 +92,22 @@ impl Sql {
 /// See [`Sql::sqlite`].
 fn render_sqlite(text: &str) -> String {
     let text = text.replace(" FOR UPDATE", "");
-    let mut out = String::with_capacity(text.len());
+    let mut out = String::with_capacity(text.len() + 32);
     let mut chars = text.chars().peekable();
     while let Some(c) = chars.next() {
         if c == '$' && chars.peek().is_some_and(char::is_ascii_digit) {
-            out.push('?');
+            let mut n = String::new();
+            while let Some(d) = chars.next_if(char::is_ascii_digit) {
+                n.push(d);
+            }
+            if out.ends_with("LIMIT ") || out.ends_with("OFFSET ") {
+                out.push_str("CAST(?");
+                out.push_str(&n);
+                out.push_str(" AS INTEGER)");
+            } else {
+                out.push('?');
+                out.push_str(&n);
+            }
         } else {
             out.push(c);
         }
@@ -395,6 +411,41 @@ mod tests {
             s.postgres(),
             "SELECT a FROM t WHERE id = $1 AND b = $12 FOR UPDATE"
         );
+    }
+
+    #[test]
+    fn sqlite_rendering_casts_a_bound_limit_and_offset() {
+        let s = Sql::new("SELECT a FROM t WHERE id > $1 ORDER BY id LIMIT $2 OFFSET $13");
+        assert_eq!(
+            s.sqlite(),
+            "SELECT a FROM t WHERE id > ?1 ORDER BY id LIMIT CAST(?2 AS INTEGER) OFFSET CAST(?13 AS INTEGER)"
+        );
+        assert_eq!(
+            Sql::new("SELECT a FROM t LIMIT 1").sqlite(),
+            "SELECT a FROM t LIMIT 1"
+        );
+    }
+
+    /// How often a statement was re-prepared over runs with limits 1..=5.
+    fn reprepares(sql: &str) -> i32 {
+        let c = rusqlite::Connection::open_in_memory().expect("open");
+        c.execute_batch("CREATE TABLE t(a INTEGER); INSERT INTO t VALUES (1), (2), (3);")
+            .expect("schema");
+        let mut st = c.prepare(sql).expect("prepare");
+        for limit in 1..=5_i64 {
+            st.query_map([limit], |r| r.get::<_, i64>(0))
+                .expect("query")
+                .for_each(drop);
+        }
+        st.get_status(rusqlite::StatementStatus::RePrepare)
+    }
+
+    #[test]
+    fn a_rendered_limit_does_not_make_sqlite_re_prepare_on_every_run() {
+        let s = Sql::new("SELECT a FROM t ORDER BY a LIMIT $1");
+        assert_eq!(reprepares(s.sqlite()), 0);
+        // What the cast avoids: the bare placeholder is re-prepared at each new value.
+        assert!(reprepares("SELECT a FROM t ORDER BY a LIMIT ?1") > 0);
     }
 
     #[test]

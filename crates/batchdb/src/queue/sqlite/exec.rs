@@ -119,14 +119,11 @@ static EVENT: Sql = Sql::new(
     "INSERT INTO events(time, kind, job, created, instance, data) VALUES ($1, $2, $3, $4, $5, $6)",
 );
 static NEWEST_CREATED: Sql = Sql::new("SELECT MAX(created) FROM instances");
-// LIMIT and OFFSET are cast: a bare bound LIMIT is read while SQLite plans the
-// statement, which then re-prepares it whenever a new value is bound — on every claim
-// (`sqlite3Reprepare`, 3.5 % of a drain's samples).
 static EXPIRED: Sql = Sql::new(concat!(
     "SELECT ",
     claim_cols!(),
     ", cancel_requested FROM instances
-     WHERE state = 'running' AND lease_until < $1 ORDER BY lease_until LIMIT CAST($2 AS INTEGER)"
+     WHERE state = 'running' AND lease_until < $1 ORDER BY lease_until LIMIT $2"
 ));
 // INDEXED BY: without statistics SQLite would rather filter on the state index and
 // sort every pending row; the partial index reads only the first rows in order,
@@ -136,21 +133,21 @@ static PENDING_NEWEST: Sql = Sql::new(concat!(
     claim_cols!(),
     " FROM instances INDEXED BY instances_pending_newest
      WHERE state = 'pending' AND run_at <= $1 AND ($4 OR needs IS NULL)
-     ORDER BY priority DESC, created DESC, id DESC LIMIT CAST($2 AS INTEGER) OFFSET CAST($3 AS INTEGER)"
+     ORDER BY priority DESC, created DESC, id DESC LIMIT $2 OFFSET $3"
 ));
 static PENDING_OLDEST: Sql = Sql::new(concat!(
     "SELECT ",
     claim_cols!(),
     " FROM instances INDEXED BY instances_pending_oldest
      WHERE state = 'pending' AND run_at <= $1 AND ($4 OR needs IS NULL)
-     ORDER BY priority DESC, created ASC, id ASC LIMIT CAST($2 AS INTEGER) OFFSET CAST($3 AS INTEGER)"
+     ORDER BY priority DESC, created ASC, id ASC LIMIT $2 OFFSET $3"
 ));
 static STARVING: Sql = Sql::new(concat!(
     "SELECT ",
     claim_cols!(),
     " FROM instances INDEXED BY instances_needs
      WHERE state = 'pending' AND needs IS NOT NULL AND run_at <= $1
-     ORDER BY run_at LIMIT CAST($2 AS INTEGER)"
+     ORDER BY run_at LIMIT $2"
 ));
 
 impl sql::Tx for Lite<'_> {
