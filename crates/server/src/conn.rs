@@ -292,13 +292,13 @@ impl Connection {
         // connection until then (hyper's state, the handshake's) is freed: a
         // long-lived stream keeps only the small future of `handoff::stream`.
         let handed = match tls {
-            None => Box::pin(self.serve(stream, router, limits, stop)).await,
+            None => Box::pin(self.serve(stream, router, limits, stop.clone())).await,
             Some(acceptor) => {
-                Box::pin(self.serve_tls(&acceptor, stream, router, limits, stop)).await
+                Box::pin(self.serve_tls(&acceptor, stream, router, limits, stop.clone())).await
             }
         };
         if let Some((io, handed)) = handed {
-            handoff::stream(io, handed, &self.close).await;
+            handoff::stream(io, handed, (&self.close, stop)).await;
         }
         self.conns.remove(self.id);
     }

@@ -31,7 +31,7 @@ use axum::body::Body;
 use axum::http::{HeaderMap, StatusCode, Version, header, response};
 use futures_util::StreamExt;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
-use tokio::sync::oneshot;
+use tokio::sync::{oneshot, watch};
 use tokio_util::sync::CancellationToken;
 
 /// What a connection's stream is to [`stream`]: any byte stream.
@@ -248,10 +248,14 @@ enum Next {
     Read,
 }
 
-/// Writes `handed` on `io` until its body ends (then the last chunk), the client
-/// closes its side, writing fails, or `close` is cancelled; then closes `io`.
-pub(crate) async fn stream<S, G>(mut io: S, handed: Handed<G>, close: &CancellationToken)
-where
+/// Writes `handed` on `io` until its body ends or `stop` turns true (then the last
+/// chunk), the client closes its side, writing fails, or `close` is cancelled; then
+/// closes `io`.
+pub(crate) async fn stream<S, G>(
+    mut io: S,
+    handed: Handed<G>,
+    (close, mut stop): (&CancellationToken, watch::Receiver<bool>),
+) where
     S: AsyncRead + AsyncWrite + Unpin,
 {
     let Handed { head, body, guard } = handed;
@@ -279,6 +283,8 @@ where
                 Ok(_) => Next::Read,
             },
             () = close.cancelled() => Next::Gone,
+            // The server stops: the stream ends cleanly, and a client reconnects.
+            () = async { let _ = stop.wait_for(|s| *s).await; } => Next::Frame(None),
         };
         match next {
             Next::Frame(Some(Ok(data))) if data.is_empty() => {}
@@ -355,7 +361,8 @@ mod tests {
         assert!(slot.offer(Version::HTTP_11, sse_response(), ()).is_none());
         let handed = rx.await.expect("handed");
         let close = CancellationToken::new();
-        stream(server, handed, &close).await;
+        let (_stop_tx, stop) = watch::channel(false);
+        stream(server, handed, (&close, stop)).await;
         let mut got = String::new();
         client.read_to_string(&mut got).await.expect("read");
         let (_, body) = got.split_once("\r\n\r\n").expect("head");
@@ -375,7 +382,8 @@ mod tests {
         assert!(slot.offer(Version::HTTP_11, endless, ()).is_none());
         let handed = rx.await.expect("handed");
         let close = CancellationToken::new();
-        let task = tokio::spawn(async move { stream(server, handed, &close).await });
+        let (stop_tx, stop) = watch::channel(false);
+        let task = tokio::spawn(async move { stream(server, handed, (&close, stop)).await });
         let mut head = [0u8; 8];
         client.read_exact(&mut head).await.expect("head");
         assert_eq!(&head, b"HTTP/1.1");
@@ -384,5 +392,6 @@ mod tests {
             .await
             .expect("the stream ended")
             .expect("joined");
+        drop(stop_tx);
     }
 }

@@ -310,6 +310,49 @@ fn serve_idle_event_streams_cost_a_few_kib_no_cpu_and_closed_ones_hold_nothing()
 }
 
 #[test]
+fn serve_stopping_ends_open_event_streams_with_their_last_chunk() {
+    let env = Env::new();
+    env.add(&format!(
+        "echo started; touch started; {}",
+        wait_file_sh("go")
+    ));
+    let mut run = env.spawn(&["run", "--until-empty"]);
+    env.wait_file("started");
+    let mut s = serve(&env, &[], &[]);
+    // The output of the running job, and the event log.
+    let mut output = TcpStream::connect(s.addr).expect("connect");
+    output
+        .write_all(b"GET /api/output/id:1 HTTP/1.1\r\nHost: localhost\r\n\r\n")
+        .expect("write");
+    output.set_read_timeout(Some(DEADLINE)).expect("timeout");
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !String::from_utf8_lossy(&got).contains("started") {
+        let n = output.read(&mut buf).expect("read the output stream");
+        assert_ne!(n, 0, "stream closed");
+        got.extend_from_slice(&buf[..n]);
+    }
+    let mut streams = open_event_streams(s.addr, 1);
+    streams.push(output);
+    s.proc.signal("TERM");
+    // Each stream gets its last chunk (a clean end, after which a client
+    // reconnects), not a cut connection.
+    for c in &mut streams {
+        let mut rest = Vec::new();
+        c.read_to_end(&mut rest).expect("read to the stream's end");
+        // (What came before was read already: the last chunk may be all.)
+        assert!(
+            rest == b"0\r\n\r\n" || rest.ends_with(b"\r\n0\r\n\r\n"),
+            "{:?}",
+            String::from_utf8_lossy(&rest)
+        );
+    }
+    assert!(s.proc.wait().success());
+    env.touch("go");
+    run.wait_ok();
+}
+
+#[test]
 fn serve_upload_of_1_gib_streams_in_flat_memory() {
     const MIB: usize = 1 << 20;
     const SIZE: usize = 1024 * MIB;
