@@ -243,16 +243,21 @@ fn open_event_streams(addr: SocketAddr, n: usize) -> Vec<TcpStream> {
         streams.push(c);
     }
     for c in &mut streams {
-        c.set_read_timeout(Some(DEADLINE)).expect("timeout");
-        let mut got = Vec::new();
-        let mut buf = [0u8; 4096];
-        while !String::from_utf8_lossy(&got).contains("\"push\"") {
-            let n = c.read(&mut buf).expect("read the stream");
-            assert_ne!(n, 0, "stream closed");
-            got.extend_from_slice(&buf[..n]);
-        }
+        read_until(c, "\"push\"");
     }
     streams
+}
+
+/// Reads the open stream `c` until what it sent contains `needle`.
+fn read_until(c: &mut TcpStream, needle: &str) {
+    c.set_read_timeout(Some(DEADLINE)).expect("timeout");
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !String::from_utf8_lossy(&got).contains(needle) {
+        let n = c.read(&mut buf).expect("read the stream");
+        assert_ne!(n, 0, "stream closed");
+        got.extend_from_slice(&buf[..n]);
+    }
 }
 
 /// Closes `streams` and waits until the server `pid` has let go of their sockets.
@@ -324,14 +329,7 @@ fn serve_stopping_ends_open_event_streams_with_their_last_chunk() {
     output
         .write_all(b"GET /api/output/id:1 HTTP/1.1\r\nHost: localhost\r\n\r\n")
         .expect("write");
-    output.set_read_timeout(Some(DEADLINE)).expect("timeout");
-    let mut got = Vec::new();
-    let mut buf = [0u8; 4096];
-    while !String::from_utf8_lossy(&got).contains("started") {
-        let n = output.read(&mut buf).expect("read the output stream");
-        assert_ne!(n, 0, "stream closed");
-        got.extend_from_slice(&buf[..n]);
-    }
+    read_until(&mut output, "started");
     let mut streams = open_event_streams(s.addr, 1);
     streams.push(output);
     s.proc.signal("TERM");

@@ -182,12 +182,7 @@ async fn an_event_stream_after_other_responses_on_one_connection_follows_them_an
     );
     let (status, head, rest) = raw(s.addr, request.as_bytes()).await;
     assert_eq!(status, 200, "{head}");
-    let length: usize = head
-        .lines()
-        .find_map(|l| l.strip_prefix("content-length: "))
-        .expect("content-length")
-        .parse()
-        .unwrap();
+    let length = content_length(&head);
     let second = &rest[length..];
     let split = second
         .windows(4)

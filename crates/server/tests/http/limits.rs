@@ -219,12 +219,7 @@ async fn an_answer_sent_before_its_request_body_was_read_says_the_connection_clo
         .await;
         assert!(head.starts_with("http/1.1 200"), "{head}");
         assert!(!head.contains("connection: close"), "{head}");
-        let length: usize = head
-            .lines()
-            .find_map(|l| l.strip_prefix("content-length: "))
-            .expect("content-length")
-            .parse()
-            .unwrap();
+        let length = content_length(&head);
         let mut body = vec![0u8; length - rest.len()];
         c.read_exact(&mut body).await.expect("body");
     }

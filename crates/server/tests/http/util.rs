@@ -189,6 +189,16 @@ pub fn assert_raw_error((got, head, body): (u16, String, Vec<u8>), status: u16, 
     );
 }
 
+/// The `content-length` of a response head (header names as the server writes
+/// them: lowercase).
+pub fn content_length(head: &str) -> usize {
+    head.lines()
+        .find_map(|l| l.strip_prefix("content-length: "))
+        .expect("content-length")
+        .parse()
+        .expect("a length")
+}
+
 /// One raw HTTP/1.1 exchange: sends `request` as is and reads the response until
 /// the server closes. Returns (status, head, body).
 pub async fn raw(addr: std::net::SocketAddr, request: &[u8]) -> (u16, String, Vec<u8>) {
