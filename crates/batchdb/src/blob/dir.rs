@@ -117,10 +117,105 @@ impl DirStore {
 
 async fn sync_dir(dir: &Path) -> Result<()> {
     let d = dir.to_path_buf();
-    tokio::task::spawn_blocking(move || std::fs::File::open(&d).and_then(|f| f.sync_all()))
+    tokio::task::spawn_blocking(move || sync_dir_now(&d))
         .await
         .map_err(|e| Error::Task(e.to_string()))?
+}
+
+/// Fsyncs directory `dir`, so the names in it survive a power loss.
+fn sync_dir_now(dir: &Path) -> Result<()> {
+    std::fs::File::open(dir)
+        .and_then(|f| f.sync_all())
         .map_err(|e| Error::io("fsync directory", dir, e))
+}
+
+/// Sets the modification time of the file at `path` to now.
+fn touch_now(path: &Path) -> std::io::Result<()> {
+    std::fs::File::options()
+        .write(true)
+        .open(path)
+        .and_then(|f| f.set_modified(std::time::SystemTime::now()))
+}
+
+/// Gives the open file `src` (which names it: `/proc/self/fd/N`) the new name `dest`,
+/// as `linkat(..., AT_SYMLINK_FOLLOW)` does: the file itself, not the link to it.
+fn link_open_file(src: &Path, dest: &Path) -> std::io::Result<()> {
+    use std::os::unix::ffi::OsStrExt;
+    let c = |p: &Path| {
+        std::ffi::CString::new(p.as_os_str().as_bytes())
+            .map_err(|_| std::io::Error::from(std::io::ErrorKind::InvalidInput))
+    };
+    let (s, d) = (c(src)?, c(dest)?);
+    // SAFETY: both are valid NUL-terminated paths that outlive the call.
+    let r = unsafe {
+        libc::linkat(
+            libc::AT_FDCWD,
+            s.as_ptr(),
+            libc::AT_FDCWD,
+            d.as_ptr(),
+            libc::AT_SYMLINK_FOLLOW,
+        )
+    };
+    if r == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
+impl DirStore {
+    /// Creates the fan-out directories `dest` goes in, if missing, and makes the new
+    /// ones durable (the directories that now name them are fsynced); returns the
+    /// directory `dest` goes in.
+    fn make_parent(&self, dest: &Path) -> Result<PathBuf> {
+        let parent = dest.parent().unwrap_or(&self.root).to_path_buf();
+        if !parent.is_dir() {
+            std::fs::create_dir_all(&parent)
+                .map_err(|e| Error::io("create directory", &parent, e))?;
+            sync_dir_now(parent.parent().unwrap_or(&self.root))?;
+            sync_dir_now(&self.root)?;
+        }
+        Ok(parent)
+    }
+
+    /// [`BlobStore::adopt`], blocking: fsyncs `file` and links it in as blob
+    /// `info.hash` (or touches an identical blob already there).
+    fn adopt_now(&self, file: &std::fs::File, info: BlobInfo) -> Result<bool> {
+        use std::os::fd::AsRawFd;
+        let src = PathBuf::from(format!("/proc/self/fd/{}", file.as_raw_fd()));
+        let meta = file.metadata().map_err(|e| Error::io("stat", &src, e))?;
+        if !meta.is_file() || meta.len() != info.size {
+            let e = std::io::Error::other(format!(
+                "holds {} bytes, not the {} hashed",
+                meta.len(),
+                info.size
+            ));
+            return Err(Error::io("adopt", &src, e));
+        }
+        file.sync_all().map_err(|e| Error::io("fsync", &src, e))?;
+        let dest = self.path_of(&info.hash);
+        let parent = self.make_parent(&dest)?;
+        // A blob deleted between a failed link and its touch is linked again.
+        for _ in 0..4 {
+            match link_open_file(&src, &dest) {
+                Ok(()) => {
+                    sync_dir_now(&parent)?;
+                    return Ok(true);
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                    if touch_now(&dest).is_ok() {
+                        return Ok(true);
+                    }
+                }
+                // Another file system, or no /proc: this file cannot become a blob.
+                Err(e) if matches!(e.raw_os_error(), Some(libc::EXDEV | libc::ENOENT)) => {
+                    return Ok(false);
+                }
+                Err(e) => return Err(Error::io("link into place", &dest, e)),
+            }
+        }
+        Ok(false)
+    }
 }
 
 /// Why a path that should hold a blob is refused.
@@ -195,17 +290,8 @@ impl BlobStore for DirStore {
             // Identical content is already durable; the guard removes our copy.
             return Ok(BlobInfo { hash, size });
         }
-        let parent = dest.parent().unwrap_or(&self.root).to_path_buf();
-        if !tokio::fs::try_exists(&parent).await.unwrap_or(false) {
-            tokio::fs::create_dir_all(&parent)
-                .await
-                .map_err(|e| Error::io("create directory", &parent, e))?;
-            // New fan-out directories must survive a power loss too: sync the
-            // directories that now name them.
-            let fan = parent.parent().unwrap_or(&self.root).to_path_buf();
-            sync_dir(&fan).await?;
-            sync_dir(&self.root).await?;
-        }
+        let (store, d) = (self.clone(), dest.clone());
+        let parent = crate::io::blocking(move || store.make_parent(&d)).await??;
         tokio::fs::rename(&tmp, &dest)
             .await
             .map_err(|e| Error::io("rename into place", &dest, e))?;
@@ -270,15 +356,10 @@ impl BlobStore for DirStore {
     async fn touch(&self, hash: &Hash) -> Result<()> {
         let path = self.path_of(hash);
         let p = path.clone();
-        tokio::task::spawn_blocking(move || {
-            std::fs::File::options()
-                .write(true)
-                .open(&p)
-                .and_then(|f| f.set_modified(std::time::SystemTime::now()))
-        })
-        .await
-        .map_err(|e| Error::Task(e.to_string()))?
-        .map_err(|e| Error::io("touch", &path, e))
+        tokio::task::spawn_blocking(move || touch_now(&p))
+            .await
+            .map_err(|e| Error::Task(e.to_string()))?
+            .map_err(|e| Error::io("touch", &path, e))
     }
 
     /// Temporary `.part` files of writes that never finished (a killed process).
@@ -291,6 +372,19 @@ impl BlobStore for DirStore {
         // Our own temporary names end in `.part`, exactly; anything else is not ours.
         let ours = |name: &str| Path::new(name).extension().is_some_and(|e| e == "part");
         super::sweep_dir(&tmp, older_than, dry_run, |name| !ours(name)).await
+    }
+
+    /// A file on the store's file system is linked in, not copied.
+    fn adopts_files(&self) -> bool {
+        true
+    }
+
+    async fn adopt(&self, file: &std::fs::File, info: BlobInfo) -> Result<bool> {
+        let f = file
+            .try_clone()
+            .map_err(|e| Error::io("duplicate", format!("adopted {}", info.hash), e))?;
+        let store = self.clone();
+        crate::io::blocking(move || store.adopt_now(&f, info)).await?
     }
 
     fn location(&self) -> String {

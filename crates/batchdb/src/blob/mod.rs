@@ -95,6 +95,25 @@ pub trait BlobStore: Send + Sync + fmt::Debug {
         Ok(Vec::new())
     }
 
+    /// Whether [`adopt`](BlobStore::adopt) can keep a local file as a blob without
+    /// copying its bytes (a store in a local directory can; a remote one cannot).
+    fn adopts_files(&self) -> bool {
+        false
+    }
+
+    /// Keeps the local `file`, whose content its caller hashed as `info` and writes no
+    /// more, as blob `info.hash` without copying its bytes, if this store can. `Ok(true)`:
+    /// the blob is durable and readable under its hash, as after a
+    /// [`put`](BlobStore::put) (the file's bytes are in it, so writing the file later
+    /// corrupts the blob: reads would then fail its check). `Ok(false)`: this store
+    /// cannot keep this file (another file system, or it keeps no local files); it
+    /// stored nothing, and the caller puts the bytes instead. A file whose length is
+    /// not `info.size` is refused with an error.
+    async fn adopt(&self, file: &std::fs::File, info: BlobInfo) -> Result<bool> {
+        let _ = (file, info);
+        Ok(false)
+    }
+
     /// Where the store lives (a path or URL), for messages.
     fn location(&self) -> String;
 }

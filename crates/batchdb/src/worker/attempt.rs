@@ -44,7 +44,7 @@ struct Stored {
 /// job's failure); anything else comes from the store.
 async fn store_output(
     store: &dyn WorkerPort,
-    t: &ClaimToken,
+    (t, stream): (&ClaimToken, OutputStream),
     reader: &mut (dyn tokio::io::AsyncRead + Send + Unpin),
 ) -> Result<Stored> {
     use tokio::io::AsyncReadExt;
@@ -61,7 +61,7 @@ async fn store_output(
         });
     }
     let mut rest = std::io::Cursor::new(head).chain(reader);
-    let info = store.put_output(t, &mut rest).await?;
+    let info = store.put_mirrored(t, stream, &mut rest).await?;
     Ok(Stored { info, inline: None })
 }
 
@@ -164,11 +164,11 @@ async fn store_outputs<R: tokio::io::AsyncRead + Send + Unpin>(
     let out_store = blobs.clone();
     let outputs = async move {
         let mut stdout = stdout;
-        store_output(out_store.as_ref(), &t, &mut stdout).await
+        store_output(out_store.as_ref(), (&t, OutputStream::Stdout), &mut stdout).await
     };
     let errors = async move {
         let mut stderr = stderr?;
-        Some(store_output(blobs.as_ref(), &t, &mut stderr).await)
+        Some(store_output(blobs.as_ref(), (&t, OutputStream::Stderr), &mut stderr).await)
     };
     let both = tokio::join!(outputs, errors);
     drained.store(true, Ordering::SeqCst);
@@ -176,7 +176,9 @@ async fn store_outputs<R: tokio::io::AsyncRead + Send + Unpin>(
 }
 
 /// Mirrors every byte of a job's output for live readers (see [`WorkerPort::live`]).
-/// A failure to mirror never fails the job: the mirror is dropped instead.
+/// A failure to mirror never fails the job: the mirror is dropped instead. (If the
+/// port was to keep the mirror as the output's blob, the output then cannot be
+/// stored, and the attempt runs again, as after any failure of the store.)
 struct Mirror(Option<LiveSink>);
 
 impl Inspector for Mirror {

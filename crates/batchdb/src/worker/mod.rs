@@ -24,6 +24,7 @@ pub use attempt::Settling;
 pub use port::{LiveSink, LocalPort, OutputStream, WorkerPort};
 mod classify;
 mod deps;
+mod live;
 mod port;
 mod supervise;
 pub mod wire;

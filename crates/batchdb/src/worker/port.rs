@@ -7,7 +7,6 @@
 //! queue's either way: a port only carries the calls.
 
 use std::fmt;
-use std::io::Write;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
@@ -16,6 +15,7 @@ use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
 use tokio::io::AsyncRead;
 
+use super::live::Mirrors;
 use crate::blob::{BlobInfo, BlobStore};
 use crate::error::Result;
 use crate::hash::Hash;
@@ -26,7 +26,7 @@ use crate::queue::{
 use crate::runner::Reader;
 
 /// One of a job's two output streams.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum OutputStream {
     /// Standard output (the result).
@@ -56,7 +56,7 @@ impl OutputStream {
 
 /// Where a running attempt's output is mirrored as it is written, for live readers
 /// (`logs -f`, the dashboard). A write error drops the mirror, never the job.
-pub type LiveSink = Box<dyn Write + Send>;
+pub type LiveSink = Box<dyn std::io::Write + Send>;
 
 /// Every call a [`Worker`](super::Worker) makes to the queue and the blob store.
 ///
@@ -110,6 +110,22 @@ pub trait WorkerPort: Send + Sync + fmt::Debug {
         reader: &mut (dyn AsyncRead + Send + Unpin),
     ) -> Result<BlobInfo>;
 
+    /// Stores attempt `t`'s output `stream` (longer than [`crate::INLINE_MAX`] bytes),
+    /// read from `reader` to its end, every byte of which has also gone to the sink
+    /// [`live`](Self::live) gave for it; returns once it is durable. A port may keep
+    /// that sink's file as the blob instead of writing the bytes again ([`LocalPort`]
+    /// does when its blob store can keep local files); the default is
+    /// [`put_output`](Self::put_output).
+    async fn put_mirrored(
+        &self,
+        t: &ClaimToken,
+        stream: OutputStream,
+        reader: &mut (dyn AsyncRead + Send + Unpin),
+    ) -> Result<BlobInfo> {
+        let _ = stream;
+        self.put_output(t, reader).await
+    }
+
     /// Where attempt `t`'s `stream` is mirrored while it runs, if anywhere. Dropping
     /// the sink ends the mirror (its reader then sees the attempt's recorded output).
     fn live(&self, t: &ClaimToken, stream: OutputStream) -> Option<LiveSink>;
@@ -141,11 +157,14 @@ pub struct LocalPort {
     queue: Arc<dyn Queue>,
     blobs: Arc<dyn BlobStore>,
     live_dir: Option<PathBuf>,
+    mirrors: Mirrors,
 }
 
 impl LocalPort {
     /// The port over `queue` and `blobs`, mirroring running jobs' output into files
-    /// in `live_dir` (`<instance>.<attempt>.stdout` and `.stderr`), if given.
+    /// in `live_dir` (`<instance>.<attempt>.stdout` and `.stderr`), if given. An
+    /// output's live file becomes its blob when `blobs` can keep it
+    /// ([`BlobStore::adopt`]), so its bytes are written once.
     pub fn new(
         queue: Arc<dyn Queue>,
         blobs: Arc<dyn BlobStore>,
@@ -155,6 +174,7 @@ impl LocalPort {
             queue,
             blobs,
             live_dir,
+            mirrors: Mirrors::default(),
         }
     }
 }
@@ -164,27 +184,6 @@ impl LocalPort {
     /// against its hash; `None` if it is in the blob store (or nowhere).
     pub async fn inline_blob(&self, hash: &Hash) -> Result<Option<Vec<u8>>> {
         crate::checked_inline(self.queue.as_ref(), hash).await
-    }
-}
-
-/// A live output file, removed when dropped.
-struct LiveFile {
-    file: std::fs::File,
-    path: PathBuf,
-}
-
-impl Write for LiveFile {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.file.write(buf)
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        self.file.flush()
-    }
-}
-
-impl Drop for LiveFile {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.path);
     }
 }
 
@@ -251,13 +250,28 @@ impl WorkerPort for LocalPort {
         self.blobs.put(reader).await
     }
 
+    async fn put_mirrored(
+        &self,
+        t: &ClaimToken,
+        stream: OutputStream,
+        reader: &mut (dyn AsyncRead + Send + Unpin),
+    ) -> Result<BlobInfo> {
+        match self
+            .mirrors
+            .store(self.blobs.as_ref(), t, stream, reader)
+            .await
+        {
+            Some(stored) => stored,
+            None => self.blobs.put(reader).await,
+        }
+    }
+
     fn live(&self, t: &ClaimToken, stream: OutputStream) -> Option<LiveSink> {
         let dir = self.live_dir.as_ref()?;
-        let path = dir.join(format!("{}.{}.{}", t.id, t.token, stream.name()));
-        match std::fs::File::create(&path) {
-            Ok(file) => Some(Box::new(LiveFile { file, path })),
+        match self.mirrors.create(dir, t, stream) {
+            Ok(file) => Some(Box::new(file)),
             Err(e) => {
-                tracing::warn!("live output {}: {e}", path.display());
+                tracing::warn!("live output of {} in {}: {e}", t.id, dir.display());
                 None
             }
         }

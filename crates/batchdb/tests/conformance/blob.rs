@@ -240,3 +240,51 @@ pub async fn dropped_put_leaves_nothing_listed(b: &Backend) {
     let listed: Vec<_> = futures_util::StreamExt::collect::<Vec<_>>(b.blobs.list()).await;
     assert!(listed.is_empty(), "{listed:?}");
 }
+
+/// A local file holding `data`, written and flushed.
+fn local_file(data: &[u8]) -> (tempfile::TempDir, std::fs::File) {
+    use std::io::Write;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("out");
+    std::fs::File::create(&path)
+        .unwrap()
+        .write_all(data)
+        .unwrap();
+    let file = std::fs::File::open(&path).unwrap();
+    (dir, file)
+}
+
+pub async fn adopt_keeps_a_file_whole_or_stores_nothing(b: &Backend) {
+    let data = pattern(300_000);
+    let info = batchdb::blob::BlobInfo {
+        hash: Hash::of(&data),
+        size: data.len() as u64,
+    };
+    let (_dir, file) = local_file(&data);
+    let kept = b.blobs.adopt(&file, info).await.unwrap();
+    assert_eq!(kept, b.blobs.adopts_files());
+    if !kept {
+        assert!(
+            !b.blobs.contains(&info.hash).await.unwrap(),
+            "stored nothing"
+        );
+        return;
+    }
+    assert!(read_all(b, &info.hash).await == data, "content differs");
+    assert_eq!(b.blobs.size(&info.hash).await.unwrap(), info.size);
+    // The same content again (from another file, or put) is harmless: still one blob.
+    let (_again, other) = local_file(&data);
+    assert!(b.blobs.adopt(&other, info).await.unwrap());
+    assert_eq!(b.blobs.put(&mut &data[..]).await.unwrap(), info);
+    assert!(read_all(b, &info.hash).await == data, "content differs");
+    // A file that is not as long as its caller hashed is refused, and stores nothing.
+    let short = pattern(1000);
+    let (_short, file) = local_file(&short[..999]);
+    let claimed = batchdb::blob::BlobInfo {
+        hash: Hash::of(&short),
+        size: 1000,
+    };
+    let err = b.blobs.adopt(&file, claimed).await.unwrap_err();
+    assert!(err.to_string().contains("not the 1000 hashed"), "{err}");
+    assert!(!b.blobs.contains(&claimed.hash).await.unwrap());
+}

@@ -117,3 +117,116 @@ async fn a_symlink_at_a_blob_path_is_never_followed() {
         .expect("refused");
     assert!(err.to_string().contains("refused"), "{err}");
 }
+
+#[tokio::test]
+async fn an_adopted_file_is_the_blob_itself_not_a_copy() {
+    use std::os::unix::fs::MetadataExt;
+    let dir = tempfile::tempdir().unwrap();
+    let store = DirStore::open(dir.path().join("blobs")).await.unwrap();
+    let data = vec![7u8; 100_000];
+    let path = dir.path().join("live-output");
+    std::fs::write(&path, &data).unwrap();
+    let file = std::fs::File::open(&path).unwrap();
+    let info = batchdb::blob::BlobInfo {
+        hash: Hash::of(&data),
+        size: data.len() as u64,
+    };
+    assert!(store.adopt(&file, info).await.unwrap());
+    let blob = std::fs::metadata(store.path_of(&info.hash)).unwrap();
+    assert_eq!(
+        blob.ino(),
+        file.metadata().unwrap().ino(),
+        "one inode, two names"
+    );
+    // The file's own name can go: the blob stays.
+    std::fs::remove_file(&path).unwrap();
+    let mut v = Vec::new();
+    store
+        .get(&info.hash)
+        .await
+        .unwrap()
+        .read_to_end(&mut v)
+        .await
+        .unwrap();
+    assert!(v == data);
+}
+
+/// A SQLite queue and a directory store under `dir`, live files in `live`.
+async fn local_db(dir: &std::path::Path, live: &std::path::Path) -> batchdb::BatchDb {
+    let config = batchdb::Config {
+        db: batchdb::DbLocation::Sqlite(dir.join("q.sqlite")),
+        blobs: batchdb::BlobLocation::Dir(dir.join("blobs")),
+        live_dir: Some(live.to_path_buf()),
+    };
+    batchdb::BatchDb::open(&config).await.unwrap()
+}
+
+/// Runs `job` with a shell runner until the queue is empty; its attempt's report.
+async fn run_one(db: &batchdb::BatchDb, job: &str) -> batchdb::queue::AttemptReport {
+    let added = db
+        .add(job.as_bytes(), &batchdb::queue::PushOptions::default())
+        .await
+        .unwrap();
+    let mut opts = batchdb::worker::WorkerOptions::default();
+    opts.until_empty = true;
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let runner = std::sync::Arc::new(batchdb::runner::ShellRunner::default());
+    db.worker(runner, opts).run(Some(tx)).await.unwrap();
+    let r = rx.try_recv().unwrap();
+    assert_eq!(r.job, added.job);
+    r.report
+}
+
+async fn read(db: &batchdb::BatchDb, h: &Hash) -> Vec<u8> {
+    let mut v = Vec::new();
+    db.get(h).await.unwrap().read_to_end(&mut v).await.unwrap();
+    v
+}
+
+#[tokio::test]
+async fn a_large_output_is_written_once_its_live_file_becoming_its_blob() {
+    let dir = tempfile::tempdir().unwrap();
+    let live = dir.path().join("live");
+    let db = local_db(dir.path(), &live).await;
+    // The store's temporary directory made unusable: a put that writes a copy fails.
+    let tmp = dir.path().join("blobs").join("tmp");
+    std::fs::remove_dir(&tmp).unwrap();
+    std::fs::write(&tmp, b"in the way").unwrap();
+    let store = DirStore::open(dir.path().join("blobs")).await;
+    assert!(
+        store.is_err(),
+        "the store's temporary directory is unusable"
+    );
+    let report = run_one(&db, "head -c 3000000 /dev/zero").await;
+    assert_eq!(report.exit_code, Some(0), "{report:?}");
+    let out = report.stdout.unwrap();
+    assert_eq!(out.size, 3_000_000);
+    assert!(read(&db, &out.hash).await == vec![0u8; 3_000_000]);
+    assert_eq!(
+        std::fs::read_dir(&live).unwrap().count(),
+        0,
+        "live file removed"
+    );
+}
+
+#[tokio::test]
+async fn a_live_file_on_another_file_system_is_copied_into_the_store() {
+    use std::os::unix::fs::MetadataExt;
+    let dir = tempfile::tempdir().unwrap();
+    // /dev/shm is a tmpfs: another file system than the temporary directory's.
+    let live = tempfile::tempdir_in("/dev/shm").expect("/dev/shm, a tmpfs, is needed");
+    let dev = |p: &std::path::Path| std::fs::metadata(p).unwrap().dev();
+    assert_ne!(dev(dir.path()), dev(live.path()), "two file systems");
+    let db = local_db(dir.path(), live.path()).await;
+    let report = run_one(&db, "seq 100000").await;
+    let out = report.stdout.unwrap();
+    let seq: String = (1..=100_000).map(|i| format!("{i}\n")).collect();
+    assert!(read(&db, &out.hash).await == seq.as_bytes());
+    assert_eq!(std::fs::read_dir(live.path()).unwrap().count(), 0);
+    assert_eq!(
+        std::fs::read_dir(dir.path().join("blobs").join("tmp"))
+            .unwrap()
+            .count(),
+        0
+    );
+}

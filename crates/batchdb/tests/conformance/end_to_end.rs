@@ -15,12 +15,17 @@ use crate::Backend;
 
 /// Runs a worker until the queue is empty and returns its reports.
 async fn drain(db: &BatchDb, runner: Arc<dyn batchdb::runner::Runner>) -> Vec<Report> {
-    let opts = {
-        let mut o = WorkerOptions::default();
-        o.concurrency = 2;
-        o.until_empty = true;
-        o
-    };
+    drain_with(db, runner, WorkerOptions::default()).await
+}
+
+/// [`drain`] with `opts` (its concurrency set to 2, `until_empty` on).
+async fn drain_with(
+    db: &BatchDb,
+    runner: Arc<dyn batchdb::runner::Runner>,
+    mut opts: WorkerOptions,
+) -> Vec<Report> {
+    opts.concurrency = 2;
+    opts.until_empty = true;
     let (tx, mut rx) = mpsc::unbounded_channel();
     db.worker(runner, opts).run(Some(tx)).await.expect("worker");
     let mut out = Vec::new();
@@ -535,4 +540,33 @@ pub async fn bulk_add_over_several_chunks_reports_each_instance_once_in_order(b:
     }
     assert!(reported.windows(2).all(|w| w[0].created < w[1].created));
     assert_eq!(db.counts().await.unwrap().pending, n as u64);
+}
+
+pub async fn a_large_output_mirrored_live_is_stored_whole_and_its_live_file_removed(b: &Backend) {
+    // Where the store can keep a local file, the live file becomes the blob; where it
+    // cannot, the bytes are put. Either way the stored output is whole and the live
+    // directory is left empty.
+    let db = b.db();
+    let live = tempfile::tempdir().unwrap();
+    let job = &b"seq 200000; seq 6000 >&2"[..];
+    let added = db.add(job, &PushOptions::default()).await.unwrap();
+    let mut opts = WorkerOptions::default();
+    opts.live_dir = Some(live.path().to_path_buf());
+    let reports = drain_with(&db, Arc::new(ShellRunner::default()), opts).await;
+    let [r] = &reports[..] else {
+        panic!("{reports:?}")
+    };
+    assert_eq!(r.job, added.job);
+    assert_eq!(r.report.exit_code, Some(0), "{:?}", r.report);
+    let seq = |n: u32| (1..=n).map(|i| format!("{i}\n")).collect::<String>();
+    let (out, err) = (r.report.stdout.unwrap(), r.report.stderr.unwrap());
+    assert!(
+        read(&db, &out.hash).await == seq(200_000).as_bytes(),
+        "stdout"
+    );
+    assert!(read(&db, &err.hash).await == seq(6000).as_bytes(), "stderr");
+    assert!(b.blobs.contains(&out.hash).await.unwrap());
+    assert!(b.blobs.contains(&err.hash).await.unwrap());
+    let left: Vec<_> = std::fs::read_dir(live.path()).unwrap().collect();
+    assert!(left.is_empty(), "{left:?}");
 }

@@ -103,6 +103,7 @@ macro_rules! suite {
                     large_blob_roundtrips,
                     failed_large_put_leaves_nothing_listed,
                     dropped_put_leaves_nothing_listed,
+                    adopt_keeps_a_file_whole_or_stores_nothing,
                 ]);
                 suite!(@tests $backend, end_to_end: [
                     fake_runner_like_the_seed,
@@ -117,6 +118,7 @@ macro_rules! suite {
                     small_outputs_live_inline_and_large_ones_in_the_store,
                     add_many_queues_every_payload_in_one_go,
                     bulk_add_over_several_chunks_reports_each_instance_once_in_order,
+                    a_large_output_mirrored_live_is_stored_whole_and_its_live_file_removed,
                 ]);
                 suite!(@fresh $backend, isolation: [
                     workers_in_one_process_never_kill_each_others_jobs,
