@@ -20,14 +20,19 @@
 //! GNU parallel and task-spooler come from Debian (`parallel`, `task-spooler`); run as
 //! root, the bench installs whichever is missing, as `scripts/test` does.
 //!
-//! `cargo bench -p batchdb-cli --bench end_to_end [-- quick]`. The table it prints is
-//! kept in `docs/performance.md`.
+//! `cargo bench -p batchdb-cli --bench end_to_end [-- quick]`; `BATCHDB_BENCH_BIN=PATH`
+//! measures another build of `batchdb` instead. The table it prints is kept in
+//! `docs/performance.md`.
 
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-const BIN: &str = env!("CARGO_BIN_EXE_batchdb");
+/// The `batchdb` binary measured: this build's, or `BATCHDB_BENCH_BIN` (to put
+/// another build beside this one).
+fn bin() -> String {
+    std::env::var("BATCHDB_BENCH_BIN").unwrap_or_else(|_| env!("CARGO_BIN_EXE_batchdb").into())
+}
 
 /// One way of doing a scenario's work, as bash scripts run in a fresh directory
 /// holding `jobs.txt` (`$BYTES`: the 1 GiB scenario's output size).
@@ -136,7 +141,7 @@ fn run(tool: &Tool, jobs: &Path, bytes: u64) -> Duration {
         Command::new("bash")
             .args(["-euo", "pipefail", "-c", script])
             .current_dir(dir.path())
-            .env("BATCHDB", BIN)
+            .env("BATCHDB", bin())
             .env("BYTES", bytes.to_string())
             .stdout(Stdio::null())
             .status()

@@ -338,8 +338,12 @@ pub struct AttemptReport {
 impl AttemptReport {
     /// Keeps output `data` (at most [`crate::INLINE_MAX`] bytes) in the queue, keyed
     /// by its hash, recorded with the attempt by [`Queue::finish`](super::Queue::finish).
+    /// The same bytes kept twice (a stdout and a stderr both empty, say) are recorded
+    /// once.
     pub fn keep_inline(&mut self, data: Vec<u8>) {
-        self.inline.push(data);
+        if !self.inline.contains(&data) {
+            self.inline.push(data);
+        }
     }
 
     /// The outputs to keep in the queue (see [`keep_inline`](Self::keep_inline)): a
@@ -633,4 +637,18 @@ pub struct Check {
     pub inline: u64,
     /// Their bytes.
     pub inline_bytes: u64,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::AttemptReport;
+
+    #[test]
+    fn the_same_output_kept_twice_is_recorded_once() {
+        let mut r = AttemptReport::default();
+        r.keep_inline(Vec::new());
+        r.keep_inline(b"out\n".to_vec());
+        r.keep_inline(Vec::new());
+        assert_eq!(r.inline_outputs(), [Vec::new(), b"out\n".to_vec()]);
+    }
 }

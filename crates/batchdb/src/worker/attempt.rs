@@ -351,7 +351,9 @@ impl Worker {
                     } else {
                         report.stderr = Some(info);
                     }
-                    report.inline.extend(inline);
+                    if let Some(data) = inline {
+                        report.keep_inline(data);
+                    }
                 }
                 Some(Err(e)) => {
                     // A broken output stream is the job's failure; anything else is

@@ -207,3 +207,66 @@ async fn a_version_3_database_is_migrated_and_its_running_attempt_taken_over() {
     };
     crate::util::a_version_3_running_attempt_is_taken_over(q, downgrade, reopen).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_cancelled_at_any_point_leaves_no_transaction_open_and_nothing_half_done() {
+    let url = fresh_url().await;
+    let db = url.rsplit('/').next().unwrap().to_string();
+    let q = PgQueue::open(&url).await.unwrap();
+    let job = |i: u64| batchdb::blob::BlobInfo {
+        hash: batchdb::Hash::of(&i.to_le_bytes()),
+        size: 8,
+    };
+    // Each add cut off after 0 to 3 ms: before its first statement, between two, or
+    // while its commit is in flight.
+    let mut done = 0;
+    for i in 0..300u64 {
+        let cut = Duration::from_micros(i * 37 % 3000);
+        let (j, opts) = (job(i), PushOptions::default());
+        if matches!(tokio::time::timeout(cut, q.add(&j, &opts)).await, Ok(Ok(_))) {
+            done += 1;
+        }
+    }
+    assert!(
+        0 < done && done < 300,
+        "some cut off, some not: {done} done"
+    );
+    // Every later write goes through...
+    for i in 300..320u64 {
+        q.add(&job(i), &PushOptions::default()).await.unwrap();
+    }
+    // ...each add committed whole or not at all...
+    let count = |sql: &'static str| {
+        let db = db.clone();
+        async move {
+            let out = tokio::task::spawn_blocking(move || shared().sql(&db, sql))
+                .await
+                .unwrap();
+            out.lines()
+                .find_map(|l| l.trim().parse::<i64>().ok())
+                .unwrap_or_else(|| panic!("no count in {out}"))
+        }
+    };
+    let jobs = count("SELECT count(*) FROM batchdb.jobs").await;
+    let instances = count("SELECT count(*) FROM batchdb.instances").await;
+    assert_eq!(jobs, instances, "a job without its instance");
+    assert!(instances >= done + 20, "{instances} < {done} + 20");
+    // ...and no connection is left inside a transaction: those cut off were closed,
+    // not handed out again (their server sessions end as the sockets close).
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let open = count(
+            "SELECT count(*) FROM pg_stat_activity
+             WHERE datname = current_database() AND state LIKE 'idle in transaction%'",
+        )
+        .await;
+        if open == 0 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{open} sessions left in a transaction"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}

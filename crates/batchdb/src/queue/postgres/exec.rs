@@ -109,7 +109,7 @@ impl<C: GenericClient> Conn for Pg<'_, C> {
     }
 }
 
-impl Conn for Tx<'_> {
+impl Conn for Tx {
     type Error = TxError;
     type Row<'r> = Row;
 
@@ -119,12 +119,12 @@ impl Conn for Tx<'_> {
         args: &[Arg<'_>],
         f: impl FnMut(&Row) -> TxResult<()>,
     ) -> TxResult<()> {
-        Pg(&self.raw).each(sql, args, f).await
+        Pg(self.conn()).each(sql, args, f).await
     }
 
     /// A statement that changed rows marks the transaction as a change.
     async fn execute(&mut self, sql: &Sql, args: &[Arg<'_>]) -> TxResult<u64> {
-        let n = Pg(&self.raw).execute(sql, args).await?;
+        let n = Pg(self.conn()).execute(sql, args).await?;
         if n > 0 {
             self.changed = true;
         }
@@ -162,7 +162,7 @@ static STARVING: Sql = Sql::new(concat!(
 ));
 static LOCK_KEY: Sql = Sql::new("SELECT pg_try_advisory_xact_lock(hashtextextended($1, 0))");
 
-impl sql::Tx for Tx<'_> {
+impl sql::Tx for Tx {
     fn now(&self) -> i64 {
         self.now
     }

@@ -267,7 +267,7 @@ impl Queue for PgQueue {
         in_tx!(self, |tx| {
             let (claims, durable) = claim::claim(tx, req).await?;
             if !durable {
-                tx.lazy().await?;
+                tx.lazy();
             }
             Ok(claims)
         })

@@ -6,46 +6,97 @@ use crate::queue::sql::NewEvent;
 
 /// The buffered events of a transaction appended at its end: the `event` counter
 /// advanced by `$1` (its row lock held until commit), the events numbered after it in
-/// order, and the change announced (`$8`, the channel).
+/// order, and the change announced (`$8`, the channel); with `$9`, the commit made
+/// lazy ([`LAZY`]).
 const APPEND_EVENTS: &str = "WITH c AS (UPDATE counters SET value = value + $1
                           WHERE name = 'event' RETURNING value),
-          note AS (SELECT pg_notify($8, ''))
+          note AS (SELECT pg_notify($8, '')),
+          lazy AS (SELECT set_config('synchronous_commit',
+                     CASE WHEN $9 THEN 'off' ELSE current_setting('synchronous_commit') END,
+                     true))
      INSERT INTO events(id, time, kind, job, created, instance, data)
      SELECT c.value - $1 + u.ord, u.time, u.kind, u.job, u.created, u.instance, u.data
-     FROM c, note, UNNEST($2::BIGINT[], $3::TEXT[], $4::TEXT[], $5::BIGINT[], $6::BIGINT[],
+     FROM c, note, lazy, UNNEST($2::BIGINT[], $3::TEXT[], $4::TEXT[], $5::BIGINT[], $6::BIGINT[],
                           $7::TEXT[]) WITH ORDINALITY AS u(time, kind, job, created, instance,
                                                            data, ord)";
 
-/// A write transaction: statements are prepared once per connection and cached;
-/// events are buffered and numbered at commit.
-pub(super) struct Tx<'a> {
-    pub(super) raw: deadpool_postgres::Transaction<'a>,
+/// Makes the commit of the transaction it runs in return without waiting for the WAL
+/// flush: `SET LOCAL synchronous_commit = off` as an expression, so that it rides
+/// along with a statement the transaction sends anyway.
+const LAZY: &str = "set_config('synchronous_commit', 'off', true)";
+
+/// The database server's clock (epoch ms), read at the start of a transaction.
+const NOW: &str = "(extract(epoch FROM clock_timestamp()) * 1000)::BIGINT";
+
+/// A write transaction on a pooled connection it owns: statements are prepared once
+/// per connection and cached; events are buffered and numbered at commit.
+///
+/// It is begun and ended by hand so that `BEGIN` rides with the first statement and
+/// `COMMIT` with the last, pipelined: one round trip each instead of two. A
+/// transaction dropped before it ended (its future cancelled) takes its connection
+/// out of the pool and closes it, so the server rolls it back and no later user of
+/// the pool ever finds a transaction open.
+pub(super) struct Tx {
+    client: Option<deadpool_postgres::Object>,
     pub(super) events: Vec<NewEvent>,
     pub(super) changed: bool,
     /// The database server's clock at the start of the transaction (epoch ms).
     pub(super) now: i64,
+    /// Whether the commit is to be lazy and is not yet (see [`Tx::lazy`]).
+    lazy: bool,
 }
 
-impl Tx<'_> {
-    /// Makes this transaction's commit return without waiting for the WAL flush
-    /// (`synchronous_commit` is read at commit): a crash of the database server may
-    /// undo it, and a later durable commit flushes it along with its own.
-    pub(super) async fn lazy(&self) -> TxResult<()> {
-        self.raw
-            .batch_execute("SET LOCAL synchronous_commit = off")
-            .await?;
-        Ok(())
+/// Starts a transaction on `client`, reading the server's clock in the same round
+/// trip; with `lazy`, its commit will not wait for the WAL flush (see [`Tx::lazy`]),
+/// set with that read.
+pub(super) async fn begin(client: deadpool_postgres::Object, lazy: bool) -> TxResult<Tx> {
+    let sql = if lazy {
+        format!("SELECT {NOW}, {LAZY}")
+    } else {
+        format!("SELECT {NOW}")
+    };
+    // Prepared outside the transaction (once per connection): a prepared statement
+    // outlives transactions.
+    let stmt = client.prepare_cached(&sql).await?;
+    let mut tx = Tx {
+        client: Some(client),
+        events: Vec::new(),
+        changed: false,
+        now: 0,
+        lazy: false,
+    };
+    let c = tx.conn();
+    // Both sent before either answer is awaited: one round trip, in this order.
+    let ((), row) = tokio::try_join!(c.batch_execute("BEGIN"), c.query_one(&stmt, &[]))?;
+    tx.now = row.try_get(0)?;
+    Ok(tx)
+}
+
+impl Tx {
+    /// The connection the transaction runs on.
+    pub(super) fn conn(&self) -> &deadpool_postgres::Object {
+        // Present from `begin` until `commit` or `rollback` consume the transaction.
+        self.client
+            .as_ref()
+            .unwrap_or_else(|| unreachable!("a transaction's connection is held until it ends"))
     }
 
-    /// Numbers and appends the buffered events, announces the change, and commits.
-    /// Returns whether anything changed.
-    pub(super) async fn commit(self) -> TxResult<bool> {
-        let Tx {
-            raw: tx,
-            events,
-            changed,
-            ..
-        } = self;
+    /// Makes this transaction's commit return without waiting for the WAL flush
+    /// (`synchronous_commit` is read at commit): a crash of the database server may
+    /// undo it, and a later durable commit flushes it along with its own. Sent with
+    /// the statement that ends the transaction, not in a round trip of its own.
+    pub(super) fn lazy(&mut self) {
+        self.lazy = true;
+    }
+
+    /// Numbers and appends the buffered events, announces the change, and commits,
+    /// in one round trip. Returns whether anything changed.
+    pub(super) async fn commit(mut self) -> TxResult<bool> {
+        let events = std::mem::take(&mut self.events);
+        let (changed, lazy) = (self.changed, self.lazy);
+        let c = self.conn();
+        // A statement that fails aborts the transaction, and the COMMIT after it then
+        // rolls back: either way the connection leaves the transaction.
         if !events.is_empty() {
             let n = i64::try_from(events.len()).unwrap_or(i64::MAX);
             let times: Vec<i64> = events.iter().map(|e| e.time).collect();
@@ -57,21 +108,43 @@ impl Tx<'_> {
                 .iter()
                 .map(|e| (!e.data.is_null()).then(|| e.data.to_string()))
                 .collect();
-            // One round trip: the counter taken last and held until commit (ids are
-            // handed out in commit order), the events numbered after it, the change
-            // announced.
-            let stmt = tx.prepare_cached(APPEND_EVENTS).await?;
-            tx.execute(
-                &stmt,
-                &[&n, &times, &kinds, &jobs, &created, &inst, &data, &CHANNEL],
-            )
-            .await?;
-        } else if changed {
-            let stmt = tx.prepare_cached("SELECT pg_notify($1, '')").await?;
-            tx.execute(&stmt, &[&CHANNEL]).await?;
+            // The counter taken last and held until commit (ids are handed out in
+            // commit order), the events numbered after it, the change announced.
+            let stmt = c.prepare_cached(APPEND_EVENTS).await?;
+            let args: [&(dyn ToSql + Sync); 9] = [
+                &n, &times, &kinds, &jobs, &created, &inst, &data, &CHANNEL, &lazy,
+            ];
+            tokio::try_join!(c.execute(&stmt, &args), c.batch_execute("COMMIT"))?;
+        } else if changed || lazy {
+            let sql = match (changed, lazy) {
+                (true, true) => format!("SELECT pg_notify($1, ''), {LAZY}"),
+                (true, false) => "SELECT pg_notify($1, '')".to_string(),
+                _ => format!("SELECT $1::TEXT, {LAZY}"),
+            };
+            let stmt = c.prepare_cached(&sql).await?;
+            tokio::try_join!(c.execute(&stmt, &[&CHANNEL]), c.batch_execute("COMMIT"))?;
+        } else {
+            c.batch_execute("COMMIT").await?;
         }
-        tx.commit().await?;
+        self.client.take();
         Ok(changed)
+    }
+
+    /// Rolls the transaction back (after an error in its body); a connection that
+    /// cannot even do that is closed instead of going back to the pool.
+    pub(super) async fn rollback(mut self) {
+        if self.conn().batch_execute("ROLLBACK").await.is_ok() {
+            self.client.take();
+        }
+    }
+}
+
+impl Drop for Tx {
+    fn drop(&mut self) {
+        if let Some(c) = self.client.take() {
+            // Not ended: out of the pool, and closed (the server rolls it back).
+            drop(deadpool_postgres::Object::take(c));
+        }
     }
 }
 
@@ -86,31 +159,19 @@ macro_rules! in_tx {
         let mut tries = 0u32;
         loop {
             let r: TxResult<_> = async {
-                let mut client = this.client().await?;
-                let raw = client.transaction().await?;
-                if $lazy {
-                    raw.batch_execute("SET LOCAL synchronous_commit = off")
-                        .await?;
-                }
-                let now: i64 = raw
-                    .query_one(
-                        "SELECT (extract(epoch FROM clock_timestamp()) * 1000)::BIGINT",
-                        &[],
-                    )
-                    .await?
-                    .try_get(0)?;
-                let mut tx_ = Tx {
-                    raw,
-                    events: Vec::new(),
-                    changed: false,
-                    now,
-                };
+                let client = this.client().await?;
+                let mut tx_ = begin(client, $lazy).await?;
                 let out = {
                     let $tx = &mut tx_;
                     typed(async move { $body }).await
-                }?;
-                let changed = tx_.commit().await?;
-                Ok((out, changed))
+                };
+                match out {
+                    Ok(out) => Ok((out, tx_.commit().await?)),
+                    Err(e) => {
+                        tx_.rollback().await;
+                        Err(e)
+                    }
+                }
             }
             .await;
             match r {
