@@ -17,6 +17,14 @@ use crate::error::Error;
 pub struct Hash([u8; 32]);
 
 impl Hash {
+    /// The hash of no bytes at all (`e3b0c442...b855`): the name of every empty
+    /// output, which the queue knows without storing it.
+    pub const EMPTY: Hash = Hash([
+        0xe3, 0xb0, 0xc4, 0x42, 0x98, 0xfc, 0x1c, 0x14, 0x9a, 0xfb, 0xf4, 0xc8, 0x99, 0x6f, 0xb9,
+        0x24, 0x27, 0xae, 0x41, 0xe4, 0x64, 0x9b, 0x93, 0x4c, 0xa4, 0x95, 0x99, 0x1b, 0x78, 0x52,
+        0xb8, 0x55,
+    ]);
+
     /// The hash of `bytes`.
     pub fn of(bytes: &[u8]) -> Hash {
         Hash(Sha256::digest(bytes).into())
@@ -160,6 +168,11 @@ impl Hasher {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn empty_is_the_hash_of_no_bytes() {
+        assert_eq!(Hash::EMPTY, Hash::of(b""));
+    }
 
     #[test]
     fn seed_key() {

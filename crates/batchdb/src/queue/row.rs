@@ -131,14 +131,15 @@ pub(crate) trait Row {
 macro_rules! claim_cols {
     () => {
         "id, job, created, failures, timeout_ms, retries, cached, attempts, deps, run_at, \
-         context, needs, conc_key, conc_limit"
+         context, needs, conc_key, conc_limit, \
+         (SELECT payload FROM jobs WHERE jobs.key = instances.job)"
     };
 }
 pub(crate) use claim_cols;
 
 /// How many columns [`claim_cols!`] selects (what a statement selects after them
 /// starts at this index).
-pub(crate) const CLAIM_COLS: usize = 14;
+pub(crate) const CLAIM_COLS: usize = 15;
 
 /// An instance a claim may hand out.
 pub(crate) struct Candidate {
@@ -156,6 +157,8 @@ pub(crate) struct Candidate {
     pub context: ExecContext,
     pub needs: Needs,
     pub conc: Option<Concurrency>,
+    /// The job's payload if the queue keeps it inline.
+    pub payload: Option<Vec<u8>>,
 }
 
 /// Reads a row selected as [`claim_cols!`].
@@ -174,6 +177,7 @@ pub(crate) fn candidate<R: Row>(r: &R) -> Result<Candidate, R::Error> {
         context: r.exec_context(10)?,
         needs: r.needs(11)?,
         conc: r.concurrency(12)?,
+        payload: r.bytes(14)?,
     })
 }
 
@@ -203,6 +207,7 @@ impl Candidate {
             context: self.context.clone(),
             needs: self.needs.clone(),
             assigned: super::Resources::default(),
+            payload: self.payload.clone(),
         }
     }
 }

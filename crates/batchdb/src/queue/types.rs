@@ -263,6 +263,12 @@ pub struct Claim {
     /// What the claim gave it out of [`ClaimRequest::free`] (give it back when the
     /// attempt ends).
     pub assigned: super::Resources,
+    /// The job's payload as the queue keeps it inline (up to [`crate::INLINE_MAX`]
+    /// bytes), read with the claim so that it costs no read of its own; not yet
+    /// checked against [`Claim::job`]. `None`: the payload is in the blob store (and
+    /// a claim sent over HTTP never carries it).
+    #[serde(skip)]
+    pub payload: Option<Vec<u8>>,
 }
 
 /// An attempt whose worker stopped renewing its lease, as the claim that took its

@@ -176,9 +176,8 @@ async fn store_outputs<R: tokio::io::AsyncRead + Send + Unpin>(
 }
 
 /// Mirrors every byte of a job's output for live readers (see [`WorkerPort::live`]).
-/// A failure to mirror never fails the job: the mirror is dropped instead. (If the
-/// port was to keep the mirror as the output's blob, the output then cannot be
-/// stored, and the attempt runs again, as after any failure of the store.)
+/// A failure to mirror never fails the job: the mirror is dropped instead (and a port
+/// that would have kept it as the output's blob stores the output another way).
 struct Mirror(Option<LiveSink>);
 
 impl Inspector for Mirror {
@@ -209,7 +208,7 @@ impl Worker {
         // A payload up to PREFETCH bytes is read and verified against its hash before
         // anything runs, so a corrupt payload never reaches the runner; a larger one
         // streams, and a corruption found at its end kills the run.
-        let payload: Reader = match self.prefetch(&claim.job).await {
+        let payload: Reader = match self.prefetch(claim).await {
             Ok(p) => p,
             // A missing or corrupt payload is the job's failure...
             Err(e @ (Error::BlobNotFound(_) | Error::BlobCorrupt { .. })) => {

@@ -78,7 +78,7 @@ impl Mirrors {
     /// (none was made, or the store cannot keep local files) and nothing was read.
     ///
     /// A live file that missed bytes (a write to it failed, and its sink was dropped)
-    /// cannot be the blob: that is an error of the store's, not of the job's.
+    /// is not kept: what it holds and the rest of the stream are put instead.
     pub(super) async fn store(
         &self,
         blobs: &dyn BlobStore,
@@ -92,7 +92,9 @@ impl Mirrors {
 }
 
 /// Hashes `reader` to its end and keeps `mirror`, which holds the same bytes, as the
-/// blob; copies it into `blobs` if the store cannot keep this file.
+/// blob; copies it into `blobs` if the store cannot keep this file. If the mirror
+/// misses bytes (a write to it failed), the output is put instead: what the file
+/// holds, then the rest of the stream.
 async fn keep(
     blobs: &dyn BlobStore,
     mirror: &Mirror,
@@ -105,6 +107,17 @@ async fn keep(
             what: "read output".into(),
             source: e,
         })?;
+        // Every byte went to the mirror before it reached this reader.
+        let (before, written) = (hasher.len(), mirror.written.load(Ordering::SeqCst));
+        if written < before + n as u64 {
+            // `written >= before`: the bytes up to this chunk were all checked.
+            let missed = usize::try_from(written - before).unwrap_or(0);
+            let held = mirror.reopen()?.take(written);
+            let mut rest = held
+                .chain(std::io::Cursor::new(buf[missed..n].to_vec()))
+                .chain(reader);
+            return blobs.put(&mut rest).await;
+        }
         if n == 0 {
             break;
         }
@@ -115,26 +128,26 @@ async fn keep(
         size: hasher.len(),
         hash: hasher.finish(),
     };
-    let written = mirror.written.load(Ordering::SeqCst);
-    if written != info.size {
-        let e = std::io::Error::other(format!(
-            "the live file holds {written} of the output's {} bytes",
-            info.size
-        ));
-        return Err(Error::io("mirror", &mirror.path, e));
-    }
     if blobs.adopt(&mirror.file, info).await? {
         return Ok(info);
     }
-    // Another file system: copy the file (a new open file, at its start).
-    let own = PathBuf::from(format!("/proc/self/fd/{}", fd_of(&mirror.file)));
-    let copy = std::fs::File::open(&own).map_err(|e| Error::io("open", &mirror.path, e))?;
-    let stored = blobs.put(&mut tokio::fs::File::from_std(copy)).await?;
+    // Another file system: copy the file.
+    let stored = blobs.put(&mut mirror.reopen()?).await?;
     if stored != info {
         let e = std::io::Error::other("changed after its output ended");
         return Err(Error::io("copy", &mirror.path, e));
     }
     Ok(stored)
+}
+
+impl Mirror {
+    /// The live file opened anew (its own offset, at the start), even if its name
+    /// is gone.
+    fn reopen(&self) -> Result<tokio::fs::File> {
+        let own = PathBuf::from(format!("/proc/self/fd/{}", fd_of(&self.file)));
+        let f = std::fs::File::open(&own).map_err(|e| Error::io("open", &self.path, e))?;
+        Ok(tokio::fs::File::from_std(f))
+    }
 }
 
 fn fd_of(file: &std::fs::File) -> i32 {
@@ -182,27 +195,33 @@ mod tests {
     const T: ClaimToken = ClaimToken { id: 7, token: 2 };
 
     #[tokio::test]
-    async fn a_live_file_that_missed_bytes_is_not_kept_and_stores_nothing() {
+    async fn a_live_file_that_missed_bytes_is_not_kept_but_the_output_is_stored_whole() {
+        use std::os::unix::fs::MetadataExt;
         let dir = tempfile::tempdir().unwrap();
         let blobs = DirStore::open(dir.path().join("blobs")).await.unwrap();
         let mirrors = Mirrors::default();
         let mut sink = mirrors
             .create(dir.path(), &T, OutputStream::Stdout)
             .unwrap();
-        let data = vec![5u8; 40_000];
-        // The mirror got only part of what the reader yields.
-        sink.write_all(&data[..30_000]).unwrap();
-        let stored = mirrors
+        let data: Vec<u8> = (0..600_000u32).map(|i| (i % 251) as u8).collect();
+        // The mirror got only part of what the reader yields (a write to it failed
+        // at byte 300,000, in the middle of the reader's second chunk).
+        sink.write_all(&data[..300_000]).unwrap();
+        let info = mirrors
             .store(&blobs, &T, OutputStream::Stdout, &mut &data[..])
             .await
-            .expect("a live file to keep");
-        let err = stored.unwrap_err();
-        assert!(
-            err.to_string()
-                .contains("holds 30000 of the output's 40000"),
-            "{err}"
+            .expect("a live file to keep")
+            .unwrap();
+        assert_eq!(info.hash, Hash::of(&data));
+        assert_eq!(info.size, 600_000);
+        let blob = blobs.path_of(&info.hash);
+        assert_eq!(std::fs::read(&blob).unwrap(), data, "stored whole");
+        let live = std::fs::metadata(dir.path().join("7.2.stdout")).unwrap();
+        assert_ne!(
+            std::fs::metadata(&blob).unwrap().ino(),
+            live.ino(),
+            "a copy"
         );
-        assert!(!blobs.contains(&Hash::of(&data)).await.unwrap());
     }
 
     #[tokio::test]

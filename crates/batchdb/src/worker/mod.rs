@@ -493,10 +493,17 @@ impl Worker {
         self.port.recorded(t).await.ok().flatten()
     }
 
-    /// Opens a job's payload: up to [`PREFETCH`] bytes are read (and so verified)
+    /// Opens a claim's payload: the inline one it came with (checked against the job's
+    /// hash), else from the port; up to [`PREFETCH`] bytes are read (and so verified)
     /// before this returns; a larger payload streams.
-    async fn prefetch(&self, job: &Hash) -> Result<Reader> {
+    async fn prefetch(&self, claim: &Claim) -> Result<Reader> {
         use tokio::io::AsyncReadExt;
+        let job = &claim.job;
+        if let Some(bytes) = &claim.payload {
+            // Read with the claim: checked here, as a read of it would be.
+            let bytes = crate::checked(job, bytes.clone())?;
+            return Ok(Box::pin(std::io::Cursor::new(bytes)));
+        }
         let r = self.port.blob(job).await?;
         let mut head = Vec::new();
         let mut limited = r.take(PREFETCH + 1);

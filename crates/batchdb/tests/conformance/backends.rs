@@ -118,6 +118,32 @@ impl Backend {
     pub fn db(&self) -> BatchDb {
         BatchDb::new(self.queue.clone(), self.blobs.clone())
     }
+
+    /// The one integer `sql` selects (a `count(*)`), read from the queue's database
+    /// behind its back, with batchdb's tables in the search path.
+    pub async fn raw_count(&self, sql: &str) -> i64 {
+        let (db, sql) = (self.spec.db.clone(), sql.to_string());
+        tokio::task::spawn_blocking(move || {
+            if db.starts_with("postgres") {
+                #[cfg(feature = "postgres")]
+                {
+                    let name = db.rsplit('/').next().expect("database name");
+                    let out = batchdb_testkit::postgres::shared()
+                        .sql(name, &format!("SET search_path TO batchdb; {sql}"));
+                    return out
+                        .lines()
+                        .find_map(|l| l.trim().parse().ok())
+                        .unwrap_or_else(|| panic!("no integer in {out:?}"));
+                }
+            }
+            rusqlite::Connection::open(&db)
+                .expect("open sqlite")
+                .query_row(&sql, [], |r| r.get(0))
+                .expect("raw count")
+        })
+        .await
+        .expect("raw count task")
+    }
 }
 
 /// SQLite queue + directory blob store in a temporary directory.

@@ -570,3 +570,95 @@ pub async fn a_large_output_mirrored_live_is_stored_whole_and_its_live_file_remo
     let left: Vec<_> = std::fs::read_dir(live.path()).unwrap().collect();
     assert!(left.is_empty(), "{left:?}");
 }
+
+pub async fn an_empty_output_is_known_without_a_row(b: &Backend) {
+    let db = b.db();
+    db.add(&b"true"[..], &PushOptions::default()).await.unwrap();
+    db.add(&b"echo out; exit 4"[..], &PushOptions::default())
+        .await
+        .unwrap();
+    let reports = drain(&db, Arc::new(ShellRunner::default())).await;
+    assert_eq!(reports.len(), 2);
+    for r in &reports {
+        assert_eq!(r.report.stderr.unwrap().hash, Hash::EMPTY, "{r:?}");
+    }
+    // No row holds it (only the one non-empty output has one)...
+    let stored = b.raw_count("SELECT count(*) FROM inline_blobs").await;
+    assert_eq!(stored, 1);
+    // ...and yet it reads back, by every path, and nothing is missing.
+    assert!(read(&db, &Hash::EMPTY).await.is_empty());
+    assert_eq!(db.blob_size(&Hash::EMPTY).await.unwrap(), 0);
+    assert_eq!(
+        b.queue.inline_blob(&Hash::EMPTY).await.unwrap(),
+        Some(Vec::new())
+    );
+    let mut problems = Vec::new();
+    db.verify(|p| problems.push(p)).await.unwrap();
+    assert!(problems.is_empty(), "{problems:?}");
+    let fails = rows(&db, ListKind::Fail).await;
+    let [ListRow::Fail(f)] = &fails[..] else {
+        panic!("{fails:?}")
+    };
+    assert_eq!(f.value.stderr, Some(Hash::EMPTY));
+}
+
+pub async fn an_inline_payload_comes_with_its_claim_and_a_corrupt_one_never_runs(b: &Backend) {
+    let db = b.db();
+    let dir = tempfile::tempdir().unwrap();
+    let small = db
+        .add(&b"echo small"[..], &PushOptions::default())
+        .await
+        .unwrap();
+    let mut large = b"echo large #".to_vec();
+    large.resize(batchdb::INLINE_MAX + 100, b'x');
+    let large = db.add(&large[..], &PushOptions::default()).await.unwrap();
+    let req = crate::util::req("w", 2, Duration::from_secs(30));
+    let claims = b.queue.claim(&req).await.unwrap();
+    assert_eq!(claims.len(), 2);
+    for c in &claims {
+        if c.job == small.job {
+            assert_eq!(c.payload.as_deref(), Some(&b"echo small"[..]));
+        } else {
+            assert_eq!(c.job, large.job);
+            assert_eq!(
+                c.payload, None,
+                "in the blob store, not read with the claim"
+            );
+        }
+    }
+    // A payload whose bytes no longer hash to its job fails its attempt unrun.
+    let ran = dir.path().join("ran");
+    let job = format!("touch {}", ran.display());
+    let bad = db
+        .add(job.as_bytes(), &PushOptions::default())
+        .await
+        .unwrap();
+    let other = format!("touch {}.other", ran.display());
+    let hex: String = other.bytes().map(|c| format!("{c:02x}")).collect();
+    let bytes = if b.spec.db.starts_with("postgres") {
+        format!("'\\x{hex}'::bytea")
+    } else {
+        format!("X'{hex}'")
+    };
+    (b.raw_sql)(format!(
+        "UPDATE jobs SET payload = {bytes} WHERE key = '{}'",
+        bad.job
+    ))
+    .await;
+    // The two claimed above are still running under "w": only the third is due.
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    let worker = db.worker(Arc::new(ShellRunner::default()), WorkerOptions::default());
+    let task = tokio::spawn(async move { worker.run(Some(tx)).await });
+    let run = tokio::time::timeout(Duration::from_secs(30), rx.recv())
+        .await
+        .expect("a report in time")
+        .expect("a report");
+    task.abort();
+    assert_eq!(run.job, bad.job);
+    let msg = run.report.message.clone().unwrap_or_default();
+    assert!(msg.contains("payload") && msg.contains("corrupt"), "{msg}");
+    assert!(
+        !ran.exists() && !dir.path().join("ran.other").exists(),
+        "never ran"
+    );
+}

@@ -119,6 +119,8 @@ macro_rules! suite {
                     add_many_queues_every_payload_in_one_go,
                     bulk_add_over_several_chunks_reports_each_instance_once_in_order,
                     a_large_output_mirrored_live_is_stored_whole_and_its_live_file_removed,
+                    an_empty_output_is_known_without_a_row,
+                    an_inline_payload_comes_with_its_claim_and_a_corrupt_one_never_runs,
                 ]);
                 suite!(@fresh $backend, isolation: [
                     workers_in_one_process_never_kill_each_others_jobs,

@@ -107,6 +107,24 @@ impl<C: GenericClient> Conn for Pg<'_, C> {
         let params: Vec<&(dyn ToSql + Sync)> = args.iter().map(|a| a as _).collect();
         Ok(self.0.execute(&stmt, &params).await?)
     }
+
+    /// Pipelined: every statement is sent before the first answer is read (each
+    /// request goes out when its future is first polled, and `try_join_all` polls
+    /// them in order), so the batch costs one round trip once its statements are
+    /// prepared on this connection.
+    async fn execute_all(&mut self, stmts: &[(&Sql, &[Arg<'_>])]) -> TxResult<Vec<u64>> {
+        let mut prepared = Vec::with_capacity(stmts.len());
+        for (sql, args) in stmts {
+            let stmt = self.0.prepare_cached(sql.postgres()).await?;
+            let params: Vec<&(dyn ToSql + Sync)> = args.iter().map(|a| a as _).collect();
+            prepared.push((stmt, params));
+        }
+        let client = self.0;
+        let runs = prepared
+            .iter()
+            .map(|(stmt, params)| client.execute(stmt, params));
+        Ok(futures_util::future::try_join_all(runs).await?)
+    }
 }
 
 impl Conn for Tx {
@@ -129,6 +147,15 @@ impl Conn for Tx {
             self.changed = true;
         }
         Ok(n)
+    }
+
+    /// Pipelined (see [`Pg`]'s); a statement that changed rows marks a change.
+    async fn execute_all(&mut self, stmts: &[(&Sql, &[Arg<'_>])]) -> TxResult<Vec<u64>> {
+        let counts = Pg(self.conn()).execute_all(stmts).await?;
+        if counts.iter().any(|&n| n > 0) {
+            self.changed = true;
+        }
+        Ok(counts)
     }
 }
 

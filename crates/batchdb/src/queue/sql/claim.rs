@@ -108,21 +108,18 @@ async fn start_attempt<T: Tx>(
     let token = c.attempts + 1;
     let attempt_id = crate::queue::attempt_id::new_attempt_id();
     let until = now.saturating_add(super::millis(req.lease));
-    tx.execute(&START_ATTEMPT, &args![c.id, token, until, cache_key])
-        .await?;
     let resources = (!assigned.is_empty()).then(|| serde_json::to_string(assigned).ok());
-    tx.execute(
-        &INSERT_ATTEMPT,
-        &args![
-            c.id,
-            token,
-            req.worker.as_str(),
-            now,
-            attempt_id.as_str(),
-            resources.flatten()
-        ],
-    )
-    .await?;
+    let start = args![c.id, token, until, cache_key];
+    let attempt = args![
+        c.id,
+        token,
+        req.worker.as_str(),
+        now,
+        attempt_id.as_str(),
+        resources.flatten()
+    ];
+    tx.execute_all(&[(&START_ATTEMPT, &start), (&INSERT_ATTEMPT, &attempt)])
+        .await?;
     let data = serde_json::json!({"attempt": token, "worker": req.worker});
     tx.event(EventKind::Start, &c.job, Some((c.id, c.created)), data)
         .await?;

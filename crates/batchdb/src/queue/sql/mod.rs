@@ -228,6 +228,19 @@ pub(crate) trait Conn {
     /// Runs a statement that returns no rows; returns how many rows it changed.
     async fn execute(&mut self, sql: &Sql, args: &[Arg<'_>]) -> Result<u64, Self::Error>;
 
+    /// Runs statements that return no rows, in order; returns how many rows each
+    /// changed. A backend may send them all before it reads the first answer
+    /// (PostgreSQL pipelines them: one round trip), so no statement's arguments may
+    /// depend on another's answer — only on its effects, which apply in order. The
+    /// first error is returned; in a transaction it aborts the rest.
+    async fn execute_all(&mut self, stmts: &[(&Sql, &[Arg<'_>])]) -> Result<Vec<u64>, Self::Error> {
+        let mut out = Vec::with_capacity(stmts.len());
+        for (sql, args) in stmts {
+            out.push(self.execute(sql, args).await?);
+        }
+        Ok(out)
+    }
+
     /// The rows of `sql`, each decoded by `f`.
     async fn rows<T>(
         &mut self,

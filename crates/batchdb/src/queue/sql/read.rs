@@ -397,8 +397,12 @@ pub(crate) async fn status<C: Conn>(c: &mut C, t: &ClaimToken) -> R<Heartbeat, C
     }
 }
 
-/// The bytes of a payload or an output kept inline in the queue.
+/// The bytes of a payload or an output kept inline in the queue. The empty output is
+/// never stored (see [`Hash::EMPTY`]): its bytes are known.
 pub(crate) async fn inline_blob<C: Conn>(c: &mut C, hash: &Hash) -> R<Option<Vec<u8>>, C> {
+    if *hash == Hash::EMPTY {
+        return Ok(Some(Vec::new()));
+    }
     let row = c.opt(&INLINE_BLOB, &args![hash], |r| r.bytes(0)).await?;
     Ok(row.flatten())
 }
@@ -429,7 +433,8 @@ pub(crate) async fn references_page<C: Conn>(
     c.each(&OUTPUT_REFS, &args![after, end], |r| {
         let (id, n) = (r.req_int(0)?, r.req_int(1)?);
         for (i, which) in [(2, "stdout"), (3, "stderr")] {
-            if let Some(hash) = r.opt_hash(i)? {
+            // An empty output names no blob anywhere (it is known without one).
+            if let Some(hash) = r.opt_hash(i)?.filter(|h| *h != Hash::EMPTY) {
                 let owner = format!("instance {id} attempt {n} {which}");
                 out.push(BlobReference { hash, owner });
             }

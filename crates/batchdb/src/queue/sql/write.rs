@@ -5,7 +5,7 @@
 use std::time::Duration;
 
 use super::deps::{self, Resolved};
-use super::{Conn, Sql, Tx, args};
+use super::{Arg, Conn, Sql, Tx, args};
 use crate::error::Error;
 use crate::hash::Hash;
 use crate::queue::policy::{self, AttemptEnd, Transition};
@@ -228,52 +228,75 @@ pub(super) async fn record_attempt<T: Tx>(
     outcome: AttemptEnd,
     r: &AttemptReport,
 ) -> R<(), T> {
+    record_with(tx, t, (outcome, r), &[]).await
+}
+
+/// [`record_attempt`], with statements `more` sent along in the same pipeline (see
+/// [`Conn::execute_all`](super::Conn::execute_all)): the attempt's row, its inline
+/// outputs' rows and `more`, in one round trip on PostgreSQL.
+async fn record_with<T: Tx>(
+    tx: &mut T,
+    t: &ClaimToken,
+    (outcome, r): (AttemptEnd, &AttemptReport),
+    more: &[(&Sql, &[Arg<'_>])],
+) -> R<(), T> {
     let n = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
     let size = |b: Option<crate::blob::BlobInfo>| b.map(|b| n(b.size));
-    tx.execute(
-        &RECORD_ATTEMPT,
-        &args![
-            t.id,
-            t.token,
-            r.end,
-            outcome.as_str(),
-            r.exit_code,
-            r.signal,
-            r.stdout.map(|b| b.hash),
-            size(r.stdout),
-            r.stderr.map(|b| b.hash),
-            size(r.stderr),
-            r.message.as_deref(),
-            r.cached,
-            r.usage.map(|u| n(u.max_rss)),
-            r.usage.map(|u| n(u.user_ms)),
-            r.usage.map(|u| n(u.sys_ms))
-        ],
-    )
-    .await?;
-    for data in &r.inline {
-        store_inline(tx, data).await?;
+    let attempt = args![
+        t.id,
+        t.token,
+        r.end,
+        outcome.as_str(),
+        r.exit_code,
+        r.signal,
+        r.stdout.map(|b| b.hash),
+        size(r.stdout),
+        r.stderr.map(|b| b.hash),
+        size(r.stderr),
+        r.message.as_deref(),
+        r.cached,
+        r.usage.map(|u| n(u.max_rss)),
+        r.usage.map(|u| n(u.user_ms)),
+        r.usage.map(|u| n(u.sys_ms))
+    ];
+    // The empty output is known without a row (see `Hash::EMPTY`): most jobs write
+    // nothing to stderr, and storing it cost two statements per finish.
+    let inline: Vec<(&[u8], Hash)> = r
+        .inline
+        .iter()
+        .filter(|d| !d.is_empty())
+        .map(|d| (d.as_slice(), Hash::of(d)))
+        .collect();
+    let inserts: Vec<[Arg<'_>; 2]> = inline.iter().map(|(d, k)| args![k, *d]).collect();
+    let mut stmts: Vec<(&Sql, &[Arg<'_>])> = vec![(&RECORD_ATTEMPT, &attempt)];
+    stmts.extend(inserts.iter().map(|a| (&INSERT_INLINE, &a[..])));
+    stmts.extend_from_slice(more);
+    let counts = tx.execute_all(&stmts).await?;
+    // An output another transaction stored already: held to this one's commit.
+    for ((data, key), stored) in inline.iter().zip(&counts[1..]) {
+        if *stored == 0 {
+            hold_inline(tx, key, data).await?;
+        }
     }
     Ok(())
 }
 
-/// Stores inline output `data`, or keeps the row that holds it already until this
-/// transaction commits (see [`HOLD_INLINE`]). A prune that removed the row between the
-/// two statements makes it store the row again; after a few such rounds it takes the
-/// row's exclusive lock instead.
-async fn store_inline<T: Tx>(tx: &mut T, data: &[u8]) -> R<(), T> {
-    let key = Hash::of(data);
+/// Keeps the row holding inline output `data` (under `key`), which another
+/// transaction stored, until this transaction commits (see [`HOLD_INLINE`]). A prune
+/// that removed the row in the meantime makes it store the row again; after a few
+/// such rounds it takes the row's exclusive lock instead.
+async fn hold_inline<T: Tx>(tx: &mut T, key: &Hash, data: &[u8]) -> R<(), T> {
     for _ in 0..4 {
-        if tx.execute(&INSERT_INLINE, &args![&key, data]).await? > 0
-            || tx
-                .opt(&HOLD_INLINE, &args![&key], |_| Ok(()))
-                .await?
-                .is_some()
+        if tx
+            .opt(&HOLD_INLINE, &args![key], |_| Ok(()))
+            .await?
+            .is_some()
+            || tx.execute(&INSERT_INLINE, &args![key, data]).await? > 0
         {
             return Ok(());
         }
     }
-    tx.execute(&UPSERT_INLINE, &args![&key, data]).await?;
+    tx.execute(&UPSERT_INLINE, &args![key, data]).await?;
     Ok(())
 }
 
@@ -286,22 +309,20 @@ pub(super) async fn apply<T: Tx>(
     tr: &Transition<'_>,
 ) -> R<Finished, T> {
     let now = tx.now();
-    record_attempt(tx, t, tr.attempt, tr.report).await?;
-    tx.execute(
-        &END_INSTANCE,
-        &args![
-            t.id,
-            tr.state.as_str(),
-            tr.ends.then_some(now),
-            tr.run_at,
-            i64::from(tr.counts_failure),
-            tr.clears_cache_key
-        ],
-    )
-    .await?;
-    if let Some(k) = tr.fills_cache {
-        tx.execute(&FILL_CACHE, &args![&k, t.id, t.token]).await?;
+    let end = args![
+        t.id,
+        tr.state.as_str(),
+        tr.ends.then_some(now),
+        tr.run_at,
+        i64::from(tr.counts_failure),
+        tr.clears_cache_key
+    ];
+    let fill = tr.fills_cache.as_ref().map(|k| args![k, t.id, t.token]);
+    let mut more: Vec<(&Sql, &[Arg<'_>])> = vec![(&END_INSTANCE, &end)];
+    if let Some(f) = &fill {
+        more.push((&FILL_CACHE, f));
     }
+    record_with(tx, t, (tr.attempt, tr.report), &more).await?;
     tx.event(tr.event, job, Some((t.id, created)), tr.data.clone())
         .await?;
     if tr.ends {
