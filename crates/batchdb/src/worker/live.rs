@@ -2,16 +2,20 @@
 //!
 //! While an attempt runs, [`LocalPort`](super::LocalPort) mirrors each output stream
 //! into a file in its live directory (`<instance>.<attempt>.stdout`) for `logs -f`
-//! and the dashboard. When the stream ends, that file already holds every byte of the
-//! output: if the blob store can keep a local file ([`BlobStore::adopt`]), the output
-//! is hashed as it passes and the file is linked in as the blob, so its bytes are
-//! written once, not twice.
+//! and the dashboard. The file is made once the attempt has run for [`HOLD_FOR`] or
+//! written more than [`HOLD_BYTES`] to the stream; until then the bytes are held in
+//! memory, so a short job with a small output makes no file at all (a reader finds
+//! no file, which reads as no output yet). When the stream ends, the file holds every
+//! byte of the output: if the blob store can keep a local file
+//! ([`BlobStore::adopt`]), the output is hashed as it passes and the file is linked
+//! in as the blob, so its bytes are written once, not twice.
 
 use std::collections::HashMap;
 use std::io::Write;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncReadExt};
 
@@ -24,13 +28,95 @@ use crate::queue::ClaimToken;
 /// Bytes read at a time while hashing an output.
 const CHUNK: usize = 256 * 1024;
 
+/// Output held in memory before its live file is made (an output this small is kept
+/// inline in the queue anyway).
+pub(super) const HOLD_BYTES: usize = crate::INLINE_MAX;
+
+/// How long after an attempt starts its live files are made, whatever it wrote: the
+/// longest a live reader waits for bytes it could have read from a file.
+pub(super) const HOLD_FOR: Duration = Duration::from_millis(50);
+
 /// One live file, shared by the sink that writes it and the port that may keep it.
 #[derive(Debug)]
 struct Mirror {
-    file: std::fs::File,
     path: PathBuf,
-    /// Bytes written so far (every write completes before its bytes are read on).
+    held: Mutex<Held>,
+    /// Bytes in the file so far (every write completes before its bytes are read on).
     written: AtomicU64,
+}
+
+/// A live file not made yet, and the bytes held for it.
+#[derive(Debug, Default)]
+struct Held {
+    file: Option<std::fs::File>,
+    bytes: Vec<u8>,
+    /// Made at the next write, whatever its size ([`HOLD_FOR`] has passed).
+    due: bool,
+    /// Its sink is gone: never made from now on.
+    closed: bool,
+}
+
+impl Mirror {
+    fn lock(&self) -> std::io::Result<std::sync::MutexGuard<'_, Held>> {
+        self.held
+            .lock()
+            .map_err(|_| std::io::Error::other("live file state poisoned"))
+    }
+
+    /// Makes the file, with the bytes held for it, if it is not made yet.
+    fn make(&self, h: &mut Held) -> std::io::Result<()> {
+        if h.closed {
+            return Err(std::io::Error::other("live file closed"));
+        }
+        if h.file.is_none() {
+            let mut f = std::fs::File::create(&self.path)?;
+            f.write_all(&h.bytes)?;
+            self.written
+                .fetch_add(h.bytes.len() as u64, Ordering::SeqCst);
+            h.bytes = Vec::new();
+            h.file = Some(f);
+        }
+        Ok(())
+    }
+
+    /// Mirrors `buf`: held while the file is not due, else written to it.
+    fn write(&self, buf: &[u8]) -> std::io::Result<usize> {
+        let mut h = self.lock()?;
+        if h.file.is_none() && !h.due && h.bytes.len() + buf.len() <= HOLD_BYTES {
+            h.bytes.extend_from_slice(buf);
+            return Ok(buf.len());
+        }
+        self.make(&mut h)?;
+        let mut f = h
+            .file
+            .as_ref()
+            .ok_or_else(|| std::io::Error::other("no live file"))?;
+        let n = f.write(buf)?;
+        self.written.fetch_add(n as u64, Ordering::SeqCst);
+        Ok(n)
+    }
+
+    /// [`HOLD_FOR`] has passed: the file is made now, with what was held.
+    fn due(&self) {
+        let Ok(mut h) = self.lock() else { return };
+        h.due = true;
+        if let Err(e) = self.make(&mut h) {
+            if !h.closed {
+                tracing::warn!("live output {}: {e}", self.path.display());
+            }
+        }
+    }
+
+    /// The file (another handle on it), made now with what was held if need be.
+    fn file(&self) -> std::io::Result<std::fs::File> {
+        let mut h = self.lock()?;
+        self.make(&mut h)?;
+        let f = h
+            .file
+            .as_ref()
+            .ok_or_else(|| std::io::Error::other("no live file"))?;
+        f.try_clone()
+    }
 }
 
 /// Which attempt's stream a live file mirrors.
@@ -41,30 +127,40 @@ type Key = (i64, i64, OutputStream);
 pub(super) struct Mirrors(Arc<Mutex<HashMap<Key, Arc<Mirror>>>>);
 
 impl Mirrors {
-    /// Creates the live file of attempt `t`'s `stream` in `dir`; it is removed when
-    /// the returned sink is dropped.
+    /// The live file of attempt `t`'s `stream` in `dir`, made when its first bytes are
+    /// due (see the module's documentation); it is removed when the returned sink is
+    /// dropped.
     pub(super) fn create(
         &self,
         dir: &std::path::Path,
         t: &ClaimToken,
         stream: OutputStream,
-    ) -> std::io::Result<LiveFile> {
+    ) -> LiveFile {
         let path = dir.join(format!("{}.{}.{}", t.id, t.token, stream.name()));
-        let file = std::fs::File::create(&path)?;
         let mirror = Arc::new(Mirror {
-            file,
             path,
+            held: Mutex::default(),
             written: AtomicU64::new(0),
         });
         let key = (t.id, t.token, stream);
         if let Ok(mut m) = self.0.lock() {
             m.insert(key, mirror.clone());
         }
-        Ok(LiveFile {
+        // The file made after HOLD_FOR, unless the sink is gone by then.
+        if let Ok(rt) = tokio::runtime::Handle::try_current() {
+            let later = Arc::downgrade(&mirror);
+            rt.spawn(async move {
+                tokio::time::sleep(HOLD_FOR).await;
+                if let Some(m) = later.upgrade() {
+                    m.due();
+                }
+            });
+        }
+        LiveFile {
             mirror,
             key,
             mirrors: self.clone(),
-        })
+        }
     }
 
     /// The live file of attempt `t`'s `stream`, while its sink is open.
@@ -87,7 +183,9 @@ impl Mirrors {
         reader: &mut (dyn AsyncRead + Send + Unpin),
     ) -> Option<Result<BlobInfo>> {
         let mirror = self.get(t, stream).filter(|_| blobs.adopts_files())?;
-        Some(keep(blobs, &mirror, reader).await)
+        // Made now if it was not yet; if it cannot be, the stream is put instead.
+        let file = mirror.file().ok()?;
+        Some(keep(blobs, (&mirror, &file), reader).await)
     }
 }
 
@@ -97,7 +195,7 @@ impl Mirrors {
 /// holds, then the rest of the stream.
 async fn keep(
     blobs: &dyn BlobStore,
-    mirror: &Mirror,
+    (mirror, file): (&Mirror, &std::fs::File),
     reader: &mut (dyn AsyncRead + Send + Unpin),
 ) -> Result<BlobInfo> {
     let mut hasher = Hasher::new();
@@ -112,7 +210,7 @@ async fn keep(
         if written < before + n as u64 {
             // `written >= before`: the bytes up to this chunk were all checked.
             let missed = usize::try_from(written - before).unwrap_or(0);
-            let held = mirror.reopen()?.take(written);
+            let held = reopen(file, &mirror.path)?.take(written);
             let mut rest = held
                 .chain(std::io::Cursor::new(buf[missed..n].to_vec()))
                 .chain(reader);
@@ -128,11 +226,11 @@ async fn keep(
         size: hasher.len(),
         hash: hasher.finish(),
     };
-    if blobs.adopt(&mirror.file, info).await? {
+    if blobs.adopt(file, info).await? {
         return Ok(info);
     }
     // Another file system: copy the file.
-    let stored = blobs.put(&mut mirror.reopen()?).await?;
+    let stored = blobs.put(&mut reopen(file, &mirror.path)?).await?;
     if stored != info {
         let e = std::io::Error::other("changed after its output ended");
         return Err(Error::io("copy", &mirror.path, e));
@@ -140,14 +238,12 @@ async fn keep(
     Ok(stored)
 }
 
-impl Mirror {
-    /// The live file opened anew (its own offset, at the start), even if its name
-    /// is gone.
-    fn reopen(&self) -> Result<tokio::fs::File> {
-        let own = PathBuf::from(format!("/proc/self/fd/{}", fd_of(&self.file)));
-        let f = std::fs::File::open(&own).map_err(|e| Error::io("open", &self.path, e))?;
-        Ok(tokio::fs::File::from_std(f))
-    }
+/// Live file `file` (named `path`) opened anew: its own offset, at the start, even if
+/// its name is gone.
+fn reopen(file: &std::fs::File, path: &std::path::Path) -> Result<tokio::fs::File> {
+    let own = PathBuf::from(format!("/proc/self/fd/{}", fd_of(file)));
+    let f = std::fs::File::open(&own).map_err(|e| Error::io("open", path, e))?;
+    Ok(tokio::fs::File::from_std(f))
 }
 
 fn fd_of(file: &std::fs::File) -> i32 {
@@ -164,9 +260,7 @@ pub(super) struct LiveFile {
 
 impl Write for LiveFile {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        let n = (&self.mirror.file).write(buf)?;
-        self.mirror.written.fetch_add(n as u64, Ordering::SeqCst);
-        Ok(n)
+        self.mirror.write(buf)
     }
     fn flush(&mut self) -> std::io::Result<()> {
         Ok(())
@@ -182,7 +276,14 @@ impl Drop for LiveFile {
                 m.remove(&self.key);
             }
         }
-        let _ = std::fs::remove_file(&self.mirror.path);
+        // A file never made is never removed (nor made later).
+        let made = self.mirror.lock().map_or(true, |mut h| {
+            h.closed = true;
+            h.file.is_some()
+        });
+        if made {
+            let _ = std::fs::remove_file(&self.mirror.path);
+        }
     }
 }
 
@@ -200,9 +301,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let blobs = DirStore::open(dir.path().join("blobs")).await.unwrap();
         let mirrors = Mirrors::default();
-        let mut sink = mirrors
-            .create(dir.path(), &T, OutputStream::Stdout)
-            .unwrap();
+        let mut sink = mirrors.create(dir.path(), &T, OutputStream::Stdout);
         let data: Vec<u8> = (0..600_000u32).map(|i| (i % 251) as u8).collect();
         // The mirror got only part of what the reader yields (a write to it failed
         // at byte 300,000, in the middle of the reader's second chunk).
@@ -229,13 +328,11 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let blobs = DirStore::open(dir.path().join("blobs")).await.unwrap();
         let mirrors = Mirrors::default();
-        let mut sink = mirrors
-            .create(dir.path(), &T, OutputStream::Stderr)
-            .unwrap();
+        let mut sink = mirrors.create(dir.path(), &T, OutputStream::Stderr);
         let path = dir.path().join("7.2.stderr");
-        assert!(path.exists());
         let data = vec![9u8; 40_000];
         sink.write_all(&data).unwrap();
+        assert!(path.exists(), "made once past HOLD_BYTES");
         // Not the stream it mirrors: nothing to keep, nothing read.
         assert!(
             mirrors
@@ -254,5 +351,34 @@ mod tests {
         assert!(!path.exists());
         assert!(mirrors.get(&T, OutputStream::Stderr).is_none());
         assert_eq!(std::fs::read(blobs.path_of(&info.hash)).unwrap(), data);
+    }
+
+    #[tokio::test]
+    async fn a_short_small_output_makes_no_file_and_a_longer_run_makes_it_with_what_was_held() {
+        let dir = tempfile::tempdir().unwrap();
+        let mirrors = Mirrors::default();
+        let path = dir.path().join("7.2.stdout");
+        // Ended within HOLD_FOR, having written a little: no file, then or later.
+        let mut quick = mirrors.create(dir.path(), &T, OutputStream::Stdout);
+        quick.write_all(b"done\n").unwrap();
+        assert!(!path.exists());
+        drop(quick);
+        tokio::time::sleep(HOLD_FOR * 2).await;
+        assert!(!path.exists(), "never made");
+        // Still running after HOLD_FOR: made with what was held, then appended to.
+        let t = ClaimToken { id: 7, token: 3 };
+        let path = dir.path().join("7.3.stdout");
+        let mut slow = mirrors.create(dir.path(), &t, OutputStream::Stdout);
+        slow.write_all(b"starting\n").unwrap();
+        tokio::time::sleep(HOLD_FOR * 2).await;
+        assert_eq!(
+            std::fs::read(&path).unwrap(),
+            b"starting\n",
+            "made by the timer"
+        );
+        slow.write_all(b"more\n").unwrap();
+        assert_eq!(std::fs::read(&path).unwrap(), b"starting\nmore\n");
+        drop(slow);
+        assert!(!path.exists(), "removed with its sink");
     }
 }

@@ -268,13 +268,7 @@ impl WorkerPort for LocalPort {
 
     fn live(&self, t: &ClaimToken, stream: OutputStream) -> Option<LiveSink> {
         let dir = self.live_dir.as_ref()?;
-        match self.mirrors.create(dir, t, stream) {
-            Ok(file) => Some(Box::new(file)),
-            Err(e) => {
-                tracing::warn!("live output of {} in {}: {e}", t.id, dir.display());
-                None
-            }
-        }
+        Some(Box::new(self.mirrors.create(dir, t, stream)))
     }
 
     async fn idle(&self, resources: &Resources) -> Result<bool> {

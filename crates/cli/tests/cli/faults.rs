@@ -392,12 +392,16 @@ fn gc_removes_what_killed_processes_left_behind() {
     let (_, _) = env.add("touch started; sleep 60");
     let worker = env.spawn(&["run"]);
     env.wait_file("started");
-    let running: Vec<_> = std::fs::read_dir(&live)
-        .unwrap()
-        .flatten()
-        .map(|e| e.path())
-        .filter(|p| p.to_string_lossy().ends_with(".stdout") && **p != ended_out)
-        .collect();
+    // Its live file is made once it has run for a moment (50 ms), output or not.
+    let running = wait_until("the running attempt's live file", || {
+        let files: Vec<_> = std::fs::read_dir(&live)
+            .unwrap()
+            .flatten()
+            .map(|e| e.path())
+            .filter(|p| p.to_string_lossy().ends_with(".stdout") && **p != ended_out)
+            .collect();
+        (!files.is_empty()).then_some(files)
+    });
     assert_eq!(running.len(), 1, "{running:?}");
     age(&running[0]);
     let dry = env.ok(&["gc", "--dry-run", "--grace", "60"]);
