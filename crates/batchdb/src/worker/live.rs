@@ -70,7 +70,11 @@ impl Mirror {
         }
         if h.file.is_none() {
             let mut f = std::fs::File::create(&self.path)?;
-            f.write_all(&h.bytes)?;
+            if let Err(e) = f.write_all(&h.bytes) {
+                // Not left half written: the next try makes it anew.
+                let _ = std::fs::remove_file(&self.path);
+                return Err(e);
+            }
             self.written
                 .fetch_add(h.bytes.len() as u64, Ordering::SeqCst);
             h.bytes = Vec::new();
