@@ -207,11 +207,12 @@ impl DirStore {
                         return Ok(true);
                     }
                 }
-                // Another file system, or no /proc: this file cannot become a blob.
-                Err(e) if matches!(e.raw_os_error(), Some(libc::EXDEV | libc::ENOENT)) => {
+                // Another file system, no /proc, a file system without hard links:
+                // this file cannot become a blob, and its caller copies it instead.
+                Err(e) => {
+                    tracing::debug!("not linked as {}: {e}", dest.display());
                     return Ok(false);
                 }
-                Err(e) => return Err(Error::io("link into place", &dest, e)),
             }
         }
         Ok(false)

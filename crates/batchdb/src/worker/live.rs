@@ -69,7 +69,13 @@ impl Mirror {
             return Err(std::io::Error::other("live file closed"));
         }
         if h.file.is_none() {
-            let mut f = std::fs::File::create(&self.path)?;
+            // Readable too: if it cannot be kept as the blob, it is read back.
+            let mut f = std::fs::File::options()
+                .read(true)
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .open(&self.path)?;
             if let Err(e) = f.write_all(&h.bytes) {
                 // Not left half written: the next try makes it anew.
                 let _ = std::fs::remove_file(&self.path);
@@ -214,7 +220,7 @@ async fn keep(
         if written < before + n as u64 {
             // `written >= before`: the bytes up to this chunk were all checked.
             let missed = usize::try_from(written - before).unwrap_or(0);
-            let held = reopen(file, &mirror.path)?.take(written);
+            let held = reopen(file, &mirror.path).await?.take(written);
             let mut rest = held
                 .chain(std::io::Cursor::new(buf[missed..n].to_vec()))
                 .chain(reader);
@@ -234,7 +240,7 @@ async fn keep(
         return Ok(info);
     }
     // Another file system: copy the file.
-    let stored = blobs.put(&mut reopen(file, &mirror.path)?).await?;
+    let stored = blobs.put(&mut reopen(file, &mirror.path).await?).await?;
     if stored != info {
         let e = std::io::Error::other("changed after its output ended");
         return Err(Error::io("copy", &mirror.path, e));
@@ -242,17 +248,17 @@ async fn keep(
     Ok(stored)
 }
 
-/// Live file `file` (named `path`) opened anew: its own offset, at the start, even if
-/// its name is gone.
-fn reopen(file: &std::fs::File, path: &std::path::Path) -> Result<tokio::fs::File> {
-    let own = PathBuf::from(format!("/proc/self/fd/{}", fd_of(file)));
-    let f = std::fs::File::open(&own).map_err(|e| Error::io("open", path, e))?;
-    Ok(tokio::fs::File::from_std(f))
-}
-
-fn fd_of(file: &std::fs::File) -> i32 {
-    use std::os::fd::AsRawFd;
-    file.as_raw_fd()
+/// Live file `file` (named `path`) to be read from its start, even if its name is
+/// gone: another handle on it, at offset 0 (the offset is shared with the sink's,
+/// which writes nothing more: its stream ended, or a write failed and dropped it).
+async fn reopen(file: &std::fs::File, path: &std::path::Path) -> Result<tokio::fs::File> {
+    use tokio::io::AsyncSeekExt;
+    let f = file.try_clone().map_err(|e| Error::io("open", path, e))?;
+    let mut f = tokio::fs::File::from_std(f);
+    f.seek(std::io::SeekFrom::Start(0))
+        .await
+        .map_err(|e| Error::io("seek", path, e))?;
+    Ok(f)
 }
 
 /// A live output file, removed when dropped.
