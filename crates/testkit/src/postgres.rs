@@ -280,6 +280,14 @@ impl Postgres {
         );
         String::from_utf8_lossy(&out.stdout).into_owned()
     }
+
+    /// The one integer `sql` (a `count(*)`, say) selects on database `db`.
+    pub fn count(&self, db: &str, sql: &str) -> i64 {
+        let out = self.sql(db, sql);
+        out.lines()
+            .find_map(|l| l.trim().parse().ok())
+            .unwrap_or_else(|| panic!("no integer in {out:?}"))
+    }
 }
 
 impl Drop for Postgres {

@@ -30,11 +30,11 @@ const CHUNK: usize = 256 * 1024;
 
 /// Output held in memory before its live file is made (an output this small is kept
 /// inline in the queue anyway).
-pub(super) const HOLD_BYTES: usize = crate::INLINE_MAX;
+const HOLD_BYTES: usize = crate::INLINE_MAX;
 
 /// How long after an attempt starts its live files are made, whatever it wrote: the
 /// longest a live reader waits for bytes it could have read from a file.
-pub(super) const HOLD_FOR: Duration = Duration::from_millis(50);
+const HOLD_FOR: Duration = Duration::from_millis(50);
 
 /// One live file, shared by the sink that writes it and the port that may keep it.
 #[derive(Debug)]
@@ -305,12 +305,17 @@ mod tests {
 
     const T: ClaimToken = ClaimToken { id: 7, token: 2 };
 
+    /// A directory holding a blob store (`blobs/`) and the live files, and no mirrors.
+    async fn fixture() -> (tempfile::TempDir, DirStore, Mirrors) {
+        let dir = tempfile::tempdir().unwrap();
+        let blobs = DirStore::open(dir.path().join("blobs")).await.unwrap();
+        (dir, blobs, Mirrors::default())
+    }
+
     #[tokio::test]
     async fn a_live_file_that_missed_bytes_is_not_kept_but_the_output_is_stored_whole() {
         use std::os::unix::fs::MetadataExt;
-        let dir = tempfile::tempdir().unwrap();
-        let blobs = DirStore::open(dir.path().join("blobs")).await.unwrap();
-        let mirrors = Mirrors::default();
+        let (dir, blobs, mirrors) = fixture().await;
         let mut sink = mirrors.create(dir.path(), &T, OutputStream::Stdout);
         let data: Vec<u8> = (0..600_000u32).map(|i| (i % 251) as u8).collect();
         // The mirror got only part of what the reader yields (a write to it failed
@@ -335,9 +340,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_whole_live_file_is_kept_and_its_name_goes_with_its_sink() {
-        let dir = tempfile::tempdir().unwrap();
-        let blobs = DirStore::open(dir.path().join("blobs")).await.unwrap();
-        let mirrors = Mirrors::default();
+        let (dir, blobs, mirrors) = fixture().await;
         let mut sink = mirrors.create(dir.path(), &T, OutputStream::Stderr);
         let path = dir.path().join("7.2.stderr");
         let data = vec![9u8; 40_000];

@@ -128,12 +128,8 @@ impl Backend {
                 #[cfg(feature = "postgres")]
                 {
                     let name = db.rsplit('/').next().expect("database name");
-                    let out = batchdb_testkit::postgres::shared()
-                        .sql(name, &format!("SET search_path TO batchdb; {sql}"));
-                    return out
-                        .lines()
-                        .find_map(|l| l.trim().parse().ok())
-                        .unwrap_or_else(|| panic!("no integer in {out:?}"));
+                    return batchdb_testkit::postgres::shared()
+                        .count(name, &format!("SET search_path TO batchdb; {sql}"));
                 }
             }
             rusqlite::Connection::open(&db)

@@ -20,6 +20,13 @@ const APPEND_EVENTS: &str = "WITH c AS (UPDATE counters SET value = value + $1
                           $7::TEXT[]) WITH ORDINALITY AS u(time, kind, job, created, instance,
                                                            data, ord)";
 
+/// The end of a transaction that appends no events: the change announced on channel
+/// `$1` if `$2`, the commit made lazy ([`LAZY`]) if `$3`.
+const END_MARKS: &str = "SELECT CASE WHEN $2 THEN pg_notify($1, '') END,
+       set_config('synchronous_commit',
+                  CASE WHEN $3 THEN 'off' ELSE current_setting('synchronous_commit') END,
+                  true)";
+
 /// Makes the commit of the transaction it runs in return without waiting for the WAL
 /// flush: `SET LOCAL synchronous_commit = off` as an expression, so that it rides
 /// along with a statement the transaction sends anyway.
@@ -116,13 +123,9 @@ impl Tx {
             ];
             tokio::try_join!(c.execute(&stmt, &args), c.batch_execute("COMMIT"))?;
         } else if changed || lazy {
-            let sql = match (changed, lazy) {
-                (true, true) => format!("SELECT pg_notify($1, ''), {LAZY}"),
-                (true, false) => "SELECT pg_notify($1, '')".to_string(),
-                _ => format!("SELECT $1::TEXT, {LAZY}"),
-            };
-            let stmt = c.prepare_cached(&sql).await?;
-            tokio::try_join!(c.execute(&stmt, &[&CHANNEL]), c.batch_execute("COMMIT"))?;
+            let stmt = c.prepare_cached(END_MARKS).await?;
+            let args: [&(dyn ToSql + Sync); 3] = [&CHANNEL, &changed, &lazy];
+            tokio::try_join!(c.execute(&stmt, &args), c.batch_execute("COMMIT"))?;
         } else {
             c.batch_execute("COMMIT").await?;
         }
