@@ -239,7 +239,7 @@ async fn keep(
     if blobs.adopt(file, info).await? {
         return Ok(info);
     }
-    // Another file system: copy the file.
+    // Not linked (another file system, or one without hard links): copy the file.
     let stored = blobs.put(&mut reopen(file, &mirror.path).await?).await?;
     if stored != info {
         let e = std::io::Error::other("changed after its output ended");
