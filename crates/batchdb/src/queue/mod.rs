@@ -120,6 +120,19 @@ pub trait Queue: Send + Sync + fmt::Debug {
     /// longer current.
     async fn finish(&self, claim: &ClaimToken, outcome: &Outcome) -> Result<Finished>;
 
+    /// Ends the current attempt as [`finish`](Self::finish) does and then, in the same
+    /// transaction (one commit, as durable as the finish), claims as
+    /// [`claim`](Self::claim) does with `next`: a worker whose slot just freed takes
+    /// its next instance without a transaction of its own. The claim sees the outcome
+    /// (an instance it released from waiting may be among those claimed). Fails as
+    /// `finish` fails, and then claims nothing.
+    async fn finish_and_claim(
+        &self,
+        claim: &ClaimToken,
+        outcome: &Outcome,
+        next: &ClaimRequest,
+    ) -> Result<(Finished, Vec<Claim>)>;
+
     /// Cancels the instances `sel` names: pending ones end as `cancelled` at once,
     /// running ones are flagged so their worker kills them at its next heartbeat.
     async fn cancel(&self, sel: &Selector) -> Result<Vec<Instance>>;

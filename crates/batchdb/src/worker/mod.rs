@@ -254,6 +254,7 @@ impl Worker {
         req.cache_all = this.opts.cache_all;
         req.resources = this.opts.resources.clone();
         req.reserve_after = this.opts.reserve_after;
+        let req = Arc::new(req);
         let mut announce = Instant::now();
         loop {
             while tasks.try_join_next().is_some() {}
@@ -268,17 +269,17 @@ impl Worker {
             let free = slots - tasks.len();
             let mut claimed_any = false;
             if free > 0 {
-                let req = ClaimRequest {
+                let ask = ClaimRequest {
                     limit: free,
                     free: this.free_now(),
-                    ..req.clone()
+                    ..(*req).clone()
                 };
-                match this.port.claim(&req).await {
+                match this.port.claim(&ask).await {
                     Ok(claims) => {
                         db_errors = 0;
                         for claim in claims {
                             claimed_any = true;
-                            this.start(claim, &mut tasks, reports.as_ref()).await;
+                            this.start(claim, &req, &mut tasks, reports.as_ref()).await;
                         }
                     }
                     Err(e @ Error::Protocol { .. }) => {
@@ -335,17 +336,32 @@ impl Worker {
         }
     }
 
-    /// Starts claim `claim` in `tasks` (or reports its cache hit).
+    /// Starts claim `claim` in a slot of its own in `tasks` (or reports its cache hit).
     async fn start(
         self: &Arc<Self>,
         claim: Claim,
+        req: &Arc<ClaimRequest>,
         tasks: &mut JoinSet<()>,
         reports: Option<&mpsc::UnboundedSender<Report>>,
     ) {
+        let Some(claim) = self.admit(claim, reports).await else {
+            return;
+        };
+        let (w, req, r) = (self.clone(), req.clone(), reports.cloned());
+        tasks.spawn(async move { w.run_slot(claim, &req, r.as_ref()).await });
+    }
+
+    /// Takes `claim` on: holds what it was assigned, reports it if the result cache
+    /// served it (`None`: nothing to run), stops what its lost attempt left running.
+    async fn admit(
+        &self,
+        claim: Claim,
+        reports: Option<&mpsc::UnboundedSender<Report>>,
+    ) -> Option<Claim> {
         self.hold(&claim.assigned, true);
         if let Some(hit) = claim.cache_hit.clone() {
             send(reports, &claim, hit, Some(Finished::Result));
-            return;
+            return None;
         }
         if let Some(lost) = claim.lost.clone() {
             // Whatever the lost attempt left running here must stop before the
@@ -358,23 +374,49 @@ impl Worker {
             })
             .await;
         }
-        let (w, r) = (self.clone(), reports.cloned());
-        tasks.spawn(async move { w.run_one(claim, r).await });
+        Some(claim)
     }
 
-    async fn run_one(
-        self: Arc<Self>,
+    /// Runs one slot: `claim`, then what each finish claimed next for the slot in its
+    /// own transaction ([`WorkerPort::finish_and_claim`]), until one claims nothing.
+    async fn run_slot(
+        &self,
         claim: Claim,
-        reports: Option<mpsc::UnboundedSender<Report>>,
+        req: &ClaimRequest,
+        reports: Option<&mpsc::UnboundedSender<Report>>,
     ) {
-        let t = claim.token;
-        let (report, outcome) = self.execute(&claim).await;
-        let finished = match outcome {
-            None => None,
-            Some(outcome) => self.finish_with_retry(&t, &outcome).await,
-        };
-        self.hold(&claim.assigned, false);
-        send(reports.as_ref(), &claim, report, finished);
+        let mut queue = std::collections::VecDeque::from([claim]);
+        while let Some(claim) = queue.pop_front() {
+            let t = claim.token;
+            let (report, outcome) = self.execute(&claim).await;
+            let (finished, next) = match outcome {
+                None => (None, Vec::new()),
+                Some(outcome) => {
+                    let next = self.next_request(req);
+                    self.finish_with_retry(&t, &outcome, next.as_ref()).await
+                }
+            };
+            self.hold(&claim.assigned, false);
+            send(reports, &claim, report, finished);
+            for c in next {
+                if let Some(c) = self.admit(c, reports).await {
+                    queue.push_back(c);
+                }
+            }
+        }
+    }
+
+    /// What a finish claims for its slot: one instance, unless the worker is
+    /// stopping, or has resources to share out (the loop claims for those, so that
+    /// two claims never count on the same free units).
+    fn next_request(&self, req: &ClaimRequest) -> Option<ClaimRequest> {
+        if self.shutdown.level() >= 1 || !self.opts.resources.is_empty() {
+            return None;
+        }
+        Some(ClaimRequest {
+            limit: 1,
+            ..req.clone()
+        })
     }
 
     /// Whether nothing is running and nothing pending that this worker could ever run
@@ -424,22 +466,33 @@ impl Worker {
     /// Records the outcome, retrying while the queue is unreachable. Gives up when
     /// fenced (another worker owns the instance now) or when the lease has surely
     /// expired (the instance will be taken over and run again).
-    async fn finish_with_retry(&self, t: &ClaimToken, outcome: &Outcome) -> Option<Finished> {
+    /// With `next`, the first try also claims for the slot
+    /// ([`WorkerPort::finish_and_claim`]); a retry only finishes.
+    async fn finish_with_retry(
+        &self,
+        t: &ClaimToken,
+        outcome: &Outcome,
+        mut next: Option<&ClaimRequest>,
+    ) -> (Option<Finished>, Vec<Claim>) {
         let give_up = Instant::now() + self.opts.lease;
         let mut n = 0;
         loop {
-            match self.port.finish(t, outcome).await {
-                Ok(f) => return Some(f),
+            let tried = match next.take() {
+                Some(req) => self.port.finish_and_claim(t, outcome, req).await,
+                None => self.port.finish(t, outcome).await.map(|f| (f, Vec::new())),
+            };
+            match tried {
+                Ok((f, claims)) => return (Some(f), claims),
                 Err(e @ Error::Fenced { .. }) => {
                     if n > 0 {
                         // An earlier try may have committed with its reply lost (the
                         // connection dropped): then the outcome is already recorded.
                         if let Some(done) = self.recorded(t).await {
-                            return Some(done);
+                            return (Some(done), Vec::new());
                         }
                     }
                     tracing::warn!("{e}: result discarded");
-                    return None;
+                    return (None, Vec::new());
                 }
                 Err(e) if Instant::now() < give_up => {
                     n += 1;
@@ -455,7 +508,7 @@ impl Worker {
                         "recording instance {} failed ({e}); giving up, its lease will expire",
                         t.id
                     );
-                    return None;
+                    return (None, Vec::new());
                 }
             }
         }

@@ -82,6 +82,23 @@ pub trait WorkerPort: Send + Sync + fmt::Debug {
     /// See [`Queue::finish`].
     async fn finish(&self, t: &ClaimToken, outcome: &Outcome) -> Result<Finished>;
 
+    /// See [`Queue::finish_and_claim`]. The default finishes, then claims in a call of
+    /// its own; a failure of that claim is logged and claims nothing (the worker's
+    /// loop claims for the slot instead), so the outcome is never lost to it.
+    async fn finish_and_claim(
+        &self,
+        t: &ClaimToken,
+        outcome: &Outcome,
+        next: &ClaimRequest,
+    ) -> Result<(Finished, Vec<Claim>)> {
+        let finished = self.finish(t, outcome).await?;
+        let claims = self.claim(next).await.unwrap_or_else(|e| {
+            tracing::debug!("claiming after instance {} failed: {e}", t.id);
+            Vec::new()
+        });
+        Ok((finished, claims))
+    }
+
     /// What attempt `t` recorded, if it has ended (for a finish whose reply was lost:
     /// its retry is fenced, and this says whether the first try committed).
     async fn recorded(&self, t: &ClaimToken) -> Result<Option<Finished>>;
@@ -203,6 +220,15 @@ impl WorkerPort for LocalPort {
 
     async fn finish(&self, t: &ClaimToken, outcome: &Outcome) -> Result<Finished> {
         self.queue.finish(t, outcome).await
+    }
+
+    async fn finish_and_claim(
+        &self,
+        t: &ClaimToken,
+        outcome: &Outcome,
+        next: &ClaimRequest,
+    ) -> Result<(Finished, Vec<Claim>)> {
+        self.queue.finish_and_claim(t, outcome, next).await
     }
 
     async fn recorded(&self, t: &ClaimToken) -> Result<Option<Finished>> {

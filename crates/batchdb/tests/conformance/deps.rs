@@ -5,10 +5,11 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use batchdb::Hash;
 use batchdb::queue::{
-    AttemptReport, CacheSpec, Dependency, Instance, Outcome, PushOptions, Selector, State,
+    AttemptReport, CacheSpec, Dependency, EventKind, Finished, Instance, Outcome, PushOptions,
+    Selector, State,
 };
+use batchdb::{Error, Hash};
 
 use crate::Backend;
 use crate::util::{job, now_ms, req};
@@ -502,4 +503,56 @@ pub async fn wait_follows_the_log_from_another_handle(b: &Backend) {
         .wait(&[Selector::Batch("none".into())], None, |_| {})
         .await;
     assert!(none.is_err(), "a selector naming nothing");
+}
+
+/// `finish_and_claim`: the outcome and the slot's next claim commit together, the
+/// claim sees what the finish released from waiting, and a fenced finish claims
+/// nothing.
+pub async fn a_finish_claims_the_next_instance_in_its_own_transaction(b: &Backend) {
+    let a = b.queue.add(&job(1), &PushOptions::default()).await.unwrap();
+    let opts = after(&[id(&a)], false, None);
+    let r = b.queue.add(&job(2), &opts).await.unwrap();
+    let c = b.queue.claim(&req("w", 10, LONG)).await.unwrap();
+    assert_eq!(c.len(), 1, "the dependent waits");
+    let (finished, next) = b
+        .queue
+        .finish_and_claim(&c[0].token, &ended(1, true), &req("w", 1, LONG))
+        .await
+        .unwrap();
+    assert_eq!(finished, Finished::Result);
+    assert_eq!(next.len(), 1);
+    assert_eq!(
+        next[0].token.id, r.id,
+        "released by the finish and claimed by it"
+    );
+    assert_eq!(state(b, a.id).await, State::Result);
+    assert_eq!(state(b, r.id).await, State::Running);
+    let log = b.queue.events(0, 100).await.unwrap();
+    let at = |i: i64, k: EventKind| {
+        log.iter()
+            .position(|e| e.instance == Some(i) && e.event == k)
+            .unwrap_or_else(|| panic!("{k:?} of {i} in {log:?}"))
+    };
+    assert!(at(a.id, EventKind::Result) < at(r.id, EventKind::Start));
+
+    let x = b.queue.add(&job(3), &PushOptions::default()).await.unwrap();
+    let e = b
+        .queue
+        .finish_and_claim(&c[0].token, &ended(1, true), &req("w", 1, LONG))
+        .await
+        .unwrap_err();
+    assert!(matches!(e, Error::Fenced { .. }), "{e}");
+    assert_eq!(
+        state(b, x.id).await,
+        State::Pending,
+        "a fenced finish claims nothing"
+    );
+    let (_, none) = b
+        .queue
+        .finish_and_claim(&next[0].token, &ended(2, true), &req("w", 0, LONG))
+        .await
+        .unwrap();
+    assert!(none.is_empty());
+    assert_eq!(state(b, r.id).await, State::Result);
+    assert_eq!(state(b, x.id).await, State::Pending);
 }

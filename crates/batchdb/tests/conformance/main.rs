@@ -72,6 +72,7 @@ macro_rules! suite {
                     the_cache_key_covers_the_dependency_results,
                     batches_count_and_select_their_instances,
                     wait_follows_the_log_from_another_handle,
+                    a_finish_claims_the_next_instance_in_its_own_transaction,
                 ]);
                 suite!(@tests $backend, prune: [
                     prune_removes_ended_instances_before_the_cutoff_and_keeps_the_rest,

@@ -288,6 +288,22 @@ impl Queue for PgQueue {
         in_tx!(self, |tx| { write::finish(tx, claim, outcome).await })
     }
 
+    async fn finish_and_claim(
+        &self,
+        claim: &ClaimToken,
+        outcome: &Outcome,
+        next: &ClaimRequest,
+    ) -> Result<(Finished, Vec<Claim>)> {
+        in_tx!(self, |tx| {
+            let finished = write::finish(tx, claim, outcome).await?;
+            if next.limit == 0 {
+                return Ok((finished, Vec::new()));
+            }
+            let (claims, _) = claim::claim(tx, next).await?;
+            Ok((finished, claims))
+        })
+    }
+
     async fn cancel(&self, sel: &Selector) -> Result<Vec<Instance>> {
         in_tx!(self, |tx| { write::cancel(tx, sel).await })
     }

@@ -334,6 +334,26 @@ impl Queue for SqliteQueue {
         .await
     }
 
+    async fn finish_and_claim(
+        &self,
+        claim: &ClaimToken,
+        outcome: &Outcome,
+        next: &ClaimRequest,
+    ) -> Result<(Finished, Vec<Claim>)> {
+        let (t, outcome, next) = (*claim, outcome.clone(), next.clone());
+        self.write(move |tx| {
+            exec::run(tx, |mut l| async move {
+                let finished = write::finish(&mut l, &t, &outcome).await?;
+                if next.limit == 0 {
+                    return Ok((finished, Vec::new()));
+                }
+                let (claims, _) = claim::claim(&mut l, &next).await?;
+                Ok((finished, claims))
+            })
+        })
+        .await
+    }
+
     async fn cancel(&self, sel: &Selector) -> Result<Vec<Instance>> {
         let sel = sel.clone();
         self.write(move |tx| {
