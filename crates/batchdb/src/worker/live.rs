@@ -2,10 +2,11 @@
 //!
 //! While an attempt runs, [`LocalPort`](super::LocalPort) mirrors each output stream
 //! into a file in its live directory (`<instance>.<attempt>.stdout`) for `logs -f`
-//! and the dashboard. The file is made once the attempt has run for [`HOLD_FOR`] or
-//! written more than [`HOLD_BYTES`] to the stream; until then the bytes are held in
-//! memory, so a short job with a small output makes no file at all (a reader finds
-//! no file, which reads as no output yet). When the stream ends, the file holds every
+//! and the dashboard. The file is made once the attempt has run for [`HOLD_FOR`] and
+//! written to the stream, or written more than [`HOLD_BYTES`] to it; until then the
+//! bytes are held in memory, so a short job with a small output, or a stream that
+//! stays quiet, makes no file at all (a reader finds no file, which reads as no
+//! output yet). When the stream ends, the file holds every
 //! byte of the output: if the blob store can keep a local file
 //! ([`BlobStore::adopt`]), the output is hashed as it passes and the file is linked
 //! in as the blob, so its bytes are written once, not twice.
@@ -106,10 +107,14 @@ impl Mirror {
         Ok(n)
     }
 
-    /// [`HOLD_FOR`] has passed: the file is made now, with what was held.
+    /// [`HOLD_FOR`] has passed: the file is made now, with what was held; if nothing
+    /// was, at the first write (a quiet stream, like most jobs' stderr, makes none).
     fn due(&self) {
         let Ok(mut h) = self.lock() else { return };
         h.due = true;
+        if h.bytes.is_empty() {
+            return;
+        }
         if let Err(e) = self.make(&mut h) {
             if !h.closed {
                 tracing::warn!("live output {}: {e}", self.path.display());
@@ -392,6 +397,21 @@ mod tests {
         slow.write_all(b"more\n").unwrap();
         assert_eq!(std::fs::read(&path).unwrap(), b"starting\nmore\n");
         drop(slow);
+        assert!(!path.exists(), "removed with its sink");
+    }
+
+    #[tokio::test]
+    async fn a_quiet_stream_makes_no_file_until_its_first_write_after_the_hold() {
+        let dir = tempfile::tempdir().unwrap();
+        let mirrors = Mirrors::default();
+        let path = dir.path().join("7.2.stderr");
+        let mut quiet = mirrors.create(dir.path(), &T, OutputStream::Stderr);
+        tokio::time::sleep(HOLD_FOR * 2).await;
+        assert!(!path.exists(), "nothing to show: no file");
+        // The hold is over: the first bytes go straight to a new file.
+        quiet.write_all(b"late\n").unwrap();
+        assert_eq!(std::fs::read(&path).unwrap(), b"late\n");
+        drop(quiet);
         assert!(!path.exists(), "removed with its sink");
     }
 }

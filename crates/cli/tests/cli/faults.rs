@@ -388,11 +388,11 @@ fn gc_removes_what_killed_processes_left_behind() {
     for p in [&old_part, &ended_out, &other] {
         age(p);
     }
-    // A running attempt's live output stays, however quiet the job has been.
-    let (_, _) = env.add("touch started; sleep 60");
+    // A running attempt's live output stays, however long since it last wrote.
+    let (_, _) = env.add("echo started; touch started; sleep 60");
     let worker = env.spawn(&["run"]);
     env.wait_file("started");
-    // Its live file is made once it has run for a moment (50 ms), output or not.
+    // Its live file is made once it has run for a moment (50 ms) with output held.
     let running = wait_until("the running attempt's live file", || {
         let files: Vec<_> = std::fs::read_dir(&live)
             .unwrap()
