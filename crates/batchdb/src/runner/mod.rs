@@ -24,11 +24,13 @@ mod cgroup;
 mod func;
 mod leader;
 mod limits;
+mod orphans;
 mod spawn;
 mod sweep;
 
 pub use func::{Duplex, FnRunner};
 pub use limits::{Enforcer, LimitMode, size as format_size};
+pub use orphans::adopt_orphans;
 pub use sweep::ATTEMPT_ID_VAR;
 
 use crate::queue::{LostAttempt, Usage};

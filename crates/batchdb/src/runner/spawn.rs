@@ -59,7 +59,12 @@ pub(crate) fn on_spawner_thread<T: Send + 'static>(
             let (tx, rx) = std::sync::mpsc::channel::<Job>();
             std::thread::Builder::new()
                 .name("batchdb-spawner".into())
-                .spawn(move || rx.into_iter().for_each(|job| job()))
+                .spawn(move || {
+                    super::orphans::spawner_started();
+                    for job in rx {
+                        job();
+                    }
+                })
                 .ok()
                 .map(|_| tx)
         })

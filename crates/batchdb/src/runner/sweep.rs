@@ -263,7 +263,15 @@ fn reapers(buf: &mut Vec<u8>) -> Vec<i32> {
 /// nearest subreaper above the worker, or init: one of [`reapers`]. So a walk that
 /// ends at any other older process (another worker's job, that worker) proves the
 /// process is not the attempt's, and its environment is not read.
+///
+/// In a process that adopts its jobs' orphans ([`super::adopt_orphans`]) and has no
+/// adopted child alive, nothing is left of any job, and no other process is read.
 pub(crate) fn any_left(pgid: i32, mark: &Mark<'_>, recent: bool) -> bool {
+    // In a process that adopts orphans, all that is left of any of its jobs hangs
+    // from an adopted child: with none alive, nothing is left (see `orphans`).
+    if super::orphans::adopted().is_some_and(|alive| alive.is_empty()) {
+        return false;
+    }
     let mut buf = Vec::with_capacity(512);
     let Some(leader) = Stat::of(pgid, &mut buf) else {
         // The leader is kept unreaped until the attempt settles; if its stat cannot

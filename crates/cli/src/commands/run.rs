@@ -82,6 +82,13 @@ fn worker_setup(r: &RunArgs) -> Result<(Arc<ShellRunner>, WorkerOptions)> {
         tracing::warn!("limits: {enforcer}");
     }
     let runner = Arc::new(ShellRunner::new(&r.shell)?.with_limits(enforcer));
+    // This process starts no children but jobs: it adopts what they leave running,
+    // so the look for leftovers at each job's end reads its own children only.
+    if let Err(e) = batchdb::runner::adopt_orphans() {
+        tracing::warn!(
+            "not adopting jobs' orphans ({e}): leftovers are looked for among all processes"
+        );
+    }
     if r.jobs == 0 {
         return Err(Error::Config {
             what: "jobs",

@@ -417,3 +417,42 @@ fn second_sigterm_kills_the_job_and_returns_it_to_pending() {
     );
     assert_eq!(env.list("result").len(), 1);
 }
+
+/// Field `n` (1-based, after the command name) of `/proc/<pid>/stat`; `None` once
+/// the process is gone.
+fn stat_field(pid: i64, n: usize) -> Option<String> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let rest = stat.rsplit_once(')')?.1;
+    rest.split_whitespace().nth(n - 3).map(String::from)
+}
+
+/// `run` adopts what its jobs leave running (it is a child subreaper): a leftover in
+/// a session of its own hangs from the worker rather than from init, is killed after
+/// the kill grace as before, and is reaped by the worker at the next job's end, so it
+/// does not linger as a zombie.
+#[test]
+fn a_leftover_is_adopted_by_the_worker_killed_after_the_grace_and_reaped() {
+    let env = Env::new();
+    let n = unique();
+    env.add(&format!(
+        "setsid sleep 300.{n} </dev/null >/dev/null 2>&1 & p=$!; \
+         until [ \"$(cut -d' ' -f6 /proc/$p/stat)\" = \"$p\" ]; do sleep 0.01; done; \
+         echo $p > leftover"
+    ));
+    let mut worker = env.spawn(&["run", "--kill-grace", "1"]);
+    let pid = env.wait_pid("leftover");
+    let parent = wait_until("the leftover's parent to be the worker", || {
+        stat_field(pid, 4).filter(|p| *p == worker.pid().to_string())
+    });
+    assert_eq!(parent, worker.pid().to_string());
+    wait_until("the leftover killed after the grace", || {
+        (stat_field(pid, 3).is_none_or(|s| s == "Z")).then_some(())
+    });
+    env.add("touch next.done");
+    env.wait_file("next.done");
+    wait_until("the killed leftover reaped", || {
+        stat_field(pid, 3).is_none().then_some(())
+    });
+    worker.signal("TERM");
+    assert!(worker.wait().success());
+}
