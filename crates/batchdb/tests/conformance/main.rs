@@ -78,6 +78,7 @@ macro_rules! suite {
                     prune_removes_ended_instances_before_the_cutoff_and_keeps_the_rest,
                     prune_keeps_what_a_kept_instance_depends_on_then_removes_the_chain,
                     prune_removes_the_cache_entries_and_inline_outputs_only_it_referenced,
+                    the_first_good_result_of_a_payload_stays_cached_until_pruned,
                 ]);
                 suite!(@tests $backend, recent: [
                     recent_pages_go_newest_first_and_page_by_id,

@@ -205,3 +205,49 @@ pub async fn prune_removes_the_cache_entries_and_inline_outputs_only_it_referenc
     let mine = c.iter().find(|c| c.token.id == again.id).expect("claimed");
     assert!(mine.cache_hit.is_none(), "no entry left to serve it");
 }
+
+/// The result cache keeps the first good result of a key: later results of the same
+/// payload leave the entry alone (filling it takes no lock that finishes of one payload
+/// would queue for), and once a prune removes the result it names, the next good
+/// result fills it again.
+pub async fn the_first_good_result_of_a_payload_stays_cached_until_pruned(b: &Backend) {
+    let spec = CacheSpec::new("shell:sh", None);
+    let none = Default::default();
+    let key = batchdb::queue::cache_key(&job(1).hash, &spec.runner, None, None, &none);
+    let good = |n: u64| {
+        let Outcome::Success(mut r) = ended(n, true) else {
+            unreachable!()
+        };
+        r.cache_key = Some(key);
+        Outcome::Success(r)
+    };
+    let cached = {
+        let mut o = PushOptions::default();
+        o.cached = true;
+        o
+    };
+    let mut creq = req("w", 10, LONG);
+    creq.cache = Some(spec);
+    let served = async |b: &Backend| {
+        let hit = b.queue.add(&job(1), &cached).await.unwrap();
+        let c = b.queue.claim(&creq).await.unwrap();
+        let mine = c.iter().find(|c| c.token.id == hit.id).expect("claimed");
+        mine.cache_hit.as_ref().and_then(|h| h.stdout)
+    };
+    for n in [1, 2] {
+        let i = b.queue.add(&job(1), &PushOptions::default()).await.unwrap();
+        run(b, i.id, &good(n)).await;
+    }
+    assert_eq!(served(b).await, Some(job(1001)), "the first result stays");
+    let c = b
+        .queue
+        .prune_count(&only(true, false, false))
+        .await
+        .unwrap();
+    assert_eq!(c, 3);
+    b.db().prune(&only(true, false, false)).await.unwrap();
+    assert_eq!(served(b).await, None, "its entry went with it");
+    let i = b.queue.add(&job(1), &PushOptions::default()).await.unwrap();
+    run(b, i.id, &good(3)).await;
+    assert_eq!(served(b).await, Some(job(1003)), "filled again");
+}

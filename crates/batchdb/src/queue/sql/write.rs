@@ -71,9 +71,12 @@ static END_INSTANCE: Sql = Sql::new(
        cache_key = CASE WHEN $6 THEN NULL ELSE cache_key END
      WHERE id = $1",
 );
+/// A result-cache entry, unless the key has one already: the first good result of a
+/// key stays until a prune removes it. Not `DO UPDATE`: on PostgreSQL that locks the
+/// entry's row to the commit, and every finish of the same payload (they all fill the
+/// one entry) would queue for it through the previous one's WAL flush.
 static FILL_CACHE: Sql = Sql::new(
-    "INSERT INTO cache(key, instance, attempt) VALUES ($1, $2, $3)
-     ON CONFLICT (key) DO UPDATE SET instance = excluded.instance, attempt = excluded.attempt",
+    "INSERT INTO cache(key, instance, attempt) VALUES ($1, $2, $3) ON CONFLICT (key) DO NOTHING",
 );
 static LOCK_INSTANCE: Sql = Sql::new(
     "SELECT job, created, state, attempts, cancel_requested FROM instances
