@@ -91,6 +91,8 @@ struct Inner {
     changes: watch::Receiver<u64>,
     /// Small payloads that came with their claims, until the attempt reads them.
     payloads: std::sync::Mutex<std::collections::HashMap<Hash, Vec<u8>>>,
+    /// The server answers `POST /worker/finish-claim` (its hello says so).
+    finish_claim: std::sync::atomic::AtomicBool,
 }
 
 /// How a non-success answer maps to an error beyond the generic one.
@@ -179,6 +181,7 @@ impl RemotePort {
                 token: opts.token.clone(),
                 changes,
                 payloads: std::sync::Mutex::default(),
+                finish_claim: std::sync::atomic::AtomicBool::new(false),
             }),
         };
         let hello: wire::Hello = port.get("/hello", "connecting", On::Plain).await?;
@@ -190,6 +193,9 @@ impl RemotePort {
                 ours: PROTOCOL,
             });
         }
+        port.inner
+            .finish_claim
+            .store(hello.finish_claim, std::sync::atomic::Ordering::Relaxed);
         tokio::spawn(Self::watch(Arc::downgrade(&port.inner), tx));
         Ok(port)
     }
@@ -329,6 +335,19 @@ impl RemotePort {
             .await
     }
 
+    /// The claims of a claim's reply, keeping the payloads that came with them.
+    fn keep_payloads(&self, got: wire::Claimed) -> Vec<Claim> {
+        if let Ok(mut kept) = self.inner.payloads.lock() {
+            for (c, p) in got.claims.iter().zip(&got.payloads) {
+                // Not hex: left out, and read by a request of its own.
+                if let Some(bytes) = p.as_deref().and_then(|h| hex::decode(h).ok()) {
+                    kept.insert(c.job, bytes);
+                }
+            }
+        }
+        got.claims
+    }
+
     async fn post<B: Serialize + ?Sized, T: DeserializeOwned>(
         &self,
         path: &str,
@@ -401,15 +420,7 @@ impl io::Write for LiveUpload {
 impl WorkerPort for RemotePort {
     async fn claim(&self, req: &ClaimRequest) -> Result<Vec<Claim>> {
         let got: wire::Claimed = self.post("/claim", req, "claiming", On::Plain).await?;
-        if let Ok(mut kept) = self.inner.payloads.lock() {
-            for (c, p) in got.claims.iter().zip(&got.payloads) {
-                // Not hex: left out, and read by a request of its own.
-                if let Some(bytes) = p.as_deref().and_then(|h| hex::decode(h).ok()) {
-                    kept.insert(c.job, bytes);
-                }
-            }
-        }
-        Ok(got.claims)
+        Ok(self.keep_payloads(got))
     }
 
     async fn heartbeat(&self, t: &ClaimToken, lease: Duration) -> Result<Heartbeat> {
@@ -430,6 +441,31 @@ impl WorkerPort for RemotePort {
         let body = wire::Finish::new(*t, outcome);
         self.post("/finish", &body, "recording an attempt", On::Attempt(*t))
             .await
+    }
+
+    async fn finish_and_claim(
+        &self,
+        t: &ClaimToken,
+        outcome: &Outcome,
+        next: &ClaimRequest,
+    ) -> Result<(Finished, Vec<Claim>)> {
+        use std::sync::atomic::Ordering;
+        if !self.inner.finish_claim.load(Ordering::Relaxed) {
+            return crate::worker::finish_then_claim(self, t, outcome, next).await;
+        }
+        let body = wire::FinishClaim {
+            finish: wire::Finish::new(*t, outcome),
+            next: next.clone(),
+        };
+        let got: wire::FinishedClaimed = self
+            .post(
+                "/finish-claim",
+                &body,
+                "recording an attempt",
+                On::Attempt(*t),
+            )
+            .await?;
+        Ok((got.finished, self.keep_payloads(got.claimed)))
     }
 
     async fn recorded(&self, t: &ClaimToken) -> Result<Option<Finished>> {

@@ -181,6 +181,7 @@ fn worker_routes(prefix: &str) -> Router<AppState> {
         .route(&p("/heartbeat"), post(worker::heartbeat))
         .route(&p("/status"), post(worker::status))
         .route(&p("/finish"), post(worker::finish))
+        .route(&p("/finish-claim"), post(worker::finish_claim))
         .route(&p("/recorded"), post(worker::recorded))
         .route(&p("/blob/{hash}"), get(worker::blob))
         .route(&p("/output/{id}/{attempt}"), post(worker::output))

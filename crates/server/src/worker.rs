@@ -15,9 +15,11 @@ use axum::http::{StatusCode, header};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use batchdb::Hash;
-use batchdb::queue::{ClaimRequest, ClaimToken, Resources};
-use batchdb::worker::wire::{self, Beat, Deps, Finish, Gone, Hello, PROTOCOL, Seen, Wait};
-use batchdb::worker::{OutputStream, WorkerPort};
+use batchdb::queue::{Claim, ClaimRequest, ClaimToken, Resources};
+use batchdb::worker::wire::{
+    self, Beat, Deps, Finish, FinishClaim, Gone, Hello, PROTOCOL, Seen, Wait,
+};
+use batchdb::worker::{LocalPort, OutputStream, WorkerPort};
 use futures_util::{StreamExt, TryStreamExt};
 use tokio_util::io::{ReaderStream, StreamReader};
 
@@ -69,6 +71,7 @@ pub(crate) async fn hello() -> Json<Hello> {
     Json(Hello {
         version: env!("CARGO_PKG_VERSION").to_string(),
         protocol: PROTOCOL,
+        finish_claim: true,
     })
 }
 
@@ -78,15 +81,26 @@ pub(crate) async fn claim(
     b: Result<Json<ClaimRequest>, JsonRejection>,
 ) -> Result<Response, ApiError> {
     let req = body(b)?;
+    check_limit(&req)?;
+    let port = app.db.worker_port();
+    let claims = port.claim(&req).await?;
+    Ok(Json(claimed(&port, claims).await?).into_response())
+}
+
+/// A claim's limit, checked.
+fn check_limit(req: &ClaimRequest) -> Result<(), ApiError> {
     if req.limit == 0 || req.limit > MAX_CLAIM {
         return Err(ApiError::bad_request(format!(
             "limit {} out of range 1..={MAX_CLAIM}",
             req.limit
         )));
     }
-    let port = app.db.worker_port();
-    let claims = port.claim(&req).await?;
-    // Small payloads travel with their claims: one request less per job.
+    Ok(())
+}
+
+/// A claim's reply: small payloads travel with their claims (one request less per
+/// job).
+async fn claimed(port: &LocalPort, claims: Vec<Claim>) -> Result<wire::Claimed, ApiError> {
     let mut payloads = Vec::with_capacity(claims.len());
     for c in &claims {
         let inline = match c.cache_hit {
@@ -95,7 +109,7 @@ pub(crate) async fn claim(
         };
         payloads.push(inline.map(hex::encode));
     }
-    Ok(Json(wire::Claimed { claims, payloads }).into_response())
+    Ok(wire::Claimed { claims, payloads })
 }
 
 /// `POST /worker/wait`: returns once the server's change counter differs from
@@ -150,6 +164,25 @@ pub(crate) async fn finish(
         .map_err(|m| ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, m))?;
     let done = app.db.worker_port().finish(&token, &outcome).await?;
     Ok(Json(done).into_response())
+}
+
+/// `POST /worker/finish-claim`: a finish, then a claim for the freed slot, in one
+/// transaction (`WorkerPort::finish_and_claim`).
+pub(crate) async fn finish_claim(
+    State(app): State<AppState>,
+    b: Result<Json<FinishClaim>, JsonRejection>,
+) -> Result<Response, ApiError> {
+    let f = body(b)?;
+    check_limit(&f.next)?;
+    let token = f.finish.token;
+    let outcome = f
+        .finish
+        .into_outcome()
+        .map_err(|m| ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, m))?;
+    let port = app.db.worker_port();
+    let (finished, claims) = port.finish_and_claim(&token, &outcome, &f.next).await?;
+    let claimed = claimed(&port, claims).await?;
+    Ok(Json(wire::FinishedClaimed { finished, claimed }).into_response())
 }
 
 /// `POST /worker/recorded`: what an ended attempt recorded (`null`: not ended).

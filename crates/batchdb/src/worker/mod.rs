@@ -21,6 +21,7 @@ use crate::runner::{Reader, Runner};
 mod attempt;
 
 pub use attempt::Settling;
+pub(crate) use port::finish_then_claim;
 pub use port::{LiveSink, LocalPort, OutputStream, WorkerPort};
 mod classify;
 mod deps;

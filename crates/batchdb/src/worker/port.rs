@@ -91,12 +91,7 @@ pub trait WorkerPort: Send + Sync + fmt::Debug {
         outcome: &Outcome,
         next: &ClaimRequest,
     ) -> Result<(Finished, Vec<Claim>)> {
-        let finished = self.finish(t, outcome).await?;
-        let claims = self.claim(next).await.unwrap_or_else(|e| {
-            tracing::debug!("claiming after instance {} failed: {e}", t.id);
-            Vec::new()
-        });
-        Ok((finished, claims))
+        finish_then_claim(self, t, outcome, next).await
     }
 
     /// What attempt `t` recorded, if it has ended (for a finish whose reply was lost:
@@ -165,6 +160,22 @@ pub trait WorkerPort: Send + Sync + fmt::Debug {
 
     /// Where the worker's queue is, for messages.
     fn location(&self) -> String;
+}
+
+/// [`WorkerPort::finish_and_claim`] as two calls: the finish, then the claim; a
+/// failure of the claim is logged and claims nothing.
+pub(crate) async fn finish_then_claim<P: WorkerPort + ?Sized>(
+    port: &P,
+    t: &ClaimToken,
+    outcome: &Outcome,
+    next: &ClaimRequest,
+) -> Result<(Finished, Vec<Claim>)> {
+    let finished = port.finish(t, outcome).await?;
+    let claims = port.claim(next).await.unwrap_or_else(|e| {
+        tracing::debug!("claiming after instance {} failed: {e}", t.id);
+        Vec::new()
+    });
+    Ok((finished, claims))
 }
 
 /// The port of a worker that opens the queue and the blob store itself; also what

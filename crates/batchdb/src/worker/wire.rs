@@ -5,6 +5,8 @@
 //! poll that returns once the server's change counter differs from `seen`),
 //! `POST /worker/heartbeat` ([`Beat`]), `POST /worker/status` and
 //! `POST /worker/recorded` ([`ClaimToken`]), `POST /worker/finish` ([`Finish`]),
+//! `POST /worker/finish-claim` ([`FinishClaim`] → [`FinishedClaimed`]; a server that
+//! answers it says so in its [`Hello`]),
 //! `GET /worker/blob/{hash}`, `POST /worker/output/{id}/{attempt}` (the bytes →
 //! [`BlobInfo`]),
 //! `POST /worker/live/{id}/{attempt}/{stdout|stderr}` (the bytes as they come),
@@ -16,9 +18,7 @@ use serde::{Deserialize, Serialize};
 
 #[cfg(doc)]
 use crate::blob::BlobInfo;
-#[cfg(doc)]
-use crate::queue::ClaimRequest;
-use crate::queue::{AttemptReport, Claim, ClaimToken, Outcome, Resources};
+use crate::queue::{AttemptReport, Claim, ClaimRequest, ClaimToken, Finished, Outcome, Resources};
 
 /// The worker protocol this build speaks; a worker and a server that differ refuse
 /// each other with a message naming both.
@@ -34,6 +34,10 @@ pub struct Hello {
     pub version: String,
     /// Its worker protocol ([`PROTOCOL`]).
     pub protocol: u32,
+    /// Whether it answers `POST /worker/finish-claim` (a server from before that
+    /// endpoint leaves it out: the worker then finishes and claims in two calls).
+    #[serde(default)]
+    pub finish_claim: bool,
 }
 
 /// A claim's reply.
@@ -84,6 +88,25 @@ pub struct Finish {
     pub outcome: Outcome,
     /// Its inline outputs, hex.
     pub inline: Vec<String>,
+}
+
+/// End an attempt as [`Finish`] does, then claim with `next` in the same transaction
+/// (see [`WorkerPort::finish_and_claim`](super::WorkerPort::finish_and_claim)).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct FinishClaim {
+    /// The finish.
+    pub finish: Finish,
+    /// The claim made after it.
+    pub next: ClaimRequest,
+}
+
+/// The reply to a [`FinishClaim`].
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct FinishedClaimed {
+    /// What became of the finished instance.
+    pub finished: Finished,
+    /// What the claim took, as a claim's reply.
+    pub claimed: Claimed,
 }
 
 fn report_mut(outcome: &mut Outcome) -> &mut AttemptReport {

@@ -11,7 +11,7 @@ use batchdb::queue::{
 };
 use batchdb::remote::{RemoteOptions, RemotePort};
 use batchdb::runner::ShellRunner;
-use batchdb::worker::wire::PROTOCOL;
+use batchdb::worker::wire::{self, PROTOCOL};
 use batchdb::worker::{Worker, WorkerOptions, WorkerPort};
 use batchdb_server::ServeOptions;
 
@@ -297,4 +297,60 @@ async fn an_output_upload_that_breaks_off_stores_nothing() {
     let info = p.put_output(&c.token, &mut whole).await.expect("upload");
     assert_eq!(info.hash, batchdb::Hash::of(&[b'z'; 100_000]));
     assert!(s.db.blobs().contains(&info.hash).await.expect("contains"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_finish_claim_records_the_outcome_and_hands_the_slot_its_next_instance() {
+    let s = Server::start().await;
+    assert_eq!(s.json("/worker/hello").await["finish_claim"], true);
+    let x = s.add("echo x").await;
+    let y = s.add("echo y").await;
+    let p = port(&s, None).await;
+    let c = p.claim(&claim_req(30_000)).await.expect("claim").remove(0);
+    let (second, script) = if c.token.id == x.id {
+        (y, "echo y")
+    } else {
+        (x, "echo x")
+    };
+    let outcome = Outcome::Success(report());
+    let (finished, next) = p
+        .finish_and_claim(&c.token, &outcome, &claim_req(30_000))
+        .await
+        .expect("finish and claim");
+    assert_eq!(finished, Finished::Result);
+    assert_eq!(next.len(), 1);
+    assert_eq!(next[0].token.id, second.id);
+    // Its payload came with it, and reads back checked.
+    let mut payload = Vec::new();
+    let mut r = p.blob(&next[0].job).await.expect("payload");
+    tokio::io::AsyncReadExt::read_to_end(&mut r, &mut payload)
+        .await
+        .expect("read");
+    assert_eq!(payload, script.as_bytes());
+    // A stale attempt is refused and claims nothing.
+    let third = s.add("echo z").await;
+    assert!(fenced(
+        p.finish_and_claim(&c.token, &outcome, &claim_req(30_000))
+            .await
+    ));
+    let d = s.db.instance(third.id).await.expect("instance");
+    assert_eq!(d.state, State::Pending);
+    // A claim limit out of range is refused before anything is recorded.
+    let mut none = claim_req(30_000);
+    none.limit = 0;
+    let body = serde_json::json!({
+        "finish": wire::Finish::new(next[0].token, &outcome),
+        "next": none,
+    });
+    let r = s
+        .client
+        .post(s.url("/worker/finish-claim"))
+        .header("batchdb-worker-protocol", PROTOCOL.to_string())
+        .json(&body)
+        .send()
+        .await
+        .expect("POST");
+    assert_error(r, 400, "limit 0 out of range").await;
+    let d = s.db.instance(second.id).await.expect("instance");
+    assert_eq!(d.state, State::Running, "nothing was recorded");
 }
