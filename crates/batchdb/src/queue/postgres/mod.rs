@@ -295,12 +295,7 @@ impl Queue for PgQueue {
         next: &ClaimRequest,
     ) -> Result<(Finished, Vec<Claim>)> {
         in_tx!(self, |tx| {
-            let finished = write::finish(tx, claim, outcome).await?;
-            if next.limit == 0 {
-                return Ok((finished, Vec::new()));
-            }
-            let (claims, _) = claim::claim(tx, next).await?;
-            Ok((finished, claims))
+            claim::finish_and_claim(tx, claim, outcome, next).await
         })
     }
 

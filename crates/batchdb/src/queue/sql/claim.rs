@@ -14,7 +14,8 @@ use crate::queue::context::Resources;
 use crate::queue::policy::{self, AttemptEnd, Fit};
 use crate::queue::row::{CLAIM_COLS, Candidate, Row, candidate};
 use crate::queue::types::{
-    AttemptReport, Claim, ClaimRequest, ClaimToken, EventKind, LostAttempt, Order, Outcome,
+    AttemptReport, Claim, ClaimRequest, ClaimToken, EventKind, Finished, LostAttempt, Order,
+    Outcome,
 };
 
 type R<T, E> = Result<T, <E as super::Conn>::Error>;
@@ -94,6 +95,22 @@ pub(crate) async fn claim<T: Tx>(tx: &mut T, req: &ClaimRequest) -> R<(Vec<Claim
     // A result served from the cache must be as durable as any other.
     let served = out.iter().any(|c| c.cache_hit.is_some());
     Ok((out, served || terminal))
+}
+
+/// Ends attempt `t` with `outcome`, then claims with `next` in the same transaction
+/// (see [`Queue::finish_and_claim`](crate::queue::Queue::finish_and_claim)).
+pub(crate) async fn finish_and_claim<T: Tx>(
+    tx: &mut T,
+    t: &ClaimToken,
+    outcome: &Outcome,
+    next: &ClaimRequest,
+) -> R<(Finished, Vec<Claim>), T> {
+    let finished = super::write::finish(tx, t, outcome).await?;
+    if next.limit == 0 {
+        return Ok((finished, Vec::new()));
+    }
+    let (claims, _) = claim(tx, next).await?;
+    Ok((finished, claims))
 }
 
 /// Starts a new attempt of candidate `c`, given `assigned` out of the worker's free

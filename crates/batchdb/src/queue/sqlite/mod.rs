@@ -343,12 +343,7 @@ impl Queue for SqliteQueue {
         let (t, outcome, next) = (*claim, outcome.clone(), next.clone());
         self.write(move |tx| {
             exec::run(tx, |mut l| async move {
-                let finished = write::finish(&mut l, &t, &outcome).await?;
-                if next.limit == 0 {
-                    return Ok((finished, Vec::new()));
-                }
-                let (claims, _) = claim::claim(&mut l, &next).await?;
-                Ok((finished, claims))
+                claim::finish_and_claim(&mut l, &t, &outcome, &next).await
             })
         })
         .await
