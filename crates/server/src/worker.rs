@@ -84,7 +84,7 @@ pub(crate) async fn claim(
     check_limit(&req)?;
     let port = app.db.worker_port();
     let claims = port.claim(&req).await?;
-    Ok(Json(claimed(&port, claims).await?).into_response())
+    Ok(Json(claimed(&port, claims)?).into_response())
 }
 
 /// A claim's limit, checked.
@@ -100,12 +100,12 @@ fn check_limit(req: &ClaimRequest) -> Result<(), ApiError> {
 
 /// A claim's reply: small payloads travel with their claims (one request less per
 /// job).
-async fn claimed(port: &LocalPort, claims: Vec<Claim>) -> Result<wire::Claimed, ApiError> {
+fn claimed(port: &LocalPort, claims: Vec<Claim>) -> Result<wire::Claimed, ApiError> {
     let mut payloads = Vec::with_capacity(claims.len());
     for c in &claims {
         let inline = match c.cache_hit {
             Some(_) => None,
-            None => port.inline_blob(&c.job).await?,
+            None => port.claim_payload(c)?,
         };
         payloads.push(inline.map(hex::encode));
     }
@@ -181,7 +181,7 @@ pub(crate) async fn finish_claim(
         .map_err(|m| ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, m))?;
     let port = app.db.worker_port();
     let (finished, claims) = port.finish_and_claim(&token, &outcome, &f.next).await?;
-    let claimed = claimed(&port, claims).await?;
+    let claimed = claimed(&port, claims)?;
     Ok(Json(wire::FinishedClaimed { finished, claimed }).into_response())
 }
 

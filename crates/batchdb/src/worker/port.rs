@@ -208,10 +208,15 @@ impl LocalPort {
 }
 
 impl LocalPort {
-    /// Blob `hash` if the queue keeps it inline (a small payload or output), checked
-    /// against its hash; `None` if it is in the blob store (or nowhere).
-    pub async fn inline_blob(&self, hash: &Hash) -> Result<Option<Vec<u8>>> {
-        crate::checked_inline(self.queue.as_ref(), hash).await
+    /// The payload of `claim` if the queue keeps it inline: the bytes read with the
+    /// claim, checked against its job key ([`crate::Error::BlobCorrupt`] if they
+    /// differ), with no read of their own; `None` if it is in the blob store.
+    pub fn claim_payload(&self, claim: &Claim) -> Result<Option<Vec<u8>>> {
+        claim
+            .payload
+            .clone()
+            .map(|bytes| crate::checked(&claim.job, bytes))
+            .transpose()
     }
 }
 
