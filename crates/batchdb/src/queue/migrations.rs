@@ -52,6 +52,11 @@ pub(crate) const STEPS: &[Step] = &[
         sqlite: include_str!("schema/v7.sqlite.sql"),
         postgres: include_str!("schema/v7.postgres.sql"),
     },
+    Step {
+        what: "no index entries for NULL outputs, cache keys and concurrency keys",
+        sqlite: include_str!("schema/v8.sqlite.sql"),
+        postgres: include_str!("schema/v8.postgres.sql"),
+    },
 ];
 
 /// The schema version this build writes and understands, on every backend.

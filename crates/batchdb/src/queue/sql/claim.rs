@@ -377,3 +377,17 @@ async fn concurrency_slot<T: Tx>(tx: &mut T, c: &Candidate) -> R<bool, T> {
         .await?;
     Ok(running < i64::from(conc.limit))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::queue::sql::sqlite_plan;
+
+    #[test]
+    fn the_running_key_lookups_use_their_partial_indexes() {
+        let plan = sqlite_plan(&KEY_IN_FLIGHT);
+        assert!(plan.contains("INDEX instances_cache"), "{plan}");
+        let plan = sqlite_plan(&RUNNING_WITH_KEY);
+        assert!(plan.contains("INDEX instances_conc"), "{plan}");
+    }
+}

@@ -412,6 +412,26 @@ pub(crate) fn ready<T>(f: impl Future<Output = T>) -> Option<T> {
     }
 }
 
+/// The plan SQLite makes for `sql` on an empty database (in memory) with the whole
+/// schema, one line per step: what tests of a statement's index read.
+#[cfg(test)]
+pub(crate) fn sqlite_plan(sql: &Sql) -> String {
+    let c = rusqlite::Connection::open_in_memory().expect("open");
+    for step in super::migrations::STEPS {
+        c.execute_batch(step.sqlite).expect("schema");
+    }
+    let mut st = c
+        .prepare(&format!("EXPLAIN QUERY PLAN {}", sql.sqlite()))
+        .expect("plan");
+    let mut rows = st.raw_query();
+    let mut plan = String::new();
+    while let Some(r) = rows.next().expect("plan row") {
+        plan.push_str(&r.get::<_, String>(3).expect("detail"));
+        plan.push('\n');
+    }
+    plan
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -248,3 +248,16 @@ pub(crate) async fn count<C: Conn>(c: &mut C, req: &PruneRequest) -> R<u64, C> {
         .await?;
     Ok(u64::try_from(n).unwrap_or(0))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::queue::sql::sqlite_plan;
+
+    #[test]
+    fn removing_unused_inline_outputs_looks_them_up_by_index() {
+        let plan = sqlite_plan(&DELETE_INLINE);
+        assert!(plan.contains("INDEX attempts_stdout"), "{plan}");
+        assert!(plan.contains("INDEX attempts_stderr"), "{plan}");
+    }
+}

@@ -469,3 +469,24 @@ pub(crate) async fn check_inline<C: Conn>(c: &mut C, check: &mut Check) -> R<(),
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::queue::sql::sqlite_plan;
+
+    #[test]
+    fn the_lookups_of_an_output_use_its_partial_indexes() {
+        let plan = sqlite_plan(&IS_REFERENCED);
+        assert!(
+            plan.contains("USING COVERING INDEX attempts_stdout"),
+            "{plan}"
+        );
+        assert!(
+            plan.contains("USING COVERING INDEX attempts_stderr"),
+            "{plan}"
+        );
+        let plan = sqlite_plan(&BY_HASH);
+        assert!(plan.contains("INDEX attempts_stdout"), "{plan}");
+    }
+}
