@@ -132,7 +132,15 @@ pub struct Config {
     pub blobs: BlobLocation,
     /// Where running jobs mirror their output for `logs -f` (local to the machine).
     pub live_dir: Option<PathBuf>,
+    /// At most how many connections to a PostgreSQL queue this process holds at once
+    /// for its statements, besides the one that listens for changes (at least 1; SQLite
+    /// ignores it). `None`: [`DEFAULT_DB_CONNECTIONS`].
+    pub db_connections: Option<usize>,
 }
+
+/// The connections a PostgreSQL queue holds at most unless [`Config::db_connections`]
+/// says otherwise: enough for a server answering many requests at once.
+pub const DEFAULT_DB_CONNECTIONS: usize = 16;
 
 impl Config {
     /// The embedded default layout inside `dir`: `batchdb.sqlite`, `blobs/` and `live/`.
@@ -142,6 +150,7 @@ impl Config {
             db: DbLocation::Sqlite(dir.join("batchdb.sqlite")),
             blobs: BlobLocation::Dir(dir.join("blobs")),
             live_dir: Some(dir.join("live")),
+            db_connections: None,
         }
     }
 }

@@ -66,7 +66,7 @@ use tokio::io::AsyncRead;
 
 pub use batches::{WaitFailure, WaitOutcome, WaitProgress};
 pub use bulk::{BULK_CHUNK, Bulk, CHUNK_BYTES};
-pub use config::{BlobLocation, Config, DbLocation};
+pub use config::{BlobLocation, Config, DEFAULT_DB_CONNECTIONS, DbLocation};
 pub use error::{Error, Result};
 pub use hash::{Hash, Hasher};
 pub use retention::{PRUNE_PAUSE, prune_interval};
@@ -113,7 +113,10 @@ impl BatchDb {
         let queue: Arc<dyn Queue> = match &config.db {
             DbLocation::Sqlite(p) => Arc::new(SqliteQueue::open(p).await?),
             #[cfg(feature = "postgres")]
-            DbLocation::Postgres(url) => Arc::new(queue::PgQueue::open(url).await?),
+            DbLocation::Postgres(url) => {
+                let n = config.db_connections.unwrap_or(DEFAULT_DB_CONNECTIONS);
+                Arc::new(queue::PgQueue::open_with(url, n).await?)
+            }
             #[cfg(not(feature = "postgres"))]
             DbLocation::Postgres(url) => return Err(missing_feature("database", url, "postgres")),
         };

@@ -157,6 +157,7 @@ async fn local_db(dir: &std::path::Path, live: &std::path::Path) -> batchdb::Bat
         db: batchdb::DbLocation::Sqlite(dir.join("q.sqlite")),
         blobs: batchdb::BlobLocation::Dir(dir.join("blobs")),
         live_dir: Some(live.to_path_buf()),
+        db_connections: None,
     };
     batchdb::BatchDb::open(&config).await.unwrap()
 }

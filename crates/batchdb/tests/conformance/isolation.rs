@@ -125,6 +125,7 @@ async fn run_child_worker() {
         db: batchdb::DbLocation::parse(&var("BATCHDB_TEST_DB")).expect("db"),
         blobs: batchdb::BlobLocation::parse(&var("BATCHDB_TEST_BLOBS")).expect("blobs"),
         live_dir: None,
+        db_connections: None,
     };
     let db = BatchDb::open(&config).await.expect("open");
     let k: usize = var("BATCHDB_TEST_WORKER").parse().expect("worker number");

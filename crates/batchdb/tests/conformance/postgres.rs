@@ -273,3 +273,52 @@ async fn a_write_cancelled_at_any_point_leaves_no_transaction_open_and_nothing_h
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
+
+/// The connections the queue's own statements hold on database `db` (this count's
+/// own and the listener's excluded).
+async fn statement_connections(db: &str) -> i64 {
+    let sql = format!(
+        "SELECT count(*) FROM pg_stat_activity WHERE datname = '{db}'
+           AND pid <> pg_backend_pid() AND query NOT LIKE 'LISTEN%'"
+    );
+    tokio::task::spawn_blocking(move || shared().count("postgres", &sql))
+        .await
+        .unwrap()
+}
+
+/// 24 adds at once, each in a transaction of its own.
+async fn add_at_once(q: &PgQueue) {
+    let adds = (0..24).map(|i| {
+        let q = q.clone();
+        tokio::spawn(async move {
+            let job = batchdb::queue::NewJob::inline(format!("echo {i}").into_bytes());
+            q.add_many(&[job], &PushOptions::default()).await
+        })
+    });
+    for a in adds.collect::<Vec<_>>() {
+        a.await.expect("join").expect("add");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_queue_opened_with_n_connections_never_holds_more() {
+    let url = fresh_url().await;
+    let db = url.rsplit('/').next().unwrap().to_string();
+    let q = PgQueue::open_with(&url, 2).await.unwrap();
+    add_at_once(&q).await;
+    assert_eq!(
+        q.counts().await.unwrap().pending,
+        24,
+        "every add waited its turn"
+    );
+    let held = statement_connections(&db).await;
+    assert!((1..=2).contains(&held), "{held} connections");
+    // The same adds on a queue opened with the default hold more: the bound above is
+    // the option's doing, not the workload's.
+    let url = fresh_url().await;
+    let db = url.rsplit('/').next().unwrap().to_string();
+    let q = PgQueue::open(&url).await.unwrap();
+    add_at_once(&q).await;
+    let held = statement_connections(&db).await;
+    assert!(held > 2, "{held} connections");
+}

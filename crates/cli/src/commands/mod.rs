@@ -51,6 +51,10 @@ pub async fn dispatch(cli: Cli) -> Result<ExitCode> {
         if r.server.as_deref().is_some_and(|s| !s.is_empty()) {
             return run::run_remote(r).await;
         }
+        let cfg = Config {
+            db_connections: Some(run::db_connections(r.jobs)),
+            ..cfg
+        };
         return run::run(&BatchDb::open(&cfg).await?, r).await;
     }
     let db = BatchDb::open(&cfg).await?;

@@ -27,6 +27,7 @@ use std::sync::{Arc, Weak};
 use std::time::Duration;
 
 use super::changes::Changes;
+use crate::config::DEFAULT_DB_CONNECTIONS;
 use async_trait::async_trait;
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
 use futures_util::StreamExt;
@@ -64,9 +65,6 @@ const NAMESPACE: &str = "batchdb";
 /// The notification channel every change is announced on.
 const CHANNEL: &str = "batchdb_changes";
 
-/// Connections per process (claims, heartbeats and finishes of one worker run at once).
-const POOL_SIZE: usize = 16;
-
 /// The PostgreSQL queue backend. Cheap to clone; clones share one connection pool and
 /// one listener.
 #[derive(Debug, Clone)]
@@ -100,8 +98,17 @@ impl PgQueue {
     /// not supported by this build: use `sslmode=disable` or a local TLS proxy), and
     /// creates or migrates batchdb's schema. Several processes may open a fresh database
     /// at once. A database whose schema is newer than this build is refused with
-    /// [`Error::SchemaTooNew`].
+    /// [`Error::SchemaTooNew`]. Holds up to [`DEFAULT_DB_CONNECTIONS`] connections at
+    /// once, besides the one that listens for changes.
     pub async fn open(url: &str) -> Result<PgQueue> {
+        PgQueue::open_with(url, DEFAULT_DB_CONNECTIONS).await
+    }
+
+    /// [`open`](Self::open), holding at most `connections` connections at once for
+    /// its statements (at least 1), besides the one that listens for changes. Every
+    /// connection a process opens is a server process that learns the schema and plans
+    /// each statement anew, so a worker that needs few should hold few.
+    pub async fn open_with(url: &str, connections: usize) -> Result<PgQueue> {
         let location = mask_password(url);
         let mut config = tokio_postgres::Config::from_str(url).map_err(|e| Error::Config {
             what: "postgres URL",
@@ -134,7 +141,7 @@ impl PgQueue {
             },
         );
         let pool = Pool::builder(mgr)
-            .max_size(POOL_SIZE)
+            .max_size(connections.max(1))
             .runtime(Runtime::Tokio1)
             .wait_timeout(Some(Duration::from_secs(60)))
             .create_timeout(Some(Duration::from_secs(15)))
