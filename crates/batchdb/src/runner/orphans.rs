@@ -8,11 +8,14 @@
 //! spawner thread (`spawn::on_spawner_thread`) and kept unreaped until its job
 //! settles, so a zombie main process has no children: whatever of its job is still
 //! alive hangs, through its parents, from a child of this process that was adopted.
-//! Adopted children are listed per thread in `/proc/self/task/<tid>/children`, and
-//! the spawner thread's list holds only the jobs' main processes. So when no thread
-//! but the spawner has a child, no job has anything left running, and the look is a
-//! few reads of this process's own files. When some thread has one, the full look
-//! runs as before (it tells whose leftover it is).
+//! The kernel hands an orphan to the subreaper's first live thread (`find_new_reaper`
+//! and `find_alive_thread` in `kernel/exit.c`): its main thread, which lives as long as
+//! the process does (a Rust process ends when its main thread returns), while every
+//! job's main process is a child of the spawner thread. So the main thread's list
+//! (`/proc/self/task/<pid>/children`) holds exactly the adopted children, and when it
+//! is empty no job has anything left running: the look is one read of this process's
+//! own file. When it is not, the full look runs as before (it tells whose leftover it
+//! is).
 //!
 //! Adopted children that have exited are reaped by [`adopted`], so they do not
 //! linger as zombies. A process that adopts must therefore start no child processes
@@ -73,22 +76,16 @@ pub(crate) fn adopted() -> Option<Vec<i32>> {
     if spawner == 0 {
         return None;
     }
-    let mut pids = Vec::new();
-    for entry in std::fs::read_dir("/proc/self/task").ok()? {
-        let tid: i32 = entry.ok()?.file_name().to_str()?.parse().ok()?;
-        if tid == spawner {
-            continue;
-        }
-        match std::fs::read_to_string(format!("/proc/self/task/{tid}/children")) {
-            Ok(list) => pids.extend(
-                list.split_ascii_whitespace()
-                    .filter_map(|p| p.parse::<i32>().ok()),
-            ),
-            // The thread ended since the directory was read: it has no children.
-            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-            Err(_) => return None,
-        }
+    let me = std::process::id();
+    if i64::from(spawner) == i64::from(me) {
+        // Jobs started from the main thread: its list is not the adopted children's.
+        return None;
     }
+    let list = std::fs::read_to_string(format!("/proc/self/task/{me}/children")).ok()?;
+    let mut pids: Vec<i32> = list
+        .split_ascii_whitespace()
+        .filter_map(|p| p.parse().ok())
+        .collect();
     pids.retain(|pid| !reap_if_exited(*pid));
     Some(pids)
 }
