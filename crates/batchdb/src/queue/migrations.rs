@@ -54,8 +54,8 @@ pub(crate) const STEPS: &[Step] = &[
     },
     Step {
         what: "no index entries for NULL outputs, cache keys and concurrency keys",
-        sqlite: include_str!("schema/v8.sqlite.sql"),
-        postgres: include_str!("schema/v8.postgres.sql"),
+        sqlite: include_str!("schema/v8.sql"),
+        postgres: include_str!("schema/v8.sql"),
     },
 ];
 

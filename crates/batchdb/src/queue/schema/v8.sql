@@ -1,4 +1,4 @@
--- batchdb schema, step 8: index entries only where a lookup can find them.
+-- batchdb schema, step 8 (both dialects): index entries only where a lookup can find them.
 -- Every lookup of these indexes is by equality (`stdout = $1`, `cache_key = $1`,
 -- `conc_key = $1`), which never matches NULL: the NULL entries (an attempt's outputs
 -- until it ends, a running instance without a cache or concurrency key) cost a write
