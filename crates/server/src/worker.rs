@@ -15,7 +15,7 @@ use axum::http::{StatusCode, header};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use batchdb::Hash;
-use batchdb::queue::{Claim, ClaimRequest, ClaimToken, Resources};
+use batchdb::queue::{Claim, ClaimRequest, ClaimToken, Outcome, Resources};
 use batchdb::worker::wire::{
     self, Beat, Deps, Finish, FinishClaim, Gone, Hello, PROTOCOL, Seen, Wait,
 };
@@ -100,9 +100,9 @@ fn check_limit(req: &ClaimRequest) -> Result<(), ApiError> {
 
 /// A claim's reply: small payloads travel with their claims (one request less per
 /// job).
-fn claimed(port: &LocalPort, claims: Vec<Claim>) -> Result<wire::Claimed, ApiError> {
+fn claimed(port: &LocalPort, mut claims: Vec<Claim>) -> Result<wire::Claimed, ApiError> {
     let mut payloads = Vec::with_capacity(claims.len());
-    for c in &claims {
+    for c in &mut claims {
         let inline = match c.cache_hit {
             Some(_) => None,
             None => port.claim_payload(c)?,
@@ -157,13 +157,19 @@ pub(crate) async fn finish(
     State(app): State<AppState>,
     b: Result<Json<Finish>, JsonRejection>,
 ) -> Result<Response, ApiError> {
-    let f = body(b)?;
+    let (token, outcome) = finished_attempt(body(b)?)?;
+    let done = app.db.worker_port().finish(&token, &outcome).await?;
+    Ok(Json(done).into_response())
+}
+
+/// The attempt a finish names and its outcome, with the inline outputs it carries
+/// decoded (413 if they are over the inline limit).
+fn finished_attempt(f: Finish) -> Result<(ClaimToken, Outcome), ApiError> {
     let token = f.token;
     let outcome = f
         .into_outcome()
         .map_err(|m| ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, m))?;
-    let done = app.db.worker_port().finish(&token, &outcome).await?;
-    Ok(Json(done).into_response())
+    Ok((token, outcome))
 }
 
 /// `POST /worker/finish-claim`: a finish, then a claim for the freed slot, in one
@@ -174,11 +180,7 @@ pub(crate) async fn finish_claim(
 ) -> Result<Response, ApiError> {
     let f = body(b)?;
     check_limit(&f.next)?;
-    let token = f.finish.token;
-    let outcome = f
-        .finish
-        .into_outcome()
-        .map_err(|m| ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, m))?;
+    let (token, outcome) = finished_attempt(f.finish)?;
     let port = app.db.worker_port();
     let (finished, claims) = port.finish_and_claim(&token, &outcome, &f.next).await?;
     let claimed = claimed(&port, claims)?;

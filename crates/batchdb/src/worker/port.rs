@@ -209,12 +209,13 @@ impl LocalPort {
 
 impl LocalPort {
     /// The payload of `claim` if the queue keeps it inline: the bytes read with the
-    /// claim, checked against its job key ([`crate::Error::BlobCorrupt`] if they
-    /// differ), with no read of their own; `None` if it is in the blob store.
-    pub fn claim_payload(&self, claim: &Claim) -> Result<Option<Vec<u8>>> {
+    /// claim, moved out of it and checked against its job key
+    /// ([`crate::Error::BlobCorrupt`] if they differ), with no read of their own;
+    /// `None` if it is in the blob store.
+    pub fn claim_payload(&self, claim: &mut Claim) -> Result<Option<Vec<u8>>> {
         claim
             .payload
-            .clone()
+            .take()
             .map(|bytes| crate::checked(&claim.job, bytes))
             .transpose()
     }
