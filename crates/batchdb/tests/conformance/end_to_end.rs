@@ -503,9 +503,29 @@ pub async fn add_many_queues_every_payload_in_one_go(b: &Backend) {
     );
     assert_eq!(db.counts().await.unwrap().pending, payloads.len() as u64);
     assert_eq!(rows(&db, ListKind::Job).await.len(), payloads.len() - 1);
+    // Each new job's create event comes just before its instance's push; a job
+    // added again has only the push.
+    let kinds: Vec<EventKind> = db
+        .events(0, false)
+        .map(|e| e.unwrap().event)
+        .collect()
+        .await;
+    let mut want = [EventKind::Create, EventKind::Push].repeat(payloads.len() - 1);
+    want.push(EventKind::Push);
+    assert_eq!(kinds, want);
+    // The next add's instances come after every one of this add's.
+    let more = db
+        .add_many(
+            vec![b"echo 7".to_vec(), b"echo 8".to_vec()],
+            &PushOptions::default(),
+        )
+        .await
+        .unwrap();
+    let last = added.last().unwrap();
+    assert!(more[0].created > last.created && more[1].created > more[0].created);
     let reports = drain(&db, Arc::new(ShellRunner::default())).await;
-    assert_eq!(reports.len(), payloads.len());
-    assert_eq!(db.counts().await.unwrap().result, payloads.len() as u64);
+    assert_eq!(reports.len(), payloads.len() + 2);
+    assert_eq!(db.counts().await.unwrap().result, payloads.len() as u64 + 2);
 }
 
 /// A bulk add of several chunks (each fills at `CHUNK_BYTES` of inline payloads)

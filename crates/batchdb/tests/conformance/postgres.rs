@@ -322,3 +322,76 @@ async fn a_queue_opened_with_n_connections_never_holds_more() {
     let held = statement_connections(&db).await;
     assert!(held > 2, "{held} connections");
 }
+
+/// Index scans of table `instances` of database `db` and the index entries they
+/// read, once the server's statistics show more than `after` scans (a backend
+/// reports them some time after its transaction, at most about ten seconds later).
+async fn instance_index_reads(db: &str, after: i64) -> (i64, i64) {
+    let db = db.to_string();
+    tokio::task::spawn_blocking(move || {
+        let stat = || {
+            let sum = |col: &str| {
+                shared().count(
+                    &db,
+                    &format!(
+                        "SELECT COALESCE(sum({col}), 0) FROM pg_stat_user_indexes
+                         WHERE relname = 'instances'"
+                    ),
+                )
+            };
+            (sum("idx_scan"), sum("idx_tup_read"))
+        };
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        while stat().0 <= after && std::time::Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        stat()
+    })
+    .await
+    .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_claim_reads_the_first_pending_rows_even_before_the_table_is_analyzed() {
+    let url = fresh_url().await;
+    let db = url.rsplit('/').next().unwrap().to_string();
+    let q = PgQueue::open(&url).await.unwrap();
+    let jobs: Vec<_> = (0..2_000)
+        .map(|i| batchdb::queue::NewJob::inline(format!("echo {i}").into_bytes()))
+        .collect();
+    q.add_many(&jobs, &PushOptions::default()).await.unwrap();
+    // What the planner would do on its own here: never analyzed, the table's
+    // statistics promise about one pending row, so it reads every pending row and
+    // sorts them.
+    let plan = {
+        let db = db.clone();
+        tokio::task::spawn_blocking(move || {
+            shared().sql(
+                &db,
+                "EXPLAIN SELECT id FROM batchdb.instances
+                 WHERE state = 'pending' AND run_at <= 9000000000000000 AND (false OR needs IS NULL)
+                 ORDER BY priority DESC, created DESC, id DESC LIMIT 2 OFFSET 0
+                 FOR UPDATE SKIP LOCKED",
+            )
+        })
+        .await
+        .unwrap()
+    };
+    assert!(plan.contains("Sort"), "{plan}");
+    let (scans, before) = instance_index_reads(&db, -1).await;
+    for order in [batchdb::queue::Order::Newest, batchdb::queue::Order::Oldest] {
+        let mut req = batchdb::queue::ClaimRequest::new("w", 2, Duration::from_secs(60));
+        req.order = order;
+        assert_eq!(q.claim(&req).await.unwrap().len(), 2);
+    }
+    // Two claims: each scans the expired-lease and the pending index, and updates
+    // two rows by id. Through the ordered indexes that reads a handful of entries;
+    // reading the pending rows to sort them would read 2,000 at each claim.
+    let (now, after) = instance_index_reads(&db, scans + 3).await;
+    assert!(
+        now > scans + 3,
+        "the claims' index scans were never reported"
+    );
+    let read = after - before;
+    assert!(read < 100, "{read} index entries read by two claims");
+}

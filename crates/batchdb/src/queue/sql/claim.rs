@@ -165,7 +165,7 @@ async fn take_over<T: Tx>(tx: &mut T, round: &mut Round<'_>, out: &mut Vec<Claim
     let limit = i64::try_from(req.limit).unwrap_or(i64::MAX);
     let mut terminal = false;
     let expired = tx
-        .rows(T::claim_sql().expired, &args![now, limit], |r| {
+        .candidates(T::claim_sql().expired, &args![now, limit], |r| {
             Ok((candidate(r)?, r.flag(CLAIM_COLS)?))
         })
         .await?;
@@ -219,7 +219,7 @@ async fn claim_starving<T: Tx>(
         .now
         .saturating_sub(super::millis(round.req.reserve_after));
     let starving = tx
-        .rows(
+        .candidates(
             T::claim_sql().starving,
             &args![since, STARVING_WINDOW],
             |r| candidate(r),
@@ -264,7 +264,7 @@ async fn claim_pending<T: Tx>(tx: &mut T, round: &mut Round<'_>, out: &mut Vec<C
             Order::Oldest => T::claim_sql().oldest,
         };
         let args = args![round.now, win, offset, has_resources];
-        let candidates = tx.rows(sql, &args, |r| candidate(r)).await?;
+        let candidates = tx.candidates(sql, &args, |r| candidate(r)).await?;
         let last_window = candidates.len() < window;
         for c in candidates {
             if claimed == remaining {

@@ -323,12 +323,41 @@ pub(crate) trait Tx: Conn {
     /// where the dialect's text has one).
     async fn insert_id(&mut self, sql: &Sql, args: &[Arg<'_>]) -> Result<i64, Self::Error>;
 
-    /// A `created` time for a new instance: `now`, or the next free one when `now` is
-    /// taken (`created` is unique across all instances).
-    async fn next_created(&mut self, now: i64) -> Result<i64, Self::Error>;
+    /// Runs `INSERT` `sql` once with each of `rows` and returns the new ids, in
+    /// order. A backend may send them all before it reads the first answer (see
+    /// [`Conn::execute_all`]).
+    async fn insert_ids(
+        &mut self,
+        sql: &Sql,
+        rows: &[&[Arg<'_>]],
+    ) -> Result<Vec<i64>, Self::Error> {
+        let mut ids = Vec::with_capacity(rows.len());
+        for args in rows {
+            ids.push(self.insert_id(sql, args).await?);
+        }
+        Ok(ids)
+    }
+
+    /// The first of `n` consecutive `created` times for new instances: `now`, or the
+    /// next free one when `now` is taken (`created` is unique across all instances).
+    async fn next_created(&mut self, now: i64, n: i64) -> Result<i64, Self::Error>;
 
     /// The statements selecting claim candidates.
     fn claim_sql() -> ClaimSql;
+
+    /// The rows of claim statement `sql` (one of [`Tx::claim_sql`]'s), each decoded by
+    /// `f`: read in order through the index the statement's order is written for,
+    /// whatever the database's statistics say, so a claim reads the first rows of a
+    /// long queue, never the whole of it (SQLite's texts say `INDEXED BY`; PostgreSQL
+    /// has no such clause and is told how to plan them).
+    async fn candidates<U>(
+        &mut self,
+        sql: &Sql,
+        args: &[Arg<'_>],
+        f: impl FnMut(&Self::Row<'_>) -> Result<U, Self::Error>,
+    ) -> Result<Vec<U>, Self::Error> {
+        self.rows(sql, args, f).await
+    }
 
     /// Takes the claim lock of cache key `key` for this transaction, without waiting;
     /// false when another claimer holds it.

@@ -90,31 +90,46 @@ static HEARTBEAT: Sql = Sql::new(
 static CANCEL_PENDING: Sql =
     Sql::new("UPDATE instances SET state = 'cancelled', ended = $2 WHERE id = $1");
 static CANCEL_RUNNING: Sql = Sql::new("UPDATE instances SET cancel_requested = TRUE WHERE id = $1");
-/// Records job `job` (see [`Queue::create_many`](crate::queue::Queue::create_many));
-/// true if it is new.
-pub(crate) async fn insert_job<T: Tx>(tx: &mut T, job: &NewJob) -> R<bool, T> {
+/// Records `jobs` (see [`Queue::create_many`](crate::queue::Queue::create_many)),
+/// all their rows sent at once (one round trip on PostgreSQL); for each, its size
+/// if it is new. Their `create` events are the caller's to append ([`job_created`]).
+async fn store_jobs<T: Tx>(tx: &mut T, jobs: &[NewJob]) -> R<Vec<Option<u64>>, T> {
     let now = tx.now();
-    let size = i64::try_from(job.info.size).map_err(|_| Error::Config {
-        what: "payload size",
-        value: job.info.size.to_string(),
-        why: "too large".into(),
-    })?;
-    let inline = job.inline.as_deref();
-    let n = tx
-        .execute(&INSERT_JOB, &args![&job.info.hash, size, now, inline])
-        .await?;
-    if n == 0 && inline.is_some() {
-        // A job whose payload was in the store gets it inline when added again with
-        // one (so a lost blob is repaired, as re-adding it to the store would).
-        tx.execute(&REPAIR_PAYLOAD, &args![&job.info.hash, inline])
-            .await?;
+    let mut rows = Vec::with_capacity(jobs.len());
+    for j in jobs {
+        let size = i64::try_from(j.info.size).map_err(|_| Error::Config {
+            what: "payload size",
+            value: j.info.size.to_string(),
+            why: "too large".into(),
+        })?;
+        rows.push(args![&j.info.hash, size, now, j.inline.as_deref()]);
     }
-    if n == 1 {
-        let data = serde_json::json!({"size": job.info.size});
-        tx.event(EventKind::Create, &job.info.hash, None, data)
-            .await?;
+    let stmts: Vec<(&Sql, &[Arg<'_>])> = rows.iter().map(|a| (&INSERT_JOB, &a[..])).collect();
+    let counts = tx.execute_all(&stmts).await?;
+    // A job whose payload was in the store gets it inline when added again with one
+    // (so a lost blob is repaired, as re-adding it to the store would).
+    let repairs: Vec<[Arg<'_>; 2]> = jobs
+        .iter()
+        .zip(&counts)
+        .filter(|(j, n)| **n == 0 && j.inline.is_some())
+        .map(|(j, _)| args![&j.info.hash, j.inline.as_deref()])
+        .collect();
+    if !repairs.is_empty() {
+        let stmts: Vec<(&Sql, &[Arg<'_>])> =
+            repairs.iter().map(|a| (&REPAIR_PAYLOAD, &a[..])).collect();
+        tx.execute_all(&stmts).await?;
     }
-    Ok(n == 1)
+    Ok(jobs
+        .iter()
+        .zip(&counts)
+        .map(|(j, &n)| (n == 1).then_some(j.info.size))
+        .collect())
+}
+
+/// Appends the `create` event of new job `job` of `size` bytes.
+async fn job_created<T: Tx>(tx: &mut T, job: &Hash, size: u64) -> R<(), T> {
+    let data = serde_json::json!({ "size": size });
+    tx.event(EventKind::Create, job, None, data).await
 }
 
 /// Whether job `job` is recorded.
@@ -130,18 +145,38 @@ pub(crate) async fn insert_instance<T: Tx>(
     opts: &PushOptions,
     r: &Resolved,
 ) -> R<Instance, T> {
+    let mut one = insert_instances(tx, &[(job, None)], opts, r).await?;
+    one.pop()
+        .ok_or_else(|| Error::Task("a push of one instance pushed none".into()).into())
+}
+
+/// Pushes a new instance of each of `jobs` (which exist), in order, with
+/// consecutive `created` times, in the batch and with the dependencies `r` resolved;
+/// all their rows are sent at once (one round trip on PostgreSQL). A job given with
+/// its size is new: its `create` event comes just before its instance's `push`.
+async fn insert_instances<T: Tx>(
+    tx: &mut T,
+    jobs: &[(&Hash, Option<u64>)],
+    opts: &PushOptions,
+    r: &Resolved,
+) -> R<Vec<Instance>, T> {
     let now = tx.now();
-    let created = tx.next_created(now).await?;
+    let first = tx
+        .next_created(now, i64::try_from(jobs.len()).unwrap_or(i64::MAX))
+        .await?;
     let timeout = opts.timeout.map(super::millis);
     let run_at = opts.run_at.unwrap_or(now);
     let state = r.state();
     let ended = (state == State::Cancelled).then_some(now);
     let ndeps = i64::try_from(r.deps.len()).unwrap_or(i64::MAX);
-    let id = tx
-        .insert_id(
-            &INSERT_INSTANCE,
-            &args![
-                job,
+    let (context, needs) = (opts.context.to_text(), opts.needs.to_text());
+    let conc = opts.concurrency.as_ref();
+    let rows: Vec<[Arg<'_>; 17]> = jobs
+        .iter()
+        .zip(first..)
+        .map(|((job, _), created)| {
+            args![
+                *job,
                 created,
                 opts.priority,
                 run_at,
@@ -154,14 +189,40 @@ pub(crate) async fn insert_instance<T: Tx>(
                 r.unmet,
                 r.broken.as_deref(),
                 ended,
-                opts.context.to_text(),
-                opts.needs.to_text(),
-                opts.concurrency.as_ref().map(|c| c.key.as_str()),
-                opts.concurrency.as_ref().map(|c| i64::from(c.limit))
-            ],
-        )
-        .await?;
-    deps::insert_deps(tx, id, r).await?;
+                context.as_deref(),
+                needs.as_deref(),
+                conc.map(|c| c.key.as_str()),
+                conc.map(|c| i64::from(c.limit))
+            ]
+        })
+        .collect();
+    let rows: Vec<&[Arg<'_>]> = rows.iter().map(|a| &a[..]).collect();
+    let ids = tx.insert_ids(&INSERT_INSTANCE, &rows).await?;
+    let data = push_data(opts, now, state);
+    let mut out = Vec::with_capacity(jobs.len());
+    for ((&(job, new), created), id) in jobs.iter().zip(first..).zip(ids) {
+        deps::insert_deps(tx, id, r).await?;
+        if let Some(size) = new {
+            job_created(tx, job, size).await?;
+        }
+        let inst = Some((id, created));
+        tx.event(EventKind::Push, job, inst, data.clone()).await?;
+        if let Some(msg) = &r.broken {
+            let data = serde_json::json!({"message": msg});
+            tx.event(EventKind::Cancel, job, inst, data).await?;
+        }
+        out.push(Instance {
+            id,
+            job: *job,
+            created,
+        });
+    }
+    Ok(out)
+}
+
+/// The details of a `push` event: when it is due if not now, its batch, whether it
+/// waits for dependencies (`null`: none of these).
+fn push_data(opts: &PushOptions, now: i64, state: State) -> serde_json::Value {
     let mut data = serde_json::json!({});
     if let Some(t) = opts.run_at.filter(|&t| t > now) {
         data["run_at"] = t.into();
@@ -175,17 +236,7 @@ pub(crate) async fn insert_instance<T: Tx>(
     if data.as_object().is_some_and(serde_json::Map::is_empty) {
         data = serde_json::Value::Null;
     }
-    let inst = Some((id, created));
-    tx.event(EventKind::Push, job, inst, data).await?;
-    if let Some(msg) = &r.broken {
-        let data = serde_json::json!({"message": msg});
-        tx.event(EventKind::Cancel, job, inst, data).await?;
-    }
-    Ok(Instance {
-        id,
-        job: *job,
-        created,
-    })
+    data
 }
 
 /// Records jobs and pushes an instance of each (see
@@ -197,21 +248,20 @@ pub(crate) async fn add_many<T: Tx>(
 ) -> R<Vec<Instance>, T> {
     let keys: Vec<&Hash> = jobs.iter().map(|j| &j.info.hash).collect();
     let resolved = deps::resolve(tx, opts, &keys).await?;
-    let mut out = Vec::with_capacity(jobs.len());
-    for j in jobs {
-        insert_job(tx, j).await?;
-        out.push(insert_instance(tx, &j.info.hash, opts, &resolved).await?);
-    }
-    Ok(out)
+    let new = store_jobs(tx, jobs).await?;
+    let jobs: Vec<(&Hash, Option<u64>)> = keys.into_iter().zip(new).collect();
+    insert_instances(tx, &jobs, opts, &resolved).await
 }
 
 /// Records jobs (see [`Queue::create_many`](crate::queue::Queue::create_many)).
 pub(crate) async fn create_many<T: Tx>(tx: &mut T, jobs: &[NewJob]) -> R<Vec<bool>, T> {
-    let mut out = Vec::with_capacity(jobs.len());
-    for j in jobs {
-        out.push(insert_job(tx, j).await?);
+    let new = store_jobs(tx, jobs).await?;
+    for (j, size) in jobs.iter().zip(&new) {
+        if let Some(size) = size {
+            job_created(tx, &j.info.hash, *size).await?;
+        }
     }
-    Ok(out)
+    Ok(new.iter().map(Option::is_some).collect())
 }
 
 /// Pushes an instance of a job that must exist (see

@@ -170,13 +170,13 @@ impl sql::Tx for Lite<'_> {
     }
 
     /// The write lock makes this race-free across processes.
-    async fn next_created(&mut self, now: i64) -> TxResult<i64> {
+    async fn next_created(&mut self, now: i64, n: i64) -> TxResult<i64> {
         if !self.newest_known {
             self.newest = self.one(&NEWEST_CREATED, &[], |r| r.int(0)).await?;
             self.newest_known = true;
         }
         let created = self.newest.map_or(now, |l| now.max(l + 1));
-        self.newest = Some(created);
+        self.newest = Some(created + n.max(1) - 1);
         Ok(created)
     }
 
