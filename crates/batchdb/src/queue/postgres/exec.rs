@@ -21,7 +21,7 @@ impl ToSql for Arg<'_> {
             Arg::Int32(v) => v.to_sql(ty, out),
             Arg::Bool(v) => v.to_sql(ty, out),
             Arg::Text(v) => v.as_deref().to_sql(ty, out),
-            Arg::Bytes(v) => v.to_sql(ty, out),
+            Arg::Bytes(v) => v.as_deref().to_sql(ty, out),
         }
     }
 
@@ -40,7 +40,7 @@ impl ToSql for Arg<'_> {
             Arg::Int32(v) => v.to_sql_checked(ty, out),
             Arg::Bool(v) => v.to_sql_checked(ty, out),
             Arg::Text(v) => v.as_deref().to_sql_checked(ty, out),
-            Arg::Bytes(v) => v.to_sql_checked(ty, out),
+            Arg::Bytes(v) => v.as_deref().to_sql_checked(ty, out),
         }
     }
 }
@@ -127,6 +127,8 @@ impl<C: GenericClient> Conn for Pg<'_, C> {
     }
 }
 
+/// Every statement of a transaction first sends the statements held for later
+/// ([`Conn::execute_later`]), so all run in the order they were given.
 impl Conn for Tx {
     type Error = TxError;
     type Row<'r> = Row;
@@ -137,11 +139,13 @@ impl Conn for Tx {
         args: &[Arg<'_>],
         f: impl FnMut(&Row) -> TxResult<()>,
     ) -> TxResult<()> {
+        self.send_held().await?;
         Pg(self.conn()).each(sql, args, f).await
     }
 
     /// A statement that changed rows marks the transaction as a change.
     async fn execute(&mut self, sql: &Sql, args: &[Arg<'_>]) -> TxResult<u64> {
+        self.send_held().await?;
         let n = Pg(self.conn()).execute(sql, args).await?;
         if n > 0 {
             self.changed = true;
@@ -149,14 +153,68 @@ impl Conn for Tx {
         Ok(n)
     }
 
-    /// Pipelined (see [`Pg`]'s); a statement that changed rows marks a change.
+    /// Pipelined (see [`Pg`]'s), after the held statements in the same round trip;
+    /// a statement that changed rows marks a change.
     async fn execute_all(&mut self, stmts: &[(&Sql, &[Arg<'_>])]) -> TxResult<Vec<u64>> {
-        let counts = Pg(self.conn()).execute_all(stmts).await?;
+        let held = std::mem::take(&mut self.held);
+        let mut all: Vec<(&Sql, &[Arg<'_>])> = held.iter().map(|(s, a)| (*s, &a[..])).collect();
+        all.extend_from_slice(stmts);
+        let mut counts = Pg(self.conn()).execute_all(&all).await?;
+        let counts = counts.split_off(held.len());
         if counts.iter().any(|&n| n > 0) {
             self.changed = true;
         }
         Ok(counts)
     }
+
+    /// Both sent before either answer is read: one round trip.
+    async fn rows_both<A, B>(
+        &mut self,
+        (first, first_args): (&Sql, &[Arg<'_>]),
+        fa: impl FnMut(&Row) -> TxResult<A>,
+        (second, second_args): (&Sql, &[Arg<'_>]),
+        fb: impl FnMut(&Row) -> TxResult<B>,
+    ) -> TxResult<(Vec<A>, Vec<B>)> {
+        self.send_held().await?;
+        let c = self.conn();
+        let (s1, s2) = (
+            c.prepare_cached(first.postgres()).await?,
+            c.prepare_cached(second.postgres()).await?,
+        );
+        // Each request goes out when its future is first polled, in this order.
+        tokio::try_join!(
+            read_rows(c, &s1, first_args, fa),
+            read_rows(c, &s2, second_args, fb)
+        )
+    }
+
+    /// Held, and sent ahead of the transaction's next statement or its commit.
+    async fn execute_later(&mut self, stmts: &[(&'static Sql, &[Arg<'_>])]) -> TxResult<()> {
+        for (sql, args) in stmts {
+            let args = args.iter().cloned().map(Arg::into_owned).collect();
+            self.held.push((*sql, args));
+        }
+        self.changed = true;
+        Ok(())
+    }
+}
+
+/// The rows of prepared statement `stmt` with `args`, each decoded by `f`. The
+/// request goes out when the future is first polled.
+async fn read_rows<U>(
+    c: &deadpool_postgres::Object,
+    stmt: &tokio_postgres::Statement,
+    args: &[Arg<'_>],
+    mut f: impl FnMut(&Row) -> TxResult<U>,
+) -> TxResult<Vec<U>> {
+    let params = args.iter().map(|a| a as &(dyn ToSql + Sync));
+    let rows = c.query_raw(stmt, params).await?;
+    futures_util::pin_mut!(rows);
+    let mut out = Vec::new();
+    while let Some(r) = rows.try_next().await? {
+        out.push(f(&r)?);
+    }
+    Ok(out)
 }
 
 static NEXT_CREATED: Sql = Sql::new(
@@ -208,6 +266,7 @@ impl sql::Tx for Tx {
 
     /// Pipelined (see [`Pg::execute_all`]): one round trip for all the rows.
     async fn insert_ids(&mut self, sql: &Sql, rows: &[&[Arg<'_>]]) -> TxResult<Vec<i64>> {
+        self.send_held().await?;
         let c = self.conn();
         let stmt = c.prepare_cached(sql.postgres()).await?;
         let params: Vec<Vec<&(dyn ToSql + Sync)>> = rows
@@ -254,20 +313,12 @@ impl sql::Tx for Tx {
         &mut self,
         sql: &Sql,
         args: &[Arg<'_>],
-        mut f: impl FnMut(&Row) -> TxResult<U>,
+        f: impl FnMut(&Row) -> TxResult<U>,
     ) -> TxResult<Vec<U>> {
+        self.send_held().await?;
         let c = self.conn();
         let stmt = c.prepare_cached(sql.postgres()).await?;
-        let read = async {
-            let params = args.iter().map(|a| a as &(dyn ToSql + Sync));
-            let rows = c.query_raw(&stmt, params).await?;
-            futures_util::pin_mut!(rows);
-            let mut out = Vec::new();
-            while let Some(r) = rows.try_next().await? {
-                out.push(f(&r)?);
-            }
-            Ok::<_, TxError>(out)
-        };
+        let read = read_rows(c, &stmt, args, f);
         let set = |sql| async move { c.batch_execute(sql).await.map_err(TxError::from) };
         // Each request goes out when its future is first polled, in this order.
         let ((), out, ()) = tokio::try_join!(

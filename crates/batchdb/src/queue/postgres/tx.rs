@@ -2,7 +2,7 @@
 //! which runs a body in a transaction and retries it on a serialization failure.
 
 use super::*;
-use crate::queue::sql::NewEvent;
+use crate::queue::sql::{Arg, Conn, NewEvent, Sql};
 
 /// The buffered events of a transaction appended at its end: the `event` counter
 /// advanced by `$1` (its row lock held until commit), the events numbered after it in
@@ -51,6 +51,9 @@ pub(super) struct Tx {
     pub(super) now: i64,
     /// Whether the commit is to be lazy and is not yet (see [`Tx::lazy`]).
     lazy: bool,
+    /// Statements held to be sent ahead of the next one, or of the commit
+    /// ([`Conn::execute_later`]).
+    pub(super) held: Vec<(&'static Sql, Vec<Arg<'static>>)>,
 }
 
 /// Starts a transaction on `client`, reading the server's clock in the same round
@@ -71,6 +74,7 @@ pub(super) async fn begin(client: deadpool_postgres::Object, lazy: bool) -> TxRe
         changed: false,
         now: 0,
         lazy: false,
+        held: Vec::new(),
     };
     let c = tx.conn();
     // Both sent before either answer is awaited: one round trip, in this order.
@@ -88,6 +92,14 @@ impl Tx {
             .unwrap_or_else(|| unreachable!("a transaction's connection is held until it ends"))
     }
 
+    /// Sends the held statements (see [`Conn::execute_later`]), if any.
+    pub(super) async fn send_held(&mut self) -> TxResult<()> {
+        if !self.held.is_empty() {
+            self.execute_all(&[]).await?;
+        }
+        Ok(())
+    }
+
     /// Makes this transaction's commit return without waiting for the WAL flush
     /// (`synchronous_commit` is read at commit): a crash of the database server may
     /// undo it, and a later durable commit flushes it along with its own. Sent with
@@ -96,12 +108,25 @@ impl Tx {
         self.lazy = true;
     }
 
-    /// Numbers and appends the buffered events, announces the change, and commits,
-    /// in one round trip. Returns whether anything changed.
+    /// Sends the held statements, numbers and appends the buffered events, announces
+    /// the change, and commits, in one round trip. Returns whether anything changed.
     pub(super) async fn commit(mut self) -> TxResult<bool> {
         let events = std::mem::take(&mut self.events);
+        let held = std::mem::take(&mut self.held);
         let (changed, lazy) = (self.changed, self.lazy);
         let c = self.conn();
+        // Prepared before anything is sent: each request goes out when its future is
+        // first polled, and the held statements must go out first.
+        let mut prepared = Vec::with_capacity(held.len());
+        for (sql, args) in &held {
+            let params: Vec<&(dyn ToSql + Sync)> = args.iter().map(|a| a as _).collect();
+            prepared.push((c.prepare_cached(sql.postgres()).await?, params));
+        }
+        let held = futures_util::future::try_join_all(
+            prepared
+                .iter()
+                .map(|(stmt, params)| c.execute(stmt, params)),
+        );
         // A statement that fails aborts the transaction, and the COMMIT after it then
         // rolls back: either way the connection leaves the transaction.
         if !events.is_empty() {
@@ -121,13 +146,13 @@ impl Tx {
             let args: [&(dyn ToSql + Sync); 9] = [
                 &n, &times, &kinds, &jobs, &created, &inst, &data, &CHANNEL, &lazy,
             ];
-            tokio::try_join!(c.execute(&stmt, &args), c.batch_execute("COMMIT"))?;
+            tokio::try_join!(held, c.execute(&stmt, &args), c.batch_execute("COMMIT"))?;
         } else if changed || lazy {
             let stmt = c.prepare_cached(END_MARKS).await?;
             let args: [&(dyn ToSql + Sync); 3] = [&CHANNEL, &changed, &lazy];
-            tokio::try_join!(c.execute(&stmt, &args), c.batch_execute("COMMIT"))?;
+            tokio::try_join!(held, c.execute(&stmt, &args), c.batch_execute("COMMIT"))?;
         } else {
-            c.batch_execute("COMMIT").await?;
+            tokio::try_join!(held, c.batch_execute("COMMIT"))?;
         }
         self.client.take();
         Ok(changed)

@@ -135,7 +135,9 @@ async fn start_attempt<T: Tx>(
         attempt_id.as_str(),
         resources.flatten()
     ];
-    tx.execute_all(&[(&START_ATTEMPT, &start), (&INSERT_ATTEMPT, &attempt)])
+    // Nothing below reads their answers: on PostgreSQL they ride with the next
+    // statement or the commit.
+    tx.execute_later(&[(&START_ATTEMPT, &start), (&INSERT_ATTEMPT, &attempt)])
         .await?;
     let data = serde_json::json!({"attempt": token, "worker": req.worker});
     tx.event(EventKind::Start, &c.job, Some((c.id, c.created)), data)
@@ -179,7 +181,7 @@ async fn take_over<T: Tx>(tx: &mut T, round: &mut Round<'_>, out: &mut Vec<Claim
             policy::Expired::TakeOver(lost) => lost,
             policy::Expired::Cancel(end) | policy::Expired::GiveUp(end) => {
                 let tr = policy::finish(&old, &end, cancel);
-                apply(tx, &old, (&c.job, c.created), &tr).await?;
+                apply(tx, &old, (&c.job, c.created), &tr, None).await?;
                 terminal = true;
                 continue;
             }
@@ -319,7 +321,7 @@ async fn consider<T: Tx>(
             hit.end = now;
             let served = Outcome::Success(hit.clone());
             let tr = policy::finish(&token.0, &served, false);
-            apply(tx, &token.0, (&c.job, c.created), &tr).await?;
+            apply(tx, &token.0, (&c.job, c.created), &tr, None).await?;
             out.push(c.claim(token, now, false, Some(hit)));
             return Ok(Taken::Served);
         }

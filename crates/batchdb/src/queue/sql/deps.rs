@@ -41,7 +41,9 @@ static DEP_BY_BATCH: Sql = Sql::new(
      WHERE batch = (SELECT id FROM batches WHERE name = $1) ORDER BY id FOR UPDATE",
 );
 static INSERT_DEP: Sql = Sql::new("INSERT INTO deps(instance, dep, after_any) VALUES ($1, $2, $3)");
-static DEPENDENTS: Sql = Sql::new(
+/// The instances waiting for instance `$1`: each one's id, whether any end of it
+/// will do, and its job and `created` (see [`waiting_row`]).
+pub(crate) static DEPENDENTS: Sql = Sql::new(
     "SELECT d.instance, d.after_any, i.job, i.created
      FROM deps d JOIN instances i ON i.id = d.instance
      WHERE d.dep = $1 AND i.state = 'waiting' ORDER BY d.instance",
@@ -205,23 +207,33 @@ pub(crate) async fn insert_deps<T: Tx>(tx: &mut T, id: i64, r: &Resolved) -> R<(
     Ok(())
 }
 
+/// One row of [`DEPENDENTS`]: an instance waiting for another.
+pub(crate) type Waiting = (i64, bool, Hash, i64);
+
+/// Decodes a row of [`DEPENDENTS`].
+pub(crate) fn waiting_row<R: Row>(r: &R) -> Result<Waiting, R::Error> {
+    Ok((r.req_int(0)?, r.flag(1)?, r.hash(2)?, r.req_int(3)?))
+}
+
 /// Instance `id` (of `job`, pushed at `created`) has just ended in `state`: each
 /// instance waiting for it is met (and pending once nothing else is unmet) or, if
 /// the end breaks its dependency, cancelled — and so on down the whole graph. Runs in
-/// the transaction that ended `id`.
+/// the transaction that ended `id`, which may have read `id`'s [`DEPENDENTS`]
+/// already (`known`: read after `id`'s row was locked, so no dependency was added
+/// since).
 pub(crate) async fn ended<T: Tx>(
     tx: &mut T,
     id: i64,
     (job, created): (&Hash, i64),
     state: State,
+    mut known: Option<Vec<Waiting>>,
 ) -> R<(), T> {
     let mut stack = vec![(id, *job, created, state)];
     while let Some((id, job, created, state)) = stack.pop() {
-        let waiting = tx
-            .rows(&DEPENDENTS, &args![id], |r| {
-                Ok((r.req_int(0)?, r.flag(1)?, r.hash(2)?, r.req_int(3)?))
-            })
-            .await?;
+        let waiting = match known.take() {
+            Some(w) => w,
+            None => tx.rows(&DEPENDENTS, &args![id], |r| waiting_row(r)).await?,
+        };
         for (dependent, any, djob, dcreated) in waiting {
             match policy::dependency(state, any) {
                 DepState::Met => {

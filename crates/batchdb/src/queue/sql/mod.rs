@@ -128,7 +128,20 @@ pub(crate) enum Arg<'a> {
     /// A `TEXT`.
     Text(Option<Cow<'a, str>>),
     /// A `BYTEA` (SQLite `BLOB`).
-    Bytes(Option<&'a [u8]>),
+    Bytes(Option<Cow<'a, [u8]>>),
+}
+
+impl Arg<'_> {
+    /// The same value, owning what it borrowed (for a statement sent later).
+    pub(crate) fn into_owned(self) -> Arg<'static> {
+        match self {
+            Arg::Int(v) => Arg::Int(v),
+            Arg::Int32(v) => Arg::Int32(v),
+            Arg::Bool(v) => Arg::Bool(v),
+            Arg::Text(v) => Arg::Text(v.map(|t| Cow::Owned(t.into_owned()))),
+            Arg::Bytes(v) => Arg::Bytes(v.map(|b| Cow::Owned(b.into_owned()))),
+        }
+    }
 }
 
 impl From<i64> for Arg<'_> {
@@ -193,13 +206,13 @@ impl From<Option<Hash>> for Arg<'_> {
 
 impl<'a> From<&'a [u8]> for Arg<'a> {
     fn from(v: &'a [u8]) -> Self {
-        Arg::Bytes(Some(v))
+        Arg::Bytes(Some(Cow::Borrowed(v)))
     }
 }
 
 impl<'a> From<Option<&'a [u8]>> for Arg<'a> {
     fn from(v: Option<&'a [u8]>) -> Self {
-        Arg::Bytes(v)
+        Arg::Bytes(v.map(Cow::Borrowed))
     }
 }
 
@@ -241,6 +254,17 @@ pub(crate) trait Conn {
         Ok(out)
     }
 
+    /// Runs statements that return no rows and whose counts nobody reads, in order,
+    /// after every statement run before them. A backend may hold them and send them
+    /// ahead of the next statement, or of the commit (PostgreSQL: in that round
+    /// trip, not one of their own); their errors then surface there.
+    async fn execute_later(
+        &mut self,
+        stmts: &[(&'static Sql, &[Arg<'_>])],
+    ) -> Result<(), Self::Error> {
+        self.execute_all(stmts).await.map(drop)
+    }
+
     /// The rows of `sql`, each decoded by `f`.
     async fn rows<T>(
         &mut self,
@@ -255,6 +279,22 @@ pub(crate) trait Conn {
         })
         .await?;
         Ok(out)
+    }
+
+    /// The rows of two statements, each decoded by its own function, the second run
+    /// after the first (holding its locks). A backend may send both before it reads
+    /// the first answer (PostgreSQL: one round trip), so the second's arguments may
+    /// not depend on the first's rows.
+    async fn rows_both<A, B>(
+        &mut self,
+        (first, first_args): (&Sql, &[Arg<'_>]),
+        fa: impl FnMut(&Self::Row<'_>) -> Result<A, Self::Error>,
+        (second, second_args): (&Sql, &[Arg<'_>]),
+        fb: impl FnMut(&Self::Row<'_>) -> Result<B, Self::Error>,
+    ) -> Result<(Vec<A>, Vec<B>), Self::Error> {
+        let a = self.rows(first, first_args, fa).await?;
+        let b = self.rows(second, second_args, fb).await?;
+        Ok((a, b))
     }
 
     /// The first row of `sql`, decoded by `f`, if there is one.

@@ -354,12 +354,14 @@ async fn hold_inline<T: Tx>(tx: &mut T, key: &Hash, data: &[u8]) -> R<(), T> {
 }
 
 /// Carries out transition `tr` of attempt `t` (see [`policy::finish`]); the caller
-/// has checked the fencing token.
+/// has checked the fencing token, and may have read the instances waiting for it
+/// (`waiting`, see [`deps::ended`]).
 pub(super) async fn apply<T: Tx>(
     tx: &mut T,
     t: &ClaimToken,
     (job, created): (&Hash, i64),
     tr: &Transition<'_>,
+    waiting: Option<Vec<deps::Waiting>>,
 ) -> R<Finished, T> {
     let now = tx.now();
     let end = args![
@@ -379,7 +381,7 @@ pub(super) async fn apply<T: Tx>(
     tx.event(tr.event, job, Some((t.id, created)), tr.data.clone())
         .await?;
     if tr.ends {
-        deps::ended(tx, t.id, (job, created), tr.state).await?;
+        deps::ended(tx, t.id, (job, created), tr.state, waiting).await?;
     }
     Ok(tr.finished)
 }
@@ -394,16 +396,18 @@ struct InstRow {
 }
 
 async fn lock_inst<T: Tx>(tx: &mut T, id: i64) -> R<Option<InstRow>, T> {
-    tx.opt(&LOCK_INSTANCE, &args![id], |r| {
-        Ok(InstRow {
-            job: r.hash(0)?,
-            created: r.req_int(1)?,
-            state: r.state(2)?,
-            attempts: r.req_int(3)?,
-            cancel_requested: r.flag(4)?,
-        })
+    tx.opt(&LOCK_INSTANCE, &args![id], |r| inst_row(r)).await
+}
+
+/// Decodes a row of [`LOCK_INSTANCE`].
+fn inst_row<R: Row>(r: &R) -> Result<InstRow, R::Error> {
+    Ok(InstRow {
+        job: r.hash(0)?,
+        created: r.req_int(1)?,
+        state: r.state(2)?,
+        attempts: r.req_int(3)?,
+        cancel_requested: r.flag(4)?,
     })
-    .await
 }
 
 fn fenced(t: &ClaimToken) -> Error {
@@ -414,13 +418,24 @@ fn fenced(t: &ClaimToken) -> Error {
 }
 
 /// Ends attempt `t` with `outcome` (see [`Queue::finish`](crate::queue::Queue::finish)).
+/// The instances waiting for it are read with its locked row, in the same round
+/// trip, in case the finish ends it.
 pub(crate) async fn finish<T: Tx>(tx: &mut T, t: &ClaimToken, outcome: &Outcome) -> R<Finished, T> {
-    let row = lock_inst(tx, t.id).await?;
+    let id = args![t.id];
+    let (rows, waiting) = tx
+        .rows_both(
+            (&LOCK_INSTANCE, &id),
+            |r| inst_row(r),
+            (&deps::DEPENDENTS, &id),
+            |r| deps::waiting_row(r),
+        )
+        .await?;
+    let row = rows.into_iter().next();
     let Some(row) = row.filter(|r| r.state == State::Running && r.attempts == t.token) else {
         return Err(fenced(t).into());
     };
     let tr = policy::finish(t, outcome, row.cancel_requested);
-    apply(tx, t, (&row.job, row.created), &tr).await
+    apply(tx, t, (&row.job, row.created), &tr, Some(waiting)).await
 }
 
 /// Renews attempt `t`'s lease for `lease` (see
@@ -455,7 +470,7 @@ pub(crate) async fn cancel<T: Tx>(tx: &mut T, sel: &Selector) -> R<Vec<Instance>
                 tx.event(EventKind::Cancel, &row.job, Some((id, row.created)), null)
                     .await?;
                 let inst = (&row.job, row.created);
-                deps::ended(tx, id, inst, State::Cancelled).await?;
+                deps::ended(tx, id, inst, State::Cancelled, None).await?;
             }
             State::Running => {
                 tx.execute(&CANCEL_RUNNING, &args![id]).await?;

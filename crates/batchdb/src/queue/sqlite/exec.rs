@@ -54,7 +54,7 @@ impl rusqlite::ToSql for Arg<'_> {
                 None => ToSqlOutput::Owned(Value::Null),
             },
             Arg::Bytes(v) => match v {
-                Some(b) => ToSqlOutput::Borrowed(ValueRef::Blob(b)),
+                Some(b) => ToSqlOutput::Borrowed(ValueRef::Blob(b.as_ref())),
                 None => ToSqlOutput::Owned(Value::Null),
             },
         })
