@@ -179,6 +179,19 @@ pub async fn concurrency_keys_never_run_more_than_their_limit_under_racing_claim
     assert_eq!(most, LIMIT, "the limit is reached, not just kept");
 }
 
+pub async fn one_claim_of_several_counts_its_own_starts_against_a_keys_limit(b: &Backend) {
+    for n in 0..3 {
+        let mut o = opts();
+        o.concurrency = Some(Concurrency::parse("one=1").unwrap());
+        b.queue.add(&job(n), &o).await.unwrap();
+    }
+    b.queue.add(&job(100), &opts()).await.unwrap();
+    let got = b.queue.claim(&req("w", 4, LONG)).await.unwrap();
+    let keyed = got.iter().filter(|c| c.job != job(100).hash).count();
+    assert_eq!((got.len(), keyed), (2, 1), "{got:?}");
+    assert_eq!(b.queue.counts().await.unwrap().running, 2);
+}
+
 pub async fn a_lost_workers_concurrency_slot_passes_to_the_takeover(b: &Backend) {
     let q = &b.queue;
     let mut o = opts();
