@@ -23,6 +23,8 @@ use futures_util::StreamExt;
 
 #[path = "scenarios/batches.rs"]
 mod batches;
+#[path = "scenarios/pg_bulk.rs"]
+mod pg_bulk;
 #[path = "scenarios/prune.rs"]
 mod prune;
 #[path = "scenarios/resources.rs"]
@@ -572,6 +574,10 @@ async fn main() {
             for w in [1, 2, 4] {
                 rows.push(drain_distributed(&pg, g, w, n, reps).await);
             }
+        }
+        if want("bulk") {
+            let n = if quick { 10_000 } else { 100_000 };
+            rows.push(pg_bulk::bulk_postgres(&pg, g, n, reps).await);
         }
         if want("wakeup") {
             let (url, db) = open_distributed(&pg, g).await;

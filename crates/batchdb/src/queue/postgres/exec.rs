@@ -112,20 +112,30 @@ impl<C: GenericClient> Conn for Pg<'_, C> {
     /// request goes out when its future is first polled, and `try_join_all` polls
     /// them in order), so the batch costs one round trip once its statements are
     /// prepared on this connection.
+    ///
+    /// At most [`PIPELINE_MAX`] statements are in flight: a bulk add's hundred
+    /// thousand rows cost a round trip per thousand, and memory for a thousand.
     async fn execute_all(&mut self, stmts: &[(&Sql, &[Arg<'_>])]) -> TxResult<Vec<u64>> {
-        let mut prepared = Vec::with_capacity(stmts.len());
-        for (sql, args) in stmts {
-            let stmt = self.0.prepare_cached(sql.postgres()).await?;
-            let params: Vec<&(dyn ToSql + Sync)> = args.iter().map(|a| a as _).collect();
-            prepared.push((stmt, params));
+        let mut counts = Vec::with_capacity(stmts.len());
+        for window in stmts.chunks(PIPELINE_MAX) {
+            let mut prepared = Vec::with_capacity(window.len());
+            for (sql, args) in window {
+                let stmt = self.0.prepare_cached(sql.postgres()).await?;
+                let params: Vec<&(dyn ToSql + Sync)> = args.iter().map(|a| a as _).collect();
+                prepared.push((stmt, params));
+            }
+            let client = self.0;
+            let runs = prepared
+                .iter()
+                .map(|(stmt, params)| client.execute(stmt, params));
+            counts.extend(futures_util::future::try_join_all(runs).await?);
         }
-        let client = self.0;
-        let runs = prepared
-            .iter()
-            .map(|(stmt, params)| client.execute(stmt, params));
-        Ok(futures_util::future::try_join_all(runs).await?)
+        Ok(counts)
     }
 }
+
+/// The most statements one pipeline sends before it reads their answers.
+const PIPELINE_MAX: usize = 1024;
 
 /// Every statement of a transaction first sends the statements held for later
 /// ([`Conn::execute_later`]), so all run in the order they were given.
@@ -264,21 +274,26 @@ impl sql::Tx for Tx {
         self.one(sql, args, |r| r.req_int(0)).await
     }
 
-    /// Pipelined (see [`Pg::execute_all`]): one round trip for all the rows.
+    /// Pipelined (see [`Pg::execute_all`]): one round trip per thousand rows.
     async fn insert_ids(&mut self, sql: &Sql, rows: &[&[Arg<'_>]]) -> TxResult<Vec<i64>> {
         self.send_held().await?;
         let c = self.conn();
         let stmt = c.prepare_cached(sql.postgres()).await?;
-        let params: Vec<Vec<&(dyn ToSql + Sync)>> = rows
-            .iter()
-            .map(|args| args.iter().map(|a| a as _).collect())
-            .collect();
-        let runs = params.iter().map(|p| c.query_one(&stmt, p));
-        let inserted = futures_util::future::try_join_all(runs).await?;
-        if !inserted.is_empty() {
+        let mut ids = Vec::with_capacity(rows.len());
+        for window in rows.chunks(PIPELINE_MAX) {
+            let params: Vec<Vec<&(dyn ToSql + Sync)>> = window
+                .iter()
+                .map(|args| args.iter().map(|a| a as _).collect())
+                .collect();
+            let runs = params.iter().map(|p| c.query_one(&stmt, p));
+            for r in futures_util::future::try_join_all(runs).await? {
+                ids.push(r.req_int(0)?);
+            }
+        }
+        if !ids.is_empty() {
             self.changed = true;
         }
-        inserted.iter().map(|r| r.req_int(0)).collect()
+        Ok(ids)
     }
 
     /// One statement for all `n`; the counter row's lock serializes pushes.
