@@ -94,6 +94,19 @@ static CANCEL_RUNNING: Sql = Sql::new("UPDATE instances SET cancel_requested = T
 /// all their rows sent at once (one round trip on PostgreSQL); for each, its size
 /// if it is new. Their `create` events are the caller's to append ([`job_created`]).
 async fn store_jobs<T: Tx>(tx: &mut T, jobs: &[NewJob]) -> R<Vec<Option<u64>>, T> {
+    let mut out = Vec::with_capacity(jobs.len());
+    for window in jobs.chunks(STEP_ROWS) {
+        out.extend(store_window(tx, window).await?);
+    }
+    Ok(out)
+}
+
+/// The rows of one bulk write built and sent at a time: the arguments held are a
+/// window's, not the whole add's.
+const STEP_ROWS: usize = 1024;
+
+/// [`store_jobs`] of one window.
+async fn store_window<T: Tx>(tx: &mut T, jobs: &[NewJob]) -> R<Vec<Option<u64>>, T> {
     let now = tx.now();
     let mut rows = Vec::with_capacity(jobs.len());
     for j in jobs {
@@ -161,9 +174,27 @@ async fn insert_instances<T: Tx>(
     r: &Resolved,
 ) -> R<Vec<Instance>, T> {
     let now = tx.now();
-    let first = tx
+    let mut created = tx
         .next_created(now, i64::try_from(jobs.len()).unwrap_or(i64::MAX))
         .await?;
+    let mut out = Vec::with_capacity(jobs.len());
+    for window in jobs.chunks(STEP_ROWS) {
+        insert_window(tx, window, (now, created), opts, r, &mut out).await?;
+        created += i64::try_from(window.len()).unwrap_or(i64::MAX);
+    }
+    Ok(out)
+}
+
+/// [`insert_instances`] of one window, whose first `created` time is `first`, at
+/// transaction time `now`; the instances are appended to `out`.
+async fn insert_window<T: Tx>(
+    tx: &mut T,
+    jobs: &[(&Hash, Option<u64>)],
+    (now, first): (i64, i64),
+    opts: &PushOptions,
+    r: &Resolved,
+    out: &mut Vec<Instance>,
+) -> R<(), T> {
     let timeout = opts.timeout.map(super::millis);
     let run_at = opts.run_at.unwrap_or(now);
     let state = r.state();
@@ -199,7 +230,6 @@ async fn insert_instances<T: Tx>(
     let rows: Vec<&[Arg<'_>]> = rows.iter().map(|a| &a[..]).collect();
     let ids = tx.insert_ids(&INSERT_INSTANCE, &rows).await?;
     let data = push_data(opts, now, state);
-    let mut out = Vec::with_capacity(jobs.len());
     for ((&(job, new), created), id) in jobs.iter().zip(first..).zip(ids) {
         deps::insert_deps(tx, id, r).await?;
         if let Some(size) = new {
@@ -217,7 +247,7 @@ async fn insert_instances<T: Tx>(
             created,
         });
     }
-    Ok(out)
+    Ok(())
 }
 
 /// The details of a `push` event: when it is due if not now, its batch, whether it
