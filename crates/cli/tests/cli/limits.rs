@@ -149,11 +149,12 @@ fn a_job_with_limits_fails_where_the_worker_enforces_none() {
 #[test]
 fn a_fork_bomb_stops_at_its_pids_limit_and_the_worker_runs_the_next_job() {
     let env = Env::new();
-    // The job starts its `sleep` before the bomb (once the bomb holds every pid, a
-    // fork of the job's own shell would fail and end it with "Cannot fork"), lets the
-    // bomb fork for a second, then reads its own group's peak with builtins only.
+    // The job's own shell forks only before the bomb exists (once the bomb holds
+    // every pid, a fork of it would fail and end the job with "Cannot fork"): its
+    // `sleep`, then one subshell in which the bomb starts. It lets the bomb fork for
+    // a second, then reads its own group's peak with builtins only.
     let bomb = "g=$(grep ':pids:' /proc/self/cgroup | cut -d: -f3); \
-                sleep 1 & s=$!; f() { f | f & }; f; wait $s; \
+                sleep 1 & s=$!; f() { f | f & }; (f) & wait $s; \
                 read peak < /sys/fs/cgroup/pids$g/pids.peak; echo $peak";
     let (_, created) = env.add_with(&["--pids", "20"], bomb);
     let (_, next) = env.add("echo next");
@@ -183,7 +184,13 @@ fn a_fork_bomb_stops_at_its_pids_limit_and_the_worker_runs_the_next_job() {
         .lines()
         .last()
         .and_then(|l| l.trim().parse().ok())
-        .unwrap_or_else(|| panic!("pids.peak in {row}"));
+        .unwrap_or_else(|| {
+            // What the job said, to tell a failed fork from a failed read.
+            let stderr = row["value"]["stderr"]
+                .as_str()
+                .map(|h| String::from_utf8_lossy(&env.get(h)).into_owned());
+            panic!("pids.peak in {row}; stderr {stderr:?}")
+        });
     assert!((2..=20).contains(&peak), "peak {peak}");
     assert_eq!(
         env.get(env.row("result", next)["value"]["hash"].as_str().unwrap()),
