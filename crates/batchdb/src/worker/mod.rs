@@ -21,6 +21,7 @@ use crate::runner::{Reader, Runner};
 mod attempt;
 
 pub use attempt::Settling;
+#[cfg(feature = "remote")]
 pub(crate) use port::finish_then_claim;
 pub use port::{LiveSink, LocalPort, OutputStream, WorkerPort};
 mod classify;

@@ -72,6 +72,29 @@ async fn run(b: &Backend, want: i64, outcome: &Outcome) {
     }
 }
 
+/// A claim that ends an expired instance (its cancel was requested) claims, in the
+/// same transaction, the dependent that end released.
+pub async fn a_takeover_that_ends_an_instance_lets_the_same_claim_take_its_dependent(b: &Backend) {
+    let a = b.queue.add(&job(1), &PushOptions::default()).await.unwrap();
+    let dep = b
+        .queue
+        .add(&job(2), &after(&[id(&a)], true, None))
+        .await
+        .unwrap();
+    let short = b
+        .queue
+        .claim(&req("lost", 1, Duration::from_millis(50)))
+        .await
+        .unwrap();
+    assert_eq!(short.len(), 1);
+    b.queue.cancel(&Selector::Id(a.id)).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let got = b.queue.claim(&req("w", 2, LONG)).await.unwrap();
+    assert_eq!(state(b, a.id).await, State::Cancelled);
+    let ids: Vec<i64> = got.iter().map(|c| c.token.id).collect();
+    assert_eq!(ids, [dep.id], "the released dependent, in the same claim");
+}
+
 pub async fn a_dependency_is_released_in_the_transaction_of_its_result(b: &Backend) {
     let a = b.queue.add(&job(1), &PushOptions::default()).await.unwrap();
     let a2 = b.queue.add(&job(2), &PushOptions::default()).await.unwrap();

@@ -64,6 +64,7 @@ macro_rules! suite {
                     corrupt_values_on_every_path_are_one_error,
                 ]);
                 suite!(@tests $backend, deps: [
+                    a_takeover_that_ends_an_instance_lets_the_same_claim_take_its_dependent,
                     a_dependency_is_released_in_the_transaction_of_its_result,
                     failure_and_cancel_propagate_down_the_graph,
                     retry_with_dependents_rewires_the_graph,

@@ -209,6 +209,19 @@ impl Conn for Tx {
     }
 }
 
+/// What a claim statement runs under (see [`Tx::candidates`]), set for the
+/// transaction and undone right after it.
+const PIN_PLANS: &str =
+    "SET LOCAL enable_sort = off; SET LOCAL plan_cache_mode = force_generic_plan";
+/// Undoes [`PIN_PLANS`].
+const UNPIN_PLANS: &str = "SET LOCAL enable_sort TO DEFAULT; SET LOCAL plan_cache_mode TO DEFAULT";
+
+/// Runs settings `sql` (simple protocol). The request goes out when the future is
+/// first polled.
+async fn set(c: &deadpool_postgres::Object, sql: &str) -> TxResult<()> {
+    Ok(c.batch_execute(sql).await?)
+}
+
 /// The rows of prepared statement `stmt` with `args`, each decoded by `f`. The
 /// request goes out when the future is first polled.
 async fn read_rows<U>(
@@ -334,14 +347,33 @@ impl sql::Tx for Tx {
         let c = self.conn();
         let stmt = c.prepare_cached(sql.postgres()).await?;
         let read = read_rows(c, &stmt, args, f);
-        let set = |sql| async move { c.batch_execute(sql).await.map_err(TxError::from) };
         // Each request goes out when its future is first polled, in this order.
-        let ((), out, ()) = tokio::try_join!(
-            set("SET LOCAL enable_sort = off; SET LOCAL plan_cache_mode = force_generic_plan"),
-            read,
-            set("SET LOCAL enable_sort TO DEFAULT; SET LOCAL plan_cache_mode TO DEFAULT")
-        )?;
+        let ((), out, ()) = tokio::try_join!(set(c, PIN_PLANS), read, set(c, UNPIN_PLANS))?;
         Ok(out)
+    }
+
+    /// Both between the same two settings (see [`Tx::candidates`]): one round trip.
+    async fn candidates_both<A, B>(
+        &mut self,
+        (first, first_args): (&Sql, &[Arg<'_>]),
+        fa: impl FnMut(&Row) -> TxResult<A>,
+        (second, second_args): (&Sql, &[Arg<'_>]),
+        fb: impl FnMut(&Row) -> TxResult<B>,
+    ) -> TxResult<(Vec<A>, Vec<B>)> {
+        self.send_held().await?;
+        let c = self.conn();
+        let (s1, s2) = (
+            c.prepare_cached(first.postgres()).await?,
+            c.prepare_cached(second.postgres()).await?,
+        );
+        // Each request goes out when its future is first polled, in this order.
+        let ((), a, b, ()) = tokio::try_join!(
+            set(c, PIN_PLANS),
+            read_rows(c, &s1, first_args, fa),
+            read_rows(c, &s2, second_args, fb),
+            set(c, UNPIN_PLANS)
+        )?;
+        Ok((a, b))
     }
 
     async fn try_lock_key(&mut self, key: &Hash) -> TxResult<bool> {

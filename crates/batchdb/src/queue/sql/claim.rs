@@ -87,11 +87,29 @@ pub(crate) async fn claim<T: Tx>(tx: &mut T, req: &ClaimRequest) -> R<(Vec<Claim
         reserved: BTreeSet::new(),
         in_batch: Vec::new(),
     };
-    let terminal = take_over(tx, &mut round, &mut out).await?;
-    if !req.resources.is_empty() {
+    let expired_args = args![round.now, i64::try_from(req.limit).unwrap_or(i64::MAX)];
+    let expired = (T::claim_sql().expired, &expired_args[..]);
+    let (terminal, first) = if req.resources.is_empty() {
+        // Nothing comes between the two reads for a worker without resources: both
+        // in one round trip. A takeover may release dependents, which the pending
+        // read made before it cannot see: after one, that read is made again.
+        let pending_args = pending_args(&round, req.limit, 0);
+        let pending = (pending_sql::<T>(req.order), &pending_args[..]);
+        let (expired, pending) = tx
+            .candidates_both(expired, |r| expired_row(r), pending, |r| candidate(r))
+            .await?;
+        let took_over = !expired.is_empty();
+        let terminal = take_over(tx, &mut round, &mut out, expired).await?;
+        (terminal, (!took_over).then_some(pending))
+    } else {
+        let expired = tx
+            .candidates(expired.0, expired.1, |r| expired_row(r))
+            .await?;
+        let terminal = take_over(tx, &mut round, &mut out, expired).await?;
         claim_starving(tx, &mut round, &mut out).await?;
-    }
-    claim_pending(tx, &mut round, &mut out).await?;
+        (terminal, None)
+    };
+    claim_pending(tx, &mut round, &mut out, first).await?;
     // A result served from the cache must be as durable as any other.
     let served = out.iter().any(|c| c.cache_hit.is_some());
     Ok((out, served || terminal))
@@ -159,18 +177,38 @@ async fn cache_lookup<T: Tx>(tx: &mut T, key: &Hash) -> R<Option<AttemptReport>,
     .await
 }
 
+/// Decodes a row of [`ClaimSql::expired`](super::ClaimSql::expired): the candidate
+/// and whether its cancel was requested.
+fn expired_row<R: Row>(r: &R) -> Result<(Candidate, bool), R::Error> {
+    Ok((candidate(r)?, r.flag(CLAIM_COLS)?))
+}
+
+/// The pending read in the claim's order.
+fn pending_sql<T: Tx>(order: Order) -> &'static Sql {
+    match order {
+        Order::Newest => T::claim_sql().newest,
+        Order::Oldest => T::claim_sql().oldest,
+    }
+}
+
+/// The arguments of a pending read of `window` rows after skipping `skipped`.
+fn pending_args(round: &Round<'_>, window: usize, skipped: usize) -> [super::Arg<'static>; 4] {
+    let offset = i64::try_from(skipped).unwrap_or(i64::MAX);
+    let win = i64::try_from(window).unwrap_or(i64::MAX);
+    args![round.now, win, offset, !round.req.resources.is_empty()]
+}
+
 /// Takes over attempts whose worker stopped renewing its lease (or ends them, as
 /// [`policy::expired`] says), each only where its needs fit what is free. Returns
 /// whether it ended an instance.
-async fn take_over<T: Tx>(tx: &mut T, round: &mut Round<'_>, out: &mut Vec<Claim>) -> R<bool, T> {
+async fn take_over<T: Tx>(
+    tx: &mut T,
+    round: &mut Round<'_>,
+    out: &mut Vec<Claim>,
+    expired: Vec<(Candidate, bool)>,
+) -> R<bool, T> {
     let (req, now) = (round.req, round.now);
-    let limit = i64::try_from(req.limit).unwrap_or(i64::MAX);
     let mut terminal = false;
-    let expired = tx
-        .candidates(T::claim_sql().expired, &args![now, limit], |r| {
-            Ok((candidate(r)?, r.flag(CLAIM_COLS)?))
-        })
-        .await?;
     for (c, cancel) in expired {
         let old = ClaimToken {
             id: c.id,
@@ -242,8 +280,14 @@ async fn claim_starving<T: Tx>(
 /// Claims due pending instances, by priority then order, a window at a time. A cached
 /// run is served from the cache, or skipped while an identical run is in flight (it
 /// stays pending, so the next window starts past it); one whose needs do not fit or
-/// whose concurrency key is full is skipped the same way.
-async fn claim_pending<T: Tx>(tx: &mut T, round: &mut Round<'_>, out: &mut Vec<Claim>) -> R<(), T> {
+/// whose concurrency key is full is skipped the same way. `first`: the first window,
+/// read already (of `limit` rows, nothing skipped; only with nothing claimed yet).
+async fn claim_pending<T: Tx>(
+    tx: &mut T,
+    round: &mut Round<'_>,
+    out: &mut Vec<Claim>,
+    mut first: Option<Vec<Candidate>>,
+) -> R<(), T> {
     let req = round.req;
     let remaining = req.limit.saturating_sub(out.len());
     let has_resources = !req.resources.is_empty();
@@ -259,14 +303,13 @@ async fn claim_pending<T: Tx>(tx: &mut T, round: &mut Round<'_>, out: &mut Vec<C
     let mut claimed = 0;
     let mut skipped = 0usize;
     while claimed < remaining && skipped < SCAN_MAX {
-        let offset = i64::try_from(skipped).unwrap_or(i64::MAX);
-        let win = i64::try_from(window).unwrap_or(i64::MAX);
-        let sql = match req.order {
-            Order::Newest => T::claim_sql().newest,
-            Order::Oldest => T::claim_sql().oldest,
+        let candidates = if let Some(read) = first.take() {
+            read
+        } else {
+            let args = pending_args(round, window, skipped);
+            tx.candidates(pending_sql::<T>(req.order), &args, |r| candidate(r))
+                .await?
         };
-        let args = args![round.now, win, offset, has_resources];
-        let candidates = tx.candidates(sql, &args, |r| candidate(r)).await?;
         let last_window = candidates.len() < window;
         for c in candidates {
             if claimed == remaining {

@@ -133,6 +133,7 @@ pub(crate) enum Arg<'a> {
 
 impl Arg<'_> {
     /// The same value, owning what it borrowed (for a statement sent later).
+    #[cfg_attr(not(feature = "postgres"), allow(dead_code))]
     pub(crate) fn into_owned(self) -> Arg<'static> {
         match self {
             Arg::Int(v) => Arg::Int(v),
@@ -384,6 +385,21 @@ pub(crate) trait Tx: Conn {
 
     /// The statements selecting claim candidates.
     fn claim_sql() -> ClaimSql;
+
+    /// [`Tx::candidates`] of two claim statements, the second run after the first; a
+    /// backend may send both before it reads the first answer (PostgreSQL: one round
+    /// trip), so the second's arguments may not depend on the first's rows.
+    async fn candidates_both<A, B>(
+        &mut self,
+        (first, first_args): (&Sql, &[Arg<'_>]),
+        fa: impl FnMut(&Self::Row<'_>) -> Result<A, Self::Error>,
+        (second, second_args): (&Sql, &[Arg<'_>]),
+        fb: impl FnMut(&Self::Row<'_>) -> Result<B, Self::Error>,
+    ) -> Result<(Vec<A>, Vec<B>), Self::Error> {
+        let a = self.candidates(first, first_args, fa).await?;
+        let b = self.candidates(second, second_args, fb).await?;
+        Ok((a, b))
+    }
 
     /// The rows of claim statement `sql` (one of [`Tx::claim_sql`]'s), each decoded by
     /// `f`: read in order through the index the statement's order is written for,
