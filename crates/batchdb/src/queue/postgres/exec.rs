@@ -6,6 +6,7 @@
 use bytes::BytesMut;
 use deadpool_postgres::GenericClient;
 use futures_util::TryStreamExt;
+use tokio_postgres::Statement;
 use tokio_postgres::types::{IsNull, Type};
 
 use super::*;
@@ -180,22 +181,15 @@ impl Conn for Tx {
     /// Both sent before either answer is read: one round trip.
     async fn rows_both<A, B>(
         &mut self,
-        (first, first_args): (&Sql, &[Arg<'_>]),
+        first: (&Sql, &[Arg<'_>]),
         fa: impl FnMut(&Row) -> TxResult<A>,
-        (second, second_args): (&Sql, &[Arg<'_>]),
+        second: (&Sql, &[Arg<'_>]),
         fb: impl FnMut(&Row) -> TxResult<B>,
     ) -> TxResult<(Vec<A>, Vec<B>)> {
         self.send_held().await?;
         let c = self.conn();
-        let (s1, s2) = (
-            c.prepare_cached(first.postgres()).await?,
-            c.prepare_cached(second.postgres()).await?,
-        );
-        // Each request goes out when its future is first polled, in this order.
-        tokio::try_join!(
-            read_rows(c, &s1, first_args, fa),
-            read_rows(c, &s2, second_args, fb)
-        )
+        let (s1, s2) = prepare_two(c, first.0, second.0).await?;
+        read_two(c, (&s1, first.1, fa), (&s2, second.1, fb)).await
     }
 
     /// Held, and sent ahead of the transaction's next statement or its commit.
@@ -222,11 +216,48 @@ async fn set(c: &deadpool_postgres::Object, sql: &str) -> TxResult<()> {
     Ok(c.batch_execute(sql).await?)
 }
 
+/// Two statements prepared on `c` (cached per connection).
+async fn prepare_two(
+    c: &deadpool_postgres::Object,
+    first: &Sql,
+    second: &Sql,
+) -> TxResult<(Statement, Statement)> {
+    Ok((
+        c.prepare_cached(first.postgres()).await?,
+        c.prepare_cached(second.postgres()).await?,
+    ))
+}
+
+/// `reads` between [`PIN_PLANS`] and [`UNPIN_PLANS`], all in one round trip: every
+/// request of `reads` must go out when it is first polled (its statements prepared
+/// before), or the settings would be undone before it is sent.
+async fn pinned<T>(
+    c: &deadpool_postgres::Object,
+    reads: impl Future<Output = TxResult<T>>,
+) -> TxResult<T> {
+    // Each request goes out when its future is first polled, in this order.
+    let ((), out, ()) = tokio::try_join!(set(c, PIN_PLANS), reads, set(c, UNPIN_PLANS))?;
+    Ok(out)
+}
+
+/// The rows of two prepared statements, each decoded by its own function; both
+/// requests go out when the future is first polled, before either answer is read.
+async fn read_two<A, B>(
+    c: &deadpool_postgres::Object,
+    (first, first_args, fa): (&Statement, &[Arg<'_>], impl FnMut(&Row) -> TxResult<A>),
+    (second, second_args, fb): (&Statement, &[Arg<'_>], impl FnMut(&Row) -> TxResult<B>),
+) -> TxResult<(Vec<A>, Vec<B>)> {
+    tokio::try_join!(
+        read_rows(c, first, first_args, fa),
+        read_rows(c, second, second_args, fb)
+    )
+}
+
 /// The rows of prepared statement `stmt` with `args`, each decoded by `f`. The
 /// request goes out when the future is first polled.
 async fn read_rows<U>(
     c: &deadpool_postgres::Object,
-    stmt: &tokio_postgres::Statement,
+    stmt: &Statement,
     args: &[Arg<'_>],
     mut f: impl FnMut(&Row) -> TxResult<U>,
 ) -> TxResult<Vec<U>> {
@@ -281,10 +312,6 @@ impl sql::Tx for Tx {
         self.events.push(e);
         self.changed = true;
         Ok(())
-    }
-
-    async fn insert_id(&mut self, sql: &Sql, args: &[Arg<'_>]) -> TxResult<i64> {
-        self.one(sql, args, |r| r.req_int(0)).await
     }
 
     /// Pipelined (see [`Pg::execute_all`]): one round trip per thousand rows.
@@ -346,34 +373,22 @@ impl sql::Tx for Tx {
         self.send_held().await?;
         let c = self.conn();
         let stmt = c.prepare_cached(sql.postgres()).await?;
-        let read = read_rows(c, &stmt, args, f);
-        // Each request goes out when its future is first polled, in this order.
-        let ((), out, ()) = tokio::try_join!(set(c, PIN_PLANS), read, set(c, UNPIN_PLANS))?;
-        Ok(out)
+        pinned(c, read_rows(c, &stmt, args, f)).await
     }
 
     /// Both between the same two settings (see [`Tx::candidates`]): one round trip.
     async fn candidates_both<A, B>(
         &mut self,
-        (first, first_args): (&Sql, &[Arg<'_>]),
+        first: (&Sql, &[Arg<'_>]),
         fa: impl FnMut(&Row) -> TxResult<A>,
-        (second, second_args): (&Sql, &[Arg<'_>]),
+        second: (&Sql, &[Arg<'_>]),
         fb: impl FnMut(&Row) -> TxResult<B>,
     ) -> TxResult<(Vec<A>, Vec<B>)> {
         self.send_held().await?;
         let c = self.conn();
-        let (s1, s2) = (
-            c.prepare_cached(first.postgres()).await?,
-            c.prepare_cached(second.postgres()).await?,
-        );
-        // Each request goes out when its future is first polled, in this order.
-        let ((), a, b, ()) = tokio::try_join!(
-            set(c, PIN_PLANS),
-            read_rows(c, &s1, first_args, fa),
-            read_rows(c, &s2, second_args, fb),
-            set(c, UNPIN_PLANS)
-        )?;
-        Ok((a, b))
+        // Prepared first: nothing may go out between the settings and the reads.
+        let (s1, s2) = prepare_two(c, first.0, second.0).await?;
+        pinned(c, read_two(c, (&s1, first.1, fa), (&s2, second.1, fb))).await
     }
 
     async fn try_lock_key(&mut self, key: &Hash) -> TxResult<bool> {

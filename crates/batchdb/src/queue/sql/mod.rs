@@ -360,24 +360,12 @@ pub(crate) trait Tx: Conn {
         .await
     }
 
-    /// Runs an `INSERT` of one row and returns the row's new id (its `RETURNING id`
-    /// where the dialect's text has one).
-    async fn insert_id(&mut self, sql: &Sql, args: &[Arg<'_>]) -> Result<i64, Self::Error>;
-
     /// Runs `INSERT` `sql` once with each of `rows` and returns the new ids, in
-    /// order. A backend may send them all before it reads the first answer (see
+    /// order (each row's `RETURNING id` where the dialect's text has one). A backend
+    /// may send them all before it reads the first answer (see
     /// [`Conn::execute_all`]).
-    async fn insert_ids(
-        &mut self,
-        sql: &Sql,
-        rows: &[&[Arg<'_>]],
-    ) -> Result<Vec<i64>, Self::Error> {
-        let mut ids = Vec::with_capacity(rows.len());
-        for args in rows {
-            ids.push(self.insert_id(sql, args).await?);
-        }
-        Ok(ids)
-    }
+    async fn insert_ids(&mut self, sql: &Sql, rows: &[&[Arg<'_>]])
+    -> Result<Vec<i64>, Self::Error>;
 
     /// The first of `n` consecutive `created` times for new instances: `now`, or the
     /// next free one when `now` is taken (`created` is unique across all instances).

@@ -163,10 +163,14 @@ impl sql::Tx for Lite<'_> {
         Ok(())
     }
 
-    /// The rowid SQLite just assigned (no RETURNING: see the statement).
-    async fn insert_id(&mut self, sql: &Sql, args: &[Arg<'_>]) -> TxResult<i64> {
-        self.execute(sql, args).await?;
-        Ok(self.conn.last_insert_rowid())
+    /// Each the rowid SQLite just assigned (no RETURNING: see the statement).
+    async fn insert_ids(&mut self, sql: &Sql, rows: &[&[Arg<'_>]]) -> TxResult<Vec<i64>> {
+        let mut ids = Vec::with_capacity(rows.len());
+        for args in rows {
+            self.execute(sql, args).await?;
+            ids.push(self.conn.last_insert_rowid());
+        }
+        Ok(ids)
     }
 
     /// The write lock makes this race-free across processes.
