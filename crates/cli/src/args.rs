@@ -394,6 +394,17 @@ pub struct RunArgs {
         allow_hyphen_values = true
     )]
     pub reserve_after: f64,
+    /// Seconds: after a job that ran less than this, its slot claims the next job
+    /// ahead, held to start the moment the running job ends (the ended job's outcome
+    /// commits meanwhile); the held job is given back to pending if the running job
+    /// goes on this long. 0: claim only what starts.
+    #[arg(
+        long,
+        value_name = "SECS",
+        default_value_t = 0.05,
+        allow_hyphen_values = true
+    )]
+    pub ahead: f64,
     /// Work for the `batchdb serve` at URL (`https://host:5000`) instead of opening
     /// the database: every queue and blob call goes through its worker endpoints, so
     /// this machine needs no database, bucket or shared filesystem.

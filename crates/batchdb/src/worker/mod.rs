@@ -13,8 +13,8 @@ use crate::blob::BlobStore;
 use crate::error::{Error, Result};
 use crate::hash::Hash;
 use crate::queue::{
-    AttemptReport, CacheSpec, Claim, ClaimRequest, ClaimToken, Finished, Order, Outcome, Queue,
-    RESERVE_AFTER, Resources, millis, now_ms, policy,
+    AttemptReport, CacheSpec, Claim, ClaimRequest, Finished, Order, Outcome, Queue, RESERVE_AFTER,
+    Resources, millis, now_ms, policy,
 };
 use crate::runner::{Reader, Runner};
 
@@ -28,6 +28,8 @@ mod classify;
 mod deps;
 mod live;
 mod port;
+mod slot;
+pub use slot::AHEAD;
 mod supervise;
 pub mod wire;
 
@@ -80,6 +82,13 @@ pub struct WorkerOptions {
     /// How long an instance whose needs do not fit may wait before this worker stops
     /// claiming smaller ones around it (see [`ClaimRequest::reserve_after`]).
     pub reserve_after: Duration,
+    /// A job that ran less than this makes its slot claim one more instance with its
+    /// outcome, held to start the moment the next job ends (so that the commit of
+    /// each outcome overlaps the next job); a held claim is given back once the job
+    /// before it has run this long (or a quarter of the lease). Zero: a slot claims
+    /// only what it starts. Default [`AHEAD`] (50 ms). Not for a worker with
+    /// [`WorkerOptions::resources`], whose claims are made by its main loop.
+    pub ahead: Duration,
 }
 
 impl Default for WorkerOptions {
@@ -99,6 +108,7 @@ impl Default for WorkerOptions {
             live_dir: None,
             resources: Resources::default(),
             reserve_after: RESERVE_AFTER,
+            ahead: AHEAD,
         }
     }
 }
@@ -379,48 +389,6 @@ impl Worker {
         Some(claim)
     }
 
-    /// Runs one slot: `claim`, then what each finish claimed next for the slot in its
-    /// own transaction ([`WorkerPort::finish_and_claim`]), until one claims nothing.
-    async fn run_slot(
-        &self,
-        claim: Claim,
-        req: &ClaimRequest,
-        reports: Option<&mpsc::UnboundedSender<Report>>,
-    ) {
-        let mut queue = std::collections::VecDeque::from([claim]);
-        while let Some(claim) = queue.pop_front() {
-            let t = claim.token;
-            let (report, outcome) = self.execute(&claim).await;
-            let (finished, next) = match outcome {
-                None => (None, Vec::new()),
-                Some(outcome) => {
-                    let next = self.next_request(req);
-                    self.finish_with_retry(&t, &outcome, next.as_ref()).await
-                }
-            };
-            self.hold(&claim.assigned, false);
-            send(reports, &claim, report, finished);
-            for c in next {
-                if let Some(c) = self.admit(c, reports).await {
-                    queue.push_back(c);
-                }
-            }
-        }
-    }
-
-    /// What a finish claims for its slot: one instance, unless the worker is
-    /// stopping, or has resources to share out (the loop claims for those, so that
-    /// two claims never count on the same free units).
-    fn next_request(&self, req: &ClaimRequest) -> Option<ClaimRequest> {
-        if self.shutdown.level() >= 1 || !self.opts.resources.is_empty() {
-            return None;
-        }
-        Some(ClaimRequest {
-            limit: 1,
-            ..req.clone()
-        })
-    }
-
     /// Whether nothing is running and nothing pending that this worker could ever run
     /// (a pending instance needing more than it has waits for another worker).
     async fn empty(&self) -> bool {
@@ -465,57 +433,6 @@ impl Worker {
         }
     }
 
-    /// Records the outcome, retrying while the queue is unreachable. Gives up when
-    /// fenced (another worker owns the instance now) or when the lease has surely
-    /// expired (the instance will be taken over and run again).
-    /// With `next`, the first try also claims for the slot
-    /// ([`WorkerPort::finish_and_claim`]); a retry only finishes.
-    async fn finish_with_retry(
-        &self,
-        t: &ClaimToken,
-        outcome: &Outcome,
-        mut next: Option<&ClaimRequest>,
-    ) -> (Option<Finished>, Vec<Claim>) {
-        let give_up = Instant::now() + self.opts.lease;
-        let mut n = 0;
-        loop {
-            let tried = match next.take() {
-                Some(req) => self.port.finish_and_claim(t, outcome, req).await,
-                None => self.port.finish(t, outcome).await.map(|f| (f, Vec::new())),
-            };
-            match tried {
-                Ok((f, claims)) => return (Some(f), claims),
-                Err(e @ Error::Fenced { .. }) => {
-                    if n > 0 {
-                        // An earlier try may have committed with its reply lost (the
-                        // connection dropped): then the outcome is already recorded.
-                        if let Some(done) = self.recorded(t).await {
-                            return (Some(done), Vec::new());
-                        }
-                    }
-                    tracing::warn!("{e}: result discarded");
-                    return (None, Vec::new());
-                }
-                Err(e) if Instant::now() < give_up => {
-                    n += 1;
-                    let wait = backoff(Duration::from_millis(100), Duration::from_secs(5), n);
-                    tracing::warn!(
-                        "recording instance {} failed ({e}); retrying in {wait:?}",
-                        t.id
-                    );
-                    tokio::time::sleep(wait).await;
-                }
-                Err(e) => {
-                    tracing::error!(
-                        "recording instance {} failed ({e}); giving up, its lease will expire",
-                        t.id
-                    );
-                    return (None, Vec::new());
-                }
-            }
-        }
-    }
-
     /// The outcome of an attempt that the database or the blob store (not the job)
     /// made fail: it runs again after a backoff, whatever its own retry budget, up to
     /// [`STORE_RETRIES`] times; after that it counts as an ordinary failure.
@@ -541,11 +458,6 @@ impl Worker {
         );
         let retry_at = Some(now_ms().saturating_add(millis(wait)));
         (report.clone(), Some(Outcome::Failure { report, retry_at }))
-    }
-
-    /// What attempt `t` recorded, if it has ended (for a finish whose reply was lost).
-    async fn recorded(&self, t: &ClaimToken) -> Option<Finished> {
-        self.port.recorded(t).await.ok().flatten()
     }
 
     /// Opens a claim's payload: the inline one it came with (checked against the job's

@@ -6,6 +6,7 @@
 //! queue's invariants lives in `model.rs`; tests that need a fresh backend pair per
 //! round (`@fresh`: attempt isolation, `isolation.rs`) get its constructor.
 
+mod ahead;
 mod backends;
 mod blob;
 mod deps;
@@ -62,6 +63,13 @@ macro_rules! suite {
                     select_by_created_job_and_result,
                     corrupt_values_read_back_are_one_error,
                     corrupt_values_on_every_path_are_one_error,
+                ]);
+                suite!(@tests $backend, ahead: [
+                    a_slot_starts_what_it_claimed_ahead_yet_runs_one_job_at_a_time,
+                    a_held_claim_is_given_back_when_the_job_before_it_runs_long,
+                    a_held_claim_cancelled_ends_without_running,
+                    a_stopping_worker_gives_back_its_held_claims,
+                    no_claim_is_held_ahead_when_ahead_is_zero,
                 ]);
                 suite!(@tests $backend, deps: [
                     a_takeover_that_ends_an_instance_lets_the_same_claim_take_its_dependent,

@@ -129,6 +129,7 @@ fn worker_setup(r: &RunArgs) -> Result<(Arc<ShellRunner>, WorkerOptions)> {
             o.resources.add(spec)?;
         }
         o.reserve_after = secs("reserve-after", r.reserve_after)?;
+        o.ahead = secs("ahead", r.ahead)?;
         o
     };
     Ok((runner, opts))
