@@ -315,7 +315,8 @@ pub struct AddArgs {
     #[arg(short, long)]
     pub quiet: bool,
     /// Bulk add: every non-empty line of the input (stdin or --file) is one job's
-    /// payload; they are committed 10,000 to a transaction.
+    /// payload; they are committed up to 50,000 (or 16 MiB of small payloads) to a
+    /// transaction.
     #[arg(long, conflicts_with = "payload")]
     pub lines: bool,
     #[command(flatten)]
@@ -397,7 +398,7 @@ pub struct RunArgs {
     /// Seconds: after a job that ran less than this, its slot claims the next job
     /// ahead, held to start the moment the running job ends (the ended job's outcome
     /// commits meanwhile); the held job is given back to pending if the running job
-    /// goes on this long. 0: claim only what starts.
+    /// goes on for a second (or SECS, if longer). 0: claim only what starts.
     #[arg(
         long,
         value_name = "SECS",

@@ -29,7 +29,7 @@ mod deps;
 mod live;
 mod port;
 mod slot;
-pub use slot::AHEAD;
+pub use slot::{AHEAD, HOLD};
 mod supervise;
 pub mod wire;
 
@@ -85,9 +85,10 @@ pub struct WorkerOptions {
     /// A job that ran less than this makes its slot claim one more instance with its
     /// outcome, held to start the moment the next job ends (so that the commit of
     /// each outcome overlaps the next job); a held claim is given back once the job
-    /// before it has run this long (or a quarter of the lease). Zero: a slot claims
-    /// only what it starts. Default [`AHEAD`] (50 ms). Not for a worker with
-    /// [`WorkerOptions::resources`], whose claims are made by its main loop.
+    /// before it has run [`HOLD`] (or this, if longer; or a quarter of the lease, if
+    /// shorter). Zero: a slot claims only what it starts. Default [`AHEAD`] (50 ms).
+    /// Not for a worker with [`WorkerOptions::resources`], whose claims are made by
+    /// its main loop.
     pub ahead: Duration,
 }
 

@@ -1,14 +1,16 @@
 //! One slot of a worker: it runs one job at a time, and claims its next one with the
 //! outcome of the last ([`WorkerPort::finish_and_claim`]).
 //!
-//! A slot whose job ran less than [`WorkerOptions::ahead`](super::WorkerOptions::ahead) ([`AHEAD`] by default)
-//! claims one instance more than it starts,
+//! A slot whose job ran less than [`WorkerOptions::ahead`](super::WorkerOptions::ahead)
+//! ([`AHEAD`] by default) claims one instance more than it starts,
 //! and holds it: when the running job ends, the held claim starts at once, and the
 //! ended job's outcome commits (claiming the next one to hold) while it runs. So the
 //! time an outcome takes to commit — an fsync, or round trips to a server — is not
 //! spent between two short jobs. A held claim is given back (pending again at once,
 //! its attempt recorded as released without having run) once the job before it has
-//! run that long: a long job never keeps another waiting behind it.
+//! run [`HOLD`]: a long job never keeps another waiting behind it long. (A job that
+//! is short only most of the time, slowed by a busy machine, does not make its held
+//! claim go back: that would record a released attempt for nothing.)
 
 use std::collections::VecDeque;
 use std::future::Future;
@@ -22,10 +24,14 @@ use super::{Report, Worker, backoff, send};
 use crate::error::Error;
 use crate::queue::{AttemptReport, Claim, ClaimRequest, ClaimToken, Finished, Outcome, now_ms};
 
-/// The default of [`WorkerOptions::ahead`](super::WorkerOptions::ahead): a job that ran less than this makes its
-/// slot claim the next one ahead; a claim held ahead is given back once the job
-/// running before it has run this long (or a quarter of the lease, if shorter).
+/// The default of [`WorkerOptions::ahead`](super::WorkerOptions::ahead): a job that
+/// ran less than this makes its slot claim the next one ahead.
 pub const AHEAD: Duration = Duration::from_millis(50);
+
+/// A claim held ahead is given back once the job running before it has run this long
+/// (or [`WorkerOptions::ahead`](super::WorkerOptions::ahead), if longer; or a quarter
+/// of the lease, if shorter).
+pub const HOLD: Duration = Duration::from_secs(1);
 
 /// An attempt's report and outcome (`None`: lease lost, record nothing).
 type Attempted = (AttemptReport, Option<Outcome>);
@@ -72,7 +78,7 @@ impl Worker {
                 Some(done) => Box::pin(async move { done }),
                 None => Box::pin(self.execute(&cur)),
             };
-            let give_up = started + self.opts.ahead.min(self.opts.lease / 4);
+            let give_up = started + HOLD.max(self.opts.ahead).min(self.opts.lease / 4);
             let (report, outcome) = self.beside(run, behind.take(), give_up, &mut held).await;
             let short = started.elapsed() < self.opts.ahead;
             if self.shutdown.level() >= 1 {

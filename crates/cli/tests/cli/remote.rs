@@ -1,7 +1,8 @@
 //! Remote workers (`batchdb run --server URL`) against a real `batchdb serve`: a
 //! worker that cannot read the database or the blob directory drains jobs beside a
 //! local one, takeover after `kill -9` of a remote worker, a server killed and
-//! restarted mid-job, `logs -f` of a remote job, tokens and protocol versions.
+//! restarted mid-job, `logs -f` of a remote job, tokens and protocol versions, a
+//! held job given back through the server.
 
 use std::io::{BufRead, BufReader, Write};
 use std::net::{SocketAddr, TcpListener};
@@ -493,4 +494,53 @@ fn cancel_on_the_servers_side_stops_a_remote_job_at_once() {
     remote.wait_ok_within(DEADLINE);
     let shown = env.show_json(&created.to_string());
     assert_eq!(shown["state"], "cancelled", "{shown}");
+}
+
+#[test]
+fn a_remote_worker_gives_back_the_job_it_held_when_the_one_before_runs_long() {
+    let env = Env::new();
+    let (_, short) = env.add("true");
+    let (_, long) = env.add("sleep 3");
+    let (_, held) = env.add("touch held-ran");
+    let server = serve(&env, &[], &[]);
+    // One slot, oldest first: the short job makes the slot claim the long one and
+    // hold the third; the long one runs past a second, so the third goes back.
+    let cmd = remote_command(
+        &url(&server),
+        &[
+            "-j",
+            "1",
+            "--order",
+            "oldest",
+            "--ahead",
+            "1",
+            "--until-empty",
+        ],
+        env.root(),
+        None,
+    );
+    let mut remote = env.start(cmd, None);
+    let out = remote.wait_ok_within(DEADLINE);
+    assert_eq!(run_lines(&out).len(), 3, "{out}");
+    for id in [short, long] {
+        let shown = env.show_json(&id.to_string());
+        let outcomes: Vec<&str> = shown["attempts"]
+            .as_array()
+            .expect("attempts")
+            .iter()
+            .map(|a| a["outcome"].as_str().unwrap_or_default())
+            .collect();
+        assert_eq!(outcomes, ["result"], "{shown}");
+    }
+    let shown = env.show_json(&held.to_string());
+    let attempts = shown["attempts"].as_array().expect("attempts");
+    assert_eq!(attempts.len(), 2, "{shown}");
+    assert_eq!(attempts[0]["outcome"], "released", "{shown}");
+    assert_eq!(
+        attempts[0]["message"], "given back before it started",
+        "{shown}"
+    );
+    assert_eq!(attempts[1]["outcome"], "result", "{shown}");
+    assert_eq!(shown["state"], "result", "{shown}");
+    assert!(env.exists("held-ran"));
 }
