@@ -167,6 +167,7 @@ impl Conn for Tx {
     /// Pipelined (see [`Pg`]'s), after the held statements in the same round trip;
     /// a statement that changed rows marks a change.
     async fn execute_all(&mut self, stmts: &[(&Sql, &[Arg<'_>])]) -> TxResult<Vec<u64>> {
+        self.begun().await?;
         let held = std::mem::take(&mut self.held);
         let mut all: Vec<(&Sql, &[Arg<'_>])> = held.iter().map(|(s, a)| (*s, &a[..])).collect();
         all.extend_from_slice(stmts);
@@ -178,7 +179,8 @@ impl Conn for Tx {
         Ok(counts)
     }
 
-    /// Both sent before either answer is read: one round trip.
+    /// Both sent before either answer is read: one round trip (with `BEGIN` and the
+    /// clock's read, for a deferred transaction's first statement).
     async fn rows_both<A, B>(
         &mut self,
         first: (&Sql, &[Arg<'_>]),
@@ -186,6 +188,20 @@ impl Conn for Tx {
         second: (&Sql, &[Arg<'_>]),
         fb: impl FnMut(&Row) -> TxResult<B>,
     ) -> TxResult<(Vec<A>, Vec<B>)> {
+        if self.held.is_empty() {
+            if let Some(clock) = self.deferred.take() {
+                let c = self.conn();
+                let (s1, s2) = prepare_two(c, first.0, second.0).await?;
+                // Each request goes out when its future is first polled, in this order.
+                let ((), row, out) = tokio::try_join!(
+                    futures_util::TryFutureExt::err_into::<TxError>(c.batch_execute("BEGIN")),
+                    futures_util::TryFutureExt::err_into::<TxError>(c.query_one(&clock, &[])),
+                    read_two(c, (&s1, first.1, fa), (&s2, second.1, fb))
+                )?;
+                self.now = row.try_get(0)?;
+                return Ok(out);
+            }
+        }
         self.send_held().await?;
         let c = self.conn();
         let (s1, s2) = prepare_two(c, first.0, second.0).await?;
@@ -304,6 +320,9 @@ static LOCK_KEY: Sql = Sql::new("SELECT pg_try_advisory_xact_lock(hashtextextend
 
 impl sql::Tx for Tx {
     fn now(&self) -> i64 {
+        if self.deferred.is_some() {
+            unreachable!("a deferred transaction reads its clock with its first statement");
+        }
         self.now
     }
 

@@ -292,7 +292,10 @@ impl Queue for PgQueue {
     }
 
     async fn finish(&self, claim: &ClaimToken, outcome: &Outcome) -> Result<Finished> {
-        in_tx!(self, |tx| { write::finish(tx, claim, outcome).await })
+        // Deferred: its first statement (the locked row) carries the BEGIN.
+        in_tx!(self, deferred, |tx| {
+            write::finish(tx, claim, outcome).await
+        })
     }
 
     async fn finish_and_claim(
@@ -301,7 +304,7 @@ impl Queue for PgQueue {
         outcome: &Outcome,
         next: &ClaimRequest,
     ) -> Result<(Finished, Vec<Claim>)> {
-        in_tx!(self, |tx| {
+        in_tx!(self, deferred, |tx| {
             claim::finish_and_claim(tx, claim, outcome, next).await
         })
     }

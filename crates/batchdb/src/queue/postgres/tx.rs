@@ -3,6 +3,7 @@
 
 use super::*;
 use crate::queue::sql::{Arg, Conn, NewEvent, Sql};
+use tokio_postgres::Statement;
 
 /// The buffered events of a transaction appended at its end: the `event` counter
 /// advanced by `$1` (its row lock held until commit), the events numbered after it in
@@ -54,6 +55,9 @@ pub(super) struct Tx {
     /// Statements held to be sent ahead of the next one, or of the commit
     /// ([`Conn::execute_later`]).
     pub(super) held: Vec<(&'static Sql, Vec<Arg<'static>>)>,
+    /// For a transaction begun by [`begin_deferred`]: the read of the server's clock,
+    /// sent with `BEGIN` ahead of the first statement.
+    pub(super) deferred: Option<Statement>,
 }
 
 /// Starts a transaction on `client`, reading the server's clock in the same round
@@ -75,6 +79,7 @@ pub(super) async fn begin(client: deadpool_postgres::Object, lazy: bool) -> TxRe
         now: 0,
         lazy: false,
         held: Vec::new(),
+        deferred: None,
     };
     let c = tx.conn();
     // Both sent before either answer is awaited: one round trip, in this order.
@@ -83,7 +88,33 @@ pub(super) async fn begin(client: deadpool_postgres::Object, lazy: bool) -> TxRe
     Ok(tx)
 }
 
+/// A transaction on `client` that sends nothing yet: `BEGIN` and the read of the
+/// server's clock go out with its first statement, in that statement's round trip
+/// (the first must be a statement, not [`sql::Tx::now`]).
+pub(super) async fn begin_deferred(client: deadpool_postgres::Object) -> TxResult<Tx> {
+    let clock = client.prepare_cached(&format!("SELECT {NOW}")).await?;
+    Ok(Tx {
+        client: Some(client),
+        events: Vec::new(),
+        changed: false,
+        now: 0,
+        lazy: false,
+        held: Vec::new(),
+        deferred: Some(clock),
+    })
+}
+
 impl Tx {
+    /// Sends `BEGIN` and reads the server's clock, if a deferred begin has not yet.
+    pub(super) async fn begun(&mut self) -> TxResult<()> {
+        if let Some(clock) = self.deferred.take() {
+            let c = self.conn();
+            let ((), row) = tokio::try_join!(c.batch_execute("BEGIN"), c.query_one(&clock, &[]))?;
+            self.now = row.try_get(0)?;
+        }
+        Ok(())
+    }
+
     /// The connection the transaction runs on.
     pub(super) fn conn(&self) -> &deadpool_postgres::Object {
         // Present from `begin` until `commit` or `rollback` consume the transaction.
@@ -92,8 +123,10 @@ impl Tx {
             .unwrap_or_else(|| unreachable!("a transaction's connection is held until it ends"))
     }
 
-    /// Sends the held statements (see [`Conn::execute_later`]), if any.
+    /// Begins (see [`begin_deferred`]) and sends the held statements (see
+    /// [`Conn::execute_later`]), if any.
     pub(super) async fn send_held(&mut self) -> TxResult<()> {
+        self.begun().await?;
         if !self.held.is_empty() {
             self.execute_all(&[]).await?;
         }
@@ -111,6 +144,12 @@ impl Tx {
     /// Sends the held statements, numbers and appends the buffered events, announces
     /// the change, and commits, in one round trip. Returns whether anything changed.
     pub(super) async fn commit(mut self) -> TxResult<bool> {
+        if self.deferred.is_some() && self.held.is_empty() && self.events.is_empty() {
+            // Never begun: nothing to commit.
+            self.client.take();
+            return Ok(false);
+        }
+        self.begun().await?;
         let events = std::mem::take(&mut self.events);
         let held = std::mem::take(&mut self.held);
         let (changed, lazy) = (self.changed, self.lazy);
@@ -161,6 +200,11 @@ impl Tx {
     /// Rolls the transaction back (after an error in its body); a connection that
     /// cannot even do that is closed instead of going back to the pool.
     pub(super) async fn rollback(mut self) {
+        if self.deferred.is_some() {
+            // Never begun: nothing to roll back.
+            self.client.take();
+            return;
+        }
         if self.conn().batch_execute("ROLLBACK").await.is_ok() {
             self.client.take();
         }
@@ -169,6 +213,10 @@ impl Tx {
 
 impl Drop for Tx {
     fn drop(&mut self) {
+        if self.deferred.is_some() {
+            // Never begun: the connection goes back to the pool as it came.
+            return;
+        }
         if let Some(c) = self.client.take() {
             // Not ended: out of the pool, and closed (the server rolls it back).
             drop(deadpool_postgres::Object::take(c));
@@ -180,15 +228,20 @@ impl Drop for Tx {
 /// scope and `return` leaves the block) in a transaction and commits it; retries the
 /// whole transaction on a serialization failure or a deadlock. With `lazy`, the
 /// commit does not wait for the WAL flush (a crash of the database server may undo
-/// it; used for heartbeats, whose loss only shortens a lease).
+/// it; used for heartbeats, whose loss only shortens a lease). With `deferred`, the
+/// transaction is begun by [`begin_deferred`]: its `BEGIN` rides with its first
+/// statement, which must come before any use of its clock.
 macro_rules! in_tx {
-    ($self:expr, lazy = $lazy:expr, |$tx:ident| $body:block) => {{
+    ($self:expr, lazy = $lazy:expr, |$tx:ident| $body:block) => {
+        in_tx!(@run $self, |c| begin(c, $lazy), |$tx| $body)
+    };
+    (@run $self:expr, $begin:expr, |$tx:ident| $body:block) => {{
         let this = $self;
         let mut tries = 0u32;
         loop {
             let r: TxResult<_> = async {
                 let client = this.client().await?;
-                let mut tx_ = begin(client, $lazy).await?;
+                let mut tx_ = ($begin)(client).await?;
                 let out = {
                     let $tx = &mut tx_;
                     typed(async move { $body }).await
@@ -220,6 +273,9 @@ macro_rules! in_tx {
             }
         }
     }};
+    ($self:expr, deferred, |$tx:ident| $body:block) => {
+        in_tx!(@run $self, begin_deferred, |$tx| $body)
+    };
     ($self:expr, |$tx:ident| $body:block) => {
         in_tx!($self, lazy = false, |$tx| $body)
     };
