@@ -20,7 +20,7 @@ use crate::queue::{AttemptReport, Claim, ClaimToken, Outcome, cache_key, now_ms}
 use crate::runner::{ExitStatus, Killer, Reader, RunContext, Stop};
 
 /// An attempt's report and outcome (`None`: lease lost, record nothing).
-type Attempted = (AttemptReport, Option<Outcome>);
+pub(super) type Attempted = (AttemptReport, Option<Outcome>);
 
 /// What the parts of a running attempt ended with: feeding the payload, storing
 /// stdout, storing stderr (if the runner has one), waiting for the runner.

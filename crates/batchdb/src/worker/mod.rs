@@ -121,7 +121,8 @@ pub fn default_worker_name() -> String {
     format!("{host}:{}:{:04x}", std::process::id(), fastrand::u16(..))
 }
 
-/// What a worker reports as each attempt ends.
+/// What a worker reports as each attempt ends (a claim held ahead and given back
+/// before it started is not reported: nothing ran).
 #[derive(Debug, Clone)]
 #[non_exhaustive]
 pub struct Report {

@@ -20,6 +20,7 @@ use std::time::Duration;
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 
+use super::attempt::Attempted;
 use super::{Report, Worker, backoff, send};
 use crate::error::Error;
 use crate::queue::{AttemptReport, Claim, ClaimRequest, ClaimToken, Finished, Outcome, now_ms};
@@ -32,9 +33,6 @@ pub const AHEAD: Duration = Duration::from_millis(50);
 /// (or [`WorkerOptions::ahead`](super::WorkerOptions::ahead), if longer; or a quarter
 /// of the lease, if shorter).
 pub const HOLD: Duration = Duration::from_secs(1);
-
-/// An attempt's report and outcome (`None`: lease lost, record nothing).
-type Attempted = (AttemptReport, Option<Outcome>);
 
 /// A future borrowing the worker.
 type Boxed<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
