@@ -157,6 +157,23 @@ async fn enqueue_one(n: usize, reps: usize) -> Row {
     )
 }
 
+/// Jobs per second of one `add_many` of `n` distinct small payloads (`echo bulk R I`,
+/// round `r`) into `db`, peak RSS counted from its start.
+async fn timed_add_many(db: &BatchDb, r: usize, n: usize) -> f64 {
+    let payloads: Vec<Vec<u8>> = (0..n)
+        .map(|i| format!("echo bulk {r} {i}").into_bytes())
+        .collect();
+    reset_peak();
+    let t = Instant::now();
+    let added = db
+        .add_many(payloads, &PushOptions::default())
+        .await
+        .unwrap();
+    let rate = n as f64 / t.elapsed().as_secs_f64();
+    assert_eq!(added.len(), n);
+    rate
+}
+
 /// Library `add_many` of `n` distinct small payloads (durable on return), against the
 /// same rows inserted straight into SQLite in one big transaction.
 async fn enqueue_bulk(n: usize, reps: usize) -> Row {
@@ -165,17 +182,7 @@ async fn enqueue_bulk(n: usize, reps: usize) -> Row {
     for r in 0..reps {
         let dir = tempfile::tempdir().unwrap();
         let db = open(dir.path()).await;
-        let payloads: Vec<Vec<u8>> = (0..n)
-            .map(|i| format!("echo bulk {r} {i}").into_bytes())
-            .collect();
-        reset_peak();
-        let t = Instant::now();
-        let added = db
-            .add_many(payloads, &PushOptions::default())
-            .await
-            .unwrap();
-        ours.push(n as f64 / t.elapsed().as_secs_f64());
-        assert_eq!(added.len(), n);
+        ours.push(timed_add_many(&db, r, n).await);
         let mut conn = raw_sqlite(dir.path());
         let t = Instant::now();
         let tx = conn.transaction().unwrap();

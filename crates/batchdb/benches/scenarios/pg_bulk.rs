@@ -4,10 +4,9 @@
 use std::time::Instant;
 
 use batchdb::Hash;
-use batchdb::queue::PushOptions;
 use tokio_postgres::types::ToSql;
 
-use super::{Row, open_distributed, reset_peak};
+use super::{Row, open_distributed, timed_add_many};
 
 /// Library `add_many` of `n` distinct small payloads (durable on return) on a fresh
 /// PostgreSQL + S3 database, against the same number of job and instance rows
@@ -23,17 +22,7 @@ pub async fn bulk_postgres(
     let mut base = Vec::new();
     for r in 0..reps {
         let (url, db) = open_distributed(pg, g).await;
-        let payloads: Vec<Vec<u8>> = (0..n)
-            .map(|i| format!("echo bulk {r} {i}").into_bytes())
-            .collect();
-        reset_peak();
-        let t = Instant::now();
-        let added = db
-            .add_many(payloads, &PushOptions::default())
-            .await
-            .unwrap();
-        ours.push(n as f64 / t.elapsed().as_secs_f64());
-        assert_eq!(added.len(), n);
+        ours.push(timed_add_many(&db, r, n).await);
         base.push(raw_bulk(&url, r, n).await);
     }
     Row::rates(

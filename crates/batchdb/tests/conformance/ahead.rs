@@ -68,6 +68,16 @@ fn result() -> (Option<String>, Option<String>) {
     (Some("result".into()), None)
 }
 
+/// Three jobs for one slot, oldest first: a short one, which makes the slot claim the
+/// other two (the long one to run, the last to hold), a second-long one, and one that
+/// creates `marker` if it ever runs.
+async fn held_behind_a_long_job(db: &BatchDb, marker: &Path) -> (Instance, Instance) {
+    add(db, "true").await;
+    let long = add(db, "sleep 1").await;
+    let held = add(db, &format!("touch {}", marker.display())).await;
+    (long, held)
+}
+
 /// A shell job that appends `s N` and `e N` around its work to `log`.
 fn logged(log: &Path, n: usize, work: &str) -> String {
     let log = log.display();
@@ -138,9 +148,7 @@ pub async fn a_held_claim_cancelled_ends_without_running(b: &Backend) {
     let db = b.db();
     let dir = tempfile::tempdir().unwrap();
     let marker = dir.path().join("ran");
-    add(&db, "true").await;
-    let long = add(&db, "sleep 1").await;
-    let held = add(&db, &format!("touch {}", marker.display())).await;
+    let (long, held) = held_behind_a_long_job(&db, &marker).await;
     let mut opts = one_slot(Duration::from_secs(30));
     opts.until_empty = true;
     let (_stop, task) = start(&db, opts);
@@ -163,9 +171,7 @@ pub async fn a_stopping_worker_gives_back_its_held_claims(b: &Backend) {
     let db = b.db();
     let dir = tempfile::tempdir().unwrap();
     let marker = dir.path().join("ran");
-    add(&db, "true").await;
-    let long = add(&db, "sleep 1").await;
-    let held = add(&db, &format!("touch {}", marker.display())).await;
+    let (long, held) = held_behind_a_long_job(&db, &marker).await;
     let (stop, task) = start(&db, one_slot(Duration::from_secs(30)));
     until_state(&db, held.id, State::Running).await;
     stop.graceful();

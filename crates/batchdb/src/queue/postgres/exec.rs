@@ -188,19 +188,18 @@ impl Conn for Tx {
         second: (&Sql, &[Arg<'_>]),
         fb: impl FnMut(&Row) -> TxResult<B>,
     ) -> TxResult<(Vec<A>, Vec<B>)> {
-        if self.held.is_empty() {
-            if let Some(clock) = self.deferred.take() {
-                let c = self.conn();
-                let (s1, s2) = prepare_two(c, first.0, second.0).await?;
-                // Each request goes out when its future is first polled, in this order.
-                let ((), row, out) = tokio::try_join!(
-                    futures_util::TryFutureExt::err_into::<TxError>(c.batch_execute("BEGIN")),
-                    futures_util::TryFutureExt::err_into::<TxError>(c.query_one(&clock, &[])),
-                    read_two(c, (&s1, first.1, fa), (&s2, second.1, fb))
-                )?;
-                self.now = row.try_get(0)?;
-                return Ok(out);
-            }
+        if self.held.is_empty()
+            && let Some(clock) = self.deferred.take()
+        {
+            let c = self.conn();
+            let (s1, s2) = prepare_two(c, first.0, second.0).await?;
+            // Each request goes out when its future is first polled, in this order.
+            let (now, out) = tokio::try_join!(
+                super::tx::begin_on(c, &clock),
+                read_two(c, (&s1, first.1, fa), (&s2, second.1, fb))
+            )?;
+            self.now = now;
+            return Ok(out);
         }
         self.send_held().await?;
         let c = self.conn();

@@ -64,6 +64,16 @@ pub(super) struct Tx {
 /// trip; with `lazy`, its commit will not wait for the WAL flush (see [`Tx::lazy`]),
 /// set with that read.
 pub(super) async fn begin(client: deadpool_postgres::Object, lazy: bool) -> TxResult<Tx> {
+    let mut tx = begin_deferred(client, lazy).await?;
+    tx.begun().await?;
+    Ok(tx)
+}
+
+/// A transaction on `client` that sends nothing yet: `BEGIN` and the read of the
+/// server's clock (with `lazy`, also the setting that makes its commit lazy) go out
+/// with its first statement, in that statement's round trip (the first must be a
+/// statement, not [`sql::Tx::now`]).
+pub(super) async fn begin_deferred(client: deadpool_postgres::Object, lazy: bool) -> TxResult<Tx> {
     let sql = if lazy {
         format!("SELECT {NOW}, {LAZY}")
     } else {
@@ -71,28 +81,7 @@ pub(super) async fn begin(client: deadpool_postgres::Object, lazy: bool) -> TxRe
     };
     // Prepared outside the transaction (once per connection): a prepared statement
     // outlives transactions.
-    let stmt = client.prepare_cached(&sql).await?;
-    let mut tx = Tx {
-        client: Some(client),
-        events: Vec::new(),
-        changed: false,
-        now: 0,
-        lazy: false,
-        held: Vec::new(),
-        deferred: None,
-    };
-    let c = tx.conn();
-    // Both sent before either answer is awaited: one round trip, in this order.
-    let ((), row) = tokio::try_join!(c.batch_execute("BEGIN"), c.query_one(&stmt, &[]))?;
-    tx.now = row.try_get(0)?;
-    Ok(tx)
-}
-
-/// A transaction on `client` that sends nothing yet: `BEGIN` and the read of the
-/// server's clock go out with its first statement, in that statement's round trip
-/// (the first must be a statement, not [`sql::Tx::now`]).
-pub(super) async fn begin_deferred(client: deadpool_postgres::Object) -> TxResult<Tx> {
-    let clock = client.prepare_cached(&format!("SELECT {NOW}")).await?;
+    let clock = client.prepare_cached(&sql).await?;
     Ok(Tx {
         client: Some(client),
         events: Vec::new(),
@@ -104,13 +93,18 @@ pub(super) async fn begin_deferred(client: deadpool_postgres::Object) -> TxResul
     })
 }
 
+/// `BEGIN` and the read of the server's clock on `c`; both requests go out when the
+/// future is first polled, in this order, before either answer is read.
+pub(super) async fn begin_on(c: &deadpool_postgres::Object, clock: &Statement) -> TxResult<i64> {
+    let ((), row) = tokio::try_join!(c.batch_execute("BEGIN"), c.query_one(clock, &[]))?;
+    Ok(row.try_get(0)?)
+}
+
 impl Tx {
     /// Sends `BEGIN` and reads the server's clock, if a deferred begin has not yet.
     pub(super) async fn begun(&mut self) -> TxResult<()> {
         if let Some(clock) = self.deferred.take() {
-            let c = self.conn();
-            let ((), row) = tokio::try_join!(c.batch_execute("BEGIN"), c.query_one(&clock, &[]))?;
-            self.now = row.try_get(0)?;
+            self.now = begin_on(self.conn(), &clock).await?;
         }
         Ok(())
     }
@@ -274,7 +268,7 @@ macro_rules! in_tx {
         }
     }};
     ($self:expr, deferred, |$tx:ident| $body:block) => {
-        in_tx!(@run $self, begin_deferred, |$tx| $body)
+        in_tx!(@run $self, |c| begin_deferred(c, false), |$tx| $body)
     };
     ($self:expr, |$tx:ident| $body:block) => {
         in_tx!($self, lazy = false, |$tx| $body)
