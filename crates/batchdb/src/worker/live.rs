@@ -8,8 +8,9 @@
 //! stays quiet, makes no file at all (a reader finds no file, which reads as no
 //! output yet). When the stream ends, the file holds every
 //! byte of the output: if the blob store can keep a local file
-//! ([`BlobStore::adopt`]), the output is hashed as it passes and the file is linked
-//! in as the blob, so its bytes are written once, not twice.
+//! ([`BlobStore::adopt`]), the file is hashed as it fills, on a thread of its own
+//! ([`super::behind`]), and linked in as the blob, so its bytes are written once, not
+//! twice.
 
 use std::collections::HashMap;
 use std::io::Write;
@@ -20,13 +21,13 @@ use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncReadExt};
 
+use super::behind::Behind;
 use super::port::OutputStream;
 use crate::blob::{BlobInfo, BlobStore};
 use crate::error::{Error, Result};
-use crate::hash::Hasher;
 use crate::queue::ClaimToken;
 
-/// Bytes read at a time while hashing an output.
+/// Bytes read at a time from an output kept as its live file.
 const CHUNK: usize = 256 * 1024;
 
 /// Output held in memory before its live file is made (an output this small is kept
@@ -204,8 +205,8 @@ impl Mirrors {
     }
 }
 
-/// Hashes `reader` to its end and keeps `mirror`, which holds the same bytes, as the
-/// blob; copies it into `blobs` if the store cannot keep this file. If the mirror
+/// Reads `reader` to its end, hashing `mirror` (which gets the same bytes) behind
+/// it, and keeps the mirror as the blob; copies it into `blobs` if the store cannot keep this file. If the mirror
 /// misses bytes (a write to it failed), the output is put instead: what the file
 /// holds, then the rest of the stream.
 async fn keep(
@@ -213,7 +214,9 @@ async fn keep(
     (mirror, file): (&Mirror, &std::fs::File),
     reader: &mut (dyn AsyncRead + Send + Unpin),
 ) -> Result<BlobInfo> {
-    let mut hasher = Hasher::new();
+    let hash_err = |e| Error::io("hash", &mirror.path, e);
+    let mut behind = Behind::start(file.try_clone().map_err(hash_err)?);
+    let mut seen = 0u64;
     let mut buf = vec![0u8; CHUNK];
     loop {
         let n = reader.read(&mut buf).await.map_err(|e| Error::Stream {
@@ -221,10 +224,11 @@ async fn keep(
             source: e,
         })?;
         // Every byte went to the mirror before it reached this reader.
-        let (before, written) = (hasher.len(), mirror.written.load(Ordering::SeqCst));
-        if written < before + n as u64 {
-            // `written >= before`: the bytes up to this chunk were all checked.
-            let missed = usize::try_from(written - before).unwrap_or(0);
+        let written = mirror.written.load(Ordering::SeqCst);
+        if written < seen + n as u64 {
+            // `written >= seen`: the bytes up to this chunk were all checked.
+            drop(behind);
+            let missed = usize::try_from(written - seen).unwrap_or(0);
             let held = reopen(file, &mirror.path).await?.take(written);
             let mut rest = held
                 .chain(std::io::Cursor::new(buf[missed..n].to_vec()))
@@ -234,9 +238,11 @@ async fn keep(
         if n == 0 {
             break;
         }
-        hasher.update(&buf[..n]);
+        seen += n as u64;
+        behind.ready(seen);
     }
     drop(buf);
+    let hasher = behind.finish(seen).await.map_err(hash_err)?;
     let info = BlobInfo {
         size: hasher.len(),
         hash: hasher.finish(),

@@ -19,6 +19,7 @@ use crate::queue::{
 use crate::runner::{Reader, Runner};
 
 mod attempt;
+mod behind;
 
 pub use attempt::Settling;
 #[cfg(feature = "remote")]
