@@ -8,9 +8,10 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncSeekExt, AsyncWriteExt, BufReader}
 
 use futures_util::stream::BoxStream;
 
+use super::behind::{Behind, STEP};
 use super::{BlobEntry, BlobInfo, BlobReader, BlobStore, verifying};
 use crate::error::{Error, Result};
-use crate::hash::{Hash, Hasher};
+use crate::hash::Hash;
 
 /// Chunk size for streaming writes and reads.
 const CHUNK: usize = 256 * 1024;
@@ -256,17 +257,36 @@ impl BlobStore for DirStore {
         }
         let tmp = self.temp_path();
         let mut guard = TempGuard(Some(tmp.clone()));
-        let mut file = tokio::fs::File::create(&tmp)
+        let io_err = |what: &'static str| {
+            let tmp = tmp.clone();
+            move |e| Error::io(what, tmp, e)
+        };
+        let mut file = tokio::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&tmp)
             .await
-            .map_err(|e| Error::io("create", &tmp, e))?;
-        let mut hasher = Hasher::new();
-        let mut n = filled;
+            .map_err(io_err("create"))?;
+        // An input that fit in the head is hashed already; a longer one is hashed
+        // behind the writes, from the file.
+        let mut behind = None;
+        if !eof {
+            let theirs = file.try_clone().await.map_err(io_err("open"))?;
+            behind = Some(Behind::start(theirs.into_std().await));
+        }
+        let (mut size, mut n) = (0u64, filled);
         loop {
             if n > 0 {
-                hasher.update(&buf[..n]);
-                file.write_all(&buf[..n])
-                    .await
-                    .map_err(|e| Error::io("write", &tmp, e))?;
+                file.write_all(&buf[..n]).await.map_err(io_err("write"))?;
+                let before = size;
+                size += n as u64;
+                if let Some(b) = behind.as_mut().filter(|_| size / STEP > before / STEP) {
+                    // Flushed, so the bytes declared ready are in the file.
+                    file.flush().await.map_err(io_err("write"))?;
+                    b.ready(size);
+                }
             }
             if eof {
                 break;
@@ -277,15 +297,20 @@ impl BlobStore for DirStore {
             n = reader.read(&mut buf).await.map_err(read_err)?;
             eof = n == 0;
         }
-        file.flush()
-            .await
-            .map_err(|e| Error::io("write", &tmp, e))?;
-        file.sync_all()
-            .await
-            .map_err(|e| Error::io("fsync", &tmp, e))?;
+        file.flush().await.map_err(io_err("write"))?;
+        // Hashed (if it was not yet) while the file is fsynced.
+        let (hashed, synced) = tokio::join!(
+            async {
+                match behind {
+                    None => Ok(Hash::of(&buf[..filled])),
+                    Some(b) => b.finish(size).await.map(crate::hash::Hasher::finish),
+                }
+            },
+            file.sync_all()
+        );
+        synced.map_err(io_err("fsync"))?;
+        let hash = hashed.map_err(io_err("hash"))?;
         drop(file);
-        let size = hasher.len();
-        let hash = hasher.finish();
         let dest = self.path_of(&hash);
         if tokio::fs::try_exists(&dest).await.unwrap_or(false) && self.touch(&hash).await.is_ok() {
             // Identical content is already durable; the guard removes our copy.

@@ -5,6 +5,7 @@
 //! (`tests/conformance`). The directory backend ([`DirStore`]) is the embedded default;
 //! with the `s3` feature, [`S3Store`] keeps blobs in an S3-compatible bucket.
 
+pub(crate) mod behind;
 mod dir;
 #[cfg(feature = "s3")]
 mod s3;

@@ -9,7 +9,7 @@
 //! output yet). When the stream ends, the file holds every
 //! byte of the output: if the blob store can keep a local file
 //! ([`BlobStore::adopt`]), the file is hashed as it fills, on a thread of its own
-//! ([`super::behind`]), and linked in as the blob, so its bytes are written once, not
+//! ([`crate::blob::behind`]), and linked in as the blob, so its bytes are written once, not
 //! twice.
 
 use std::collections::HashMap;
@@ -21,8 +21,8 @@ use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncReadExt};
 
-use super::behind::Behind;
 use super::port::OutputStream;
+use crate::blob::behind::Behind;
 use crate::blob::{BlobInfo, BlobStore};
 use crate::error::{Error, Result};
 use crate::queue::ClaimToken;

@@ -19,7 +19,6 @@ use crate::queue::{
 use crate::runner::{Reader, Runner};
 
 mod attempt;
-mod behind;
 
 pub use attempt::Settling;
 #[cfg(feature = "remote")]

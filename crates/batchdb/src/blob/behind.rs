@@ -1,13 +1,14 @@
-//! Hashing a live file behind the sink that writes it.
+//! Hashing a file behind the writer that fills it.
 //!
-//! When a job's output is kept as its live file ([`super::live`]), one thread reads
-//! the job's pipe and writes each chunk into the file. Hashing those bytes on the
-//! same thread puts SHA-256 in series with the copy; handing each chunk to another
-//! thread costs a wake-up per chunk. Instead a [`Behind`] reads the file back on a
-//! blocking thread of its own, a [`STEP`] at a time, woken only when a whole step
-//! more is in the file (or at the end): the hash overlaps the copy, at one wake-up
-//! per step. After hashing a step it asks the kernel to start writing it to disk
-//! (`sync_file_range`, Linux), so the fsync at the end finds little left to write.
+//! A blob written to a local file (a worker's live output file kept as its blob, or
+//! [`super::DirStore`]'s temporary file) is hashed as it is written. Hashing on the
+//! writing thread puts SHA-256 in series with the copy into the file; handing each
+//! chunk to another thread costs a wake-up per chunk. Instead a [`Behind`] reads the
+//! file back on a blocking thread of its own, a [`STEP`] at a time, woken only when a
+//! whole step more is in the file (or at the end): the hash overlaps the writes, at
+//! one wake-up per step. After hashing a step it asks the kernel to start writing it
+//! to disk (`sync_file_range`, Linux), so the fsync at the end finds little left to
+//! write.
 
 use std::os::unix::fs::FileExt;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -16,7 +17,7 @@ use std::sync::{Arc, Condvar, Mutex};
 use crate::hash::Hasher;
 
 /// Bytes read back and hashed at a time.
-const STEP: u64 = 1 << 20;
+pub(crate) const STEP: u64 = 1 << 20;
 
 /// What the writer tells the hashing thread.
 #[derive(Debug, Default)]
@@ -60,7 +61,7 @@ impl Shared {
 
 /// A file being hashed behind its writer (see the module's documentation). Dropped
 /// before [`Behind::finish`], its thread stops at its next step.
-pub(super) struct Behind {
+pub(crate) struct Behind {
     shared: Arc<Shared>,
     task: Option<tokio::task::JoinHandle<std::io::Result<Hasher>>>,
     /// `ready` when the hashing thread was last woken.
@@ -68,8 +69,9 @@ pub(super) struct Behind {
 }
 
 impl Behind {
-    /// Starts hashing `file` from its start, as its bytes are declared ready.
-    pub(super) fn start(file: std::fs::File) -> Behind {
+    /// Starts hashing `file` (open for reading) from its start, as its bytes are
+    /// declared ready. Needs a tokio runtime (the thread is from its blocking pool).
+    pub(crate) fn start(file: std::fs::File) -> Behind {
         let shared = Arc::new(Shared::default());
         let theirs = shared.clone();
         let task = tokio::task::spawn_blocking(move || hash_behind(&file, &theirs));
@@ -82,7 +84,7 @@ impl Behind {
 
     /// Bytes `[0, n)` are in the file: wakes the hashing thread once a whole step
     /// more is ready.
-    pub(super) fn ready(&mut self, n: u64) {
+    pub(crate) fn ready(&mut self, n: u64) {
         self.shared.ready.store(n, Ordering::SeqCst);
         if n / STEP > self.woken / STEP {
             self.woken = n;
@@ -93,7 +95,7 @@ impl Behind {
     }
 
     /// The file's first `n` bytes are all of it: the hash of them, once hashed.
-    pub(super) async fn finish(mut self, n: u64) -> std::io::Result<Hasher> {
+    pub(crate) async fn finish(mut self, n: u64) -> std::io::Result<Hasher> {
         self.shared.ready.store(n, Ordering::SeqCst);
         self.shared.set(true, false);
         let task = self.task.take().ok_or_else(gone)?;
