@@ -4,134 +4,153 @@
 //! [`super::DirStore`]'s temporary file) is hashed as it is written. Hashing on the
 //! writing thread puts SHA-256 in series with the copy into the file; handing each
 //! chunk to another thread costs a wake-up per chunk. Instead a [`Behind`] reads the
-//! file back on a blocking thread of its own, a [`STEP`] at a time, woken only when a
-//! whole step more is in the file (or at the end): the hash overlaps the writes, at
-//! one wake-up per step. After hashing a step it asks the kernel to start writing it
-//! to disk (`sync_file_range`, Linux), so the fsync at the end finds little left to
-//! write.
+//! file back on tokio's blocking pool, whole [`STEP`]s at a time, as the writer
+//! declares them written: the hash overlaps the writes, at about one task per step.
+//! No thread waits for the writer: a task is started only for steps already in the
+//! file (at most [`MAX_TASK`] of them), and the next when it is done. After hashing a
+//! step it asks the kernel to start writing it to disk (`sync_file_range`, Linux), so
+//! the fsync at the end finds little left to write.
 
 use std::os::unix::fs::FileExt;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Condvar, Mutex};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+
+use tokio::task::JoinHandle;
 
 use crate::hash::Hasher;
 
 /// Bytes read back and hashed at a time.
 pub(crate) const STEP: u64 = 1 << 20;
 
-/// What the writer tells the hashing thread.
-#[derive(Debug, Default)]
-struct Shared {
-    /// Bytes `[0, ready)` are in the file.
-    ready: AtomicU64,
-    /// Guards the waits on [`Shared::wake`]: (the stream ended, the hash is wanted
-    /// no more).
-    state: Mutex<(bool, bool)>,
-    wake: Condvar,
-}
+/// The most bytes one hashing task takes on: a task of a dropped [`Behind`] ends
+/// within a step, and one still running when more is ready hands the rest to the next.
+const MAX_TASK: u64 = 8 * STEP;
 
-impl Shared {
-    /// Sets the end or the stop, and wakes the hashing thread.
-    fn set(&self, end: bool, stop: bool) {
-        if let Ok(mut s) = self.state.lock() {
-            s.0 |= end;
-            s.1 |= stop;
-        }
-        self.wake.notify_one();
-    }
+/// The hash of the bytes so far, and the buffer steps are read into.
+type State = (Hasher, Vec<u8>);
 
-    /// Waits until the next step may be hashed: returns the end of the bytes to
-    /// hash next (`hashed` if there are none and the stream ended), or `None` when
-    /// stopped.
-    fn next(&self, hashed: u64) -> Option<u64> {
-        let mut s = self.state.lock().ok()?;
-        loop {
-            let (ended, stopped) = *s;
-            if stopped {
-                return None;
-            }
-            let ready = self.ready.load(Ordering::SeqCst);
-            if ended || ready >= hashed + STEP {
-                return Some(ready.min(hashed + STEP));
-            }
-            s = self.wake.wait(s).ok()?;
-        }
-    }
-}
+/// Where a task leaves its result (looked at without awaiting it).
+type Done = Arc<Mutex<Option<std::io::Result<State>>>>;
 
 /// A file being hashed behind its writer (see the module's documentation). Dropped
-/// before [`Behind::finish`], its thread stops at its next step.
+/// before its hash is finished, a task still running stops at its next step.
 pub(crate) struct Behind {
-    shared: Arc<Shared>,
-    task: Option<tokio::task::JoinHandle<std::io::Result<Hasher>>>,
-    /// `ready` when the hashing thread was last woken.
-    woken: u64,
+    file: Arc<std::fs::File>,
+    stop: Arc<AtomicBool>,
+    /// The hash so far, while no task runs.
+    idle: Option<State>,
+    /// The task hashing now, and where it leaves its result.
+    busy: Option<(JoinHandle<()>, Done)>,
+    /// Bytes handed to tasks so far (hashed, or being hashed).
+    handed: u64,
+    /// The first failure of a task, reported by [`Behind::finish`].
+    failed: Option<std::io::Error>,
 }
 
 impl Behind {
-    /// Starts hashing `file` (open for reading) from its start, as its bytes are
-    /// declared ready. Needs a tokio runtime (the thread is from its blocking pool).
+    /// Hashes `file` (open for reading) from its start, as its bytes are declared
+    /// written. Needs a tokio runtime (the tasks run on its blocking pool).
     pub(crate) fn start(file: std::fs::File) -> Behind {
-        let shared = Arc::new(Shared::default());
-        let theirs = shared.clone();
-        let task = tokio::task::spawn_blocking(move || hash_behind(&file, &theirs));
         Behind {
-            shared,
-            task: Some(task),
-            woken: 0,
+            file: Arc::new(file),
+            stop: Arc::default(),
+            idle: Some((Hasher::new(), Vec::new())),
+            busy: None,
+            handed: 0,
+            failed: None,
         }
     }
 
-    /// Bytes `[0, n)` are in the file: wakes the hashing thread once a whole step
-    /// more is ready.
+    /// Bytes `[0, n)` are in the file: once no task runs, the whole steps among them
+    /// not hashed yet are handed to a new one.
     pub(crate) fn ready(&mut self, n: u64) {
-        self.shared.ready.store(n, Ordering::SeqCst);
-        if n / STEP > self.woken / STEP {
-            self.woken = n;
-            // Taking the lock orders this wake-up after the thread's last look.
-            drop(self.shared.state.lock());
-            self.shared.wake.notify_one();
+        if let Some((_, done)) = &self.busy {
+            let Some(result) = done.lock().ok().and_then(|mut d| d.take()) else {
+                return; // still hashing (or it panicked: `finish` reports it)
+            };
+            self.busy = None;
+            match result {
+                Ok(state) => self.idle = Some(state),
+                Err(e) => self.failed = Some(e),
+            }
+        }
+        let to = (n / STEP * STEP).min(self.handed + MAX_TASK);
+        if to > self.handed {
+            if let Some(state) = self.idle.take() {
+                self.busy = Some(self.hash_until(state, to));
+            }
         }
     }
 
     /// The file's first `n` bytes are all of it: the hash of them, once hashed.
     pub(crate) async fn finish(mut self, n: u64) -> std::io::Result<Hasher> {
-        self.shared.ready.store(n, Ordering::SeqCst);
-        self.shared.set(true, false);
-        let task = self.task.take().ok_or_else(gone)?;
-        task.await.map_err(|_| gone())?
+        if let Some(busy) = self.busy.take() {
+            self.idle = Some(ended(busy).await?);
+        }
+        if let Some(e) = self.failed.take() {
+            return Err(e);
+        }
+        let state = self.idle.take().ok_or_else(gone)?;
+        let (hasher, _) = ended(self.hash_until(state, n)).await?;
+        Ok(hasher)
     }
+
+    /// A task hashing from where `state` stopped up to byte `to`.
+    fn hash_until(&mut self, state: State, to: u64) -> (JoinHandle<()>, Done) {
+        self.handed = to;
+        let (file, stop) = (self.file.clone(), self.stop.clone());
+        let done = Done::default();
+        let theirs = done.clone();
+        let task = tokio::task::spawn_blocking(move || {
+            let result = hash_range(&file, &stop, state, to);
+            if let Ok(mut d) = theirs.lock() {
+                *d = Some(result);
+            }
+        });
+        (task, done)
+    }
+}
+
+/// The result of a task, once it ended.
+async fn ended((task, done): (JoinHandle<()>, Done)) -> std::io::Result<State> {
+    task.await.map_err(|_| gone())?;
+    let result = done.lock().ok().and_then(|mut d| d.take());
+    result.unwrap_or_else(|| Err(gone()))
 }
 
 impl Drop for Behind {
     fn drop(&mut self) {
-        if self.task.is_some() {
-            self.shared.set(false, true);
-        }
+        self.stop.store(true, Ordering::SeqCst);
     }
 }
 
 fn gone() -> std::io::Error {
-    std::io::Error::other("hashing thread gone")
+    std::io::Error::other("hashing stopped before its end")
 }
 
-/// The hashing thread: hashes `file` step by step as `shared` declares its bytes
-/// ready, starting each hashed step's writeback, until the stream's end.
-fn hash_behind(file: &std::fs::File, shared: &Shared) -> std::io::Result<Hasher> {
-    let mut hasher = Hasher::new();
-    let mut buf = vec![0u8; usize::try_from(STEP).unwrap_or(1 << 20)];
-    loop {
-        let hashed = hasher.len();
-        let end = shared.next(hashed).ok_or_else(gone)?;
-        if end == hashed {
-            return Ok(hasher);
+/// Hashes `file` from where `hasher` stopped up to byte `to`, a step at a time,
+/// starting each hashed step's writeback; stops early (an error) once `stop` is set.
+fn hash_range(
+    file: &std::fs::File,
+    stop: &AtomicBool,
+    (mut hasher, mut buf): State,
+    to: u64,
+) -> std::io::Result<State> {
+    while hasher.len() < to {
+        if stop.load(Ordering::SeqCst) {
+            return Err(gone());
         }
-        let len = usize::try_from(end - hashed).map_err(std::io::Error::other)?;
+        let from = hasher.len();
+        let len = usize::try_from((to - from).min(STEP)).map_err(std::io::Error::other)?;
+        if buf.len() < len {
+            buf.resize(len, 0);
+        }
         let chunk = &mut buf[..len];
-        file.read_exact_at(chunk, hashed)?;
+        file.read_exact_at(chunk, from)?;
         hasher.update(chunk);
-        write_behind(file, hashed, end - hashed);
+        write_behind(file, from, len as u64);
     }
+    Ok((hasher, buf))
 }
 
 /// Asks the kernel to start writing `[offset, offset + len)` of `file` to disk, not
@@ -195,23 +214,56 @@ mod tests {
     }
 
     #[test]
-    fn a_stopped_hash_wakes_and_ends_though_no_step_is_ready() {
-        let shared = Arc::new(Shared::default());
-        let theirs = shared.clone();
-        let waiter = std::thread::spawn(move || theirs.next(0));
-        std::thread::sleep(std::time::Duration::from_millis(20));
-        shared.set(false, true);
-        assert_eq!(waiter.join().unwrap(), None);
+    fn a_stopped_task_ends_at_its_next_step_with_an_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("out");
+        std::fs::write(&path, vec![7u8; usize::try_from(STEP).unwrap() * 2]).unwrap();
+        let file = std::fs::File::open(&path).unwrap();
+        let stop = AtomicBool::new(true);
+        let state = (Hasher::new(), Vec::new());
+        assert!(hash_range(&file, &stop, state, STEP * 2).is_err());
+        let stop = AtomicBool::new(false);
+        let (hasher, _) = hash_range(&file, &stop, (Hasher::new(), Vec::new()), STEP * 2).unwrap();
+        assert_eq!(hasher.len(), STEP * 2);
     }
 
-    #[test]
-    fn the_next_step_waits_for_a_whole_step_until_the_end() {
-        let shared = Shared::default();
-        shared.ready.store(STEP * 2 + 5, Ordering::SeqCst);
-        assert_eq!(shared.next(0), Some(STEP));
-        assert_eq!(shared.next(STEP), Some(STEP * 2));
-        shared.set(true, false);
-        assert_eq!(shared.next(STEP * 2), Some(STEP * 2 + 5));
-        assert_eq!(shared.next(STEP * 2 + 5), Some(STEP * 2 + 5));
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn only_whole_steps_are_handed_out_before_the_end_and_at_most_max_task() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("out");
+        let total = MAX_TASK + STEP * 2 + 5;
+        std::fs::write(&path, vec![1u8; usize::try_from(total).unwrap()]).unwrap();
+        let mut behind = Behind::start(std::fs::File::open(&path).unwrap());
+        behind.ready(STEP - 1);
+        assert_eq!(behind.handed, 0, "less than a step is not handed out");
+        behind.ready(total);
+        assert_eq!(behind.handed, MAX_TASK, "one task takes at most MAX_TASK");
+        let hasher = behind.finish(total).await.unwrap();
+        assert_eq!(hasher.len(), total);
+        let want = crate::Hash::of(&vec![1u8; usize::try_from(total).unwrap()]);
+        assert_eq!(hasher.finish(), want);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_task_that_ended_is_taken_up_even_when_the_callers_budget_is_spent() {
+        // A reading loop whose reads never wait spends its task's coop budget; a
+        // join handle polled then reads as pending although its task ended.
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("out");
+        let total = STEP * 3;
+        std::fs::write(&path, vec![3u8; usize::try_from(total).unwrap()]).unwrap();
+        let mut behind = Behind::start(std::fs::File::open(&path).unwrap());
+        behind.ready(STEP);
+        let done = behind.busy.as_ref().unwrap().1.clone();
+        while done.lock().unwrap().is_none() {
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+        while tokio::task::coop::has_budget_remaining() {
+            tokio::task::coop::consume_budget().await;
+        }
+        behind.ready(total);
+        assert_eq!(behind.handed, total, "the next steps are handed out");
+        let hasher = behind.finish(total).await.unwrap();
+        assert_eq!(hasher.len(), total);
     }
 }

@@ -246,8 +246,9 @@ impl BlobStore for DirStore {
             }
             filled += n;
         }
-        if eof {
-            let hash = Hash::of(&buf[..filled]);
+        // The whole input when it fit in the head, hashed at once.
+        let whole = eof.then(|| Hash::of(&buf[..filled]));
+        if let Some(hash) = whole {
             if self.contains(&hash).await? && self.touch(&hash).await.is_ok() {
                 return Ok(BlobInfo {
                     hash,
@@ -269,10 +270,9 @@ impl BlobStore for DirStore {
             .open(&tmp)
             .await
             .map_err(io_err("create"))?;
-        // An input that fit in the head is hashed already; a longer one is hashed
-        // behind the writes, from the file.
+        // A longer input is hashed behind the writes, from the file.
         let mut behind = None;
-        if !eof {
+        if whole.is_none() {
             let theirs = file.try_clone().await.map_err(io_err("open"))?;
             behind = Some(Behind::start(theirs.into_std().await));
         }
@@ -301,9 +301,10 @@ impl BlobStore for DirStore {
         // Hashed (if it was not yet) while the file is fsynced.
         let (hashed, synced) = tokio::join!(
             async {
-                match behind {
-                    None => Ok(Hash::of(&buf[..filled])),
-                    Some(b) => b.finish(size).await.map(crate::hash::Hasher::finish),
+                match (whole, behind) {
+                    (Some(hash), _) => Ok(hash),
+                    (None, Some(b)) => b.finish(size).await.map(crate::hash::Hasher::finish),
+                    (None, None) => Err(std::io::Error::other("not hashed")),
                 }
             },
             file.sync_all()

@@ -6,11 +6,10 @@
 //! written to the stream, or written more than [`HOLD_BYTES`] to it; until then the
 //! bytes are held in memory, so a short job with a small output, or a stream that
 //! stays quiet, makes no file at all (a reader finds no file, which reads as no
-//! output yet). When the stream ends, the file holds every
-//! byte of the output: if the blob store can keep a local file
-//! ([`BlobStore::adopt`]), the file is hashed as it fills, on a thread of its own
-//! ([`crate::blob::behind`]), and linked in as the blob, so its bytes are written once, not
-//! twice.
+//! output yet). When the stream ends, the file holds every byte of the output: if the
+//! blob store can keep a local file ([`BlobStore::adopt`]), the file is hashed as it
+//! fills, on the blocking pool ([`crate::blob::behind`]), and linked in as the blob,
+//! so its bytes are written once, not twice.
 
 use std::collections::HashMap;
 use std::io::Write;
@@ -206,16 +205,18 @@ impl Mirrors {
 }
 
 /// Reads `reader` to its end, hashing `mirror` (which gets the same bytes) behind
-/// it, and keeps the mirror as the blob; copies it into `blobs` if the store cannot keep this file. If the mirror
-/// misses bytes (a write to it failed), the output is put instead: what the file
-/// holds, then the rest of the stream.
+/// it, and keeps the mirror as the blob; copies it into `blobs` if the store cannot
+/// keep this file. If the mirror misses bytes (a write to it failed), the output is
+/// put instead: what the file holds, then the rest of the stream.
 async fn keep(
     blobs: &dyn BlobStore,
     (mirror, file): (&Mirror, &std::fs::File),
     reader: &mut (dyn AsyncRead + Send + Unpin),
 ) -> Result<BlobInfo> {
-    let hash_err = |e| Error::io("hash", &mirror.path, e);
-    let mut behind = Behind::start(file.try_clone().map_err(hash_err)?);
+    let theirs = file
+        .try_clone()
+        .map_err(|e| Error::io("duplicate", &mirror.path, e))?;
+    let mut behind = Behind::start(theirs);
     let mut seen = 0u64;
     let mut buf = vec![0u8; CHUNK];
     loop {
@@ -242,7 +243,10 @@ async fn keep(
         behind.ready(seen);
     }
     drop(buf);
-    let hasher = behind.finish(seen).await.map_err(hash_err)?;
+    let hasher = behind
+        .finish(seen)
+        .await
+        .map_err(|e| Error::io("hash", &mirror.path, e))?;
     let info = BlobInfo {
         size: hasher.len(),
         hash: hasher.finish(),
