@@ -5,14 +5,15 @@
 //! writing thread puts SHA-256 in series with the copy into the file; handing each
 //! chunk to another thread costs a wake-up per chunk. Instead a [`Behind`] reads the
 //! file back on tokio's blocking pool, whole [`STEP`]s at a time, as the writer
-//! declares them written: the hash overlaps the writes, at about one task per step.
-//! No thread waits for the writer: a task is started only for steps already in the
-//! file (at most [`MAX_TASK`] of them), and the next when it is done. After hashing a
-//! step it asks the kernel to start writing it to disk (`sync_file_range`, Linux), so
-//! the fsync at the end finds little left to write.
+//! declares them written: the hash overlaps the writes. No thread waits for the
+//! writer: a task is started once a whole step is in the file, hashes every whole
+//! step written while it runs, and ends when it has caught up; the writer's next
+//! declaration starts the next. After hashing a step it asks the kernel to start
+//! writing it to disk (`sync_file_range`, Linux), so the fsync at the end finds little
+//! left to write.
 
 use std::os::unix::fs::FileExt;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use tokio::task::JoinHandle;
@@ -22,9 +23,14 @@ use crate::hash::Hasher;
 /// Bytes read back and hashed at a time.
 pub(crate) const STEP: u64 = 1 << 20;
 
-/// The most bytes one hashing task takes on: a task of a dropped [`Behind`] ends
-/// within a step, and one still running when more is ready hands the rest to the next.
-const MAX_TASK: u64 = 8 * STEP;
+/// What the writer tells its hashing tasks.
+#[derive(Debug, Default)]
+struct Mark {
+    /// Bytes `[0, ready)` are in the file.
+    ready: AtomicU64,
+    /// The hash is wanted no more: a task stops at its next step.
+    stop: AtomicBool,
+}
 
 /// The hash of the bytes so far, and the buffer steps are read into.
 type State = (Hasher, Vec<u8>);
@@ -36,13 +42,11 @@ type Done = Arc<Mutex<Option<std::io::Result<State>>>>;
 /// before its hash is finished, a task still running stops at its next step.
 pub(crate) struct Behind {
     file: Arc<std::fs::File>,
-    stop: Arc<AtomicBool>,
+    mark: Arc<Mark>,
     /// The hash so far, while no task runs.
     idle: Option<State>,
     /// The task hashing now, and where it leaves its result.
     busy: Option<(JoinHandle<()>, Done)>,
-    /// Bytes handed to tasks so far (hashed, or being hashed).
-    handed: u64,
     /// The first failure of a task, reported by [`Behind::finish`].
     failed: Option<std::io::Error>,
 }
@@ -53,17 +57,17 @@ impl Behind {
     pub(crate) fn start(file: std::fs::File) -> Behind {
         Behind {
             file: Arc::new(file),
-            stop: Arc::default(),
+            mark: Arc::default(),
             idle: Some((Hasher::new(), Vec::new())),
             busy: None,
-            handed: 0,
             failed: None,
         }
     }
 
-    /// Bytes `[0, n)` are in the file: once no task runs, the whole steps among them
-    /// not hashed yet are handed to a new one.
+    /// Bytes `[0, n)` are in the file: a task running hashes their whole steps too;
+    /// if none runs and a whole step is not hashed yet, one is started.
     pub(crate) fn ready(&mut self, n: u64) {
+        self.mark.ready.store(n, Ordering::SeqCst);
         if let Some((_, done)) = &self.busy {
             let Some(result) = done.lock().ok().and_then(|mut d| d.take()) else {
                 return; // still hashing (or it panicked: `finish` reports it)
@@ -74,16 +78,17 @@ impl Behind {
                 Err(e) => self.failed = Some(e),
             }
         }
-        let to = (n / STEP * STEP).min(self.handed + MAX_TASK);
-        if to > self.handed {
+        let behind = |(h, _): &State| h.len() < n / STEP * STEP;
+        if self.idle.as_ref().is_some_and(behind) {
             if let Some(state) = self.idle.take() {
-                self.busy = Some(self.hash_until(state, to));
+                self.busy = Some(self.hash(state, None));
             }
         }
     }
 
     /// The file's first `n` bytes are all of it: the hash of them, once hashed.
     pub(crate) async fn finish(mut self, n: u64) -> std::io::Result<Hasher> {
+        self.mark.ready.store(n, Ordering::SeqCst);
         if let Some(busy) = self.busy.take() {
             self.idle = Some(ended(busy).await?);
         }
@@ -91,18 +96,18 @@ impl Behind {
             return Err(e);
         }
         let state = self.idle.take().ok_or_else(gone)?;
-        let (hasher, _) = ended(self.hash_until(state, n)).await?;
+        let (hasher, _) = ended(self.hash(state, Some(n))).await?;
         Ok(hasher)
     }
 
-    /// A task hashing from where `state` stopped up to byte `to`.
-    fn hash_until(&mut self, state: State, to: u64) -> (JoinHandle<()>, Done) {
-        self.handed = to;
-        let (file, stop) = (self.file.clone(), self.stop.clone());
+    /// A task hashing from where `state` stopped: up to `end`, or while whole steps
+    /// are ready.
+    fn hash(&self, state: State, end: Option<u64>) -> (JoinHandle<()>, Done) {
+        let (file, mark) = (self.file.clone(), self.mark.clone());
         let done = Done::default();
         let theirs = done.clone();
         let task = tokio::task::spawn_blocking(move || {
-            let result = hash_range(&file, &stop, state, to);
+            let result = hash_range(&file, &mark, state, end);
             if let Ok(mut d) = theirs.lock() {
                 *d = Some(result);
             }
@@ -120,7 +125,7 @@ async fn ended((task, done): (JoinHandle<()>, Done)) -> std::io::Result<State> {
 
 impl Drop for Behind {
     fn drop(&mut self) {
-        self.stop.store(true, Ordering::SeqCst);
+        self.mark.stop.store(true, Ordering::SeqCst);
     }
 }
 
@@ -128,19 +133,24 @@ fn gone() -> std::io::Error {
     std::io::Error::other("hashing stopped before its end")
 }
 
-/// Hashes `file` from where `hasher` stopped up to byte `to`, a step at a time,
-/// starting each hashed step's writeback; stops early (an error) once `stop` is set.
+/// Hashes `file` from where `hasher` stopped, a step at a time, up to `end`, or
+/// (without one) while whole steps are ready by `mark`, starting each hashed step's
+/// writeback; stops early (an error) once `mark` says stop.
 fn hash_range(
     file: &std::fs::File,
-    stop: &AtomicBool,
+    mark: &Mark,
     (mut hasher, mut buf): State,
-    to: u64,
+    end: Option<u64>,
 ) -> std::io::Result<State> {
-    while hasher.len() < to {
-        if stop.load(Ordering::SeqCst) {
+    loop {
+        if mark.stop.load(Ordering::SeqCst) {
             return Err(gone());
         }
         let from = hasher.len();
+        let to = end.unwrap_or_else(|| mark.ready.load(Ordering::SeqCst) / STEP * STEP);
+        if from >= to {
+            return Ok((hasher, buf));
+        }
         let len = usize::try_from((to - from).min(STEP)).map_err(std::io::Error::other)?;
         if buf.len() < len {
             buf.resize(len, 0);
@@ -150,7 +160,6 @@ fn hash_range(
         hasher.update(chunk);
         write_behind(file, from, len as u64);
     }
-    Ok((hasher, buf))
 }
 
 /// Asks the kernel to start writing `[offset, offset + len)` of `file` to disk, not
@@ -219,25 +228,39 @@ mod tests {
         let path = dir.path().join("out");
         std::fs::write(&path, vec![7u8; usize::try_from(STEP).unwrap() * 2]).unwrap();
         let file = std::fs::File::open(&path).unwrap();
-        let stop = AtomicBool::new(true);
+        let mark = Mark::default();
+        mark.stop.store(true, Ordering::SeqCst);
         let state = (Hasher::new(), Vec::new());
-        assert!(hash_range(&file, &stop, state, STEP * 2).is_err());
-        let stop = AtomicBool::new(false);
-        let (hasher, _) = hash_range(&file, &stop, (Hasher::new(), Vec::new()), STEP * 2).unwrap();
+        assert!(hash_range(&file, &mark, state, Some(STEP * 2)).is_err());
+        let mark = Mark::default();
+        let (hasher, _) =
+            hash_range(&file, &mark, (Hasher::new(), Vec::new()), Some(STEP * 2)).unwrap();
+        assert_eq!(hasher.len(), STEP * 2);
+    }
+
+    #[test]
+    fn a_task_without_an_end_hashes_the_whole_steps_ready_and_stops_there() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("out");
+        std::fs::write(&path, vec![7u8; usize::try_from(STEP).unwrap() * 3]).unwrap();
+        let file = std::fs::File::open(&path).unwrap();
+        let mark = Mark::default();
+        mark.ready.store(STEP * 2 + 100, Ordering::SeqCst);
+        let (hasher, _) = hash_range(&file, &mark, (Hasher::new(), Vec::new()), None).unwrap();
         assert_eq!(hasher.len(), STEP * 2);
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn only_whole_steps_are_handed_out_before_the_end_and_at_most_max_task() {
+    async fn no_task_starts_before_a_whole_step_is_ready() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("out");
-        let total = MAX_TASK + STEP * 2 + 5;
+        let total = STEP * 2 + 5;
         std::fs::write(&path, vec![1u8; usize::try_from(total).unwrap()]).unwrap();
         let mut behind = Behind::start(std::fs::File::open(&path).unwrap());
         behind.ready(STEP - 1);
-        assert_eq!(behind.handed, 0, "less than a step is not handed out");
-        behind.ready(total);
-        assert_eq!(behind.handed, MAX_TASK, "one task takes at most MAX_TASK");
+        assert!(behind.busy.is_none(), "less than a step starts no task");
+        behind.ready(STEP);
+        assert!(behind.busy.is_some(), "a whole step starts one");
         let hasher = behind.finish(total).await.unwrap();
         assert_eq!(hasher.len(), total);
         let want = crate::Hash::of(&vec![1u8; usize::try_from(total).unwrap()]);
@@ -262,7 +285,7 @@ mod tests {
             tokio::task::coop::consume_budget().await;
         }
         behind.ready(total);
-        assert_eq!(behind.handed, total, "the next steps are handed out");
+        assert!(behind.busy.is_some(), "the next steps are handed out");
         let hasher = behind.finish(total).await.unwrap();
         assert_eq!(hasher.len(), total);
     }

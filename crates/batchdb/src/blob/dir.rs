@@ -276,16 +276,21 @@ impl BlobStore for DirStore {
             let theirs = file.try_clone().await.map_err(io_err("open"))?;
             behind = Some(Behind::start(theirs.into_std().await));
         }
-        let (mut size, mut n) = (0u64, filled);
+        let (mut size, mut flushed, mut n) = (0u64, 0u64, filled);
         loop {
             if n > 0 {
                 file.write_all(&buf[..n]).await.map_err(io_err("write"))?;
                 let before = size;
                 size += n as u64;
-                if let Some(b) = behind.as_mut().filter(|_| size / STEP > before / STEP) {
-                    // Flushed, so the bytes declared ready are in the file.
-                    file.flush().await.map_err(io_err("write"))?;
-                    b.ready(size);
+                if let Some(b) = behind.as_mut() {
+                    // Flushed at each whole step, so the bytes declared ready are in
+                    // the file; declared at every write, so a hashing task that
+                    // caught up is followed by the next soon.
+                    if size / STEP > before / STEP {
+                        file.flush().await.map_err(io_err("write"))?;
+                        flushed = size;
+                    }
+                    b.ready(flushed);
                 }
             }
             if eof {
