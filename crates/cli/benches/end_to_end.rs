@@ -17,8 +17,8 @@
 //! `head -c N /dev/zero > FILE && sync FILE`, and a MiB at a time with the kernel
 //! asked to start writing each MiB to disk at once (`sync_file_range`, as the worker
 //! does), then an fsync (this bench's own `write-behind` mode). The slower limit is
-//! the hash or the faster of the two writes. Each run starts after a `sync`, so one run's
-//! writeback does not land in the next; the order reverses every round.
+//! the hash or the faster of the two writes. Each run starts after a `sync`, so one
+//! run's writeback does not land in the next; the order reverses every round.
 //!
 //! GNU parallel and task-spooler come from Debian (`parallel`, `task-spooler`); run as
 //! root, the bench installs whichever is missing, as `scripts/test` does.
