@@ -289,4 +289,30 @@ mod tests {
         let hasher = behind.finish(total).await.unwrap();
         assert_eq!(hasher.len(), total);
     }
+
+    #[test]
+    fn concurrent_puts_finish_with_a_single_blocking_thread() {
+        // Writes to the temporary files and the hashing tasks share one blocking
+        // thread: a hasher that waited there for its writer would never be released.
+        use crate::blob::BlobStore;
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .max_blocking_threads(1)
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let dir = tempfile::tempdir().unwrap();
+            let store = crate::blob::DirStore::open(dir.path()).await.unwrap();
+            let data = vec![5u8; usize::try_from(STEP * 3 + 17).unwrap()];
+            let puts = (0..4).map(|_| {
+                let (store, data) = (store.clone(), data.clone());
+                async move { store.put(&mut &data[..]).await }
+            });
+            let all = futures_util::future::join_all(puts);
+            let done = tokio::time::timeout(std::time::Duration::from_secs(120), all).await;
+            for stored in done.expect("the puts finished") {
+                assert_eq!(stored.unwrap().hash, crate::Hash::of(&data));
+            }
+        });
+    }
 }
