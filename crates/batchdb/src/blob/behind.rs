@@ -181,6 +181,25 @@ mod tests {
     use super::*;
     use std::io::Write;
 
+    /// A file holding `bytes`, open for reading (with the directory that holds it).
+    fn file_of(bytes: &[u8]) -> (tempfile::TempDir, std::fs::File) {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("out");
+        std::fs::write(&path, bytes).unwrap();
+        let file = std::fs::File::open(&path).unwrap();
+        (dir, file)
+    }
+
+    /// `len` copies of `byte`.
+    fn filled(byte: u8, len: u64) -> Vec<u8> {
+        vec![byte; usize::try_from(len).unwrap()]
+    }
+
+    /// The state of a hash not begun.
+    fn fresh() -> State {
+        (Hasher::new(), Vec::new())
+    }
+
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn the_hash_behind_is_the_hash_of_the_bytes_written_in_any_chunking() {
         let dir = tempfile::tempdir().unwrap();
@@ -205,65 +224,51 @@ mod tests {
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_file_shorter_than_a_step_is_hashed_at_its_end() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("out");
-        std::fs::write(&path, b"abc").unwrap();
-        let behind = Behind::start(std::fs::File::open(&path).unwrap());
+        let (_dir, file) = file_of(b"abc");
+        let behind = Behind::start(file);
         let hasher = behind.finish(3).await.unwrap();
         assert_eq!(hasher.finish(), crate::Hash::of(b"abc"));
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_file_missing_bytes_it_was_said_to_hold_is_an_error_not_a_hash() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("out");
-        std::fs::write(&path, b"abc").unwrap();
-        let behind = Behind::start(std::fs::File::open(&path).unwrap());
+        let (_dir, file) = file_of(b"abc");
+        let behind = Behind::start(file);
         assert!(behind.finish(10).await.is_err());
     }
 
     #[test]
     fn a_stopped_task_ends_at_its_next_step_with_an_error() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("out");
-        std::fs::write(&path, vec![7u8; usize::try_from(STEP).unwrap() * 2]).unwrap();
-        let file = std::fs::File::open(&path).unwrap();
+        let (_dir, file) = file_of(&filled(7, STEP * 2));
         let mark = Mark::default();
         mark.stop.store(true, Ordering::SeqCst);
-        let state = (Hasher::new(), Vec::new());
-        assert!(hash_range(&file, &mark, state, Some(STEP * 2)).is_err());
+        assert!(hash_range(&file, &mark, fresh(), Some(STEP * 2)).is_err());
         let mark = Mark::default();
-        let (hasher, _) =
-            hash_range(&file, &mark, (Hasher::new(), Vec::new()), Some(STEP * 2)).unwrap();
+        let (hasher, _) = hash_range(&file, &mark, fresh(), Some(STEP * 2)).unwrap();
         assert_eq!(hasher.len(), STEP * 2);
     }
 
     #[test]
     fn a_task_without_an_end_hashes_the_whole_steps_ready_and_stops_there() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("out");
-        std::fs::write(&path, vec![7u8; usize::try_from(STEP).unwrap() * 3]).unwrap();
-        let file = std::fs::File::open(&path).unwrap();
+        let (_dir, file) = file_of(&filled(7, STEP * 3));
         let mark = Mark::default();
         mark.ready.store(STEP * 2 + 100, Ordering::SeqCst);
-        let (hasher, _) = hash_range(&file, &mark, (Hasher::new(), Vec::new()), None).unwrap();
+        let (hasher, _) = hash_range(&file, &mark, fresh(), None).unwrap();
         assert_eq!(hasher.len(), STEP * 2);
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn no_task_starts_before_a_whole_step_is_ready() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("out");
         let total = STEP * 2 + 5;
-        std::fs::write(&path, vec![1u8; usize::try_from(total).unwrap()]).unwrap();
-        let mut behind = Behind::start(std::fs::File::open(&path).unwrap());
+        let (_dir, file) = file_of(&filled(1, total));
+        let mut behind = Behind::start(file);
         behind.ready(STEP - 1);
         assert!(behind.busy.is_none(), "less than a step starts no task");
         behind.ready(STEP);
         assert!(behind.busy.is_some(), "a whole step starts one");
         let hasher = behind.finish(total).await.unwrap();
         assert_eq!(hasher.len(), total);
-        let want = crate::Hash::of(&vec![1u8; usize::try_from(total).unwrap()]);
+        let want = crate::Hash::of(&filled(1, total));
         assert_eq!(hasher.finish(), want);
     }
 
@@ -271,11 +276,9 @@ mod tests {
     async fn a_task_that_ended_is_taken_up_even_when_the_callers_budget_is_spent() {
         // A reading loop whose reads never wait spends its task's coop budget; a
         // join handle polled then reads as pending although its task ended.
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("out");
         let total = STEP * 3;
-        std::fs::write(&path, vec![3u8; usize::try_from(total).unwrap()]).unwrap();
-        let mut behind = Behind::start(std::fs::File::open(&path).unwrap());
+        let (_dir, file) = file_of(&filled(3, total));
+        let mut behind = Behind::start(file);
         behind.ready(STEP);
         let done = behind.busy.as_ref().unwrap().1.clone();
         while done.lock().unwrap().is_none() {
@@ -303,7 +306,7 @@ mod tests {
         rt.block_on(async {
             let dir = tempfile::tempdir().unwrap();
             let store = crate::blob::DirStore::open(dir.path()).await.unwrap();
-            let data = vec![5u8; usize::try_from(STEP * 3 + 17).unwrap()];
+            let data = filled(5, STEP * 3 + 17);
             let puts = (0..4).map(|_| {
                 let (store, data) = (store.clone(), data.clone());
                 async move { store.put(&mut &data[..]).await }

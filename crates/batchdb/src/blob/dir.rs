@@ -225,6 +225,13 @@ fn not_a_blob() -> std::io::Error {
     std::io::Error::other("not a regular file (a symlink or other): refused as a blob")
 }
 
+/// How [`DirStore::put`] hashes its input: known whole from its head, or behind the
+/// writes of a longer one.
+enum Hashing {
+    Whole(Hash),
+    Behind(Behind),
+}
+
 #[async_trait]
 impl BlobStore for DirStore {
     async fn put(&self, reader: &mut (dyn AsyncRead + Send + Unpin)) -> Result<BlobInfo> {
@@ -271,18 +278,19 @@ impl BlobStore for DirStore {
             .await
             .map_err(io_err("create"))?;
         // A longer input is hashed behind the writes, from the file.
-        let mut behind = None;
-        if whole.is_none() {
+        let mut hashing = if let Some(hash) = whole {
+            Hashing::Whole(hash)
+        } else {
             let theirs = file.try_clone().await.map_err(io_err("open"))?;
-            behind = Some(Behind::start(theirs.into_std().await));
-        }
+            Hashing::Behind(Behind::start(theirs.into_std().await))
+        };
         let (mut size, mut flushed, mut n) = (0u64, 0u64, filled);
         loop {
             if n > 0 {
                 file.write_all(&buf[..n]).await.map_err(io_err("write"))?;
                 let before = size;
                 size += n as u64;
-                if let Some(b) = behind.as_mut() {
+                if let Hashing::Behind(b) = &mut hashing {
                     // Flushed at each whole step, so the bytes declared ready are in
                     // the file; declared at every write, so a hashing task that
                     // caught up is followed by the next soon.
@@ -306,10 +314,9 @@ impl BlobStore for DirStore {
         // Hashed (if it was not yet) while the file is fsynced.
         let (hashed, synced) = tokio::join!(
             async {
-                match (whole, behind) {
-                    (Some(hash), _) => Ok(hash),
-                    (None, Some(b)) => b.finish(size).await.map(crate::hash::Hasher::finish),
-                    (None, None) => Err(std::io::Error::other("not hashed")),
+                match hashing {
+                    Hashing::Whole(hash) => Ok(hash),
+                    Hashing::Behind(b) => b.finish(size).await.map(crate::hash::Hasher::finish),
                 }
             },
             file.sync_all()
