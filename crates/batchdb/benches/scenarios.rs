@@ -23,6 +23,8 @@ use futures_util::StreamExt;
 
 #[path = "scenarios/batches.rs"]
 mod batches;
+#[path = "scenarios/enqueue.rs"]
+mod enqueue;
 #[path = "scenarios/pg_bulk.rs"]
 mod pg_bulk;
 #[path = "scenarios/prune.rs"]
@@ -99,64 +101,6 @@ fn sh(script: &str) -> Duration {
     t.elapsed()
 }
 
-/// The baseline database of the enqueue scenarios: the same job and instance rows,
-/// WAL, `synchronous=FULL`, no indexes but the key's.
-fn raw_sqlite(dir: &Path) -> rusqlite::Connection {
-    let conn = rusqlite::Connection::open(dir.join("raw.sqlite")).unwrap();
-    conn.execute_batch(
-        "PRAGMA journal_mode=WAL; PRAGMA synchronous=FULL;
-         CREATE TABLE jobs(id INTEGER PRIMARY KEY, key TEXT UNIQUE, size INTEGER, created INTEGER, payload BLOB);
-         CREATE TABLE instances(id INTEGER PRIMARY KEY, job TEXT, created INTEGER, state TEXT);",
-    )
-    .unwrap();
-    conn
-}
-
-/// Library `add` of `n` distinct small payloads, each durable on return, against the
-/// same rows inserted straight into SQLite one transaction each (synchronous=FULL).
-async fn enqueue_one(n: usize, reps: usize) -> Row {
-    let mut ours = Vec::new();
-    let mut base = Vec::new();
-    for r in 0..reps {
-        let dir = tempfile::tempdir().unwrap();
-        let db = open(dir.path()).await;
-        reset_peak();
-        let t = Instant::now();
-        for i in 0..n {
-            db.add(format!("echo {r} {i}").as_bytes(), &PushOptions::default())
-                .await
-                .unwrap();
-        }
-        ours.push(n as f64 / t.elapsed().as_secs_f64());
-        let conn = raw_sqlite(dir.path());
-        let t = Instant::now();
-        for i in 0..n {
-            let payload = format!("raw {r} {i}");
-            let key = Hash::of(payload.as_bytes()).to_hex();
-            conn.execute_batch("BEGIN").unwrap();
-            conn.execute(
-                "INSERT INTO jobs(key, size, created, payload) VALUES (?1, 10, 0, ?2)",
-                (&key, payload.as_bytes()),
-            )
-            .unwrap();
-            conn.execute(
-                "INSERT INTO instances(job, created, state) VALUES (?1, 0, 'pending')",
-                [&key],
-            )
-            .unwrap();
-            conn.execute_batch("COMMIT").unwrap();
-        }
-        base.push(n as f64 / t.elapsed().as_secs_f64());
-    }
-    Row::rates(
-        format!("enqueue one at a time ({n} adds, durable)"),
-        (ours, base),
-        1.0,
-        "jobs/s",
-        "raw SQLite, 1 txn each",
-    )
-}
-
 /// Jobs per second of one `add_many` of `n` distinct small payloads (`echo bulk R I`,
 /// round `r`) into `db`, peak RSS counted from its start.
 async fn timed_add_many(db: &BatchDb, r: usize, n: usize) -> f64 {
@@ -183,7 +127,7 @@ async fn enqueue_bulk(n: usize, reps: usize) -> Row {
         let dir = tempfile::tempdir().unwrap();
         let db = open(dir.path()).await;
         ours.push(timed_add_many(&db, r, n).await);
-        let mut conn = raw_sqlite(dir.path());
+        let mut conn = enqueue::raw_sqlite(dir.path());
         let t = Instant::now();
         let tx = conn.transaction().unwrap();
         {
@@ -609,7 +553,7 @@ async fn main() {
     let want = |name: &str| only.as_deref().is_none_or(|o| o == name);
     let mut rows = Vec::new();
     if want("enqueue") {
-        rows.push(enqueue_one(400 * k, reps).await);
+        rows.extend(enqueue::enqueue_one(400 * k, reps).await);
     }
     if want("drain") {
         rows.push(drain(200 * k, reps).await);
