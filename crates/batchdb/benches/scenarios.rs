@@ -118,45 +118,6 @@ async fn timed_add_many(db: &BatchDb, r: usize, n: usize) -> f64 {
     rate
 }
 
-/// Library `add_many` of `n` distinct small payloads (durable on return), against the
-/// same rows inserted straight into SQLite in one big transaction.
-async fn enqueue_bulk(n: usize, reps: usize) -> Row {
-    let mut ours = Vec::new();
-    let mut base = Vec::new();
-    for r in 0..reps {
-        let dir = tempfile::tempdir().unwrap();
-        let db = open(dir.path()).await;
-        ours.push(timed_add_many(&db, r, n).await);
-        let mut conn = enqueue::raw_sqlite(dir.path());
-        let t = Instant::now();
-        let tx = conn.transaction().unwrap();
-        {
-            let mut job = tx
-                .prepare("INSERT INTO jobs(key, size, created, payload) VALUES (?1, ?2, 0, ?3)")
-                .unwrap();
-            let mut inst = tx
-                .prepare("INSERT INTO instances(job, created, state) VALUES (?1, 0, 'pending')")
-                .unwrap();
-            for i in 0..n {
-                let payload = format!("echo raw {r} {i}");
-                let key = Hash::of(payload.as_bytes()).to_hex();
-                job.execute((&key, payload.len(), payload.as_bytes()))
-                    .unwrap();
-                inst.execute([&key]).unwrap();
-            }
-        }
-        tx.commit().unwrap();
-        base.push(n as f64 / t.elapsed().as_secs_f64());
-    }
-    Row::rates(
-        format!("enqueue bulk ({n} payloads, one add_many, durable)"),
-        (ours, base),
-        1.0,
-        "jobs/s",
-        "raw SQLite, 1 txn",
-    )
-}
-
 /// `run -j 2 --until-empty` (the library worker, shell runner) over `n` pending
 /// `echo i` jobs, against `xargs -P 2` running the same payloads through `sh`.
 async fn drain(n: usize, reps: usize) -> Row {
@@ -586,7 +547,7 @@ async fn main() {
         rows.push(prune::prune_sqlite(if quick { 100_000 } else { 1_000_000 }).await);
     }
     if want("bulk") {
-        rows.push(enqueue_bulk(if quick { 20_000 } else { 100_000 }, reps).await);
+        rows.extend(enqueue::enqueue_bulk(if quick { 20_000 } else { 100_000 }, reps).await);
     }
     print_rows(rows);
 }
