@@ -22,7 +22,8 @@ fn main() -> ExitCode {
     // A worker and a server run many tasks at once; every other command is one task,
     // and starts faster without worker threads, and without a blocking thread for
     // SQLite: its calls run on the one thread.
-    let mut builder = if matches!(cli.command, args::Command::Run(_) | args::Command::Serve(_)) {
+    let many = matches!(cli.command, args::Command::Run(_) | args::Command::Serve(_));
+    let mut builder = if many {
         let mut b = tokio::runtime::Builder::new_multi_thread();
         b.worker_threads(2);
         b
@@ -37,7 +38,21 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match rt.block_on(commands::dispatch(cli)) {
+    // A worker or a server runs as a task (on this thread, as before), as all its
+    // other work does: the library runs SQLite calls in place for a caller outside any
+    // task (`block_on` itself), and these must never stall what else their future
+    // polls.
+    let outcome = if many {
+        let local = tokio::task::LocalSet::new();
+        rt.block_on(local.run_until(async {
+            tokio::task::spawn_local(commands::dispatch(cli))
+                .await
+                .unwrap_or_else(|e| Err(batchdb::Error::Task(format!("the command's task: {e}"))))
+        }))
+    } else {
+        rt.block_on(commands::dispatch(cli))
+    };
+    match outcome {
         Ok(code) => code,
         // A closed stdout (`batchdb events | head`) is how pipelines end, not a failure.
         Err(batchdb::Error::Stream { source, .. })
