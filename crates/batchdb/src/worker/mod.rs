@@ -254,7 +254,25 @@ impl Worker {
     /// fails ([`Error::AttemptSetup`]: its working directory, a limit this worker
     /// cannot enforce, its cgroup) is not that: its attempt fails, and the worker
     /// goes on.
+    ///
+    /// Awaited outside any task (in `block_on`, the body of `#[tokio::main]`), the
+    /// worker runs as a task of its own, aborted if this future is dropped: its
+    /// database calls then keep to the blocking pool, where the bounds on its
+    /// heartbeats and registry calls can cut a wait short (see `io::blocking`).
     pub async fn run(self, reports: Option<mpsc::UnboundedSender<Report>>) -> Result<()> {
+        if tokio::task::try_id().is_some() {
+            return self.run_here(reports).await;
+        }
+        let mut task = AbortOnDrop(tokio::spawn(self.run_here(reports)));
+        match (&mut task.0).await {
+            Ok(r) => r,
+            Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+            Err(e) => Err(Error::Task(format!("the worker's task: {e}"))),
+        }
+    }
+
+    /// [`run`](Self::run) on the calling task.
+    async fn run_here(self, reports: Option<mpsc::UnboundedSender<Report>>) -> Result<()> {
         let this = Arc::new(self);
         let slots = this.opts.concurrency.max(1);
         let mut tasks: JoinSet<()> = JoinSet::new();
@@ -525,5 +543,14 @@ fn send(
             report,
             finished,
         });
+    }
+}
+
+/// A spawned task that is aborted when this is dropped (its awaiting future was).
+struct AbortOnDrop<T>(tokio::task::JoinHandle<T>);
+
+impl<T> Drop for AbortOnDrop<T> {
+    fn drop(&mut self) {
+        self.0.abort();
     }
 }

@@ -2,7 +2,8 @@
 //! [`Backend`], and instantiated for every backend by [`suite!`].
 //!
 //! Backend-specific tests (corrupting a file on disk, say) live in `dir_store.rs`;
-//! tests of the facade and worker, end to end, live in `end_to_end.rs`; the model-based test of the
+//! tests of the facade and worker, end to end, live in `end_to_end.rs` (a worker's life
+//! as its caller sees it in `lifecycle.rs`); the model-based test of the
 //! queue's invariants lives in `model.rs`; tests that need a fresh backend pair per
 //! round (`@fresh`: attempt isolation, `isolation.rs`) get its constructor.
 
@@ -13,6 +14,7 @@ mod deps;
 mod dir_store;
 mod end_to_end;
 mod isolation;
+mod lifecycle;
 mod model;
 #[cfg(feature = "postgres")]
 mod postgres;
@@ -63,6 +65,9 @@ macro_rules! suite {
                     select_by_created_job_and_result,
                     corrupt_values_read_back_are_one_error,
                     corrupt_values_on_every_path_are_one_error,
+                ]);
+                suite!(@tests $backend, lifecycle: [
+                    a_worker_awaited_outside_any_task_stops_when_its_future_is_dropped,
                 ]);
                 suite!(@tests $backend, ahead: [
                     a_slot_starts_what_it_claimed_ahead_yet_runs_one_job_at_a_time,
