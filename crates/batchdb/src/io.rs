@@ -180,8 +180,8 @@ fn runs_inline(asked: bool, flavor: &tokio::runtime::RuntimeFlavor, in_task: boo
 /// when that stalls no other task (see [`runs_inline`]): a caller in `block_on` of a
 /// multi-thread runtime, or on a current-thread runtime when
 /// [`crate::set_inline_blocking`] asked for it. Handing work to the pool and back
-/// costs two thread wake-ups (on this machine's virtual CPUs, about 30 µs in all:
-/// a fifth of a durable one-row add).
+/// costs two thread wake-ups: on virtual CPUs about 35 µs in all, measured as a fifth
+/// of a durable one-job add (`docs/performance.md`).
 pub(crate) async fn blocking<T: Send + 'static>(
     f: impl FnOnce() -> T + Send + 'static,
 ) -> crate::Result<T> {

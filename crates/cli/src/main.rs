@@ -45,9 +45,11 @@ fn main() -> ExitCode {
     let outcome = if many {
         let local = tokio::task::LocalSet::new();
         rt.block_on(local.run_until(async {
-            tokio::task::spawn_local(commands::dispatch(cli))
-                .await
-                .unwrap_or_else(|e| Err(batchdb::Error::Task(format!("the command's task: {e}"))))
+            match tokio::task::spawn_local(commands::dispatch(cli)).await {
+                Ok(outcome) => outcome,
+                Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+                Err(e) => Err(batchdb::Error::Task(format!("the command's task: {e}"))),
+            }
         }))
     } else {
         rt.block_on(commands::dispatch(cli))
