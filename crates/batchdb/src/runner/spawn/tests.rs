@@ -147,3 +147,28 @@ async fn sigpipe_is_default_in_the_child() {
     assert_eq!(read_all(child.stdout).await, "done\n");
     assert_eq!(wait.wait().await.unwrap(), (Some(0), None));
 }
+
+#[test]
+fn one_thread_keeps_one_child_stack_across_spawns_and_failed_execs() {
+    use std::io::Read;
+    std::thread::spawn(|| {
+        assert_eq!(kept_stack(), None, "a new thread has no stack yet");
+        let mut bases = Vec::new();
+        for i in 0..3 {
+            let child = sh(&format!("echo {i}"), &[]).unwrap();
+            let mut out = String::new();
+            std::fs::File::from(child.stdout)
+                .read_to_string(&mut out)
+                .unwrap();
+            assert_eq!(out, format!("{i}\n"));
+            reap(child.pid);
+            bases.push(kept_stack().expect("the stack is kept"));
+            let failed = spawn(Path::new("/nonexistent/x"), OsStr::new("x"), &[], &[]);
+            assert!(failed.is_err(), "exec of a missing file fails");
+            bases.push(kept_stack().expect("the stack is kept after a failed exec"));
+        }
+        assert!(bases.windows(2).all(|w| w[0] == w[1]), "{bases:?}");
+    })
+    .join()
+    .unwrap();
+}
