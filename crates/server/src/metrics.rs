@@ -12,6 +12,7 @@ use axum::response::{IntoResponse, Response};
 use batchdb::BatchDb;
 use batchdb::queue::{Event, EventKind};
 use futures_util::StreamExt;
+use tokio_util::task::AbortOnDropHandle;
 
 use crate::AppState;
 use crate::error::ApiError;
@@ -223,7 +224,7 @@ pub(crate) struct Metrics {
     tally: std::sync::Arc<Mutex<Tally>>,
     progress: tokio::sync::watch::Sender<i64>,
     fanout: tokio::sync::broadcast::Sender<Arc<Published>>,
-    task: OnceLock<AbortOnDrop>,
+    task: OnceLock<AbortOnDropHandle<()>>,
 }
 
 /// An event as the follower read it: its id and its JSON line.
@@ -238,15 +239,6 @@ pub(crate) struct Published {
 /// How many events a stream may fall behind the follower before it reads the log
 /// itself to catch up.
 const FANOUT: usize = 1024;
-
-#[derive(Debug)]
-struct AbortOnDrop(tokio::task::JoinHandle<()>);
-
-impl Drop for AbortOnDrop {
-    fn drop(&mut self) {
-        self.0.abort();
-    }
-}
 
 impl Metrics {
     pub(crate) fn new(db: BatchDb) -> Metrics {
@@ -270,7 +262,7 @@ impl Metrics {
             let tally = self.tally.clone();
             let progress = self.progress.clone();
             let fanout = self.fanout.clone();
-            AbortOnDrop(rt.spawn(follow(db, tally, progress, fanout)))
+            AbortOnDropHandle::new(rt.spawn(follow(db, tally, progress, fanout)))
         });
     }
 

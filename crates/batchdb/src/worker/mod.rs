@@ -8,6 +8,7 @@ use std::time::Duration;
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinSet;
 use tokio::time::Instant;
+use tokio_util::task::AbortOnDropHandle;
 
 use crate::blob::BlobStore;
 use crate::error::{Error, Result};
@@ -263,8 +264,7 @@ impl Worker {
         if tokio::task::try_id().is_some() {
             return self.run_here(reports).await;
         }
-        let mut task = AbortOnDrop(tokio::spawn(self.run_here(reports)));
-        match (&mut task.0).await {
+        match AbortOnDropHandle::new(tokio::spawn(self.run_here(reports))).await {
             Ok(r) => r,
             Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
             Err(e) => Err(Error::Task(format!("the worker's task: {e}"))),
@@ -543,14 +543,5 @@ fn send(
             report,
             finished,
         });
-    }
-}
-
-/// A spawned task that is aborted when this is dropped (its awaiting future was).
-struct AbortOnDrop<T>(tokio::task::JoinHandle<T>);
-
-impl<T> Drop for AbortOnDrop<T> {
-    fn drop(&mut self) {
-        self.0.abort();
     }
 }
