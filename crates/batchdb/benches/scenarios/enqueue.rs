@@ -17,6 +17,12 @@ pub fn raw_sqlite(dir: &Path) -> rusqlite::Connection {
     conn
 }
 
+/// The baseline's rows of one `add`: the job and its instance.
+const BASE_ADD: [&str; 2] = [
+    "INSERT INTO jobs(key, size, created, payload) VALUES (?1, ?2, ?3, ?4)",
+    "INSERT INTO instances(job, created, state) VALUES (?1, ?2, 'pending')",
+];
+
 /// The rows one `add` writes into batchdb's schema (the job, its pending instance,
 /// the `create` and `push` events), as plain SQL with no library in between.
 const SCHEMA_ADD: [&str; 4] = [
@@ -38,9 +44,9 @@ async fn schema_sqlite(dir: &Path) -> rusqlite::Connection {
     conn
 }
 
-/// Inserts the rows of one `add` of `payload` at time `created` with `stmts` (the
-/// statements of [`SCHEMA_ADD`], prepared on `conn`).
-fn schema_add(
+/// Inserts the rows of one `add` of `payload` at time `created` with `stmts`: those
+/// of [`BASE_ADD`] or of [`SCHEMA_ADD`], prepared on `conn`.
+fn raw_add(
     conn: &rusqlite::Connection,
     stmts: &mut [rusqlite::CachedStatement<'_>],
     payload: &str,
@@ -52,41 +58,60 @@ fn schema_add(
         .execute((&key, size, created, payload.as_bytes()))
         .unwrap();
     stmts[1].execute((&key, created)).unwrap();
-    let instance = conn.last_insert_rowid();
-    let data = format!("{{\"size\":{size}}}");
-    stmts[2].execute((&key, created, &data)).unwrap();
-    stmts[3].execute((&key, created, instance)).unwrap();
+    if let [_, _, create, push] = stmts {
+        let instance = conn.last_insert_rowid();
+        let data = format!("{{\"size\":{size}}}");
+        create.execute((&key, created, &data)).unwrap();
+        push.execute((&key, created, instance)).unwrap();
+    }
 }
 
-/// Inserts `n` jobs (round `r`) into `conn`, one transaction each: the baseline's two
-/// rows, or with `schema` the four rows of [`SCHEMA_ADD`], each statement prepared
-/// once (as the library's are). Returns jobs per second.
-fn raw_adds(conn: &rusqlite::Connection, r: usize, n: usize, schema: bool) -> f64 {
+/// Inserts `n` jobs (round `r`) into `conn`, each statement prepared once (as the
+/// library's are): the baseline's rows, or with `schema` those of [`SCHEMA_ADD`]; one
+/// transaction per job, or with `one_txn` one for all. Returns jobs per second.
+fn raw_adds(
+    conn: &rusqlite::Connection,
+    (r, n): (usize, usize),
+    schema: bool,
+    one_txn: bool,
+) -> f64 {
+    let sql: &[&str] = if schema { &SCHEMA_ADD } else { &BASE_ADD };
     let t = Instant::now();
+    let mut stmts: Vec<_> = sql
+        .iter()
+        .map(|q| conn.prepare_cached(q).unwrap())
+        .collect();
+    let txn = |sql: &str| conn.execute_batch(sql).unwrap();
+    if one_txn {
+        txn("BEGIN");
+    }
     for i in 0..n {
-        let payload = format!("raw {r} {i}");
-        conn.execute_batch("BEGIN").unwrap();
-        if schema {
-            let mut stmts = SCHEMA_ADD.map(|sql| conn.prepare_cached(sql).unwrap());
-            schema_add(conn, &mut stmts, &payload, i64::try_from(i).unwrap() + 1);
-        } else {
-            let key = Hash::of(payload.as_bytes()).to_hex();
-            conn.prepare_cached(
-                "INSERT INTO jobs(key, size, created, payload) VALUES (?1, 10, 0, ?2)",
-            )
-            .unwrap()
-            .execute((&key, payload.as_bytes()))
-            .unwrap();
-            conn.prepare_cached(
-                "INSERT INTO instances(job, created, state) VALUES (?1, 0, 'pending')",
-            )
-            .unwrap()
-            .execute([&key])
-            .unwrap();
+        if !one_txn {
+            txn("BEGIN");
         }
-        conn.execute_batch("COMMIT").unwrap();
+        let created = i64::try_from(i).unwrap() + 1;
+        raw_add(conn, &mut stmts, &format!("echo raw {r} {i}"), created);
+        if !one_txn {
+            txn("COMMIT");
+        }
+    }
+    if one_txn {
+        txn("COMMIT");
     }
     n as f64 / t.elapsed().as_secs_f64()
+}
+
+/// The row of batchdb (`what`) and that of the raw inserts into its schema (`schema`),
+/// each against the same baseline.
+fn with_ceiling(
+    (what, schema): (String, String),
+    (ours, base, into_schema): (Vec<f64>, Vec<f64>, Vec<f64>),
+    baseline: &str,
+) -> Vec<Row> {
+    vec![
+        Row::rates(what, (ours, base.clone()), 1.0, "jobs/s", baseline),
+        Row::rates(schema, (into_schema, base), 1.0, "jobs/s", baseline),
+    ]
 }
 
 /// Library `add` of `n` distinct small payloads, each durable on return, against the
@@ -102,8 +127,8 @@ pub async fn enqueue_one(n: usize, reps: usize) -> Vec<Row> {
         let full = schema_sqlite(dir.path()).await;
         reset_peak();
         if r % 2 == 1 {
-            base.push(raw_adds(&raw, r, n, false));
-            schema.push(raw_adds(&full, r, n, true));
+            base.push(raw_adds(&raw, (r, n), false, false));
+            schema.push(raw_adds(&full, (r, n), true, false));
         }
         let t = Instant::now();
         for i in 0..n {
@@ -113,56 +138,13 @@ pub async fn enqueue_one(n: usize, reps: usize) -> Vec<Row> {
         }
         ours.push(n as f64 / t.elapsed().as_secs_f64());
         if r % 2 == 0 {
-            schema.push(raw_adds(&full, r, n, true));
-            base.push(raw_adds(&raw, r, n, false));
+            schema.push(raw_adds(&full, (r, n), true, false));
+            base.push(raw_adds(&raw, (r, n), false, false));
         }
     }
-    vec![
-        Row::rates(
-            format!("enqueue one at a time ({n} adds, durable)"),
-            (ours, base.clone()),
-            1.0,
-            "jobs/s",
-            "raw SQLite, 1 txn each",
-        ),
-        Row::rates(
-            format!("  raw SQL into batchdb's schema ({n} adds, no library)"),
-            (schema, base),
-            1.0,
-            "jobs/s",
-            "raw SQLite, 1 txn each",
-        ),
-    ]
-}
-
-/// `n` jobs (round `r`) into `conn` in one transaction: the baseline's two rows each,
-/// or with `schema` the four rows of [`SCHEMA_ADD`]. Returns jobs per second.
-fn raw_bulk(conn: &mut rusqlite::Connection, r: usize, n: usize, schema: bool) -> f64 {
-    let t = Instant::now();
-    let tx = conn.transaction().unwrap();
-    if schema {
-        let mut stmts = SCHEMA_ADD.map(|sql| tx.prepare_cached(sql).unwrap());
-        for i in 0..n {
-            let payload = format!("echo raw {r} {i}");
-            schema_add(&tx, &mut stmts, &payload, i64::try_from(i).unwrap() + 1);
-        }
-    } else {
-        let mut job = tx
-            .prepare("INSERT INTO jobs(key, size, created, payload) VALUES (?1, ?2, 0, ?3)")
-            .unwrap();
-        let mut inst = tx
-            .prepare("INSERT INTO instances(job, created, state) VALUES (?1, 0, 'pending')")
-            .unwrap();
-        for i in 0..n {
-            let payload = format!("echo raw {r} {i}");
-            let key = Hash::of(payload.as_bytes()).to_hex();
-            job.execute((&key, payload.len(), payload.as_bytes()))
-                .unwrap();
-            inst.execute([&key]).unwrap();
-        }
-    }
-    tx.commit().unwrap();
-    n as f64 / t.elapsed().as_secs_f64()
+    let what = format!("enqueue one at a time ({n} adds, durable)");
+    let into = format!("  raw SQL into batchdb's schema ({n} adds, no library)");
+    with_ceiling((what, into), (ours, base, schema), "raw SQLite, 1 txn each")
 }
 
 /// Library `add_many` of `n` distinct small payloads (durable on return), against the
@@ -174,25 +156,11 @@ pub async fn enqueue_bulk(n: usize, reps: usize) -> Vec<Row> {
         let dir = tempfile::tempdir().unwrap();
         let db = open(dir.path()).await;
         ours.push(timed_add_many(&db, r, n).await);
-        let mut conn = raw_sqlite(dir.path());
-        base.push(raw_bulk(&mut conn, r, n, false));
-        let mut full = schema_sqlite(dir.path()).await;
-        schema.push(raw_bulk(&mut full, r, n, true));
+        base.push(raw_adds(&raw_sqlite(dir.path()), (r, n), false, true));
+        let full = schema_sqlite(dir.path()).await;
+        schema.push(raw_adds(&full, (r, n), true, true));
     }
-    vec![
-        Row::rates(
-            format!("enqueue bulk ({n} payloads, one add_many, durable)"),
-            (ours, base.clone()),
-            1.0,
-            "jobs/s",
-            "raw SQLite, 1 txn",
-        ),
-        Row::rates(
-            format!("  raw SQL into batchdb's schema ({n} jobs, 1 txn, no library)"),
-            (schema, base),
-            1.0,
-            "jobs/s",
-            "raw SQLite, 1 txn",
-        ),
-    ]
+    let what = format!("enqueue bulk ({n} payloads, one add_many, durable)");
+    let into = format!("  raw SQL into batchdb's schema ({n} jobs, 1 txn, no library)");
+    with_ceiling((what, into), (ours, base, schema), "raw SQLite, 1 txn")
 }
