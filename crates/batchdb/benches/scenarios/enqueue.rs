@@ -6,7 +6,7 @@ use super::*;
 
 /// The baseline database of the enqueue scenarios: the same job and instance rows,
 /// WAL, `synchronous=FULL`, no indexes but the key's.
-pub fn raw_sqlite(dir: &Path) -> rusqlite::Connection {
+fn raw_sqlite(dir: &Path) -> rusqlite::Connection {
     let conn = rusqlite::Connection::open(dir.join("raw.sqlite")).unwrap();
     conn.execute_batch(
         "PRAGMA journal_mode=WAL; PRAGMA synchronous=FULL;
