@@ -57,6 +57,11 @@ pub(crate) const STEPS: &[Step] = &[
         sqlite: include_str!("schema/v8.sql"),
         postgres: include_str!("schema/v8.sql"),
     },
+    Step {
+        what: "one pending index for both claim orders",
+        sqlite: include_str!("schema/v9.sqlite.sql"),
+        postgres: include_str!("schema/v9.postgres.sql"),
+    },
 ];
 
 /// The schema version this build writes and understands, on every backend.

@@ -104,6 +104,7 @@ macro_rules! suite {
                     a_starving_instance_reserves_units_until_it_fits,
                     concurrency_keys_never_run_more_than_their_limit_under_racing_claims,
                     one_claim_of_several_counts_its_own_starts_against_a_keys_limit,
+                    passed_over_instances_leave_their_priority_to_the_next_in_either_order,
                     a_lost_workers_concurrency_slot_passes_to_the_takeover,
                     unrunnable_counts_what_no_live_worker_has,
                 ]);

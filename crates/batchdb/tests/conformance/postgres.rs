@@ -187,7 +187,12 @@ async fn a_version_3_database_is_migrated_and_its_running_attempt_taken_over() {
         tokio::task::spawn_blocking(move || {
             shared().sql(
                 &db,
-                "DROP TABLE batchdb.workers;
+                "DROP INDEX batchdb.instances_pending;
+                 CREATE INDEX instances_pending_newest ON batchdb.instances(priority DESC, created DESC, id DESC)
+                   WHERE state = 'pending';
+                 CREATE INDEX instances_pending_oldest ON batchdb.instances(priority DESC, created ASC, id ASC)
+                   WHERE state = 'pending';
+                 DROP TABLE batchdb.workers;
                  ALTER TABLE batchdb.instances DROP COLUMN context, DROP COLUMN needs,
                    DROP COLUMN conc_key, DROP COLUMN conc_limit;
                  ALTER TABLE batchdb.attempts DROP COLUMN max_rss, DROP COLUMN cpu_user_ms,

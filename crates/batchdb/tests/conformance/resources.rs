@@ -179,6 +179,41 @@ pub async fn concurrency_keys_never_run_more_than_their_limit_under_racing_claim
     assert_eq!(most, LIMIT, "the limit is reached, not just kept");
 }
 
+/// Instances a claim passes over (here: their concurrency key is full) leave their
+/// priority to the next one down, in either order; oldest first reads one priority
+/// at a time, so this crosses its windows, a window that ends exactly at a priority's
+/// last row, and priorities with nothing left that can run.
+pub async fn passed_over_instances_leave_their_priority_to_the_next_in_either_order(b: &Backend) {
+    let add = |n: u64, priority: i64, key: bool| {
+        let mut o = opts();
+        o.priority = priority;
+        if key {
+            o.concurrency = Some(Concurrency::parse("api=1").unwrap());
+        }
+        let q = b.queue.clone();
+        async move { q.add(&job(n), &o).await.unwrap().id }
+    };
+    let h: Vec<i64> = vec![
+        add(0, 5, true).await,
+        add(1, 5, true).await,
+        add(2, 5, true).await,
+    ];
+    let m = [add(3, 0, false).await, add(4, 0, false).await];
+    let l = [add(5, -3, false).await, add(6, -3, false).await];
+    let ids = |got: Vec<Claim>| got.iter().map(|c| c.token.id).collect::<Vec<_>>();
+    let got = ids(b.queue.claim(&req("w", 4, LONG)).await.unwrap());
+    assert_eq!(got, [h[0], m[0], m[1], l[0]], "oldest first, by priority");
+    // A first window of exactly the two keyed ones left, both passed over.
+    let got = ids(b.queue.claim(&req("w", 2, LONG)).await.unwrap());
+    assert_eq!(got, [l[1]], "past a full priority to the last one");
+    let (n_hi, n_lo) = (add(7, 5, false).await, add(8, -3, false).await);
+    let mut newest = req("w", 3, LONG);
+    newest.order = batchdb::queue::Order::Newest;
+    let got = ids(b.queue.claim(&newest).await.unwrap());
+    assert_eq!(got, [n_hi, n_lo], "newest first, by priority");
+    assert!(b.queue.claim(&req("w", 4, LONG)).await.unwrap().is_empty());
+}
+
 pub async fn one_claim_of_several_counts_its_own_starts_against_a_keys_limit(b: &Backend) {
     for n in 0..3 {
         let mut o = opts();

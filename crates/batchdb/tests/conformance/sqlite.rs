@@ -3,6 +3,16 @@
 use batchdb::Error;
 use batchdb::queue::{Queue, SqliteQueue};
 
+/// Step 9 undone: the two pending indexes every schema before it had.
+macro_rules! v8_pending_indexes {
+    () => {
+        "DROP INDEX instances_pending;
+         CREATE INDEX instances_pending_newest ON instances(priority, created) WHERE state = 'pending';
+         CREATE INDEX instances_pending_oldest ON instances(priority DESC, created ASC) WHERE state = 'pending';
+         "
+    };
+}
+
 #[tokio::test]
 async fn newer_schema_is_refused_with_a_clear_message() {
     let dir = tempfile::tempdir().unwrap();
@@ -79,7 +89,8 @@ async fn a_version_1_database_is_migrated_on_open() {
     // outputs table.
     rusqlite::Connection::open(&path)
         .unwrap()
-        .execute_batch(
+        .execute_batch(concat!(
+            v8_pending_indexes!(),
             "DROP TABLE workers; DROP INDEX instances_conc; DROP INDEX instances_needs;
              ALTER TABLE instances DROP COLUMN context; ALTER TABLE instances DROP COLUMN needs;
              ALTER TABLE instances DROP COLUMN conc_key; ALTER TABLE instances DROP COLUMN conc_limit;
@@ -90,7 +101,7 @@ async fn a_version_1_database_is_migrated_on_open() {
              ALTER TABLE instances DROP COLUMN note; DROP TABLE batches; DROP TABLE deps;
              ALTER TABLE jobs DROP COLUMN payload; DROP TABLE inline_blobs;
              ALTER TABLE attempts DROP COLUMN attempt_id; PRAGMA user_version = 1",
-        )
+        ))
         .unwrap();
     let q = SqliteQueue::open(&path).await.unwrap();
     let version: i64 = rusqlite::Connection::open(&path)
@@ -158,6 +169,7 @@ async fn a_version_3_database_is_migrated_and_its_running_attempt_taken_over() {
         rusqlite::Connection::open(&path)
             .unwrap()
             .execute_batch(concat!(
+                v8_pending_indexes!(),
                 "DROP TABLE workers; DROP INDEX instances_conc; DROP INDEX instances_needs; ",
                 "ALTER TABLE instances DROP COLUMN context; ALTER TABLE instances DROP COLUMN needs; ",
                 "ALTER TABLE instances DROP COLUMN conc_key; ALTER TABLE instances DROP COLUMN conc_limit; ",

@@ -300,15 +300,34 @@ static EXPIRED: Sql = Sql::new(concat!(
 static PENDING_NEWEST: Sql = Sql::new(concat!(
     "SELECT ",
     claim_cols!(),
-    " FROM instances WHERE state = 'pending' AND run_at <= $1 AND ($4 OR needs IS NULL)
+    ", priority FROM instances
+     WHERE state = 'pending' AND priority <= $5 AND run_at <= $1 AND ($4 OR needs IS NULL)
      ORDER BY priority DESC, created DESC, id DESC LIMIT $2 OFFSET $3 FOR UPDATE SKIP LOCKED"
 ));
+/// The highest priority at or below `$3` with a due instance (not locked: a
+/// priority whose rows other claimers hold is still the top one).
+macro_rules! top_priority {
+    ($now:literal, $resources:literal, $cap:literal) => {
+        concat!(
+            "SELECT priority FROM instances WHERE state = 'pending' AND priority <= ",
+            $cap,
+            " AND run_at <= ",
+            $now,
+            " AND (",
+            $resources,
+            " OR needs IS NULL) ORDER BY priority DESC LIMIT 1"
+        )
+    };
+}
 static PENDING_OLDEST: Sql = Sql::new(concat!(
     "SELECT ",
     claim_cols!(),
-    " FROM instances WHERE state = 'pending' AND run_at <= $1 AND ($4 OR needs IS NULL)
-     ORDER BY priority DESC, created ASC, id ASC LIMIT $2 OFFSET $3 FOR UPDATE SKIP LOCKED"
+    ", priority FROM instances WHERE state = 'pending' AND priority = (",
+    top_priority!("$1", "$4", "$5"),
+    ") AND run_at <= $1 AND ($4 OR needs IS NULL)
+     ORDER BY created ASC, id ASC LIMIT $2 OFFSET $3 FOR UPDATE SKIP LOCKED"
 ));
+static TOP_PRIORITY: Sql = Sql::new(top_priority!("$1", "$2", "$3"));
 static STARVING: Sql = Sql::new(concat!(
     "SELECT ",
     claim_cols!(),
@@ -366,6 +385,7 @@ impl sql::Tx for Tx {
             expired: &EXPIRED,
             newest: &PENDING_NEWEST,
             oldest: &PENDING_OLDEST,
+            top_priority: &TOP_PRIORITY,
             starving: &STARVING,
         }
     }
@@ -373,7 +393,7 @@ impl sql::Tx for Tx {
     /// Sent between `SET LOCAL enable_sort = off, plan_cache_mode =
     /// force_generic_plan` and their undoing, all three pipelined (one round trip).
     /// Each claim statement orders its rows as one partial index does
-    /// (`instances_pending_newest`, `_oldest`, `instances_lease`, `instances_needs`),
+    /// (`instances_pending` either way, `instances_lease`, `instances_needs`),
     /// so with sorting priced out that index is the plan: the first rows in order,
     /// then the `LIMIT`. Left to its statistics the planner can do far worse: on a
     /// table not yet analyzed, or last analyzed while few instances were pending (a

@@ -93,10 +93,10 @@ pub(crate) async fn claim<T: Tx>(tx: &mut T, req: &ClaimRequest) -> R<(Vec<Claim
         // Nothing comes between the two reads for a worker without resources: both
         // in one round trip. A takeover may release dependents, which the pending
         // read made before it cannot see: after one, that read is made again.
-        let pending_args = pending_args(&round, req.limit, 0);
+        let pending_args = pending_args(&round, req.limit, &Cursor::START);
         let pending = (pending_sql::<T>(req.order), &pending_args[..]);
         let (expired, pending) = tx
-            .candidates_both(expired, |r| expired_row(r), pending, |r| candidate(r))
+            .candidates_both(expired, |r| expired_row(r), pending, |r| pending_row(r))
             .await?;
         let took_over = !expired.is_empty();
         let terminal = take_over(tx, &mut round, &mut out, expired).await?;
@@ -191,11 +191,61 @@ fn pending_sql<T: Tx>(order: Order) -> &'static Sql {
     }
 }
 
-/// The arguments of a pending read of `window` rows after skipping `skipped`.
-fn pending_args(round: &Round<'_>, window: usize, skipped: usize) -> [super::Arg<'static>; 4] {
-    let offset = i64::try_from(skipped).unwrap_or(i64::MAX);
+/// Decodes a row of a pending read: the candidate and its priority.
+fn pending_row<R: Row>(r: &R) -> Result<(Candidate, i64), R::Error> {
+    Ok((candidate(r)?, r.req_int(CLAIM_COLS)?))
+}
+
+/// Where one claim's pending reads stand: the priorities left are those at or below
+/// `cap`; an oldest-first read takes one priority at a time, `at` (known once a row
+/// of it was read), from `offset` rows in (those skipped there so far).
+struct Cursor {
+    cap: i64,
+    offset: usize,
+    at: Option<i64>,
+}
+
+impl Cursor {
+    /// Every priority left, nothing skipped.
+    const START: Cursor = Cursor {
+        cap: i64::MAX,
+        offset: 0,
+        at: None,
+    };
+}
+
+/// The arguments of a pending read of `window` rows from `cur`.
+fn pending_args(round: &Round<'_>, window: usize, cur: &Cursor) -> [super::Arg<'static>; 5] {
+    let offset = i64::try_from(cur.offset).unwrap_or(i64::MAX);
     let win = i64::try_from(window).unwrap_or(i64::MAX);
-    args![round.now, win, offset, !round.req.resources.is_empty()]
+    args![
+        round.now,
+        win,
+        offset,
+        !round.req.resources.is_empty(),
+        cur.cap
+    ]
+}
+
+/// After an oldest-first read came back short, the cursor at the next priority
+/// down, or `None` when no due instance is left at any. A read with no rows at all
+/// leaves its priority unknown (every row of it locked by other claimers, or none
+/// due): the top due priority is read then.
+async fn next_priority<T: Tx>(tx: &mut T, round: &Round<'_>, cur: &Cursor) -> R<Option<Cursor>, T> {
+    let at = if cur.at.is_some() {
+        cur.at
+    } else {
+        // As a claim read (on PostgreSQL: under the same plan settings).
+        let a = args![round.now, !round.req.resources.is_empty(), cur.cap];
+        let sql = T::claim_sql().top_priority;
+        let top = tx.candidates(sql, &a, |r| r.req_int(0)).await?;
+        top.first().copied()
+    };
+    Ok(at.and_then(|p| p.checked_sub(1)).map(|cap| Cursor {
+        cap,
+        offset: 0,
+        at: None,
+    }))
 }
 
 /// Takes over attempts whose worker stopped renewing its lease (or ends them, as
@@ -280,13 +330,16 @@ async fn claim_starving<T: Tx>(
 /// Claims due pending instances, by priority then order, a window at a time. A cached
 /// run is served from the cache, or skipped while an identical run is in flight (it
 /// stays pending, so the next window starts past it); one whose needs do not fit or
-/// whose concurrency key is full is skipped the same way. `first`: the first window,
-/// read already (of `limit` rows, nothing skipped; only with nothing claimed yet).
+/// whose concurrency key is full is skipped the same way. Newest first is one read
+/// across priorities (the pending index backwards); oldest first reads one priority
+/// at a time, highest first, so one index serves both. `first`: the first window,
+/// read already (of `limit` rows from [`Cursor::START`]; only with nothing claimed
+/// yet).
 async fn claim_pending<T: Tx>(
     tx: &mut T,
     round: &mut Round<'_>,
     out: &mut Vec<Claim>,
-    mut first: Option<Vec<Candidate>>,
+    mut first: Option<Vec<(Candidate, i64)>>,
 ) -> R<(), T> {
     let req = round.req;
     let remaining = req.limit.saturating_sub(out.len());
@@ -302,29 +355,41 @@ async fn claim_pending<T: Tx>(
     };
     let mut claimed = 0;
     let mut skipped = 0usize;
+    let mut cur = Cursor::START;
     while claimed < remaining && skipped < SCAN_MAX {
         let candidates = if let Some(read) = first.take() {
             read
         } else {
-            let args = pending_args(round, window, skipped);
-            tx.candidates(pending_sql::<T>(req.order), &args, |r| candidate(r))
+            let args = pending_args(round, window, &cur);
+            tx.candidates(pending_sql::<T>(req.order), &args, |r| pending_row(r))
                 .await?
         };
         let last_window = candidates.len() < window;
-        for c in candidates {
+        for (c, priority) in candidates {
             if claimed == remaining {
                 break;
             }
+            cur.at = Some(priority);
             match consider(tx, round, &c, out).await? {
                 Taken::Run => claimed += 1,
                 Taken::Served => {}
-                Taken::Skipped | Taken::Reserved => skipped += 1,
+                Taken::Skipped | Taken::Reserved => {
+                    skipped += 1;
+                    cur.offset += 1;
+                }
             }
         }
         if last_window {
-            break;
+            match req.order {
+                Order::Newest => break,
+                Order::Oldest => match next_priority(tx, round, &cur).await? {
+                    Some(next) => cur = next,
+                    None => break,
+                },
+            }
+        } else {
+            window = (window * 2).min(WINDOW_MAX);
         }
-        window = (window * 2).min(WINDOW_MAX);
     }
     Ok(())
 }

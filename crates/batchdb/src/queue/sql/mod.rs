@@ -463,12 +463,17 @@ pub(crate) struct ClaimSql {
     /// Running instances whose lease ended before `$1`, oldest lease first, at most
     /// `$2`; `cancel_requested` follows the claim columns.
     pub(crate) expired: &'static Sql,
-    /// Due pending instances (`run_at <= $1`) by priority, newest first within one;
-    /// a window of `$2` rows after skipping `$3`; only those without needs unless
-    /// `$4` (the worker has resources).
+    /// Due pending instances (`run_at <= $1`) at priority `$5` or below, by
+    /// priority, newest first within one; a window of `$2` rows after skipping `$3`;
+    /// only those without needs unless `$4` (the worker has resources). The
+    /// instance's `priority` follows the claim columns.
     pub(crate) newest: &'static Sql,
-    /// The same, oldest first.
+    /// The same, oldest first, from one priority only: the highest at or below `$5`
+    /// that has a due instance.
     pub(crate) oldest: &'static Sql,
+    /// That priority alone (`$1` the time, `$2` whether the worker has resources,
+    /// `$3` the highest priority wanted); no row when nothing is due.
+    pub(crate) top_priority: &'static Sql,
     /// Pending instances with needs, due since `$1` or longer, longest due first, at
     /// most `$2` (through the `instances_needs` index, which ends the scan at the
     /// first one due later).

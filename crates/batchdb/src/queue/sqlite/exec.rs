@@ -131,17 +131,36 @@ static EXPIRED: Sql = Sql::new(concat!(
 static PENDING_NEWEST: Sql = Sql::new(concat!(
     "SELECT ",
     claim_cols!(),
-    " FROM instances INDEXED BY instances_pending_newest
-     WHERE state = 'pending' AND run_at <= $1 AND ($4 OR needs IS NULL)
+    ", priority FROM instances INDEXED BY instances_pending
+     WHERE state = 'pending' AND priority <= $5 AND run_at <= $1 AND ($4 OR needs IS NULL)
      ORDER BY priority DESC, created DESC, id DESC LIMIT $2 OFFSET $3"
 ));
+/// The highest priority at or below `$3` with a due instance: the pending index
+/// backwards, to the first.
+macro_rules! top_priority {
+    ($now:literal, $resources:literal, $cap:literal) => {
+        concat!(
+            "SELECT priority FROM instances INDEXED BY instances_pending
+             WHERE state = 'pending' AND priority <= ",
+            $cap,
+            " AND run_at <= ",
+            $now,
+            " AND (",
+            $resources,
+            " OR needs IS NULL) ORDER BY priority DESC LIMIT 1"
+        )
+    };
+}
 static PENDING_OLDEST: Sql = Sql::new(concat!(
     "SELECT ",
     claim_cols!(),
-    " FROM instances INDEXED BY instances_pending_oldest
-     WHERE state = 'pending' AND run_at <= $1 AND ($4 OR needs IS NULL)
-     ORDER BY priority DESC, created ASC, id ASC LIMIT $2 OFFSET $3"
+    ", priority FROM instances INDEXED BY instances_pending
+     WHERE state = 'pending' AND priority = (",
+    top_priority!("$1", "$4", "$5"),
+    ") AND run_at <= $1 AND ($4 OR needs IS NULL)
+     ORDER BY created ASC, id ASC LIMIT $2 OFFSET $3"
 ));
+static TOP_PRIORITY: Sql = Sql::new(top_priority!("$1", "$2", "$3"));
 static STARVING: Sql = Sql::new(concat!(
     "SELECT ",
     claim_cols!(),
@@ -189,6 +208,7 @@ impl sql::Tx for Lite<'_> {
             expired: &EXPIRED,
             newest: &PENDING_NEWEST,
             oldest: &PENDING_OLDEST,
+            top_priority: &TOP_PRIORITY,
             starving: &STARVING,
         }
     }
@@ -196,5 +216,25 @@ impl sql::Tx for Lite<'_> {
     /// The write transaction holds the database's one write lock: every key is ours.
     async fn try_lock_key(&mut self, _key: &Hash) -> TxResult<bool> {
         Ok(true)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::queue::sql::sqlite_plan;
+
+    #[test]
+    fn both_pending_reads_walk_the_one_pending_index_in_order_without_sorting() {
+        for sql in [&PENDING_NEWEST, &PENDING_OLDEST, &TOP_PRIORITY] {
+            let plan = sqlite_plan(sql);
+            assert!(plan.contains("INDEX instances_pending"), "{plan}");
+            assert!(!plan.contains("TEMP B-TREE"), "{plan}");
+        }
+        let plan = sqlite_plan(&PENDING_OLDEST);
+        assert!(
+            plan.contains("priority=?"),
+            "one priority at a time: {plan}"
+        );
     }
 }
