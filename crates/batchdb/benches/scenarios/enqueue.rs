@@ -34,13 +34,16 @@ const SCHEMA_ADD: [&str; 4] = [
 ];
 
 /// A connection to a fresh batchdb SQLite schema under `dir` (migrated by the library,
-/// which is then closed), WAL and `synchronous=FULL` as the library runs it.
+/// which is then closed), WAL, `synchronous=FULL` and the page cache as the library
+/// runs it.
 async fn schema_sqlite(dir: &Path) -> rusqlite::Connection {
     let path = dir.join("schema.sqlite");
     drop(SqliteQueue::open(&path).await.expect("migrate schema"));
     let conn = rusqlite::Connection::open(&path).unwrap();
-    conn.execute_batch("PRAGMA journal_mode=WAL; PRAGMA synchronous=FULL;")
-        .unwrap();
+    conn.execute_batch(
+        "PRAGMA journal_mode=WAL; PRAGMA synchronous=FULL; PRAGMA cache_size=-16384;",
+    )
+    .unwrap();
     conn
 }
 

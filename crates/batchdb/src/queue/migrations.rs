@@ -62,6 +62,12 @@ pub(crate) const STEPS: &[Step] = &[
         sqlite: include_str!("schema/v9.sqlite.sql"),
         postgres: include_str!("schema/v9.postgres.sql"),
     },
+    Step {
+        what: "instance and event ids without a sequence row written at every insert",
+        sqlite: include_str!("schema/v10.sqlite.sql"),
+        // A sequence (instances) and the event counter never go back already.
+        postgres: "SELECT 1;",
+    },
 ];
 
 /// The schema version this build writes and understands, on every backend.
@@ -75,4 +81,53 @@ pub(crate) fn pending(version: i64) -> impl Iterator<Item = (i64, &'static Step)
         .zip(1..)
         .skip(usize::try_from(version).unwrap_or(0))
         .map(|(s, v)| (v, s))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::STEPS;
+    use crate::queue::sql::sqlite_next_id;
+
+    /// A database at step 9 whose newest instance and event were pruned: step 10
+    /// keeps their ids from being given again, and every row it rebuilt.
+    #[test]
+    fn step_10_carries_the_sequences_high_water_mark_and_the_rows_over() {
+        let c = rusqlite::Connection::open_in_memory().expect("open");
+        for step in &STEPS[..9] {
+            c.execute_batch(step.sqlite).expect("steps 1-9");
+        }
+        c.execute_batch(
+            "INSERT INTO instances(job, created, state, priority, run_at, cached)
+               VALUES ('a', 1, 'pending', 0, 0, 0), ('b', 2, 'result', 0, 0, 0),
+                      ('c', 3, 'result', 0, 0, 0);
+             INSERT INTO events(time, kind, job) VALUES (1, 'push', 'a'), (2, 'push', 'b');
+             DELETE FROM instances WHERE id > 1; DELETE FROM events WHERE id = 2;",
+        )
+        .expect("rows");
+        c.execute_batch(STEPS[9].sqlite).expect("step 10");
+        let next = |table: &str| -> i64 {
+            let sql = match table {
+                "instances" => concat!("SELECT ", sqlite_next_id!("instances")),
+                _ => concat!("SELECT ", sqlite_next_id!("events")),
+            };
+            c.query_row(sql, [], |r| r.get(0)).expect("next id")
+        };
+        assert_eq!((next("instances"), next("events")), (4, 3));
+        let kept: (String, String) = c
+            .query_row(
+                "SELECT (SELECT job FROM instances WHERE id = 1), (SELECT job FROM events WHERE id = 1)",
+                [],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .expect("kept");
+        assert_eq!(kept, ("a".to_owned(), "a".to_owned()));
+        // Removing the top again raises the floor; removing a lower row leaves it.
+        c.execute_batch(
+            "INSERT INTO instances(id, job, created, state, priority, run_at, cached)
+               VALUES (7, 'd', 7, 'result', 0, 0, 0);
+             DELETE FROM instances WHERE id = 7; DELETE FROM instances WHERE id = 1;",
+        )
+        .expect("prune");
+        assert_eq!(next("instances"), 8);
+    }
 }

@@ -90,6 +90,7 @@ macro_rules! suite {
                 ]);
                 suite!(@tests $backend, prune: [
                     prune_removes_ended_instances_before_the_cutoff_and_keeps_the_rest,
+                    ids_are_never_given_again_after_a_prune_removed_the_newest,
                     prune_keeps_what_a_kept_instance_depends_on_then_removes_the_chain,
                     prune_removes_the_cache_entries_and_inline_outputs_only_it_referenced,
                     the_first_good_result_of_a_payload_stays_cached_until_pruned,

@@ -116,6 +116,28 @@ pub async fn prune_removes_ended_instances_before_the_cutoff_and_keeps_the_rest(
     assert_eq!((counts.pending, counts.result, counts.fail), (2, 0, 0));
 }
 
+/// No id is given twice: after a prune removed the newest instance and every event,
+/// the next push's instance and events are numbered past them, and again after a
+/// second such prune (its floor raised, not reset).
+pub async fn ids_are_never_given_again_after_a_prune_removed_the_newest(b: &Backend) {
+    let mut last = (0, 0);
+    for n in 1..=3 {
+        let added = b.queue.add(&job(n), &PushOptions::default()).await.unwrap();
+        assert!(added.id > last.0, "instance {} after {}", added.id, last.0);
+        run(b, added.id, &ended(n, true)).await;
+        let events = b.queue.events(0, 10_000).await.unwrap();
+        assert!(
+            !events.is_empty() && events.iter().all(|e| e.id > last.1),
+            "{events:?}"
+        );
+        last = (added.id, events.last().unwrap().id);
+        let c = b.db().prune(&only(true, false, false)).await.unwrap();
+        assert_eq!(c.instances, 1, "{c:?}");
+        let left = b.queue.events(0, 10_000).await.unwrap();
+        assert!(left.is_empty(), "the whole log was pruned: {left:?}");
+    }
+}
+
 pub async fn prune_keeps_what_a_kept_instance_depends_on_then_removes_the_chain(b: &Backend) {
     let none = PushOptions::default();
     let a = b.queue.add(&job(1), &none).await.unwrap();

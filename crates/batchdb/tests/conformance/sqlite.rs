@@ -3,10 +3,13 @@
 use batchdb::Error;
 use batchdb::queue::{Queue, SqliteQueue};
 
-/// Step 9 undone: the two pending indexes every schema before it had.
-macro_rules! v8_pending_indexes {
+/// Steps 10 and 9 undone (the ids' floors and their triggers; the two pending
+/// indexes every schema before had). Step 10's tables without `AUTOINCREMENT` stay:
+/// it rebuilds them from whatever it finds.
+macro_rules! before_step_9 {
     () => {
-        "DROP INDEX instances_pending;
+        "DROP TRIGGER instances_id_floor; DROP TRIGGER events_id_floor; DROP TABLE id_floors;
+         DROP INDEX instances_pending;
          CREATE INDEX instances_pending_newest ON instances(priority, created) WHERE state = 'pending';
          CREATE INDEX instances_pending_oldest ON instances(priority DESC, created ASC) WHERE state = 'pending';
          "
@@ -90,7 +93,7 @@ async fn a_version_1_database_is_migrated_on_open() {
     rusqlite::Connection::open(&path)
         .unwrap()
         .execute_batch(concat!(
-            v8_pending_indexes!(),
+            before_step_9!(),
             "DROP TABLE workers; DROP INDEX instances_conc; DROP INDEX instances_needs;
              ALTER TABLE instances DROP COLUMN context; ALTER TABLE instances DROP COLUMN needs;
              ALTER TABLE instances DROP COLUMN conc_key; ALTER TABLE instances DROP COLUMN conc_limit;
@@ -169,7 +172,7 @@ async fn a_version_3_database_is_migrated_and_its_running_attempt_taken_over() {
         rusqlite::Connection::open(&path)
             .unwrap()
             .execute_batch(concat!(
-                v8_pending_indexes!(),
+                before_step_9!(),
                 "DROP TABLE workers; DROP INDEX instances_conc; DROP INDEX instances_needs; ",
                 "ALTER TABLE instances DROP COLUMN context; ALTER TABLE instances DROP COLUMN needs; ",
                 "ALTER TABLE instances DROP COLUMN conc_key; ALTER TABLE instances DROP COLUMN conc_limit; ",

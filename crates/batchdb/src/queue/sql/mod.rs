@@ -218,6 +218,23 @@ impl<'a> From<Option<&'a [u8]>> for Arg<'a> {
 }
 
 /// A statement's arguments: `args![a, b]` is `[Arg::from(a), Arg::from(b)]`.
+/// SQLite's id for a new row of `$table` (`instances` or `events`): one past the
+/// higher of the table's highest id and the highest a prune ever removed from its
+/// top (`id_floors`, kept by triggers), so no id is ever given twice. Both reads
+/// are one index descent each; nothing is written but the row.
+macro_rules! sqlite_next_id {
+    ($table:literal) => {
+        concat!(
+            "max(coalesce((SELECT max(id) FROM ",
+            $table,
+            "), 0), coalesce((SELECT id FROM id_floors WHERE name = '",
+            $table,
+            "'), 0)) + 1"
+        )
+    };
+}
+pub(crate) use sqlite_next_id;
+
 macro_rules! args {
     ($($a:expr),* $(,)?) => { [$($crate::queue::sql::Arg::from($a)),*] };
 }

@@ -5,7 +5,7 @@
 use std::time::Duration;
 
 use super::deps::{self, Resolved};
-use super::{Arg, Conn, Sql, Tx, args};
+use super::{Arg, Conn, Sql, Tx, args, sqlite_next_id};
 use crate::error::Error;
 use crate::hash::Hash;
 use crate::queue::policy::{self, AttemptEnd, Transition};
@@ -33,11 +33,15 @@ static JOB_EXISTS: Sql = Sql::each(
 );
 // SQLite reads the new id as its rowid: RETURNING would make it keep a statement
 // journal for every insert (a temp-file write per row; a bulk add ran at 0.67 of its
-// speed with it).
+// speed with it). Its id is one past the highest ever given (see `sqlite_next_id!`).
 static INSERT_INSTANCE: Sql = Sql::each(
-    "INSERT INTO instances(job, created, state, priority, run_at, timeout_ms, retries, cached,
-       batch, deps, waiting_on, note, ended, context, needs, conc_key, conc_limit)
-     VALUES ($1, $2, $8, $3, $4, $5, $6, $7, $9, $10, $11, $12, $13, $14, $15, $16, $17)",
+    concat!(
+        "INSERT INTO instances(id, job, created, state, priority, run_at, timeout_ms, retries,
+           cached, batch, deps, waiting_on, note, ended, context, needs, conc_key, conc_limit)
+         VALUES (",
+        sqlite_next_id!("instances"),
+        ", $1, $2, $8, $3, $4, $5, $6, $7, $9, $10, $11, $12, $13, $14, $15, $16, $17)"
+    ),
     "INSERT INTO instances(job, created, state, priority, run_at, timeout_ms, retries, cached,
        batch, deps, waiting_on, note, ended, context, needs, conc_key, conc_limit)
      VALUES ($1, $2, $8, $3, $4, $5, $6, $7, $9, $10, $11, $12, $13, $14, $15, $16, $17)

@@ -6,6 +6,7 @@ use rusqlite::types::{ToSqlOutput, Value, ValueRef};
 
 use super::*;
 use crate::queue::row::{Row, claim_cols};
+use crate::queue::sql::sqlite_next_id;
 use crate::queue::sql::{self, Arg, ClaimSql, Conn, NewEvent, Sql, args};
 
 /// A connection (or the transaction it is in) running the shared SQL. Every future
@@ -115,9 +116,11 @@ impl Conn for Lite<'_> {
     }
 }
 
-static EVENT: Sql = Sql::new(
-    "INSERT INTO events(time, kind, job, created, instance, data) VALUES ($1, $2, $3, $4, $5, $6)",
-);
+static EVENT: Sql = Sql::new(concat!(
+    "INSERT INTO events(id, time, kind, job, created, instance, data) VALUES (",
+    sqlite_next_id!("events"),
+    ", $1, $2, $3, $4, $5, $6)"
+));
 static NEWEST_CREATED: Sql = Sql::new("SELECT MAX(created) FROM instances");
 static EXPIRED: Sql = Sql::new(concat!(
     "SELECT ",
