@@ -1,6 +1,6 @@
--- batchdb SQLite schema, step 10: instance and event ids without AUTOINCREMENT.
--- AUTOINCREMENT rewrote `sqlite_sequence` at every insert: a page of every push's
--- commit. An id is still never given twice, even after a prune removed the newest
+-- batchdb SQLite schema, step 10: fewer pages written at every push.
+-- Instance and event ids without AUTOINCREMENT, which rewrote `sqlite_sequence` at
+-- every insert: a page of every push's commit. An id is still never given twice, even after a prune removed the newest
 -- rows: each table's highest id ever removed from its top is kept in `id_floors`
 -- (by the triggers below, written only then), and an insert takes one more than
 -- the higher of that and the table's highest id.
@@ -49,7 +49,10 @@ CREATE INDEX instances_lease ON instances(lease_until) WHERE state = 'running';
 CREATE INDEX instances_cache ON instances(cache_key) WHERE state = 'running' AND cache_key IS NOT NULL;
 CREATE INDEX instances_conc ON instances(conc_key) WHERE state = 'running' AND conc_key IS NOT NULL;
 CREATE INDEX instances_needs ON instances(run_at) WHERE state = 'pending' AND needs IS NOT NULL;
-CREATE INDEX instances_state ON instances(state, id);
+-- No entry for pending instances (the pending index finds those): one page less at
+-- every push and one entry less at every claim. A lookup by one other state says
+-- `state <> 'pending'` as well, so that SQLite may use it.
+CREATE INDEX instances_state ON instances(state, id) WHERE state <> 'pending';
 CREATE UNIQUE INDEX instances_created ON instances(created);
 CREATE INDEX instances_batch ON instances(batch, state) WHERE batch IS NOT NULL;
 

@@ -28,9 +28,11 @@ static BY_BATCH: Sql = Sql::new(
     "SELECT id, job, created, state, retried_by FROM instances
      WHERE batch = (SELECT id FROM batches WHERE name = $1) ORDER BY id",
 );
+// `state <> 'pending'`, said with one other state: SQLite's state index leaves pending
+// instances out, and is used only where the statement says so too.
 static ALL_FAILED: Sql = Sql::new(
     "SELECT id, job, created, state, retried_by FROM instances
-     WHERE state = 'fail' AND retried_by IS NULL ORDER BY id",
+     WHERE state = 'fail' AND state <> 'pending' AND retried_by IS NULL ORDER BY id",
 );
 static JOBS_PAGE: Sql = Sql::new(
     "SELECT j.id, j.key, j.size, j.created,
@@ -57,7 +59,7 @@ static RESULTS_PAGE: Sql = Sql::new(
     "SELECT i.id, i.job, i.created, a.start, a.\"end\", a.stdout, a.stdout_size, a.stderr,
        a.exit_code, i.attempts, a.cached, a.max_rss, a.cpu_user_ms + a.cpu_sys_ms
      FROM instances i JOIN attempts a ON a.instance = i.id AND a.attempt = i.attempts
-     WHERE i.state = 'result' AND i.id > $1
+     WHERE i.state = 'result' AND i.state <> 'pending' AND i.id > $1
        AND (CAST($3 AS TEXT) IS NULL OR i.batch = (SELECT id FROM batches WHERE name = $3))
      ORDER BY i.id LIMIT $2",
 );
@@ -66,7 +68,7 @@ static FAILS_PAGE: Sql = Sql::new(
        a.signal, COALESCE(i.note, a.message), i.attempts, a.max_rss,
        a.cpu_user_ms + a.cpu_sys_ms
      FROM instances i LEFT JOIN attempts a ON a.instance = i.id AND a.attempt = i.attempts
-     WHERE i.state = $3 AND i.id > $1
+     WHERE i.state = $3 AND i.state <> 'pending' AND i.id > $1
        AND (CAST($4 AS TEXT) IS NULL OR i.batch = (SELECT id FROM batches WHERE name = $4))
      ORDER BY i.id LIMIT $2",
 );
@@ -85,7 +87,13 @@ static EVENTS: Sql = Sql::new(
      WHERE id > $1 ORDER BY id LIMIT $2",
 );
 static LAST_EVENT: Sql = Sql::new("SELECT CAST(COALESCE(MAX(id), 0) AS BIGINT) FROM events");
-static COUNTS: Sql = Sql::new("SELECT state, COUNT(*) FROM instances GROUP BY state");
+static COUNTS: Sql = Sql::each(
+    // Each count read from an index: pending instances are in the pending index only.
+    "SELECT state, COUNT(*) FROM instances WHERE state <> 'pending' GROUP BY state
+     UNION ALL SELECT 'pending', COUNT(*) FROM instances INDEXED BY instances_pending
+     WHERE state = 'pending'",
+    "SELECT state, COUNT(*) FROM instances GROUP BY state",
+);
 static BATCHES_PAGE: Sql = Sql::new(
     "SELECT b.id, b.name, b.created, i.state, COUNT(i.id)
      FROM batches b LEFT JOIN instances i ON i.batch = b.id
@@ -488,5 +496,17 @@ mod tests {
         );
         let plan = sqlite_plan(&BY_HASH);
         assert!(plan.contains("INDEX attempts_stdout"), "{plan}");
+    }
+
+    #[test]
+    fn the_lookups_by_one_state_and_the_counts_read_an_index() {
+        for sql in [&ALL_FAILED, &RESULTS_PAGE, &FAILS_PAGE] {
+            let plan = sqlite_plan(sql);
+            assert!(plan.contains("INDEX instances_state (state=?"), "{plan}");
+        }
+        let plan = sqlite_plan(&COUNTS);
+        assert!(plan.contains("COVERING INDEX instances_state"), "{plan}");
+        assert!(plan.contains("INDEX instances_pending"), "{plan}");
+        assert!(!plan.contains("TEMP B-TREE"), "{plan}");
     }
 }

@@ -3,7 +3,7 @@
 
 use super::{Conn, Sql, args};
 use crate::queue::row::Row;
-use crate::queue::{InstanceSummary, RecentQuery};
+use crate::queue::{InstanceSummary, RecentQuery, State};
 
 type R<T, C> = Result<T, <C as Conn>::Error>;
 
@@ -26,8 +26,14 @@ macro_rules! recent_sql {
 
 /// Walks the primary key backwards from the cursor.
 static RECENT: Sql = Sql::new(recent_sql!("i.id < $1"));
-/// One state: walks the (state, id) index backwards from the cursor.
-static RECENT_IN_STATE: Sql = Sql::new(recent_sql!("i.state = $4 AND i.id < $1"));
+/// One state other than pending: walks the (state, id) index backwards from the
+/// cursor (SQLite's leaves pending instances out: the statement says so too).
+static RECENT_IN_STATE: Sql = Sql::new(recent_sql!(
+    "i.state = $4 AND i.state <> 'pending' AND i.id < $1"
+));
+/// Pending instances: walks the primary key backwards from the cursor (on SQLite no
+/// index orders them by id; a queue's pending instances are mostly its newest).
+static RECENT_PENDING: Sql = Sql::new(recent_sql!("i.state = 'pending' AND i.id < $1"));
 
 /// Up to `q.limit` instances, newest (highest id) first (see
 /// [`Queue::recent_page`](crate::queue::Queue::recent_page)). Several states are read
@@ -47,7 +53,12 @@ pub(crate) async fn recent_page<C: Conn>(c: &mut C, q: &RecentQuery) -> R<Vec<In
     states.dedup();
     for state in states {
         let a = args![before, limit, batch, state.as_str()];
-        rows.extend(c.rows(&RECENT_IN_STATE, &a, |r| summary(r)).await?);
+        let (sql, a) = if state == State::Pending {
+            (&RECENT_PENDING, &a[..3])
+        } else {
+            (&RECENT_IN_STATE, &a[..])
+        };
+        rows.extend(c.rows(sql, a, |r| summary(r)).await?);
     }
     rows.sort_by_key(|r| std::cmp::Reverse(r.id));
     rows.truncate(q.limit);
@@ -67,4 +78,24 @@ fn summary<R: Row>(r: &R) -> Result<InstanceSummary, R::Error> {
         exit_code: r.int32(8)?,
         signal: r.int32(9)?,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::queue::sql::sqlite_plan;
+
+    #[test]
+    fn recent_pages_walk_an_index_backwards_from_the_cursor_without_sorting() {
+        let plan = sqlite_plan(&RECENT_IN_STATE);
+        assert!(
+            plan.contains("INDEX instances_state (state=? AND id<?)"),
+            "{plan}"
+        );
+        for sql in [&RECENT, &RECENT_PENDING] {
+            let plan = sqlite_plan(sql);
+            assert!(plan.contains("INTEGER PRIMARY KEY (rowid<?)"), "{plan}");
+            assert!(!plan.contains("TEMP B-TREE"), "{plan}");
+        }
+    }
 }
