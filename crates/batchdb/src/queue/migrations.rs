@@ -86,7 +86,7 @@ pub(crate) fn pending(version: i64) -> impl Iterator<Item = (i64, &'static Step)
 #[cfg(test)]
 mod tests {
     use super::STEPS;
-    use crate::queue::sql::sqlite_next_id;
+    use crate::queue::sql::sqlite_floor_id;
 
     /// A database at step 9 whose newest instance and event were pruned: step 10
     /// keeps their ids from being given again, and every row it rebuilt.
@@ -105,10 +105,20 @@ mod tests {
         )
         .expect("rows");
         c.execute_batch(STEPS[9].sqlite).expect("step 10");
+        // The id the next row gets: the floor's when there is one to give, else
+        // SQLite's own choice.
         let next = |table: &str| -> i64 {
             let sql = match table {
-                "instances" => concat!("SELECT ", sqlite_next_id!("instances")),
-                _ => concat!("SELECT ", sqlite_next_id!("events")),
+                "instances" => concat!(
+                    "SELECT coalesce((",
+                    sqlite_floor_id!("instances"),
+                    "), (SELECT coalesce(max(id), 0) + 1 FROM instances))"
+                ),
+                _ => concat!(
+                    "SELECT coalesce((",
+                    sqlite_floor_id!("events"),
+                    "), (SELECT coalesce(max(id), 0) + 1 FROM events))"
+                ),
             };
             c.query_row(sql, [], |r| r.get(0)).expect("next id")
         };

@@ -218,22 +218,22 @@ impl<'a> From<Option<&'a [u8]>> for Arg<'a> {
 }
 
 /// A statement's arguments: `args![a, b]` is `[Arg::from(a), Arg::from(b)]`.
-/// SQLite's id for a new row of `$table` (`instances` or `events`): one past the
-/// higher of the table's highest id and the highest a prune ever removed from its
-/// top (`id_floors`, kept by triggers), so no id is ever given twice. Both reads
-/// are one index descent each; nothing is written but the row.
-macro_rules! sqlite_next_id {
+/// The id SQLite must give the next row of `$table` (`instances` or `events`) itself,
+/// if any: one past the highest a prune ever removed from the table's top
+/// (`id_floors`, kept by triggers) while that is above the table's highest id — then
+/// its own choice (one past the highest) would give an id again. No row otherwise.
+macro_rules! sqlite_floor_id {
     ($table:literal) => {
         concat!(
-            "max(coalesce((SELECT max(id) FROM ",
+            "SELECT id + 1 FROM id_floors WHERE name = '",
             $table,
-            "), 0), coalesce((SELECT id FROM id_floors WHERE name = '",
+            "' AND id > coalesce((SELECT max(id) FROM ",
             $table,
-            "'), 0)) + 1"
+            "), 0)"
         )
     };
 }
-pub(crate) use sqlite_next_id;
+pub(crate) use sqlite_floor_id;
 
 macro_rules! args {
     ($($a:expr),* $(,)?) => { [$($crate::queue::sql::Arg::from($a)),*] };
@@ -377,9 +377,11 @@ pub(crate) trait Tx: Conn {
         .await
     }
 
-    /// Runs `INSERT` `sql` once with each of `rows` and returns the new ids, in
-    /// order (each row's `RETURNING id` where the dialect's text has one). A backend
-    /// may send them all before it reads the first answer (see
+    /// Runs `INSERT` `sql` (into `instances`) once with each of `rows` and returns the
+    /// new ids, in order: each row's `RETURNING id` where the dialect's text has one;
+    /// SQLite's text takes one more argument after the caller's, the id to give (NULL:
+    /// SQLite's own choice, read back as the rowid). A
+    /// backend may send them all before it reads the first answer (see
     /// [`Conn::execute_all`]).
     async fn insert_ids(&mut self, sql: &Sql, rows: &[&[Arg<'_>]])
     -> Result<Vec<i64>, Self::Error>;

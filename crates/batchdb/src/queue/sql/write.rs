@@ -5,7 +5,7 @@
 use std::time::Duration;
 
 use super::deps::{self, Resolved};
-use super::{Arg, Conn, Sql, Tx, args, sqlite_next_id};
+use super::{Arg, Conn, Sql, Tx, args};
 use crate::error::Error;
 use crate::hash::Hash;
 use crate::queue::policy::{self, AttemptEnd, Transition};
@@ -31,17 +31,14 @@ static JOB_EXISTS: Sql = Sql::each(
     "SELECT 1 FROM jobs WHERE key = $1",
     "SELECT 1 FROM jobs WHERE key = $1 FOR KEY SHARE",
 );
-// SQLite reads the new id as its rowid: RETURNING would make it keep a statement
-// journal for every insert (a temp-file write per row; a bulk add ran at 0.67 of its
-// speed with it). Its id is one past the highest ever given (see `sqlite_next_id!`).
+// SQLite's text takes the new id as `$18`, which its `insert_ids` appends (NULL but
+// just after a prune emptied the table's top: see `sqlite_floor_id!`) and reads back
+// as the rowid: no RETURNING, which would make it keep a statement journal for every
+// insert (a temp-file write per row; a bulk add ran at 0.67 of its speed with it).
 static INSERT_INSTANCE: Sql = Sql::each(
-    concat!(
-        "INSERT INTO instances(id, job, created, state, priority, run_at, timeout_ms, retries,
-           cached, batch, deps, waiting_on, note, ended, context, needs, conc_key, conc_limit)
-         VALUES (",
-        sqlite_next_id!("instances"),
-        ", $1, $2, $8, $3, $4, $5, $6, $7, $9, $10, $11, $12, $13, $14, $15, $16, $17)"
-    ),
+    "INSERT INTO instances(id, job, created, state, priority, run_at, timeout_ms, retries,
+       cached, batch, deps, waiting_on, note, ended, context, needs, conc_key, conc_limit)
+     VALUES ($18, $1, $2, $8, $3, $4, $5, $6, $7, $9, $10, $11, $12, $13, $14, $15, $16, $17)",
     "INSERT INTO instances(job, created, state, priority, run_at, timeout_ms, retries, cached,
        batch, deps, waiting_on, note, ended, context, needs, conc_key, conc_limit)
      VALUES ($1, $2, $8, $3, $4, $5, $6, $7, $9, $10, $11, $12, $13, $14, $15, $16, $17)

@@ -6,7 +6,7 @@ use rusqlite::types::{ToSqlOutput, Value, ValueRef};
 
 use super::*;
 use crate::queue::row::{Row, claim_cols};
-use crate::queue::sql::sqlite_next_id;
+use crate::queue::sql::sqlite_floor_id;
 use crate::queue::sql::{self, Arg, ClaimSql, Conn, NewEvent, Sql, args};
 
 /// A connection (or the transaction it is in) running the shared SQL. Every future
@@ -19,6 +19,17 @@ pub(super) struct Lite<'c> {
     newest: Option<i64>,
     /// Whether `newest` has been read.
     newest_known: bool,
+    /// Whether this transaction has checked yet that SQLite's own choice of the
+    /// next instance and event id gives no id again (see [`sqlite_floor_id!`]);
+    /// after its first row of each, it does.
+    ids_checked: [bool; 2],
+}
+
+/// Which ids [`Lite::id_to_give`] gives.
+#[derive(Clone, Copy)]
+enum Ids {
+    Instances = 0,
+    Events = 1,
 }
 
 impl<'c> Lite<'c> {
@@ -28,7 +39,22 @@ impl<'c> Lite<'c> {
             now: now_ms(),
             newest: None,
             newest_known: false,
+            ids_checked: [false; 2],
         }
+    }
+
+    /// The id the next row of `which` must be given, or `None` for SQLite's own
+    /// choice (one past the highest): checked at the first row of each in this
+    /// transaction, which the write lock keeps ours.
+    async fn id_to_give(&mut self, which: Ids) -> TxResult<Option<i64>> {
+        if std::mem::replace(&mut self.ids_checked[which as usize], true) {
+            return Ok(None);
+        }
+        let sql = match which {
+            Ids::Instances => &FLOOR_INSTANCE_ID,
+            Ids::Events => &FLOOR_EVENT_ID,
+        };
+        sql::Conn::opt(self, sql, &[], |r| r.req_int(0)).await
     }
 }
 
@@ -116,11 +142,12 @@ impl Conn for Lite<'_> {
     }
 }
 
-static EVENT: Sql = Sql::new(concat!(
-    "INSERT INTO events(id, time, kind, job, created, instance, data) VALUES (",
-    sqlite_next_id!("events"),
-    ", $1, $2, $3, $4, $5, $6)"
-));
+static EVENT: Sql = Sql::new(
+    "INSERT INTO events(id, time, kind, job, created, instance, data)
+     VALUES ($7, $1, $2, $3, $4, $5, $6)",
+);
+static FLOOR_INSTANCE_ID: Sql = Sql::new(sqlite_floor_id!("instances"));
+static FLOOR_EVENT_ID: Sql = Sql::new(sqlite_floor_id!("events"));
 static NEWEST_CREATED: Sql = Sql::new("SELECT MAX(created) FROM instances");
 static EXPIRED: Sql = Sql::new(concat!(
     "SELECT ",
@@ -180,16 +207,23 @@ impl sql::Tx for Lite<'_> {
     async fn append(&mut self, e: NewEvent) -> TxResult<()> {
         let data = (!e.data.is_null()).then(|| e.data.to_string());
         let (id, created) = (e.inst.map(|i| i.0), e.inst.map(|i| i.1));
-        let args = args![e.time, e.kind.as_str(), &e.job, created, id, data];
+        let event = self.id_to_give(Ids::Events).await?;
+        let args = args![e.time, e.kind.as_str(), &e.job, created, id, data, event];
         self.execute(&EVENT, &args).await?;
         Ok(())
     }
 
-    /// Each the rowid SQLite just assigned (no RETURNING: see the statement).
+    /// Each row given the id it must have as its last argument, or NULL for SQLite's
+    /// own choice; each id read back as the rowid (no RETURNING: see the statement).
     async fn insert_ids(&mut self, sql: &Sql, rows: &[&[Arg<'_>]]) -> TxResult<Vec<i64>> {
         let mut ids = Vec::with_capacity(rows.len());
-        for args in rows {
-            self.execute(sql, args).await?;
+        let mut args = Vec::new();
+        for row in rows {
+            let id = self.id_to_give(Ids::Instances).await?;
+            args.clear();
+            args.extend_from_slice(row);
+            args.push(Arg::from(id));
+            self.execute(sql, &args).await?;
             ids.push(self.conn.last_insert_rowid());
         }
         Ok(ids)
