@@ -41,6 +41,10 @@ pub(crate) mod retry;
 pub(crate) mod workers;
 pub(crate) mod write;
 
+/// A statement's identity (see [`Sql::id`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct SqlId(usize, usize);
+
 /// One statement, written once. See the module documentation for the rendering rules.
 pub(crate) struct Sql {
     /// PostgreSQL's text (and the source of SQLite's, unless `sqlite_text` is set).
@@ -69,6 +73,15 @@ impl Sql {
             sqlite_text: Some(sqlite),
             rendered: OnceLock::new(),
         }
+    }
+
+    /// What tells this statement from every other: where its texts are (each a
+    /// `'static` string, so one address is always the same text).
+    pub(crate) fn id(&self) -> SqlId {
+        SqlId(
+            self.text.as_ptr() as usize,
+            self.sqlite_text.map_or(0, |t| t.as_ptr() as usize),
+        )
     }
 
     /// The PostgreSQL text.

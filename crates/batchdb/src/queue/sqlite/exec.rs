@@ -23,7 +23,15 @@ pub(super) struct Lite<'c> {
     /// next instance and event id gives no id again (see [`sqlite_floor_id!`]);
     /// after its first row of each, it does.
     ids_checked: [bool; 2],
+    /// The statements this transaction ran, held until it ends (at most
+    /// [`HELD_STATEMENTS`], the longest held given back first): a bulk add runs
+    /// each of a few statements thousands of times, and finding one here is a pointer
+    /// comparison, where the connection's cache hashes its whole text.
+    held: Vec<(sql::SqlId, rusqlite::CachedStatement<'c>)>,
 }
+
+/// How many statements one [`Lite`] holds.
+const HELD_STATEMENTS: usize = 8;
 
 /// Which ids [`Lite::id_to_give`] gives.
 #[derive(Clone, Copy)]
@@ -40,7 +48,23 @@ impl<'c> Lite<'c> {
             newest: None,
             newest_known: false,
             ids_checked: [false; 2],
+            held: Vec::new(),
         }
+    }
+
+    /// `sql`, prepared: held already, or taken from the connection's cache and held.
+    fn statement(&mut self, sql: &Sql) -> TxResult<&mut rusqlite::CachedStatement<'c>> {
+        let id = sql.id();
+        if let Some(i) = self.held.iter().position(|(held, _)| *held == id) {
+            return Ok(&mut self.held[i].1);
+        }
+        if self.held.len() == HELD_STATEMENTS {
+            self.held.remove(0);
+        }
+        let stmt = self.conn.prepare_cached(sql.sqlite())?;
+        self.held.push((id, stmt));
+        let last = self.held.len() - 1;
+        Ok(&mut self.held[last].1)
     }
 
     /// The id the next row of `which` must be given, or `None` for SQLite's own
@@ -125,7 +149,7 @@ impl Conn for Lite<'_> {
         args: &[Arg<'_>],
         mut f: impl FnMut(&rusqlite::Row<'_>) -> TxResult<()>,
     ) -> TxResult<()> {
-        let mut stmt = self.conn.prepare_cached(sql.sqlite())?;
+        let stmt = self.statement(sql)?;
         let mut rows = stmt.query(rusqlite::params_from_iter(args))?;
         while let Some(r) = rows.next()? {
             f(r)?;
@@ -135,8 +159,7 @@ impl Conn for Lite<'_> {
 
     async fn execute(&mut self, sql: &Sql, args: &[Arg<'_>]) -> TxResult<u64> {
         let n = self
-            .conn
-            .prepare_cached(sql.sqlite())?
+            .statement(sql)?
             .execute(rusqlite::params_from_iter(args))?;
         Ok(n as u64)
     }
