@@ -393,9 +393,8 @@ pub(crate) trait Tx: Conn {
     /// Runs `INSERT` `sql` (into `instances`) once with each of `rows` and returns the
     /// new ids, in order: each row's `RETURNING id` where the dialect's text has one;
     /// SQLite's text takes one more argument after the caller's, the id to give (NULL:
-    /// SQLite's own choice, read back as the rowid). A
-    /// backend may send them all before it reads the first answer (see
-    /// [`Conn::execute_all`]).
+    /// SQLite's own choice, read back as the rowid). A backend may send them all
+    /// before it reads the first answer (see [`Conn::execute_all`]).
     async fn insert_ids(&mut self, sql: &Sql, rows: &[&[Arg<'_>]])
     -> Result<Vec<i64>, Self::Error>;
 

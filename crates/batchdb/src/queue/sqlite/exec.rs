@@ -240,13 +240,11 @@ impl sql::Tx for Lite<'_> {
     /// own choice; each id read back as the rowid (no RETURNING: see the statement).
     async fn insert_ids(&mut self, sql: &Sql, rows: &[&[Arg<'_>]]) -> TxResult<Vec<i64>> {
         let mut ids = Vec::with_capacity(rows.len());
-        let mut args = Vec::new();
         for row in rows {
-            let id = self.id_to_give(Ids::Instances).await?;
-            args.clear();
-            args.extend_from_slice(row);
-            args.push(Arg::from(id));
-            self.execute(sql, &args).await?;
+            let id = Arg::from(self.id_to_give(Ids::Instances).await?);
+            let args = row.iter().chain([&id]);
+            self.statement(sql)?
+                .execute(rusqlite::params_from_iter(args))?;
             ids.push(self.conn.last_insert_rowid());
         }
         Ok(ids)
