@@ -3,12 +3,12 @@
 use batchdb::Error;
 use batchdb::queue::{Queue, SqliteQueue};
 
-/// Steps 10 and 9 undone (the ids' floors and their triggers; the two pending
-/// indexes every schema before had). Step 10's tables without `AUTOINCREMENT` stay:
-/// it rebuilds them from whatever it finds.
+/// Steps 10 and 9 undone (the ids' floors; the two pending indexes every schema
+/// before had). Step 10's tables without `AUTOINCREMENT` stay: it rebuilds them from
+/// whatever it finds.
 macro_rules! before_step_9 {
     () => {
-        "DROP TRIGGER instances_id_floor; DROP TRIGGER events_id_floor; DROP TABLE id_floors;
+        "DROP TABLE id_floors;
          DROP INDEX instances_pending;
          CREATE INDEX instances_pending_newest ON instances(priority, created) WHERE state = 'pending';
          CREATE INDEX instances_pending_oldest ON instances(priority DESC, created ASC) WHERE state = 'pending';

@@ -1,9 +1,10 @@
 -- batchdb SQLite schema, step 10: fewer pages written at every push.
 -- Instance and event ids without AUTOINCREMENT, which rewrote `sqlite_sequence` at
--- every insert: a page of every push's commit. An id is still never given twice, even after a prune removed the newest
--- rows: each table's highest id ever removed from its top is kept in `id_floors`
--- (by the triggers below, written only then), and an insert takes one more than
--- the higher of that and the table's highest id.
+-- every insert: a page of every push's commit. An id is still never given twice,
+-- even after a prune removed the newest rows: each prune step first records the
+-- tables' highest ids in `id_floors` (written only then), and a write transaction
+-- whose table's highest id is below its floor gives its first new row one past the
+-- floor (SQLite's own choice, one past the highest, otherwise).
 CREATE TABLE id_floors(name TEXT PRIMARY KEY, id INTEGER NOT NULL) WITHOUT ROWID;
 INSERT INTO id_floors(name, id)
   SELECT name, seq FROM sqlite_sequence WHERE name IN ('instances', 'events');
@@ -70,15 +71,3 @@ INSERT INTO events_v10(id, time, kind, job, created, instance, data)
 DROP TABLE events;
 ALTER TABLE events_v10 RENAME TO events;
 
-CREATE TRIGGER instances_id_floor AFTER DELETE ON instances
-  WHEN old.id > coalesce((SELECT max(id) FROM instances), 0)
-BEGIN
-  INSERT INTO id_floors(name, id) VALUES ('instances', old.id)
-    ON CONFLICT(name) DO UPDATE SET id = max(id, excluded.id);
-END;
-CREATE TRIGGER events_id_floor AFTER DELETE ON events
-  WHEN old.id > coalesce((SELECT max(id) FROM events), 0)
-BEGIN
-  INSERT INTO id_floors(name, id) VALUES ('events', old.id)
-    ON CONFLICT(name) DO UPDATE SET id = max(id, excluded.id);
-END;

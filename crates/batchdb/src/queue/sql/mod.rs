@@ -233,7 +233,7 @@ impl<'a> From<Option<&'a [u8]>> for Arg<'a> {
 /// A statement's arguments: `args![a, b]` is `[Arg::from(a), Arg::from(b)]`.
 /// The id SQLite must give the next row of `$table` (`instances` or `events`) itself,
 /// if any: one past the highest a prune ever removed from the table's top
-/// (`id_floors`, kept by triggers) while that is above the table's highest id — then
+/// (`id_floors`, see [`Tx::keep_id_floors`]) while that is above the table's highest id — then
 /// its own choice (one past the highest) would give an id again. No row otherwise.
 macro_rules! sqlite_floor_id {
     ($table:literal) => {
@@ -437,6 +437,14 @@ pub(crate) trait Tx: Conn {
     /// Takes the claim lock of cache key `key` for this transaction, without waiting;
     /// false when another claimer holds it.
     async fn try_lock_key(&mut self, key: &Hash) -> Result<bool, Self::Error>;
+
+    /// Called by each prune step before it deletes instances or events: where the
+    /// dialect would give the ids of deleted rows again (SQLite gives one past the
+    /// highest left), records the highest of each now, never to be given again.
+    /// PostgreSQL's sequence and event counter never go back: nothing to do.
+    async fn keep_id_floors(&mut self) -> Result<(), Self::Error> {
+        Ok(())
+    }
 }
 
 /// A failure inside a transaction, on a backend whose own error type is `E`.

@@ -153,6 +153,7 @@ pub(crate) async fn step<T: Tx>(
                 return Ok((PruneCounts::default(), Some(next)));
             };
             let (lo, hi) = (first - 1, first - 1 + req.chunk.max(1));
+            tx.keep_id_floors().await?;
             let (counts, candidates) = instances(tx, req, (lo, hi)).await?;
             let next = PruneStep::Instances {
                 after: hi,
@@ -172,6 +173,7 @@ pub(crate) async fn step<T: Tx>(
                 return Ok((PruneCounts::default(), None));
             };
             let (lo, hi) = (first - 1, first - 1 + 4 * req.chunk.max(1));
+            tx.keep_id_floors().await?;
             let events = tx
                 .execute(&DELETE_EVENTS, &args![lo, hi, req.cutoff])
                 .await?;

@@ -170,6 +170,14 @@ static EVENT: Sql = Sql::new(
      VALUES ($7, $1, $2, $3, $4, $5, $6)",
 );
 static FLOOR_INSTANCE_ID: Sql = Sql::new(sqlite_floor_id!("instances"));
+static KEEP_ID_FLOORS: Sql = Sql::new(
+    "INSERT INTO id_floors(name, id)
+       SELECT name, id FROM (
+         SELECT 'instances' AS name, (SELECT max(id) FROM instances) AS id
+         UNION ALL SELECT 'events', (SELECT max(id) FROM events))
+       WHERE id IS NOT NULL
+     ON CONFLICT (name) DO UPDATE SET id = max(id, excluded.id)",
+);
 static FLOOR_EVENT_ID: Sql = Sql::new(sqlite_floor_id!("events"));
 static NEWEST_CREATED: Sql = Sql::new("SELECT MAX(created) FROM instances");
 static EXPIRED: Sql = Sql::new(concat!(
@@ -274,6 +282,12 @@ impl sql::Tx for Lite<'_> {
     /// The write transaction holds the database's one write lock: every key is ours.
     async fn try_lock_key(&mut self, _key: &Hash) -> TxResult<bool> {
         Ok(true)
+    }
+
+    /// Both tables' highest ids, raised in `id_floors` (one small row each).
+    async fn keep_id_floors(&mut self) -> TxResult<()> {
+        self.execute(&KEEP_ID_FLOORS, &[]).await?;
+        Ok(())
     }
 }
 
