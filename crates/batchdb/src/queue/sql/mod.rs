@@ -130,7 +130,7 @@ fn render_sqlite(text: &str) -> String {
 
 /// One value bound to a statement's parameter. Each variant is the column type it is
 /// bound to (PostgreSQL checks it: `Int` is `BIGINT`, `Int32` is `INTEGER`).
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub(crate) enum Arg<'a> {
     /// A `BIGINT` (SQLite `INTEGER`).
     Int(Option<i64>),

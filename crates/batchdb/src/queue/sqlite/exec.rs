@@ -246,13 +246,23 @@ impl sql::Tx for Lite<'_> {
 
     /// Each row given the id it must have as its last argument, or NULL for SQLite's
     /// own choice; each id read back as the rowid (no RETURNING: see the statement).
+    /// A row binds only the arguments that differ from the row before it (a statement
+    /// keeps its bindings from one run to the next): the rows of one push share all
+    /// but their job and `created`.
     async fn insert_ids(&mut self, sql: &Sql, rows: &[&[Arg<'_>]]) -> TxResult<Vec<i64>> {
         let mut ids = Vec::with_capacity(rows.len());
+        let mut before: Option<&[Arg<'_>]> = None;
         for row in rows {
             let id = Arg::from(self.id_to_give(Ids::Instances).await?);
-            let args = row.iter().chain([&id]);
-            self.statement(sql)?
-                .execute(rusqlite::params_from_iter(args))?;
+            let stmt = self.statement(sql)?;
+            for (i, arg) in row.iter().enumerate() {
+                if before.is_none_or(|b| b.get(i) != Some(arg)) {
+                    stmt.raw_bind_parameter(i + 1, arg)?;
+                }
+            }
+            stmt.raw_bind_parameter(row.len() + 1, &id)?;
+            stmt.raw_execute()?;
+            before = Some(row);
             ids.push(self.conn.last_insert_rowid());
         }
         Ok(ids)
@@ -295,6 +305,54 @@ impl sql::Tx for Lite<'_> {
 mod tests {
     use super::*;
     use crate::queue::sql::sqlite_plan;
+
+    /// Each row is stored with its own values, whichever of them repeat the row
+    /// before (those are not bound again), and its id is the one read back.
+    #[test]
+    fn insert_ids_stores_each_row_whole_when_only_some_arguments_change() {
+        use sql::Tx as _;
+        static INSERT: Sql = Sql::new("INSERT INTO t(id, a, b) VALUES ($3, $1, $2)");
+        let conn = Connection::open_in_memory().expect("open");
+        for step in crate::queue::migrations::STEPS {
+            conn.execute_batch(step.sqlite).expect("schema");
+        }
+        conn.execute_batch("CREATE TABLE t(id INTEGER PRIMARY KEY, a INTEGER, b TEXT)")
+            .expect("table");
+        let rows = [
+            args![1i64, "x"],
+            args![1i64, "y"],
+            args![None::<i64>, "y"],
+            args![2i64, None::<&str>],
+            args![2i64, "x"],
+        ];
+        let rows: Vec<&[Arg<'_>]> = rows.iter().map(|r| &r[..]).collect();
+        let ids = run(&conn, |mut lite| async move {
+            lite.insert_ids(&INSERT, &rows).await
+        })
+        .ok()
+        .expect("insert");
+        assert_eq!(ids, [1, 2, 3, 4, 5]);
+        let mut st = conn
+            .prepare("SELECT id, a, b FROM t ORDER BY id")
+            .expect("select");
+        let stored: Vec<(i64, Option<i64>, Option<String>)> = st
+            .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+            .expect("rows")
+            .collect::<Result<_, _>>()
+            .expect("read");
+        let want = [
+            (1, Some(1), Some("x")),
+            (2, Some(1), Some("y")),
+            (3, None, Some("y")),
+            (4, Some(2), None),
+            (5, Some(2), Some("x")),
+        ];
+        let want: Vec<_> = want
+            .iter()
+            .map(|&(i, a, b)| (i, a, b.map(str::to_owned)))
+            .collect();
+        assert_eq!(stored, want);
+    }
 
     #[test]
     fn both_pending_reads_walk_the_one_pending_index_in_order_without_sorting() {
