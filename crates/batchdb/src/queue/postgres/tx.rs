@@ -169,10 +169,7 @@ impl Tx {
             let jobs: Vec<String> = events.iter().map(|e| e.job.to_hex()).collect();
             let created: Vec<Option<i64>> = events.iter().map(|e| e.inst.map(|i| i.1)).collect();
             let inst: Vec<Option<i64>> = events.iter().map(|e| e.inst.map(|i| i.0)).collect();
-            let data: Vec<Option<String>> = events
-                .iter()
-                .map(|e| (!e.data.is_null()).then(|| e.data.to_string()))
-                .collect();
+            let data: Vec<Option<&str>> = events.iter().map(|e| e.data.as_deref()).collect();
             // The counter taken last and held until commit (ids are handed out in
             // commit order), the events numbered after it, the change announced.
             let stmt = c.prepare_cached(APPEND_EVENTS).await?;

@@ -379,6 +379,18 @@ pub(crate) trait Tx: Conn {
         inst: Option<(i64, i64)>,
         data: serde_json::Value,
     ) -> Result<(), Self::Error> {
+        let data = (!data.is_null()).then(|| data.to_string());
+        self.event_json(kind, job, inst, data).await
+    }
+
+    /// [`Tx::event`] with its details rendered as JSON already (`None`: none).
+    async fn event_json(
+        &mut self,
+        kind: EventKind,
+        job: &Hash,
+        inst: Option<(i64, i64)>,
+        data: Option<String>,
+    ) -> Result<(), Self::Error> {
         let (time, job) = (self.now(), *job);
         self.append(NewEvent {
             time,
@@ -491,8 +503,8 @@ pub(crate) struct NewEvent {
     pub(crate) job: Hash,
     /// The instance's id and `created`, for an instance's event.
     pub(crate) inst: Option<(i64, i64)>,
-    /// Details (`null`: none).
-    pub(crate) data: serde_json::Value,
+    /// Details, as JSON text (`None`: none).
+    pub(crate) data: Option<String>,
 }
 
 /// A backend's statements selecting claim candidates ([`claim_cols!`](crate::queue::row::claim_cols)

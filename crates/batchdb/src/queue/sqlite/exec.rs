@@ -236,7 +236,7 @@ impl sql::Tx for Lite<'_> {
     }
 
     async fn append(&mut self, e: NewEvent) -> TxResult<()> {
-        let data = (!e.data.is_null()).then(|| e.data.to_string());
+        let data = e.data.as_deref();
         let (id, created) = (e.inst.map(|i| i.0), e.inst.map(|i| i.1));
         let event = self.id_to_give(Ids::Events).await?;
         let args = args![e.time, e.kind.as_str(), &e.job, created, id, data, event];
