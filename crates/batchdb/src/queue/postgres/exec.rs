@@ -11,7 +11,7 @@ use tokio_postgres::types::{IsNull, Type};
 
 use super::*;
 use crate::queue::row::{Row as _, claim_cols};
-use crate::queue::sql::{self, Arg, ClaimSql, Conn, NewEvent, Sql, args};
+use crate::queue::sql::{self, Arg, ClaimSql, Conn, NewEvent, Sql, args, top_priority};
 
 type BoxError = Box<dyn std::error::Error + Sync + Send>;
 
@@ -304,30 +304,15 @@ static PENDING_NEWEST: Sql = Sql::new(concat!(
      WHERE state = 'pending' AND priority <= $5 AND run_at <= $1 AND ($4 OR needs IS NULL)
      ORDER BY priority DESC, created DESC, id DESC LIMIT $2 OFFSET $3 FOR UPDATE SKIP LOCKED"
 ));
-/// The highest priority at or below `$3` with a due instance (not locked: a
-/// priority whose rows other claimers hold is still the top one).
-macro_rules! top_priority {
-    ($now:literal, $resources:literal, $cap:literal) => {
-        concat!(
-            "SELECT priority FROM instances WHERE state = 'pending' AND priority <= ",
-            $cap,
-            " AND run_at <= ",
-            $now,
-            " AND (",
-            $resources,
-            " OR needs IS NULL) ORDER BY priority DESC LIMIT 1"
-        )
-    };
-}
 static PENDING_OLDEST: Sql = Sql::new(concat!(
     "SELECT ",
     claim_cols!(),
     ", priority FROM instances WHERE state = 'pending' AND priority = (",
-    top_priority!("$1", "$4", "$5"),
+    top_priority!("instances", "$1", "$4", "$5"),
     ") AND run_at <= $1 AND ($4 OR needs IS NULL)
      ORDER BY created ASC, id ASC LIMIT $2 OFFSET $3 FOR UPDATE SKIP LOCKED"
 ));
-static TOP_PRIORITY: Sql = Sql::new(top_priority!("$1", "$2", "$3"));
+static TOP_PRIORITY: Sql = Sql::new(top_priority!("instances", "$1", "$2", "$3"));
 static STARVING: Sql = Sql::new(concat!(
     "SELECT ",
     claim_cols!(),

@@ -248,6 +248,27 @@ macro_rules! sqlite_floor_id {
 }
 pub(crate) use sqlite_floor_id;
 
+/// The claim statements' read of the highest priority at or below `$cap` with a due
+/// instance (`$now`, `$resources` as in [`ClaimSql::newest`]), from `$from` (the
+/// dialect names the pending index or not): the pending index backwards, to the
+/// first. Not locked: a priority whose rows other claimers hold is still the top one.
+macro_rules! top_priority {
+    ($from:literal, $now:literal, $resources:literal, $cap:literal) => {
+        concat!(
+            "SELECT priority FROM ",
+            $from,
+            " WHERE state = 'pending' AND priority <= ",
+            $cap,
+            " AND run_at <= ",
+            $now,
+            " AND (",
+            $resources,
+            " OR needs IS NULL) ORDER BY priority DESC LIMIT 1"
+        )
+    };
+}
+pub(crate) use top_priority;
+
 macro_rules! args {
     ($($a:expr),* $(,)?) => { [$($crate::queue::sql::Arg::from($a)),*] };
 }

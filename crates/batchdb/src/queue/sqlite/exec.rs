@@ -6,8 +6,8 @@ use rusqlite::types::{ToSqlOutput, Value, ValueRef};
 
 use super::*;
 use crate::queue::row::{Row, claim_cols};
-use crate::queue::sql::sqlite_floor_id;
 use crate::queue::sql::{self, Arg, ClaimSql, Conn, NewEvent, Sql, args};
+use crate::queue::sql::{sqlite_floor_id, top_priority};
 
 /// A connection (or the transaction it is in) running the shared SQL. Every future
 /// it returns is ready at once: drive them with [`run`].
@@ -196,32 +196,21 @@ static PENDING_NEWEST: Sql = Sql::new(concat!(
      WHERE state = 'pending' AND priority <= $5 AND run_at <= $1 AND ($4 OR needs IS NULL)
      ORDER BY priority DESC, created DESC, id DESC LIMIT $2 OFFSET $3"
 ));
-/// The highest priority at or below `$3` with a due instance: the pending index
-/// backwards, to the first.
-macro_rules! top_priority {
-    ($now:literal, $resources:literal, $cap:literal) => {
-        concat!(
-            "SELECT priority FROM instances INDEXED BY instances_pending
-             WHERE state = 'pending' AND priority <= ",
-            $cap,
-            " AND run_at <= ",
-            $now,
-            " AND (",
-            $resources,
-            " OR needs IS NULL) ORDER BY priority DESC LIMIT 1"
-        )
-    };
-}
 static PENDING_OLDEST: Sql = Sql::new(concat!(
     "SELECT ",
     claim_cols!(),
     ", priority FROM instances INDEXED BY instances_pending
      WHERE state = 'pending' AND priority = (",
-    top_priority!("$1", "$4", "$5"),
+    top_priority!("instances INDEXED BY instances_pending", "$1", "$4", "$5"),
     ") AND run_at <= $1 AND ($4 OR needs IS NULL)
      ORDER BY created ASC, id ASC LIMIT $2 OFFSET $3"
 ));
-static TOP_PRIORITY: Sql = Sql::new(top_priority!("$1", "$2", "$3"));
+static TOP_PRIORITY: Sql = Sql::new(top_priority!(
+    "instances INDEXED BY instances_pending",
+    "$1",
+    "$2",
+    "$3"
+));
 static STARVING: Sql = Sql::new(concat!(
     "SELECT ",
     claim_cols!(),
