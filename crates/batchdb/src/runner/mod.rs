@@ -21,6 +21,7 @@ use crate::error::{Error, Result};
 use crate::hash::Hash;
 
 mod cgroup;
+mod fast;
 mod func;
 mod leader;
 mod limits;
@@ -163,6 +164,17 @@ pub struct Execution {
 pub trait Runner: Send + Sync + fmt::Debug {
     /// Starts one execution.
     fn spawn(&self, ctx: &RunContext) -> Result<Execution>;
+
+    /// [`spawn`](Self::spawn) for a caller on an async runtime, which the worker uses:
+    /// a runner whose start blocks (a process's `execve`) lets the calling thread run
+    /// other tasks meanwhile. The same execution and errors as `spawn`; by default,
+    /// `spawn` itself.
+    fn spawn_async<'a>(
+        &'a self,
+        ctx: &'a RunContext,
+    ) -> Pin<Box<dyn Future<Output = Result<Execution>> + Send + 'a>> {
+        Box::pin(std::future::ready(self.spawn(ctx)))
+    }
 
     /// A string that identifies what this runner does, part of the result-cache key:
     /// two runners with the same spec must produce the same outcome for a payload.
@@ -446,57 +458,15 @@ impl ShellRunner {
         Ok((setup, prepared.group, prepared.rlimit_memory))
     }
 
-    /// Starts `program` through [`spawn::spawn_with`] (no fork of the worker).
-    fn spawn_fast(&self, ctx: &RunContext, program: &std::path::Path) -> Result<Execution> {
-        let env = Self::env(ctx);
-        let args: Vec<std::ffi::OsString> = self.argv[1..].iter().map(Into::into).collect();
-        let (program, arg0) = (
-            program.to_path_buf(),
-            std::ffi::OsString::from(&self.argv[0]),
-        );
-        let (setup, mut group, rlimit_memory) = self.setup(ctx)?;
-        let started = spawn::on_spawner_thread(move || {
-            let r = spawn::spawn_with(&program, &arg0, &args, &env, &setup);
-            (r, setup)
-        });
-        let child = match started {
-            Ok((Ok(child), _)) => child,
-            Ok((Err(failed), setup)) => {
-                if let Some(g) = group.as_mut() {
-                    g.remove();
-                }
-                return Err(self.setup_err(&setup, failed));
-            }
-            Err(e) => {
-                if let Some(g) = group.as_mut() {
-                    g.remove();
-                }
-                return Err(self.spawn_err(e));
-            }
-        };
-        let leader = Leader::new(child.pid, Some(child.pidfd));
-        self.execution(
-            ctx,
-            (leader, group, rlimit_memory),
-            (child.stdin, child.stdout, child.stderr),
-        )
-    }
-
-    /// A failed start as the error it is: the attempt's ([`Error::AttemptSetup`]:
-    /// its directory, cgroup or rlimits), else the runner's ([`Error::Spawn`]).
-    fn setup_err(&self, setup: &spawn::Setup, failed: spawn::Failed) -> Error {
-        let e = failed.error;
-        match failed.stage {
-            spawn::Stage::Cwd => match &setup.cwd {
-                Some(d) => cwd_err(d, &e),
-                None => self.spawn_err(e),
-            },
-            spawn::Stage::Cgroup => {
-                Error::AttemptSetup(format!("cannot join the attempt's cgroup: {e}"))
-            }
-            spawn::Stage::Rlimit => Error::AttemptSetup(format!("cannot set its rlimits: {e}")),
-            spawn::Stage::Start => self.spawn_err(e),
+    /// The program to start without a fork of the worker ([`fast`]), where the
+    /// kernel allows it and `BATCHDB_SPAWN=fork` does not ask otherwise.
+    fn fast_program(&self) -> Option<&std::path::Path> {
+        if !spawn::supported() || force_fork() {
+            return None;
         }
+        self.program
+            .get_or_init(|| resolve(&self.argv[0]))
+            .as_deref()
     }
 
     /// Starts the command through fork + exec (`std`), waited for by pid.
@@ -635,12 +605,23 @@ impl Runner for ShellRunner {
     /// cgroup that cannot be made or joined is [`Error::AttemptSetup`]: the attempt
     /// fails, not the worker.
     fn spawn(&self, ctx: &RunContext) -> Result<Execution> {
-        if spawn::supported() && !force_fork() {
-            if let Some(program) = self.program.get_or_init(|| resolve(&self.argv[0])) {
-                return self.spawn_fast(ctx, program);
-            }
+        match self.fast_program() {
+            Some(program) => self.spawn_fast(ctx, program),
+            None => self.spawn_fork(ctx),
         }
-        self.spawn_fork(ctx)
+    }
+
+    /// The start without a fork is awaited (the worker's thread runs other tasks
+    /// while the job's `execve` goes on); the fork + exec fallback blocks, as in
+    /// [`spawn`](Runner::spawn).
+    fn spawn_async<'a>(
+        &'a self,
+        ctx: &'a RunContext,
+    ) -> Pin<Box<dyn Future<Output = Result<Execution>> + Send + 'a>> {
+        match self.fast_program() {
+            Some(program) => Box::pin(self.spawn_fast_async(ctx, program)),
+            None => Box::pin(std::future::ready(self.spawn_fork(ctx))),
+        }
     }
 
     fn spec(&self) -> String {

@@ -44,16 +44,15 @@ pub(crate) struct Spawned {
     pub pidfd: OwnedFd,
 }
 
-/// Runs `f` on the one thread that starts every job of this process, and returns what
-/// it returned. `PR_SET_PDEATHSIG` fires when the *thread* that created a process
+/// A call for the spawner thread.
+type Job = Box<dyn FnOnce() + Send>;
+
+/// Hands `job` to the one thread that starts every job of this process (started at
+/// the first call). `PR_SET_PDEATHSIG` fires when the *thread* that created a process
 /// exits, not the process: a job started from a pool thread that later retires (tokio
 /// retires idle blocking threads) would be killed with it. This thread never ends.
-pub(crate) fn on_spawner_thread<T: Send + 'static>(
-    f: impl FnOnce() -> T + Send + 'static,
-) -> io::Result<T> {
-    type Job = Box<dyn FnOnce() + Send>;
+fn submit(job: Job) -> io::Result<()> {
     static SPAWNER: OnceLock<Option<std::sync::mpsc::Sender<Job>>> = OnceLock::new();
-    let gone = || io::Error::other("the batchdb spawner thread is gone");
     let sender = SPAWNER
         .get_or_init(|| {
             let (tx, rx) = std::sync::mpsc::channel::<Job>();
@@ -70,13 +69,73 @@ pub(crate) fn on_spawner_thread<T: Send + 'static>(
         })
         .as_ref()
         .ok_or_else(gone)?;
+    sender.send(job).map_err(|_| gone())
+}
+
+/// The spawner thread could not start, or has ended.
+fn gone() -> io::Error {
+    io::Error::other("the batchdb spawner thread is gone")
+}
+
+/// Runs `f` on the spawner thread ([`submit`]) and returns what it returned; the
+/// calling thread blocks until then.
+pub(crate) fn on_spawner_thread<T: Send + 'static>(
+    f: impl FnOnce() -> T + Send + 'static,
+) -> io::Result<T> {
     let (reply, answer) = std::sync::mpsc::sync_channel(1);
-    sender
-        .send(Box::new(move || {
-            let _ = reply.send(f());
-        }))
-        .map_err(|_| gone())?;
+    submit(Box::new(move || {
+        let _ = reply.send(f());
+    }))?;
     answer.recv().map_err(|_| gone())
+}
+
+/// [`on_spawner_thread`] without blocking the calling thread: the caller's task
+/// waits while the process starts (a `clone`, the child's set-up and its `execve`,
+/// during which a `vfork`-style parent is suspended), and its thread runs other
+/// tasks meanwhile — the other slots' outputs and exits. Should the caller stop
+/// waiting (its task dropped), what `f` returned is dropped: a started job travels
+/// in a [`Handover`].
+pub(crate) async fn on_spawner_thread_async<T: Send + 'static>(
+    f: impl FnOnce() -> T + Send + 'static,
+) -> io::Result<T> {
+    let (reply, answer) = tokio::sync::oneshot::channel();
+    submit(Box::new(move || {
+        let _ = reply.send(f());
+    }))?;
+    answer.await.map_err(|_| gone())
+}
+
+/// A started job on its way to the task that will watch it. Dropped before that
+/// task takes it (the task was dropped while the job started), the job is killed
+/// (its process group, SIGKILL) and reaped: it neither runs unwatched nor stays a
+/// zombie.
+pub(crate) struct Handover(Option<Spawned>);
+
+impl Handover {
+    /// Wraps a job just started.
+    pub(crate) fn new(child: Spawned) -> Handover {
+        Handover(Some(child))
+    }
+
+    /// The job, for its watcher.
+    pub(crate) fn take(mut self) -> Spawned {
+        match self.0.take() {
+            Some(child) => child,
+            None => unreachable!("a handover is taken once, by value"),
+        }
+    }
+}
+
+impl Drop for Handover {
+    fn drop(&mut self) {
+        let Some(child) = self.0.take() else { return };
+        // SAFETY: kill and waitid are plain system calls; the pidfd is open (owned
+        // by `child`) until the end of this block, so the pid is still this child's.
+        unsafe {
+            libc::kill(-child.pid, libc::SIGKILL);
+        }
+        let _ = super::leader::waitid_pidfd(child.pidfd.as_raw_fd(), 0);
+    }
 }
 
 /// Whether this kernel has pidfds and `waitid(P_PIDFD)` (Linux 5.4+), checked once.

@@ -217,7 +217,7 @@ impl Worker {
             // ...an unreachable database or store is not: run it again later.
             Err(e) => return self.infra_retry(claim, report, format!("payload: {e}")),
         };
-        let exec = match self.runner.spawn(&ctx) {
+        let exec = match self.runner.spawn_async(&ctx).await {
             Ok(x) => x,
             // Its directory, its limits or its cgroup: the job's failure, not the
             // worker's (which goes on with the next job).

@@ -64,6 +64,60 @@ async fn a_job_outlives_the_thread_that_asked_for_it() {
     assert_eq!(wait.wait().await.unwrap(), (Some(0), None));
 }
 
+/// Whether process `pid` is gone: not running and reaped (no zombie left either).
+fn gone(pid: i32) -> bool {
+    // SAFETY: kill with signal 0 only checks that the process exists.
+    let r = unsafe { libc::kill(pid, 0) };
+    r != 0 && io::Error::last_os_error().raw_os_error() == Some(libc::ESRCH)
+}
+
+#[tokio::test]
+async fn an_awaited_start_gives_the_same_job_as_a_blocking_one() {
+    let child = on_spawner_thread_async(|| sh("echo awaited", &[]))
+        .await
+        .unwrap()
+        .unwrap();
+    let wait = Leader::new(child.pid, Some(child.pidfd));
+    drop(child.stdin);
+    assert_eq!(read_all(child.stdout).await, "awaited\n");
+    assert_eq!(wait.wait().await.unwrap(), (Some(0), None));
+}
+
+#[tokio::test]
+async fn a_job_handed_over_to_no_one_is_killed_and_reaped() {
+    let child = on_spawner_thread(|| sh("sleep 30", &[])).unwrap().unwrap();
+    let pid = child.pid;
+    assert!(!gone(pid));
+    drop(Handover::new(child));
+    assert!(gone(pid), "the job still runs, or is a zombie");
+}
+
+#[tokio::test]
+async fn a_job_started_for_a_task_that_stopped_waiting_is_killed_and_reaped() {
+    let (pid_tx, pid_rx) = std::sync::mpsc::channel();
+    let (go_tx, go_rx) = std::sync::mpsc::channel::<()>();
+    let start = on_spawner_thread_async(move || {
+        // Starts only once the task below has stopped waiting.
+        let _ = go_rx.recv();
+        let child = sh("sleep 30", &[])?;
+        let _ = pid_tx.send(child.pid);
+        Ok::<_, io::Error>(Handover::new(child))
+    });
+    // Sent to the spawner thread at the first poll; the task then stops waiting.
+    let mut start = Box::pin(start);
+    std::future::poll_fn(|cx| {
+        assert!(start.as_mut().poll(cx).is_pending());
+        std::task::Poll::Ready(())
+    })
+    .await;
+    drop(start);
+    go_tx.send(()).unwrap();
+    // The spawner thread runs calls in order: once this one ran, so did the start.
+    on_spawner_thread(|| ()).unwrap();
+    let pid = pid_rx.recv().unwrap();
+    assert!(gone(pid), "the job still runs, or is a zombie");
+}
+
 #[tokio::test]
 async fn a_signal_that_ends_it_is_reported() {
     let child = sh("kill -9 $$", &[]).unwrap();
