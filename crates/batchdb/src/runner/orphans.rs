@@ -5,7 +5,8 @@
 //! [`adopt_orphans`] makes this process a child subreaper: a process whose parent
 //! exits is then reparented to this process (the nearest subreaper among its
 //! ancestors) rather than to init. Every job's main process is started by the one
-//! spawner thread (`spawn::on_spawner_thread`) and kept unreaped until its job
+//! spawner thread (`spawn::on_spawner_thread`, or its `_async` form, which the
+//! worker awaits) and kept unreaped until its job
 //! settles, so a zombie main process has no children: whatever of its job is still
 //! alive hangs, through its parents, from a child of this process that was adopted.
 //! The kernel hands an orphan to the subreaper's first live thread (`find_new_reaper`

@@ -25,6 +25,14 @@ async fn read_all(fd: OwnedFd) -> String {
     text
 }
 
+/// Waits for `child`, given no input, to print `out` and exit 0.
+async fn ends_with(child: Spawned, out: &str) {
+    let wait = Leader::new(child.pid, Some(child.pidfd));
+    drop(child.stdin);
+    assert_eq!(read_all(child.stdout).await, out);
+    assert_eq!(wait.wait().await.unwrap(), (Some(0), None));
+}
+
 #[tokio::test]
 async fn runs_with_pipes_env_exit_code_and_its_own_process_group() {
     assert!(supported(), "this kernel has pidfds");
@@ -58,10 +66,7 @@ async fn a_job_outlives_the_thread_that_asked_for_it() {
     })
     .join()
     .unwrap();
-    let wait = Leader::new(child.pid, Some(child.pidfd));
-    drop(child.stdin);
-    assert_eq!(read_all(child.stdout).await, "alive\n");
-    assert_eq!(wait.wait().await.unwrap(), (Some(0), None));
+    ends_with(child, "alive\n").await;
 }
 
 /// Whether process `pid` is gone: not running and reaped (no zombie left either).
@@ -77,10 +82,7 @@ async fn an_awaited_start_gives_the_same_job_as_a_blocking_one() {
         .await
         .unwrap()
         .unwrap();
-    let wait = Leader::new(child.pid, Some(child.pidfd));
-    drop(child.stdin);
-    assert_eq!(read_all(child.stdout).await, "awaited\n");
-    assert_eq!(wait.wait().await.unwrap(), (Some(0), None));
+    ends_with(child, "awaited\n").await;
 }
 
 #[tokio::test]
