@@ -343,16 +343,12 @@ async fn claim_pending<T: Tx>(
 ) -> R<(), T> {
     let req = round.req;
     let remaining = req.limit.saturating_sub(out.len());
-    let has_resources = !req.resources.is_empty();
-    // The first window is the free slots (PostgreSQL locks every row it reads), or
-    // more for a worker with resources, which skips what does not fit. Each window
-    // after a full one is twice as long: instances that must be skipped (in flight,
-    // not fitting) cost a few statements, not one per window's worth.
-    let mut window = if has_resources {
-        remaining * 4 + 16
-    } else {
-        remaining
-    };
+    // The first window is the free slots (PostgreSQL locks every row it reads; every
+    // row read costs its payload's lookup), for a worker with resources too, though
+    // it skips what does not fit. Each window after a full one is twice as long:
+    // instances that must be skipped (in flight, not fitting) cost a few statements,
+    // not one per window's worth.
+    let mut window = remaining;
     let mut claimed = 0;
     let mut skipped = 0usize;
     let mut cur = Cursor::START;
