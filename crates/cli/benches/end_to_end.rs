@@ -20,6 +20,13 @@
 //! the hash or the faster of the two writes. Each run starts after a `sync`, so one
 //! run's writeback does not land in the next; the order reverses every round.
 //!
+//! Then how fast one-shot commands start, as a shell loop runs them: loops of
+//! 1,000 (`-- quick`: 200) `batchdb add -q 'echo start N'`, `batchdb status`,
+//! `batchdb get KEY` (a payload) and `batchdb show KEY` (a finished job's stdout),
+//! each beside a loop of as many `/bin/true` (what starting any process from that
+//! loop costs), on a database holding the 500 jobs, run; the order reverses every
+//! round.
+//!
 //! GNU parallel and task-spooler come from Debian (`parallel`, `task-spooler`); run as
 //! root, the bench installs whichever is missing, as `scripts/test` does.
 //!
@@ -102,6 +109,48 @@ tsp -K"#,
     },
 ];
 
+/// The database the one-shot commands run against: the `echo` jobs queued and run,
+/// and one more whose job key is in `key`.
+const START_SETUP: &str = r#"export BATCHDB_DIR="$PWD/db"
+"$BATCHDB" add --lines -q < jobs.txt > /dev/null
+"$BATCHDB" run -j 2 --until-empty > /dev/null
+"$BATCHDB" add -q 'echo hi' > key
+"$BATCHDB" run --until-empty > /dev/null"#;
+
+/// The CLI start scenario: `$LOOPS` processes of each command from a shell loop;
+/// the first is the baseline.
+const START: &[Tool] = &[
+    Tool {
+        name: "/bin/true",
+        setup: START_SETUP,
+        script: r"for i in $(seq $LOOPS); do /bin/true; done",
+    },
+    Tool {
+        name: "batchdb add -q 'echo start N'",
+        setup: START_SETUP,
+        script: r#"export BATCHDB_DIR="$PWD/db"
+for i in $(seq $LOOPS); do "$BATCHDB" add -q "echo start $i" > /dev/null; done"#,
+    },
+    Tool {
+        name: "batchdb status",
+        setup: START_SETUP,
+        script: r#"export BATCHDB_DIR="$PWD/db"
+for i in $(seq $LOOPS); do "$BATCHDB" status > /dev/null; done"#,
+    },
+    Tool {
+        name: "batchdb get KEY",
+        setup: START_SETUP,
+        script: r#"export BATCHDB_DIR="$PWD/db"; key=$(cat key)
+for i in $(seq $LOOPS); do "$BATCHDB" get "$key" > /dev/null; done"#,
+    },
+    Tool {
+        name: "batchdb show KEY",
+        setup: START_SETUP,
+        script: r#"export BATCHDB_DIR="$PWD/db"; key=$(cat key)
+for i in $(seq $LOOPS); do "$BATCHDB" show "$key" > /dev/null; done"#,
+    },
+];
+
 /// Installs GNU parallel and task-spooler when missing (as root), or stops with what
 /// to install.
 fn ensure_tools() {
@@ -140,9 +189,9 @@ fn ensure_tools() {
     apt(&install);
 }
 
-/// Runs `tool` once in a fresh directory holding `jobs.txt`; the wall time of its
-/// script.
-fn run(tool: &Tool, jobs: &Path, bytes: u64) -> Duration {
+/// Runs `tool` once in a fresh directory holding `jobs.txt`, with `$BYTES` and
+/// `$LOOPS` set; the wall time of its script.
+fn run(tool: &Tool, jobs: &Path, bytes: u64, loops: usize) -> Duration {
     let dir = tempfile::tempdir().expect("temp dir");
     std::fs::copy(jobs, dir.path().join("jobs.txt")).expect("copy jobs");
     let bash = |script: &str| {
@@ -151,6 +200,7 @@ fn run(tool: &Tool, jobs: &Path, bytes: u64) -> Duration {
             .current_dir(dir.path())
             .env("BATCHDB", bin())
             .env("BYTES", bytes.to_string())
+            .env("LOOPS", loops.to_string())
             .env("BENCH", std::env::current_exe().expect("bench binary"))
             .stdout(Stdio::null())
             .status()
@@ -204,7 +254,7 @@ fn main() {
     let jobs = jobs_dir.path().join("jobs.txt");
     let lines: String = (0..n).map(|i| format!("echo {i}\n")).collect();
     std::fs::write(&jobs, lines).expect("write jobs");
-    let times = rounds(TOOLS.len(), rounds_n, |i| run(&TOOLS[i], &jobs, 0));
+    let times = rounds(TOOLS.len(), rounds_n, |i| run(&TOOLS[i], &jobs, 0, 0));
     let base = median(times[0].clone()).as_secs_f64();
     println!("{n} `echo` jobs, 2 at a time, median of {rounds_n} runs (order reversed each round)");
     println!("| tool | wall time | jobs/s | against xargs -P 2 |");
@@ -216,11 +266,29 @@ fn main() {
         println!("| {} | {m:.2} s | {rate:.0} | {:.2} |", tool.name, base / m);
     }
     big_output(if quick { 256 } else { 1024 }, rounds_n, &jobs);
+    cli_start(if quick { 200 } else { 1000 }, rounds_n, &jobs);
+}
+
+/// The CLI start scenario (see the module's documentation).
+fn cli_start(loops: usize, rounds_n: usize, jobs: &Path) {
+    let times = rounds(START.len(), rounds_n, |i| run(&START[i], jobs, 0, loops));
+    #[allow(clippy::cast_precision_loss)]
+    let each: Vec<f64> = times
+        .into_iter()
+        .map(|t| median(t).as_secs_f64() * 1e6 / loops as f64)
+        .collect();
+    println!();
+    println!("one-shot commands, loops of {loops} processes, median of {rounds_n} runs");
+    println!("| command | per process | against /bin/true |");
+    println!("|---|---|---|");
+    for (tool, us) in START.iter().zip(&each) {
+        println!("| {} | {us:.0} µs | {:.2}× |", tool.name, us / each[0]);
+    }
 }
 
 /// The 1 GiB output scenario (see the module's documentation).
 fn big_output(mib: u64, rounds_n: usize, jobs: &Path) {
-    let times = rounds(BIG.len(), rounds_n, |i| run(&BIG[i], jobs, mib << 20));
+    let times = rounds(BIG.len(), rounds_n, |i| run(&BIG[i], jobs, mib << 20, 0));
     #[allow(clippy::cast_precision_loss)]
     let rates: Vec<f64> = times
         .into_iter()
