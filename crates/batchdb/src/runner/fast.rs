@@ -41,13 +41,24 @@ impl ShellRunner {
         program: &Path,
     ) -> Result<Execution> {
         let (start, group, rlimit_memory) = self.fast_start(ctx, program)?;
+        // The cgroup travels with the start: if this task is dropped while the job
+        // starts, the job is killed and reaped before its cgroup is removed.
         let start = move || {
             let (r, setup) = start();
-            (r.map(spawn::Handover::new), setup)
+            match r {
+                Ok(child) => (Ok(spawn::Handover::new(child, group)), setup),
+                Err(failed) => (Err((failed, group)), setup),
+            }
         };
-        let started = spawn::on_spawner_thread_async(start)
-            .await
-            .map(|(r, setup)| (r.map(spawn::Handover::take), setup));
+        let (started, group) = match spawn::on_spawner_thread_async(start).await {
+            Ok((Ok(handover), setup)) => {
+                let (child, group) = handover.take();
+                (Ok((Ok(child), setup)), group)
+            }
+            Ok((Err((failed, group)), setup)) => (Ok((Err(failed), setup)), group),
+            // The start was dropped unrun, its cgroup (empty) with it.
+            Err(e) => (Err(e), None),
+        };
         self.fast_started(ctx, started, group, rlimit_memory)
     }
 
@@ -116,5 +127,94 @@ impl ShellRunner {
             spawn::Stage::Rlimit => Error::AttemptSetup(format!("cannot set its rlimits: {e}")),
             spawn::Stage::Start => self.spawn_err(e),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::PathBuf;
+    use std::task::Poll;
+
+    use super::*;
+    use crate::hash::Hash;
+    use crate::queue::{ExecContext, Limits};
+    use crate::runner::{Enforcer, LimitMode};
+
+    /// Every directory named `name` under the cgroup mounts.
+    fn cgroup_dirs(name: &str) -> Vec<PathBuf> {
+        fn walk(d: &Path, name: &str, depth: usize, out: &mut Vec<PathBuf>) {
+            let Ok(entries) = std::fs::read_dir(d) else {
+                return;
+            };
+            for e in entries.flatten() {
+                if !e.file_type().is_ok_and(|t| t.is_dir()) {
+                    continue;
+                }
+                let p = e.path();
+                if p.file_name().is_some_and(|n| n == name) {
+                    out.push(p.clone());
+                }
+                if depth > 0 {
+                    walk(&p, name, depth - 1, out);
+                }
+            }
+        }
+        let mut out = Vec::new();
+        walk(Path::new("/sys/fs/cgroup"), name, 8, &mut out);
+        out
+    }
+
+    #[tokio::test]
+    async fn a_job_started_for_a_task_that_stopped_waiting_is_reaped_before_its_cgroup_goes() {
+        let limits = Enforcer::new(LimitMode::Cgroup).expect("a writable cgroup hierarchy");
+        let runner = ShellRunner::default().with_limits(limits);
+        let program = runner.fast_program().expect("pidfds").to_path_buf();
+        let exec = ExecContext {
+            limits: Limits {
+                memory: Some(64 << 20),
+                ..Limits::default()
+            },
+            ..ExecContext::default()
+        };
+        let ctx = RunContext {
+            job: Hash::of(b"handover"),
+            instance: 1,
+            created: 1,
+            attempt: 1,
+            worker: "w".into(),
+            attempt_id: format!("handover-test-{}", std::process::id()),
+            deps_file: None,
+            exec,
+        };
+        // The spawner thread held busy, so the start waits behind it.
+        let (busy_tx, busy_rx) = std::sync::mpsc::channel();
+        let (go_tx, go_rx) = std::sync::mpsc::channel::<()>();
+        let blocker = std::thread::spawn(move || {
+            spawn::on_spawner_thread(move || {
+                let _ = busy_tx.send(());
+                let _ = go_rx.recv();
+            })
+        });
+        busy_rx.recv().unwrap();
+        let mut start = Box::pin(runner.spawn_fast_async(&ctx, &program));
+        std::future::poll_fn(|cx| {
+            assert!(start.as_mut().poll(cx).is_pending());
+            Poll::Ready(())
+        })
+        .await;
+        go_tx.send(()).unwrap();
+        blocker.join().unwrap().unwrap();
+        // Calls run in order: once this one ran, the job has started in its group.
+        spawn::on_spawner_thread(|| ()).unwrap();
+        let dirs = cgroup_dirs(&ctx.attempt_id);
+        assert!(!dirs.is_empty(), "the attempt's cgroup");
+        let procs = std::fs::read_to_string(dirs[0].join("cgroup.procs")).unwrap();
+        let pid: i32 = procs.trim().parse().expect("one process in the group");
+        // The task stops waiting with the job started and its answer unread.
+        drop(start);
+        // SAFETY: kill with signal 0 only checks that the process exists.
+        let alive = unsafe { libc::kill(pid, 0) } == 0;
+        assert!(!alive, "the job still runs, or is a zombie");
+        assert_eq!(cgroup_dirs(&ctx.attempt_id), Vec::<PathBuf>::new());
     }
 }

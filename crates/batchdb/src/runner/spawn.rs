@@ -105,36 +105,41 @@ pub(crate) async fn on_spawner_thread_async<T: Send + 'static>(
     answer.await.map_err(|_| gone())
 }
 
-/// A started job on its way to the task that will watch it. Dropped before that
-/// task takes it (the task was dropped while the job started), the job is killed
-/// (its process group, SIGKILL) and reaped: it neither runs unwatched nor stays a
-/// zombie.
-pub(crate) struct Handover(Option<Spawned>);
+/// A started job on its way to the task that will watch it, with `T`: what must
+/// outlive the job (its cgroup). Dropped before that task takes it (the task was
+/// dropped while the job started), the job is killed (its process group, SIGKILL)
+/// and reaped — it neither runs unwatched nor stays a zombie — and only then is `T`
+/// dropped (so a cgroup it holds is empty when it is removed).
+pub(crate) struct Handover<T>(Option<(Spawned, T)>);
 
-impl Handover {
-    /// Wraps a job just started.
-    pub(crate) fn new(child: Spawned) -> Handover {
-        Handover(Some(child))
+impl<T> Handover<T> {
+    /// Wraps a job just started and what must outlive it.
+    pub(crate) fn new(child: Spawned, keep: T) -> Handover<T> {
+        Handover(Some((child, keep)))
     }
 
-    /// The job, for its watcher.
-    pub(crate) fn take(mut self) -> Spawned {
+    /// The job and what it kept, for its watcher.
+    pub(crate) fn take(mut self) -> (Spawned, T) {
         match self.0.take() {
-            Some(child) => child,
+            Some(both) => both,
             None => unreachable!("a handover is taken once, by value"),
         }
     }
 }
 
-impl Drop for Handover {
+impl<T> Drop for Handover<T> {
     fn drop(&mut self) {
-        let Some(child) = self.0.take() else { return };
+        let Some((child, keep)) = self.0.take() else {
+            return;
+        };
         // SAFETY: kill and waitid are plain system calls; the pidfd is open (owned
         // by `child`) until the end of this block, so the pid is still this child's.
         unsafe {
             libc::kill(-child.pid, libc::SIGKILL);
         }
         let _ = super::leader::waitid_pidfd(child.pidfd.as_raw_fd(), 0);
+        drop(child);
+        drop(keep);
     }
 }
 

@@ -90,8 +90,25 @@ async fn a_job_handed_over_to_no_one_is_killed_and_reaped() {
     let child = on_spawner_thread(|| sh("sleep 30", &[])).unwrap().unwrap();
     let pid = child.pid;
     assert!(!gone(pid));
-    drop(Handover::new(child));
+    drop(Handover::new(child, ()));
     assert!(gone(pid), "the job still runs, or is a zombie");
+}
+
+/// Asserts, when dropped, that process `.0` is gone.
+struct DroppedAfter(i32);
+
+impl Drop for DroppedAfter {
+    fn drop(&mut self) {
+        assert!(gone(self.0), "dropped while its job still ran");
+    }
+}
+
+#[tokio::test]
+async fn what_a_handover_keeps_is_dropped_only_once_its_job_is_reaped() {
+    let child = on_spawner_thread(|| sh("sleep 30", &[])).unwrap().unwrap();
+    let pid = child.pid;
+    drop(Handover::new(child, DroppedAfter(pid)));
+    assert!(gone(pid));
 }
 
 #[tokio::test]
@@ -103,7 +120,7 @@ async fn a_job_started_for_a_task_that_stopped_waiting_is_killed_and_reaped() {
         let _ = go_rx.recv();
         let child = sh("sleep 30", &[])?;
         let _ = pid_tx.send(child.pid);
-        Ok::<_, io::Error>(Handover::new(child))
+        Ok::<_, io::Error>(Handover::new(child, ()))
     });
     // Sent to the spawner thread at the first poll; the task then stops waiting.
     let mut start = Box::pin(start);
