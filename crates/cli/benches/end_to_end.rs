@@ -46,16 +46,16 @@ fn bin() -> String {
 
 /// One way of doing a scenario's work, as bash scripts run in a fresh directory
 /// holding `jobs.txt` (`$BYTES`: the 1 GiB scenario's output size).
-struct Tool {
-    name: &'static str,
+struct Tool<'a> {
+    name: &'a str,
     /// Run first, untimed (then a `sync`).
-    setup: &'static str,
+    setup: &'a str,
     /// The timed part.
-    script: &'static str,
+    script: &'a str,
 }
 
 /// The 1 GiB output scenario: batchdb, then the two limits.
-const BIG: &[Tool] = &[
+const BIG: &[Tool<'static>] = &[
     Tool {
         name: "batchdb run --until-empty",
         setup: r#"export BATCHDB_DIR="$PWD/db"; "$BATCHDB" add "head -c $BYTES /dev/zero" > /dev/null"#,
@@ -78,7 +78,7 @@ const BIG: &[Tool] = &[
     },
 ];
 
-const TOOLS: &[Tool] = &[
+const TOOLS: &[Tool<'static>] = &[
     Tool {
         name: "xargs -P 2 (nothing kept)",
         setup: "",
@@ -117,38 +117,17 @@ const START_SETUP: &str = r#"export BATCHDB_DIR="$PWD/db"
 "$BATCHDB" add -q 'echo hi' > key
 "$BATCHDB" run --until-empty > /dev/null"#;
 
-/// The CLI start scenario: `$LOOPS` processes of each command from a shell loop;
-/// the first is the baseline.
-const START: &[Tool] = &[
-    Tool {
-        name: "/bin/true",
-        setup: START_SETUP,
-        script: r"for i in $(seq $LOOPS); do /bin/true; done",
-    },
-    Tool {
-        name: "batchdb add -q 'echo start N'",
-        setup: START_SETUP,
-        script: r#"export BATCHDB_DIR="$PWD/db"
-for i in $(seq $LOOPS); do "$BATCHDB" add -q "echo start $i" > /dev/null; done"#,
-    },
-    Tool {
-        name: "batchdb status",
-        setup: START_SETUP,
-        script: r#"export BATCHDB_DIR="$PWD/db"
-for i in $(seq $LOOPS); do "$BATCHDB" status > /dev/null; done"#,
-    },
-    Tool {
-        name: "batchdb get KEY",
-        setup: START_SETUP,
-        script: r#"export BATCHDB_DIR="$PWD/db"; key=$(cat key)
-for i in $(seq $LOOPS); do "$BATCHDB" get "$key" > /dev/null; done"#,
-    },
-    Tool {
-        name: "batchdb show KEY",
-        setup: START_SETUP,
-        script: r#"export BATCHDB_DIR="$PWD/db"; key=$(cat key)
-for i in $(seq $LOOPS); do "$BATCHDB" show "$key" > /dev/null; done"#,
-    },
+/// The CLI start scenario: each command run `$LOOPS` times from a shell loop (`$i`
+/// the iteration, `$key` the job key of [`START_SETUP`]); the first is the baseline.
+const START: &[(&str, &str)] = &[
+    ("/bin/true", "/bin/true"),
+    (
+        "batchdb add -q 'echo start N'",
+        r#""$BATCHDB" add -q "echo start $i""#,
+    ),
+    ("batchdb status", r#""$BATCHDB" status"#),
+    ("batchdb get KEY", r#""$BATCHDB" get "$key""#),
+    ("batchdb show KEY", r#""$BATCHDB" show "$key""#),
 ];
 
 /// Installs GNU parallel and task-spooler when missing (as root), or stops with what
@@ -271,7 +250,25 @@ fn main() {
 
 /// The CLI start scenario (see the module's documentation).
 fn cli_start(loops: usize, rounds_n: usize, jobs: &Path) {
-    let times = rounds(START.len(), rounds_n, |i| run(&START[i], jobs, 0, loops));
+    let scripts: Vec<String> = START
+        .iter()
+        .map(|(_, cmd)| {
+            format!(
+                "export BATCHDB_DIR=\"$PWD/db\"; key=$(cat key)\n\
+                 for i in $(seq $LOOPS); do {cmd} > /dev/null; done"
+            )
+        })
+        .collect();
+    let tools: Vec<Tool> = START
+        .iter()
+        .zip(&scripts)
+        .map(|(&(name, _), script)| Tool {
+            name,
+            setup: START_SETUP,
+            script,
+        })
+        .collect();
+    let times = rounds(tools.len(), rounds_n, |i| run(&tools[i], jobs, 0, loops));
     #[allow(clippy::cast_precision_loss)]
     let each: Vec<f64> = times
         .into_iter()
@@ -281,7 +278,7 @@ fn cli_start(loops: usize, rounds_n: usize, jobs: &Path) {
     println!("one-shot commands, loops of {loops} processes, median of {rounds_n} runs");
     println!("| command | per process | against /bin/true |");
     println!("|---|---|---|");
-    for (tool, us) in START.iter().zip(&each) {
+    for (tool, us) in tools.iter().zip(&each) {
         println!("| {} | {us:.0} µs | {:.2}× |", tool.name, us / each[0]);
     }
 }

@@ -9,75 +9,53 @@ use super::leader::Leader;
 use super::{Execution, RunContext, ShellRunner, spawn};
 use crate::error::{Error, Result};
 
-/// What the spawner thread runs to start one job: the start itself, and the set-up
-/// handed back for the error message.
-type Start = Box<
-    dyn FnOnce() -> (
-            std::result::Result<spawn::Spawned, spawn::Failed>,
-            spawn::Setup,
-        ) + Send,
->;
+/// What a start hands back beside the job: its set-up (for an error message) and the
+/// attempt's cgroup, which travels with the job so that it outlives it.
+type Kept = (spawn::Setup, Option<Group>);
 
-/// What the spawner thread answered: the started job, or why it did not start.
-type Started = std::io::Result<(
-    std::result::Result<spawn::Spawned, spawn::Failed>,
-    spawn::Setup,
-)>;
+/// What the spawner thread runs to start one job.
+type Start = Box<dyn FnOnce() -> (std::result::Result<spawn::Spawned, spawn::Failed>, Kept) + Send>;
+
+/// What the spawner thread answered: the start's outcome, or that it never ran (the
+/// cgroup, empty, went with the unrun start).
+type Started = std::io::Result<(std::result::Result<spawn::Spawned, spawn::Failed>, Kept)>;
 
 impl ShellRunner {
     /// Starts `program` through [`spawn::spawn_with`]; the calling thread blocks until
     /// the job's `execve`.
     pub(super) fn spawn_fast(&self, ctx: &RunContext, program: &Path) -> Result<Execution> {
-        let (start, group, rlimit_memory) = self.fast_start(ctx, program)?;
+        let (start, rlimit_memory) = self.fast_start(ctx, program)?;
         let started = spawn::on_spawner_thread(start);
-        self.fast_started(ctx, started, group, rlimit_memory)
+        self.fast_started(ctx, started, rlimit_memory)
     }
 
     /// [`spawn_fast`](Self::spawn_fast), awaited: the calling thread runs other tasks
-    /// while the job starts.
+    /// while the job starts. If this task is dropped meanwhile, the job is killed and
+    /// reaped before its cgroup is removed ([`spawn::Handover`]).
     pub(super) async fn spawn_fast_async(
         &self,
         ctx: &RunContext,
         program: &Path,
     ) -> Result<Execution> {
-        let (start, group, rlimit_memory) = self.fast_start(ctx, program)?;
-        // The cgroup travels with the start: if this task is dropped while the job
-        // starts, the job is killed and reaped before its cgroup is removed.
-        let start = move || {
-            let (r, setup) = start();
-            match r {
-                Ok(child) => (Ok(spawn::Handover::new(child, group)), setup),
-                Err(failed) => (Err((failed, group)), setup),
-            }
-        };
-        let (started, group) = match spawn::on_spawner_thread_async(start).await {
-            Ok((Ok(handover), setup)) => {
-                let (child, group) = handover.take();
-                (Ok((Ok(child), setup)), group)
-            }
-            Ok((Err((failed, group)), setup)) => (Ok((Err(failed), setup)), group),
-            // The start was dropped unrun, its cgroup (empty) with it.
-            Err(e) => (Err(e), None),
-        };
-        self.fast_started(ctx, started, group, rlimit_memory)
+        let (start, rlimit_memory) = self.fast_start(ctx, program)?;
+        let started = spawn::on_spawner_thread_async(move || spawn::Handover::new(start()))
+            .await
+            .map(spawn::Handover::take);
+        self.fast_started(ctx, started, rlimit_memory)
     }
 
     /// The start for the spawner thread (arguments, environment, the attempt's set-up
-    /// prepared here), with the attempt's cgroup and any rlimit memory limit.
-    fn fast_start(
-        &self,
-        ctx: &RunContext,
-        program: &Path,
-    ) -> Result<(Start, Option<Group>, Option<u64>)> {
+    /// and cgroup prepared here), and any rlimit memory limit.
+    fn fast_start(&self, ctx: &RunContext, program: &Path) -> Result<(Start, Option<u64>)> {
         let env = Self::env(ctx);
         let args: Vec<OsString> = self.argv[1..].iter().map(Into::into).collect();
         let (program, arg0) = (program.to_path_buf(), OsString::from(&self.argv[0]));
         let (setup, group, rlimit_memory) = self.setup(ctx)?;
         let start: Start = Box::new(move || {
             let r = spawn::spawn_with(&program, &arg0, &args, &env, &setup);
-            (r, setup)
+            (r, (setup, group))
         });
-        Ok((start, group, rlimit_memory))
+        Ok((start, rlimit_memory))
     }
 
     /// The execution of what the spawner thread `started`, or the error it is (the
@@ -86,23 +64,17 @@ impl ShellRunner {
         &self,
         ctx: &RunContext,
         started: Started,
-        mut group: Option<Group>,
         rlimit_memory: Option<u64>,
     ) -> Result<Execution> {
-        let child = match started {
-            Ok((Ok(child), _)) => child,
-            Ok((Err(failed), setup)) => {
+        let (child, group) = match started {
+            Ok((Ok(child), (_, group))) => (child, group),
+            Ok((Err(failed), (setup, mut group))) => {
                 if let Some(g) = group.as_mut() {
                     g.remove();
                 }
                 return Err(self.setup_err(&setup, failed));
             }
-            Err(e) => {
-                if let Some(g) = group.as_mut() {
-                    g.remove();
-                }
-                return Err(self.spawn_err(e));
-            }
+            Err(e) => return Err(self.spawn_err(e)),
         };
         let leader = Leader::new(child.pid, Some(child.pidfd));
         self.execution(

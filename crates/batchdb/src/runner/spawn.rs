@@ -105,23 +105,23 @@ pub(crate) async fn on_spawner_thread_async<T: Send + 'static>(
     answer.await.map_err(|_| gone())
 }
 
-/// A started job on its way to the task that will watch it, with `T`: what must
-/// outlive the job (its cgroup). Dropped before that task takes it (the task was
-/// dropped while the job started), the job is killed (its process group, SIGKILL)
-/// and reaped — it neither runs unwatched nor stays a zombie — and only then is `T`
-/// dropped (so a cgroup it holds is empty when it is removed).
-pub(crate) struct Handover<T>(Option<(Spawned, T)>);
+/// A start's outcome on its way to the task that will watch the job, with `T`: what
+/// must outlive the job (its cgroup). Dropped before that task takes it (the task
+/// was dropped while the job started), a started job is killed (its process group,
+/// SIGKILL) and reaped — it neither runs unwatched nor stays a zombie — and only then
+/// is `T` dropped (so a cgroup it holds is empty when it is removed).
+pub(crate) struct Handover<T>(Option<(std::result::Result<Spawned, Failed>, T)>);
 
 impl<T> Handover<T> {
-    /// Wraps a job just started and what must outlive it.
-    pub(crate) fn new(child: Spawned, keep: T) -> Handover<T> {
-        Handover(Some((child, keep)))
+    /// Wraps a start's outcome and what must outlive its job.
+    pub(crate) fn new(outcome: (std::result::Result<Spawned, Failed>, T)) -> Handover<T> {
+        Handover(Some(outcome))
     }
 
-    /// The job and what it kept, for its watcher.
-    pub(crate) fn take(mut self) -> (Spawned, T) {
+    /// The outcome and what it kept, for the job's watcher.
+    pub(crate) fn take(mut self) -> (std::result::Result<Spawned, Failed>, T) {
         match self.0.take() {
-            Some(both) => both,
+            Some(outcome) => outcome,
             None => unreachable!("a handover is taken once, by value"),
         }
     }
@@ -129,7 +129,7 @@ impl<T> Handover<T> {
 
 impl<T> Drop for Handover<T> {
     fn drop(&mut self) {
-        let Some((child, keep)) = self.0.take() else {
+        let Some((Ok(child), keep)) = self.0.take() else {
             return;
         };
         // SAFETY: kill and waitid are plain system calls; the pidfd is open (owned

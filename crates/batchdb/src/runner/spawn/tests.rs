@@ -90,7 +90,7 @@ async fn a_job_handed_over_to_no_one_is_killed_and_reaped() {
     let child = on_spawner_thread(|| sh("sleep 30", &[])).unwrap().unwrap();
     let pid = child.pid;
     assert!(!gone(pid));
-    drop(Handover::new(child, ()));
+    drop(Handover::new((Ok(child), ())));
     assert!(gone(pid), "the job still runs, or is a zombie");
 }
 
@@ -107,7 +107,7 @@ impl Drop for DroppedAfter {
 async fn what_a_handover_keeps_is_dropped_only_once_its_job_is_reaped() {
     let child = on_spawner_thread(|| sh("sleep 30", &[])).unwrap().unwrap();
     let pid = child.pid;
-    drop(Handover::new(child, DroppedAfter(pid)));
+    drop(Handover::new((Ok(child), DroppedAfter(pid))));
     assert!(gone(pid));
 }
 
@@ -120,7 +120,7 @@ async fn a_job_started_for_a_task_that_stopped_waiting_is_killed_and_reaped() {
         let _ = go_rx.recv();
         let child = sh("sleep 30", &[])?;
         let _ = pid_tx.send(child.pid);
-        Ok::<_, io::Error>(Handover::new(child, ()))
+        Ok::<_, io::Error>(Handover::new((Ok(child), ())))
     });
     // Sent to the spawner thread at the first poll; the task then stops waiting.
     let mut start = Box::pin(start);
